@@ -1,0 +1,129 @@
+//! # Assembler
+//!
+//! Owns the open batches, keyed by priority, route (provider, model) and
+//! shared prompt prefix. A batch is sealed when it reaches its priority's
+//! `max_size` or when its first task has waited `max_wait`; sealed batches go
+//! to the Dispatcher.
+//!
+//! Receives: [`AssemblerMsg`]. Sends: [`DispatcherMsg::Dispatch`].
+//!
+//! On restart: open batches die with the old state; their leases nak on drop
+//! and JetStream redelivers the tasks to the Intake.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::batching::{fill_ratio, is_full, BatchKey};
+use crate::context::EngineContext;
+use crate::messages::{Accepted, AssemblerMsg, Batch, DispatcherMsg};
+
+/// The Assembler actor.
+pub struct Assembler;
+
+struct OpenBatch {
+    generation: u64,
+    tasks: Vec<Accepted>,
+}
+
+/// The Assembler's state.
+pub struct AssemblerState {
+    ctx: Arc<EngineContext>,
+    open: HashMap<BatchKey, OpenBatch>,
+    next_generation: u64,
+}
+
+impl Actor for Assembler {
+    type Msg = AssemblerMsg;
+    type State = AssemblerState;
+    type Arguments = Arc<EngineContext>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<AssemblerMsg>,
+        ctx: Arc<EngineContext>,
+    ) -> Result<AssemblerState, ActorProcessingErr> {
+        Ok(AssemblerState {
+            ctx,
+            open: HashMap::new(),
+            next_generation: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<AssemblerMsg>,
+        msg: AssemblerMsg,
+        state: &mut AssemblerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            AssemblerMsg::Task(accepted) => state.add(&myself, *accepted),
+            AssemblerMsg::SealDue { key, generation } => {
+                if state.open.get(&key).is_some_and(|b| b.generation == generation) {
+                    state.seal(&key);
+                }
+            }
+            AssemblerMsg::Flush(reply) => {
+                let keys: Vec<BatchKey> = state.open.keys().cloned().collect();
+                for key in keys {
+                    state.seal(&key);
+                }
+                let _ = reply.send(());
+            }
+            AssemblerMsg::InjectFault => panic!("fault injected into the assembler"),
+        }
+        Ok(())
+    }
+}
+
+impl AssemblerState {
+    fn add(&mut self, myself: &ActorRef<AssemblerMsg>, accepted: Accepted) {
+        let key = BatchKey {
+            priority: accepted.task.priority,
+            route: accepted.plan.route.clone(),
+            prefix: accepted.plan.prefix,
+        };
+        let policy = *self.ctx.settings.batch_policy(key.priority);
+        let batch = match self.open.get_mut(&key) {
+            Some(b) => b,
+            None => {
+                let generation = self.next_generation;
+                self.next_generation += 1;
+                let due_key = key.clone();
+                myself.send_after(policy.max_wait(), move || AssemblerMsg::SealDue {
+                    key: due_key,
+                    generation,
+                });
+                self.open.entry(key.clone()).or_insert(OpenBatch {
+                    generation,
+                    tasks: Vec::with_capacity(policy.max_size.min(1024)),
+                })
+            }
+        };
+        batch.tasks.push(accepted);
+        if is_full(batch.tasks.len(), &policy) {
+            self.seal(&key);
+        }
+    }
+
+    fn seal(&mut self, key: &BatchKey) {
+        let Some(open) = self.open.remove(key) else {
+            return;
+        };
+        let policy = self.ctx.settings.batch_policy(key.priority);
+        let batch = Batch {
+            id: format!("b_{}", ulid::Ulid::new()),
+            key: key.clone(),
+            fill_ratio: fill_ratio(open.tasks.len(), policy),
+            tasks: open.tasks,
+        };
+        match self.ctx.directory.dispatcher() {
+            // A failed send drops the batch: its leases nak and the tasks come back.
+            Some(d) => {
+                let _ = d.cast(DispatcherMsg::Dispatch(batch));
+            }
+            None => drop(batch),
+        }
+    }
+}

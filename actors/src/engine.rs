@@ -1,0 +1,86 @@
+//! The engine handle: start the supervised actors over a set of ports, inject
+//! faults, shut down cleanly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef, ActorStatus};
+use tokio::task::JoinHandle;
+
+use crate::context::{EngineContext, Ports};
+use crate::messages::{ActorKind, SupervisorMsg};
+use crate::settings::EngineSettings;
+use crate::supervisor::{RootSupervisor, SupervisorArgs, ESCALATED};
+
+/// Errors starting or running the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The supervisor could not start its children.
+    #[error("starting the engine: {0}")]
+    Start(String),
+    /// Children failed more often than the restart policy allows.
+    #[error("the engine stopped: {ESCALATED}")]
+    Escalated,
+}
+
+/// A running engine.
+pub struct Engine {
+    supervisor: ActorRef<SupervisorMsg>,
+    join: JoinHandle<()>,
+    ctx: Arc<EngineContext>,
+    keeper: JoinHandle<()>,
+}
+
+impl Engine {
+    /// Starts the actors under a root supervisor.
+    pub async fn start(settings: EngineSettings, ports: Ports) -> Result<Engine, EngineError> {
+        let heartbeat = settings.lease_heartbeat;
+        let ctx = EngineContext::new(settings, ports);
+        let keeper = ctx.keeper.spawn(heartbeat);
+        let args = SupervisorArgs {
+            ctx: ctx.clone(),
+            drain_timeout: Duration::from_secs(30),
+        };
+        let (supervisor, join) = Actor::spawn(None, RootSupervisor, args)
+            .await
+            .map_err(|e| EngineError::Start(e.to_string()))?;
+        Ok(Engine {
+            supervisor,
+            join,
+            ctx,
+            keeper,
+        })
+    }
+
+    /// The shared context (settings, ports, directory).
+    pub fn context(&self) -> &Arc<EngineContext> {
+        &self.ctx
+    }
+
+    /// Makes one actor panic: a chaos drill for the supervision tree.
+    pub fn inject_fault(&self, kind: ActorKind) {
+        let _ = self.supervisor.cast(SupervisorMsg::InjectFault(kind));
+    }
+
+    /// True while the supervisor runs.
+    pub fn is_running(&self) -> bool {
+        !matches!(
+            self.supervisor.get_status(),
+            ActorStatus::Stopped | ActorStatus::Stopping
+        )
+    }
+
+    /// Stops pulling, seals open batches, waits for in-flight tasks, stops.
+    pub async fn shutdown(self) {
+        let _ = ractor::call_t!(self.supervisor, SupervisorMsg::Shutdown, 60_000);
+        let _ = self.join.await;
+        self.keeper.abort();
+    }
+
+    /// Waits until the engine stops on its own; `Err` when it escalated.
+    pub async fn wait(&mut self) -> Result<(), EngineError> {
+        (&mut self.join).await.map_err(|e| EngineError::Start(e.to_string()))?;
+        self.keeper.abort();
+        Err(EngineError::Escalated)
+    }
+}

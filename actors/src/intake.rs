@@ -1,0 +1,197 @@
+//! # Intake
+//!
+//! Owns the task consumers, one per priority: a pump task per consumer feeds
+//! deliveries into this actor, which decodes and validates each one, routes
+//! it, and hands valid tasks to the Assembler. Invalid tasks get a failed
+//! `invalid_request` outcome and a dead letter; tasks out of attempts get
+//! `max_retries`; tasks past their deadline get `expired`.
+//!
+//! Receives: [`IntakeMsg`]. Sends: tasks to the Assembler, outcomes to the sink.
+//!
+//! On restart: the pumps die with the old state (their pulled messages are
+//! naked on drop) and the new incarnation opens the consumers again.
+//! JetStream redelivers everything unacked, so nothing is lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::task::JoinHandle;
+
+use crate::codec::{decode_task, Inbound};
+use crate::context::EngineContext;
+use crate::messages::{Accepted, AssemblerMsg, IntakeMsg};
+use crate::metrics;
+use crate::outcome::{self, deliver, Final};
+use crate::ports::Delivery;
+use crate::routing::plan;
+use crate::task::{ErrorKind, Priority, TaskError};
+
+/// The Intake actor.
+pub struct Intake;
+
+/// Background tasks owned by one incarnation; aborted when it goes away.
+pub struct Pumps(Vec<JoinHandle<()>>);
+
+impl Drop for Pumps {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}
+
+/// The Intake's state.
+pub struct IntakeState {
+    ctx: Arc<EngineContext>,
+    pumps: Pumps,
+}
+
+impl Actor for Intake {
+    type Msg = IntakeMsg;
+    type State = IntakeState;
+    type Arguments = Arc<EngineContext>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<IntakeMsg>,
+        ctx: Arc<EngineContext>,
+    ) -> Result<IntakeState, ActorProcessingErr> {
+        let mut handles = Vec::new();
+        for p in Priority::ALL {
+            handles.push(tokio::spawn(pump(ctx.clone(), myself.clone(), p)));
+        }
+        handles.push(tokio::spawn(sample_backlog(ctx.clone())));
+        Ok(IntakeState {
+            ctx,
+            pumps: Pumps(handles),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<IntakeMsg>,
+        msg: IntakeMsg,
+        state: &mut IntakeState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            IntakeMsg::Delivered(d) => take(&state.ctx, d),
+            IntakeMsg::StopPulling(reply) => {
+                state.pumps = Pumps(Vec::new());
+                let _ = reply.send(());
+            }
+            IntakeMsg::InjectFault => panic!("fault injected into the intake"),
+        }
+        Ok(())
+    }
+}
+
+/// Pulls one priority's consumer into the actor until the actor is gone.
+async fn pump(ctx: Arc<EngineContext>, intake: ActorRef<IntakeMsg>, p: Priority) {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match ctx.ports.source.open(p).await {
+            Ok(mut stream) => {
+                wait = Duration::from_millis(100);
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(d) => {
+                            if intake.cast(IntakeMsg::Delivered(d)).is_err() {
+                                return; // actor gone; the message is naked on drop
+                            }
+                        }
+                        Err(e) => tracing::warn!(priority = p.number(), error = %e, "pull failed"),
+                    }
+                }
+                tracing::warn!(priority = p.number(), "consumer stream ended; reopening");
+            }
+            Err(e) => tracing::warn!(priority = p.number(), error = %e, "opening consumer failed; retrying"),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn sample_backlog(ctx: Arc<EngineContext>) {
+    let mut tick = tokio::time::interval(ctx.settings.backlog_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for p in Priority::ALL {
+            match ctx.ports.source.backlog(p).await {
+                Ok(b) => metrics::backlog(p, b.depth, b.oldest_age),
+                Err(e) => tracing::debug!(error = %e, "backlog sample failed"),
+            }
+        }
+    }
+}
+
+/// Validates and routes one delivery; never blocks the actor on I/O.
+fn take(ctx: &Arc<EngineContext>, d: Delivery) {
+    if d.delivered <= 1 {
+        metrics::task_received(d.priority);
+    }
+    let inbound = Inbound {
+        priority: d.priority,
+        content_type: d.content_type.as_deref(),
+        body: &d.body,
+        published_at: d.published_at,
+        max_payload_bytes: ctx.settings.max_payload_bytes,
+    };
+    let task = match decode_task(inbound) {
+        Ok(t) => t,
+        Err(rejection) => {
+            tracing::info!(subject = %d.subject, reason = %rejection.message, "invalid task");
+            let f = outcome::rejected(&d, rejection);
+            finish(ctx, d, f);
+            return;
+        }
+    };
+    let previous_deliveries = u32::try_from(d.delivered.saturating_sub(1)).unwrap_or(u32::MAX);
+    let attempts_before = task.retry_count.saturating_add(previous_deliveries);
+    let invalid = |message: String| TaskError::new(ErrorKind::InvalidRequest, message);
+    let verdict = match plan(&task, &ctx.settings.catalog) {
+        Err(message) => Err(invalid(message)),
+        Ok(_) if ctx.settings.retry.exhausted(attempts_before) => Err(TaskError::new(
+            ErrorKind::MaxRetries,
+            format!("no attempts left after {attempts_before}"),
+        )),
+        Ok(_) if task.deadline.is_some_and(|dl| dl <= Utc::now()) => Err(TaskError::new(
+            ErrorKind::Expired,
+            "the task's deadline passed before it could be sent",
+        )),
+        Ok(plan) => Ok(plan),
+    };
+    match verdict {
+        Err(error) => {
+            let f = outcome::failed(&task, error, attempts_before, None, None, None);
+            finish(ctx, d, f);
+        }
+        Ok(plan) => {
+            let accepted = Accepted {
+                task,
+                plan,
+                attempts_before,
+                lease: d.lease,
+                subject: d.subject,
+                accepted_at: tokio::time::Instant::now(),
+            };
+            match ctx.directory.assembler() {
+                // On a failed send the message (and its lease) is dropped: naked, redelivered.
+                Some(a) => {
+                    let _ = a.cast(AssemblerMsg::Task(Box::new(accepted)));
+                }
+                None => drop(accepted),
+            }
+        }
+    }
+}
+
+fn finish(ctx: &Arc<EngineContext>, d: Delivery, f: Final) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        deliver(&ctx, d.lease, f, &d.subject).await;
+    });
+}

@@ -1,0 +1,237 @@
+//! Every metric batchd reports, named once, as PROTOCOL.md spells them, with
+//! small typed functions so business logic never spells a metric name.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+
+use crate::task::{Priority, RouteKind, Status, Usage};
+
+/// Tasks waiting or in flight, per priority.
+pub const QUEUE_DEPTH: &str = "batchd_queue_depth";
+/// Age of the oldest unfinished task, per priority.
+pub const OLDEST_TASK_AGE_SECONDS: &str = "batchd_oldest_task_age_seconds";
+/// Tasks received (first deliveries), per priority.
+pub const TASKS_RECEIVED_TOTAL: &str = "batchd_tasks_received_total";
+/// Terminal outcomes, per priority, status and model.
+pub const TASKS_COMPLETED_TOTAL: &str = "batchd_tasks_completed_total";
+/// Publish → dispatch.
+pub const TASK_QUEUE_SECONDS: &str = "batchd_task_queue_seconds";
+/// Publish → outcome.
+pub const TASK_LATENCY_SECONDS: &str = "batchd_task_latency_seconds";
+/// Tasks per sealed batch.
+pub const BATCH_SIZE: &str = "batchd_batch_size";
+/// Tasks per sealed batch over the batch's max size.
+pub const BATCH_FILL_RATIO: &str = "batchd_batch_fill_ratio";
+/// Provider requests by outcome.
+pub const PROVIDER_REQUESTS_TOTAL: &str = "batchd_provider_requests_total";
+/// Provider request duration.
+pub const PROVIDER_REQUEST_SECONDS: &str = "batchd_provider_request_seconds";
+/// 429 answers seen.
+pub const RATE_LIMITED_TOTAL: &str = "batchd_rate_limited_total";
+/// 1 while a route waits out a Retry-After.
+pub const ROUTE_PAUSED: &str = "batchd_route_paused";
+/// Tasks sent back for another attempt, by reason.
+pub const RETRIES_TOTAL: &str = "batchd_retries_total";
+/// Dead letters, by reason.
+pub const DEAD_LETTERS_TOTAL: &str = "batchd_dead_letters_total";
+/// Spend, per model, tenant and priority.
+pub const COST_USD_TOTAL: &str = "batchd_cost_usd_total";
+/// Tokens, per model and kind.
+pub const TOKENS_TOTAL: &str = "batchd_tokens_total";
+/// Preemptions of bulk batches.
+pub const PREEMPTIONS_TOTAL: &str = "batchd_preemptions_total";
+/// Checkpoints written.
+pub const CHECKPOINTS_TOTAL: &str = "batchd_checkpoints_total";
+/// Actor restarts, per actor.
+pub const ACTOR_RESTARTS_TOTAL: &str = "batchd_actor_restarts_total";
+
+/// Histogram metrics measured in seconds (they share latency buckets).
+pub const SECONDS_HISTOGRAMS: [&str; 3] = [
+    TASK_QUEUE_SECONDS,
+    TASK_LATENCY_SECONDS,
+    PROVIDER_REQUEST_SECONDS,
+];
+
+/// Buckets for the seconds histograms: 5 ms to 1 h (Batch API jobs take hours).
+pub const SECONDS_BUCKETS: [f64; 18] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    600.0, 1800.0, 3600.0,
+];
+
+/// Buckets for batch sizes.
+pub const BATCH_SIZE_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+
+/// Buckets for fill ratios.
+pub const FILL_RATIO_BUCKETS: [f64; 10] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+
+/// A first delivery of a task.
+pub fn task_received(p: Priority) {
+    counter!(TASKS_RECEIVED_TOTAL, "priority" => p.label()).increment(1);
+}
+
+/// A terminal outcome, with its end-to-end latency.
+pub fn task_completed(p: Priority, status: Status, model: &str, latency: Duration) {
+    counter!(TASKS_COMPLETED_TOTAL, "priority" => p.label(), "status" => status.as_str(), "model" => model.to_owned())
+        .increment(1);
+    histogram!(TASK_LATENCY_SECONDS, "priority" => p.label()).record(latency.as_secs_f64());
+}
+
+/// A task handed to a provider after waiting `queued`.
+pub fn task_dispatched(p: Priority, queued: Duration) {
+    histogram!(TASK_QUEUE_SECONDS, "priority" => p.label()).record(queued.as_secs_f64());
+}
+
+/// A sealed batch.
+pub fn batch_sealed(p: Priority, route: RouteKind, size: usize, fill_ratio: f64) {
+    histogram!(BATCH_SIZE, "priority" => p.label(), "route" => route.as_str()).record(size as f64);
+    histogram!(BATCH_FILL_RATIO, "priority" => p.label(), "route" => route.as_str())
+        .record(fill_ratio);
+}
+
+/// One provider request and how it went (`ok`, `rate_limited`, `transient`, `rejected`, `timeout`).
+pub fn provider_request(provider: &str, model: &str, outcome: &'static str, took: Duration) {
+    counter!(PROVIDER_REQUESTS_TOTAL, "provider" => provider.to_owned(), "model" => model.to_owned(), "outcome" => outcome)
+        .increment(1);
+    histogram!(PROVIDER_REQUEST_SECONDS, "provider" => provider.to_owned(), "model" => model.to_owned())
+        .record(took.as_secs_f64());
+}
+
+/// A 429 from a provider.
+pub fn rate_limited(provider: &str, model: &str) {
+    counter!(RATE_LIMITED_TOTAL, "provider" => provider.to_owned(), "model" => model.to_owned())
+        .increment(1);
+}
+
+/// A route paused (true) or flowing (false).
+pub fn route_paused(provider: &str, model: &str, paused: bool) {
+    gauge!(ROUTE_PAUSED, "provider" => provider.to_owned(), "model" => model.to_owned())
+        .set(if paused { 1.0 } else { 0.0 });
+}
+
+/// A task sent back for another attempt.
+pub fn retried(reason: &'static str) {
+    counter!(RETRIES_TOTAL, "reason" => reason).increment(1);
+}
+
+/// A dead letter.
+pub fn dead_lettered(reason: &'static str) {
+    counter!(DEAD_LETTERS_TOTAL, "reason" => reason).increment(1);
+}
+
+/// Spend and tokens of one task.
+pub fn spent(model: &str, tenant: &str, p: Priority, cost_usd: f64, usage: &Usage) {
+    add_cost(model, tenant, p, cost_usd);
+    let cached = usage.cached_input_tokens.min(usage.input_tokens);
+    counter!(TOKENS_TOTAL, "model" => model.to_owned(), "kind" => "input")
+        .increment(usage.input_tokens - cached);
+    counter!(TOKENS_TOTAL, "model" => model.to_owned(), "kind" => "cached_input").increment(cached);
+    counter!(TOKENS_TOTAL, "model" => model.to_owned(), "kind" => "output")
+        .increment(usage.output_tokens);
+}
+
+/// Queue depth and oldest age of one priority.
+pub fn backlog(p: Priority, depth: u64, oldest_age: Option<Duration>) {
+    gauge!(QUEUE_DEPTH, "priority" => p.label()).set(depth as f64);
+    gauge!(OLDEST_TASK_AGE_SECONDS, "priority" => p.label())
+        .set(oldest_age.map_or(0.0, |a| a.as_secs_f64()));
+}
+
+/// An actor restarted by the supervisor.
+pub fn actor_restarted(actor: &'static str) {
+    counter!(ACTOR_RESTARTS_TOTAL, "actor" => actor).increment(1);
+}
+
+/// Registers every metric with its help text so `/metrics` lists them from the start.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(QUEUE_DEPTH, "Tasks waiting or in flight, per priority");
+    describe_gauge!(OLDEST_TASK_AGE_SECONDS, Unit::Seconds, "Age of the oldest unfinished task");
+    describe_counter!(TASKS_RECEIVED_TOTAL, "Tasks received (first deliveries)");
+    describe_counter!(TASKS_COMPLETED_TOTAL, "Terminal outcomes published");
+    describe_histogram!(TASK_QUEUE_SECONDS, Unit::Seconds, "Publish to dispatch");
+    describe_histogram!(TASK_LATENCY_SECONDS, Unit::Seconds, "Publish to outcome");
+    describe_histogram!(BATCH_SIZE, "Tasks per sealed batch");
+    describe_histogram!(BATCH_FILL_RATIO, "Batch size over the priority's max size");
+    describe_counter!(PROVIDER_REQUESTS_TOTAL, "Provider requests by outcome");
+    describe_histogram!(PROVIDER_REQUEST_SECONDS, Unit::Seconds, "Provider request duration");
+    describe_counter!(RATE_LIMITED_TOTAL, "429 answers from providers");
+    describe_gauge!(ROUTE_PAUSED, "1 while a route waits out a Retry-After");
+    describe_counter!(RETRIES_TOTAL, "Tasks sent back for another attempt");
+    describe_counter!(DEAD_LETTERS_TOTAL, "Dead letters by reason");
+    describe_counter!(TOKENS_TOTAL, "Tokens by kind");
+    describe_counter!(PREEMPTIONS_TOTAL, "Bulk batches preempted by priority-1 work");
+    describe_counter!(CHECKPOINTS_TOTAL, "Checkpoints written");
+    describe_counter!(ACTOR_RESTARTS_TOTAL, "Actor restarts by the supervisor");
+    // Counters that only later work increments still show at zero.
+    counter!(PREEMPTIONS_TOTAL).absolute(0);
+    counter!(CHECKPOINTS_TOTAL).absolute(0);
+}
+
+/// Spend totals by (model, tenant, priority). The `metrics` facade only has
+/// integer counters, so USD totals are kept here and rendered by
+/// [`render_float_counters`] next to the exporter's output.
+static COST: LazyLock<Mutex<BTreeMap<(String, String, &'static str), f64>>> =
+    LazyLock::new(Mutex::default);
+
+fn add_cost(model: &str, tenant: &str, p: Priority, usd: f64) {
+    if !usd.is_finite() || usd <= 0.0 {
+        return;
+    }
+    let mut cost = COST.lock().unwrap_or_else(|e| e.into_inner());
+    *cost
+        .entry((model.to_owned(), tenant.to_owned(), p.label()))
+        .or_insert(0.0) += usd;
+}
+
+/// Total spend recorded by this process, in USD.
+pub fn cost_total() -> f64 {
+    let cost = COST.lock().unwrap_or_else(|e| e.into_inner());
+    cost.values().sum()
+}
+
+/// The float counters in Prometheus text format (`batchd_cost_usd_total`).
+pub fn render_float_counters() -> String {
+    let cost = COST.lock().unwrap_or_else(|e| e.into_inner());
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP {COST_USD_TOTAL} Spend in USD");
+    let _ = writeln!(out, "# TYPE {COST_USD_TOTAL} counter");
+    for ((model, tenant, priority), usd) in cost.iter() {
+        let _ = writeln!(
+            out,
+            "{COST_USD_TOTAL}{{model=\"{}\",tenant=\"{}\",priority=\"{priority}\"}} {usd}",
+            escape(model),
+            escape(tenant)
+        );
+    }
+    out
+}
+
+fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn float_counters_render_as_prometheus_counters_with_escaped_labels() {
+        add_cost("m\"x", "t1", Priority::P2, 0.25);
+        add_cost("m\"x", "t1", Priority::P2, 0.5);
+        let text = render_float_counters();
+        assert!(text.contains("# TYPE batchd_cost_usd_total counter"));
+        assert!(
+            text.contains(r#"batchd_cost_usd_total{model="m\"x",tenant="t1",priority="2"} 0.75"#),
+            "{text}"
+        );
+    }
+}

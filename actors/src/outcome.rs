@@ -1,0 +1,227 @@
+//! Building outcomes and dead letters, and making them durable before the
+//! task's message is acked (guarantee 1). Shared by the Intake (invalid and
+//! exhausted tasks) and the Dispatcher (provider results).
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use chrono::Utc;
+use serde_json::Value;
+
+use crate::codec::{self, Rejection};
+use crate::context::EngineContext;
+use crate::lease::Lease;
+use crate::metrics;
+use crate::ports::{Delivery, SinkError};
+use crate::task::{
+    timestamp, DeadLetter, Encoding, ErrorKind, Outcome, Priority, RouteKind, Status, Task,
+    TaskError, Timings, Usage,
+};
+
+/// An outcome ready to publish, with its dead letter when it failed.
+#[derive(Debug)]
+pub struct Final {
+    /// The outcome.
+    pub outcome: Outcome,
+    /// Its dead letter, for failures.
+    pub dead_letter: Option<DeadLetter>,
+    /// The encoding to publish in.
+    pub encoding: Encoding,
+    /// The producer's extra subject.
+    pub reply_to: Option<String>,
+    /// When the task was created (for the latency histogram).
+    pub created_at: chrono::DateTime<Utc>,
+}
+
+/// A failed outcome for a task that could be decoded.
+pub fn failed(
+    task: &Task,
+    error: TaskError,
+    attempts: u32,
+    model: Option<&str>,
+    provider: Option<&str>,
+    batch_id: Option<&str>,
+) -> Final {
+    let now = Utc::now();
+    let total = elapsed_ms(task.created_at, now);
+    Final {
+        outcome: Outcome {
+            task_id: task.task_id.clone(),
+            status: Status::Failed,
+            output: None,
+            finish_reason: None,
+            error: Some(error.clone()),
+            model: model.map(str::to_owned).or_else(|| task.model.clone()),
+            provider: provider.map(str::to_owned),
+            route: Some(RouteKind::Realtime),
+            usage: Usage::default(),
+            cost_usd: 0.0,
+            attempts,
+            batch_id: batch_id.map(str::to_owned),
+            priority: task.priority.number(),
+            tenant: task.tenant.clone(),
+            timings: Timings {
+                queued_ms: total,
+                processing_ms: 0,
+                total_ms: total,
+            },
+            metadata: task.metadata.clone(),
+            completed_at: timestamp(now),
+        },
+        dead_letter: Some(DeadLetter {
+            task: task.original.clone(),
+            error,
+            attempts,
+            dead_at: timestamp(now),
+            subject: String::new(),
+            raw_base64: None,
+        }),
+        encoding: task.encoding,
+        reply_to: task.reply_to.clone(),
+        created_at: task.created_at,
+    }
+}
+
+/// The failed outcome and dead letter of a message that is not a valid task.
+/// A message whose task id can't be read is answered as `invalid-p<N>-<stream seq>`.
+pub fn rejected(d: &Delivery, r: Rejection) -> Final {
+    let now = Utc::now();
+    let task_id = r
+        .task_id
+        .clone()
+        .unwrap_or_else(|| unreadable_id(d.priority, d.stream_sequence));
+    let error = TaskError::new(ErrorKind::InvalidRequest, r.message);
+    let raw_base64 = r
+        .original
+        .is_none()
+        .then(|| base64::engine::general_purpose::STANDARD.encode(&d.body));
+    let total = elapsed_ms(d.published_at, now);
+    Final {
+        outcome: Outcome {
+            task_id,
+            status: Status::Failed,
+            output: None,
+            finish_reason: None,
+            error: Some(error.clone()),
+            model: None,
+            provider: None,
+            route: None,
+            usage: Usage::default(),
+            cost_usd: 0.0,
+            attempts: 0,
+            batch_id: None,
+            priority: d.priority.number(),
+            tenant: r.tenant.unwrap_or_else(|| "default".into()),
+            timings: Timings {
+                queued_ms: total,
+                processing_ms: 0,
+                total_ms: total,
+            },
+            metadata: r.metadata,
+            completed_at: timestamp(now),
+        },
+        dead_letter: Some(DeadLetter {
+            task: r.original.unwrap_or(Value::Null),
+            error,
+            attempts: 0,
+            dead_at: timestamp(now),
+            subject: d.subject.clone(),
+            raw_base64,
+        }),
+        encoding: r.encoding,
+        reply_to: r.reply_to,
+        created_at: d.published_at,
+    }
+}
+
+/// The id used for a message whose own task id is unreadable.
+pub fn unreadable_id(p: Priority, stream_sequence: u64) -> String {
+    format!("invalid-{}-{stream_sequence}", p.token())
+}
+
+/// Milliseconds from `from` to `to`, zero if negative.
+pub fn elapsed_ms(from: chrono::DateTime<Utc>, to: chrono::DateTime<Utc>) -> u64 {
+    u64::try_from((to - from).num_milliseconds()).unwrap_or(0)
+}
+
+/// Publishes the dead letter (if any) and the outcome, each with a PubAck,
+/// then acks the message. When the stream stays unreachable past
+/// `publish_retry`, the message is left to redelivery instead: the outcome
+/// may be missing, never the task.
+pub async fn deliver(ctx: &EngineContext, lease: Lease, f: Final, subject: &str) {
+    match publish(ctx, &f, subject).await {
+        Ok(duplicate) => {
+            if let Err(e) = lease.ack().await {
+                tracing::warn!(task_id = %f.outcome.task_id, error = %e, "ack failed; the redelivery will find the outcome and skip");
+            }
+            if duplicate {
+                return;
+            }
+            let p = Priority::from_number(i64::from(f.outcome.priority)).unwrap_or(Priority::P3);
+            let latency = Duration::from_millis(elapsed_ms(f.created_at, Utc::now()));
+            metrics::task_completed(
+                p,
+                f.outcome.status,
+                f.outcome.model.as_deref().unwrap_or(""),
+                latency,
+            );
+            if let Some(e) = &f.outcome.error {
+                metrics::dead_lettered(e.kind.as_str());
+            }
+        }
+        Err(e) => {
+            tracing::error!(task_id = %f.outcome.task_id, error = %e, "outcome not durable; task handed back for redelivery");
+            lease.abandon();
+        }
+    }
+}
+
+async fn publish(ctx: &EngineContext, f: &Final, subject: &str) -> Result<bool, SinkError> {
+    let sink = &ctx.ports.sink;
+    let id = f.outcome.task_id.as_str();
+    if let Some(dl) = &f.dead_letter {
+        let mut dl = dl.clone();
+        if dl.subject.is_empty() {
+            dl.subject = subject.to_owned();
+        }
+        let body = encode(&dl, f.encoding)?;
+        retrying(ctx, || sink.publish_dead_letter(id, body.clone(), f.encoding)).await?;
+    }
+    let body = encode(&f.outcome, f.encoding)?;
+    let duplicate =
+        retrying(ctx, || sink.publish_outcome(id, body.clone(), f.encoding)).await?;
+    if let (Some(reply_to), false) = (&f.reply_to, duplicate) {
+        if let Err(e) = sink.publish_reply(reply_to, body, f.encoding).await {
+            tracing::warn!(task_id = %id, error = %e, "reply_to publish failed; the outcome is in the results stream");
+        }
+    }
+    Ok(duplicate)
+}
+
+fn encode<T: serde::Serialize>(value: &T, encoding: Encoding) -> Result<Bytes, SinkError> {
+    codec::encode(value, encoding)
+        .map(Bytes::from)
+        .map_err(|e| SinkError(e.to_string()))
+}
+
+/// Retries a publish with backoff until it succeeds or `publish_retry` has passed.
+async fn retrying<T, F, Fut>(ctx: &EngineContext, mut op: F) -> Result<T, SinkError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SinkError>>,
+{
+    let give_up = tokio::time::Instant::now() + ctx.settings.publish_retry;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() + wait > give_up => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "publish failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The narrow I/O traits the engine talks through. `src/` implements them
+//! over JetStream and HTTP; `actors/tests` implements them in memory.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use serde_json::Value;
+
+use crate::lease::Lease;
+use crate::task::{Encoding, Priority, Usage};
+
+/// One delivered task message.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The priority of the subject it came on.
+    pub priority: Priority,
+    /// The subject it came on.
+    pub subject: String,
+    /// The `Content-Type` header.
+    pub content_type: Option<String>,
+    /// The body.
+    pub body: Bytes,
+    /// How many times JetStream has delivered it (1 on first delivery).
+    pub delivered: u64,
+    /// The stream sequence (identifies a message whose body is unreadable).
+    pub stream_sequence: u64,
+    /// When it was published.
+    pub published_at: DateTime<Utc>,
+    /// The hold on it.
+    pub lease: Lease,
+}
+
+/// Errors from the task source.
+#[derive(Debug, thiserror::Error)]
+#[error("task source: {0}")]
+pub struct SourceError(pub String);
+
+/// What waits in one priority's queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Backlog {
+    /// Messages not yet finished (pending plus in flight).
+    pub depth: u64,
+    /// Age of the oldest unfinished message.
+    pub oldest_age: Option<Duration>,
+}
+
+/// Where tasks come from: one durable consumer per priority.
+#[async_trait]
+pub trait TaskSource: Send + Sync + 'static {
+    /// Opens the delivery stream of one priority's consumer. The stream
+    /// survives server restarts (it reconnects); it ends only on shutdown.
+    async fn open(
+        &self,
+        priority: Priority,
+    ) -> Result<BoxStream<'static, Result<Delivery, SourceError>>, SourceError>;
+
+    /// The current backlog of one priority.
+    async fn backlog(&self, priority: Priority) -> Result<Backlog, SourceError>;
+}
+
+/// Errors from the outcome sink.
+#[derive(Debug, thiserror::Error)]
+#[error("outcome sink: {0}")]
+pub struct SinkError(pub String);
+
+/// Where outcomes and dead letters go.
+#[async_trait]
+pub trait OutcomeSink: Send + Sync + 'static {
+    /// Publishes an outcome on `results.<task_id>` (with `Nats-Msg-Id: <task_id>`) and
+    /// waits for its PubAck. `Ok(true)` when the stream already had it.
+    async fn publish_outcome(
+        &self,
+        task_id: &str,
+        body: Bytes,
+        encoding: Encoding,
+    ) -> Result<bool, SinkError>;
+
+    /// Publishes a dead letter on `dlq.<id>` and waits for its PubAck.
+    async fn publish_dead_letter(
+        &self,
+        id: &str,
+        body: Bytes,
+        encoding: Encoding,
+    ) -> Result<(), SinkError>;
+
+    /// Publishes an outcome to a producer's `reply_to` (core NATS, best effort).
+    async fn publish_reply(
+        &self,
+        subject: &str,
+        body: Bytes,
+        encoding: Encoding,
+    ) -> Result<(), SinkError>;
+
+    /// True when an outcome for `task_id` is already in the results stream.
+    async fn outcome_exists(&self, task_id: &str) -> Result<bool, SinkError>;
+}
+
+/// A successful chat completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// The assistant's text.
+    pub output: Option<String>,
+    /// Why generation stopped.
+    pub finish_reason: Option<String>,
+    /// Tokens used.
+    pub usage: Usage,
+}
+
+/// How a provider request failed, which decides what happens to the task.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProviderError {
+    /// 429: pause the route, try again after `retry_after`.
+    #[error("rate limited (retry after {retry_after:?}): {message}")]
+    RateLimited {
+        /// How long the provider asked us to wait.
+        retry_after: Duration,
+        /// The provider's message.
+        message: String,
+    },
+    /// 5xx, timeouts, connection errors: try again later.
+    #[error("transient provider failure{}: {message}", status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
+    Transient {
+        /// HTTP status, when there was a response.
+        status: Option<u16>,
+        /// What happened.
+        message: String,
+    },
+    /// 4xx other than 429: the request itself is refused; do not retry.
+    #[error("provider rejected the request (HTTP {status}): {message}")]
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// The provider's message.
+        message: String,
+    },
+}
+
+/// An OpenAI-compatible chat completions endpoint.
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// Sends one chat completion request (the body includes `model`).
+    async fn complete(&self, request: &Value) -> Result<Completion, ProviderError>;
+}

@@ -1,0 +1,351 @@
+//! Routing: which provider and model serve a task, and the exact chat request
+//! sent for it. Task types render `{"text","options"}` payloads through their
+//! prompt template; chat payloads pass through. Pure functions over a
+//! [`Catalog`] built from the config.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::task::{Payload, Task, Tier};
+
+/// A task type from the config: how to turn `{"text","options"}` into a prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskType {
+    /// The system message.
+    pub system_prompt: String,
+    /// The user message; `{text}`, `{options}` (JSON) and `{options.KEY}` are filled in.
+    pub template: String,
+    /// Tier used when the task names none.
+    #[serde(default = "default_tier")]
+    pub default_tier: Tier,
+    /// `max_completion_tokens` sent with the request.
+    pub max_tokens: u32,
+}
+
+fn default_tier() -> Tier {
+    Tier::Auto
+}
+
+/// The models behind each tier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierModels {
+    /// The cheapest model.
+    pub simple: String,
+    /// The everyday model.
+    pub standard: String,
+    /// The strongest model.
+    pub complex: String,
+    /// `auto` picks `simple` for prompts up to this many characters.
+    #[serde(default = "default_auto_simple")]
+    pub auto_simple_max_chars: usize,
+    /// ...`standard` up to this many, `complex` above.
+    #[serde(default = "default_auto_standard")]
+    pub auto_standard_max_chars: usize,
+}
+
+fn default_auto_simple() -> usize {
+    4_000
+}
+
+fn default_auto_standard() -> usize {
+    32_000
+}
+
+impl TierModels {
+    /// The model for a concrete tier.
+    pub fn model(&self, tier: Tier, prompt_chars: usize) -> &str {
+        match resolve_auto(tier, prompt_chars, self) {
+            Tier::Simple => &self.simple,
+            Tier::Standard | Tier::Auto => &self.standard,
+            Tier::Complex => &self.complex,
+        }
+    }
+}
+
+/// `auto` routing: the cheapest tier whose prompt-size band fits.
+pub fn resolve_auto(tier: Tier, prompt_chars: usize, tiers: &TierModels) -> Tier {
+    match tier {
+        Tier::Auto if prompt_chars <= tiers.auto_simple_max_chars => Tier::Simple,
+        Tier::Auto if prompt_chars <= tiers.auto_standard_max_chars => Tier::Standard,
+        Tier::Auto => Tier::Complex,
+        t => t,
+    }
+}
+
+/// Where a task goes: (provider, model). Rate limits and concurrency are per route.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
+    /// Provider name from the config.
+    pub provider: String,
+    /// Model name sent to the provider.
+    pub model: String,
+}
+
+/// Everything the engine needs to route tasks.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    /// Task types by name.
+    pub task_types: BTreeMap<String, TaskType>,
+    /// Tier → model.
+    pub tiers: TierModels,
+    /// Model → provider name, for every model some provider serves.
+    pub model_providers: HashMap<String, String>,
+}
+
+/// A routed task: the route, the request body and the batching key.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Provider and model.
+    pub route: Route,
+    /// The OpenAI chat completion body, `model` included.
+    pub request: Value,
+    /// Hash of the shared prompt prefix (the system message), for grouping.
+    pub prefix: u64,
+}
+
+/// Routes a task; an `Err` is an `invalid_request` message.
+pub fn plan(task: &Task, catalog: &Catalog) -> Result<Plan, String> {
+    let task_type = match &task.task_type {
+        Some(name) => Some(catalog.task_types.get(name).ok_or_else(|| {
+            format!(
+                "unknown task type {name:?}; known types: {}",
+                catalog
+                    .task_types
+                    .keys()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?),
+        None => None,
+    };
+    let mut body = match &task.payload {
+        Payload::Text { text, options } => {
+            let Some(tt) = task_type else {
+                return Err("a {\"text\"} payload needs a task `type`".into());
+            };
+            let user = render(&tt.template, text, options);
+            let mut m = Map::new();
+            m.insert(
+                "messages".into(),
+                json!([
+                    {"role": "system", "content": tt.system_prompt},
+                    {"role": "user", "content": user},
+                ]),
+            );
+            m.insert("max_completion_tokens".into(), json!(tt.max_tokens));
+            m
+        }
+        Payload::Chat(chat) => {
+            let mut m = chat.clone();
+            if let Some(tt) = task_type {
+                if !m.contains_key("max_tokens") && !m.contains_key("max_completion_tokens") {
+                    m.insert("max_completion_tokens".into(), json!(tt.max_tokens));
+                }
+            }
+            m
+        }
+    };
+    let prompt_chars = prompt_chars(&body);
+    let model = match &task.model {
+        Some(m) => m.clone(),
+        None => {
+            let tier = task
+                .tier
+                .or(task_type.map(|t| t.default_tier))
+                .unwrap_or(Tier::Auto);
+            catalog.tiers.model(tier, prompt_chars).to_owned()
+        }
+    };
+    let provider = catalog.model_providers.get(&model).ok_or_else(|| {
+        let mut known: Vec<&str> = catalog.model_providers.keys().map(String::as_str).collect();
+        known.sort_unstable();
+        format!(
+            "model {model:?} is not served by any configured provider; served models: {}",
+            known.join(", ")
+        )
+    })?;
+    body.insert("model".into(), Value::String(model.clone()));
+    let prefix = prefix_hash(&body);
+    Ok(Plan {
+        route: Route {
+            provider: provider.clone(),
+            model,
+        },
+        request: Value::Object(body),
+        prefix,
+    })
+}
+
+/// Fills `{text}`, `{options}` and `{options.KEY}` (missing keys render empty).
+pub fn render(template: &str, text: &str, options: &Map<String, Value>) -> String {
+    let mut out = String::with_capacity(template.len() + text.len());
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        let key = &after[..end];
+        match key {
+            "text" => out.push_str(text),
+            "options" => out.push_str(&Value::Object(options.clone()).to_string()),
+            k if k.starts_with("options.") => match options.get(&k["options.".len()..]) {
+                Some(Value::String(s)) => out.push_str(s),
+                Some(v) => out.push_str(&v.to_string()),
+                None => {}
+            },
+            _ => {
+                // Not a placeholder: keep the braces literally.
+                out.push('{');
+                out.push_str(key);
+                out.push('}');
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn prompt_chars(body: &Map<String, Value>) -> usize {
+    body.get("messages")
+        .and_then(Value::as_array)
+        .map(|ms| {
+            ms.iter()
+                .map(|m| match m.get("content") {
+                    Some(Value::String(s)) => s.len(),
+                    Some(other) => other.to_string().len(),
+                    None => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn prefix_hash(body: &Map<String, Value>) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    if let Some(first) = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| m.first())
+    {
+        if matches!(
+            first.get("role").and_then(Value::as_str),
+            Some("system" | "developer")
+        ) {
+            first.to_string().hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::{Encoding, Priority};
+
+    fn catalog() -> Catalog {
+        let mut task_types = BTreeMap::new();
+        task_types.insert(
+            "summarization".to_owned(),
+            TaskType {
+                system_prompt: "You summarize.".into(),
+                template: "Summarize in {options.language}: {text}".into(),
+                default_tier: Tier::Simple,
+                max_tokens: 200,
+            },
+        );
+        Catalog {
+            task_types,
+            tiers: TierModels {
+                simple: "small".into(),
+                standard: "medium".into(),
+                complex: "large".into(),
+                auto_simple_max_chars: 10,
+                auto_standard_max_chars: 100,
+            },
+            model_providers: [("small", "p"), ("medium", "p"), ("large", "p")]
+                .into_iter()
+                .map(|(m, p)| (m.to_owned(), p.to_owned()))
+                .collect(),
+        }
+    }
+
+    fn task(payload: Payload) -> Task {
+        Task {
+            task_id: "t".into(),
+            task_type: Some("summarization".into()),
+            payload,
+            priority: Priority::P2,
+            retry_count: 0,
+            created_at: chrono::Utc::now(),
+            model: None,
+            tier: None,
+            tenant: "default".into(),
+            reply_to: None,
+            deadline: None,
+            metadata: None,
+            original: Value::Null,
+            encoding: Encoding::Json,
+        }
+    }
+
+    #[test]
+    fn renders_templates() {
+        let opts = json!({"language": "fr", "n": 3});
+        let opts = opts.as_object().unwrap();
+        assert_eq!(render("{text}|{options.language}|{options.n}|{options.x}|{y}", "hi", opts), "hi|fr|3||{y}");
+        assert_eq!(render("a {text", "hi", opts), "a {text");
+    }
+
+    #[test]
+    fn text_payload_uses_the_types_default_tier_and_template() {
+        let mut opts = Map::new();
+        opts.insert("language".into(), json!("en"));
+        let p = plan(&task(Payload::Text { text: "doc".into(), options: opts }), &catalog()).unwrap();
+        assert_eq!(p.route.model, "small");
+        assert_eq!(p.request["messages"][1]["content"], "Summarize in en: doc");
+        assert_eq!(p.request["max_completion_tokens"], 200);
+        assert_eq!(p.request["model"], "small");
+    }
+
+    #[test]
+    fn auto_tier_picks_the_cheapest_band_that_fits() {
+        let mut t = task(Payload::Chat(
+            json!({"messages": [{"role": "user", "content": "x".repeat(50)}]})
+                .as_object()
+                .unwrap()
+                .clone(),
+        ));
+        t.task_type = None;
+        assert_eq!(plan(&t, &catalog()).unwrap().route.model, "medium");
+        t.tier = Some(Tier::Complex);
+        assert_eq!(plan(&t, &catalog()).unwrap().route.model, "large");
+    }
+
+    #[test]
+    fn unknown_type_and_unserved_model_are_rejected_by_name() {
+        let mut t = task(Payload::Text { text: "x".into(), options: Map::new() });
+        t.task_type = Some("poetry".into());
+        assert!(plan(&t, &catalog()).unwrap_err().contains("unknown task type \"poetry\""));
+        t.task_type = Some("summarization".into());
+        t.model = Some("gpt-99".into());
+        assert!(plan(&t, &catalog()).unwrap_err().contains("\"gpt-99\" is not served"));
+    }
+
+    #[test]
+    fn same_system_prompt_shares_a_prefix_key() {
+        let c = catalog();
+        let a = plan(&task(Payload::Text { text: "a".into(), options: Map::new() }), &c).unwrap();
+        let b = plan(&task(Payload::Text { text: "b".into(), options: Map::new() }), &c).unwrap();
+        assert_eq!(a.prefix, b.prefix);
+    }
+}

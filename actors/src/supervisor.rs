@@ -1,0 +1,210 @@
+//! # RootSupervisor
+//!
+//! Starts the Dispatcher, the Assembler and the Intake (in that order, so each
+//! finds the next one running), restarts a child that fails or stops
+//! (one-for-one), counts restarts, and escalates to a clean shutdown when
+//! restarts exceed `max_restarts` within `within_secs`.
+//!
+//! Receives: [`SupervisorMsg`] and supervision events.
+//!
+//! Shutdown is ordered: stop pulling, seal open batches, wait for in-flight
+//! tasks (bounded), then stop the children.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::time::Instant;
+
+use crate::assembler::Assembler;
+use crate::context::EngineContext;
+use crate::dispatcher::Dispatcher;
+use crate::intake::Intake;
+use crate::messages::{ActorKind, AssemblerMsg, DispatcherMsg, IntakeMsg, SupervisorMsg};
+use crate::metrics;
+
+/// The root supervisor.
+pub struct RootSupervisor;
+
+/// Arguments: the shared context and how long shutdown waits for in-flight work.
+pub struct SupervisorArgs {
+    /// Shared context.
+    pub ctx: Arc<EngineContext>,
+    /// Bound on the shutdown drain.
+    pub drain_timeout: Duration,
+}
+
+/// The supervisor's state.
+pub struct SupervisorState {
+    ctx: Arc<EngineContext>,
+    drain_timeout: Duration,
+    children: HashMap<ActorId, ActorKind>,
+    restarts: VecDeque<Instant>,
+    stopping: bool,
+}
+
+/// Why the engine stopped on its own.
+pub const ESCALATED: &str = "restart intensity exceeded";
+
+impl Actor for RootSupervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        let mut state = SupervisorState {
+            ctx: args.ctx,
+            drain_timeout: args.drain_timeout,
+            children: HashMap::new(),
+            restarts: VecDeque::new(),
+            stopping: false,
+        };
+        for kind in [ActorKind::Dispatcher, ActorKind::Assembler, ActorKind::Intake] {
+            state.spawn(&myself, kind).await?;
+        }
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::InjectFault(kind) => {
+                let d = &state.ctx.directory;
+                let sent = match kind {
+                    ActorKind::Intake => d.intake().map(|r| r.cast(IntakeMsg::InjectFault).is_ok()),
+                    ActorKind::Assembler => d
+                        .assembler()
+                        .map(|r| r.cast(AssemblerMsg::InjectFault).is_ok()),
+                    ActorKind::Dispatcher => d
+                        .dispatcher()
+                        .map(|r| r.cast(DispatcherMsg::InjectFault).is_ok()),
+                };
+                if sent != Some(true) {
+                    tracing::warn!(actor = kind.name(), "fault not injected: actor not running");
+                }
+            }
+            SupervisorMsg::Shutdown(reply) => {
+                state.stopping = true;
+                state.drain().await;
+                myself.stop_children_and_wait(None, Some(Duration::from_secs(5))).await;
+                let _ = reply.send(());
+                myself.stop(None);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        event: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, why) = match &event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, reason.clone().unwrap_or_else(|| "stopped".into()))
+            }
+            _ => return Ok(()),
+        };
+        let Some(kind) = state.children.remove(&cell.get_id()) else {
+            return Ok(());
+        };
+        state.clear(kind);
+        if state.stopping {
+            return Ok(());
+        }
+        tracing::error!(actor = kind.name(), reason = %why, "actor stopped; restarting");
+        if !state.allow_restart() {
+            tracing::error!(
+                max_restarts = state.ctx.settings.restart.max_restarts,
+                within_secs = state.ctx.settings.restart.within_secs,
+                "{ESCALATED}; shutting down"
+            );
+            state.stopping = true;
+            myself.stop_children(None);
+            myself.stop(Some(ESCALATED.into()));
+            return Ok(());
+        }
+        metrics::actor_restarted(kind.name());
+        state.spawn(&myself, kind).await?;
+        Ok(())
+    }
+}
+
+impl SupervisorState {
+    async fn spawn(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        kind: ActorKind,
+    ) -> Result<(), ActorProcessingErr> {
+        let ctx = self.ctx.clone();
+        let cell: ActorCell = match kind {
+            ActorKind::Intake => {
+                let (r, _) = Actor::spawn_linked(None, Intake, ctx, myself.get_cell()).await?;
+                self.ctx.directory.set_intake(Some(r.clone()));
+                r.get_cell()
+            }
+            ActorKind::Assembler => {
+                let (r, _) = Actor::spawn_linked(None, Assembler, ctx, myself.get_cell()).await?;
+                self.ctx.directory.set_assembler(Some(r.clone()));
+                r.get_cell()
+            }
+            ActorKind::Dispatcher => {
+                let (r, _) = Actor::spawn_linked(None, Dispatcher, ctx, myself.get_cell()).await?;
+                self.ctx.directory.set_dispatcher(Some(r.clone()));
+                r.get_cell()
+            }
+        };
+        self.children.insert(cell.get_id(), kind);
+        Ok(())
+    }
+
+    fn clear(&self, kind: ActorKind) {
+        let d = &self.ctx.directory;
+        match kind {
+            ActorKind::Intake => d.set_intake(None),
+            ActorKind::Assembler => d.set_assembler(None),
+            ActorKind::Dispatcher => d.set_dispatcher(None),
+        }
+    }
+
+    /// Records a restart; false when the intensity limit is exceeded.
+    fn allow_restart(&mut self) -> bool {
+        let now = Instant::now();
+        let window = Duration::from_secs(self.ctx.settings.restart.within_secs);
+        while self.restarts.front().is_some_and(|t| now.duration_since(*t) > window) {
+            self.restarts.pop_front();
+        }
+        self.restarts.push_back(now);
+        self.restarts.len() <= self.ctx.settings.restart.max_restarts as usize
+    }
+
+    async fn drain(&self) {
+        let d = &self.ctx.directory;
+        if let Some(intake) = d.intake() {
+            let _ = ractor::call_t!(intake, IntakeMsg::StopPulling, 5_000);
+        }
+        if let Some(assembler) = d.assembler() {
+            let _ = ractor::call_t!(assembler, AssemblerMsg::Flush, 5_000);
+        }
+        let deadline = Instant::now() + self.drain_timeout;
+        let mut poll = tokio::time::interval(Duration::from_millis(20));
+        while self.ctx.keeper.held() > 0 && Instant::now() < deadline {
+            poll.tick().await;
+        }
+        let left = self.ctx.keeper.held();
+        if left > 0 {
+            tracing::warn!(held = left, "shutdown drain timed out; those tasks will be redelivered");
+        }
+    }
+}

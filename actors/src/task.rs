@@ -1,0 +1,390 @@
+//! The task model of protocol v1: what a producer publishes ([`Task`]), what
+//! batchd answers ([`Outcome`]) and what it parks in the DLQ ([`DeadLetter`]).
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The three priority classes, one JetStream subject and consumer each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Priority {
+    /// Premium work, served first.
+    P1,
+    /// Standard work.
+    P2,
+    /// Bulk or free-tier work.
+    P3,
+}
+
+impl Priority {
+    /// All priorities, highest first.
+    pub const ALL: [Priority; 3] = [Priority::P1, Priority::P2, Priority::P3];
+
+    /// The number used on the wire (`priority` field) and in metric labels.
+    pub fn number(self) -> u8 {
+        match self {
+            Priority::P1 => 1,
+            Priority::P2 => 2,
+            Priority::P3 => 3,
+        }
+    }
+
+    /// The subject token: `p1`, `p2`, `p3`.
+    pub fn token(self) -> &'static str {
+        match self {
+            Priority::P1 => "p1",
+            Priority::P2 => "p2",
+            Priority::P3 => "p3",
+        }
+    }
+
+    /// The metric label value: `"1"`, `"2"`, `"3"`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Priority::P1 => "1",
+            Priority::P2 => "2",
+            Priority::P3 => "3",
+        }
+    }
+
+    /// Parses a wire number.
+    pub fn from_number(n: i64) -> Option<Priority> {
+        match n {
+            1 => Some(Priority::P1),
+            2 => Some(Priority::P2),
+            3 => Some(Priority::P3),
+            _ => None,
+        }
+    }
+
+    /// Parses a subject token (`p1`..`p3`).
+    pub fn from_token(token: &str) -> Option<Priority> {
+        match token {
+            "p1" => Some(Priority::P1),
+            "p2" => Some(Priority::P2),
+            "p3" => Some(Priority::P3),
+            _ => None,
+        }
+    }
+
+    /// Index into per-priority arrays.
+    pub fn index(self) -> usize {
+        usize::from(self.number() - 1)
+    }
+}
+
+/// Body encoding, chosen by the `Content-Type` header; outcomes use the task's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encoding {
+    /// `application/json` (the default).
+    #[default]
+    Json,
+    /// `application/msgpack`: the same fields, MessagePack-encoded.
+    MessagePack,
+}
+
+impl Encoding {
+    /// The `Content-Type` header value.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Json => "application/json",
+            Encoding::MessagePack => "application/msgpack",
+        }
+    }
+}
+
+/// Model tiers a task can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// The cheapest model.
+    Simple,
+    /// The everyday model.
+    Standard,
+    /// The strongest model.
+    Complex,
+    /// batchd picks the cheapest tier that fits.
+    Auto,
+}
+
+impl Tier {
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<Tier> {
+        match s {
+            "simple" => Some(Tier::Simple),
+            "standard" => Some(Tier::Standard),
+            "complex" => Some(Tier::Complex),
+            "auto" => Some(Tier::Auto),
+            _ => None,
+        }
+    }
+}
+
+/// What the task asks the model to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// `{"text": ..., "options": {...}}`, rendered through the task type's template.
+    Text {
+        /// The input text.
+        text: String,
+        /// Free-form options the template may refer to.
+        options: Map<String, Value>,
+    },
+    /// An OpenAI chat body (`messages`, `max_tokens`, ...), passed through.
+    Chat(Map<String, Value>),
+}
+
+/// A validated task.
+#[derive(Debug, Clone)]
+pub struct Task {
+    /// Unique id; a NATS subject token.
+    pub task_id: String,
+    /// The task type from the config, if any.
+    pub task_type: Option<String>,
+    /// What to ask.
+    pub payload: Payload,
+    /// The priority of the subject it arrived on.
+    pub priority: Priority,
+    /// Attempts already spent elsewhere.
+    pub retry_count: u32,
+    /// When the producer created it (default: the JetStream timestamp).
+    pub created_at: DateTime<Utc>,
+    /// An explicit model, skipping tier routing.
+    pub model: Option<String>,
+    /// The requested tier, if any.
+    pub tier: Option<Tier>,
+    /// Cost attribution.
+    pub tenant: String,
+    /// Extra core-NATS subject for the outcome.
+    pub reply_to: Option<String>,
+    /// Latest useful completion.
+    pub deadline: Option<DateTime<Utc>>,
+    /// Echoed back in the outcome.
+    pub metadata: Option<Value>,
+    /// The body as received, for dead letters.
+    pub original: Value,
+    /// The encoding it arrived in; the outcome uses the same.
+    pub encoding: Encoding,
+}
+
+/// Token usage reported by the provider.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Prompt tokens, cached ones included.
+    pub input_tokens: u64,
+    /// Prompt tokens served from the provider's cache.
+    pub cached_input_tokens: u64,
+    /// Completion tokens.
+    pub output_tokens: u64,
+}
+
+/// Why a task failed, as `error.kind` on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The task itself is wrong.
+    InvalidRequest,
+    /// It ran out of attempts.
+    MaxRetries,
+    /// The tenant's budget is spent.
+    BudgetExceeded,
+    /// Its deadline passed.
+    Expired,
+    /// The provider refused it (4xx other than 429).
+    ProviderRejected,
+    /// It was cancelled.
+    Cancelled,
+}
+
+impl ErrorKind {
+    /// The wire name, also the `reason` metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidRequest => "invalid_request",
+            ErrorKind::MaxRetries => "max_retries",
+            ErrorKind::BudgetExceeded => "budget_exceeded",
+            ErrorKind::Expired => "expired",
+            ErrorKind::ProviderRejected => "provider_rejected",
+            ErrorKind::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The `error` object of a failed outcome and of a dead letter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskError {
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// The provider's HTTP status, when there was one.
+    pub status_code: Option<u16>,
+}
+
+impl TaskError {
+    /// An error without a status code.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> TaskError {
+        TaskError {
+            kind,
+            message: message.into(),
+            status_code: None,
+        }
+    }
+}
+
+/// `succeeded` or `failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The provider answered.
+    Succeeded,
+    /// See `error`.
+    Failed,
+}
+
+impl Status {
+    /// The wire name, also the `status` metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// How a task was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteKind {
+    /// One provider request per task.
+    Realtime,
+    /// A provider batch job.
+    BatchApi,
+}
+
+impl RouteKind {
+    /// The wire name, also the `route` metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Realtime => "realtime",
+            RouteKind::BatchApi => "batch_api",
+        }
+    }
+}
+
+/// Time spent, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Created → dispatched.
+    pub queued_ms: u64,
+    /// Dispatched → answered.
+    pub processing_ms: u64,
+    /// Created → outcome.
+    pub total_ms: u64,
+}
+
+/// The one terminal outcome of a task, published on `<prefix>.results.<task_id>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// The task's id.
+    pub task_id: String,
+    /// `succeeded` or `failed`.
+    pub status: Status,
+    /// The assistant's text; `null` when failed.
+    pub output: Option<String>,
+    /// The provider's finish reason.
+    pub finish_reason: Option<String>,
+    /// Why it failed; `null` when it succeeded.
+    pub error: Option<TaskError>,
+    /// The model that served it (or would have).
+    pub model: Option<String>,
+    /// The provider that served it (or would have).
+    pub provider: Option<String>,
+    /// How it was sent.
+    pub route: Option<RouteKind>,
+    /// Tokens used.
+    pub usage: Usage,
+    /// What it cost, from the price table.
+    pub cost_usd: f64,
+    /// Provider attempts, the producer's `retry_count` included.
+    pub attempts: u32,
+    /// The batch it travelled in.
+    pub batch_id: Option<String>,
+    /// Its priority number.
+    pub priority: u8,
+    /// Its tenant.
+    pub tenant: String,
+    /// Time spent.
+    pub timings: Timings,
+    /// The task's metadata, echoed.
+    pub metadata: Option<Value>,
+    /// When the outcome was made, RFC 3339 with milliseconds.
+    pub completed_at: String,
+}
+
+/// A message parked on `<prefix>.dlq.<task_id>` with the reason it died.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The original task body (for an unreadable body: the raw bytes, see `raw`).
+    pub task: Value,
+    /// Why it died.
+    pub error: TaskError,
+    /// Attempts spent.
+    pub attempts: u32,
+    /// When it died.
+    pub dead_at: String,
+    /// The subject it arrived on.
+    pub subject: String,
+    /// The raw bytes, base64-encoded, when the body could not be decoded.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub raw_base64: Option<String>,
+}
+
+/// RFC 3339 with milliseconds and a `Z`, as in the protocol's examples.
+pub fn timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priority_round_trips_through_its_wire_forms() {
+        for p in Priority::ALL {
+            assert_eq!(Priority::from_number(i64::from(p.number())), Some(p));
+            assert_eq!(Priority::from_token(p.token()), Some(p));
+        }
+        assert_eq!(Priority::from_number(4), None);
+        assert_eq!(Priority::from_token("p0"), None);
+    }
+
+    #[test]
+    fn outcome_serializes_with_protocol_field_names() {
+        let o = Outcome {
+            task_id: "t1".into(),
+            status: Status::Failed,
+            output: None,
+            finish_reason: None,
+            error: Some(TaskError::new(ErrorKind::InvalidRequest, "bad")),
+            model: None,
+            provider: None,
+            route: Some(RouteKind::Realtime),
+            usage: Usage::default(),
+            cost_usd: 0.0,
+            attempts: 0,
+            batch_id: None,
+            priority: 2,
+            tenant: "default".into(),
+            timings: Timings::default(),
+            metadata: None,
+            completed_at: "2026-01-01T00:00:00.000Z".into(),
+        };
+        let v = serde_json::to_value(&o).unwrap();
+        assert_eq!(v["status"], "failed");
+        assert_eq!(v["error"]["kind"], "invalid_request");
+        assert_eq!(v["route"], "realtime");
+        assert_eq!(v["usage"]["cached_input_tokens"], 0);
+        assert!(v["output"].is_null());
+    }
+}
