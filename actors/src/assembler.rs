@@ -60,7 +60,11 @@ impl Actor for Assembler {
         match msg {
             AssemblerMsg::Task(accepted) => state.add(&myself, *accepted),
             AssemblerMsg::SealDue { key, generation } => {
-                if state.open.get(&key).is_some_and(|b| b.generation == generation) {
+                if state
+                    .open
+                    .get(&key)
+                    .is_some_and(|b| b.generation == generation)
+                {
                     state.seal(&key);
                 }
             }

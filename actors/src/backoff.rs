@@ -44,7 +44,11 @@ mod tests {
 
     #[test]
     fn delays_grow_and_stay_under_the_cap() {
-        let p = RetryPolicy { max_attempts: 5, base_delay_ms: 100, max_delay_ms: 1_000 };
+        let p = RetryPolicy {
+            max_attempts: 5,
+            base_delay_ms: 100,
+            max_delay_ms: 1_000,
+        };
         let mut rng = StdRng::seed_from_u64(7);
         for attempt in 1..30 {
             let ceiling = (100u64 << (attempt - 1).min(20)).min(1_000);
@@ -52,13 +56,23 @@ mod tests {
                 assert!(p.delay(attempt, &mut rng) <= Duration::from_millis(ceiling));
             }
         }
-        let mean: u128 = (0..1000).map(|_| p.delay(10, &mut rng).as_millis()).sum::<u128>() / 1000;
-        assert!((350..650).contains(&mean), "full jitter mean near cap/2, got {mean}");
+        let mean: u128 = (0..1000)
+            .map(|_| p.delay(10, &mut rng).as_millis())
+            .sum::<u128>()
+            / 1000;
+        assert!(
+            (350..650).contains(&mean),
+            "full jitter mean near cap/2, got {mean}"
+        );
     }
 
     #[test]
     fn exhausted_at_the_limit() {
-        let p = RetryPolicy { max_attempts: 3, base_delay_ms: 1, max_delay_ms: 1 };
+        let p = RetryPolicy {
+            max_attempts: 3,
+            base_delay_ms: 1,
+            max_delay_ms: 1,
+        };
         assert!(!p.exhausted(2));
         assert!(p.exhausted(3));
     }

@@ -53,11 +53,27 @@ mod tests {
 
     #[test]
     fn full_at_max_size_and_zero_means_one() {
-        let p = BatchPolicy { max_size: 3, max_wait_ms: 10 };
+        let p = BatchPolicy {
+            max_size: 3,
+            max_wait_ms: 10,
+        };
         assert!(!is_full(2, &p));
         assert!(is_full(3, &p));
-        let p0 = BatchPolicy { max_size: 0, max_wait_ms: 10 };
+        let p0 = BatchPolicy {
+            max_size: 0,
+            max_wait_ms: 10,
+        };
         assert!(is_full(1, &p0));
-        assert!((fill_ratio(3, &BatchPolicy { max_size: 4, max_wait_ms: 1 }) - 0.75).abs() < 1e-9);
+        assert!(
+            (fill_ratio(
+                3,
+                &BatchPolicy {
+                    max_size: 4,
+                    max_wait_ms: 1
+                }
+            ) - 0.75)
+                .abs()
+                < 1e-9
+        );
     }
 }

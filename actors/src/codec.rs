@@ -62,7 +62,12 @@ pub fn encoding_for(content_type: Option<&str>) -> Option<Encoding> {
     let Some(ct) = content_type else {
         return Some(Encoding::Json);
     };
-    let media = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let media = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     match media.as_str() {
         "" | "application/json" | "text/json" => Some(Encoding::Json),
         "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
@@ -172,10 +177,7 @@ fn salvage(map: &Map<String, Value>, r: &mut Rejection) {
         .filter(|s| is_valid_subject(s))
         .map(str::to_owned);
     r.metadata = map.get("metadata").filter(|v| !v.is_null()).cloned();
-    r.tenant = map
-        .get("tenant")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
+    r.tenant = map.get("tenant").and_then(Value::as_str).map(str::to_owned);
 }
 
 fn build_task(
@@ -226,7 +228,9 @@ fn build_task(
         Some(v) => v
             .as_u64()
             .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| format!("field `retry_count` must be a non-negative integer, got {v}"))?,
+            .ok_or_else(|| {
+                format!("field `retry_count` must be a non-negative integer, got {v}")
+            })?,
     };
     let created_at = match optional_str(map, "created_at")? {
         None => inbound.published_at,
@@ -255,7 +259,9 @@ fn build_task(
             if is_valid_subject(s) {
                 Ok(s.to_owned())
             } else {
-                Err(format!("field `reply_to` is not a valid NATS subject: {s:?}"))
+                Err(format!(
+                    "field `reply_to` is not a valid NATS subject: {s:?}"
+                ))
             }
         })
         .transpose()?;
@@ -342,7 +348,11 @@ fn parse_payload(p: &Map<String, Value>) -> Result<Payload, String> {
             let role = m.get("role").and_then(Value::as_str);
             match role {
                 Some("system" | "developer" | "user" | "assistant" | "tool") => {}
-                Some(r) => return Err(format!("`payload.messages[{i}].role` {r:?} is not a chat role")),
+                Some(r) => {
+                    return Err(format!(
+                        "`payload.messages[{i}].role` {r:?} is not a chat role"
+                    ))
+                }
                 None => return Err(format!("`payload.messages[{i}]` needs a string `role`")),
             }
         }
@@ -428,7 +438,9 @@ pub fn is_valid_subject(s: &str) -> bool {
             !t.is_empty()
                 && t != "*"
                 && t != ">"
-                && !t.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+                && !t
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
         })
 }
 
@@ -513,20 +525,72 @@ mod tests {
     fn rejects_each_bad_input_with_a_message_naming_the_problem() {
         let cases: Vec<(Vec<u8>, Option<&str>, &str)> = vec![
             (b"{not json".to_vec(), None, "malformed JSON"),
-            (vec![0xc1, 0xff], Some("application/msgpack"), "malformed MessagePack"),
+            (
+                vec![0xc1, 0xff],
+                Some("application/msgpack"),
+                "malformed MessagePack",
+            ),
             (b"[1,2]".to_vec(), None, "must be an object"),
-            (br#"{"payload":{"text":"x"},"type":"a"}"#.to_vec(), None, "missing required field `task_id`"),
-            (br#"{"task_id":5,"payload":{"text":"x"}}"#.to_vec(), None, "`task_id` must be a string"),
-            (br#"{"task_id":"a.b","type":"a","payload":{"text":"x"}}"#.to_vec(), None, "subject token"),
-            (br#"{"task_id":"a","type":"a"}"#.to_vec(), None, "missing required field `payload`"),
-            (br#"{"task_id":"a","type":"a","payload":{"text":1}}"#.to_vec(), None, "`payload.text` must be a string"),
-            (br#"{"task_id":"a","payload":{"text":"x"}}"#.to_vec(), None, "`type` is required"),
-            (br#"{"task_id":"a","type":"a","payload":{"text":"x"},"priority":1}"#.to_vec(), None, "arrived on the p2 subject"),
-            (br#"{"task_id":"a","type":"a","payload":{"text":"x"},"tier":"huge"}"#.to_vec(), None, "field `tier`"),
-            (br#"{"task_id":"a","type":"a","payload":{"text":"x"},"deadline":"soon"}"#.to_vec(), None, "RFC 3339"),
-            (br#"{"task_id":"a","payload":{"messages":[]}}"#.to_vec(), None, "must not be empty"),
-            (br#"{"task_id":"a","payload":{"messages":[{"role":"wizard"}]}}"#.to_vec(), None, "not a chat role"),
-            (b"{}".to_vec(), Some("text/plain"), "unsupported Content-Type"),
+            (
+                br#"{"payload":{"text":"x"},"type":"a"}"#.to_vec(),
+                None,
+                "missing required field `task_id`",
+            ),
+            (
+                br#"{"task_id":5,"payload":{"text":"x"}}"#.to_vec(),
+                None,
+                "`task_id` must be a string",
+            ),
+            (
+                br#"{"task_id":"a.b","type":"a","payload":{"text":"x"}}"#.to_vec(),
+                None,
+                "subject token",
+            ),
+            (
+                br#"{"task_id":"a","type":"a"}"#.to_vec(),
+                None,
+                "missing required field `payload`",
+            ),
+            (
+                br#"{"task_id":"a","type":"a","payload":{"text":1}}"#.to_vec(),
+                None,
+                "`payload.text` must be a string",
+            ),
+            (
+                br#"{"task_id":"a","payload":{"text":"x"}}"#.to_vec(),
+                None,
+                "`type` is required",
+            ),
+            (
+                br#"{"task_id":"a","type":"a","payload":{"text":"x"},"priority":1}"#.to_vec(),
+                None,
+                "arrived on the p2 subject",
+            ),
+            (
+                br#"{"task_id":"a","type":"a","payload":{"text":"x"},"tier":"huge"}"#.to_vec(),
+                None,
+                "field `tier`",
+            ),
+            (
+                br#"{"task_id":"a","type":"a","payload":{"text":"x"},"deadline":"soon"}"#.to_vec(),
+                None,
+                "RFC 3339",
+            ),
+            (
+                br#"{"task_id":"a","payload":{"messages":[]}}"#.to_vec(),
+                None,
+                "must not be empty",
+            ),
+            (
+                br#"{"task_id":"a","payload":{"messages":[{"role":"wizard"}]}}"#.to_vec(),
+                None,
+                "not a chat role",
+            ),
+            (
+                b"{}".to_vec(),
+                Some("text/plain"),
+                "unsupported Content-Type",
+            ),
         ];
         for (body, ct, expected) in cases {
             let mut i = inbound(&body);
@@ -551,7 +615,8 @@ mod tests {
 
     #[test]
     fn a_rejection_salvages_task_id_and_reply_to() {
-        let r = decode_json(json!({"task_id": "ok_1", "reply_to": "inbox.1", "payload": 3})).unwrap_err();
+        let r = decode_json(json!({"task_id": "ok_1", "reply_to": "inbox.1", "payload": 3}))
+            .unwrap_err();
         assert_eq!(r.task_id.as_deref(), Some("ok_1"));
         assert_eq!(r.reply_to.as_deref(), Some("inbox.1"));
     }

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
+use ractor::ActorRef;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use ractor::ActorRef;
 
 use crate::lease::LeaseKeeper;
 use crate::messages::{AssemblerMsg, DispatcherMsg, IntakeMsg};
@@ -62,6 +62,8 @@ pub struct Ports {
     pub sink: Arc<dyn OutcomeSink>,
     /// Providers by name.
     pub providers: HashMap<String, Arc<dyn Provider>>,
+    /// Heartbeats for the leases the source hands out.
+    pub keeper: LeaseKeeper,
 }
 
 /// Shared by all actors of one engine.
@@ -83,8 +85,8 @@ impl EngineContext {
         let rng = Mutex::new(StdRng::seed_from_u64(settings.seed));
         Arc::new(EngineContext {
             settings,
+            keeper: ports.keeper.clone(),
             ports,
-            keeper: LeaseKeeper::default(),
             directory: Directory::default(),
             rng,
         })

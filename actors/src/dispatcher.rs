@@ -33,9 +33,7 @@ use crate::outcome::{self, deliver, elapsed_ms, Final};
 use crate::ports::{Completion, Provider, ProviderError};
 use crate::ratelimit::RouteBudget;
 use crate::routing::Route;
-use crate::task::{
-    timestamp, ErrorKind, Outcome, RouteKind, Status, TaskError, Timings,
-};
+use crate::task::{timestamp, ErrorKind, Outcome, RouteKind, Status, TaskError, Timings};
 
 /// The Dispatcher actor.
 pub struct Dispatcher;
@@ -116,7 +114,12 @@ impl DispatcherState {
 
     fn dispatch(&mut self, batch: Batch) {
         let priority = batch.key.priority;
-        metrics::batch_sealed(priority, RouteKind::Realtime, batch.tasks.len(), batch.fill_ratio);
+        metrics::batch_sealed(
+            priority,
+            RouteKind::Realtime,
+            batch.tasks.len(),
+            batch.fill_ratio,
+        );
         let Some(route) = self.route(&batch.key.route) else {
             // Routing only produces configured providers; reaching here is a wiring bug.
             tracing::error!(provider = %batch.key.route.provider, "no such provider; tasks handed back");
@@ -127,7 +130,13 @@ impl DispatcherState {
         tokio::spawn(async move {
             let batch_id = Arc::<str>::from(batch.id);
             let work = batch.tasks.into_iter().map(|a| {
-                run_task(ctx.clone(), route.clone(), in_flight.clone(), batch_id.clone(), a)
+                run_task(
+                    ctx.clone(),
+                    route.clone(),
+                    in_flight.clone(),
+                    batch_id.clone(),
+                    a,
+                )
             });
             futures::future::join_all(work).await;
         });
@@ -197,14 +206,17 @@ async fn run_task(
             let Ok(_permit) = route.permits.acquire().await else {
                 return; // semaphore closed: shutting down; the lease naks on drop
             };
-            tokio::time::timeout(ctx.settings.request_timeout, route.provider.complete(&a.plan.request))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(ProviderError::Transient {
-                        status: None,
-                        message: format!("no answer within {:?}", ctx.settings.request_timeout),
-                    })
+            tokio::time::timeout(
+                ctx.settings.request_timeout,
+                route.provider.complete(&a.plan.request),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProviderError::Transient {
+                    status: None,
+                    message: format!("no answer within {:?}", ctx.settings.request_timeout),
                 })
+            })
         };
         let (provider, model) = (&route.route.provider, &route.route.model);
         let label = match &result {
@@ -215,7 +227,10 @@ async fn run_task(
         };
         metrics::provider_request(provider, model, label, started.elapsed());
         match result {
-            Err(ProviderError::RateLimited { retry_after, message }) => {
+            Err(ProviderError::RateLimited {
+                retry_after,
+                message,
+            }) => {
                 metrics::rate_limited(provider, model);
                 let wait = retry_after.min(ctx.settings.max_retry_after);
                 route.pause(wait);
@@ -239,11 +254,27 @@ async fn run_task(
     let processing_ms = elapsed_ms(dispatched_at, Utc::now());
     let (provider, model) = (route.route.provider.as_str(), route.route.model.as_str());
     let f = match result {
-        Ok(completion) => succeeded(&ctx, &a, completion, attempts, provider, model, &batch_id, processing_ms),
+        Ok(completion) => succeeded(
+            &ctx,
+            &a,
+            completion,
+            attempts,
+            provider,
+            model,
+            &batch_id,
+            processing_ms,
+        ),
         Err(ProviderError::Rejected { status, message }) => {
             let mut error = TaskError::new(ErrorKind::ProviderRejected, message);
             error.status_code = Some(status);
-            outcome::failed(&a.task, error, attempts, Some(model), Some(provider), Some(&batch_id))
+            outcome::failed(
+                &a.task,
+                error,
+                attempts,
+                Some(model),
+                Some(provider),
+                Some(&batch_id),
+            )
         }
         Err(e) => {
             let status = match &e {
@@ -256,7 +287,14 @@ async fn run_task(
                     format!("gave up after {attempts} attempts; last error: {e}"),
                 );
                 error.status_code = status;
-                outcome::failed(&a.task, error, attempts, Some(model), Some(provider), Some(&batch_id))
+                outcome::failed(
+                    &a.task,
+                    error,
+                    attempts,
+                    Some(model),
+                    Some(provider),
+                    Some(&batch_id),
+                )
             } else {
                 let delay = ctx.with_rng(|rng| ctx.settings.retry.delay(attempts, rng));
                 tracing::debug!(task_id = %task_id, error = %e, ?delay, "transient failure; redelivery later");

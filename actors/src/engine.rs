@@ -79,7 +79,9 @@ impl Engine {
 
     /// Waits until the engine stops on its own; `Err` when it escalated.
     pub async fn wait(&mut self) -> Result<(), EngineError> {
-        (&mut self.join).await.map_err(|e| EngineError::Start(e.to_string()))?;
+        (&mut self.join)
+            .await
+            .map_err(|e| EngineError::Start(e.to_string()))?;
         self.keeper.abort();
         Err(EngineError::Escalated)
     }

@@ -107,7 +107,9 @@ async fn pump(ctx: Arc<EngineContext>, intake: ActorRef<IntakeMsg>, p: Priority)
                 }
                 tracing::warn!(priority = p.number(), "consumer stream ended; reopening");
             }
-            Err(e) => tracing::warn!(priority = p.number(), error = %e, "opening consumer failed; retrying"),
+            Err(e) => {
+                tracing::warn!(priority = p.number(), error = %e, "opening consumer failed; retrying")
+            }
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(5));

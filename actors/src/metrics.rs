@@ -58,8 +58,8 @@ pub const SECONDS_HISTOGRAMS: [&str; 3] = [
 
 /// Buckets for the seconds histograms: 5 ms to 1 h (Batch API jobs take hours).
 pub const SECONDS_BUCKETS: [f64; 18] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-    600.0, 1800.0, 3600.0,
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1800.0, 3600.0,
 ];
 
 /// Buckets for batch sizes.
@@ -151,7 +151,11 @@ pub fn actor_restarted(actor: &'static str) {
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!(QUEUE_DEPTH, "Tasks waiting or in flight, per priority");
-    describe_gauge!(OLDEST_TASK_AGE_SECONDS, Unit::Seconds, "Age of the oldest unfinished task");
+    describe_gauge!(
+        OLDEST_TASK_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest unfinished task"
+    );
     describe_counter!(TASKS_RECEIVED_TOTAL, "Tasks received (first deliveries)");
     describe_counter!(TASKS_COMPLETED_TOTAL, "Terminal outcomes published");
     describe_histogram!(TASK_QUEUE_SECONDS, Unit::Seconds, "Publish to dispatch");
@@ -159,13 +163,20 @@ pub fn describe() {
     describe_histogram!(BATCH_SIZE, "Tasks per sealed batch");
     describe_histogram!(BATCH_FILL_RATIO, "Batch size over the priority's max size");
     describe_counter!(PROVIDER_REQUESTS_TOTAL, "Provider requests by outcome");
-    describe_histogram!(PROVIDER_REQUEST_SECONDS, Unit::Seconds, "Provider request duration");
+    describe_histogram!(
+        PROVIDER_REQUEST_SECONDS,
+        Unit::Seconds,
+        "Provider request duration"
+    );
     describe_counter!(RATE_LIMITED_TOTAL, "429 answers from providers");
     describe_gauge!(ROUTE_PAUSED, "1 while a route waits out a Retry-After");
     describe_counter!(RETRIES_TOTAL, "Tasks sent back for another attempt");
     describe_counter!(DEAD_LETTERS_TOTAL, "Dead letters by reason");
     describe_counter!(TOKENS_TOTAL, "Tokens by kind");
-    describe_counter!(PREEMPTIONS_TOTAL, "Bulk batches preempted by priority-1 work");
+    describe_counter!(
+        PREEMPTIONS_TOTAL,
+        "Bulk batches preempted by priority-1 work"
+    );
     describe_counter!(CHECKPOINTS_TOTAL, "Checkpoints written");
     describe_counter!(ACTOR_RESTARTS_TOTAL, "Actor restarts by the supervisor");
     // Counters that only later work increments still show at zero.

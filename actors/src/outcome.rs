@@ -186,11 +186,13 @@ async fn publish(ctx: &EngineContext, f: &Final, subject: &str) -> Result<bool, 
             dl.subject = subject.to_owned();
         }
         let body = encode(&dl, f.encoding)?;
-        retrying(ctx, || sink.publish_dead_letter(id, body.clone(), f.encoding)).await?;
+        retrying(ctx, || {
+            sink.publish_dead_letter(id, body.clone(), f.encoding)
+        })
+        .await?;
     }
     let body = encode(&f.outcome, f.encoding)?;
-    let duplicate =
-        retrying(ctx, || sink.publish_outcome(id, body.clone(), f.encoding)).await?;
+    let duplicate = retrying(ctx, || sink.publish_outcome(id, body.clone(), f.encoding)).await?;
     if let (Some(reply_to), false) = (&f.reply_to, duplicate) {
         if let Err(e) = sink.publish_reply(reply_to, body, f.encoding).await {
             tracing::warn!(task_id = %id, error = %e, "reply_to publish failed; the outcome is in the results stream");

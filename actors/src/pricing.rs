@@ -64,8 +64,16 @@ mod tests {
 
     #[test]
     fn cached_tokens_are_priced_at_the_cached_rate() {
-        let p = ModelPrice { input: 0.15, cached_input: 0.075, output: 0.60 };
-        let u = Usage { input_tokens: 812, cached_input_tokens: 768, output_tokens: 41 };
+        let p = ModelPrice {
+            input: 0.15,
+            cached_input: 0.075,
+            output: 0.60,
+        };
+        let u = Usage {
+            input_tokens: 812,
+            cached_input_tokens: 768,
+            output_tokens: 41,
+        };
         let c = cost(&p, &u, RouteKind::Realtime, 0.5);
         let expected = (44.0 * 0.15 + 768.0 * 0.075 + 41.0 * 0.60) / 1e6;
         assert!((c - expected).abs() < 1e-15, "{c} vs {expected}");
@@ -75,14 +83,28 @@ mod tests {
 
     #[test]
     fn cached_count_above_input_is_clamped() {
-        let p = ModelPrice { input: 1.0, cached_input: 0.5, output: 0.0 };
-        let u = Usage { input_tokens: 10, cached_input_tokens: 50, output_tokens: 0 };
+        let p = ModelPrice {
+            input: 1.0,
+            cached_input: 0.5,
+            output: 0.0,
+        };
+        let u = Usage {
+            input_tokens: 10,
+            cached_input_tokens: 50,
+            output_tokens: 0,
+        };
         assert!((cost(&p, &u, RouteKind::Realtime, 0.5) - 5.0 / 1e6).abs() < 1e-15);
     }
 
     #[test]
     fn unknown_model_has_no_price() {
-        let t = PriceTable { as_of: "2026-01-01".into(), batch_discount: 0.5, models: BTreeMap::new() };
-        assert!(t.cost("x", &Usage::default(), RouteKind::Realtime).is_none());
+        let t = PriceTable {
+            as_of: "2026-01-01".into(),
+            batch_discount: 0.5,
+            models: BTreeMap::new(),
+        };
+        assert!(t
+            .cost("x", &Usage::default(), RouteKind::Realtime)
+            .is_none());
     }
 }

@@ -66,7 +66,10 @@ mod tests {
     fn parses_retry_after_headers() {
         let f = Duration::from_secs(1);
         let max = Duration::from_secs(60);
-        assert_eq!(retry_after(Some("1500"), Some("2"), f, max), Duration::from_millis(1500));
+        assert_eq!(
+            retry_after(Some("1500"), Some("2"), f, max),
+            Duration::from_millis(1500)
+        );
         assert_eq!(retry_after(None, Some("3"), f, max), Duration::from_secs(3));
         assert_eq!(retry_after(None, Some("soon"), f, max), f);
         assert_eq!(retry_after(None, Some("9999"), f, max), max);

@@ -302,7 +302,14 @@ mod tests {
     fn renders_templates() {
         let opts = json!({"language": "fr", "n": 3});
         let opts = opts.as_object().unwrap();
-        assert_eq!(render("{text}|{options.language}|{options.n}|{options.x}|{y}", "hi", opts), "hi|fr|3||{y}");
+        assert_eq!(
+            render(
+                "{text}|{options.language}|{options.n}|{options.x}|{y}",
+                "hi",
+                opts
+            ),
+            "hi|fr|3||{y}"
+        );
         assert_eq!(render("a {text", "hi", opts), "a {text");
     }
 
@@ -310,7 +317,14 @@ mod tests {
     fn text_payload_uses_the_types_default_tier_and_template() {
         let mut opts = Map::new();
         opts.insert("language".into(), json!("en"));
-        let p = plan(&task(Payload::Text { text: "doc".into(), options: opts }), &catalog()).unwrap();
+        let p = plan(
+            &task(Payload::Text {
+                text: "doc".into(),
+                options: opts,
+            }),
+            &catalog(),
+        )
+        .unwrap();
         assert_eq!(p.route.model, "small");
         assert_eq!(p.request["messages"][1]["content"], "Summarize in en: doc");
         assert_eq!(p.request["max_completion_tokens"], 200);
@@ -333,19 +347,40 @@ mod tests {
 
     #[test]
     fn unknown_type_and_unserved_model_are_rejected_by_name() {
-        let mut t = task(Payload::Text { text: "x".into(), options: Map::new() });
+        let mut t = task(Payload::Text {
+            text: "x".into(),
+            options: Map::new(),
+        });
         t.task_type = Some("poetry".into());
-        assert!(plan(&t, &catalog()).unwrap_err().contains("unknown task type \"poetry\""));
+        assert!(plan(&t, &catalog())
+            .unwrap_err()
+            .contains("unknown task type \"poetry\""));
         t.task_type = Some("summarization".into());
         t.model = Some("gpt-99".into());
-        assert!(plan(&t, &catalog()).unwrap_err().contains("\"gpt-99\" is not served"));
+        assert!(plan(&t, &catalog())
+            .unwrap_err()
+            .contains("\"gpt-99\" is not served"));
     }
 
     #[test]
     fn same_system_prompt_shares_a_prefix_key() {
         let c = catalog();
-        let a = plan(&task(Payload::Text { text: "a".into(), options: Map::new() }), &c).unwrap();
-        let b = plan(&task(Payload::Text { text: "b".into(), options: Map::new() }), &c).unwrap();
+        let a = plan(
+            &task(Payload::Text {
+                text: "a".into(),
+                options: Map::new(),
+            }),
+            &c,
+        )
+        .unwrap();
+        let b = plan(
+            &task(Payload::Text {
+                text: "b".into(),
+                options: Map::new(),
+            }),
+            &c,
+        )
+        .unwrap();
         assert_eq!(a.prefix, b.prefix);
     }
 }

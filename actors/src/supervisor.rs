@@ -64,7 +64,11 @@ impl Actor for RootSupervisor {
             restarts: VecDeque::new(),
             stopping: false,
         };
-        for kind in [ActorKind::Dispatcher, ActorKind::Assembler, ActorKind::Intake] {
+        for kind in [
+            ActorKind::Dispatcher,
+            ActorKind::Assembler,
+            ActorKind::Intake,
+        ] {
             state.spawn(&myself, kind).await?;
         }
         Ok(state)
@@ -95,7 +99,9 @@ impl Actor for RootSupervisor {
             SupervisorMsg::Shutdown(reply) => {
                 state.stopping = true;
                 state.drain().await;
-                myself.stop_children_and_wait(None, Some(Duration::from_secs(5))).await;
+                myself
+                    .stop_children_and_wait(None, Some(Duration::from_secs(5)))
+                    .await;
                 let _ = reply.send(());
                 myself.stop(None);
             }
@@ -182,7 +188,11 @@ impl SupervisorState {
     fn allow_restart(&mut self) -> bool {
         let now = Instant::now();
         let window = Duration::from_secs(self.ctx.settings.restart.within_secs);
-        while self.restarts.front().is_some_and(|t| now.duration_since(*t) > window) {
+        while self
+            .restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
             self.restarts.pop_front();
         }
         self.restarts.push_back(now);
@@ -204,7 +214,10 @@ impl SupervisorState {
         }
         let left = self.ctx.keeper.held();
         if left > 0 {
-            tracing::warn!(held = left, "shutdown drain timed out; those tasks will be redelivered");
+            tracing::warn!(
+                held = left,
+                "shutdown drain timed out; those tasks will be redelivered"
+            );
         }
     }
 }

@@ -1,0 +1,456 @@
+//! The configuration: one typed tree, loaded from `config/batchd.toml`'s
+//! defaults merged with the user's file, then validated with errors that name
+//! the key.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use batchd_actors::backoff::RetryPolicy;
+use batchd_actors::batching::BatchPolicy;
+use batchd_actors::pricing::PriceTable;
+use batchd_actors::routing::{Catalog, TaskType, TierModels};
+use batchd_actors::settings::{EngineSettings, RestartPolicy};
+use serde::Deserialize;
+
+/// The defaults, documented key by key.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/batchd.toml");
+
+/// Errors loading or validating the config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or a key has the wrong type.
+    #[error("parsing {origin}: {message}")]
+    Parse {
+        /// The file or "defaults".
+        origin: String,
+        /// The parser's message (it names the key).
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// The offending key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// NATS connection and topology.
+    pub nats: NatsConfig,
+    /// Consumers and validation limits.
+    pub intake: IntakeConfig,
+    /// Batch sealing per priority.
+    pub batching: BatchingConfig,
+    /// Attempts and backoff.
+    pub retry: RetryPolicy,
+    /// Provider request behaviour.
+    pub dispatch: DispatchConfig,
+    /// Restart limits.
+    pub supervisor: RestartPolicy,
+    /// Prometheus exporter.
+    pub metrics: MetricsConfig,
+    /// OpenAI-compatible providers by name.
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Tier → model.
+    pub tiers: TierModels,
+    /// Dated price table.
+    pub prices: PriceTable,
+    /// Task types by name.
+    pub task_types: BTreeMap<String, TaskType>,
+}
+
+/// `[nats]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL.
+    pub url: String,
+    /// First subject token.
+    pub subject_prefix: String,
+    /// Tasks stream name.
+    pub tasks_stream: String,
+    /// Results stream name.
+    pub results_stream: String,
+    /// Dead-letter stream name.
+    pub dlq_stream: String,
+    /// Checkpoints KV bucket.
+    pub checkpoints_bucket: String,
+    /// Ledger KV bucket.
+    pub ledger_bucket: String,
+    /// Tasks stream message bound.
+    pub tasks_max_msgs: i64,
+    /// Tasks stream byte bound.
+    pub tasks_max_bytes: i64,
+    /// Duplicate window, seconds.
+    pub duplicate_window_secs: u64,
+    /// Results retention, days.
+    pub results_max_age_days: u64,
+    /// DLQ retention, days.
+    pub dlq_max_age_days: u64,
+    /// Durable consumer name prefix.
+    pub consumer_prefix: String,
+}
+
+/// `[intake]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntakeConfig {
+    /// In-flight messages per priority.
+    pub max_ack_pending: i64,
+    /// Messages per pull request.
+    pub fetch_batch: usize,
+    /// Redelivery timeout, seconds.
+    pub ack_wait_secs: u64,
+    /// Largest task body.
+    pub max_payload_bytes: usize,
+    /// Backlog sampling interval.
+    pub backlog_interval_ms: u64,
+}
+
+/// `[batching]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Premium.
+    pub p1: BatchPolicy,
+    /// Standard.
+    pub p2: BatchPolicy,
+    /// Bulk.
+    pub p3: BatchPolicy,
+}
+
+/// `[dispatch]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchConfig {
+    /// Concurrent requests per route.
+    pub route_concurrency: usize,
+    /// Request timeout, seconds.
+    pub request_timeout_secs: u64,
+    /// In-place 429 waits per task.
+    pub max_rate_limit_waits: u32,
+    /// Longest Retry-After honoured, seconds.
+    pub max_retry_after_secs: u64,
+    /// Outcome publish retry budget, seconds.
+    pub publish_retry_secs: u64,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Listen address of `/metrics`.
+    pub addr: String,
+}
+
+/// `[providers.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Base URL including `/v1`.
+    pub base_url: String,
+    /// Environment variable overriding `base_url`.
+    #[serde(default)]
+    pub base_url_env: Option<String>,
+    /// API key (prefer `api_key_env`).
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// Environment variable holding the API key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Models this provider serves.
+    pub models: Vec<String>,
+}
+
+impl ProviderConfig {
+    /// The base URL after environment overrides, without a trailing slash.
+    pub fn resolved_base_url(&self) -> String {
+        let from_env = self
+            .base_url_env
+            .as_deref()
+            .and_then(|v| std::env::var(v).ok())
+            .filter(|v| !v.trim().is_empty());
+        from_env
+            .unwrap_or_else(|| self.base_url.clone())
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    /// The API key after environment overrides.
+    pub fn resolved_api_key(&self) -> Option<String> {
+        self.api_key_env
+            .as_deref()
+            .and_then(|v| std::env::var(v).ok())
+            .filter(|v| !v.trim().is_empty())
+            .or_else(|| self.api_key.clone())
+    }
+}
+
+impl Config {
+    /// The defaults alone.
+    pub fn defaults() -> Result<Config, ConfigError> {
+        Config::from_toml_str("", "defaults")
+    }
+
+    /// Defaults merged with a user file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Defaults merged with `text`, then validated.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let parse = |s: &str, origin: &str| {
+            s.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+                origin: origin.to_owned(),
+                message: e.to_string(),
+            })
+        };
+        let mut base = parse(DEFAULT_CONFIG, "defaults")?;
+        merge(&mut base, parse(text, origin)?);
+        let config: Config =
+            toml::Value::Table(base)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    origin: origin.to_owned(),
+                    message: e.to_string(),
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges and cross-references.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| {
+            Err(ConfigError::Invalid {
+                key: key.to_owned(),
+                message,
+            })
+        };
+        let token_ok = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        if !token_ok(&self.nats.subject_prefix) {
+            return bad(
+                "nats.subject_prefix",
+                "must be one subject token of [A-Za-z0-9_-]".into(),
+            );
+        }
+        for (key, name) in [
+            ("nats.tasks_stream", &self.nats.tasks_stream),
+            ("nats.results_stream", &self.nats.results_stream),
+            ("nats.dlq_stream", &self.nats.dlq_stream),
+            ("nats.checkpoints_bucket", &self.nats.checkpoints_bucket),
+            ("nats.ledger_bucket", &self.nats.ledger_bucket),
+            ("nats.consumer_prefix", &self.nats.consumer_prefix),
+        ] {
+            if !token_ok(name) {
+                return bad(key, format!("{name:?} must be non-empty [A-Za-z0-9_-]"));
+            }
+        }
+        if self.nats.tasks_max_msgs < 1 || self.nats.tasks_max_bytes < 1 {
+            return bad(
+                "nats.tasks_max_msgs",
+                "the tasks stream must be bounded (> 0)".into(),
+            );
+        }
+        if self.nats.duplicate_window_secs < 1 {
+            return bad("nats.duplicate_window_secs", "must be at least 1".into());
+        }
+        if self.intake.max_ack_pending < 1 {
+            return bad("intake.max_ack_pending", "must be at least 1".into());
+        }
+        if self.intake.fetch_batch < 1 {
+            return bad("intake.fetch_batch", "must be at least 1".into());
+        }
+        if self.intake.ack_wait_secs < 1 {
+            return bad("intake.ack_wait_secs", "must be at least 1".into());
+        }
+        if self.intake.max_payload_bytes < 64 {
+            return bad("intake.max_payload_bytes", "must be at least 64".into());
+        }
+        for (p, b) in [
+            ("p1", &self.batching.p1),
+            ("p2", &self.batching.p2),
+            ("p3", &self.batching.p3),
+        ] {
+            if b.max_size < 1 {
+                return bad(
+                    &format!("batching.{p}.max_size"),
+                    "must be at least 1".into(),
+                );
+            }
+        }
+        if self.retry.max_attempts < 1 {
+            return bad("retry.max_attempts", "must be at least 1".into());
+        }
+        if self.retry.base_delay_ms > self.retry.max_delay_ms {
+            return bad(
+                "retry.base_delay_ms",
+                "must not exceed retry.max_delay_ms".into(),
+            );
+        }
+        if self.dispatch.route_concurrency < 1 {
+            return bad("dispatch.route_concurrency", "must be at least 1".into());
+        }
+        if self.dispatch.request_timeout_secs < 1 {
+            return bad("dispatch.request_timeout_secs", "must be at least 1".into());
+        }
+        if self.providers.is_empty() {
+            return bad("providers", "at least one provider is needed".into());
+        }
+        let served = self.model_providers();
+        for (tier, model) in [
+            ("tiers.simple", &self.tiers.simple),
+            ("tiers.standard", &self.tiers.standard),
+            ("tiers.complex", &self.tiers.complex),
+        ] {
+            if !served.contains_key(model) {
+                return bad(
+                    tier,
+                    format!("model {model:?} is not in any provider's `models`"),
+                );
+            }
+        }
+        for model in served.keys() {
+            if !self.prices.models.contains_key(model) {
+                return bad(
+                    &format!("prices.models.\"{model}\""),
+                    "every served model needs a price".into(),
+                );
+            }
+        }
+        for (name, p) in &self.providers {
+            if !p.base_url.starts_with("http://") && !p.base_url.starts_with("https://") {
+                return bad(
+                    &format!("providers.{name}.base_url"),
+                    "must be an http(s) URL".into(),
+                );
+            }
+        }
+        for (name, t) in &self.task_types {
+            if t.max_tokens < 1 {
+                return bad(
+                    &format!("task_types.{name}.max_tokens"),
+                    "must be at least 1".into(),
+                );
+            }
+            if !t.template.contains("{text}") {
+                return bad(
+                    &format!("task_types.{name}.template"),
+                    "must contain {text}".into(),
+                );
+            }
+        }
+        if self.metrics.addr.parse::<std::net::SocketAddr>().is_err() {
+            return bad(
+                "metrics.addr",
+                format!("{:?} is not HOST:PORT", self.metrics.addr),
+            );
+        }
+        Ok(())
+    }
+
+    /// Model → provider name (the first provider listing a model serves it).
+    pub fn model_providers(&self) -> std::collections::HashMap<String, String> {
+        let mut map = std::collections::HashMap::new();
+        for (name, p) in &self.providers {
+            for m in &p.models {
+                map.entry(m.clone()).or_insert_with(|| name.clone());
+            }
+        }
+        map
+    }
+
+    /// The subject a priority's tasks are published on.
+    pub fn task_subject(&self, p: batchd_actors::task::Priority) -> String {
+        format!("{}.tasks.{}", self.nats.subject_prefix, p.token())
+    }
+
+    /// The part of the config the engine reads.
+    pub fn engine_settings(&self) -> EngineSettings {
+        EngineSettings {
+            catalog: Catalog {
+                task_types: self.task_types.clone(),
+                tiers: self.tiers.clone(),
+                model_providers: self.model_providers(),
+            },
+            batching: [self.batching.p1, self.batching.p2, self.batching.p3],
+            retry: self.retry,
+            prices: self.prices.clone(),
+            max_payload_bytes: self.intake.max_payload_bytes,
+            route_concurrency: self.dispatch.route_concurrency,
+            request_timeout: Duration::from_secs(self.dispatch.request_timeout_secs),
+            max_rate_limit_waits: self.dispatch.max_rate_limit_waits,
+            max_retry_after: Duration::from_secs(self.dispatch.max_retry_after_secs),
+            publish_retry: Duration::from_secs(self.dispatch.publish_retry_secs),
+            lease_heartbeat: Duration::from_millis((self.intake.ack_wait_secs * 1000 / 3).max(100)),
+            backlog_interval: Duration::from_millis(self.intake.backlog_interval_ms.max(100)),
+            restart: self.supervisor,
+            seed: 0x6261_7463_6864,
+        }
+    }
+}
+
+/// Deep-merges `over` into `base`: tables key by key, anything else replaced.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let c = Config::defaults().unwrap();
+        assert_eq!(c.nats.subject_prefix, "batchd");
+        assert_eq!(c.task_types.len(), 5);
+        assert_eq!(c.batching.p1.max_size, 8);
+    }
+
+    #[test]
+    fn a_user_file_overrides_only_its_keys() {
+        let c = Config::from_toml_str("[batching.p3]\nmax_size = 7\n", "t").unwrap();
+        assert_eq!(c.batching.p3.max_size, 7);
+        assert_eq!(c.batching.p3.max_wait_ms, 1000);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::from_toml_str("[tiers]\nsimple = \"nope\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("tiers.simple"), "{e}");
+        let e = Config::from_toml_str("[intake]\nmax_ack_pending = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("intake.max_ack_pending"), "{e}");
+        let e = Config::from_toml_str("[intake]\nbogus = 1\n", "t").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = Config::from_toml_str("[retry]\nmax_attempts = \"x\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("max_attempts"), "{e}");
+    }
+}

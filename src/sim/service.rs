@@ -1,0 +1,539 @@
+//! The HTTP side of the simulator: routes, the shared state behind them, and
+//! the path of one chat completion request.
+//!
+//! A request goes: authorization → JSON → validation → answer (no lock) →
+//! one short lock for the rate budgets, the seeded dice and the prompt cache
+//! → latency → response. Counters are atomics, so `stats()` never waits.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::api_error::ApiError;
+use super::completion::{self, ChatCompletion, Usage};
+use super::hash::mix;
+use super::prompt_cache::{self, PromptCache};
+use super::rate_limit::{format_duration, Admission, Quota, RateLimiter, Refusal};
+use super::request;
+use super::{SimConfig, SimStats};
+
+/// Larger bodies get a 413; OpenAI's own limit is in this range.
+const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// Models listed by `GET /v1/models`, with their release dates (unix seconds).
+/// Completions accept any model name.
+const MODELS: [(&str, u64); 7] = [
+    ("gpt-4.1", 1_744_316_542),
+    ("gpt-4.1-mini", 1_744_318_173),
+    ("gpt-4.1-nano", 1_744_321_707),
+    ("gpt-4o-mini", 1_721_172_741),
+    ("gpt-5", 1_754_425_777),
+    ("gpt-5-mini", 1_754_425_867),
+    ("gpt-5-nano", 1_754_426_384),
+];
+
+/// State shared by all handlers and the `SimServer` handle.
+pub(crate) struct Shared {
+    state: Mutex<SimState>,
+    counters: Counters,
+    /// Mirrors `config.record_requests` so the hot path reads it without the lock.
+    record_requests: AtomicBool,
+    recorded: Mutex<Vec<Value>>,
+    sequence: AtomicU64,
+    /// Makes ids differ between runs; answers do not depend on it.
+    id_salt: u64,
+}
+
+/// Everything a request changes, behind one lock.
+struct SimState {
+    config: SimConfig,
+    rng: StdRng,
+    limiter: RateLimiter,
+    prompt_cache: PromptCache,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    succeeded: AtomicU64,
+    rate_limited: AtomicU64,
+    server_errors: AtomicU64,
+    bad_requests: AtomicU64,
+}
+
+/// A mutex poisoned by a panicking holder still guards consistent data here
+/// (every update is a single assignment), so keep serving.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    pub(crate) fn new(config: SimConfig) -> Self {
+        let now = Instant::now();
+        let id_salt = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos() as u64);
+        Shared {
+            state: Mutex::new(SimState {
+                config,
+                rng: StdRng::seed_from_u64(config.seed),
+                limiter: RateLimiter::new(config.rpm, config.tpm, now),
+                prompt_cache: PromptCache::new(
+                    PromptCache::DEFAULT_GENERATION_CAPACITY,
+                    PromptCache::DEFAULT_GENERATION_AGE,
+                    now,
+                ),
+            }),
+            counters: Counters::default(),
+            record_requests: AtomicBool::new(config.record_requests),
+            recorded: Mutex::new(Vec::new()),
+            sequence: AtomicU64::new(0),
+            id_salt,
+        }
+    }
+
+    pub(crate) fn stats(&self) -> SimStats {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        SimStats {
+            requests: read(&self.counters.requests),
+            succeeded: read(&self.counters.succeeded),
+            rate_limited: read(&self.counters.rate_limited),
+            server_errors: read(&self.counters.server_errors),
+            bad_requests: read(&self.counters.bad_requests),
+        }
+    }
+
+    pub(crate) fn recorded_requests(&self) -> Vec<Value> {
+        lock(&self.recorded).clone()
+    }
+
+    /// Applies a config change; new limits start with full budgets and a new
+    /// seed restarts the random sequence.
+    pub(crate) fn update_config(&self, change: impl FnOnce(&mut SimConfig)) {
+        let mut state = lock(&self.state);
+        let before = state.config;
+        change(&mut state.config);
+        let after = state.config;
+        if (after.rpm, after.tpm) != (before.rpm, before.tpm) {
+            state.limiter = RateLimiter::new(after.rpm, after.tpm, Instant::now());
+        }
+        if after.seed != before.seed {
+            state.rng = StdRng::seed_from_u64(after.seed);
+        }
+        self.record_requests
+            .store(after.record_requests, Ordering::Relaxed);
+    }
+
+    /// A number unique to this request, from which its ids are derived.
+    fn next_sequence(&self) -> u64 {
+        self.sequence.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn request_id(&self, sequence: u64) -> String {
+        format!(
+            "req_{:016x}{:016x}",
+            mix(self.id_salt ^ sequence),
+            mix(!self.id_salt ^ sequence)
+        )
+    }
+}
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(chat_completions).fallback(invalid_url),
+        )
+        .route("/v1/models", get(list_models).fallback(invalid_url))
+        .route(
+            "/v1/models/{model}",
+            get(retrieve_model).fallback(invalid_url),
+        )
+        .fallback(invalid_url)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(shared)
+}
+
+/// What the locked section decided for a valid request.
+enum Decision {
+    Limited(Refusal),
+    Fail {
+        quota: Quota,
+        delay: Duration,
+    },
+    Answer {
+        quota: Quota,
+        delay: Duration,
+        cached_tokens: u64,
+        seed: u64,
+    },
+}
+
+async fn chat_completions(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let sequence = shared.next_sequence();
+    shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+
+    let (mut response, counter) = match complete(&shared, sequence, &headers, body).await {
+        Ok(response) => (response, &shared.counters.succeeded),
+        Err(failure) => {
+            let counter = match failure.status() {
+                StatusCode::TOO_MANY_REQUESTS => &shared.counters.rate_limited,
+                StatusCode::INTERNAL_SERVER_ERROR => &shared.counters.server_errors,
+                _ => &shared.counters.bad_requests,
+            };
+            (failure, counter)
+        }
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+
+    let elapsed_ms = started.elapsed().as_millis().to_string();
+    let headers = response.headers_mut();
+    insert(headers, "x-request-id", &shared.request_id(sequence));
+    insert(headers, "openai-processing-ms", &elapsed_ms);
+    response
+}
+
+/// Serves one chat completion; `Err` carries a finished error response.
+async fn complete(
+    shared: &Shared,
+    sequence: u64,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Response> {
+    check_authorization(headers).map_err(|error| error_response(&error))?;
+    let body = body.map_err(|rejection| {
+        let error = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::body_too_large(MAX_BODY_BYTES)
+        } else {
+            ApiError::unparsable_json()
+        };
+        error_response(&error)
+    })?;
+    let body: Value =
+        serde_json::from_slice(&body).map_err(|_| error_response(&ApiError::unparsable_json()))?;
+    if shared.record_requests.load(Ordering::Relaxed) {
+        lock(&shared.recorded).push(body.clone());
+    }
+    let request = request::parse(&body).map_err(|error| error_response(&error))?;
+
+    // The expensive parts happen before the lock.
+    let generated = completion::generate(&request);
+    let prompt_tokens = request.prompt.tokens;
+    let prefixes = if prompt_tokens >= prompt_cache::MIN_CACHED_TOKENS {
+        prompt_cache::prefix_hashes(&request.model, &request.prompt.text)
+    } else {
+        Vec::new()
+    };
+    let billed_tokens = prompt_tokens + generated.completion_tokens;
+
+    let decision = {
+        let mut state = lock(&shared.state);
+        let now = Instant::now();
+        match state.limiter.admit(now, billed_tokens) {
+            Admission::Limited(refusal) => Decision::Limited(refusal),
+            Admission::Granted(quota) => {
+                let config = state.config;
+                let fail = state.rng.random::<f64>() < config.error_rate;
+                let jitter_us = u64::try_from(config.jitter.as_micros()).unwrap_or(u64::MAX);
+                let jitter = match jitter_us {
+                    0 => Duration::ZERO,
+                    max => Duration::from_micros(state.rng.random_range(0..=max)),
+                };
+                let delay = config.latency.saturating_add(jitter);
+                if fail {
+                    Decision::Fail { quota, delay }
+                } else {
+                    let cached_tokens =
+                        state
+                            .prompt_cache
+                            .lookup_and_insert(now, &prefixes, prompt_tokens);
+                    Decision::Answer {
+                        quota,
+                        delay,
+                        cached_tokens,
+                        seed: config.seed,
+                    }
+                }
+            }
+        }
+    };
+
+    match decision {
+        // Refused at the door: no model time spent.
+        Decision::Limited(refusal) => Err(rate_limited_response(&request.model, &refusal)),
+        Decision::Fail { quota, delay } => {
+            sleep(delay).await;
+            let mut response = error_response(&ApiError::server_error());
+            insert_quota(response.headers_mut(), &quota);
+            Err(response)
+        }
+        Decision::Answer {
+            quota,
+            delay,
+            cached_tokens,
+            seed,
+        } => {
+            sleep(delay).await;
+            let completion = ChatCompletion {
+                id: completion_id(shared.id_salt ^ sequence),
+                object: "chat.completion",
+                created: unix_seconds(),
+                model: &request.model,
+                usage: Usage::new(prompt_tokens, cached_tokens, generated.completion_tokens),
+                choices: generated.into_choices(),
+                service_tier: "default",
+                system_fingerprint: format!("fp_{:010x}", mix(seed) & 0xff_ffff_ffff),
+            };
+            let mut response = json_response(StatusCode::OK, &completion);
+            insert_quota(response.headers_mut(), &quota);
+            Ok(response)
+        }
+    }
+}
+
+async fn sleep(delay: Duration) {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// A key is optional, but a present `Authorization` header must be `Bearer <key>`.
+fn check_authorization(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(AUTHORIZATION) else {
+        return Ok(());
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim);
+    match key {
+        Some(key) if !key.is_empty() => Ok(()),
+        _ => Err(ApiError::bad_authorization()),
+    }
+}
+
+fn rate_limited_response(model: &str, refusal: &Refusal) -> Response {
+    let (unit, abbreviation) = match refusal.kind {
+        super::rate_limit::LimitKind::Requests => ("requests", "RPM"),
+        super::rate_limit::LimitKind::Tokens => ("tokens", "TPM"),
+    };
+    let learn_more = "Visit https://platform.openai.com/account/rate-limits to learn more.";
+    let (message, retry_after) = match refusal.retry_after {
+        Some(wait) => (
+            format!(
+                "Rate limit reached for {model} in organization org-simulator on {unit} per min \
+                 ({abbreviation}): Limit {}, Used {}, Requested {}. Please try again in {}. \
+                 {learn_more}",
+                refusal.limit,
+                refusal.used,
+                refusal.requested,
+                format_duration(wait)
+            ),
+            wait,
+        ),
+        None => (
+            format!(
+                "Request too large for {model} in organization org-simulator on {unit} per min \
+                 ({abbreviation}): Limit {}, Requested {}. The input or output tokens must be \
+                 reduced in order to run successfully. {learn_more}",
+                refusal.limit, refusal.requested
+            ),
+            // It will never fit; a full window is the honest upper bound.
+            Duration::from_secs(60),
+        ),
+    };
+    let mut response = error_response(&ApiError::rate_limited(refusal.kind.as_str(), message));
+    let headers = response.headers_mut();
+    let millis = retry_after.as_micros().div_ceil(1000).max(1);
+    insert(headers, "retry-after-ms", &millis.to_string());
+    insert(
+        headers,
+        RETRY_AFTER.as_str(),
+        &millis.div_ceil(1000).to_string(),
+    );
+    insert_quota(headers, &refusal.quota);
+    response
+}
+
+#[derive(Serialize)]
+struct ModelObject {
+    id: &'static str,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+}
+
+#[derive(Serialize)]
+struct ModelList {
+    object: &'static str,
+    data: Vec<ModelObject>,
+}
+
+fn model_object((id, created): (&'static str, u64)) -> ModelObject {
+    ModelObject {
+        id,
+        object: "model",
+        created,
+        owned_by: "system",
+    }
+}
+
+async fn list_models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let response = match check_authorization(&headers) {
+        Err(error) => error_response(&error),
+        Ok(()) => {
+            let list = ModelList {
+                object: "list",
+                data: MODELS.into_iter().map(model_object).collect(),
+            };
+            json_response(StatusCode::OK, &list)
+        }
+    };
+    with_request_id(&shared, response)
+}
+
+async fn retrieve_model(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(model): Path<String>,
+) -> Response {
+    let found = MODELS.into_iter().find(|(id, _)| *id == model);
+    let response = match (check_authorization(&headers), found) {
+        (Err(error), _) => error_response(&error),
+        (Ok(()), None) => error_response(&ApiError::model_not_found(&model)),
+        (Ok(()), Some(entry)) => json_response(StatusCode::OK, &model_object(entry)),
+    };
+    with_request_id(&shared, response)
+}
+
+async fn invalid_url(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> Response {
+    let response = error_response(&ApiError::invalid_url(method.as_str(), uri.path()));
+    with_request_id(&shared, response)
+}
+
+fn with_request_id(shared: &Shared, mut response: Response) -> Response {
+    let request_id = shared.request_id(shared.next_sequence());
+    insert(response.headers_mut(), "x-request-id", &request_id);
+    response
+}
+
+fn error_response(error: &ApiError) -> Response {
+    bytes_response(error.status, error.to_body())
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => bytes_response(status, bytes),
+        Err(_) => error_response(&ApiError::server_error()),
+    }
+}
+
+fn bytes_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// The `x-ratelimit-*` headers of the configured budgets.
+fn insert_quota(headers: &mut HeaderMap, quota: &Quota) {
+    let budgets = [("requests", quota.requests), ("tokens", quota.tokens)];
+    for (unit, budget) in budgets {
+        let Some(budget) = budget else { continue };
+        insert(
+            headers,
+            &format!("x-ratelimit-limit-{unit}"),
+            &budget.limit.to_string(),
+        );
+        insert(
+            headers,
+            &format!("x-ratelimit-remaining-{unit}"),
+            &budget.remaining.to_string(),
+        );
+        insert(
+            headers,
+            &format!("x-ratelimit-reset-{unit}"),
+            &format_duration(budget.reset),
+        );
+    }
+}
+
+/// Inserts a header whose name and value the simulator itself wrote.
+fn insert(headers: &mut HeaderMap, name: &str, value: &str) {
+    if let (Ok(name), Ok(value)) = (
+        HeaderName::from_bytes(name.as_bytes()),
+        HeaderValue::from_str(value),
+    ) {
+        headers.insert(name, value);
+    }
+}
+
+/// `chatcmpl-` and 29 base-62 characters, like OpenAI's ids.
+fn completion_id(seed: u64) -> String {
+    const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut id = String::with_capacity(38);
+    id.push_str("chatcmpl-");
+    let mut state = seed;
+    for _ in 0..29 {
+        state = mix(state.wrapping_add(0x9e37_79b9_7f4a_7c15));
+        id.push(char::from(ALPHABET[(state % 62) as usize]));
+    }
+    id
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorization_is_optional_but_must_be_bearer_when_present() {
+        let mut headers = HeaderMap::new();
+        assert!(check_authorization(&headers).is_ok());
+        headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer sk-test"));
+        assert!(check_authorization(&headers).is_ok());
+        for bad in ["sk-test", "Bearer ", "Basic dXNlcjpwYXNz"] {
+            headers.insert(AUTHORIZATION, HeaderValue::from_static(bad));
+            let error = check_authorization(&headers).unwrap_err();
+            assert_eq!(error.status, StatusCode::UNAUTHORIZED, "{bad}");
+        }
+    }
+
+    #[test]
+    fn completion_ids_look_like_openai_ids_and_differ() {
+        let id = completion_id(1);
+        assert_eq!(id.len(), "chatcmpl-".len() + 29);
+        assert!(id.starts_with("chatcmpl-"));
+        assert!(id["chatcmpl-".len()..]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(completion_id(1), completion_id(2));
+    }
+}

@@ -1,0 +1,99 @@
+//! Logs (tracing) and the Prometheus `/metrics` endpoint: real histograms
+//! with explicit buckets, plus the USD counters the `metrics` facade can't hold.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use batchd_actors::metrics as m;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the log subscriber (RUST_LOG, default `info`); idempotent.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Installs the process-wide metrics recorder once and returns its handle.
+pub fn recorder() -> anyhow::Result<PrometheusHandle> {
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let mut builder = PrometheusBuilder::new();
+    for name in m::SECONDS_HISTOGRAMS {
+        builder =
+            builder.set_buckets_for_metric(Matcher::Full(name.into()), &m::SECONDS_BUCKETS)?;
+    }
+    builder = builder
+        .set_buckets_for_metric(Matcher::Full(m::BATCH_SIZE.into()), &m::BATCH_SIZE_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full(m::BATCH_FILL_RATIO.into()),
+            &m::FILL_RATIO_BUCKETS,
+        )?;
+    let handle = match builder.install_recorder() {
+        Ok(h) => h,
+        // Another thread won the race: use its handle.
+        Err(e) => {
+            return HANDLE
+                .get()
+                .cloned()
+                .context(format!("installing the metrics recorder: {e}"))
+        }
+    };
+    m::describe();
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// The full `/metrics` text.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    text.push_str(&m::render_float_counters());
+    text
+}
+
+/// Serves `/metrics` on `addr` until the task is aborted; returns the bound address.
+pub async fn serve_metrics(
+    addr: SocketAddr,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let handle = recorder()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint on {addr}"))?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    render(&handle),
+                )
+            }
+        }),
+    );
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    Ok((bound, task))
+}

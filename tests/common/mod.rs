@@ -1,0 +1,199 @@
+//! Shared test helpers: a private nats-server per test, the simulated
+//! provider, a test config, publishing tasks and reading outcomes back.
+#![allow(dead_code)]
+
+pub mod nats;
+pub mod openapi;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use batchd::config::Config;
+use futures::StreamExt;
+use serde_json::Value;
+
+/// A config pointing at `nats_url` and an OpenAI-compatible `base_url`, with
+/// short timers so failure paths finish quickly.
+pub fn config(nats_url: &str, base_url: &str) -> Config {
+    let text = format!(
+        r#"
+[nats]
+url = "{nats_url}"
+[intake]
+ack_wait_secs = 4
+max_payload_bytes = 4096
+backlog_interval_ms = 200
+max_ack_pending = 500
+[batching.p1]
+max_size = 8
+max_wait_ms = 10
+[batching.p2]
+max_size = 32
+max_wait_ms = 20
+[batching.p3]
+max_size = 64
+max_wait_ms = 40
+[retry]
+max_attempts = 4
+base_delay_ms = 50
+max_delay_ms = 400
+[dispatch]
+publish_retry_secs = 30
+max_retry_after_secs = 2
+[providers.openai]
+base_url = "{base_url}"
+base_url_env = "BATCHD_TEST_UNSET"
+api_key_env = "BATCHD_TEST_UNSET"
+api_key = "sk-test"
+"#
+    );
+    Config::from_toml_str(&text, "test").expect("test config is valid")
+}
+
+/// Writes the config to a file (for the `batchd` binary).
+pub fn config_file(dir: &std::path::Path, nats_url: &str, base_url: &str) -> std::path::PathBuf {
+    let path = dir.join("batchd.toml");
+    let c = config(nats_url, base_url);
+    let text = format!(
+        "[nats]\nurl = \"{}\"\n[intake]\nack_wait_secs = 4\nmax_payload_bytes = 4096\nbacklog_interval_ms = 200\n[batching.p1]\nmax_size = 8\nmax_wait_ms = 10\n[batching.p2]\nmax_size = 32\nmax_wait_ms = 20\n[batching.p3]\nmax_size = 64\nmax_wait_ms = 40\n[retry]\nmax_attempts = 4\nbase_delay_ms = 50\nmax_delay_ms = 400\n[providers.openai]\nbase_url = \"{}\"\nbase_url_env = \"BATCHD_TEST_UNSET\"\napi_key_env = \"BATCHD_TEST_UNSET\"\n",
+        c.nats.url, base_url
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// A seed-shaped task body.
+pub fn task(id: &str, priority: u8) -> Value {
+    let types = [
+        "content_analysis",
+        "classification",
+        "summarization",
+        "data_enrichment",
+        "report_generation",
+    ];
+    let n: usize = id.bytes().map(usize::from).sum();
+    serde_json::json!({
+        "task_id": id,
+        "type": types[n % types.len()],
+        "payload": {"text": format!("document {id}"), "options": {"language": "en", "labels": "a,b", "fields": "x", "style": "brief", "max_words": 50}},
+        "priority": priority,
+        "tenant": "acme",
+        "metadata": {"n": n},
+    })
+}
+
+/// Publishes one body and waits for its PubAck.
+pub async fn publish(
+    js: &jetstream::Context,
+    subject: &str,
+    body: Vec<u8>,
+    content_type: Option<&str>,
+    msg_id: Option<&str>,
+) {
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(ct) = content_type {
+        headers.insert("Content-Type", ct);
+    }
+    if let Some(id) = msg_id {
+        headers.insert("Nats-Msg-Id", id);
+    }
+    js.publish_with_headers(subject.to_owned(), headers, body.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("puback");
+}
+
+/// Publishes many JSON tasks concurrently (PubAcks awaited), `msg_id` = task_id.
+pub async fn publish_many(js: &jetstream::Context, tasks: &[(String, Value)]) {
+    for chunk in tasks.chunks(500) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for (subject, body) in chunk {
+            let mut headers = async_nats::HeaderMap::new();
+            if let Some(id) = body["task_id"].as_str() {
+                headers.insert("Nats-Msg-Id", id);
+            }
+            let bytes = serde_json::to_vec(body).expect("json");
+            acks.push(
+                js.publish_with_headers(subject.clone(), headers, bytes.into())
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for ack in acks {
+            ack.await.expect("puback");
+        }
+    }
+}
+
+/// Decodes an outcome or dead letter by its Content-Type.
+pub fn decode(msg: &async_nats::Message) -> Value {
+    let msgpack = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Content-Type"))
+        .is_some_and(|v| v.as_str() == "application/msgpack");
+    if msgpack {
+        rmp_serde::from_slice(&msg.payload).expect("msgpack outcome")
+    } else {
+        serde_json::from_slice(&msg.payload).expect("json outcome")
+    }
+}
+
+/// Waits until `stream` holds at least `n` messages, then returns them all
+/// by subject. Panics with what it has after `timeout`.
+pub async fn wait_for_messages(
+    js: &jetstream::Context,
+    stream: &str,
+    n: u64,
+    timeout: Duration,
+) -> HashMap<String, Vec<Value>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut s = js.get_stream(stream).await.expect("stream");
+    loop {
+        let count = s.info().await.expect("info").state.messages;
+        if count >= n {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("{stream} has {count} of {n} messages after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    read_all(js, stream).await
+}
+
+/// Every message of a stream, by subject.
+pub async fn read_all(js: &jetstream::Context, stream: &str) -> HashMap<String, Vec<Value>> {
+    let mut s = js.get_stream(stream).await.expect("stream");
+    let total = s.info().await.expect("info").state.messages;
+    let mut out: HashMap<String, Vec<Value>> = HashMap::new();
+    if total == 0 {
+        return out;
+    }
+    let c = s
+        .create_consumer(consumer::pull::OrderedConfig::default())
+        .await
+        .expect("ordered consumer");
+    let mut msgs = c.messages().await.expect("messages");
+    let mut seen = 0;
+    while seen < total {
+        let m = tokio::time::timeout(Duration::from_secs(10), msgs.next())
+            .await
+            .expect("read timed out")
+            .expect("stream ended")
+            .expect("message");
+        out.entry(m.subject.to_string())
+            .or_default()
+            .push(decode(&m));
+        seen += 1;
+    }
+    out
+}
+
+/// Number of messages in a stream.
+pub async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
+    let mut s = js.get_stream(stream).await.expect("stream");
+    s.info().await.expect("info").state.messages
+}
