@@ -55,7 +55,7 @@ async fn ten_thousand_tasks_over_three_priorities_get_exactly_one_outcome_each()
         assert_eq!(o["route"], "realtime");
         assert_eq!(o["tenant"], "acme");
         assert!(o["batch_id"].as_str().unwrap().starts_with("b_"));
-        assert_eq!(o["metadata"]["n"].as_u64().is_some(), true);
+        assert!(o["metadata"]["n"].as_u64().is_some());
     }
     running.engine.shutdown().await;
     // Every task was acked: the work queue is empty, and no extra outcomes appeared.
@@ -68,5 +68,133 @@ async fn ten_thousand_tasks_over_three_priorities_get_exactly_one_outcome_each()
     assert!(sent.len() >= n);
     for body in sent.iter().step_by(97) {
         common::openapi::validate_chat_request(body).unwrap_or_else(|e| panic!("{body}: {e:?}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_details_msgpack_reply_to_batch_lines_chat_bodies_and_duplicates() {
+    let nats = NatsServer::start().await;
+    let sim = SimServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimConfig {
+            record_requests: true,
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let config = common::config(&nats.url(), &sim.base_url());
+    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
+        .await
+        .unwrap();
+    let client = running.client.clone();
+    let js = async_nats::jetstream::new(client.clone());
+    let mut inbox = client.subscribe("acme.inbox.42").await.unwrap();
+
+    // MessagePack in, MessagePack out; reply_to gets the outcome too.
+    let mut mp = common::task("mp_1", 1);
+    mp["reply_to"] = "acme.inbox.42".into();
+    common::publish(
+        &js,
+        "batchd.tasks.p1",
+        rmp_serde::to_vec_named(&mp).unwrap(),
+        Some("application/msgpack"),
+        Some("mp_1"),
+    )
+    .await;
+    // An OpenAI Batch input line with an explicit model.
+    let line = serde_json::json!({"custom_id": "line_1", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 20}});
+    common::publish(
+        &js,
+        "batchd.tasks.p3",
+        serde_json::to_vec(&line).unwrap(),
+        None,
+        Some("line_1"),
+    )
+    .await;
+    // A chat body passed through, with a tier.
+    let chat = serde_json::json!({"task_id": "chat_1", "tier": "complex", "payload": {"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}], "temperature": 0.2}});
+    common::publish(
+        &js,
+        "batchd.tasks.p2",
+        serde_json::to_vec(&chat).unwrap(),
+        None,
+        Some("chat_1"),
+    )
+    .await;
+    // A duplicate publish inside the window is dropped by JetStream...
+    let dup = serde_json::to_vec(&common::task("dup_1", 2)).unwrap();
+    common::publish(&js, "batchd.tasks.p2", dup.clone(), None, Some("dup_1")).await;
+    common::publish(&js, "batchd.tasks.p2", dup.clone(), None, Some("dup_1")).await;
+    // ...and the same task id under another message id still gets one outcome.
+    common::publish(&js, "batchd.tasks.p2", dup, None, Some("dup_1_again")).await;
+    // A chat body the provider refuses (0 tokens allowed): provider_rejected.
+    let refused = serde_json::json!({"task_id": "refused_1", "payload": {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}});
+    common::publish(
+        &js,
+        "batchd.tasks.p2",
+        serde_json::to_vec(&refused).unwrap(),
+        None,
+        Some("refused_1"),
+    )
+    .await;
+
+    let outcomes =
+        common::wait_for_messages(&js, "BATCHD_RESULTS", 5, Duration::from_secs(30)).await;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::StreamExt::next(&mut inbox),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        reply
+            .headers
+            .as_ref()
+            .unwrap()
+            .get("Content-Type")
+            .unwrap()
+            .as_str(),
+        "application/msgpack"
+    );
+    let reply: Value = rmp_serde::from_slice(&reply.payload).unwrap();
+    assert_eq!(reply["task_id"], "mp_1");
+    assert_eq!(reply["priority"], 1);
+
+    let mp = &outcomes["batchd.results.mp_1"][0];
+    assert_eq!(mp["status"], "succeeded");
+    let line = &outcomes["batchd.results.line_1"][0];
+    assert_eq!(line["model"], "gpt-4o-mini");
+    assert_eq!(line["priority"], 3);
+    let chat = &outcomes["batchd.results.chat_1"][0];
+    assert_eq!(chat["model"], "gpt-4.1", "tier complex");
+    let refused = &outcomes["batchd.results.refused_1"][0];
+    assert_eq!(refused["error"]["kind"], "provider_rejected");
+    assert_eq!(refused["error"]["status_code"], 400);
+    assert_eq!(outcomes["batchd.results.dup_1"].len(), 1);
+
+    // The second copy of dup_1 is acked without a second outcome.
+    common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(20)).await;
+    running.engine.shutdown().await;
+    assert_eq!(common::stream_len(&js, "BATCHD_RESULTS").await, 5);
+    let sent = sim.recorded_requests();
+    let dup_calls = sent
+        .iter()
+        .filter(|b| b.to_string().contains("document dup_1"))
+        .count();
+    assert_eq!(dup_calls, 1, "the provider saw dup_1 once");
+    let passthrough = sent
+        .iter()
+        .find(|b| b.to_string().contains("Name a color."))
+        .unwrap();
+    assert_eq!(passthrough["temperature"], 0.2);
+    for body in &sent {
+        if body["max_completion_tokens"] != 0 {
+            common::openapi::validate_chat_request(body)
+                .unwrap_or_else(|e| panic!("{body}: {e:?}"));
+        }
     }
 }

@@ -13,10 +13,10 @@ use batchd::config::Config;
 use futures::StreamExt;
 use serde_json::Value;
 
-/// A config pointing at `nats_url` and an OpenAI-compatible `base_url`, with
-/// short timers so failure paths finish quickly.
-pub fn config(nats_url: &str, base_url: &str) -> Config {
-    let text = format!(
+/// The test config as TOML: `nats_url`, an OpenAI-compatible `base_url`,
+/// short timers so failure paths finish quickly, and `extra` merged over it.
+pub fn config_toml(nats_url: &str, base_url: &str, extra: &str) -> String {
+    let base = format!(
         r#"
 [nats]
 url = "{nats_url}"
@@ -48,18 +48,42 @@ api_key_env = "BATCHD_TEST_UNSET"
 api_key = "sk-test"
 "#
     );
-    Config::from_toml_str(&text, "test").expect("test config is valid")
+    let mut table: toml::Table = base.parse().expect("base test config");
+    merge(&mut table, extra.parse().expect("extra test config"));
+    toml::to_string(&table).expect("serialize test config")
 }
 
-/// Writes the config to a file (for the `batchd` binary).
-pub fn config_file(dir: &std::path::Path, nats_url: &str, base_url: &str) -> std::path::PathBuf {
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// The test config (see [`config_toml`]).
+pub fn config(nats_url: &str, base_url: &str) -> Config {
+    config_with(nats_url, base_url, "")
+}
+
+/// The test config with extra TOML appended (later keys win).
+pub fn config_with(nats_url: &str, base_url: &str, extra: &str) -> Config {
+    Config::from_toml_str(&config_toml(nats_url, base_url, extra), "test")
+        .expect("test config is valid")
+}
+
+/// Writes the test config to `dir/batchd.toml` (for the `batchd` binary).
+pub fn config_file(
+    dir: &std::path::Path,
+    nats_url: &str,
+    base_url: &str,
+    extra: &str,
+) -> std::path::PathBuf {
     let path = dir.join("batchd.toml");
-    let c = config(nats_url, base_url);
-    let text = format!(
-        "[nats]\nurl = \"{}\"\n[intake]\nack_wait_secs = 4\nmax_payload_bytes = 4096\nbacklog_interval_ms = 200\n[batching.p1]\nmax_size = 8\nmax_wait_ms = 10\n[batching.p2]\nmax_size = 32\nmax_wait_ms = 20\n[batching.p3]\nmax_size = 64\nmax_wait_ms = 40\n[retry]\nmax_attempts = 4\nbase_delay_ms = 50\nmax_delay_ms = 400\n[providers.openai]\nbase_url = \"{}\"\nbase_url_env = \"BATCHD_TEST_UNSET\"\napi_key_env = \"BATCHD_TEST_UNSET\"\n",
-        c.nats.url, base_url
-    );
-    std::fs::write(&path, text).expect("write config");
+    std::fs::write(&path, config_toml(nats_url, base_url, extra)).expect("write config");
     path
 }
 
@@ -196,4 +220,19 @@ pub async fn read_all(js: &jetstream::Context, stream: &str) -> HashMap<String, 
 pub async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
     let mut s = js.get_stream(stream).await.expect("stream");
     s.info().await.expect("info").state.messages
+}
+
+/// Waits until `stream` is empty (a work queue whose messages were all acked).
+pub async fn wait_until_empty(js: &jetstream::Context, stream: &str, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let n = stream_len(js, stream).await;
+        if n == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("{stream} still holds {n} messages after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
