@@ -141,8 +141,8 @@ pub struct DispatchConfig {
     pub route_concurrency: usize,
     /// Request timeout, seconds.
     pub request_timeout_secs: u64,
-    /// In-place 429 waits per task.
-    pub max_rate_limit_waits: u32,
+    /// How long a task waits out 429s in place, seconds.
+    pub rate_limit_patience_secs: u64,
     /// Longest Retry-After honoured, seconds.
     pub max_retry_after_secs: u64,
     /// Outcome publish retry budget, seconds.
@@ -400,7 +400,7 @@ impl Config {
             max_payload_bytes: self.intake.max_payload_bytes,
             route_concurrency: self.dispatch.route_concurrency,
             request_timeout: Duration::from_secs(self.dispatch.request_timeout_secs),
-            max_rate_limit_waits: self.dispatch.max_rate_limit_waits,
+            rate_limit_patience: Duration::from_secs(self.dispatch.rate_limit_patience_secs),
             max_retry_after: Duration::from_secs(self.dispatch.max_retry_after_secs),
             publish_retry: Duration::from_secs(self.dispatch.publish_retry_secs),
             lease_heartbeat: Duration::from_millis((self.intake.ack_wait_secs * 1000 / 3).max(100)),

@@ -16,6 +16,7 @@ pub struct OpenAiProvider {
     client: reqwest::Client,
     url: String,
     api_key: Option<String>,
+    timeout: Duration,
 }
 
 impl OpenAiProvider {
@@ -35,6 +36,7 @@ impl OpenAiProvider {
             client,
             url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
             api_key,
+            timeout,
         })
     }
 
@@ -53,7 +55,11 @@ impl Provider for OpenAiProvider {
         }
         let resp = req.send().await.map_err(|e| ProviderError::Transient {
             status: None,
-            message: format!("request to {} failed: {e}", self.url),
+            message: if e.is_timeout() {
+                format!("no answer within {:?} from {}", self.timeout, self.url)
+            } else {
+                format!("request to {} failed: {e}", self.url)
+            },
         })?;
         let status = resp.status();
         let header = |name: &str| {
@@ -65,7 +71,11 @@ impl Provider for OpenAiProvider {
         let (ra_ms, ra_s) = (header("retry-after-ms"), header("retry-after"));
         let body = resp.bytes().await.map_err(|e| ProviderError::Transient {
             status: Some(status.as_u16()),
-            message: format!("reading the response body: {e}"),
+            message: if e.is_timeout() {
+                format!("no answer within {:?} from {}", self.timeout, self.url)
+            } else {
+                format!("reading the response body: {e}")
+            },
         })?;
         if status.is_success() {
             let v: Value = serde_json::from_slice(&body).map_err(|e| ProviderError::Transient {

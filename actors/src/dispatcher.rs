@@ -18,6 +18,7 @@
 //! task driving it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,6 +45,10 @@ pub struct RouteState {
     provider: Arc<dyn Provider>,
     permits: Semaphore,
     budget: Mutex<RouteBudget>,
+    /// Set by a 429, cleared by a success: while set, one request at a time
+    /// probes the route instead of a burst of `route_concurrency`.
+    throttled: AtomicBool,
+    probe: tokio::sync::Mutex<()>,
 }
 
 impl RouteState {
@@ -107,6 +112,8 @@ impl DispatcherState {
             provider,
             permits: Semaphore::new(self.ctx.settings.route_concurrency.max(1)),
             budget: Mutex::new(RouteBudget::default()),
+            throttled: AtomicBool::new(false),
+            probe: tokio::sync::Mutex::new(()),
         });
         self.routes.insert(route.clone(), state.clone());
         Some(state)
@@ -196,16 +203,29 @@ async fn run_task(
         a.task.priority,
         Duration::from_millis(elapsed_ms(a.task.created_at, dispatched_at)),
     );
-    let mut waits = 0;
+    let patience = Instant::now() + ctx.settings.rate_limit_patience;
+    let mut started;
     let result = loop {
-        if let Some(at) = route.resume_at() {
-            tokio::time::sleep_until(at).await;
-        }
-        let started = Instant::now();
         let result = {
             let Ok(_permit) = route.permits.acquire().await else {
                 return; // semaphore closed: shutting down; the lease naks on drop
             };
+            // Checked with the permit held, so a pause that began while this
+            // task queued is honoured and at most `route_concurrency` requests
+            // go out when it ends.
+            while let Some(at) = route.resume_at() {
+                tokio::time::sleep_until(at).await;
+            }
+            let _probe = if route.throttled.load(Ordering::Acquire) {
+                let guard = route.probe.lock().await;
+                while let Some(at) = route.resume_at() {
+                    tokio::time::sleep_until(at).await;
+                }
+                Some(guard)
+            } else {
+                None
+            };
+            started = Instant::now();
             tokio::time::timeout(
                 ctx.settings.request_timeout,
                 route.provider.complete(&a.plan.request),
@@ -234,9 +254,9 @@ async fn run_task(
                 metrics::rate_limited(provider, model);
                 let wait = retry_after.min(ctx.settings.max_retry_after);
                 route.pause(wait);
+                route.throttled.store(true, Ordering::Release);
                 metrics::route_paused(provider, model, true);
-                waits += 1;
-                if waits > ctx.settings.max_rate_limit_waits {
+                if Instant::now() + wait > patience {
                     tracing::info!(task_id = %task_id, %message, "still rate limited; handing back");
                     metrics::retried("rate_limited");
                     let _ = a.lease.nak(Some(wait)).await;
@@ -244,7 +264,7 @@ async fn run_task(
                 }
             }
             other => {
-                if other.is_ok() {
+                if other.is_ok() && route.throttled.swap(false, Ordering::AcqRel) {
                     metrics::route_paused(provider, model, false);
                 }
                 break other;

@@ -37,8 +37,8 @@ pub struct EngineSettings {
     pub route_concurrency: usize,
     /// Provider request timeout.
     pub request_timeout: Duration,
-    /// How many times one task waits out a 429 in place before being handed back.
-    pub max_rate_limit_waits: u32,
+    /// How long one task waits out 429s in place before being handed back.
+    pub rate_limit_patience: Duration,
     /// Longest Retry-After honoured in place.
     pub max_retry_after: Duration,
     /// How long to keep retrying a failed outcome publish before handing the task back.

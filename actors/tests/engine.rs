@@ -347,7 +347,7 @@ fn settings() -> EngineSettings {
         max_payload_bytes: 10_000,
         route_concurrency: 4,
         request_timeout: Duration::from_secs(30),
-        max_rate_limit_waits: 5,
+        rate_limit_patience: Duration::from_secs(600),
         max_retry_after: Duration::from_secs(60),
         publish_retry: Duration::from_secs(5),
         lease_heartbeat: Duration::from_secs(10),

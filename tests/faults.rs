@@ -1,0 +1,315 @@
+//! Guarantees 1–3 under fire, against a real nats-server and the simulated
+//! provider over HTTP: the `batchd` binary killed with SIGKILL, nats-server
+//! restarted, the provider failing, throttling and stalling.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use batchd::sim::{SimConfig, SimServer};
+use common::nats::NatsServer;
+use serde_json::Value;
+
+/// The `batchd run` binary, killed on drop.
+struct Batchd(Child);
+
+impl Batchd {
+    fn start(config: &std::path::Path) -> Batchd {
+        let child = Command::new(env!("CARGO_BIN_EXE_batchd"))
+            .args(["run", "--config"])
+            .arg(config)
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start batchd");
+        Batchd(child)
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    fn kill(&mut self) {
+        self.0.kill().expect("SIGKILL");
+        self.0.wait().expect("reap");
+    }
+}
+
+impl Drop for Batchd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tasks(n: usize, prefix: &str) -> Vec<(String, Value)> {
+    (0..n)
+        .map(|i| {
+            let p = [1, 2, 3][i % 3];
+            (
+                format!("batchd.tasks.p{p}"),
+                common::task(&format!("{prefix}{i}"), p as u8),
+            )
+        })
+        .collect()
+}
+
+fn assert_exactly_one_each(outcomes: &std::collections::HashMap<String, Vec<Value>>, n: usize) {
+    assert_eq!(outcomes.len(), n, "one outcome subject per task");
+    for (subject, list) in outcomes {
+        assert_eq!(list.len(), 1, "{subject} has {} outcomes", list.len());
+    }
+}
+
+async fn wait_for_count(js: &async_nats::jetstream::Context, stream: &str, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while common::stream_len(js, stream).await < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{stream} never reached {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
+    let nats = NatsServer::start().await;
+    let sim = SimServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimConfig {
+            latency: Duration::from_millis(20),
+            jitter: Duration::from_millis(20),
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::config_file(dir.path(), &nats.url(), &sim.base_url(), "");
+    let config = batchd::config::Config::load(&path).unwrap();
+    let client = nats.client().await;
+    batchd::nats::ensure_topology(&client, &config)
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    let n = 3000;
+    common::publish_many(&js, &tasks(n, "k")).await;
+
+    let mut first = Batchd::start(&path);
+    wait_for_count(&js, "BATCHD_RESULTS", 600).await;
+    first.kill();
+    let at_kill = common::stream_len(&js, "BATCHD_RESULTS").await;
+    assert!(at_kill < n as u64, "killed mid-run ({at_kill} of {n} done)");
+
+    let _second = Batchd::start(&path);
+    let outcomes =
+        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(120)).await;
+    assert_exactly_one_each(&outcomes, n);
+    common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(30)).await;
+    assert_eq!(common::stream_len(&js, "BATCHD_RESULTS").await, n as u64);
+    // Tasks whose outcome was stored before the kill were not sent again: at
+    // most the requests in flight at the kill (3 routes × 32) were repeated.
+    let requests = sim.stats().requests;
+    assert!(requests >= n as u64);
+    assert!(
+        requests <= n as u64 + 96,
+        "{requests} provider requests for {n} tasks"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_mid_run_on_the_same_store_reconnects_and_finishes() {
+    let mut nats = NatsServer::start().await;
+    let sim = SimServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimConfig {
+            latency: Duration::from_millis(10),
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let config = common::config(&nats.url(), &sim.base_url());
+    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
+        .await
+        .unwrap();
+    let n = 3000;
+    {
+        let js = async_nats::jetstream::new(nats.client().await);
+        common::publish_many(&js, &tasks(n, "r")).await;
+        wait_for_count(&js, "BATCHD_RESULTS", 500).await;
+    }
+    nats.stop().await;
+    nats.restart().await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let outcomes =
+        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(120)).await;
+    assert_exactly_one_each(&outcomes, n);
+    common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(60)).await;
+    assert!(running.engine.is_running());
+    running.engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flaky_provider_costs_retries_not_tasks() {
+    let nats = NatsServer::start().await;
+    let sim = SimServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimConfig {
+            error_rate: 0.3,
+            seed: 7,
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let config = common::config_with(&nats.url(), &sim.base_url(), "[retry]\nmax_attempts = 6\n");
+    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(running.client.clone());
+    let n = 500;
+    common::publish_many(&js, &tasks(n, "f")).await;
+    let outcomes =
+        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(120)).await;
+    assert_exactly_one_each(&outcomes, n);
+    let stats = sim.stats();
+    assert!(
+        stats.server_errors > 50,
+        "the provider failed {} times",
+        stats.server_errors
+    );
+    let retried = outcomes
+        .values()
+        .filter(|v| v[0]["attempts"].as_u64().unwrap() > 1)
+        .count();
+    assert!(retried > 50, "{retried} tasks needed more than one attempt");
+    // With 6 attempts at a 30% failure rate nearly all succeed; any that did not
+    // are max_retries with a dead letter.
+    let failed: Vec<&Value> = outcomes
+        .values()
+        .map(|v| &v[0])
+        .filter(|o| o["status"] == "failed")
+        .collect();
+    for o in &failed {
+        assert_eq!(o["error"]["kind"], "max_retries");
+    }
+    assert_eq!(
+        common::stream_len(&js, "BATCHD_DLQ").await,
+        failed.len() as u64
+    );
+    assert!(failed.len() < 5, "{} tasks failed", failed.len());
+    running.engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_always_fails_yields_max_retries_and_dead_letters() {
+    let nats = NatsServer::start().await;
+    let sim = SimServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimConfig {
+            error_rate: 1.0,
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let config = common::config(&nats.url(), &sim.base_url());
+    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(running.client.clone());
+    let n = 30;
+    common::publish_many(&js, &tasks(n, "x")).await;
+    let outcomes =
+        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(60)).await;
+    assert_exactly_one_each(&outcomes, n);
+    for list in outcomes.values() {
+        let o = &list[0];
+        assert_eq!(o["error"]["kind"], "max_retries", "{o}");
+        assert_eq!(o["attempts"], 4);
+        assert_eq!(o["error"]["status_code"], 500);
+    }
+    let dead =
+        common::wait_for_messages(&js, "BATCHD_DLQ", n as u64, Duration::from_secs(10)).await;
+    assert_eq!(dead.len(), n);
+    assert_eq!(
+        sim.stats().requests,
+        4 * n as u64,
+        "exactly max_attempts requests per task"
+    );
+    running.engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttling_provider_is_waited_out_and_every_task_succeeds() {
+    let nats = NatsServer::start().await;
+    let sim = SimServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimConfig {
+            rpm: 600,
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let config = common::config(&nats.url(), &sim.base_url());
+    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(running.client.clone());
+    let n = 640;
+    common::publish_many(&js, &tasks(n, "t")).await;
+    let outcomes =
+        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(120)).await;
+    assert_exactly_one_each(&outcomes, n);
+    let limited = sim.stats().rate_limited;
+    assert!(limited > 0, "the limit was hit");
+    // After a 429 one probe at a time tries the route, not a burst.
+    assert!(limited < 400, "{limited} 429s for {n} tasks: a retry storm");
+    for list in outcomes.values() {
+        assert_eq!(list[0]["status"], "succeeded", "{}", list[0]);
+        assert_eq!(list[0]["attempts"], 1, "a 429 costs no attempt");
+    }
+    running.engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_provider_times_out_and_the_task_fails_cleanly() {
+    let nats = NatsServer::start().await;
+    let sim = SimServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimConfig {
+            latency: Duration::from_secs(30),
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let config = common::config_with(
+        &nats.url(),
+        &sim.base_url(),
+        "[dispatch]\nrequest_timeout_secs = 1\n[retry]\nmax_attempts = 2\n",
+    );
+    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(running.client.clone());
+    common::publish_many(&js, &tasks(3, "s")).await;
+    let outcomes =
+        common::wait_for_messages(&js, "BATCHD_RESULTS", 3, Duration::from_secs(30)).await;
+    assert_exactly_one_each(&outcomes, 3);
+    for list in outcomes.values() {
+        let o = &list[0];
+        assert_eq!(o["error"]["kind"], "max_retries");
+        assert!(
+            o["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("no answer within"),
+            "{o}"
+        );
+    }
+    running.engine.shutdown().await;
+}
