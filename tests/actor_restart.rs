@@ -1,0 +1,71 @@
+//! Supervision against real parts: actors made to panic mid-stream are
+//! restarted, the restarts are counted in /metrics, and every task still
+//! gets exactly one outcome.
+
+mod common;
+
+use std::time::Duration;
+
+use batchd::sim::{SimConfig, SimServer};
+use batchd_actors::messages::ActorKind;
+use common::nats::NatsServer;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panicking_actors_are_restarted_and_every_task_gets_exactly_one_outcome() {
+    let handle = batchd::telemetry::recorder().unwrap();
+    let nats = NatsServer::start().await;
+    let sim = SimServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimConfig {
+            latency: Duration::from_millis(15),
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let config = common::config(&nats.url(), &sim.base_url());
+    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(running.client.clone());
+    let n = 2000;
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let p = [1, 2, 3][i % 3];
+            (
+                format!("batchd.tasks.p{p}"),
+                common::task(&format!("a{i}"), p as u8),
+            )
+        })
+        .collect();
+    common::publish_many(&js, &tasks).await;
+
+    let mut threshold = 200;
+    for kind in [
+        ActorKind::Assembler,
+        ActorKind::Dispatcher,
+        ActorKind::Intake,
+    ] {
+        while common::stream_len(&js, "BATCHD_RESULTS").await < threshold {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        running.engine.inject_fault(kind);
+        threshold += 300;
+    }
+    let outcomes =
+        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(120)).await;
+    assert_eq!(outcomes.len(), n);
+    for (subject, list) in &outcomes {
+        assert_eq!(list.len(), 1, "{subject}");
+        assert_eq!(list[0]["status"], "succeeded");
+    }
+    common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(30)).await;
+    assert!(running.engine.is_running());
+
+    let text = batchd::telemetry::render(&handle);
+    for actor in ["intake", "assembler", "dispatcher"] {
+        let line = format!("batchd_actor_restarts_total{{actor=\"{actor}\"}} 1");
+        assert!(text.contains(&line), "missing {line:?} in:\n{text}");
+    }
+    running.engine.shutdown().await;
+}
