@@ -96,9 +96,9 @@ pub fn is_valid_task_id(id: &str) -> bool {
 }
 
 /// Decodes and validates one task message.
-pub fn decode_task(inbound: Inbound<'_>) -> Result<Task, Rejection> {
+pub fn decode_task(inbound: Inbound<'_>) -> Result<Task, Box<Rejection>> {
     let encoding = encoding_for(inbound.content_type);
-    let mut rejection = Rejection {
+    let mut rejection = Box::new(Rejection {
         message: String::new(),
         task_id: None,
         reply_to: None,
@@ -106,7 +106,7 @@ pub fn decode_task(inbound: Inbound<'_>) -> Result<Task, Rejection> {
         encoding: encoding.unwrap_or_default(),
         metadata: None,
         tenant: None,
-    };
+    });
     let Some(encoding) = encoding else {
         rejection.message = format!(
             "unsupported Content-Type {:?}: use application/json or application/msgpack",
@@ -479,7 +479,7 @@ mod tests {
         }
     }
 
-    fn decode_json(v: Value) -> Result<Task, Rejection> {
+    fn decode_json(v: Value) -> Result<Task, Box<Rejection>> {
         let bytes = serde_json::to_vec(&v).unwrap();
         decode_task(inbound(&bytes))
     }

@@ -146,7 +146,7 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
         Ok(t) => t,
         Err(rejection) => {
             tracing::info!(subject = %d.subject, reason = %rejection.message, "invalid task");
-            let f = outcome::rejected(&d, rejection);
+            let f = outcome::rejected(&d, *rejection);
             finish(ctx, d, f);
             return;
         }

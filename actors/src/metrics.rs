@@ -187,8 +187,10 @@ pub fn describe() {
 /// Spend totals by (model, tenant, priority). The `metrics` facade only has
 /// integer counters, so USD totals are kept here and rendered by
 /// [`render_float_counters`] next to the exporter's output.
-static COST: LazyLock<Mutex<BTreeMap<(String, String, &'static str), f64>>> =
-    LazyLock::new(Mutex::default);
+static COST: LazyLock<Mutex<BTreeMap<CostKey, f64>>> = LazyLock::new(Mutex::default);
+
+/// (model, tenant, priority label).
+type CostKey = (String, String, &'static str);
 
 fn add_cost(model: &str, tenant: &str, p: Priority, usd: f64) {
     if !usd.is_finite() || usd <= 0.0 {
