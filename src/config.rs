@@ -139,6 +139,8 @@ pub struct BatchingConfig {
 pub struct DispatchConfig {
     /// Concurrent requests per route.
     pub route_concurrency: usize,
+    /// Requests per route reserved for priority 1.
+    pub p1_reserved: usize,
     /// Request timeout, seconds.
     pub request_timeout_secs: u64,
     /// How long a task waits out 429s in place, seconds.
@@ -312,6 +314,12 @@ impl Config {
         if self.dispatch.route_concurrency < 1 {
             return bad("dispatch.route_concurrency", "must be at least 1".into());
         }
+        if self.dispatch.p1_reserved >= self.dispatch.route_concurrency {
+            return bad(
+                "dispatch.p1_reserved",
+                "must be below dispatch.route_concurrency (other priorities need a share)".into(),
+            );
+        }
         if self.dispatch.request_timeout_secs < 1 {
             return bad("dispatch.request_timeout_secs", "must be at least 1".into());
         }
@@ -399,6 +407,7 @@ impl Config {
             prices: self.prices.clone(),
             max_payload_bytes: self.intake.max_payload_bytes,
             route_concurrency: self.dispatch.route_concurrency,
+            p1_reserved: self.dispatch.p1_reserved,
             request_timeout: Duration::from_secs(self.dispatch.request_timeout_secs),
             rate_limit_patience: Duration::from_secs(self.dispatch.rate_limit_patience_secs),
             max_retry_after: Duration::from_secs(self.dispatch.max_retry_after_secs),

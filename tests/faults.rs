@@ -313,3 +313,51 @@ async fn a_stalled_provider_times_out_and_the_task_fails_cleanly() {
     }
     running.engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_backlog_stays_in_jetstream_not_in_memory() {
+    let nats = NatsServer::start().await;
+    let sim = SimServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimConfig {
+            latency: Duration::from_millis(20),
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let config = common::config_with(
+        &nats.url(),
+        &sim.base_url(),
+        "[intake]\nmax_ack_pending = 50\n",
+    );
+    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(running.client.clone());
+    let n = 3000;
+    common::publish_many(&js, &tasks(n, "b")).await;
+    let keeper = running.engine.context().keeper.clone();
+    let (mut most_held, mut largest_backlog) = (0, 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "backlog not finished"
+        );
+        most_held = most_held.max(keeper.held());
+        let backlog = common::stream_len(&js, "BATCHD_TASKS").await;
+        largest_backlog = largest_backlog.max(backlog);
+        if common::stream_len(&js, "BATCHD_RESULTS").await == n as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(largest_backlog > 1000, "the backlog was {largest_backlog}");
+    assert!(most_held > 0);
+    assert!(
+        most_held <= 150,
+        "{most_held} tasks held in memory; max_ack_pending allows 3 × 50"
+    );
+    running.engine.shutdown().await;
+}

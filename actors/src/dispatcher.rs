@@ -34,7 +34,7 @@ use crate::outcome::{self, deliver, elapsed_ms, Final};
 use crate::ports::{Completion, Provider, ProviderError};
 use crate::ratelimit::RouteBudget;
 use crate::routing::Route;
-use crate::task::{timestamp, ErrorKind, Outcome, RouteKind, Status, TaskError, Timings};
+use crate::task::{timestamp, ErrorKind, Outcome, Priority, RouteKind, Status, TaskError, Timings};
 
 /// The Dispatcher actor.
 pub struct Dispatcher;
@@ -44,6 +44,9 @@ pub struct RouteState {
     route: Route,
     provider: Arc<dyn Provider>,
     permits: Semaphore,
+    /// Permits priorities 2 and 3 must hold first: the route's concurrency
+    /// minus the share reserved for priority 1.
+    shared: Semaphore,
     budget: Mutex<RouteBudget>,
     /// Set by a 429, cleared by a success: while set, one request at a time
     /// probes the route instead of a burst of `route_concurrency`.
@@ -111,6 +114,13 @@ impl DispatcherState {
             route: route.clone(),
             provider,
             permits: Semaphore::new(self.ctx.settings.route_concurrency.max(1)),
+            shared: Semaphore::new(
+                self.ctx
+                    .settings
+                    .route_concurrency
+                    .saturating_sub(self.ctx.settings.p1_reserved)
+                    .max(1),
+            ),
             budget: Mutex::new(RouteBudget::default()),
             throttled: AtomicBool::new(false),
             probe: tokio::sync::Mutex::new(()),
@@ -207,8 +217,16 @@ async fn run_task(
     let mut started;
     let result = loop {
         let result = {
+            let _shared = if a.task.priority == Priority::P1 {
+                None
+            } else {
+                match route.shared.acquire().await {
+                    Ok(p) => Some(p),
+                    Err(_) => return, // closed: shutting down; the lease naks on drop
+                }
+            };
             let Ok(_permit) = route.permits.acquire().await else {
-                return; // semaphore closed: shutting down; the lease naks on drop
+                return;
             };
             // Checked with the permit held, so a pause that began while this
             // task queued is honoured and at most `route_concurrency` requests

@@ -35,6 +35,9 @@ pub struct EngineSettings {
     pub max_payload_bytes: usize,
     /// Concurrent provider requests per route (provider, model).
     pub route_concurrency: usize,
+    /// Of those, how many only priority-1 tasks may use, so premium work
+    /// never queues behind a full route of bulk work.
+    pub p1_reserved: usize,
     /// Provider request timeout.
     pub request_timeout: Duration,
     /// How long one task waits out 429s in place before being handed back.

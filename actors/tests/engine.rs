@@ -346,6 +346,7 @@ fn settings() -> EngineSettings {
         },
         max_payload_bytes: 10_000,
         route_concurrency: 4,
+        p1_reserved: 1,
         request_timeout: Duration::from_secs(30),
         rate_limit_patience: Duration::from_secs(600),
         max_retry_after: Duration::from_secs(60),
@@ -706,4 +707,33 @@ async fn restarts_beyond_the_intensity_limit_stop_the_engine() {
         matches!(stopped, Ok(Err(EngineError::Escalated))),
         "{stopped:?}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn priority_one_does_not_queue_behind_a_route_full_of_bulk_work() {
+    // route_concurrency 4, one permit reserved for p1; each request takes 1 s.
+    let r = rig(
+        settings(),
+        FakeProvider::new(Duration::from_secs(1), |_| ok()),
+    )
+    .await;
+    for i in 0..40 {
+        r.source
+            .publish(Priority::P3, task(&format!("bulk{i}"), "x"));
+    }
+    // Let the bulk batch seal and fill the route.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let start = Instant::now();
+    r.source.publish(Priority::P1, task("vip", "x"));
+    until(Duration::from_secs(30), || r.sink.outcome("vip").is_some()).await;
+    let waited = Instant::now() - start;
+    assert!(
+        waited < Duration::from_millis(1100),
+        "p1 waited {waited:?} behind bulk work"
+    );
+    assert!(
+        r.sink.outcome_count() < 20,
+        "bulk work was still queued when p1 finished"
+    );
+    r.engine.shutdown().await;
 }
