@@ -141,3 +141,51 @@ async fn metrics_endpoint_serves_every_protocol_metric_with_histogram_buckets() 
         "{text}"
     );
 }
+
+/// A server that speaks just enough of the NATS protocol to introduce itself
+/// as `version` (the INFO line, then PONG to every PING).
+fn fake_nats_server(version: &'static str) -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut out = stream.try_clone().unwrap();
+                let info = format!(
+                    "INFO {{\"server_id\":\"FAKE\",\"server_name\":\"fake\",\"version\":\"{version}\",\"proto\":1,\"host\":\"127.0.0.1\",\"port\":{port},\"headers\":true,\"max_payload\":1048576,\"jetstream\":true}}\r\n"
+                );
+                if out.write_all(info.as_bytes()).is_err() {
+                    return;
+                }
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { return };
+                    if line.starts_with("PING") && out.write_all(b"PONG\r\n").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn run_refuses_a_nats_server_too_old_naming_its_version() {
+    let port = fake_nats_server("2.9.10");
+    let out = batchd()
+        .args([
+            "run",
+            "--nats-url",
+            &format!("nats://127.0.0.1:{port}"),
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nats-server 2.9.10"), "{err}");
+    assert!(err.contains("too old"), "{err}");
+    assert!(err.contains("2.10 or newer"), "{err}");
+}
