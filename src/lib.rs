@@ -15,13 +15,14 @@
 //! - [`telemetry`]: logging and the Prometheus `/metrics` endpoint.
 //! - [`app`]: wiring for `batchd run`.
 //! - [`sim`]: `batchd sim`, a simulated OpenAI-compatible provider.
-//! - [`demo`], [`submit`], [`bench`]: the other commands.
+//! - [`demo`], [`submit`], [`bench`]: the other commands; [`local_nats`]: a private nats-server for them.
 //! - [`report`]: collecting outcomes and rendering summary tables.
 
 pub mod app;
 pub mod bench;
 pub mod config;
 pub mod demo;
+pub mod local_nats;
 pub mod nats;
 pub mod provider;
 pub mod report;

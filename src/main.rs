@@ -51,8 +51,13 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    batchd::telemetry::init_logging();
     let cli = Cli::parse();
+    // Commands with live progress bars keep the engine's info logs out of the way.
+    let quiet = matches!(
+        cli.command,
+        Command::Demo(_) | Command::Submit(_) | Command::Bench(_)
+    );
+    batchd::telemetry::init_logging_with_default(if quiet { "warn" } else { "info" });
     let result = match cli.command {
         Command::Run {
             config,

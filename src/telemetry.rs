@@ -13,8 +13,13 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the log subscriber (RUST_LOG, default `info`); idempotent.
 pub fn init_logging() {
+    init_logging_with_default("info");
+}
+
+/// Installs the log subscriber with `default` when RUST_LOG is unset; idempotent.
+pub fn init_logging_with_default(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
