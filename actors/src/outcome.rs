@@ -54,7 +54,8 @@ pub fn failed(
             error: Some(error.clone()),
             model: model.map(str::to_owned).or_else(|| task.model.clone()),
             provider: provider.map(str::to_owned),
-            route: Some(RouteKind::Realtime),
+            // Only a task that reached a provider has a route.
+            route: provider.map(|_| RouteKind::Realtime),
             usage: Usage::default(),
             cost_usd: 0.0,
             attempts,
