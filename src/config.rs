@@ -421,7 +421,7 @@ impl Config {
 }
 
 /// Deep-merges `over` into `base`: tables key by key, anything else replaced.
-fn merge(base: &mut toml::Table, over: toml::Table) {
+pub fn merge(base: &mut toml::Table, over: toml::Table) {
     for (k, v) in over {
         match (base.get_mut(&k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),

@@ -6,39 +6,27 @@ mod common;
 
 use std::time::Duration;
 
-use batchd::sim::{SimConfig, SimServer};
+use batchd::sim::SimConfig;
 use batchd_actors::messages::ActorKind;
-use common::nats::NatsServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panicking_actors_are_restarted_and_every_task_gets_exactly_one_outcome() {
     let handle = batchd::telemetry::recorder().unwrap();
-    let nats = NatsServer::start().await;
-    let sim = SimServer::start(
-        "127.0.0.1:0".parse().unwrap(),
+    let common::Stack {
+        running,
+        js,
+        nats: _nats,
+        sim: _sim,
+    } = common::stack(
         SimConfig {
             latency: Duration::from_millis(15),
             ..SimConfig::default()
         },
+        "",
     )
-    .await
-    .unwrap();
-    let config = common::config(&nats.url(), &sim.base_url());
-    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(running.client.clone());
+    .await;
     let n = 2000;
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let p = [1, 2, 3][i % 3];
-            (
-                format!("batchd.tasks.p{p}"),
-                common::task(&format!("a{i}"), p as u8),
-            )
-        })
-        .collect();
-    common::publish_many(&js, &tasks).await;
+    common::publish_many(&js, &common::tasks(n, "a")).await;
 
     let mut threshold = 200;
     for kind in [

@@ -6,21 +6,17 @@ mod common;
 
 use std::time::Duration;
 
-use batchd::sim::{SimConfig, SimServer};
-use common::nats::NatsServer;
+use batchd::sim::SimConfig;
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_input_gets_an_outcome_and_a_dead_letter_while_good_tasks_flow() {
-    let nats = NatsServer::start().await;
-    let sim = SimServer::start("127.0.0.1:0".parse().unwrap(), SimConfig::default())
-        .await
-        .unwrap();
-    let config = common::config(&nats.url(), &sim.base_url());
-    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(running.client.clone());
+    let common::Stack {
+        running,
+        js,
+        nats: _nats,
+        sim: _sim,
+    } = common::stack(SimConfig::default(), "").await;
     let p2 = "batchd.tasks.p2";
 
     // (id the outcome is published under, body, content type, expected message fragment)

@@ -5,26 +5,21 @@ mod common;
 
 use std::time::Duration;
 
-use batchd::sim::{SimConfig, SimServer};
-use common::nats::NatsServer;
+use batchd::sim::SimConfig;
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_tasks_over_three_priorities_get_exactly_one_outcome_each() {
-    let nats = NatsServer::start().await;
-    let sim = SimServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        SimConfig {
-            record_requests: true,
-            ..SimConfig::default()
-        },
-    )
-    .await
-    .unwrap();
-    let config = common::config(&nats.url(), &sim.base_url());
-    let providers = batchd::app::http_providers(&config).unwrap();
-    let running = batchd::app::start(&config, providers).await.unwrap();
-    let js = async_nats::jetstream::new(running.client.clone());
+    let recording = SimConfig {
+        record_requests: true,
+        ..SimConfig::default()
+    };
+    let common::Stack {
+        sim,
+        running,
+        js,
+        nats: _nats,
+    } = common::stack(recording, "").await;
 
     let n = 10_000;
     let tasks: Vec<(String, Value)> = (0..n)
@@ -73,22 +68,17 @@ async fn ten_thousand_tasks_over_three_priorities_get_exactly_one_outcome_each()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_details_msgpack_reply_to_batch_lines_chat_bodies_and_duplicates() {
-    let nats = NatsServer::start().await;
-    let sim = SimServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        SimConfig {
-            record_requests: true,
-            ..SimConfig::default()
-        },
-    )
-    .await
-    .unwrap();
-    let config = common::config(&nats.url(), &sim.base_url());
-    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
-        .await
-        .unwrap();
+    let recording = SimConfig {
+        record_requests: true,
+        ..SimConfig::default()
+    };
+    let common::Stack {
+        sim,
+        running,
+        js,
+        nats: _nats,
+    } = common::stack(recording, "").await;
     let client = running.client.clone();
-    let js = async_nats::jetstream::new(client.clone());
     let mut inbox = client.subscribe("acme.inbox.42").await.unwrap();
 
     // MessagePack in, MessagePack out; reply_to gets the outcome too.

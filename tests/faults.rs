@@ -42,25 +42,6 @@ impl Drop for Batchd {
     }
 }
 
-fn tasks(n: usize, prefix: &str) -> Vec<(String, Value)> {
-    (0..n)
-        .map(|i| {
-            let p = [1, 2, 3][i % 3];
-            (
-                format!("batchd.tasks.p{p}"),
-                common::task(&format!("{prefix}{i}"), p as u8),
-            )
-        })
-        .collect()
-}
-
-fn assert_exactly_one_each(outcomes: &std::collections::HashMap<String, Vec<Value>>, n: usize) {
-    assert_eq!(outcomes.len(), n, "one outcome subject per task");
-    for (subject, list) in outcomes {
-        assert_eq!(list.len(), 1, "{subject} has {} outcomes", list.len());
-    }
-}
-
 async fn wait_for_count(js: &async_nats::jetstream::Context, stream: &str, n: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while common::stream_len(js, stream).await < n {
@@ -94,7 +75,7 @@ async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
         .unwrap();
     let js = async_nats::jetstream::new(client);
     let n = 3000;
-    common::publish_many(&js, &tasks(n, "k")).await;
+    common::publish_many(&js, &common::tasks(n, "k")).await;
 
     let mut first = Batchd::start(&path);
     wait_for_count(&js, "BATCHD_RESULTS", 600).await;
@@ -105,7 +86,7 @@ async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
     let _second = Batchd::start(&path);
     let outcomes =
         common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(120)).await;
-    assert_exactly_one_each(&outcomes, n);
+    common::assert_exactly_one_each(&outcomes, n);
     common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(30)).await;
     assert_eq!(common::stream_len(&js, "BATCHD_RESULTS").await, n as u64);
     // Tasks whose outcome was stored before the kill were not sent again: at
@@ -120,24 +101,23 @@ async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_mid_run_on_the_same_store_reconnects_and_finishes() {
-    let mut nats = NatsServer::start().await;
-    let sim = SimServer::start(
-        "127.0.0.1:0".parse().unwrap(),
+    let common::Stack {
+        mut nats,
+        running,
+        sim: _sim,
+        js: _js,
+    } = common::stack(
         SimConfig {
             latency: Duration::from_millis(10),
             ..SimConfig::default()
         },
+        "",
     )
-    .await
-    .unwrap();
-    let config = common::config(&nats.url(), &sim.base_url());
-    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
-        .await
-        .unwrap();
+    .await;
     let n = 3000;
     {
         let js = async_nats::jetstream::new(nats.client().await);
-        common::publish_many(&js, &tasks(n, "r")).await;
+        common::publish_many(&js, &common::tasks(n, "r")).await;
         wait_for_count(&js, "BATCHD_RESULTS", 500).await;
     }
     nats.stop().await;
@@ -145,7 +125,7 @@ async fn nats_restart_mid_run_on_the_same_store_reconnects_and_finishes() {
     let js = async_nats::jetstream::new(nats.client().await);
     let outcomes =
         common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(120)).await;
-    assert_exactly_one_each(&outcomes, n);
+    common::assert_exactly_one_each(&outcomes, n);
     common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(60)).await;
     assert!(running.engine.is_running());
     running.engine.shutdown().await;
@@ -153,27 +133,25 @@ async fn nats_restart_mid_run_on_the_same_store_reconnects_and_finishes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flaky_provider_costs_retries_not_tasks() {
-    let nats = NatsServer::start().await;
-    let sim = SimServer::start(
-        "127.0.0.1:0".parse().unwrap(),
+    let common::Stack {
+        sim,
+        running,
+        js,
+        nats: _nats,
+    } = common::stack(
         SimConfig {
             error_rate: 0.3,
             seed: 7,
             ..SimConfig::default()
         },
+        "[retry]\nmax_attempts = 6\n",
     )
-    .await
-    .unwrap();
-    let config = common::config_with(&nats.url(), &sim.base_url(), "[retry]\nmax_attempts = 6\n");
-    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(running.client.clone());
+    .await;
     let n = 500;
-    common::publish_many(&js, &tasks(n, "f")).await;
+    common::publish_many(&js, &common::tasks(n, "f")).await;
     let outcomes =
         common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(120)).await;
-    assert_exactly_one_each(&outcomes, n);
+    common::assert_exactly_one_each(&outcomes, n);
     let stats = sim.stats();
     assert!(
         stats.server_errors > 50,
@@ -205,26 +183,24 @@ async fn a_flaky_provider_costs_retries_not_tasks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_that_always_fails_yields_max_retries_and_dead_letters() {
-    let nats = NatsServer::start().await;
-    let sim = SimServer::start(
-        "127.0.0.1:0".parse().unwrap(),
+    let common::Stack {
+        sim,
+        running,
+        js,
+        nats: _nats,
+    } = common::stack(
         SimConfig {
             error_rate: 1.0,
             ..SimConfig::default()
         },
+        "",
     )
-    .await
-    .unwrap();
-    let config = common::config(&nats.url(), &sim.base_url());
-    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(running.client.clone());
+    .await;
     let n = 30;
-    common::publish_many(&js, &tasks(n, "x")).await;
+    common::publish_many(&js, &common::tasks(n, "x")).await;
     let outcomes =
         common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(60)).await;
-    assert_exactly_one_each(&outcomes, n);
+    common::assert_exactly_one_each(&outcomes, n);
     for list in outcomes.values() {
         let o = &list[0];
         assert_eq!(o["error"]["kind"], "max_retries", "{o}");
@@ -244,26 +220,24 @@ async fn a_provider_that_always_fails_yields_max_retries_and_dead_letters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttling_provider_is_waited_out_and_every_task_succeeds() {
-    let nats = NatsServer::start().await;
-    let sim = SimServer::start(
-        "127.0.0.1:0".parse().unwrap(),
+    let common::Stack {
+        sim,
+        running,
+        js,
+        nats: _nats,
+    } = common::stack(
         SimConfig {
             rpm: 600,
             ..SimConfig::default()
         },
+        "",
     )
-    .await
-    .unwrap();
-    let config = common::config(&nats.url(), &sim.base_url());
-    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(running.client.clone());
+    .await;
     let n = 640;
-    common::publish_many(&js, &tasks(n, "t")).await;
+    common::publish_many(&js, &common::tasks(n, "t")).await;
     let outcomes =
         common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(120)).await;
-    assert_exactly_one_each(&outcomes, n);
+    common::assert_exactly_one_each(&outcomes, n);
     let limited = sim.stats().rate_limited;
     assert!(limited > 0, "the limit was hit");
     // After a 429 one probe at a time tries the route, not a burst.
@@ -277,29 +251,23 @@ async fn a_throttling_provider_is_waited_out_and_every_task_succeeds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_provider_times_out_and_the_task_fails_cleanly() {
-    let nats = NatsServer::start().await;
-    let sim = SimServer::start(
-        "127.0.0.1:0".parse().unwrap(),
+    let common::Stack {
+        running,
+        js,
+        nats: _nats,
+        sim: _sim,
+    } = common::stack(
         SimConfig {
             latency: Duration::from_secs(30),
             ..SimConfig::default()
         },
-    )
-    .await
-    .unwrap();
-    let config = common::config_with(
-        &nats.url(),
-        &sim.base_url(),
         "[dispatch]\nrequest_timeout_secs = 1\n[retry]\nmax_attempts = 2\n",
-    );
-    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(running.client.clone());
-    common::publish_many(&js, &tasks(3, "s")).await;
+    )
+    .await;
+    common::publish_many(&js, &common::tasks(3, "s")).await;
     let outcomes =
         common::wait_for_messages(&js, "BATCHD_RESULTS", 3, Duration::from_secs(30)).await;
-    assert_exactly_one_each(&outcomes, 3);
+    common::assert_exactly_one_each(&outcomes, 3);
     for list in outcomes.values() {
         let o = &list[0];
         assert_eq!(o["error"]["kind"], "max_retries");
@@ -316,27 +284,21 @@ async fn a_stalled_provider_times_out_and_the_task_fails_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_backlog_stays_in_jetstream_not_in_memory() {
-    let nats = NatsServer::start().await;
-    let sim = SimServer::start(
-        "127.0.0.1:0".parse().unwrap(),
+    let common::Stack {
+        running,
+        js,
+        nats: _nats,
+        sim: _sim,
+    } = common::stack(
         SimConfig {
             latency: Duration::from_millis(20),
             ..SimConfig::default()
         },
-    )
-    .await
-    .unwrap();
-    let config = common::config_with(
-        &nats.url(),
-        &sim.base_url(),
         "[intake]\nmax_ack_pending = 50\n",
-    );
-    let running = batchd::app::start(&config, batchd::app::http_providers(&config).unwrap())
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(running.client.clone());
+    )
+    .await;
     let n = 3000;
-    common::publish_many(&js, &tasks(n, "b")).await;
+    common::publish_many(&js, &common::tasks(n, "b")).await;
     let keeper = running.engine.context().keeper.clone();
     let (mut most_held, mut largest_backlog) = (0, 0);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use batchd::config::Config;
+use batchd::sim::{SimConfig, SimServer};
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -49,19 +50,8 @@ api_key = "sk-test"
 "#
     );
     let mut table: toml::Table = base.parse().expect("base test config");
-    merge(&mut table, extra.parse().expect("extra test config"));
+    batchd::config::merge(&mut table, extra.parse().expect("extra test config"));
     toml::to_string(&table).expect("serialize test config")
-}
-
-fn merge(base: &mut toml::Table, over: toml::Table) {
-    for (k, v) in over {
-        match (base.get_mut(&k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
-            (_, v) => {
-                base.insert(k, v);
-            }
-        }
-    }
 }
 
 /// The test config (see [`config_toml`]).
@@ -234,5 +224,61 @@ pub async fn wait_until_empty(js: &jetstream::Context, stream: &str, timeout: Du
             panic!("{stream} still holds {n} messages after {timeout:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A private nats-server, the simulated provider and a running engine.
+/// Bind every field when destructuring (`nats: _nats`): a field left to `..`
+/// is dropped at once, and with it the server.
+pub struct Stack {
+    /// The server (stop and restart it at will).
+    pub nats: nats::NatsServer,
+    /// The provider.
+    pub sim: SimServer,
+    /// The engine and its client.
+    pub running: batchd::app::Running,
+    /// JetStream over the engine's client.
+    pub js: jetstream::Context,
+}
+
+/// Starts a [`Stack`] with the simulator configured by `sim` and the test
+/// config with `extra` TOML merged over it.
+pub async fn stack(sim: SimConfig, extra: &str) -> Stack {
+    let nats = nats::NatsServer::start().await;
+    let sim = SimServer::start("127.0.0.1:0".parse().expect("addr"), sim)
+        .await
+        .expect("start the simulator");
+    let config = config_with(&nats.url(), &sim.base_url(), extra);
+    let providers = batchd::app::http_providers(&config).expect("providers");
+    let running = batchd::app::start(&config, providers)
+        .await
+        .expect("start batchd");
+    let js = jetstream::new(running.client.clone());
+    Stack {
+        nats,
+        sim,
+        running,
+        js,
+    }
+}
+
+/// `n` seed-shaped tasks `<prefix><i>` spread over the three priorities.
+pub fn tasks(n: usize, prefix: &str) -> Vec<(String, Value)> {
+    (0..n)
+        .map(|i| {
+            let p = [1u8, 2, 3][i % 3];
+            (
+                format!("batchd.tasks.p{p}"),
+                task(&format!("{prefix}{i}"), p),
+            )
+        })
+        .collect()
+}
+
+/// Asserts one outcome subject per task and one outcome per subject.
+pub fn assert_exactly_one_each(outcomes: &HashMap<String, Vec<Value>>, n: usize) {
+    assert_eq!(outcomes.len(), n, "one outcome subject per task");
+    for (subject, list) in outcomes {
+        assert_eq!(list.len(), 1, "{subject} has {} outcomes", list.len());
     }
 }
