@@ -1,10 +1,727 @@
-//! `batchd bench`.
+//! `batchd bench`: the raw JetStream floor and batchd end to end, measured
+//! side by side in one run on the same machine.
+//!
+//! Three phases, each on a fresh private `nats-server` (or, with
+//! `--nats-url`, on streams of its own that are deleted afterwards), each over
+//! the same N seed-shaped task bodies published to the tasks subject first:
+//!
+//! - (a) the floor: a pull consumer with the engine's `max_ack_pending` and
+//!   fetch batch pulls each task, publishes a result awaiting its PubAck and
+//!   acks, with as many tasks in flight as `max_ack_pending` allows. This is
+//!   what any JetStream worker must do per task; nothing can go faster.
+//! - (b) batchd with an instant in-process provider: what the engine costs.
+//! - (c) batchd with the simulated provider over HTTP (no latency): what the
+//!   HTTP client adds.
+//!
+//! Each phase is timed from the first pull (the engine's start) until N
+//! results are in the results stream; publishing is timed apart.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use async_nats::jetstream::{self, consumer, stream};
+use batchd_actors::ports::Provider;
+use batchd_actors::task::Priority;
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::local_nats::LocalNats;
+use crate::provider::InstantProvider;
+use crate::sim::{SimConfig, SimServer};
+
+/// PubAcks awaited at once while publishing the tasks.
+const PUBLISH_WINDOW: usize = 1024;
+/// How often the results stream is counted while the engine runs.
+const POLL: Duration = Duration::from_millis(10);
+/// The minimum the engine must reach, as a fraction of the floor.
+pub const BAR: f64 = 0.25;
 
 /// Arguments of `batchd bench`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Tasks per phase
+    #[arg(long, default_value_t = 20_000)]
+    pub tasks: usize,
+    /// Use this NATS server instead of a private one per phase (each phase
+    /// uses streams of its own, deleted afterwards)
+    #[arg(long)]
+    pub nats_url: Option<String>,
+    /// Give up a phase after this many seconds
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+}
 
-/// Runs `batchd bench`.
-pub async fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+/// One measured phase.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PhaseResult {
+    /// What was measured.
+    pub name: &'static str,
+    /// Tasks.
+    pub tasks: usize,
+    /// Wall time.
+    pub seconds: f64,
+    /// CPU time of this process (user + system) during the phase, where the
+    /// platform reports it; the NATS server's own CPU is not included.
+    pub cpu_seconds: Option<f64>,
+}
+
+impl PhaseResult {
+    /// This process's CPU time per task, in microseconds.
+    pub fn cpu_us_per_task(&self) -> Option<f64> {
+        let cpu = self.cpu_seconds?;
+        (self.tasks > 0).then(|| cpu * 1e6 / self.tasks as f64)
+    }
+
+    /// Tasks per second.
+    pub fn rate(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.tasks as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The figures of one `batchd bench` run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchReport {
+    /// Tasks per phase.
+    pub tasks: usize,
+    /// Publishing the tasks with PubAcks (phase a's publish).
+    pub publish: PhaseResult,
+    /// (a) pull, publish a result with PubAck, ack.
+    pub floor: PhaseResult,
+    /// (b) batchd with the instant provider.
+    pub instant: PhaseResult,
+    /// (c) batchd with the simulated provider over HTTP.
+    pub sim: PhaseResult,
+    /// Logical cores of the machine.
+    pub cores: usize,
+    /// `nats-server` version from the server's INFO.
+    pub nats_server_version: String,
+    /// Whether the phases ran on private servers.
+    pub private_servers: bool,
+}
+
+impl BenchReport {
+    /// (b) / (a).
+    pub fn instant_ratio(&self) -> f64 {
+        ratio(self.instant.rate(), self.floor.rate())
+    }
+
+    /// (c) / (a).
+    pub fn sim_ratio(&self) -> f64 {
+        ratio(self.sim.rate(), self.floor.rate())
+    }
+
+    /// True when (b) reaches [`BAR`] of the floor.
+    pub fn meets_bar(&self) -> bool {
+        self.instant_ratio() >= BAR
+    }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<48}{:>8}{:>10}{:>11}{:>10}{:>14}",
+            "phase", "tasks", "seconds", "tasks/s", "vs floor", "CPU us/task"
+        )?;
+        let row = |f: &mut fmt::Formatter<'_>, p: &PhaseResult, vs: Option<f64>| {
+            let vs = vs.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}"));
+            let cpu = p
+                .cpu_us_per_task()
+                .map_or_else(|| "-".to_owned(), |c| format!("{c:.1}"));
+            writeln!(
+                f,
+                "{:<48}{:>8}{:>10.3}{:>11.0}{:>10}{:>14}",
+                p.name,
+                p.tasks,
+                p.seconds,
+                p.rate(),
+                vs,
+                cpu
+            )
+        };
+        row(f, &self.publish, None)?;
+        row(f, &self.floor, Some(1.0))?;
+        row(f, &self.instant, Some(self.instant_ratio()))?;
+        row(f, &self.sim, Some(self.sim_ratio()))?;
+        writeln!(
+            f,
+            "bar (b)/(a) >= {BAR}: {} ({:.2})",
+            if self.meets_bar() { "met" } else { "NOT met" },
+            self.instant_ratio()
+        )?;
+        writeln!(
+            f,
+            "CPU us/task: this process only (engine, client, and in (c) the simulated provider), not nats-server"
+        )?;
+        write!(
+            f,
+            "machine: {} cores, {}/{}; nats-server {} ({}); batchd {}",
+            self.cores,
+            std::env::consts::OS,
+            std::env::consts::ARCH,
+            self.nats_server_version,
+            if self.private_servers {
+                "private, file store"
+            } else {
+                "shared"
+            },
+            env!("CARGO_PKG_VERSION")
+        )
+    }
+}
+
+/// Runs `batchd bench`, prints the table and returns the figures.
+pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
+    if args.tasks == 0 {
+        bail!("--tasks must be at least 1");
+    }
+    let base = Config::defaults()?;
+    let timeout = Duration::from_secs(args.timeout);
+    let bodies = task_bodies(&base, args.tasks);
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    eprintln!(
+        "batchd bench: {} tasks per phase, {cores} cores, {}",
+        args.tasks,
+        match &args.nats_url {
+            Some(url) => format!("NATS at {url}"),
+            None => "a private nats-server per phase".into(),
+        }
+    );
+
+    let server = Server::open(args.nats_url.as_deref()).await?;
+    let nats_server_version = server.client.server_info().version;
+    let floor = floor_phase(&server, &base, &bodies, timeout).await;
+    server.close().await;
+    let (publish, floor) = floor?;
+
+    let server = Server::open(args.nats_url.as_deref()).await?;
+    let instant = engine_phase(
+        &server,
+        &base,
+        &bodies,
+        Backend::Instant,
+        "(b) batchd end to end, instant provider",
+        timeout,
+    )
+    .await;
+    server.close().await;
+    let instant = instant?;
+
+    let sim_server = SimServer::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        SimConfig::default(),
+    )
+    .await
+    .context("starting the simulated provider")?;
+    let server = Server::open(args.nats_url.as_deref()).await?;
+    let sim = engine_phase(
+        &server,
+        &base,
+        &bodies,
+        Backend::Http(sim_server.base_url()),
+        "(c) batchd end to end, simulated HTTP provider",
+        timeout,
+    )
+    .await;
+    server.close().await;
+    sim_server.shutdown().await;
+    let sim = sim?;
+
+    let report = BenchReport {
+        tasks: args.tasks,
+        publish,
+        floor,
+        instant,
+        sim,
+        cores,
+        nats_server_version,
+        private_servers: args.nats_url.is_none(),
+    };
+    println!("{report}");
+    Ok(report)
+}
+
+/// The seed-shaped task bodies, `type` cycling through the config's task types.
+pub fn task_bodies(config: &Config, n: usize) -> Vec<(String, Bytes)> {
+    let types: Vec<&String> = config.task_types.keys().collect();
+    (0..n)
+        .map(|i| {
+            let id = format!("bench-{i:08}");
+            let task_type = types
+                .get(i % types.len().max(1))
+                .map_or("content_analysis", |t| t.as_str());
+            let body = serde_json::json!({
+                "task_id": id,
+                "type": task_type,
+                "payload": {
+                    "text": format!("Document {i}: quarterly revenue grew while churn fell; the team shipped two releases and hired three engineers."),
+                    "options": {"language": "en", "labels": "positive,negative,neutral", "fields": "sector,size", "style": "brief", "max_words": 50},
+                },
+                "priority": 2,
+                "tenant": "bench",
+                "metadata": {"n": i},
+            });
+            (id, Bytes::from(body.to_string()))
+        })
+        .collect()
+}
+
+/// Where a phase runs: a private server, or a namespace on a shared one.
+struct Server {
+    url: String,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// A unique token for subject and stream names, so phases never share state.
+    ns: String,
+    local: Option<LocalNats>,
+}
+
+impl Server {
+    async fn open(url: Option<&str>) -> anyhow::Result<Server> {
+        let (local, url) = match url {
+            Some(u) => (None, u.to_owned()),
+            None => {
+                let l = LocalNats::start().await?;
+                let u = l.url().to_owned();
+                (Some(l), u)
+            }
+        };
+        let client = crate::nats::connect(&url).await?;
+        let js = jetstream::new(client.clone());
+        let ns = format!("bench{}", ulid::Ulid::new().to_string().to_lowercase());
+        Ok(Server {
+            url,
+            client,
+            js,
+            ns,
+            local,
+        })
+    }
+
+    /// Stream and bucket names of this phase.
+    fn stream_name(&self, what: &str) -> String {
+        format!("{}_{what}", self.ns.to_uppercase())
+    }
+
+    fn bucket_name(&self, what: &str) -> String {
+        format!("{}-{what}", self.ns)
+    }
+
+    /// On a shared server, deletes what the phase created (whether it
+    /// succeeded or not); a private server is stopped and removed on drop.
+    async fn close(self) {
+        if self.local.is_none() {
+            for s in ["TASKS", "RESULTS", "DLQ"].map(|w| self.stream_name(w)) {
+                if let Err(e) = self.js.delete_stream(&s).await {
+                    tracing::debug!(stream = %s, error = %e, "bench stream not deleted");
+                }
+            }
+            for b in ["checkpoints", "ledger"].map(|w| self.bucket_name(w)) {
+                if let Err(e) = self.js.delete_key_value(&b).await {
+                    tracing::debug!(bucket = %b, error = %e, "bench bucket not deleted");
+                }
+            }
+        }
+        let _ = self.client.drain().await;
+    }
+}
+
+fn bar(len: usize, prefix: &str) -> ProgressBar {
+    let style = ProgressStyle::with_template(
+        "{prefix:>8} {spinner} [{bar:40.cyan/blue}] {human_pos}/{human_len} {per_sec} {elapsed}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    let pb = ProgressBar::new(len as u64)
+        .with_style(style)
+        .with_prefix(prefix.to_owned());
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb
+}
+
+/// Publishes every body on `subject` with `Nats-Msg-Id`, a window of PubAcks
+/// in flight; returns the time taken.
+async fn publish_tasks(
+    js: &jetstream::Context,
+    subject: &str,
+    bodies: &[(String, Bytes)],
+    label: &str,
+) -> anyhow::Result<Duration> {
+    let pb = bar(bodies.len(), label);
+    let started = Instant::now();
+    let mut in_flight = FuturesUnordered::new();
+    for (id, body) in bodies {
+        while in_flight.len() >= PUBLISH_WINDOW {
+            if let Some(r) = in_flight.next().await {
+                r?;
+                pb.inc(1);
+            }
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        headers.insert("Content-Type", "application/json");
+        let ack = js
+            .publish_with_headers(subject.to_owned(), headers, body.clone())
+            .await
+            .with_context(|| format!("publishing to {subject}"))?;
+        in_flight.push(async move {
+            ack.await
+                .map(|_| ())
+                .with_context(|| format!("PubAck from {subject}"))
+        });
+    }
+    while let Some(r) = in_flight.next().await {
+        r?;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(started.elapsed())
+}
+
+/// (a): the same JetStream work per task as the engine's minimum, nothing else.
+async fn floor_phase(
+    server: &Server,
+    base: &Config,
+    bodies: &[(String, Bytes)],
+    timeout: Duration,
+) -> anyhow::Result<(PhaseResult, PhaseResult)> {
+    let n = bodies.len();
+    let js = &server.js;
+    let (tasks_name, results_name) = (server.stream_name("TASKS"), server.stream_name("RESULTS"));
+    let task_subject = format!("{}.tasks.p2", server.ns);
+    let results_prefix = format!("{}.results.", server.ns);
+    let tasks = js
+        .create_stream(stream::Config {
+            name: tasks_name.clone(),
+            subjects: vec![task_subject.clone()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            discard: stream::DiscardPolicy::New,
+            max_messages: base.nats.tasks_max_msgs,
+            max_bytes: base.nats.tasks_max_bytes,
+            duplicate_window: Duration::from_secs(base.nats.duplicate_window_secs),
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating stream {tasks_name}"))?;
+    js.create_stream(stream::Config {
+        name: results_name.clone(),
+        subjects: vec![format!("{results_prefix}>")],
+        retention: stream::RetentionPolicy::Limits,
+        duplicate_window: Duration::from_secs(base.nats.duplicate_window_secs),
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("creating stream {results_name}"))?;
+
+    let cpu_before = process_cpu();
+    let publish_time = publish_tasks(js, &task_subject, bodies, "publish").await?;
+    let publish_cpu = cpu_since(cpu_before);
+    let consumer: consumer::PullConsumer = tasks
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("floor".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(base.intake.ack_wait_secs),
+            max_deliver: -1,
+            max_ack_pending: base.intake.max_ack_pending,
+            ..Default::default()
+        })
+        .await
+        .context("creating the floor's consumer")?;
+    let max_in_flight = usize::try_from(base.intake.max_ack_pending).unwrap_or(1000);
+    // An outcome-sized result body.
+    let result_body = Bytes::from(
+        serde_json::json!({
+            "status": "succeeded", "output": "ok", "finish_reason": "stop", "error": null,
+            "model": "gpt-4.1-nano", "provider": "openai", "route": "realtime",
+            "usage": {"input_tokens": 100, "cached_input_tokens": 0, "output_tokens": 10},
+            "cost_usd": 0.000014, "attempts": 1, "batch_id": "b_01JBENCHBENCHBENCHBENCHBENC",
+            "priority": 2, "tenant": "bench",
+            "timings": {"queued_ms": 1, "processing_ms": 0, "total_ms": 1},
+            "metadata": {"n": 0}, "completed_at": "2026-01-01T00:00:00.000Z",
+        })
+        .to_string(),
+    );
+
+    let pb = bar(n, "(a)");
+    let cpu_before = process_cpu();
+    let started = Instant::now();
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(base.intake.fetch_batch)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .context("pulling from the floor's consumer")?;
+    // Boxed so it can be dropped (stopping the pulls) before the results are counted.
+    let mut work = Box::pin(
+        messages
+            .take(n)
+            .map(|m| {
+                let js = js.clone();
+                let results_prefix = &results_prefix;
+                let result_body = result_body.clone();
+                async move {
+                    let m = m.map_err(|e| anyhow::anyhow!("pull: {e}"))?;
+                    let id = m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                        .map(|v| v.as_str().to_owned())
+                        .context("a task without Nats-Msg-Id")?;
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+                    headers.insert("Content-Type", "application/json");
+                    js.publish_with_headers(format!("{results_prefix}{id}"), headers, result_body)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("publishing a result: {e}"))?
+                        .await
+                        .map_err(|e| anyhow::anyhow!("PubAck of a result: {e}"))?;
+                    m.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+                    anyhow::Ok(())
+                }
+            })
+            .buffer_unordered(max_in_flight),
+    );
+    let deadline = started + timeout;
+    let mut done = 0;
+    while done < n {
+        match tokio::time::timeout_at(deadline, work.next()).await {
+            Ok(Some(r)) => {
+                r?;
+                done += 1;
+                pb.inc(1);
+            }
+            Ok(None) => break,
+            Err(_) => bail!("(a) finished {done} of {n} tasks within {timeout:?}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    let floor_cpu = cpu_since(cpu_before);
+    pb.finish_and_clear();
+    drop(work);
+    if done < n {
+        bail!("(a) the consumer ended after {done} of {n} tasks");
+    }
+    let mut results = js.get_stream(&results_name).await?;
+    let stored = results.info().await?.state.messages;
+    if stored != n as u64 {
+        bail!("(a) the results stream holds {stored} results for {n} tasks");
+    }
+    let publish = PhaseResult {
+        name: "(a) publish tasks, PubAck each",
+        tasks: n,
+        seconds: publish_time.as_secs_f64(),
+        cpu_seconds: publish_cpu,
+    };
+    let floor = PhaseResult {
+        name: "(a) JetStream floor: pull, publish+PubAck, ack",
+        tasks: n,
+        seconds: elapsed.as_secs_f64(),
+        cpu_seconds: floor_cpu,
+    };
+    Ok((publish, floor))
+}
+
+enum Backend {
+    Instant,
+    Http(String),
+}
+
+/// (b) and (c): publish, start the engine, time until every outcome is stored.
+async fn engine_phase(
+    server: &Server,
+    base: &Config,
+    bodies: &[(String, Bytes)],
+    backend: Backend,
+    name: &'static str,
+    timeout: Duration,
+) -> anyhow::Result<PhaseResult> {
+    let n = bodies.len();
+    let mut config = base.clone();
+    let ns = &server.ns;
+    config.nats.url = server.url.clone();
+    config.nats.subject_prefix = ns.clone();
+    config.nats.tasks_stream = server.stream_name("TASKS");
+    config.nats.results_stream = server.stream_name("RESULTS");
+    config.nats.dlq_stream = server.stream_name("DLQ");
+    config.nats.checkpoints_bucket = server.bucket_name("checkpoints");
+    config.nats.ledger_bucket = server.bucket_name("ledger");
+    config.nats.consumer_prefix = ns.clone();
+    let providers: HashMap<String, Arc<dyn Provider>> = match &backend {
+        Backend::Instant => config
+            .providers
+            .keys()
+            .map(|k| (k.clone(), Arc::new(InstantProvider) as Arc<dyn Provider>))
+            .collect(),
+        Backend::Http(url) => {
+            for p in config.providers.values_mut() {
+                p.base_url = url.clone();
+                p.base_url_env = None;
+                p.api_key_env = None;
+                p.api_key = Some("sk-bench".into());
+            }
+            crate::app::http_providers(&config)?
+        }
+    };
+    let topology = crate::nats::ensure_topology(&server.client, &config).await?;
+    let label = if matches!(backend, Backend::Instant) {
+        "(b)"
+    } else {
+        "(c)"
+    };
+    publish_tasks(
+        &server.js,
+        &config.task_subject(Priority::P2),
+        bodies,
+        &format!("{label} pub"),
+    )
+    .await?;
+
+    let pb = bar(n, label);
+    let cpu_before = process_cpu();
+    let started = Instant::now();
+    let running = crate::app::start(&config, providers).await?;
+    let mut results = topology.results.clone();
+    let deadline = started + timeout;
+    let outcome = loop {
+        let stored = results
+            .info()
+            .await
+            .context("counting the results")?
+            .state
+            .messages;
+        pb.set_position(stored);
+        if stored >= n as u64 {
+            break Ok((started.elapsed(), cpu_since(cpu_before)));
+        }
+        if Instant::now() > deadline {
+            break Err(anyhow::anyhow!(
+                "{label} {stored} of {n} outcomes within {timeout:?}"
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    pb.finish_and_clear();
+    running.engine.shutdown().await;
+    let _ = running.client.drain().await;
+    let (elapsed, cpu_seconds) = outcome?;
+    let mut dlq = topology.dlq.clone();
+    let dead = dlq.info().await.map(|i| i.state.messages).unwrap_or(0);
+    if dead > 0 {
+        tracing::warn!(dead, "{label}: some tasks failed; see the DLQ");
+        eprintln!("warning: {label}: {dead} of {n} tasks failed (dead letters)");
+    }
+    Ok(PhaseResult {
+        name,
+        tasks: n,
+        seconds: elapsed.as_secs_f64(),
+        cpu_seconds,
+    })
+}
+
+/// CPU time (user + system) of this process so far, from `/proc/self/stat`
+/// (Linux reports it in USER_HZ = 100 ticks per second); `None` elsewhere.
+fn process_cpu() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+fn cpu_since(before: Option<f64>) -> Option<f64> {
+    Some(process_cpu()? - before?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phase(seconds: f64) -> PhaseResult {
+        PhaseResult {
+            name: "x",
+            tasks: 1000,
+            seconds,
+            cpu_seconds: Some(0.05),
+        }
+    }
+
+    #[test]
+    fn ratios_are_rates_over_the_floor() {
+        let r = BenchReport {
+            tasks: 1000,
+            publish: phase(0.1),
+            floor: phase(1.0),
+            instant: phase(4.0),
+            sim: phase(8.0),
+            cores: 2,
+            nats_server_version: "2.15.1".into(),
+            private_servers: true,
+        };
+        assert!((r.instant_ratio() - 0.25).abs() < 1e-9);
+        assert!((r.sim_ratio() - 0.125).abs() < 1e-9);
+        assert!(r.meets_bar());
+        assert_eq!(r.floor.cpu_us_per_task(), Some(50.0));
+        let table = r.to_string();
+        assert!(table.contains("bar (b)/(a) >= 0.25: met (0.25)"), "{table}");
+        assert!(table.contains("nats-server 2.15.1"), "{table}");
+    }
+
+    #[test]
+    fn bodies_are_valid_tasks_of_the_configured_types() {
+        let config = Config::defaults().unwrap();
+        let bodies = task_bodies(&config, 10);
+        let catalog = config.engine_settings().catalog;
+        let mut types = std::collections::HashSet::new();
+        for (id, body) in &bodies {
+            let task = batchd_actors::codec::decode_task(batchd_actors::codec::Inbound {
+                priority: Priority::P2,
+                content_type: None,
+                body,
+                published_at: chrono::Utc::now(),
+                max_payload_bytes: config.intake.max_payload_bytes,
+            })
+            .unwrap();
+            assert_eq!(&task.task_id, id);
+            batchd_actors::routing::plan(&task, &catalog).unwrap();
+            types.insert(task.task_type.unwrap());
+        }
+        assert_eq!(types.len(), config.task_types.len());
+    }
+
+    #[test]
+    fn process_cpu_grows() {
+        if let Some(before) = process_cpu() {
+            let mut x = 0u64;
+            for i in 0..20_000_000u64 {
+                x = x.wrapping_add(std::hint::black_box(i));
+            }
+            std::hint::black_box(x);
+            assert!(process_cpu().unwrap() >= before);
+        }
+    }
 }
