@@ -141,15 +141,16 @@ pub fn decode_task(inbound: Inbound<'_>) -> Result<Task, Box<Rejection>> {
         rejection.original = Some(value);
         return Err(rejection);
     };
-    salvage(map, &mut rejection);
-    rejection.original = Some(value.clone());
+    // The hot path: no copies of the body unless it is rejected.
     match build_task(map, &inbound, encoding) {
         Ok(mut task) => {
             task.original = value;
             Ok(task)
         }
         Err(message) => {
+            salvage(map, &mut rejection);
             rejection.message = message;
+            rejection.original = Some(value);
             Err(rejection)
         }
     }
