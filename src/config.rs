@@ -440,7 +440,7 @@ mod tests {
     fn defaults_load_and_validate() {
         let c = Config::defaults().unwrap();
         assert_eq!(c.nats.subject_prefix, "batchd");
-        assert_eq!(c.task_types.len(), 5);
+        assert_eq!(c.task_types.len(), 6);
         assert_eq!(c.batching.p1.max_size, 8);
     }
 

@@ -203,9 +203,6 @@ fn build_task(
         }
     };
     let task_type = optional_str(map, "type")?.map(str::to_owned);
-    if matches!(payload, Payload::Text { .. }) && task_type.is_none() {
-        return Err("field `type` is required for a {\"text\", \"options\"} payload".into());
-    }
     let priority = match map.get("priority") {
         None | Some(Value::Null) => inbound.priority,
         Some(v) => {
@@ -556,11 +553,6 @@ mod tests {
                 br#"{"task_id":"a","type":"a","payload":{"text":1}}"#.to_vec(),
                 None,
                 "`payload.text` must be a string",
-            ),
-            (
-                br#"{"task_id":"a","payload":{"text":"x"}}"#.to_vec(),
-                None,
-                "`type` is required",
             ),
             (
                 br#"{"task_id":"a","type":"a","payload":{"text":"x"},"priority":1}"#.to_vec(),

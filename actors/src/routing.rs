@@ -108,10 +108,23 @@ pub struct Plan {
     pub prefix: u64,
 }
 
+/// The task type a `{"text"}` payload without a `type` is rendered through.
+pub const DEFAULT_TASK_TYPE: &str = "default";
+
 /// Routes a task; an `Err` is an `invalid_request` message.
 pub fn plan(task: &Task, catalog: &Catalog) -> Result<Plan, String> {
-    let task_type = match &task.task_type {
+    let named = match (&task.task_type, &task.payload) {
+        (Some(name), _) => Some(name.as_str()),
+        (None, Payload::Text { .. }) => Some(DEFAULT_TASK_TYPE),
+        (None, Payload::Chat(_)) => None,
+    };
+    let task_type = match named {
         Some(name) => Some(catalog.task_types.get(name).ok_or_else(|| {
+            if task.task_type.is_none() {
+                return format!(
+                    "field `type` is required for a {{\"text\"}} payload (no `{DEFAULT_TASK_TYPE}` task type is configured)"
+                );
+            }
             format!(
                 "unknown task type {name:?}; known types: {}",
                 catalog
@@ -360,6 +373,31 @@ mod tests {
         assert!(plan(&t, &catalog())
             .unwrap_err()
             .contains("\"gpt-99\" is not served"));
+    }
+
+    #[test]
+    fn a_text_payload_without_type_uses_the_default_type_when_configured() {
+        let mut t = task(Payload::Text {
+            text: "hello".into(),
+            options: Map::new(),
+        });
+        t.task_type = None;
+        let e = plan(&t, &catalog()).unwrap_err();
+        assert!(e.contains("`type` is required"), "{e}");
+        let mut c = catalog();
+        c.task_types.insert(
+            DEFAULT_TASK_TYPE.into(),
+            TaskType {
+                system_prompt: "You are helpful.".into(),
+                template: "{text}".into(),
+                default_tier: Tier::Standard,
+                max_tokens: 99,
+            },
+        );
+        let p = plan(&t, &c).unwrap();
+        assert_eq!(p.request["messages"][1]["content"], "hello");
+        assert_eq!(p.request["max_completion_tokens"], 99);
+        assert_eq!(p.route.model, "medium");
     }
 
     #[test]
