@@ -281,7 +281,7 @@ fn to_delivery(
     msg: jetstream::Message,
     keeper: &LeaseKeeper,
 ) -> Result<Delivery, SourceError> {
-    let (delivered, stream_sequence, published_at) = {
+    let (delivered, stream_sequence, published_at, pending) = {
         let info = msg.info().map_err(|e| SourceError(e.to_string()))?;
         let published = DateTime::<Utc>::from_timestamp(
             info.published.unix_timestamp(),
@@ -292,6 +292,7 @@ fn to_delivery(
             u64::try_from(info.delivered).unwrap_or(1),
             info.stream_sequence,
             published,
+            info.pending,
         )
     };
     let (m, acker) = msg.split();
@@ -308,6 +309,7 @@ fn to_delivery(
         delivered,
         stream_sequence,
         published_at,
+        pending: Some(pending),
         lease: Lease::new(Box::new(JetAcker(acker)), Some(keeper)),
     })
 }

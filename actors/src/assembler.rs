@@ -105,8 +105,9 @@ impl AssemblerState {
                 })
             }
         };
+        let drained = accepted.drained && policy.seal_when_drained;
         batch.tasks.push(accepted);
-        if is_full(batch.tasks.len(), &policy) {
+        if drained || is_full(batch.tasks.len(), &policy) {
             self.seal(&key);
         }
     }

@@ -17,6 +17,14 @@ pub struct BatchPolicy {
     pub max_size: usize,
     /// Seal when the first task has waited this long (milliseconds).
     pub max_wait_ms: u64,
+    /// Seal at once when the priority's queue is drained: with nothing more
+    /// waiting, holding the batch open only adds latency.
+    #[serde(default = "default_true")]
+    pub seal_when_drained: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl BatchPolicy {
@@ -56,12 +64,14 @@ mod tests {
         let p = BatchPolicy {
             max_size: 3,
             max_wait_ms: 10,
+            seal_when_drained: true,
         };
         assert!(!is_full(2, &p));
         assert!(is_full(3, &p));
         let p0 = BatchPolicy {
             max_size: 0,
             max_wait_ms: 10,
+            seal_when_drained: true,
         };
         assert!(is_full(1, &p0));
         assert!(
@@ -69,7 +79,8 @@ mod tests {
                 3,
                 &BatchPolicy {
                     max_size: 4,
-                    max_wait_ms: 1
+                    max_wait_ms: 1,
+                    seal_when_drained: true
                 }
             ) - 0.75)
                 .abs()

@@ -178,6 +178,7 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
                 attempts_before,
                 lease: d.lease,
                 subject: d.subject,
+                drained: d.pending == Some(0),
                 accepted_at: tokio::time::Instant::now(),
             };
             match ctx.directory.assembler() {

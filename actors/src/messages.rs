@@ -44,6 +44,8 @@ pub struct Accepted {
     pub lease: Lease,
     /// The subject it arrived on (recorded in dead letters).
     pub subject: String,
+    /// True when its consumer had nothing more waiting when it was delivered.
+    pub drained: bool,
     /// When the engine took it in.
     pub accepted_at: Instant,
 }

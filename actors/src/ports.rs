@@ -29,6 +29,9 @@ pub struct Delivery {
     pub stream_sequence: u64,
     /// When it was published.
     pub published_at: DateTime<Utc>,
+    /// Messages still waiting for this consumer after this one, when known
+    /// (0: the queue is drained, no point holding a batch open for more).
+    pub pending: Option<u64>,
     /// The hold on it.
     pub lease: Lease,
 }

@@ -111,6 +111,7 @@ fn delivery(
         delivered,
         stream_sequence: seq,
         published_at: chrono::Utc::now(),
+        pending: None,
         lease: Lease::new(Box::new(acker), Some(keeper)),
     }
 }
@@ -140,11 +141,17 @@ impl FakeSource {
     }
 
     fn publish(&self, priority: Priority, body: Value) {
+        self.publish_with_pending(priority, body, None);
+    }
+
+    /// Publishes as JetStream would report it with `pending` messages behind it.
+    fn publish_with_pending(&self, priority: Priority, body: Value, pending: Option<u64>) {
         let id = body["task_id"].as_str().unwrap_or("?").to_owned();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let q = &self.queues[priority.index()];
         let bytes = Bytes::from(serde_json::to_vec(&body).unwrap());
-        let d = delivery(&id, priority, bytes, 1, seq, &q.tx, &self.keeper, &self.log);
+        let mut d = delivery(&id, priority, bytes, 1, seq, &q.tx, &self.keeper, &self.log);
+        d.pending = pending;
         q.tx.send(d).unwrap();
     }
 
@@ -324,14 +331,17 @@ fn settings() -> EngineSettings {
             BatchPolicy {
                 max_size: 4,
                 max_wait_ms: 10,
+                seal_when_drained: true,
             },
             BatchPolicy {
                 max_size: 8,
                 max_wait_ms: 100,
+                seal_when_drained: true,
             },
             BatchPolicy {
                 max_size: 100,
                 max_wait_ms: 1000,
+                seal_when_drained: true,
             },
         ],
         retry: RetryPolicy {
@@ -461,6 +471,7 @@ async fn a_full_batch_seals_at_once() {
     s.batching[2] = BatchPolicy {
         max_size: 4,
         max_wait_ms: 60_000,
+        seal_when_drained: true,
     };
     let r = rig(s, FakeProvider::new(Duration::ZERO, |_| ok())).await;
     let start = Instant::now();
@@ -735,5 +746,33 @@ async fn priority_one_does_not_queue_behind_a_route_full_of_bulk_work() {
         r.sink.outcome_count() < 20,
         "bulk work was still queued when p1 finished"
     );
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_seals_at_once_when_its_queue_is_drained() {
+    let r = rig(settings(), FakeProvider::new(Duration::ZERO, |_| ok())).await;
+    let start = Instant::now();
+    // p3 waits up to 1 s for a full batch of 100; the last of these three
+    // reports an empty queue behind it.
+    for (i, pending) in [Some(2), Some(1), Some(0)].into_iter().enumerate() {
+        r.source
+            .publish_with_pending(Priority::P3, task(&format!("d{i}"), "x"), pending);
+    }
+    until(Duration::from_secs(5), || r.sink.outcome_count() == 3).await;
+    let waited = Instant::now() - start;
+    assert!(
+        waited < Duration::from_millis(100),
+        "sealed after {waited:?}"
+    );
+    let batches: std::collections::HashSet<String> = (0..3)
+        .map(|i| {
+            r.sink.outcome(&format!("d{i}")).unwrap()["batch_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(batches.len(), 1, "the three travelled together");
     r.engine.shutdown().await;
 }
