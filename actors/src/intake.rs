@@ -179,7 +179,6 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
                 lease: d.lease,
                 subject: d.subject,
                 drained: d.pending == Some(0),
-                accepted_at: tokio::time::Instant::now(),
             };
             match ctx.directory.assembler() {
                 // On a failed send the message (and its lease) is dropped: naked, redelivered.

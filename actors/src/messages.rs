@@ -1,7 +1,6 @@
 //! Every message the actors exchange.
 
 use ractor::RpcReplyPort;
-use tokio::time::Instant;
 
 use crate::batching::BatchKey;
 use crate::lease::Lease;
@@ -46,8 +45,6 @@ pub struct Accepted {
     pub subject: String,
     /// True when its consumer had nothing more waiting when it was delivered.
     pub drained: bool,
-    /// When the engine took it in.
-    pub accepted_at: Instant,
 }
 
 /// A sealed batch.

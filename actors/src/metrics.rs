@@ -202,12 +202,6 @@ fn add_cost(model: &str, tenant: &str, p: Priority, usd: f64) {
         .or_insert(0.0) += usd;
 }
 
-/// Total spend recorded by this process, in USD.
-pub fn cost_total() -> f64 {
-    let cost = COST.lock().unwrap_or_else(|e| e.into_inner());
-    cost.values().sum()
-}
-
 /// The float counters in Prometheus text format (`batchd_cost_usd_total`).
 pub fn render_float_counters() -> String {
     let cost = COST.lock().unwrap_or_else(|e| e.into_inner());
