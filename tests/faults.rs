@@ -241,7 +241,7 @@ async fn a_throttling_provider_is_waited_out_and_every_task_succeeds() {
     let limited = sim.stats().rate_limited;
     assert!(limited > 0, "the limit was hit");
     // After a 429 one probe at a time tries the route, not a burst.
-    assert!(limited < 400, "{limited} 429s for {n} tasks: a retry storm");
+    assert!(limited < 200, "{limited} 429s for {n} tasks: a retry storm");
     for list in outcomes.values() {
         assert_eq!(list[0]["status"], "succeeded", "{}", list[0]);
         assert_eq!(list[0]["attempts"], 1, "a 429 costs no attempt");
