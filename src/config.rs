@@ -176,6 +176,22 @@ pub struct ProviderConfig {
     pub api_key_env: Option<String>,
     /// Models this provider serves.
     pub models: Vec<String>,
+    /// The request field that carries the output limit: `max_completion_tokens`
+    /// (OpenAI's current name, required by its reasoning models) or
+    /// `max_tokens` (for servers that only know the older name).
+    #[serde(default)]
+    pub max_tokens_field: MaxTokensField,
+}
+
+/// See [`ProviderConfig::max_tokens_field`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaxTokensField {
+    /// `max_completion_tokens`.
+    #[default]
+    MaxCompletionTokens,
+    /// `max_tokens`.
+    MaxTokens,
 }
 
 impl ProviderConfig {

@@ -9,7 +9,7 @@ use batchd_actors::ratelimit::retry_after;
 use batchd_actors::task::Usage;
 use serde_json::Value;
 
-use crate::config::ProviderConfig;
+use crate::config::{MaxTokensField, ProviderConfig};
 
 /// An OpenAI-compatible endpoint (`{base_url}/chat/completions`).
 pub struct OpenAiProvider {
@@ -17,6 +17,7 @@ pub struct OpenAiProvider {
     url: String,
     api_key: Option<String>,
     timeout: Duration,
+    max_tokens_field: MaxTokensField,
 }
 
 impl OpenAiProvider {
@@ -37,19 +38,30 @@ impl OpenAiProvider {
             url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
             api_key,
             timeout,
+            max_tokens_field: MaxTokensField::MaxCompletionTokens,
         })
     }
 
     /// From a provider's config section, environment overrides applied.
     pub fn from_config(c: &ProviderConfig, timeout: Duration) -> Result<Self, reqwest::Error> {
-        OpenAiProvider::new(&c.resolved_base_url(), c.resolved_api_key(), timeout)
+        let mut p = OpenAiProvider::new(&c.resolved_base_url(), c.resolved_api_key(), timeout)?;
+        p.max_tokens_field = c.max_tokens_field;
+        Ok(p)
     }
 }
 
 #[async_trait]
 impl Provider for OpenAiProvider {
     async fn complete(&self, request: &Value) -> Result<Completion, ProviderError> {
-        let mut req = self.client.post(&self.url).json(request);
+        let renamed;
+        let body = match self.max_tokens_field {
+            MaxTokensField::MaxCompletionTokens => request,
+            MaxTokensField::MaxTokens => {
+                renamed = with_max_tokens(request);
+                &renamed
+            }
+        };
+        let mut req = self.client.post(&self.url).json(body);
         if let Some(key) = &self.api_key {
             req = req.bearer_auth(key);
         }
@@ -106,6 +118,18 @@ impl Provider for OpenAiProvider {
             },
         })
     }
+}
+
+/// The request with `max_completion_tokens` renamed `max_tokens` (unless the
+/// body already sets `max_tokens`).
+fn with_max_tokens(request: &Value) -> Value {
+    let mut body = request.clone();
+    if let Some(map) = body.as_object_mut() {
+        if let Some(limit) = map.remove("max_completion_tokens") {
+            map.entry("max_tokens").or_insert(limit);
+        }
+    }
+    body
 }
 
 /// Reads the text, finish reason and usage of a chat completion.
@@ -174,6 +198,14 @@ mod tests {
                 output_tokens: 41
             }
         );
+    }
+
+    #[test]
+    fn renames_the_output_limit_for_servers_that_want_max_tokens() {
+        let r = with_max_tokens(&json!({"model": "m", "max_completion_tokens": 5}));
+        assert_eq!(r, json!({"model": "m", "max_tokens": 5}));
+        let r = with_max_tokens(&json!({"max_completion_tokens": 5, "max_tokens": 9}));
+        assert_eq!(r, json!({"max_tokens": 9}));
     }
 
     #[test]

@@ -188,3 +188,33 @@ async fn protocol_details_msgpack_reply_to_batch_lines_chat_bodies_and_duplicate
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_configured_for_max_tokens_gets_max_tokens() {
+    let recording = SimConfig {
+        record_requests: true,
+        ..SimConfig::default()
+    };
+    let extra = "[providers.openai]\nmax_tokens_field = \"max_tokens\"\n";
+    let common::Stack {
+        sim,
+        running,
+        js,
+        nats: _nats,
+    } = common::stack(recording, extra).await;
+    let body = serde_json::to_vec(&common::task("mt_1", 2)).unwrap();
+    common::publish(&js, "batchd.tasks.p2", body, None, Some("mt_1")).await;
+    let outcomes =
+        common::wait_for_messages(&js, "BATCHD_RESULTS", 1, Duration::from_secs(30)).await;
+    assert_eq!(outcomes["batchd.results.mt_1"][0]["status"], "succeeded");
+    let sent = sim.recorded_requests();
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0]["max_tokens"].as_u64().is_some(), "{}", sent[0]);
+    assert!(
+        sent[0].get("max_completion_tokens").is_none(),
+        "{}",
+        sent[0]
+    );
+    common::openapi::validate_chat_request(&sent[0]).unwrap();
+    running.engine.shutdown().await;
+}
