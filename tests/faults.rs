@@ -28,6 +28,13 @@ impl Batchd {
         Batchd(child)
     }
 
+    /// SIGTERM, then waits for the exit: a graceful shutdown.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).expect("pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        self.0.wait().expect("reap")
+    }
+
     /// SIGKILL: no chance to finish anything.
     fn kill(&mut self) {
         self.0.kill().expect("SIGKILL");
@@ -97,6 +104,48 @@ async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
         requests <= n as u64 + 96,
         "{requests} provider requests for {n} tasks"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_work_and_exits_cleanly() {
+    let nats = NatsServer::start().await;
+    let sim = SimServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimConfig {
+            latency: Duration::from_millis(30),
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::config_file(dir.path(), &nats.url(), &sim.base_url(), "");
+    let config = batchd::config::Config::load(&path).unwrap();
+    let client = nats.client().await;
+    batchd::nats::ensure_topology(&client, &config)
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    let n = 2000;
+    common::publish_many(&js, &common::tasks(n, "g")).await;
+
+    let mut first = Batchd::start(&path);
+    wait_for_count(&js, "BATCHD_RESULTS", 300).await;
+    let status = first.terminate();
+    assert!(status.success(), "graceful exit, got {status}");
+    // Nothing was left half-done: every message still in the queue is unacked
+    // and unclaimed, so the next run picks it up at once (no ack_wait).
+    let done = common::stream_len(&js, "BATCHD_RESULTS").await;
+    let left = common::stream_len(&js, "BATCHD_TASKS").await;
+    assert_eq!(done + left, n as u64, "{done} done + {left} waiting");
+    assert!(left > 0, "stopped mid-run");
+
+    let _second = Batchd::start(&path);
+    let outcomes =
+        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(60)).await;
+    common::assert_exactly_one_each(&outcomes, n);
+    common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(30)).await;
+    assert_eq!(sim.stats().requests, n as u64, "no task was sent twice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
