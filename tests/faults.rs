@@ -68,6 +68,7 @@ async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
         SimConfig {
             latency: Duration::from_millis(20),
             jitter: Duration::from_millis(20),
+            record_requests: true,
             ..SimConfig::default()
         },
     )
@@ -87,8 +88,12 @@ async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
     let mut first = Batchd::start(&path);
     wait_for_count(&js, "BATCHD_RESULTS", 600).await;
     first.kill();
-    let at_kill = common::stream_len(&js, "BATCHD_RESULTS").await;
-    assert!(at_kill < n as u64, "killed mid-run ({at_kill} of {n} done)");
+    let done_at_kill = common::read_all(&js, "BATCHD_RESULTS").await;
+    assert!(
+        done_at_kill.len() < n,
+        "killed mid-run ({} of {n} done)",
+        done_at_kill.len()
+    );
 
     let _second = Batchd::start(&path);
     let outcomes =
@@ -96,14 +101,32 @@ async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
     common::assert_exactly_one_each(&outcomes, n);
     common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(30)).await;
     assert_eq!(common::stream_len(&js, "BATCHD_RESULTS").await, n as u64);
-    // Tasks whose outcome was stored before the kill were not sent again: at
-    // most the requests in flight at the kill (3 routes × 32) were repeated.
-    let requests = sim.stats().requests;
-    assert!(requests >= n as u64);
-    assert!(
-        requests <= n as u64 + 96,
-        "{requests} provider requests for {n} tasks"
-    );
+    // A task whose outcome was stored before the kill was not sent again;
+    // only tasks in flight at the kill (at most 3 × max_ack_pending) were.
+    let mut sent: std::collections::HashMap<String, usize> = Default::default();
+    for body in sim.recorded_requests() {
+        let text = body["messages"][1]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let id = text
+            .rsplit("document ")
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        *sent.entry(id).or_default() += 1;
+    }
+    assert_eq!(sent.len(), n, "every task reached the provider");
+    for subject in done_at_kill.keys() {
+        let id = subject.trim_start_matches("batchd.results.");
+        assert_eq!(
+            sent[id], 1,
+            "{id} finished before the kill but was sent {} times",
+            sent[id]
+        );
+    }
+    let repeated: usize = sent.values().map(|c| c - 1).sum();
+    assert!(repeated <= 3 * 500, "{repeated} repeated requests");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
