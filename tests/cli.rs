@@ -68,14 +68,7 @@ async fn metrics_endpoint_serves_every_protocol_metric_with_histogram_buckets() 
     let sim = SimServer::start("127.0.0.1:0".parse().unwrap(), SimConfig::default())
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = common::config_file(dir.path(), &nats.url(), &sim.base_url(), "");
-    let config = batchd::config::Config::load(&path).unwrap();
-    let client = nats.client().await;
-    batchd::nats::ensure_topology(&client, &config)
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(client);
+    let (_dir, path, js) = common::binary_setup(&nats, &sim).await;
     let tasks: Vec<_> = (0..30)
         .map(|i| {
             let p = [1, 2, 3][i % 3];

@@ -74,14 +74,7 @@ async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
     )
     .await
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = common::config_file(dir.path(), &nats.url(), &sim.base_url(), "");
-    let config = batchd::config::Config::load(&path).unwrap();
-    let client = nats.client().await;
-    batchd::nats::ensure_topology(&client, &config)
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(client);
+    let (_dir, path, js) = common::binary_setup(&nats, &sim).await;
     let n = 3000;
     common::publish_many(&js, &common::tasks(n, "k")).await;
 
@@ -141,14 +134,7 @@ async fn sigterm_finishes_in_flight_work_and_exits_cleanly() {
     )
     .await
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = common::config_file(dir.path(), &nats.url(), &sim.base_url(), "");
-    let config = batchd::config::Config::load(&path).unwrap();
-    let client = nats.client().await;
-    batchd::nats::ensure_topology(&client, &config)
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(client);
+    let (_dir, path, js) = common::binary_setup(&nats, &sim).await;
     let n = 2000;
     common::publish_many(&js, &common::tasks(n, "g")).await;
 

@@ -282,3 +282,20 @@ pub fn assert_exactly_one_each(outcomes: &HashMap<String, Vec<Value>>, n: usize)
         assert_eq!(list.len(), 1, "{subject} has {} outcomes", list.len());
     }
 }
+
+/// For tests that run the `batchd` binary: writes the test config to a
+/// temporary directory and creates the topology so tasks can be published
+/// before batchd starts. Keep the directory alive while the binary runs.
+pub async fn binary_setup(
+    nats: &nats::NatsServer,
+    sim: &SimServer,
+) -> (tempfile::TempDir, std::path::PathBuf, jetstream::Context) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = config_file(dir.path(), &nats.url(), &sim.base_url(), "");
+    let config = Config::load(&path).expect("load the test config");
+    let client = nats.client().await;
+    batchd::nats::ensure_topology(&client, &config)
+        .await
+        .expect("create the topology");
+    (dir, path, jetstream::new(client))
+}
