@@ -15,6 +15,17 @@ fn batchd() -> Command {
     c
 }
 
+/// Runs `batchd run` against NATS on `port`, asserts it fails, returns stderr.
+fn run_refused(port: u16) -> String {
+    let out = batchd()
+        .args(["run", "--nats-url", &format!("nats://127.0.0.1:{port}")])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "batchd run should refuse to start");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn run_fails_fast_with_a_clear_message_when_nats_is_unreachable() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -23,18 +34,7 @@ fn run_fails_fast_with_a_clear_message_when_nats_is_unreachable() {
         .unwrap()
         .port();
     let started = std::time::Instant::now();
-    let out = batchd()
-        .args([
-            "run",
-            "--nats-url",
-            &format!("nats://127.0.0.1:{port}"),
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = run_refused(port);
     assert!(err.contains("cannot reach NATS"), "{err}");
     assert!(
         err.contains("nats-server -js"),
@@ -166,18 +166,7 @@ fn fake_nats_server(version: &'static str) -> u16 {
 #[test]
 fn run_refuses_a_nats_server_too_old_naming_its_version() {
     let port = fake_nats_server("2.9.10");
-    let out = batchd()
-        .args([
-            "run",
-            "--nats-url",
-            &format!("nats://127.0.0.1:{port}"),
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = run_refused(port);
     assert!(err.contains("nats-server 2.9.10"), "{err}");
     assert!(err.contains("too old"), "{err}");
     assert!(err.contains("2.10 or newer"), "{err}");
