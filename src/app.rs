@@ -12,7 +12,7 @@ use batchd_actors::ports::Provider;
 use batchd_actors::Engine;
 
 use crate::config::Config;
-use crate::nats::{connect, ensure_topology, JetSink, JetSource};
+use crate::nats::{connect, ensure_topology, JetSink, JetSource, KvAttempts};
 use crate::provider::OpenAiProvider;
 
 /// A running engine and what it is connected to.
@@ -46,6 +46,7 @@ pub async fn start(
     let ports = Ports {
         source: Arc::new(JetSource::new(&topology, config, keeper.clone())),
         sink: Arc::new(JetSink::new(&client, &topology, config)),
+        attempts: Arc::new(KvAttempts(topology.attempts.clone())),
         providers,
         keeper,
     };

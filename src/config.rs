@@ -9,8 +9,9 @@ use std::time::Duration;
 use batchd_actors::backoff::RetryPolicy;
 use batchd_actors::batching::BatchPolicy;
 use batchd_actors::pricing::PriceTable;
+use batchd_actors::route::{CircuitSettings, RouteSettings};
 use batchd_actors::routing::{Catalog, TaskType, TierModels};
-use batchd_actors::settings::{EngineSettings, RestartPolicy};
+use batchd_actors::settings::{EngineSettings, RestartPolicy, RouteLimits};
 use serde::Deserialize;
 
 /// The defaults, documented key by key.
@@ -91,6 +92,8 @@ pub struct NatsConfig {
     pub checkpoints_bucket: String,
     /// Ledger KV bucket.
     pub ledger_bucket: String,
+    /// KV bucket of the attempts each retried task has spent.
+    pub attempts_bucket: String,
     /// Tasks stream message bound.
     pub tasks_max_msgs: i64,
     /// Tasks stream byte bound.
@@ -137,18 +140,39 @@ pub struct BatchingConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DispatchConfig {
-    /// Concurrent requests per route.
-    pub route_concurrency: usize,
-    /// Requests per route reserved for priority 1.
-    pub p1_reserved: usize,
+    /// Ceiling of each route's adaptive concurrency.
+    pub max_concurrency: usize,
+    /// Where each route's concurrency starts.
+    pub initial_concurrency: usize,
     /// Request timeout, seconds.
     pub request_timeout_secs: u64,
-    /// How long a task waits out 429s in place, seconds.
-    pub rate_limit_patience_secs: u64,
     /// Longest Retry-After honoured, seconds.
     pub max_retry_after_secs: u64,
+    /// Shares of scarce route capacity for priorities 2 and 3 (priority 1 is strict).
+    pub p2_weight: u32,
+    /// See `p2_weight`.
+    pub p3_weight: u32,
+    /// `[dispatch.circuit]`.
+    pub circuit: CircuitConfig,
+    /// `[dispatch.limits.MODEL]`: configured rate budgets.
+    #[serde(default)]
+    pub limits: std::collections::BTreeMap<String, RouteLimits>,
     /// Outcome publish retry budget, seconds.
     pub publish_retry_secs: u64,
+}
+
+/// `[dispatch.circuit]`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitConfig {
+    /// Consecutive transient failures that open a route's circuit.
+    pub failure_threshold: u32,
+    /// ... counted within this many seconds.
+    pub window_secs: u64,
+    /// First wait before a half-open probe, milliseconds (doubles per failed probe).
+    pub probe_initial_ms: u64,
+    /// Longest wait between probes, milliseconds.
+    pub probe_max_ms: u64,
 }
 
 /// `[metrics]`.
@@ -279,6 +303,7 @@ impl Config {
             ("nats.dlq_stream", &self.nats.dlq_stream),
             ("nats.checkpoints_bucket", &self.nats.checkpoints_bucket),
             ("nats.ledger_bucket", &self.nats.ledger_bucket),
+            ("nats.attempts_bucket", &self.nats.attempts_bucket),
             ("nats.consumer_prefix", &self.nats.consumer_prefix),
         ] {
             if !token_ok(name) {
@@ -327,14 +352,38 @@ impl Config {
                 "must not exceed retry.max_delay_ms".into(),
             );
         }
-        if self.dispatch.route_concurrency < 1 {
-            return bad("dispatch.route_concurrency", "must be at least 1".into());
+        let d = &self.dispatch;
+        if d.max_concurrency < 1 {
+            return bad("dispatch.max_concurrency", "must be at least 1".into());
         }
-        if self.dispatch.p1_reserved >= self.dispatch.route_concurrency {
+        if d.initial_concurrency < 1 || d.initial_concurrency > d.max_concurrency {
             return bad(
-                "dispatch.p1_reserved",
-                "must be below dispatch.route_concurrency (other priorities need a share)".into(),
+                "dispatch.initial_concurrency",
+                "must be between 1 and dispatch.max_concurrency".into(),
             );
+        }
+        if d.p2_weight < 1 || d.p3_weight < 1 {
+            return bad(
+                "dispatch.p2_weight",
+                "p2_weight and p3_weight must be at least 1 (no priority is starved)".into(),
+            );
+        }
+        if d.circuit.failure_threshold < 1 {
+            return bad("dispatch.circuit.failure_threshold", "must be at least 1".into());
+        }
+        if d.circuit.probe_initial_ms < 1 || d.circuit.probe_initial_ms > d.circuit.probe_max_ms {
+            return bad(
+                "dispatch.circuit.probe_initial_ms",
+                "must be between 1 and dispatch.circuit.probe_max_ms".into(),
+            );
+        }
+        for (model, l) in &d.limits {
+            if l.rpm == Some(0) || l.tpm == Some(0) {
+                return bad(
+                    &format!("dispatch.limits.{model}"),
+                    "rpm and tpm must be at least 1 when given".into(),
+                );
+            }
         }
         if self.dispatch.request_timeout_secs < 1 {
             return bad("dispatch.request_timeout_secs", "must be at least 1".into());
@@ -410,6 +459,27 @@ impl Config {
         format!("{}.tasks.{}", self.nats.subject_prefix, p.token())
     }
 
+    /// Route control shared by every route.
+    pub fn route_settings(&self) -> RouteSettings {
+        let d = &self.dispatch;
+        RouteSettings {
+            max_concurrency: d.max_concurrency,
+            initial_concurrency: d.initial_concurrency,
+            rpm: None,
+            tpm: None,
+            circuit: CircuitSettings {
+                threshold: d.circuit.failure_threshold,
+                window: Duration::from_secs(d.circuit.window_secs),
+                initial_wait: Duration::from_millis(d.circuit.probe_initial_ms),
+                max_wait: Duration::from_millis(d.circuit.probe_max_ms),
+                ..CircuitSettings::default()
+            },
+            max_pause: Duration::from_secs(d.max_retry_after_secs),
+            p2_weight: d.p2_weight,
+            p3_weight: d.p3_weight,
+        }
+    }
+
     /// The part of the config the engine reads.
     pub fn engine_settings(&self) -> EngineSettings {
         EngineSettings {
@@ -422,11 +492,14 @@ impl Config {
             retry: self.retry,
             prices: self.prices.clone(),
             max_payload_bytes: self.intake.max_payload_bytes,
-            route_concurrency: self.dispatch.route_concurrency,
-            p1_reserved: self.dispatch.p1_reserved,
+            route: self.route_settings(),
+            route_limits: self
+                .dispatch
+                .limits
+                .iter()
+                .map(|(m, l)| (m.clone(), *l))
+                .collect(),
             request_timeout: Duration::from_secs(self.dispatch.request_timeout_secs),
-            rate_limit_patience: Duration::from_secs(self.dispatch.rate_limit_patience_secs),
-            max_retry_after: Duration::from_secs(self.dispatch.max_retry_after_secs),
             publish_retry: Duration::from_secs(self.dispatch.publish_retry_secs),
             lease_heartbeat: Duration::from_millis((self.intake.ack_wait_secs * 1000 / 3).max(100)),
             backlog_interval: Duration::from_millis(self.intake.backlog_interval_ms.max(100)),

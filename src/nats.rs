@@ -8,7 +8,9 @@ use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_nats::HeaderMap;
 use async_trait::async_trait;
 use batchd_actors::lease::{AckError, Acker, Lease, LeaseKeeper};
-use batchd_actors::ports::{Backlog, Delivery, OutcomeSink, SinkError, SourceError, TaskSource};
+use batchd_actors::ports::{
+    AttemptStore, Backlog, Delivery, OutcomeSink, SinkError, SourceError, StoreError, TaskSource,
+};
 use batchd_actors::task::{Encoding, Priority};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -119,6 +121,8 @@ pub struct Topology {
     pub dlq: stream::Stream,
     /// One durable pull consumer per priority, by [`Priority::index`].
     pub consumers: [consumer::PullConsumer; 3],
+    /// Attempts spent per task.
+    pub attempts: jetstream::kv::Store,
 }
 
 fn setup_err(what: impl Into<String>) -> impl FnOnce(String) -> NatsError {
@@ -190,6 +194,18 @@ pub async fn ensure_topology(
             .map_err(|e| setup_err(format!("KV bucket {bucket}"))(e.to_string()))?;
         }
     }
+    let attempts = match js.get_key_value(n.attempts_bucket.as_str()).await {
+        Ok(kv) => kv,
+        Err(_) => js
+            .create_key_value(jetstream::kv::Config {
+                bucket: n.attempts_bucket.clone(),
+                history: 1,
+                max_age: day * u32::try_from(n.results_max_age_days).unwrap_or(u32::MAX),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| setup_err(format!("KV bucket {}", n.attempts_bucket))(e.to_string()))?,
+    };
     let mut consumers = Vec::with_capacity(3);
     for p in Priority::ALL {
         let name = consumer_name(n, p);
@@ -223,6 +239,7 @@ pub async fn ensure_topology(
         results,
         dlq,
         consumers,
+        attempts,
     })
 }
 
@@ -461,6 +478,38 @@ impl OutcomeSink for JetSink {
                 "looking up the outcome of {task_id}: {e}"
             ))),
         }
+    }
+}
+
+/// Attempts per task in a JetStream KV bucket (key: the task id).
+pub struct KvAttempts(pub jetstream::kv::Store);
+
+#[async_trait]
+impl AttemptStore for KvAttempts {
+    async fn get(&self, task_id: &str) -> Result<u32, StoreError> {
+        let value = self
+            .0
+            .get(task_id)
+            .await
+            .map_err(|e| StoreError(format!("reading the attempts of {task_id}: {e}")))?;
+        Ok(value
+            .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse().ok())
+            .unwrap_or(0))
+    }
+
+    async fn set(&self, task_id: &str, attempts: u32) -> Result<(), StoreError> {
+        self.0
+            .put(task_id, attempts.to_string().into())
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError(format!("storing the attempts of {task_id}: {e}")))
+    }
+
+    async fn clear(&self, task_id: &str) -> Result<(), StoreError> {
+        self.0
+            .purge(task_id)
+            .await
+            .map_err(|e| StoreError(format!("clearing the attempts of {task_id}: {e}")))
     }
 }
 

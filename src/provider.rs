@@ -5,11 +5,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use batchd_actors::ports::{Completion, Provider, ProviderError};
-use batchd_actors::ratelimit::retry_after;
+use batchd_actors::route::limits::parse_rate_limit_headers;
 use batchd_actors::task::Usage;
 use serde_json::Value;
 
 use crate::config::{MaxTokensField, ProviderConfig};
+
+/// Longest wait a provider's rate-limit headers may ask for; longer is clamped.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 /// An OpenAI-compatible endpoint (`{base_url}/chat/completions`).
 pub struct OpenAiProvider {
@@ -74,13 +77,13 @@ impl Provider for OpenAiProvider {
             },
         })?;
         let status = resp.status();
-        let header = |name: &str| {
+        let limits = parse_rate_limit_headers(
             resp.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let (ra_ms, ra_s) = (header("retry-after-ms"), header("retry-after"));
+                .iter()
+                .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?))),
+            chrono::Utc::now(),
+            MAX_RETRY_AFTER,
+        );
         let body = resp.bytes().await.map_err(|e| ProviderError::Transient {
             status: Some(status.as_u16()),
             message: if e.is_timeout() {
@@ -94,20 +97,17 @@ impl Provider for OpenAiProvider {
                 status: Some(status.as_u16()),
                 message: format!("unreadable response body: {e}"),
             })?;
-            return Ok(parse_completion(&v));
+            let mut completion = parse_completion(&v);
+            completion.limits = limits;
+            return Ok(completion);
         }
-        let message = error_message(&body);
+        let (message, kind) = error_message(&body);
         let code = status.as_u16();
         Err(match code {
-            429 => ProviderError::RateLimited {
-                retry_after: retry_after(
-                    ra_ms.as_deref(),
-                    ra_s.as_deref(),
-                    Duration::from_secs(1),
-                    Duration::from_secs(600),
-                ),
-                message,
-            },
+            429 if kind.as_deref() == Some("insufficient_quota") => {
+                ProviderError::QuotaExhausted { message }
+            }
+            429 => ProviderError::RateLimited { limits, message },
             408 | 409 | 500..=599 => ProviderError::Transient {
                 status: Some(code),
                 message,
@@ -146,17 +146,29 @@ pub fn parse_completion(v: &Value) -> Completion {
                 .unwrap_or(0),
             output_tokens: u["completion_tokens"].as_u64().unwrap_or(0),
         },
+        limits: Default::default(),
     }
 }
 
-fn error_message(body: &[u8]) -> String {
-    serde_json::from_slice::<Value>(body)
-        .ok()
+/// The provider's error message and its error code (or type), from
+/// OpenAI's `{"error": {"message", "type", "code"}}` body.
+fn error_message(body: &[u8]) -> (String, Option<String>) {
+    let v = serde_json::from_slice::<Value>(body).ok();
+    let message = v
+        .as_ref()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
         .unwrap_or_else(|| {
             let text = String::from_utf8_lossy(body);
             text.chars().take(300).collect()
-        })
+        });
+    let kind = v.as_ref().and_then(|v| {
+        let e = &v["error"];
+        e["code"]
+            .as_str()
+            .or_else(|| e["type"].as_str())
+            .map(str::to_owned)
+    });
+    (message, kind)
 }
 
 /// Answers every request at once with a fixed completion: measures the
@@ -174,6 +186,7 @@ impl Provider for InstantProvider {
                 cached_input_tokens: 0,
                 output_tokens: 10,
             },
+            limits: Default::default(),
         })
     }
 }
@@ -211,9 +224,13 @@ mod tests {
     #[test]
     fn error_message_prefers_openai_shape() {
         assert_eq!(
-            error_message(br#"{"error":{"message":"bad model"}}"#),
-            "bad model"
+            error_message(br#"{"error":{"message":"bad model","code":"model_not_found"}}"#),
+            ("bad model".to_owned(), Some("model_not_found".to_owned()))
         );
-        assert_eq!(error_message(b"plain"), "plain");
+        assert_eq!(
+            error_message(br#"{"error":{"message":"no credit","type":"insufficient_quota","code":null}}"#),
+            ("no credit".to_owned(), Some("insufficient_quota".to_owned()))
+        );
+        assert_eq!(error_message(b"plain"), ("plain".to_owned(), None));
     }
 }

@@ -1,55 +1,104 @@
-//! What every actor shares: settings, the I/O ports, the lease keeper and the
-//! directory through which actors find each other's current incarnation.
+//! What every actor shares: settings, the I/O ports, the lease keeper, the
+//! claims on tasks in flight, and the directory through which actors find
+//! each other's current incarnation. All of it outlives any one actor, so a
+//! restarted actor finds the same claims and routes its predecessor used.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
-use ractor::ActorRef;
+use ractor::{ActorCell, ActorRef, Message};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use crate::dispatcher::Routes;
 use crate::lease::LeaseKeeper;
-use crate::messages::{AssemblerMsg, DispatcherMsg, IntakeMsg};
-use crate::ports::{OutcomeSink, Provider, TaskSource};
+use crate::messages::{ActorKind, AssemblerMsg, DispatcherMsg, IntakeMsg, RetryMsg};
+use crate::ports::{AttemptStore, OutcomeSink, Provider, TaskSource};
 use crate::settings::EngineSettings;
 
-/// The current actor refs; the supervisor swaps them on restart.
+/// The current actor cells, one slot per [`ActorKind`]; the supervisor
+/// swaps them on restart.
 #[derive(Default)]
 pub struct Directory {
-    intake: RwLock<Option<ActorRef<IntakeMsg>>>,
-    assembler: RwLock<Option<ActorRef<AssemblerMsg>>>,
-    dispatcher: RwLock<Option<ActorRef<DispatcherMsg>>>,
-}
-
-fn read<T: Clone>(lock: &RwLock<Option<T>>) -> Option<T> {
-    lock.read().unwrap_or_else(|p| p.into_inner()).clone()
-}
-
-fn write<T>(lock: &RwLock<Option<T>>, value: Option<T>) {
-    *lock.write().unwrap_or_else(|p| p.into_inner()) = value;
+    cells: RwLock<[Option<ActorCell>; ActorKind::COUNT]>,
 }
 
 impl Directory {
+    fn get<M: Message>(&self, kind: ActorKind) -> Option<ActorRef<M>> {
+        let cells = self.cells.read().unwrap_or_else(|p| p.into_inner());
+        cells[kind.index()].clone().map(ActorRef::from)
+    }
+
+    /// The cell of one actor, when running.
+    pub fn cell(&self, kind: ActorKind) -> Option<ActorCell> {
+        let cells = self.cells.read().unwrap_or_else(|p| p.into_inner());
+        cells[kind.index()].clone()
+    }
+
+    pub(crate) fn set(&self, kind: ActorKind, cell: Option<ActorCell>) {
+        let mut cells = self.cells.write().unwrap_or_else(|p| p.into_inner());
+        cells[kind.index()] = cell;
+    }
+
     /// The Intake, when running.
     pub fn intake(&self) -> Option<ActorRef<IntakeMsg>> {
-        read(&self.intake)
+        self.get(ActorKind::Intake)
     }
     /// The Assembler, when running.
     pub fn assembler(&self) -> Option<ActorRef<AssemblerMsg>> {
-        read(&self.assembler)
+        self.get(ActorKind::Assembler)
     }
     /// The Dispatcher, when running.
     pub fn dispatcher(&self) -> Option<ActorRef<DispatcherMsg>> {
-        read(&self.dispatcher)
+        self.get(ActorKind::Dispatcher)
     }
-    pub(crate) fn set_intake(&self, r: Option<ActorRef<IntakeMsg>>) {
-        write(&self.intake, r);
+    /// The RetryScheduler, when running.
+    pub fn retry_scheduler(&self) -> Option<ActorRef<RetryMsg>> {
+        self.get(ActorKind::RetryScheduler)
     }
-    pub(crate) fn set_assembler(&self, r: Option<ActorRef<AssemblerMsg>>) {
-        write(&self.assembler, r);
+}
+
+/// Task ids the engine is working on. One copy of a task holds the claim
+/// from its acceptance until its message is settled; a second copy delivered
+/// meanwhile (a redelivery after a missed heartbeat, a duplicate publish)
+/// finds the claim taken and never produces an outcome of its own.
+#[derive(Default, Clone)]
+pub struct Claims(Arc<Mutex<HashSet<String>>>);
+
+impl Claims {
+    /// Claims `task_id`; `None` when another copy holds it.
+    pub fn claim(&self, task_id: &str) -> Option<Claim> {
+        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        set.insert(task_id.to_owned()).then(|| Claim {
+            claims: self.clone(),
+            id: task_id.to_owned(),
+        })
     }
-    pub(crate) fn set_dispatcher(&self, r: Option<ActorRef<DispatcherMsg>>) {
-        write(&self.dispatcher, r);
+
+    /// True while some copy of `task_id` is claimed.
+    pub fn is_claimed(&self, task_id: &str) -> bool {
+        let set = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        set.contains(task_id)
+    }
+}
+
+/// The claim on one task id; released on drop, however the task ends.
+#[derive(Debug)]
+pub struct Claim {
+    claims: Claims,
+    id: String,
+}
+
+impl std::fmt::Debug for Claims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claims").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut set = self.claims.0.lock().unwrap_or_else(|p| p.into_inner());
+        set.remove(&self.id);
     }
 }
 
@@ -60,6 +109,8 @@ pub struct Ports {
     pub source: Arc<dyn TaskSource>,
     /// Outcomes and dead letters.
     pub sink: Arc<dyn OutcomeSink>,
+    /// Attempts spent per task.
+    pub attempts: Arc<dyn AttemptStore>,
     /// Providers by name.
     pub providers: HashMap<String, Arc<dyn Provider>>,
     /// Heartbeats for the leases the source hands out.
@@ -76,6 +127,11 @@ pub struct EngineContext {
     pub keeper: LeaseKeeper,
     /// Current actor refs.
     pub directory: Directory,
+    /// Task ids in flight.
+    pub claims: Claims,
+    /// Provider routes, kept across Dispatcher restarts.
+    pub routes: Routes,
+    stop: tokio::sync::watch::Sender<bool>,
     rng: Mutex<StdRng>,
 }
 
@@ -88,8 +144,28 @@ impl EngineContext {
             keeper: ports.keeper.clone(),
             ports,
             directory: Directory::default(),
+            claims: Claims::default(),
+            routes: Routes::default(),
+            stop: tokio::sync::watch::Sender::new(false),
             rng,
         })
+    }
+
+    /// Tells every waiting task that the engine is shutting down.
+    pub fn begin_stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// True once shutdown has begun.
+    pub fn is_stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Resolves once shutdown has begun.
+    pub async fn stopping(&self) {
+        let mut rx = self.stop.subscribe();
+        // An error means the sender is gone: the engine is gone too.
+        let _ = rx.wait_for(|stopping| *stopping).await;
     }
 
     /// Runs `f` with the engine's seeded RNG.

@@ -1,76 +1,106 @@
 //! # Dispatcher
 //!
-//! Owns the provider routes: per (provider, model) a concurrency limit and a
-//! rate-limit budget. Each sealed batch is driven by its own task; each task
-//! in it is handled on its own, so one bad task never fails a batch:
+//! Owns the provider calls. Each sealed batch is driven by its own task, and
+//! each task of a batch on its own, so one bad task never fails a batch. A
+//! task's call goes through three parts, each testable alone:
+//!
+//! - the **route** ([`crate::route::RouteGate`], one per provider and model,
+//!   kept in [`Routes`] so it outlives a Dispatcher restart): admission by
+//!   priority under an adaptive concurrency limit, a learned or configured
+//!   rate budget, pauses and a circuit breaker;
+//! - [`classify`]: what a failure means (retry, rate limit, route down,
+//!   permanent);
+//! - [`outcome`]: the one place outcomes are built and made durable.
+//!
+//! What happens to a task:
 //!
 //! - an outcome already in the results stream → ack and skip (no double billing);
 //! - success → outcome with usage and cost, then ack;
-//! - 429 → pause the route for Retry-After and try again in place;
-//! - 5xx / timeout / connection error → hand back to JetStream with backoff,
-//!   or `max_retries` + dead letter once attempts are spent;
-//! - other 4xx → `provider_rejected` + dead letter.
+//! - 429 → the route pauses and learns; the task waits at the route (no attempt);
+//! - 401/403, 404, 429 `insufficient_quota` → the route's circuit opens; the
+//!   task waits for it to close (no attempt);
+//! - 5xx / 408 / 409 / timeout / connection error → one attempt spent (durable
+//!   in the attempt store), the task waits in the RetryScheduler, or gets
+//!   `max_retries` + dead letter once attempts are spent; a failure that
+//!   opens the circuit, or happens while it is open, spends none;
+//! - other 4xx → `provider_rejected` + dead letter;
+//! - a deadline that passes while the task waits → `expired`.
 //!
-//! Receives: [`DispatcherMsg`]. Sends: outcomes and dead letters to the sink.
+//! Receives: [`DispatcherMsg`]. Sends: outcomes and dead letters to the sink,
+//! retries to the RetryScheduler.
 //!
-//! On restart: batches already running finish on their own tasks; routes are
-//! rebuilt lazily. Nothing is lost: every task's lease is still held by the
-//! task driving it.
+//! On restart: batches already running finish on their own tasks; the routes
+//! live in the shared context, so a new incarnation neither doubles a
+//! route's concurrency nor forgets its pause or circuit.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio::sync::Semaphore;
+use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::context::EngineContext;
-use crate::messages::{Accepted, Batch, DispatcherMsg};
+use crate::messages::{Accepted, Batch, DispatcherMsg, RetryMsg};
 use crate::metrics;
-use crate::outcome::{self, deliver, elapsed_ms, Final};
+use crate::outcome::{self, deliver, deliver_unless_done, elapsed_ms, Final};
 use crate::ports::{Completion, Provider, ProviderError};
-use crate::ratelimit::RouteBudget;
+use crate::retry_scheduler::{classify, RouteFault, Verdict};
+use crate::route::{CallReport, CircuitReason, CircuitState, Report, RouteGate};
 use crate::routing::Route;
-use crate::task::{timestamp, ErrorKind, Outcome, Priority, RouteKind, Status, TaskError, Timings};
+use crate::task::{timestamp, ErrorKind, Outcome, RouteKind, Status, TaskError, Timings};
 
 /// The Dispatcher actor.
 pub struct Dispatcher;
 
-/// One route's limits.
-pub struct RouteState {
-    route: Route,
+/// One route: its provider and its gate.
+pub struct RouteEntry {
+    /// Provider and model.
+    pub route: Route,
     provider: Arc<dyn Provider>,
-    permits: Semaphore,
-    /// Permits priorities 2 and 3 must hold first: the route's concurrency
-    /// minus the share reserved for priority 1.
-    shared: Semaphore,
-    budget: Mutex<RouteBudget>,
-    /// Set by a 429, cleared by a success: while set, one request at a time
-    /// probes the route instead of a burst of `route_concurrency`.
-    throttled: AtomicBool,
-    probe: tokio::sync::Mutex<()>,
+    /// Admission, budget and circuit.
+    pub gate: RouteGate,
 }
 
-impl RouteState {
-    fn resume_at(&self) -> Option<Instant> {
-        let budget = self.budget.lock().unwrap_or_else(|p| p.into_inner());
-        budget.resume_at(Instant::now())
+/// Every route the engine has used, shared by all Dispatcher incarnations.
+#[derive(Default)]
+pub struct Routes(Mutex<HashMap<Route, Arc<RouteEntry>>>);
+
+impl Routes {
+    fn get_or_create(&self, ctx: &EngineContext, route: &Route) -> Option<Arc<RouteEntry>> {
+        let mut routes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = routes.get(route) {
+            return Some(r.clone());
+        }
+        let provider = ctx.ports.providers.get(&route.provider)?.clone();
+        let entry = Arc::new(RouteEntry {
+            route: route.clone(),
+            provider,
+            gate: RouteGate::new(ctx.settings.route_settings(&route.model)),
+        });
+        routes.insert(route.clone(), entry.clone());
+        Some(entry)
     }
 
-    fn pause(&self, wait: Duration) {
-        let mut budget = self.budget.lock().unwrap_or_else(|p| p.into_inner());
-        budget.pause(Instant::now(), wait);
+    /// Every route, for metrics and status.
+    pub fn all(&self) -> Vec<Arc<RouteEntry>> {
+        let routes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        routes.values().cloned().collect()
     }
 }
 
 /// The Dispatcher's state.
 pub struct DispatcherState {
     ctx: Arc<EngineContext>,
-    routes: HashMap<Route, Arc<RouteState>>,
-    in_flight: Arc<Mutex<HashSet<String>>>,
+    sampler: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for DispatcherState {
+    fn drop(&mut self) {
+        self.sampler.abort();
+    }
 }
 
 impl Actor for Dispatcher {
@@ -83,11 +113,8 @@ impl Actor for Dispatcher {
         _myself: ActorRef<DispatcherMsg>,
         ctx: Arc<EngineContext>,
     ) -> Result<DispatcherState, ActorProcessingErr> {
-        Ok(DispatcherState {
-            ctx,
-            routes: HashMap::new(),
-            in_flight: Arc::default(),
-        })
+        let sampler = tokio::spawn(sample_routes(ctx.clone()));
+        Ok(DispatcherState { ctx, sampler })
     }
 
     async fn handle(
@@ -104,31 +131,32 @@ impl Actor for Dispatcher {
     }
 }
 
-impl DispatcherState {
-    fn route(&mut self, route: &Route) -> Option<Arc<RouteState>> {
-        if let Some(r) = self.routes.get(route) {
-            return Some(r.clone());
+/// Keeps the per-route gauges true: a pause or a circuit shows while it
+/// lasts and clears when it ends, not at the next success.
+async fn sample_routes(ctx: Arc<EngineContext>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for r in ctx.routes.all() {
+            let s = r.gate.status();
+            let (provider, model) = (r.route.provider.as_str(), r.route.model.as_str());
+            metrics::route_status(
+                provider,
+                model,
+                &metrics::RouteGauges {
+                    paused: s.paused,
+                    concurrency_limit: s.concurrency_limit,
+                    rpm_limit: s.rpm_limit,
+                    tpm_limit: s.tpm_limit,
+                    circuit: s.circuit.map(CircuitReason::as_str),
+                },
+            );
         }
-        let provider = self.ctx.ports.providers.get(&route.provider)?.clone();
-        let state = Arc::new(RouteState {
-            route: route.clone(),
-            provider,
-            permits: Semaphore::new(self.ctx.settings.route_concurrency.max(1)),
-            shared: Semaphore::new(
-                self.ctx
-                    .settings
-                    .route_concurrency
-                    .saturating_sub(self.ctx.settings.p1_reserved)
-                    .max(1),
-            ),
-            budget: Mutex::new(RouteBudget::default()),
-            throttled: AtomicBool::new(false),
-            probe: tokio::sync::Mutex::new(()),
-        });
-        self.routes.insert(route.clone(), state.clone());
-        Some(state)
     }
+}
 
+impl DispatcherState {
     fn dispatch(&mut self, batch: Batch) {
         let priority = batch.key.priority;
         metrics::batch_sealed(
@@ -137,63 +165,60 @@ impl DispatcherState {
             batch.tasks.len(),
             batch.fill_ratio,
         );
-        let Some(route) = self.route(&batch.key.route) else {
+        let Some(route) = self.ctx.routes.get_or_create(&self.ctx, &batch.key.route) else {
             // Routing only produces configured providers; reaching here is a wiring bug.
             tracing::error!(provider = %batch.key.route.provider, "no such provider; tasks handed back");
             return;
         };
         let ctx = self.ctx.clone();
-        let in_flight = self.in_flight.clone();
         tokio::spawn(async move {
             let batch_id = Arc::<str>::from(batch.id);
-            let work = batch.tasks.into_iter().map(|a| {
-                run_task(
-                    ctx.clone(),
-                    route.clone(),
-                    in_flight.clone(),
-                    batch_id.clone(),
-                    a,
-                )
-            });
+            let work = batch
+                .tasks
+                .into_iter()
+                .map(|a| run_task(ctx.clone(), route.clone(), batch_id.clone(), a));
             futures::future::join_all(work).await;
         });
     }
 }
 
-/// Removes a task id from the in-flight set when the task is done, however it ends.
-struct InFlightGuard {
-    set: Arc<Mutex<HashSet<String>>>,
-    id: String,
+/// A rough count of the tokens a request will use (prompt text at about four
+/// characters a token, plus its output limit), so a tokens-per-minute budget
+/// is respected before the provider reports the real count.
+pub fn estimate_tokens(request: &Value) -> u64 {
+    let prompt_chars: usize = request["messages"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .map(|m| match &m["content"] {
+                    Value::String(s) => s.len(),
+                    other => other.to_string().len(),
+                })
+                .sum()
+        })
+        .unwrap_or(0);
+    let output = request["max_completion_tokens"]
+        .as_u64()
+        .or_else(|| request["max_tokens"].as_u64())
+        .unwrap_or(256);
+    (prompt_chars as u64 / 4).saturating_add(output).saturating_add(8)
 }
 
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
-        set.remove(&self.id);
-    }
+/// How one task's calls ended.
+enum Ending {
+    Answered(Completion),
+    /// The error and the attempts to report.
+    Failed(TaskError, u32),
+    Expired,
 }
 
 async fn run_task(
     ctx: Arc<EngineContext>,
-    route: Arc<RouteState>,
-    in_flight: Arc<Mutex<HashSet<String>>>,
+    route: Arc<RouteEntry>,
     batch_id: Arc<str>,
-    a: Accepted,
+    mut a: Accepted,
 ) {
     let task_id = a.task.task_id.clone();
-    // A second copy of a task already in flight waits for the first to finish.
-    let newly_inserted = {
-        let mut set = in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        set.insert(task_id.clone())
-    };
-    if !newly_inserted {
-        let _ = a.lease.nak(Some(Duration::from_secs(1))).await;
-        return;
-    }
-    let _guard = InFlightGuard {
-        set: in_flight,
-        id: task_id.clone(),
-    };
     match ctx.ports.sink.outcome_exists(&task_id).await {
         Ok(true) => {
             tracing::debug!(task_id = %task_id, "outcome already published; skipping");
@@ -207,150 +232,200 @@ async fn run_task(
             return;
         }
     }
-    let attempts = a.attempts_before.saturating_add(1);
     let dispatched_at = Utc::now();
     metrics::task_dispatched(
         a.task.priority,
         Duration::from_millis(elapsed_ms(a.task.created_at, dispatched_at)),
     );
-    let patience = Instant::now() + ctx.settings.rate_limit_patience;
-    let mut started;
-    let result = loop {
-        let result = {
-            let _shared = if a.task.priority == Priority::P1 {
-                None
-            } else {
-                match route.shared.acquire().await {
-                    Ok(p) => Some(p),
-                    Err(_) => return, // closed: shutting down; the lease naks on drop
-                }
-            };
-            let Ok(_permit) = route.permits.acquire().await else {
-                return;
-            };
-            // Checked with the permit held, so a pause that began while this
-            // task queued is honoured and at most `route_concurrency` requests
-            // go out when it ends.
-            while let Some(at) = route.resume_at() {
-                tokio::time::sleep_until(at).await;
-            }
-            let _probe = if route.throttled.load(Ordering::Acquire) {
-                let guard = route.probe.lock().await;
-                while let Some(at) = route.resume_at() {
-                    tokio::time::sleep_until(at).await;
-                }
-                Some(guard)
-            } else {
-                None
-            };
-            started = Instant::now();
-            tokio::time::timeout(
-                ctx.settings.request_timeout,
-                route.provider.complete(&a.plan.request),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(ProviderError::Transient {
-                    status: None,
-                    message: format!("no answer within {:?}", ctx.settings.request_timeout),
-                })
+    let (provider, model) = (route.route.provider.as_str(), route.route.model.as_str());
+    let est_tokens = estimate_tokens(&a.plan.request);
+    let deadline = a.task.deadline.and_then(|dl| {
+        let left = (dl - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        Instant::now().checked_add(left)
+    });
+    let mut waited = Duration::ZERO;
+    let ending = loop {
+        let permit = tokio::select! {
+            permit = route.gate.admit(a.task.priority, est_tokens) => permit,
+            () = sleep_until_opt(deadline) => break Ending::Expired,
+            // Shutting down: a task still waiting for its route is handed
+            // back (its lease naks on drop) rather than held to the end.
+            () = ctx.stopping() => return,
+        };
+        waited += permit.waited();
+        let probe = permit.is_probe();
+        let started = Instant::now();
+        let result = tokio::time::timeout(
+            ctx.settings.request_timeout,
+            route.provider.complete(&a.plan.request),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ProviderError::Transient {
+                status: None,
+                message: format!("no answer within {:?}", ctx.settings.request_timeout),
             })
+        });
+        let latency = started.elapsed();
+        let error = match result {
+            Ok(c) => {
+                metrics::provider_request(provider, model, "ok", latency);
+                let tokens = c.usage.input_tokens.saturating_add(c.usage.output_tokens);
+                route.gate.report(
+                    permit,
+                    CallReport::Success {
+                        latency,
+                        limits: c.limits.clone(),
+                        tokens,
+                    },
+                );
+                break Ending::Answered(c);
+            }
+            Err(e) => e,
         };
-        let (provider, model) = (&route.route.provider, &route.route.model);
-        let label = match &result {
-            Ok(_) => "ok",
-            Err(ProviderError::RateLimited { .. }) => "rate_limited",
-            Err(ProviderError::Transient { .. }) => "transient",
-            Err(ProviderError::Rejected { .. }) => "rejected",
-        };
-        metrics::provider_request(provider, model, label, started.elapsed());
-        match result {
-            Err(ProviderError::RateLimited {
-                retry_after,
-                message,
-            }) => {
+        let attempts = a.attempts_before.saturating_add(1);
+        let verdict = classify(&error, attempts, &ctx.settings.retry);
+        metrics::provider_request(provider, model, verdict_label(verdict), latency);
+        match verdict {
+            Verdict::RateLimited => {
                 metrics::rate_limited(provider, model);
-                let wait = retry_after.min(ctx.settings.max_retry_after);
-                route.pause(wait);
-                route.throttled.store(true, Ordering::Release);
-                metrics::route_paused(provider, model, true);
-                if Instant::now() + wait > patience {
-                    tracing::info!(task_id = %task_id, %message, "still rate limited; handing back");
-                    metrics::retried("rate_limited");
-                    let _ = a.lease.nak(Some(wait)).await;
-                    return;
+                let limits = match &error {
+                    ProviderError::RateLimited { limits, .. } => limits.clone(),
+                    _ => Default::default(),
+                };
+                route.gate.report(permit, CallReport::RateLimited { limits });
+                tracing::debug!(task_id = %task_id, %error, "rate limited; waiting at the route");
+            }
+            Verdict::RouteDown(fault) => {
+                let reason = circuit_reason(fault);
+                let report = route
+                    .gate
+                    .report(permit, CallReport::RouteFailure { reason });
+                if opened(&report) {
+                    tracing::error!(provider, model, reason = reason.as_str(), %error, "route circuit open: no calls until a probe succeeds; its tasks wait");
                 }
             }
-            other => {
-                if other.is_ok() && route.throttled.swap(false, Ordering::AcqRel) {
-                    metrics::route_paused(provider, model, false);
+            Verdict::Permanent => {
+                route.gate.report(permit, CallReport::Neutral);
+                let (status, message) = match &error {
+                    ProviderError::Rejected {
+                        status, message, ..
+                    } => (Some(*status), message.clone()),
+                    other => (None, other.to_string()),
+                };
+                let mut e = TaskError::new(ErrorKind::ProviderRejected, message);
+                e.status_code = status;
+                break Ending::Failed(e, attempts);
+            }
+            Verdict::Retry | Verdict::Exhausted => {
+                let report = route.gate.report(permit, CallReport::Transient { latency });
+                if opened(&report) {
+                    tracing::error!(provider, model, reason = CircuitReason::Unavailable.as_str(), %error, "route circuit open after consecutive failures: no calls until a probe succeeds; its tasks wait");
                 }
-                break other;
+                // A failure that is the route's (a probe, one that opened the
+                // circuit, one landing while it is open) spends no attempt.
+                if probe || opened(&report) || route.gate.status().circuit.is_some() {
+                    continue;
+                }
+                a.attempts_before = attempts;
+                if let Err(e) = ctx.ports.attempts.set(&task_id, attempts).await {
+                    tracing::warn!(task_id = %task_id, error = %e, "attempt count not stored; a crash now would not count it");
+                }
+                if verdict == Verdict::Exhausted {
+                    let status = match &error {
+                        ProviderError::Transient { status, .. } => *status,
+                        _ => None,
+                    };
+                    let mut e = TaskError::new(
+                        ErrorKind::MaxRetries,
+                        format!("gave up after {attempts} attempts; last error: {error}"),
+                    );
+                    e.status_code = status;
+                    break Ending::Failed(e, attempts);
+                }
+                let delay = ctx.with_rng(|rng| ctx.settings.retry.delay(attempts, rng));
+                tracing::debug!(task_id = %task_id, %error, ?delay, "transient failure; retry later");
+                metrics::retried("transient");
+                match ctx.directory.retry_scheduler() {
+                    Some(r) => {
+                        let _ = r.cast(RetryMsg::Schedule {
+                            task: Box::new(a),
+                            delay,
+                        });
+                    }
+                    // No scheduler: the lease naks on drop; the attempt is stored.
+                    None => drop(a),
+                }
+                return;
             }
         }
     };
-    let processing_ms = elapsed_ms(dispatched_at, Utc::now());
-    let (provider, model) = (route.route.provider.as_str(), route.route.model.as_str());
-    let f = match result {
-        Ok(completion) => succeeded(
-            &ctx,
-            &a,
-            completion,
+    let processing = (Utc::now() - dispatched_at)
+        .to_std()
+        .unwrap_or(Duration::ZERO)
+        .saturating_sub(waited);
+    let processing_ms = u64::try_from(processing.as_millis()).unwrap_or(u64::MAX);
+    let spent_stored = a.attempts_before > a.task.retry_count;
+    let f = match ending {
+        Ending::Answered(c) => succeeded(&ctx, &a, c, provider, model, &batch_id, processing_ms),
+        Ending::Failed(error, attempts) => outcome::failed(
+            &a.task,
+            error,
             attempts,
-            provider,
-            model,
-            &batch_id,
-            processing_ms,
+            Some(model),
+            Some(provider),
+            Some(&batch_id),
         ),
-        Err(ProviderError::Rejected { status, message }) => {
-            let mut error = TaskError::new(ErrorKind::ProviderRejected, message);
-            error.status_code = Some(status);
-            outcome::failed(
-                &a.task,
-                error,
-                attempts,
-                Some(model),
-                Some(provider),
-                Some(&batch_id),
-            )
-        }
-        Err(e) => {
-            let status = match &e {
-                ProviderError::Transient { status, .. } => *status,
-                _ => None,
-            };
-            if ctx.settings.retry.exhausted(attempts) {
-                let mut error = TaskError::new(
-                    ErrorKind::MaxRetries,
-                    format!("gave up after {attempts} attempts; last error: {e}"),
-                );
-                error.status_code = status;
-                outcome::failed(
-                    &a.task,
-                    error,
-                    attempts,
-                    Some(model),
-                    Some(provider),
-                    Some(&batch_id),
-                )
-            } else {
-                let delay = ctx.with_rng(|rng| ctx.settings.retry.delay(attempts, rng));
-                tracing::debug!(task_id = %task_id, error = %e, ?delay, "transient failure; redelivery later");
-                metrics::retried("transient");
-                let _ = a.lease.nak(Some(delay)).await;
-                return;
-            }
+        Ending::Expired => {
+            let error = TaskError::new(
+                ErrorKind::Expired,
+                "the task's deadline passed while it waited for its route",
+            );
+            let f = outcome::failed(&a.task, error, a.attempts_before, None, None, None);
+            deliver_unless_done(&ctx, a.lease, f, &a.subject).await;
+            return;
         }
     };
     deliver(&ctx, a.lease, f, &a.subject).await;
+    if spent_stored {
+        if let Err(e) = ctx.ports.attempts.clear(&task_id).await {
+            tracing::debug!(task_id = %task_id, error = %e, "attempt count not cleared; it expires on its own");
+        }
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
+fn opened(report: &Report) -> bool {
+    matches!(report.circuit_changed, Some(CircuitState::Open { .. }))
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn circuit_reason(fault: RouteFault) -> CircuitReason {
+    match fault {
+        RouteFault::Unauthorized => CircuitReason::Unauthorized,
+        RouteFault::ModelNotFound => CircuitReason::ModelNotFound,
+        RouteFault::QuotaExhausted => CircuitReason::QuotaExhausted,
+    }
+}
+
+fn verdict_label(v: Verdict) -> &'static str {
+    match v {
+        Verdict::RateLimited => "rate_limited",
+        Verdict::RouteDown(_) => "route_down",
+        Verdict::Permanent => "rejected",
+        Verdict::Retry | Verdict::Exhausted => "transient",
+    }
+}
+
 fn succeeded(
     ctx: &EngineContext,
     a: &Accepted,
     c: Completion,
-    attempts: u32,
     provider: &str,
     model: &str,
     batch_id: &str,
@@ -377,7 +452,7 @@ fn succeeded(
             route: Some(RouteKind::Realtime),
             usage: c.usage,
             cost_usd,
-            attempts,
+            attempts: a.attempts_before.saturating_add(1),
             batch_id: Some(batch_id.to_owned()),
             priority: task.priority.number(),
             tenant: task.tenant.clone(),

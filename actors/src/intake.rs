@@ -4,7 +4,10 @@
 //! deliveries into this actor, which decodes and validates each one, routes
 //! it, and hands valid tasks to the Assembler. Invalid tasks get a failed
 //! `invalid_request` outcome and a dead letter; tasks out of attempts get
-//! `max_retries`; tasks past their deadline get `expired`.
+//! `max_retries`; tasks past their deadline get `expired` (both only when no
+//! outcome exists yet). A redelivered message reads the attempts its task
+//! spent from the attempt store; a first delivery never does. A copy of a
+//! task already in flight is handed back without a verdict of its own.
 //!
 //! Receives: [`IntakeMsg`]. Sends: tasks to the Assembler, outcomes to the sink.
 //!
@@ -28,6 +31,7 @@ use crate::outcome::{self, deliver, Final};
 use crate::ports::Delivery;
 use crate::routing::plan;
 use crate::task::{ErrorKind, Priority, TaskError};
+
 
 /// The Intake actor.
 pub struct Intake;
@@ -151,43 +155,86 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
             return;
         }
     };
-    let previous_deliveries = u32::try_from(d.delivered.saturating_sub(1)).unwrap_or(u32::MAX);
-    let attempts_before = task.retry_count.saturating_add(previous_deliveries);
-    let invalid = |message: String| TaskError::new(ErrorKind::InvalidRequest, message);
-    let verdict = match plan(&task, &ctx.settings.catalog) {
-        Err(message) => Err(invalid(message)),
-        Ok(_) if ctx.settings.retry.exhausted(attempts_before) => Err(TaskError::new(
-            ErrorKind::MaxRetries,
-            format!("no attempts left after {attempts_before}"),
-        )),
-        Ok(_) if task.deadline.is_some_and(|dl| dl <= Utc::now()) => Err(TaskError::new(
-            ErrorKind::Expired,
-            "the task's deadline passed before it could be sent",
-        )),
-        Ok(plan) => Ok(plan),
-    };
-    match verdict {
-        Err(error) => {
-            let f = outcome::failed(&task, error, attempts_before, None, None, None);
+    let plan = match plan(&task, &ctx.settings.catalog) {
+        Ok(plan) => plan,
+        Err(message) => {
+            let error = TaskError::new(ErrorKind::InvalidRequest, message);
+            let f = outcome::failed(&task, error, task.retry_count, None, None, None);
             finish(ctx, d, f);
+            return;
         }
-        Ok(plan) => {
-            let accepted = Accepted {
-                task,
-                plan,
-                attempts_before,
-                lease: d.lease,
-                subject: d.subject,
-                drained: d.pending == Some(0),
-            };
-            match ctx.directory.assembler() {
-                // On a failed send the message (and its lease) is dropped: naked, redelivered.
-                Some(a) => {
-                    let _ = a.cast(AssemblerMsg::Task(Box::new(accepted)));
-                }
-                None => drop(accepted),
+    };
+    // One copy of a task at a time: a second one waits until the first is
+    // settled, then finds its outcome and is acked without another call.
+    let Some(claim) = ctx.claims.claim(&task.task_id) else {
+        tracing::debug!(task_id = %task.task_id, "another copy is in flight; handed back");
+        let lease = d.lease;
+        tokio::spawn(async move {
+            let _ = lease.nak(Some(Duration::from_secs(1))).await;
+        });
+        return;
+    };
+    let accepted = Accepted {
+        attempts_before: task.retry_count,
+        task,
+        plan,
+        lease: d.lease,
+        claim,
+        subject: d.subject,
+        drained: d.pending == Some(0),
+    };
+    if d.delivered <= 1 {
+        admit(ctx, accepted);
+        return;
+    }
+    // A redelivered message: the attempts it spent before are in the store.
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let mut accepted = accepted;
+        match ctx.ports.attempts.get(&accepted.task.task_id).await {
+            Ok(spent) => {
+                accepted.attempts_before = accepted.task.retry_count.saturating_add(spent);
+                admit(&ctx, accepted);
+            }
+            Err(e) => {
+                tracing::warn!(task_id = %accepted.task.task_id, error = %e, "attempts unreadable; handed back");
+                let _ = accepted.lease.nak(Some(Duration::from_secs(1))).await;
             }
         }
+    });
+}
+
+/// Hands a valid task to the Assembler, or finishes it when it has no
+/// attempts left or its deadline has passed.
+fn admit(ctx: &Arc<EngineContext>, a: Accepted) {
+    let verdict = if ctx.settings.retry.exhausted(a.attempts_before) {
+        Some(TaskError::new(
+            ErrorKind::MaxRetries,
+            format!("no attempts left after {}", a.attempts_before),
+        ))
+    } else if a.task.deadline.is_some_and(|dl| dl <= Utc::now()) {
+        Some(TaskError::new(
+            ErrorKind::Expired,
+            "the task's deadline passed before it could be sent",
+        ))
+    } else {
+        None
+    };
+    if let Some(error) = verdict {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let f = outcome::failed(&a.task, error, a.attempts_before, None, None, None);
+            outcome::deliver_unless_done(&ctx, a.lease, f, &a.subject).await;
+            drop(a.claim);
+        });
+        return;
+    }
+    match ctx.directory.assembler() {
+        // On a failed send the message (and its lease) is dropped: naked, redelivered.
+        Some(assembler) => {
+            let _ = assembler.cast(AssemblerMsg::Task(Box::new(a)));
+        }
+        None => drop(a),
     }
 }
 

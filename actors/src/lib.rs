@@ -10,11 +10,14 @@
 //! - [`task`]: the protocol's task, outcome and dead letter.
 //! - [`codec`]: decoding and validating task bodies; encoding outcomes.
 //! - [`routing`]: task types, tiers, models; the request sent for a task.
-//! - [`batching`], [`backoff`], [`ratelimit`], [`pricing`]: policies as plain functions.
+//! - [`batching`], [`backoff`], [`pricing`]: policies as plain functions.
+//! - [`route`]: route control: adaptive concurrency, rate budget learned from
+//!   the provider's headers, circuit breaker, and the [`route::RouteGate`] that admits calls by priority.
 //! - [`lease`]: the hold on a JetStream message; nak on drop, heartbeats.
 //! - [`ports`]: the I/O traits ([`ports::TaskSource`], [`ports::OutcomeSink`], [`ports::Provider`]).
 //! - [`messages`]: every message between actors.
-//! - [`intake`], [`assembler`], [`dispatcher`]: the actors of the pipeline.
+//! - [`intake`], [`assembler`], [`dispatcher`], [`retry_scheduler`]: the actors
+//!   of the pipeline; [`retry_scheduler::classify`] says what a failed call means.
 //! - [`supervisor`]: one-for-one restarts with an intensity limit.
 //! - [`engine`]: start, fault injection, shutdown.
 //! - [`outcome`]: making outcomes durable before acking.
@@ -38,7 +41,8 @@ pub mod metrics;
 pub mod outcome;
 pub mod ports;
 pub mod pricing;
-pub mod ratelimit;
+pub mod route;
+pub mod retry_scheduler;
 pub mod routing;
 pub mod settings;
 pub mod supervisor;

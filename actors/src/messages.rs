@@ -1,8 +1,11 @@
 //! Every message the actors exchange.
 
+use std::time::Duration;
+
 use ractor::RpcReplyPort;
 
 use crate::batching::BatchKey;
+use crate::context::Claim;
 use crate::lease::Lease;
 use crate::ports::Delivery;
 use crate::routing::Plan;
@@ -17,15 +20,39 @@ pub enum ActorKind {
     Assembler,
     /// Sends batches to providers.
     Dispatcher,
+    /// Holds tasks waiting to be tried again.
+    RetryScheduler,
 }
 
 impl ActorKind {
+    /// How many kinds there are.
+    pub const COUNT: usize = 4;
+
+    /// Every kind, in start order: each finds the ones it sends to running.
+    pub const ALL: [ActorKind; ActorKind::COUNT] = [
+        ActorKind::Dispatcher,
+        ActorKind::RetryScheduler,
+        ActorKind::Assembler,
+        ActorKind::Intake,
+    ];
+
     /// The `actor` metric label and actor name.
     pub fn name(self) -> &'static str {
         match self {
             ActorKind::Intake => "intake",
             ActorKind::Assembler => "assembler",
             ActorKind::Dispatcher => "dispatcher",
+            ActorKind::RetryScheduler => "retry_scheduler",
+        }
+    }
+
+    /// A dense index, for tables.
+    pub fn index(self) -> usize {
+        match self {
+            ActorKind::Dispatcher => 0,
+            ActorKind::RetryScheduler => 1,
+            ActorKind::Assembler => 2,
+            ActorKind::Intake => 3,
         }
     }
 }
@@ -37,10 +64,13 @@ pub struct Accepted {
     pub task: Task,
     /// Where it goes and what is sent.
     pub plan: Plan,
-    /// Attempts spent before this delivery.
+    /// Attempts spent so far (the producer's `retry_count` plus provider
+    /// calls that failed transiently, durable in the attempt store).
     pub attempts_before: u32,
     /// The hold on its message.
     pub lease: Lease,
+    /// The engine's claim on its task id while it is in flight.
+    pub claim: Claim,
     /// The subject it arrived on (recorded in dead letters).
     pub subject: String,
     /// True when its consumer had nothing more waiting when it was delivered.
@@ -94,6 +124,22 @@ pub enum AssemblerMsg {
 pub enum DispatcherMsg {
     /// Send this batch.
     Dispatch(Batch),
+    /// Chaos hook: panic in the handler.
+    InjectFault,
+}
+
+/// Messages to the RetryScheduler.
+#[derive(Debug)]
+pub enum RetryMsg {
+    /// A task whose call failed transiently: send it again after `delay`.
+    Schedule {
+        /// The task (its lease and claim stay held while it waits).
+        task: Box<Accepted>,
+        /// How long it waits.
+        delay: Duration,
+    },
+    /// Hand every waiting task back to JetStream now (shutdown).
+    Release(RpcReplyPort<()>),
     /// Chaos hook: panic in the handler.
     InjectFault,
 }

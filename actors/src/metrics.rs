@@ -10,6 +10,21 @@ use metrics::{counter, gauge, histogram};
 
 use crate::task::{Priority, RouteKind, Status, Usage};
 
+/// A route's adaptive concurrency limit.
+pub const ROUTE_CONCURRENCY_LIMIT: &str = "batchd_route_concurrency_limit";
+/// A route's rate budget per minute (`kind`: requests or tokens), configured
+/// or learned from the provider's headers; absent until known.
+pub const ROUTE_RATE_LIMIT: &str = "batchd_route_rate_limit";
+/// 1 while a route's circuit is open for `reason`.
+pub const ROUTE_CIRCUIT_OPEN: &str = "batchd_route_circuit_open";
+/// Every `reason` label of [`ROUTE_CIRCUIT_OPEN`].
+pub const CIRCUIT_REASONS: [&str; 4] = [
+    "unavailable",
+    "unauthorized",
+    "model_not_found",
+    "quota_exhausted",
+];
+
 /// Tasks waiting or in flight, per priority.
 pub const QUEUE_DEPTH: &str = "batchd_queue_depth";
 /// Age of the oldest unfinished task, per priority.
@@ -108,10 +123,39 @@ pub fn rate_limited(provider: &str, model: &str) {
         .increment(1);
 }
 
-/// A route paused (true) or flowing (false).
-pub fn route_paused(provider: &str, model: &str, paused: bool) {
-    gauge!(ROUTE_PAUSED, "provider" => provider.to_owned(), "model" => model.to_owned())
-        .set(if paused { 1.0 } else { 0.0 });
+/// What a route's gauges show at one moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouteGauges {
+    /// Waiting out a Retry-After.
+    pub paused: bool,
+    /// Current adaptive concurrency limit.
+    pub concurrency_limit: usize,
+    /// Requests per minute, when known.
+    pub rpm_limit: Option<u64>,
+    /// Tokens per minute, when known.
+    pub tpm_limit: Option<u64>,
+    /// Why the circuit is open, if it is.
+    pub circuit: Option<&'static str>,
+}
+
+/// A route's state: pause, concurrency, rate budget, circuit.
+pub fn route_status(provider: &str, model: &str, g: &RouteGauges) {
+    let (p, m) = (provider.to_owned(), model.to_owned());
+    gauge!(ROUTE_PAUSED, "provider" => p.clone(), "model" => m.clone())
+        .set(if g.paused { 1.0 } else { 0.0 });
+    gauge!(ROUTE_CONCURRENCY_LIMIT, "provider" => p.clone(), "model" => m.clone())
+        .set(g.concurrency_limit as f64);
+    for (kind, limit) in [("requests", g.rpm_limit), ("tokens", g.tpm_limit)] {
+        if let Some(limit) = limit {
+            gauge!(ROUTE_RATE_LIMIT, "provider" => p.clone(), "model" => m.clone(), "kind" => kind)
+                .set(limit as f64);
+        }
+    }
+    for reason in CIRCUIT_REASONS {
+        let open = g.circuit == Some(reason);
+        gauge!(ROUTE_CIRCUIT_OPEN, "provider" => p.clone(), "model" => m.clone(), "reason" => reason)
+            .set(if open { 1.0 } else { 0.0 });
+    }
 }
 
 /// A task sent back for another attempt.
@@ -170,7 +214,13 @@ pub fn describe() {
     );
     describe_counter!(RATE_LIMITED_TOTAL, "429 answers from providers");
     describe_gauge!(ROUTE_PAUSED, "1 while a route waits out a Retry-After");
-    describe_counter!(RETRIES_TOTAL, "Tasks sent back for another attempt");
+    describe_counter!(RETRIES_TOTAL, "Tasks sent back for another attempt, by reason");
+    describe_gauge!(ROUTE_CONCURRENCY_LIMIT, "Adaptive concurrency limit per route");
+    describe_gauge!(
+        ROUTE_RATE_LIMIT,
+        "Rate budget per minute per route (kind: requests or tokens), configured or learned"
+    );
+    describe_gauge!(ROUTE_CIRCUIT_OPEN, "1 while a route's circuit is open, by reason");
     describe_counter!(DEAD_LETTERS_TOTAL, "Dead letters by reason");
     describe_counter!(TOKENS_TOTAL, "Tokens by kind");
     describe_counter!(

@@ -146,8 +146,8 @@ pub fn elapsed_ms(from: chrono::DateTime<Utc>, to: chrono::DateTime<Utc>) -> u64
     u64::try_from((to - from).num_milliseconds()).unwrap_or(0)
 }
 
-/// Publishes the dead letter (if any) and the outcome, each with a PubAck,
-/// then acks the message. When the stream stays unreachable past
+/// Publishes the outcome and then its dead letter (if any), each with a
+/// PubAck, then acks the message. When the stream stays unreachable past
 /// `publish_retry`, the message is left to redelivery instead: the outcome
 /// may be missing, never the task.
 pub async fn deliver(ctx: &EngineContext, lease: Lease, f: Final, subject: &str) {
@@ -178,22 +178,41 @@ pub async fn deliver(ctx: &EngineContext, lease: Lease, f: Final, subject: &str)
     }
 }
 
+/// [`deliver`] for a terminal verdict reached without a provider answer
+/// (`max_retries`, `expired`): when an outcome already exists, that one is
+/// kept and the message is only acked.
+pub async fn deliver_unless_done(ctx: &EngineContext, lease: Lease, f: Final, subject: &str) {
+    match ctx.ports.sink.outcome_exists(&f.outcome.task_id).await {
+        Ok(true) => {
+            tracing::debug!(task_id = %f.outcome.task_id, "outcome already published; skipping");
+            let _ = lease.ack().await;
+        }
+        Ok(false) => deliver(ctx, lease, f, subject).await,
+        Err(e) => {
+            tracing::warn!(task_id = %f.outcome.task_id, error = %e, "could not check for an existing outcome; handing back");
+            let _ = lease.nak(Some(Duration::from_secs(1))).await;
+        }
+    }
+}
+
 async fn publish(ctx: &EngineContext, f: &Final, subject: &str) -> Result<bool, SinkError> {
     let sink = &ctx.ports.sink;
     let id = f.outcome.task_id.as_str();
-    if let Some(dl) = &f.dead_letter {
+    let body = encode(&f.outcome, f.encoding)?;
+    let duplicate = retrying(ctx, || sink.publish_outcome(id, body.clone(), f.encoding)).await?;
+    // After the outcome, and only when this outcome is the one kept: a dead
+    // letter never exists for a task whose kept outcome succeeded.
+    if let (Some(dl), false) = (&f.dead_letter, duplicate) {
         let mut dl = dl.clone();
         if dl.subject.is_empty() {
             dl.subject = subject.to_owned();
         }
-        let body = encode(&dl, f.encoding)?;
+        let dl_body = encode(&dl, f.encoding)?;
         retrying(ctx, || {
-            sink.publish_dead_letter(id, body.clone(), f.encoding)
+            sink.publish_dead_letter(id, dl_body.clone(), f.encoding)
         })
         .await?;
     }
-    let body = encode(&f.outcome, f.encoding)?;
-    let duplicate = retrying(ctx, || sink.publish_outcome(id, body.clone(), f.encoding)).await?;
     if let (Some(reply_to), false) = (&f.reply_to, duplicate) {
         if let Err(e) = sink.publish_reply(reply_to, body, f.encoding).await {
             tracing::warn!(task_id = %id, error = %e, "reply_to publish failed; the outcome is in the results stream");

@@ -10,6 +10,7 @@ use futures::stream::BoxStream;
 use serde_json::Value;
 
 use crate::lease::Lease;
+use crate::route::limits::RateLimitInfo;
 use crate::task::{Encoding, Priority, Usage};
 
 /// One delivered task message.
@@ -101,6 +102,50 @@ pub trait OutcomeSink: Send + Sync + 'static {
     async fn outcome_exists(&self, task_id: &str) -> Result<bool, SinkError>;
 }
 
+/// Errors from the attempt store.
+#[derive(Debug, thiserror::Error)]
+#[error("attempt store: {0}")]
+pub struct StoreError(pub String);
+
+/// Where the attempts a task has spent are kept, so the count survives a
+/// crash and does not depend on how often JetStream delivered the message.
+/// Written only when an attempt is spent (a transient provider failure), read
+/// only for a redelivered message: the happy path never touches it.
+#[async_trait]
+pub trait AttemptStore: Send + Sync + 'static {
+    /// Attempts recorded for `task_id` (0 when none).
+    async fn get(&self, task_id: &str) -> Result<u32, StoreError>;
+    /// Records that `task_id` has spent `attempts`.
+    async fn set(&self, task_id: &str, attempts: u32) -> Result<(), StoreError>;
+    /// Forgets `task_id` (its outcome is durable).
+    async fn clear(&self, task_id: &str) -> Result<(), StoreError>;
+}
+
+/// An [`AttemptStore`] in memory: for tests and single-process tools.
+#[derive(Debug, Default)]
+pub struct MemoryAttempts(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+impl MemoryAttempts {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u32>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl AttemptStore for MemoryAttempts {
+    async fn get(&self, task_id: &str) -> Result<u32, StoreError> {
+        Ok(self.map().get(task_id).copied().unwrap_or(0))
+    }
+    async fn set(&self, task_id: &str, attempts: u32) -> Result<(), StoreError> {
+        self.map().insert(task_id.to_owned(), attempts);
+        Ok(())
+    }
+    async fn clear(&self, task_id: &str) -> Result<(), StoreError> {
+        self.map().remove(task_id);
+        Ok(())
+    }
+}
+
 /// A successful chat completion.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
@@ -110,16 +155,24 @@ pub struct Completion {
     pub finish_reason: Option<String>,
     /// Tokens used.
     pub usage: Usage,
+    /// The rate-limit headers that came with it.
+    pub limits: RateLimitInfo,
 }
 
 /// How a provider request failed, which decides what happens to the task.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ProviderError {
-    /// 429: pause the route, try again after `retry_after`.
-    #[error("rate limited (retry after {retry_after:?}): {message}")]
+    /// 429: pause the route, try again after the headers' wait.
+    #[error("rate limited (retry after {:?}): {message}", limits.retry_after)]
     RateLimited {
-        /// How long the provider asked us to wait.
-        retry_after: Duration,
+        /// The rate-limit headers, `Retry-After` included.
+        limits: RateLimitInfo,
+        /// The provider's message.
+        message: String,
+    },
+    /// 429 `insufficient_quota`: the account is out of credit; no wait helps.
+    #[error("quota exhausted: {message}")]
+    QuotaExhausted {
         /// The provider's message.
         message: String,
     },

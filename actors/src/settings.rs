@@ -1,5 +1,6 @@
 //! The engine's settings: the part of the config the actors read.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -7,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::backoff::RetryPolicy;
 use crate::batching::BatchPolicy;
 use crate::pricing::PriceTable;
+use crate::route::RouteSettings;
 use crate::routing::Catalog;
 use crate::task::Priority;
 
@@ -33,17 +35,14 @@ pub struct EngineSettings {
     pub prices: PriceTable,
     /// Largest accepted task body.
     pub max_payload_bytes: usize,
-    /// Concurrent provider requests per route (provider, model).
-    pub route_concurrency: usize,
-    /// Of those, how many only priority-1 tasks may use, so premium work
-    /// never queues behind a full route of bulk work.
-    pub p1_reserved: usize,
+    /// Route control shared by every route: concurrency bounds, circuit,
+    /// priority weights, longest pause honoured.
+    pub route: RouteSettings,
+    /// Rate budgets configured per model (requests and tokens per minute);
+    /// a model without one learns its budget from the provider's headers.
+    pub route_limits: HashMap<String, RouteLimits>,
     /// Provider request timeout.
     pub request_timeout: Duration,
-    /// How long one task waits out 429s in place before being handed back.
-    pub rate_limit_patience: Duration,
-    /// Longest Retry-After honoured in place.
-    pub max_retry_after: Duration,
     /// How long to keep retrying a failed outcome publish before handing the task back.
     pub publish_retry: Duration,
     /// Heartbeat interval for held messages (a third of ack_wait is safe).
@@ -56,7 +55,27 @@ pub struct EngineSettings {
     pub seed: u64,
 }
 
+/// A model's configured rate budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteLimits {
+    /// Requests per minute.
+    pub rpm: Option<u64>,
+    /// Tokens per minute.
+    pub tpm: Option<u64>,
+}
+
 impl EngineSettings {
+    /// The route settings of one model: the shared ones plus its budget.
+    pub fn route_settings(&self, model: &str) -> RouteSettings {
+        let mut s = self.route.clone();
+        if let Some(l) = self.route_limits.get(model) {
+            s.rpm = l.rpm;
+            s.tpm = l.tpm;
+        }
+        s
+    }
+
     /// The batch policy of one priority.
     pub fn batch_policy(&self, p: Priority) -> &BatchPolicy {
         &self.batching[p.index()]

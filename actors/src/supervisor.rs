@@ -1,7 +1,8 @@
 //! # RootSupervisor
 //!
-//! Starts the Dispatcher, the Assembler and the Intake (in that order, so each
-//! finds the next one running), restarts a child that fails or stops
+//! Starts the children of [`ActorKind::ALL`] (Dispatcher, RetryScheduler,
+//! Assembler, Intake: in that order, so each finds the ones it sends to
+//! running), restarts a child that fails or stops
 //! (one-for-one), counts restarts, and escalates to a clean shutdown when
 //! restarts exceed `max_restarts` within `within_secs`.
 //!
@@ -21,8 +22,53 @@ use crate::assembler::Assembler;
 use crate::context::EngineContext;
 use crate::dispatcher::Dispatcher;
 use crate::intake::Intake;
-use crate::messages::{ActorKind, AssemblerMsg, DispatcherMsg, IntakeMsg, SupervisorMsg};
+use crate::messages::{
+    ActorKind, AssemblerMsg, DispatcherMsg, IntakeMsg, RetryMsg, SupervisorMsg,
+};
 use crate::metrics;
+use crate::retry_scheduler::RetryScheduler;
+
+/// The child table: how each kind is started. Adding an actor is one arm here
+/// and one in [`inject_fault`].
+async fn start_child(
+    kind: ActorKind,
+    ctx: Arc<EngineContext>,
+    supervisor: ActorCell,
+) -> Result<ActorCell, ractor::SpawnErr> {
+    Ok(match kind {
+        ActorKind::Intake => Actor::spawn_linked(None, Intake, ctx, supervisor).await?.0.get_cell(),
+        ActorKind::Assembler => Actor::spawn_linked(None, Assembler, ctx, supervisor)
+            .await?
+            .0
+            .get_cell(),
+        ActorKind::Dispatcher => Actor::spawn_linked(None, Dispatcher, ctx, supervisor)
+            .await?
+            .0
+            .get_cell(),
+        ActorKind::RetryScheduler => Actor::spawn_linked(None, RetryScheduler, ctx, supervisor)
+            .await?
+            .0
+            .get_cell(),
+    })
+}
+
+/// Chaos hook: makes one running child panic. False when it is not running.
+fn inject_fault(kind: ActorKind, cell: ActorCell) -> bool {
+    match kind {
+        ActorKind::Intake => ActorRef::<IntakeMsg>::from(cell)
+            .cast(IntakeMsg::InjectFault)
+            .is_ok(),
+        ActorKind::Assembler => ActorRef::<AssemblerMsg>::from(cell)
+            .cast(AssemblerMsg::InjectFault)
+            .is_ok(),
+        ActorKind::Dispatcher => ActorRef::<DispatcherMsg>::from(cell)
+            .cast(DispatcherMsg::InjectFault)
+            .is_ok(),
+        ActorKind::RetryScheduler => ActorRef::<RetryMsg>::from(cell)
+            .cast(RetryMsg::InjectFault)
+            .is_ok(),
+    }
+}
 
 /// The root supervisor.
 pub struct RootSupervisor;
@@ -64,11 +110,7 @@ impl Actor for RootSupervisor {
             restarts: VecDeque::new(),
             stopping: false,
         };
-        for kind in [
-            ActorKind::Dispatcher,
-            ActorKind::Assembler,
-            ActorKind::Intake,
-        ] {
+        for kind in ActorKind::ALL {
             state.spawn(&myself, kind).await?;
         }
         Ok(state)
@@ -82,17 +124,12 @@ impl Actor for RootSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::InjectFault(kind) => {
-                let d = &state.ctx.directory;
-                let sent = match kind {
-                    ActorKind::Intake => d.intake().map(|r| r.cast(IntakeMsg::InjectFault).is_ok()),
-                    ActorKind::Assembler => d
-                        .assembler()
-                        .map(|r| r.cast(AssemblerMsg::InjectFault).is_ok()),
-                    ActorKind::Dispatcher => d
-                        .dispatcher()
-                        .map(|r| r.cast(DispatcherMsg::InjectFault).is_ok()),
-                };
-                if sent != Some(true) {
+                let sent = state
+                    .ctx
+                    .directory
+                    .cell(kind)
+                    .is_some_and(|cell| inject_fault(kind, cell));
+                if !sent {
                     tracing::warn!(actor = kind.name(), "fault not injected: actor not running");
                 }
             }
@@ -125,7 +162,7 @@ impl Actor for RootSupervisor {
         let Some(kind) = state.children.remove(&cell.get_id()) else {
             return Ok(());
         };
-        state.clear(kind);
+        state.ctx.directory.set(kind, None);
         if state.stopping {
             return Ok(());
         }
@@ -153,35 +190,10 @@ impl SupervisorState {
         myself: &ActorRef<SupervisorMsg>,
         kind: ActorKind,
     ) -> Result<(), ActorProcessingErr> {
-        let ctx = self.ctx.clone();
-        let cell: ActorCell = match kind {
-            ActorKind::Intake => {
-                let (r, _) = Actor::spawn_linked(None, Intake, ctx, myself.get_cell()).await?;
-                self.ctx.directory.set_intake(Some(r.clone()));
-                r.get_cell()
-            }
-            ActorKind::Assembler => {
-                let (r, _) = Actor::spawn_linked(None, Assembler, ctx, myself.get_cell()).await?;
-                self.ctx.directory.set_assembler(Some(r.clone()));
-                r.get_cell()
-            }
-            ActorKind::Dispatcher => {
-                let (r, _) = Actor::spawn_linked(None, Dispatcher, ctx, myself.get_cell()).await?;
-                self.ctx.directory.set_dispatcher(Some(r.clone()));
-                r.get_cell()
-            }
-        };
+        let cell = start_child(kind, self.ctx.clone(), myself.get_cell()).await?;
+        self.ctx.directory.set(kind, Some(cell.clone()));
         self.children.insert(cell.get_id(), kind);
         Ok(())
-    }
-
-    fn clear(&self, kind: ActorKind) {
-        let d = &self.ctx.directory;
-        match kind {
-            ActorKind::Intake => d.set_intake(None),
-            ActorKind::Assembler => d.set_assembler(None),
-            ActorKind::Dispatcher => d.set_dispatcher(None),
-        }
     }
 
     /// Records a restart; false when the intensity limit is exceeded.
@@ -206,6 +218,12 @@ impl SupervisorState {
         }
         if let Some(assembler) = d.assembler() {
             let _ = ractor::call_t!(assembler, AssemblerMsg::Flush, 5_000);
+        }
+        // Tasks waiting for a retry or for their route go back to JetStream
+        // now; tasks whose call is in flight finish.
+        self.ctx.begin_stop();
+        if let Some(retry) = d.retry_scheduler() {
+            let _ = ractor::call_t!(retry, RetryMsg::Release, 5_000);
         }
         let deadline = Instant::now() + self.drain_timeout;
         let mut poll = tokio::time::interval(Duration::from_millis(20));

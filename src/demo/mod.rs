@@ -211,8 +211,8 @@ fn add_notes(
         ));
     }
     report.add_note(format!(
-        "throughput is bounded by {} requests in flight per model (dispatch.route_concurrency)",
-        config.dispatch.route_concurrency
+        "each model's concurrency adapts between 1 and {} requests in flight (dispatch.max_concurrency)",
+        config.dispatch.max_concurrency
     ));
     if run.tally.duplicates > 0 {
         report.add_note(format!(
