@@ -98,7 +98,10 @@ async fn pump(ctx: Arc<EngineContext>, intake: ActorRef<IntakeMsg>, p: Priority)
                 while let Some(item) = stream.next().await {
                     match item {
                         Ok(d) => {
-                            if intake.cast(IntakeMsg::Delivered(d)).is_err() {
+                            if intake
+                                .cast(IntakeMsg::Delivered(d.lease(&ctx.keeper)))
+                                .is_err()
+                            {
                                 return; // actor gone; the message is naked on drop
                             }
                         }
@@ -176,7 +179,7 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
                 task,
                 plan,
                 attempts_before,
-                lease: d.lease,
+                lease: d.hold,
                 subject: d.subject,
                 drained: d.pending == Some(0),
             };
@@ -194,6 +197,6 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
 fn finish(ctx: &Arc<EngineContext>, d: Delivery, f: Final) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        deliver(&ctx, d.lease, f, &d.subject).await;
+        deliver(&ctx, d.hold, f, &d.subject).await;
     });
 }
