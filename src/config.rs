@@ -405,9 +405,9 @@ impl Config {
         map
     }
 
-    /// The subject a priority's tasks are published on.
-    pub fn task_subject(&self, p: batchd_actors::task::Priority) -> String {
-        format!("{}.tasks.{}", self.nats.subject_prefix, p.token())
+    /// The protocol's subjects under `nats.subject_prefix`.
+    pub fn subjects(&self) -> crate::client::Subjects {
+        crate::client::Subjects::of(&self.nats)
     }
 
     /// The part of the config the engine reads.
