@@ -167,33 +167,12 @@ pub async fn read_stream<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use batchd_actors::task::{Status, Timings, Usage};
-
-    fn outcome() -> Outcome {
-        Outcome {
-            task_id: "a".into(),
-            status: Status::Succeeded,
-            output: Some("hi".into()),
-            finish_reason: Some("stop".into()),
-            error: None,
-            model: Some("gpt-4.1-nano".into()),
-            provider: Some("openai".into()),
-            route: None,
-            usage: Usage::default(),
-            cost_usd: 0.5,
-            attempts: 1,
-            batch_id: None,
-            priority: 2,
-            tenant: "default".into(),
-            timings: Timings::default(),
-            metadata: None,
-            completed_at: "2026-01-01T00:00:00.000Z".into(),
-        }
-    }
+    use crate::client::fixtures::outcome;
+    use batchd_actors::task::Status;
 
     #[test]
     fn both_encodings_decode_and_unknown_types_are_refused() {
-        let o = outcome();
+        let o = outcome(Status::Succeeded);
         let json = serde_json::to_vec(&o).unwrap();
         let mp = rmp_serde::to_vec_named(&o).unwrap();
         assert_eq!(decode::<Outcome>(None, &json), Ok(o.clone()));

@@ -452,19 +452,14 @@ fn sorted(values: &[u64]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::fixtures;
     use batchd_actors::task::{ErrorKind, TaskError, Timings};
     use serde_json::json;
 
     fn outcome(id: &str, priority: u8, total_ms: u64, queued_ms: u64) -> Outcome {
         Outcome {
             task_id: id.into(),
-            status: Status::Succeeded,
             output: Some("ok".into()),
-            finish_reason: None,
-            error: None,
-            model: Some("gpt-4.1-nano".into()),
-            provider: Some("openai".into()),
-            route: Some(RouteKind::Realtime),
             usage: Usage {
                 input_tokens: 1000,
                 cached_input_tokens: 0,
@@ -472,7 +467,6 @@ mod tests {
             },
             cost_usd: 0.00014,
             attempts: 1,
-            batch_id: None,
             priority,
             tenant: "acme".into(),
             timings: Timings {
@@ -480,17 +474,13 @@ mod tests {
                 processing_ms: total_ms - queued_ms,
                 total_ms,
             },
-            metadata: None,
-            completed_at: String::new(),
+            ..fixtures::outcome(Status::Succeeded)
         }
     }
 
     fn failed(id: &str, kind: ErrorKind, message: &str) -> Outcome {
         Outcome {
             task_id: id.into(),
-            status: Status::Failed,
-            output: None,
-            finish_reason: None,
             error: Some(TaskError::new(kind, message)),
             model: None,
             provider: None,
@@ -500,14 +490,12 @@ mod tests {
             attempts: 0,
             batch_id: None,
             priority: 3,
-            tenant: "default".into(),
             timings: Timings {
                 queued_ms: 5,
                 processing_ms: 0,
                 total_ms: 5,
             },
-            metadata: None,
-            completed_at: String::new(),
+            ..fixtures::outcome(Status::Failed)
         }
     }
 

@@ -194,9 +194,9 @@ pub async fn wait_for_outcomes(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::outcome;
     use super::*;
     use crate::client::decode;
+    use crate::client::fixtures::outcome;
     use batchd_actors::task::Status;
 
     fn decode_outcome(content_type: Option<&str>, payload: &[u8]) -> Collected {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use batchd_actors::codec::{is_valid_task_id, MAX_TASK_ID_LEN};
+use batchd_actors::codec::{is_valid_task_id, json_type_name, MAX_TASK_ID_LEN};
 use batchd_actors::task::Priority;
 use bytes::Bytes;
 use serde_json::Value;
@@ -109,7 +109,7 @@ fn check_line(
             None,
             format!(
                 "a line must be a JSON object (a task or an OpenAI Batch input line), got {}",
-                type_name(&value)
+                json_type_name(&value)
             ),
         );
     };
@@ -123,7 +123,7 @@ fn check_line(
     let Some(id) = raw_id.as_str() else {
         return refuse(
             None,
-            format!("`{field}` must be a string, got {}", type_name(raw_id)),
+            format!("`{field}` must be a string, got {}", json_type_name(raw_id)),
         );
     };
     let custom_id = Some(id.to_owned());
@@ -165,17 +165,6 @@ fn check_line(
             body: body.clone(),
         },
     )
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

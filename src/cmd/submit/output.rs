@@ -296,8 +296,8 @@ pub fn write_output(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::outcome;
     use super::*;
+    use crate::client::fixtures::outcome;
 
     #[test]
     fn success_becomes_a_chat_completion_with_usage() {
