@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use batchd::bench::{BenchArgs, BAR};
+use batchd::cmd::bench::{BenchArgs, BAR};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -37,7 +37,7 @@ fn main() {
         .build()
         .expect("a tokio runtime");
     let report = runtime
-        .block_on(batchd::bench::run(BenchArgs {
+        .block_on(batchd::cmd::bench::run(BenchArgs {
             tasks,
             nats_url: None,
             timeout: 600,

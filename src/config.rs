@@ -369,7 +369,10 @@ impl Config {
             );
         }
         if d.circuit.failure_threshold < 1 {
-            return bad("dispatch.circuit.failure_threshold", "must be at least 1".into());
+            return bad(
+                "dispatch.circuit.failure_threshold",
+                "must be at least 1".into(),
+            );
         }
         if d.circuit.probe_initial_ms < 1 || d.circuit.probe_initial_ms > d.circuit.probe_max_ms {
             return bad(
@@ -454,9 +457,9 @@ impl Config {
         map
     }
 
-    /// The subject a priority's tasks are published on.
-    pub fn task_subject(&self, p: batchd_actors::task::Priority) -> String {
-        format!("{}.tasks.{}", self.nats.subject_prefix, p.token())
+    /// The protocol's subjects under `nats.subject_prefix`.
+    pub fn subjects(&self) -> crate::client::Subjects {
+        crate::client::Subjects::of(&self.nats)
     }
 
     /// Route control shared by every route.

@@ -8,24 +8,34 @@
 //!
 //! ## Layout
 //!
-//! - [`config`]: the typed configuration, defaults merged with the user's file.
+//! Adapters: the engine's ports over real I/O.
 //! - [`nats`]: connection (version check), streams, consumers, buckets; the
 //!   engine's task source and outcome sink over JetStream.
 //! - [`provider`]: OpenAI-compatible Chat Completions over HTTP; an instant provider.
+//!
+//! Wiring: what starts and observes the engine.
+//! - [`config`]: the typed configuration, defaults merged with the user's file.
+//! - [`app`]: connect, create the topology, build the ports, start the engine.
 //! - [`telemetry`]: logging and the Prometheus `/metrics` endpoint.
-//! - [`app`]: wiring for `batchd run`.
-//! - [`sim`]: `batchd sim`, a simulated OpenAI-compatible provider.
-//! - [`demo`], [`submit`], [`bench`]: the other commands; [`local_nats`]: a private nats-server for them.
-//! - [`report`]: collecting outcomes and rendering summary tables.
+//!
+//! The producer/consumer side, shared by every command and the tests.
+//! - [`client`]: subjects, publishing with PubAcks, reading outcomes and
+//!   dead letters, private namespaces and cleanup.
+//! - [`report`]: outcome reports and the plain-text tables of every summary.
+//! - [`local_nats`]: a private `nats-server` for the demo and the benchmark.
+//!
+//! Commands: [`cmd`], one module per subcommand (`run`, `demo`, `submit`,
+//! `bench`, `sim`), each a thin layer over the above; [`sim`] is the
+//! simulated OpenAI-compatible provider behind `batchd sim`, the demo and
+//! the tests.
 
 pub mod app;
-pub mod bench;
+pub mod client;
+pub mod cmd;
 pub mod config;
-pub mod demo;
 pub mod local_nats;
 pub mod nats;
 pub mod provider;
 pub mod report;
 pub mod sim;
-pub mod submit;
 pub mod telemetry;

@@ -66,14 +66,6 @@ impl Drop for LocalNats {
     }
 }
 
-/// True when something answers NATS at `url` within a second.
-pub async fn reachable(url: &str) -> bool {
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), async_nats::connect(url)).await,
-        Ok(Ok(_))
-    )
-}
-
 fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?.port())

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_nats::HeaderMap;
 use async_trait::async_trait;
-use batchd_actors::lease::{AckError, Acker, Lease, LeaseKeeper};
+use batchd_actors::lease::{AckError, Acker};
 use batchd_actors::ports::{
     AttemptStore, Backlog, Delivery, OutcomeSink, SinkError, SourceError, StoreError, TaskSource,
 };
@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 
+use crate::client::Subjects;
 use crate::config::{Config, NatsConfig};
 
 /// The oldest nats-server batchd works with (KV and consumer APIs of 2.10).
@@ -137,16 +138,13 @@ pub async fn ensure_topology(
 ) -> Result<Topology, NatsError> {
     let n = &config.nats;
     let js = jetstream::new(client.clone());
-    let prefix = &n.subject_prefix;
+    let subjects = config.subjects();
     let day = Duration::from_secs(86_400);
     let window = Duration::from_secs(n.duplicate_window_secs);
     let tasks = js
         .get_or_create_stream(stream::Config {
             name: n.tasks_stream.clone(),
-            subjects: Priority::ALL
-                .iter()
-                .map(|p| config.task_subject(*p))
-                .collect(),
+            subjects: subjects.tasks().to_vec(),
             retention: stream::RetentionPolicy::WorkQueue,
             discard: stream::DiscardPolicy::New,
             max_messages: n.tasks_max_msgs,
@@ -162,7 +160,7 @@ pub async fn ensure_topology(
     let results = js
         .get_or_create_stream(stream::Config {
             name: n.results_stream.clone(),
-            subjects: vec![format!("{prefix}.results.>")],
+            subjects: vec![subjects.results()],
             retention: stream::RetentionPolicy::Limits,
             max_age: day * u32::try_from(n.results_max_age_days).unwrap_or(u32::MAX),
             duplicate_window: window,
@@ -174,7 +172,7 @@ pub async fn ensure_topology(
     let dlq = js
         .get_or_create_stream(stream::Config {
             name: n.dlq_stream.clone(),
-            subjects: vec![format!("{prefix}.dlq.>")],
+            subjects: vec![subjects.dead_letters()],
             retention: stream::RetentionPolicy::Limits,
             max_age: day * u32::try_from(n.dlq_max_age_days).unwrap_or(u32::MAX),
             duplicate_window: window,
@@ -214,7 +212,7 @@ pub async fn ensure_topology(
                 &name,
                 consumer::pull::Config {
                     durable_name: Some(name.clone()),
-                    filter_subject: config.task_subject(p),
+                    filter_subject: subjects.task(p),
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: Duration::from_secs(config.intake.ack_wait_secs),
                     // Attempts are counted by batchd, which gives the last one an
@@ -276,19 +274,17 @@ pub struct JetSource {
     subjects: [String; 3],
     names: [String; 3],
     fetch_batch: usize,
-    keeper: LeaseKeeper,
 }
 
 impl JetSource {
-    /// A source over the topology's consumers; leases heartbeat through `keeper`.
-    pub fn new(t: &Topology, config: &Config, keeper: LeaseKeeper) -> JetSource {
+    /// A source over the topology's consumers.
+    pub fn new(t: &Topology, config: &Config) -> JetSource {
         JetSource {
             consumers: t.consumers.clone(),
             tasks: t.tasks.clone(),
-            subjects: Priority::ALL.map(|p| config.task_subject(p)),
+            subjects: config.subjects().tasks(),
             names: Priority::ALL.map(|p| consumer_name(&config.nats, p)),
             fetch_batch: config.intake.fetch_batch,
-            keeper,
         }
     }
 }
@@ -296,8 +292,7 @@ impl JetSource {
 fn to_delivery(
     p: Priority,
     msg: jetstream::Message,
-    keeper: &LeaseKeeper,
-) -> Result<Delivery, SourceError> {
+) -> Result<Delivery<Box<dyn Acker>>, SourceError> {
     let (delivered, stream_sequence, published_at, pending) = {
         let info = msg.info().map_err(|e| SourceError(e.to_string()))?;
         let published = DateTime::<Utc>::from_timestamp(
@@ -327,7 +322,7 @@ fn to_delivery(
         stream_sequence,
         published_at,
         pending: Some(pending),
-        lease: Lease::new(Box::new(JetAcker(acker)), Some(keeper)),
+        hold: Box::new(JetAcker(acker)),
     })
 }
 
@@ -336,7 +331,8 @@ impl TaskSource for JetSource {
     async fn open(
         &self,
         priority: Priority,
-    ) -> Result<BoxStream<'static, Result<Delivery, SourceError>>, SourceError> {
+    ) -> Result<BoxStream<'static, Result<Delivery<Box<dyn Acker>>, SourceError>>, SourceError>
+    {
         let consumer = &self.consumers[priority.index()];
         let messages = consumer
             .stream()
@@ -346,10 +342,9 @@ impl TaskSource for JetSource {
             .messages()
             .await
             .map_err(|e| SourceError(e.to_string()))?;
-        let keeper = self.keeper.clone();
         Ok(messages
             .map(move |m| match m {
-                Ok(msg) => to_delivery(priority, msg, &keeper),
+                Ok(msg) => to_delivery(priority, msg),
                 Err(e) => Err(SourceError(e.to_string())),
             })
             .boxed())
@@ -388,17 +383,17 @@ pub struct JetSink {
     client: async_nats::Client,
     js: jetstream::Context,
     results: stream::Stream,
-    prefix: String,
+    subjects: Subjects,
 }
 
 impl JetSink {
-    /// A sink publishing under the config's subject prefix.
+    /// A sink publishing on the config's subjects.
     pub fn new(client: &async_nats::Client, t: &Topology, config: &Config) -> JetSink {
         JetSink {
             client: client.clone(),
             js: t.js.clone(),
             results: t.results.clone(),
-            prefix: config.nats.subject_prefix.clone(),
+            subjects: config.subjects(),
         }
     }
 
@@ -431,13 +426,8 @@ impl OutcomeSink for JetSink {
         body: Bytes,
         encoding: Encoding,
     ) -> Result<bool, SinkError> {
-        self.publish(
-            format!("{}.results.{task_id}", self.prefix),
-            task_id,
-            body,
-            encoding,
-        )
-        .await
+        self.publish(self.subjects.result(task_id), task_id, body, encoding)
+            .await
     }
 
     async fn publish_dead_letter(
@@ -446,7 +436,7 @@ impl OutcomeSink for JetSink {
         body: Bytes,
         encoding: Encoding,
     ) -> Result<(), SinkError> {
-        self.publish(format!("{}.dlq.{id}", self.prefix), id, body, encoding)
+        self.publish(self.subjects.dead_letter(id), id, body, encoding)
             .await
             .map(|_| ())
     }
@@ -469,7 +459,7 @@ impl OutcomeSink for JetSink {
         use async_nats::jetstream::stream::DirectGetErrorKind;
         match self
             .results
-            .direct_get_last_for_subject(format!("{}.results.{task_id}", self.prefix))
+            .direct_get_last_for_subject(self.subjects.result(task_id))
             .await
         {
             Ok(_) => Ok(true),

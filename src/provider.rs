@@ -228,8 +228,13 @@ mod tests {
             ("bad model".to_owned(), Some("model_not_found".to_owned()))
         );
         assert_eq!(
-            error_message(br#"{"error":{"message":"no credit","type":"insufficient_quota","code":null}}"#),
-            ("no credit".to_owned(), Some("insufficient_quota".to_owned()))
+            error_message(
+                br#"{"error":{"message":"no credit","type":"insufficient_quota","code":null}}"#
+            ),
+            (
+                "no credit".to_owned(),
+                Some("insufficient_quota".to_owned())
+            )
         );
         assert_eq!(error_message(b"plain"), ("plain".to_owned(), None));
     }

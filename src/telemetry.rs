@@ -1,6 +1,7 @@
 //! Logs (tracing) and the Prometheus `/metrics` endpoint: real histograms
 //! with explicit buckets, plus the USD counters the `metrics` facade can't hold.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -10,11 +11,6 @@ use batchd_actors::metrics as m;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-
-/// Installs the log subscriber (RUST_LOG, default `info`); idempotent.
-pub fn init_logging() {
-    init_logging_with_default("info");
-}
 
 /// Installs the log subscriber with `default` when RUST_LOG is unset; idempotent.
 pub fn init_logging_with_default(default: &str) {
@@ -67,8 +63,34 @@ pub fn recorder() -> anyhow::Result<PrometheusHandle> {
 /// The full `/metrics` text.
 pub fn render(handle: &PrometheusHandle) -> String {
     let mut text = handle.render();
-    text.push_str(&m::render_float_counters());
+    text.push_str(&render_cost_totals(&m::cost_totals()));
     text
+}
+
+/// The USD totals as a Prometheus counter family.
+fn render_cost_totals(totals: &[m::CostTotal]) -> String {
+    let name = m::COST_USD_TOTAL;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP {name} Spend in USD");
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for t in totals {
+        let _ = writeln!(
+            out,
+            "{name}{{model=\"{}\",tenant=\"{}\",priority=\"{}\"}} {}",
+            escape(&t.model),
+            escape(&t.tenant),
+            t.priority,
+            t.usd
+        );
+    }
+    out
+}
+
+fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Serves `/metrics` on `addr` until the task is aborted; returns the bound address.
@@ -101,4 +123,25 @@ pub async fn serve_metrics(
         }
     });
     Ok((bound, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn float_counters_render_as_prometheus_counters_with_escaped_labels() {
+        let totals = [m::CostTotal {
+            model: "m\"x".into(),
+            tenant: "t1".into(),
+            priority: "2",
+            usd: 0.75,
+        }];
+        let text = render_cost_totals(&totals);
+        assert!(text.contains("# TYPE batchd_cost_usd_total counter"));
+        assert!(
+            text.contains(r#"batchd_cost_usd_total{model="m\"x",tenant="t1",priority="2"} 0.75"#),
+            "{text}"
+        );
+    }
 }

@@ -442,7 +442,8 @@ pub fn is_valid_subject(s: &str) -> bool {
         })
 }
 
-fn json_type_name(v: &Value) -> &'static str {
+/// How a JSON value's type reads in an error message ("a string", "null").
+pub fn json_type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -113,8 +113,6 @@ pub struct Ports {
     pub attempts: Arc<dyn AttemptStore>,
     /// Providers by name.
     pub providers: HashMap<String, Arc<dyn Provider>>,
-    /// Heartbeats for the leases the source hands out.
-    pub keeper: LeaseKeeper,
 }
 
 /// Shared by all actors of one engine.
@@ -141,7 +139,7 @@ impl EngineContext {
         let rng = Mutex::new(StdRng::seed_from_u64(settings.seed));
         Arc::new(EngineContext {
             settings,
-            keeper: ports.keeper.clone(),
+            keeper: LeaseKeeper::default(),
             ports,
             directory: Directory::default(),
             claims: Claims::default(),

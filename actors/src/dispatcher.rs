@@ -201,7 +201,9 @@ pub fn estimate_tokens(request: &Value) -> u64 {
         .as_u64()
         .or_else(|| request["max_tokens"].as_u64())
         .unwrap_or(256);
-    (prompt_chars as u64 / 4).saturating_add(output).saturating_add(8)
+    (prompt_chars as u64 / 4)
+        .saturating_add(output)
+        .saturating_add(8)
 }
 
 /// How one task's calls ended.
@@ -293,7 +295,9 @@ async fn run_task(
                     ProviderError::RateLimited { limits, .. } => limits.clone(),
                     _ => Default::default(),
                 };
-                route.gate.report(permit, CallReport::RateLimited { limits });
+                route
+                    .gate
+                    .report(permit, CallReport::RateLimited { limits });
                 tracing::debug!(task_id = %task_id, %error, "rate limited; waiting at the route");
             }
             Verdict::RouteDown(fault) => {

@@ -32,7 +32,6 @@ use crate::ports::Delivery;
 use crate::routing::plan;
 use crate::task::{ErrorKind, Priority, TaskError};
 
-
 /// The Intake actor.
 pub struct Intake;
 
@@ -102,7 +101,10 @@ async fn pump(ctx: Arc<EngineContext>, intake: ActorRef<IntakeMsg>, p: Priority)
                 while let Some(item) = stream.next().await {
                     match item {
                         Ok(d) => {
-                            if intake.cast(IntakeMsg::Delivered(d)).is_err() {
+                            if intake
+                                .cast(IntakeMsg::Delivered(d.lease(&ctx.keeper)))
+                                .is_err()
+                            {
                                 return; // actor gone; the message is naked on drop
                             }
                         }
@@ -168,7 +170,7 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
     // settled, then finds its outcome and is acked without another call.
     let Some(claim) = ctx.claims.claim(&task.task_id) else {
         tracing::debug!(task_id = %task.task_id, "another copy is in flight; handed back");
-        let lease = d.lease;
+        let lease = d.hold;
         tokio::spawn(async move {
             let _ = lease.nak(Some(Duration::from_secs(1))).await;
         });
@@ -178,7 +180,7 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
         attempts_before: task.retry_count,
         task,
         plan,
-        lease: d.lease,
+        lease: d.hold,
         claim,
         subject: d.subject,
         drained: d.pending == Some(0),
@@ -241,6 +243,6 @@ fn admit(ctx: &Arc<EngineContext>, a: Accepted) {
 fn finish(ctx: &Arc<EngineContext>, d: Delivery, f: Final) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        deliver(&ctx, d.lease, f, &d.subject).await;
+        deliver(&ctx, d.hold, f, &d.subject).await;
     });
 }

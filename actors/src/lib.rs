@@ -1,9 +1,10 @@
 //! # batchd-actors: the engine
 //!
-//! The six actors of batchd, their messages, their supervisor and the
-//! policies they apply, with no NATS or HTTP inside: all I/O goes through the
-//! narrow traits of [`ports`], implemented over JetStream and HTTP by the
-//! `batchd` crate and in memory by this crate's tests.
+//! The actors of batchd (Intake, Assembler, Dispatcher), their messages,
+//! their supervisor and the policies they apply, with no NATS or HTTP
+//! inside: all I/O goes through the narrow traits of [`ports`], implemented
+//! over JetStream and HTTP by the `batchd` crate and in memory by this
+//! crate's tests (`tests/support/`).
 //!
 //! ## Layout
 //!
@@ -14,14 +15,18 @@
 //! - [`route`]: route control: adaptive concurrency, rate budget learned from
 //!   the provider's headers, circuit breaker, and the [`route::RouteGate`] that admits calls by priority.
 //! - [`lease`]: the hold on a JetStream message; nak on drop, heartbeats.
+//!   A source delivers an [`lease::Acker`]; the engine builds the lease.
 //! - [`ports`]: the I/O traits ([`ports::TaskSource`], [`ports::OutcomeSink`], [`ports::Provider`]).
 //! - [`messages`]: every message between actors.
+//! - [`context`]: what every actor shares: settings, ports, the lease keeper,
+//!   the directory of current actor refs.
+//! - [`settings`]: the engine's settings, read from the daemon's config.
 //! - [`intake`], [`assembler`], [`dispatcher`], [`retry_scheduler`]: the actors
 //!   of the pipeline; [`retry_scheduler::classify`] says what a failed call means.
 //! - [`supervisor`]: one-for-one restarts with an intensity limit.
 //! - [`engine`]: start, fault injection, shutdown.
 //! - [`outcome`]: making outcomes durable before acking.
-//! - [`metrics`]: every metric name, once.
+//! - [`metrics`]: every metric name, once, and the functions that record them.
 //!
 //! A task's path: consumer → Intake (decode, validate, route) → Assembler
 //! (batch by route and priority) → Dispatcher (provider call per task) →
@@ -41,8 +46,8 @@ pub mod metrics;
 pub mod outcome;
 pub mod ports;
 pub mod pricing;
-pub mod route;
 pub mod retry_scheduler;
+pub mod route;
 pub mod routing;
 pub mod settings;
 pub mod supervisor;

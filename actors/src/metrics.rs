@@ -2,7 +2,6 @@
 //! small typed functions so business logic never spells a metric name.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
@@ -141,8 +140,11 @@ pub struct RouteGauges {
 /// A route's state: pause, concurrency, rate budget, circuit.
 pub fn route_status(provider: &str, model: &str, g: &RouteGauges) {
     let (p, m) = (provider.to_owned(), model.to_owned());
-    gauge!(ROUTE_PAUSED, "provider" => p.clone(), "model" => m.clone())
-        .set(if g.paused { 1.0 } else { 0.0 });
+    gauge!(ROUTE_PAUSED, "provider" => p.clone(), "model" => m.clone()).set(if g.paused {
+        1.0
+    } else {
+        0.0
+    });
     gauge!(ROUTE_CONCURRENCY_LIMIT, "provider" => p.clone(), "model" => m.clone())
         .set(g.concurrency_limit as f64);
     for (kind, limit) in [("requests", g.rpm_limit), ("tokens", g.tpm_limit)] {
@@ -214,13 +216,22 @@ pub fn describe() {
     );
     describe_counter!(RATE_LIMITED_TOTAL, "429 answers from providers");
     describe_gauge!(ROUTE_PAUSED, "1 while a route waits out a Retry-After");
-    describe_counter!(RETRIES_TOTAL, "Tasks sent back for another attempt, by reason");
-    describe_gauge!(ROUTE_CONCURRENCY_LIMIT, "Adaptive concurrency limit per route");
+    describe_counter!(
+        RETRIES_TOTAL,
+        "Tasks sent back for another attempt, by reason"
+    );
+    describe_gauge!(
+        ROUTE_CONCURRENCY_LIMIT,
+        "Adaptive concurrency limit per route"
+    );
     describe_gauge!(
         ROUTE_RATE_LIMIT,
         "Rate budget per minute per route (kind: requests or tokens), configured or learned"
     );
-    describe_gauge!(ROUTE_CIRCUIT_OPEN, "1 while a route's circuit is open, by reason");
+    describe_gauge!(
+        ROUTE_CIRCUIT_OPEN,
+        "1 while a route's circuit is open, by reason"
+    );
     describe_counter!(DEAD_LETTERS_TOTAL, "Dead letters by reason");
     describe_counter!(TOKENS_TOTAL, "Tokens by kind");
     describe_counter!(
@@ -235,8 +246,8 @@ pub fn describe() {
 }
 
 /// Spend totals by (model, tenant, priority). The `metrics` facade only has
-/// integer counters, so USD totals are kept here and rendered by
-/// [`render_float_counters`] next to the exporter's output.
+/// integer counters, so USD totals are kept here; the exporter renders
+/// [`cost_totals`] next to its own output under [`COST_USD_TOTAL`].
 static COST: LazyLock<Mutex<BTreeMap<CostKey, f64>>> = LazyLock::new(Mutex::default);
 
 /// (model, tenant, priority label).
@@ -252,28 +263,30 @@ fn add_cost(model: &str, tenant: &str, p: Priority, usd: f64) {
         .or_insert(0.0) += usd;
 }
 
-/// The float counters in Prometheus text format (`batchd_cost_usd_total`).
-pub fn render_float_counters() -> String {
-    let cost = COST.lock().unwrap_or_else(|e| e.into_inner());
-    let mut out = String::new();
-    let _ = writeln!(out, "# HELP {COST_USD_TOTAL} Spend in USD");
-    let _ = writeln!(out, "# TYPE {COST_USD_TOTAL} counter");
-    for ((model, tenant, priority), usd) in cost.iter() {
-        let _ = writeln!(
-            out,
-            "{COST_USD_TOTAL}{{model=\"{}\",tenant=\"{}\",priority=\"{priority}\"}} {usd}",
-            escape(model),
-            escape(tenant)
-        );
-    }
-    out
+/// One spend total of [`COST_USD_TOTAL`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct CostTotal {
+    /// The `model` label.
+    pub model: String,
+    /// The `tenant` label.
+    pub tenant: String,
+    /// The `priority` label.
+    pub priority: &'static str,
+    /// USD so far.
+    pub usd: f64,
 }
 
-fn escape(label: &str) -> String {
-    label
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// The spend totals so far, ordered by model, tenant and priority.
+pub fn cost_totals() -> Vec<CostTotal> {
+    let cost = COST.lock().unwrap_or_else(|e| e.into_inner());
+    cost.iter()
+        .map(|((model, tenant, priority), usd)| CostTotal {
+            model: model.clone(),
+            tenant: tenant.clone(),
+            priority,
+            usd: *usd,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -281,14 +294,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn float_counters_render_as_prometheus_counters_with_escaped_labels() {
-        add_cost("m\"x", "t1", Priority::P2, 0.25);
-        add_cost("m\"x", "t1", Priority::P2, 0.5);
-        let text = render_float_counters();
-        assert!(text.contains("# TYPE batchd_cost_usd_total counter"));
-        assert!(
-            text.contains(r#"batchd_cost_usd_total{model="m\"x",tenant="t1",priority="2"} 0.75"#),
-            "{text}"
+    fn spend_adds_up_per_label_set() {
+        add_cost("m-total", "t1", Priority::P2, 0.25);
+        add_cost("m-total", "t1", Priority::P2, 0.5);
+        add_cost("m-total", "t1", Priority::P2, f64::NAN);
+        let totals: Vec<CostTotal> = cost_totals()
+            .into_iter()
+            .filter(|t| t.model == "m-total")
+            .collect();
+        assert_eq!(
+            totals,
+            vec![CostTotal {
+                model: "m-total".into(),
+                tenant: "t1".into(),
+                priority: "2",
+                usd: 0.75
+            }]
         );
     }
 }

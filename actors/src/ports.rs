@@ -9,13 +9,15 @@ use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use serde_json::Value;
 
-use crate::lease::Lease;
+use crate::lease::{Acker, Lease, LeaseKeeper};
 use crate::route::limits::RateLimitInfo;
 use crate::task::{Encoding, Priority, Usage};
 
-/// One delivered task message.
+/// One delivered task message. A source hands it over with its [`Acker`];
+/// the engine takes it in with [`Delivery::lease`], so from then on it is
+/// held by a [`Lease`] (nak on drop, heartbeats).
 #[derive(Debug)]
-pub struct Delivery {
+pub struct Delivery<H = Lease> {
     /// The priority of the subject it came on.
     pub priority: Priority,
     /// The subject it came on.
@@ -33,8 +35,26 @@ pub struct Delivery {
     /// Messages still waiting for this consumer after this one, when known
     /// (0: the queue is drained, no point holding a batch open for more).
     pub pending: Option<u64>,
-    /// The hold on it.
-    pub lease: Lease,
+    /// The hold on it: the source's acker, then the engine's lease.
+    pub hold: H,
+}
+
+impl Delivery<Box<dyn Acker>> {
+    /// Takes the message into the engine: its acker becomes a lease that
+    /// `keeper` heartbeats and that naks the message when dropped unsettled.
+    pub fn lease(self, keeper: &LeaseKeeper) -> Delivery {
+        Delivery {
+            priority: self.priority,
+            subject: self.subject,
+            content_type: self.content_type,
+            body: self.body,
+            delivered: self.delivered,
+            stream_sequence: self.stream_sequence,
+            published_at: self.published_at,
+            pending: self.pending,
+            hold: Lease::new(self.hold, Some(keeper)),
+        }
+    }
 }
 
 /// Errors from the task source.
@@ -59,7 +79,7 @@ pub trait TaskSource: Send + Sync + 'static {
     async fn open(
         &self,
         priority: Priority,
-    ) -> Result<BoxStream<'static, Result<Delivery, SourceError>>, SourceError>;
+    ) -> Result<BoxStream<'static, Result<Delivery<Box<dyn Acker>>, SourceError>>, SourceError>;
 
     /// The current backlog of one priority.
     async fn backlog(&self, priority: Priority) -> Result<Backlog, SourceError>;

@@ -180,7 +180,10 @@ mod tests {
         for status in [None, Some(500), Some(503), Some(408), Some(409)] {
             assert_eq!(classify(&transient(status), 1, &policy()), Verdict::Retry);
             assert_eq!(classify(&transient(status), 2, &policy()), Verdict::Retry);
-            assert_eq!(classify(&transient(status), 3, &policy()), Verdict::Exhausted);
+            assert_eq!(
+                classify(&transient(status), 3, &policy()),
+                Verdict::Exhausted
+            );
         }
     }
 
@@ -219,7 +222,10 @@ mod tests {
     #[test]
     fn other_client_errors_are_permanent_for_their_task_only() {
         for status in [400, 413, 422] {
-            assert_eq!(classify(&rejected(status), 1, &policy()), Verdict::Permanent);
+            assert_eq!(
+                classify(&rejected(status), 1, &policy()),
+                Verdict::Permanent
+            );
         }
     }
 }

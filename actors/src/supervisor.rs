@@ -22,9 +22,7 @@ use crate::assembler::Assembler;
 use crate::context::EngineContext;
 use crate::dispatcher::Dispatcher;
 use crate::intake::Intake;
-use crate::messages::{
-    ActorKind, AssemblerMsg, DispatcherMsg, IntakeMsg, RetryMsg, SupervisorMsg,
-};
+use crate::messages::{ActorKind, AssemblerMsg, DispatcherMsg, IntakeMsg, RetryMsg, SupervisorMsg};
 use crate::metrics;
 use crate::retry_scheduler::RetryScheduler;
 
@@ -36,7 +34,10 @@ async fn start_child(
     supervisor: ActorCell,
 ) -> Result<ActorCell, ractor::SpawnErr> {
     Ok(match kind {
-        ActorKind::Intake => Actor::spawn_linked(None, Intake, ctx, supervisor).await?.0.get_cell(),
+        ActorKind::Intake => Actor::spawn_linked(None, Intake, ctx, supervisor)
+            .await?
+            .0
+            .get_cell(),
         ActorKind::Assembler => Actor::spawn_linked(None, Assembler, ctx, supervisor)
             .await?
             .0

@@ -1,7 +1,7 @@
 //! The `batchd` binary as an operator meets it: failing fast on an
 //! unreachable NATS or a bad config, and serving every protocol metric.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -8,10 +8,11 @@ pub mod openapi;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
+use batchd::client::read::read_stream;
+use batchd::client::{decode_message, Outgoing, Publisher};
 use batchd::config::Config;
 use batchd::sim::{SimConfig, SimServer};
-use futures::StreamExt;
 use serde_json::Value;
 
 /// The test config as TOML: `nats_url`, an OpenAI-compatible `base_url`,
@@ -119,40 +120,23 @@ pub async fn publish(
         .expect("puback");
 }
 
-/// Publishes many JSON tasks concurrently (PubAcks awaited), `msg_id` = task_id.
+/// Publishes many JSON tasks with a window of PubAcks, `msg_id` = task_id.
 pub async fn publish_many(js: &jetstream::Context, tasks: &[(String, Value)]) {
-    for chunk in tasks.chunks(500) {
-        let mut acks = Vec::with_capacity(chunk.len());
-        for (subject, body) in chunk {
-            let mut headers = async_nats::HeaderMap::new();
-            if let Some(id) = body["task_id"].as_str() {
-                headers.insert("Nats-Msg-Id", id);
-            }
-            let bytes = serde_json::to_vec(body).expect("json");
-            acks.push(
-                js.publish_with_headers(subject.clone(), headers, bytes.into())
-                    .await
-                    .expect("publish"),
-            );
-        }
-        for ack in acks {
-            ack.await.expect("puback");
-        }
-    }
+    let outgoing = tasks.iter().map(|(subject, body)| Outgoing {
+        subject: subject.clone(),
+        msg_id: body["task_id"].as_str().unwrap_or_default().to_owned(),
+        content_type: "application/json",
+        body: serde_json::to_vec(body).expect("json").into(),
+    });
+    Publisher::new(js.clone())
+        .publish_all(outgoing, |_| {})
+        .await
+        .expect("publish with PubAcks");
 }
 
 /// Decodes an outcome or dead letter by its Content-Type.
 pub fn decode(msg: &async_nats::Message) -> Value {
-    let msgpack = msg
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("Content-Type"))
-        .is_some_and(|v| v.as_str() == "application/msgpack");
-    if msgpack {
-        rmp_serde::from_slice(&msg.payload).expect("msgpack outcome")
-    } else {
-        serde_json::from_slice(&msg.payload).expect("json outcome")
-    }
+    decode_message(msg).expect("an outcome or dead letter in JSON or MessagePack")
 }
 
 /// Waits until `stream` holds at least `n` messages, then returns them all
@@ -180,36 +164,22 @@ pub async fn wait_for_messages(
 
 /// Every message of a stream, by subject.
 pub async fn read_all(js: &jetstream::Context, stream: &str) -> HashMap<String, Vec<Value>> {
-    let mut s = js.get_stream(stream).await.expect("stream");
-    let total = s.info().await.expect("info").state.messages;
     let mut out: HashMap<String, Vec<Value>> = HashMap::new();
-    if total == 0 {
-        return out;
-    }
-    let c = s
-        .create_consumer(consumer::pull::OrderedConfig::default())
-        .await
-        .expect("ordered consumer");
-    let mut msgs = c.messages().await.expect("messages");
-    let mut seen = 0;
-    while seen < total {
-        let m = tokio::time::timeout(Duration::from_secs(10), msgs.next())
-            .await
-            .expect("read timed out")
-            .expect("stream ended")
-            .expect("message");
-        out.entry(m.subject.to_string())
+    read_stream(js, stream, |subject, v: Result<Value, _>| {
+        out.entry(subject.to_owned())
             .or_default()
-            .push(decode(&m));
-        seen += 1;
-    }
+            .push(v.expect("an outcome or dead letter in JSON or MessagePack"));
+    })
+    .await
+    .expect("read the stream");
     out
 }
 
 /// Number of messages in a stream.
 pub async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
-    let mut s = js.get_stream(stream).await.expect("stream");
-    s.info().await.expect("info").state.messages
+    batchd::client::read::stream_len(js, stream)
+        .await
+        .expect("stream info")
 }
 
 /// Waits until `stream` is empty (a work queue whose messages were all acked).

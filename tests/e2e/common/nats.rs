@@ -9,7 +9,7 @@
 //! server's defaults.
 //!
 //! Dropping the server kills the process, reaps it and removes the directory.
-#![allow(dead_code)] // each test binary uses its own part of the helper
+#![allow(dead_code)] // not every helper is used by every module
 
 use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;

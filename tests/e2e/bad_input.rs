@@ -2,7 +2,7 @@
 //! failed `invalid_request` outcome that says what is wrong, plus a dead
 //! letter, while good tasks keep flowing; the engine never crashes.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -24,20 +24,18 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use async_nats::jetstream::{self, consumer, stream};
 use batchd_actors::ports::Provider;
-use batchd_actors::task::Priority;
+use batchd_actors::task::{Encoding, Priority};
 use bytes::Bytes;
-use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use indicatif::{ProgressBar, ProgressStyle};
 use tokio::time::Instant;
 
-use crate::config::Config;
+use super::progress_bar as bar;
+use crate::client::{namespace, Namespace, Outgoing, Publisher, Subjects};
+use crate::config::{Config, NatsConfig};
 use crate::local_nats::LocalNats;
 use crate::provider::InstantProvider;
 use crate::sim::{SimConfig, SimServer};
 
-/// PubAcks awaited at once while publishing the tasks.
-const PUBLISH_WINDOW: usize = 1024;
 /// How often the results stream is counted while the engine runs.
 const POLL: Duration = Duration::from_millis(10);
 /// The minimum the engine must reach, as a fraction of the floor.
@@ -207,13 +205,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         }
     );
 
-    let server = Server::open(args.nats_url.as_deref()).await?;
+    let server = Server::open(args.nats_url.as_deref(), &base).await?;
     let nats_server_version = server.client.server_info().version;
     let floor = floor_phase(&server, &base, &bodies, timeout).await;
     server.close().await;
     let (publish, floor) = floor?;
 
-    let server = Server::open(args.nats_url.as_deref()).await?;
+    let server = Server::open(args.nats_url.as_deref(), &base).await?;
     let instant = engine_phase(
         &server,
         &base,
@@ -232,7 +230,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     )
     .await
     .context("starting the simulated provider")?;
-    let server = Server::open(args.nats_url.as_deref()).await?;
+    let server = Server::open(args.nats_url.as_deref(), &base).await?;
     let sim = engine_phase(
         &server,
         &base,
@@ -287,16 +285,16 @@ pub fn task_bodies(config: &Config, n: usize) -> Vec<(String, Bytes)> {
 
 /// Where a phase runs: a private server, or a namespace on a shared one.
 struct Server {
-    url: String,
     client: async_nats::Client,
     js: jetstream::Context,
-    /// A unique token for subject and stream names, so phases never share state.
-    ns: String,
+    /// The base config's NATS section in a namespace of its own, so phases
+    /// never share state.
+    nats: NatsConfig,
     local: Option<LocalNats>,
 }
 
 impl Server {
-    async fn open(url: Option<&str>) -> anyhow::Result<Server> {
+    async fn open(url: Option<&str>, base: &Config) -> anyhow::Result<Server> {
         let (local, url) = match url {
             Some(u) => (None, u.to_owned()),
             None => {
@@ -307,55 +305,31 @@ impl Server {
         };
         let client = crate::nats::connect(&url).await?;
         let js = jetstream::new(client.clone());
-        let ns = format!("bench{}", ulid::Ulid::new().to_string().to_lowercase());
+        let mut nats = base.nats.clone();
+        Namespace::new(format!(
+            "bench{}",
+            ulid::Ulid::new().to_string().to_lowercase()
+        ))
+        .apply(&mut nats);
+        nats.url = url;
         Ok(Server {
-            url,
             client,
             js,
-            ns,
+            nats,
             local,
         })
-    }
-
-    /// Stream and bucket names of this phase.
-    fn stream_name(&self, what: &str) -> String {
-        format!("{}_{what}", self.ns.to_uppercase())
-    }
-
-    fn bucket_name(&self, what: &str) -> String {
-        format!("{}-{what}", self.ns)
     }
 
     /// On a shared server, deletes what the phase created (whether it
     /// succeeded or not); a private server is stopped and removed on drop.
     async fn close(self) {
         if self.local.is_none() {
-            for s in ["TASKS", "RESULTS", "DLQ"].map(|w| self.stream_name(w)) {
-                if let Err(e) = self.js.delete_stream(&s).await {
-                    tracing::debug!(stream = %s, error = %e, "bench stream not deleted");
-                }
-            }
-            for b in ["checkpoints", "ledger"].map(|w| self.bucket_name(w)) {
-                if let Err(e) = self.js.delete_key_value(&b).await {
-                    tracing::debug!(bucket = %b, error = %e, "bench bucket not deleted");
-                }
+            if let Err(e) = namespace::remove(&self.js, &self.nats).await {
+                tracing::debug!(error = %e, "bench streams or buckets not deleted");
             }
         }
         let _ = self.client.drain().await;
     }
-}
-
-fn bar(len: usize, prefix: &str) -> ProgressBar {
-    let style = ProgressStyle::with_template(
-        "{prefix:>8} {spinner} [{bar:40.cyan/blue}] {human_pos}/{human_len} {per_sec} {elapsed}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
-    let pb = ProgressBar::new(len as u64)
-        .with_style(style)
-        .with_prefix(prefix.to_owned());
-    pb.enable_steady_tick(Duration::from_millis(100));
-    pb
 }
 
 /// Publishes every body on `subject` with `Nats-Msg-Id`, a window of PubAcks
@@ -368,31 +342,15 @@ async fn publish_tasks(
 ) -> anyhow::Result<Duration> {
     let pb = bar(bodies.len(), label);
     let started = Instant::now();
-    let mut in_flight = FuturesUnordered::new();
-    for (id, body) in bodies {
-        while in_flight.len() >= PUBLISH_WINDOW {
-            if let Some(r) = in_flight.next().await {
-                r?;
-                pb.inc(1);
-            }
-        }
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
-        headers.insert("Content-Type", "application/json");
-        let ack = js
-            .publish_with_headers(subject.to_owned(), headers, body.clone())
-            .await
-            .with_context(|| format!("publishing to {subject}"))?;
-        in_flight.push(async move {
-            ack.await
-                .map(|_| ())
-                .with_context(|| format!("PubAck from {subject}"))
-        });
-    }
-    while let Some(r) = in_flight.next().await {
-        r?;
-        pb.inc(1);
-    }
+    let outgoing = bodies.iter().map(|(id, body)| Outgoing {
+        subject: subject.to_owned(),
+        msg_id: id.clone(),
+        content_type: Encoding::Json.content_type(),
+        body: body.clone(),
+    });
+    Publisher::new(js.clone())
+        .publish_all(outgoing, |_| pb.inc(1))
+        .await?;
     pb.finish_and_clear();
     Ok(started.elapsed())
 }
@@ -406,9 +364,9 @@ async fn floor_phase(
 ) -> anyhow::Result<(PhaseResult, PhaseResult)> {
     let n = bodies.len();
     let js = &server.js;
-    let (tasks_name, results_name) = (server.stream_name("TASKS"), server.stream_name("RESULTS"));
-    let task_subject = format!("{}.tasks.p2", server.ns);
-    let results_prefix = format!("{}.results.", server.ns);
+    let (tasks_name, results_name) = (&server.nats.tasks_stream, &server.nats.results_stream);
+    let subjects = Subjects::of(&server.nats);
+    let task_subject = subjects.task(Priority::P2);
     let tasks = js
         .create_stream(stream::Config {
             name: tasks_name.clone(),
@@ -425,7 +383,7 @@ async fn floor_phase(
         .with_context(|| format!("creating stream {tasks_name}"))?;
     js.create_stream(stream::Config {
         name: results_name.clone(),
-        subjects: vec![format!("{results_prefix}>")],
+        subjects: vec![subjects.results()],
         retention: stream::RetentionPolicy::Limits,
         duplicate_window: Duration::from_secs(base.nats.duplicate_window_secs),
         allow_direct: true,
@@ -463,6 +421,7 @@ async fn floor_phase(
         .to_string(),
     );
 
+    let publisher = Publisher::new(js.clone());
     let pb = bar(n, "(a)");
     let cpu_before = process_cpu();
     let started = Instant::now();
@@ -479,8 +438,8 @@ async fn floor_phase(
         messages
             .take(n)
             .map(|m| {
-                let js = js.clone();
-                let results_prefix = &results_prefix;
+                let publisher = &publisher;
+                let subjects = &subjects;
                 let result_body = result_body.clone();
                 async move {
                     let m = m.map_err(|e| anyhow::anyhow!("pull: {e}"))?;
@@ -490,14 +449,15 @@ async fn floor_phase(
                         .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
                         .map(|v| v.as_str().to_owned())
                         .context("a task without Nats-Msg-Id")?;
-                    let mut headers = async_nats::HeaderMap::new();
-                    headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
-                    headers.insert("Content-Type", "application/json");
-                    js.publish_with_headers(format!("{results_prefix}{id}"), headers, result_body)
+                    publisher
+                        .publish(Outgoing {
+                            subject: subjects.result(&id),
+                            msg_id: id,
+                            content_type: Encoding::Json.content_type(),
+                            body: result_body,
+                        })
                         .await
-                        .map_err(|e| anyhow::anyhow!("publishing a result: {e}"))?
-                        .await
-                        .map_err(|e| anyhow::anyhow!("PubAck of a result: {e}"))?;
+                        .context("publishing a result")?;
                     m.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
                     anyhow::Ok(())
                 }
@@ -524,7 +484,7 @@ async fn floor_phase(
     if done < n {
         bail!("(a) the consumer ended after {done} of {n} tasks");
     }
-    let mut results = js.get_stream(&results_name).await?;
+    let mut results = js.get_stream(results_name).await?;
     let stored = results.info().await?.state.messages;
     if stored != n as u64 {
         bail!("(a) the results stream holds {stored} results for {n} tasks");
@@ -560,15 +520,7 @@ async fn engine_phase(
 ) -> anyhow::Result<PhaseResult> {
     let n = bodies.len();
     let mut config = base.clone();
-    let ns = &server.ns;
-    config.nats.url = server.url.clone();
-    config.nats.subject_prefix = ns.clone();
-    config.nats.tasks_stream = server.stream_name("TASKS");
-    config.nats.results_stream = server.stream_name("RESULTS");
-    config.nats.dlq_stream = server.stream_name("DLQ");
-    config.nats.checkpoints_bucket = server.bucket_name("checkpoints");
-    config.nats.ledger_bucket = server.bucket_name("ledger");
-    config.nats.consumer_prefix = ns.clone();
+    config.nats = server.nats.clone();
     let providers: HashMap<String, Arc<dyn Provider>> = match &backend {
         Backend::Instant => config
             .providers
@@ -593,7 +545,7 @@ async fn engine_phase(
     };
     publish_tasks(
         &server.js,
-        &config.task_subject(Priority::P2),
+        &config.subjects().task(Priority::P2),
         bodies,
         &format!("{label} pub"),
     )

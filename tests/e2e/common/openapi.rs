@@ -12,7 +12,7 @@
 //! extensions are annotations and are left alone.
 //!
 //! Use it with `#[path = "common/openapi.rs"] mod openapi;` or from a
-//! `tests/common/mod.rs` with `pub mod openapi;`.
+//! `tests/e2e/common/mod.rs` with `pub mod openapi;`.
 
 // Each test binary uses only some of the helpers.
 #![allow(dead_code)]

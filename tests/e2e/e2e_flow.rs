@@ -1,7 +1,7 @@
 //! End to end: tasks over the three priorities flow through a real
 //! nats-server and the simulated provider over HTTP; exactly one outcome each.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,15 +1,19 @@
-//! Outcome reports: a [`Report`] collects outcomes as they arrive (one JSON
-//! value each, the shape of PROTOCOL.md) and renders plain-text tables of
-//! throughput, latency per priority, outcomes, retries, tokens and cost.
-//! Used by `batchd demo`; anything that reads outcomes can use it.
+//! Outcome reports: a [`Report`] collects typed outcomes as they arrive and
+//! renders plain-text tables of throughput, latency per priority, outcomes,
+//! retries, tokens and cost. Used by `batchd demo`; anything that reads
+//! outcomes can use it. The tables and number formats are in [`table`],
+//! shared with the other commands' summaries.
+
+pub mod table;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use batchd_actors::pricing::PriceTable;
-use batchd_actors::task::{RouteKind, Usage};
-use serde_json::Value;
+use batchd_actors::task::{Outcome, RouteKind, Status, Usage};
+
+use table::{group, percentile, section, share, truncate, usd, Table};
 
 /// How many failed tasks the report lists by name.
 const FAILURE_SAMPLES: usize = 10;
@@ -78,59 +82,46 @@ impl Report {
 
     /// Adds one outcome. Returns false (and counts nothing) when an outcome
     /// for the same `task_id` was already recorded.
-    pub fn record(&mut self, outcome: &Value) -> bool {
-        if let Some(id) = outcome["task_id"].as_str() {
-            if !self.seen.insert(id.to_owned()) {
-                self.repeated += 1;
-                return false;
-            }
+    pub fn record(&mut self, outcome: &Outcome) -> bool {
+        if !self.seen.insert(outcome.task_id.clone()) {
+            self.repeated += 1;
+            return false;
         }
         self.outcomes += 1;
-        let status = outcome["status"].as_str().unwrap_or("unknown").to_owned();
-        let kind = outcome["error"]["kind"].as_str().unwrap_or("-").to_owned();
-        let succeeded = status == "succeeded";
+        let succeeded = outcome.status == Status::Succeeded;
+        let kind = outcome
+            .error
+            .as_ref()
+            .map_or("-", |e| e.kind.as_str())
+            .to_owned();
 
-        let priority = outcome["priority"]
-            .as_u64()
-            .and_then(|p| u8::try_from(p).ok())
-            .unwrap_or(0);
-        let p = self.by_priority.entry(priority).or_default();
+        let p = self.by_priority.entry(outcome.priority).or_default();
         if succeeded {
             p.succeeded += 1;
         } else {
             p.failed += 1;
         }
-        if let Some(ms) = outcome["timings"]["total_ms"].as_u64() {
-            p.total_ms.push(ms);
-        }
-        if let Some(ms) = outcome["timings"]["queued_ms"].as_u64() {
-            p.queued_ms.push(ms);
+        p.total_ms.push(outcome.timings.total_ms);
+        p.queued_ms.push(outcome.timings.queued_ms);
+
+        *self
+            .by_status
+            .entry((outcome.status.as_str().to_owned(), kind.clone()))
+            .or_default() += 1;
+        if let Some(route) = outcome.route {
+            *self.by_route.entry(route.as_str().to_owned()).or_default() += 1;
         }
 
-        *self.by_status.entry((status, kind.clone())).or_default() += 1;
-        if let Some(route) = outcome["route"].as_str() {
-            *self.by_route.entry(route.to_owned()).or_default() += 1;
-        }
-
-        let attempts = outcome["attempts"].as_u64().unwrap_or(0);
+        let attempts = u64::from(outcome.attempts);
         if attempts > 1 {
             self.retries += attempts - 1;
             self.retried_tasks += 1;
         }
 
-        let usage = Usage {
-            input_tokens: outcome["usage"]["input_tokens"].as_u64().unwrap_or(0),
-            cached_input_tokens: outcome["usage"]["cached_input_tokens"]
-                .as_u64()
-                .unwrap_or(0),
-            output_tokens: outcome["usage"]["output_tokens"].as_u64().unwrap_or(0),
-        };
-        let cost = outcome["cost_usd"].as_f64().unwrap_or(0.0);
-        if let Some(model) = outcome["model"].as_str() {
-            let route = match outcome["route"].as_str() {
-                Some("batch_api") => RouteKind::BatchApi,
-                _ => RouteKind::Realtime,
-            };
+        let usage = outcome.usage;
+        let cost = outcome.cost_usd;
+        if let Some(model) = outcome.model.as_deref() {
+            let route = outcome.route.unwrap_or(RouteKind::Realtime);
             let no_cache = Usage {
                 cached_input_tokens: 0,
                 ..usage
@@ -157,12 +148,13 @@ impl Report {
 
         if !succeeded && self.failures.len() < FAILURE_SAMPLES {
             self.failures.push(Failure {
-                task_id: outcome["task_id"].as_str().unwrap_or("?").to_owned(),
+                task_id: outcome.task_id.clone(),
                 kind,
-                message: outcome["error"]["message"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_owned(),
+                message: outcome
+                    .error
+                    .as_ref()
+                    .map(|e| e.message.clone())
+                    .unwrap_or_default(),
             });
         }
         true
@@ -457,214 +449,54 @@ fn sorted(values: &[u64]) -> Vec<u64> {
     v
 }
 
-/// The nearest-rank percentile of ascending `sorted` values: the smallest
-/// value with at least `p` percent of the values at or below it. `None` for
-/// no values; `p` is clamped to 0..=100.
-pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let p = if p.is_nan() { 0.0 } else { p.clamp(0.0, 100.0) };
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted.get(rank.clamp(1, sorted.len()) - 1).copied()
-}
-
-/// `1234567` → `1,234,567`.
-pub fn group(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// Dollars with enough decimals to show sub-cent totals.
-pub fn usd(x: f64) -> String {
-    if x.abs() >= 100.0 {
-        format!("${x:.2}")
-    } else if x.abs() >= 1.0 {
-        format!("${x:.4}")
-    } else {
-        format!("${x:.6}")
-    }
-}
-
-fn share(n: u64, of: u64) -> String {
-    if of == 0 {
-        return "-".into();
-    }
-    format!("{:.1}%", n as f64 * 100.0 / of as f64)
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    let one_line = s.replace(['\n', '\r'], " ");
-    if one_line.chars().count() <= max {
-        return one_line;
-    }
-    let mut t: String = one_line.chars().take(max.saturating_sub(3)).collect();
-    t.push_str("...");
-    t
-}
-
-fn section(out: &mut String, title: &str) {
-    if !out.is_empty() {
-        out.push('\n');
-    }
-    out.push_str(title);
-    out.push('\n');
-}
-
-/// A plain-text table: text columns left-aligned, number columns
-/// right-aligned, two spaces between columns, indented by two.
-struct Table {
-    header: Vec<String>,
-    rows: Vec<Option<Vec<String>>>,
-    /// How many leading columns hold text.
-    text_columns: usize,
-}
-
-impl Table {
-    fn new(header: &[&str]) -> Table {
-        Table {
-            header: header.iter().map(|h| (*h).to_owned()).collect(),
-            rows: Vec::new(),
-            text_columns: 1,
-        }
-    }
-
-    /// The first `n` columns hold text (left-aligned).
-    fn text_columns(mut self, n: usize) -> Table {
-        self.text_columns = n;
-        self
-    }
-
-    fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(Some(cells));
-    }
-
-    /// A horizontal rule before the next row.
-    fn rule(&mut self) {
-        self.rows.push(None);
-    }
-
-    fn render(&self) -> String {
-        let cols = self.header.len();
-        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
-        for row in self.rows.iter().flatten() {
-            for (i, cell) in row.iter().enumerate().take(cols) {
-                widths[i] = widths[i].max(cell.chars().count());
-            }
-        }
-        let mut out = String::new();
-        let line = |out: &mut String, cells: &[String]| {
-            let mut text = String::from(" ");
-            for (i, width) in widths.iter().enumerate() {
-                let cell = cells.get(i).map_or("", String::as_str);
-                let pad = width.saturating_sub(cell.chars().count());
-                text.push(' ');
-                if i < self.text_columns {
-                    text.push_str(cell);
-                    text.push_str(&" ".repeat(pad));
-                } else {
-                    text.push_str(&" ".repeat(pad));
-                    text.push_str(cell);
-                }
-                text.push(' ');
-            }
-            out.push_str(text.trim_end());
-            out.push('\n');
-        };
-        line(&mut out, &self.header);
-        let rule_width = widths.iter().sum::<usize>() + 2 * widths.len().saturating_sub(1);
-        let rule = format!("  {}\n", "-".repeat(rule_width));
-        out.push_str(&rule);
-        for row in &self.rows {
-            match row {
-                Some(cells) => line(&mut out, cells),
-                None => out.push_str(&rule),
-            }
-        }
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::fixtures;
+    use batchd_actors::task::{ErrorKind, TaskError, Timings};
     use serde_json::json;
 
-    fn outcome(id: &str, priority: u8, total_ms: u64, queued_ms: u64) -> Value {
-        json!({
-            "task_id": id,
-            "status": "succeeded",
-            "output": "ok",
-            "error": null,
-            "model": "gpt-4.1-nano",
-            "provider": "openai",
-            "route": "realtime",
-            "usage": {"input_tokens": 1000, "cached_input_tokens": 0, "output_tokens": 100},
-            "cost_usd": 0.00014,
-            "attempts": 1,
-            "priority": priority,
-            "tenant": "acme",
-            "timings": {"queued_ms": queued_ms, "processing_ms": total_ms - queued_ms, "total_ms": total_ms},
-        })
+    fn outcome(id: &str, priority: u8, total_ms: u64, queued_ms: u64) -> Outcome {
+        Outcome {
+            task_id: id.into(),
+            output: Some("ok".into()),
+            usage: Usage {
+                input_tokens: 1000,
+                cached_input_tokens: 0,
+                output_tokens: 100,
+            },
+            cost_usd: 0.00014,
+            attempts: 1,
+            priority,
+            tenant: "acme".into(),
+            timings: Timings {
+                queued_ms,
+                processing_ms: total_ms - queued_ms,
+                total_ms,
+            },
+            ..fixtures::outcome(Status::Succeeded)
+        }
     }
 
-    fn failed(id: &str, kind: &str, message: &str) -> Value {
-        json!({
-            "task_id": id,
-            "status": "failed",
-            "output": null,
-            "error": {"kind": kind, "message": message, "status_code": null},
-            "model": null,
-            "usage": {"input_tokens": 0, "cached_input_tokens": 0, "output_tokens": 0},
-            "cost_usd": 0.0,
-            "attempts": 0,
-            "priority": 3,
-            "timings": {"queued_ms": 5, "processing_ms": 0, "total_ms": 5},
-        })
-    }
-
-    #[test]
-    fn percentile_uses_the_nearest_rank() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 50.0), Some(50));
-        assert_eq!(percentile(&v, 95.0), Some(95));
-        assert_eq!(percentile(&v, 99.0), Some(99));
-        assert_eq!(percentile(&v, 100.0), Some(100));
-        assert_eq!(percentile(&v, 0.0), Some(1));
-
-        let v = [10, 20, 30, 40, 50, 60, 70, 80, 90, 1000];
-        assert_eq!(percentile(&v, 50.0), Some(50));
-        assert_eq!(percentile(&v, 95.0), Some(1000));
-        assert_eq!(percentile(&v, 90.0), Some(90));
-        assert_eq!(percentile(&v, 99.0), Some(1000));
-
-        assert_eq!(percentile(&[7], 50.0), Some(7));
-        assert_eq!(percentile(&[7], 99.0), Some(7));
-        assert_eq!(percentile(&[], 50.0), None);
-        assert_eq!(percentile(&[1, 2], f64::NAN), Some(1));
-        assert_eq!(percentile(&[1, 2], 250.0), Some(2));
-    }
-
-    #[test]
-    fn group_inserts_thousands_separators() {
-        assert_eq!(group(0), "0");
-        assert_eq!(group(999), "999");
-        assert_eq!(group(1000), "1,000");
-        assert_eq!(group(1234567), "1,234,567");
-    }
-
-    #[test]
-    fn usd_keeps_small_amounts_readable() {
-        assert_eq!(usd(0.000123), "$0.000123");
-        assert_eq!(usd(1.5), "$1.5000");
-        assert_eq!(usd(1234.567), "$1234.57");
+    fn failed(id: &str, kind: ErrorKind, message: &str) -> Outcome {
+        Outcome {
+            task_id: id.into(),
+            error: Some(TaskError::new(kind, message)),
+            model: None,
+            provider: None,
+            route: None,
+            usage: Usage::default(),
+            cost_usd: 0.0,
+            attempts: 0,
+            batch_id: None,
+            priority: 3,
+            timings: Timings {
+                queued_ms: 5,
+                processing_ms: 0,
+                total_ms: 5,
+            },
+            ..fixtures::outcome(Status::Failed)
+        }
     }
 
     #[test]
@@ -682,10 +514,10 @@ mod tests {
     fn totals_count_retries_failures_and_cost() {
         let mut r = Report::new();
         let mut o = outcome("a", 2, 100, 10);
-        o["attempts"] = json!(3);
+        o.attempts = 3;
         r.record(&o);
         r.record(&outcome("b", 2, 100, 10));
-        r.record(&failed("c", "invalid_request", "malformed JSON"));
+        r.record(&failed("c", ErrorKind::InvalidRequest, "malformed JSON"));
         assert_eq!(r.succeeded(), 2);
         assert_eq!(r.failed(), 1);
         assert_eq!(r.retries(), 2);
@@ -700,12 +532,12 @@ mod tests {
             r.record(&outcome(&format!("t{i}"), p, i * 10, i));
         }
         let mut retried = outcome("r1", 3, 2000, 20);
-        retried["attempts"] = json!(2);
-        retried["usage"]["cached_input_tokens"] = json!(512);
+        retried.attempts = 2;
+        retried.usage.cached_input_tokens = 512;
         r.record(&retried);
         r.record(&failed(
             "bad-1",
-            "invalid_request",
+            ErrorKind::InvalidRequest,
             "unknown task type \"poetry\"",
         ));
         r.set_dead_letters(1);
@@ -777,19 +609,13 @@ Latency by priority (ms, publish to outcome)
         // 1000 input tokens, 800 of them cached, 100 output:
         // with caching 200*0.10 + 800*0.025 + 100*0.40 = 80 per 1M tokens;
         // without, 1000*0.10 + 100*0.40 = 140 per 1M tokens.
-        o["usage"]["cached_input_tokens"] = json!(800);
-        o["cost_usd"] = json!(0.00008);
+        o.usage.cached_input_tokens = 800;
+        o.cost_usd = 0.00008;
         r.record(&o);
         let text = r.render();
         assert!(
             text.contains("without prompt caching: $0.000140 (caching saved $0.000060, 42.9%)"),
             "{text}"
         );
-    }
-
-    #[test]
-    fn long_messages_are_cut_to_one_line() {
-        assert_eq!(truncate("a\nb", 10), "a b");
-        assert_eq!(truncate("abcdefghij", 6), "abc...");
     }
 }

@@ -2,8 +2,7 @@
 //! it serves JetStream, survives a restart on the same store, isolates
 //! servers from each other and cleans up after itself.
 
-#[path = "common/nats.rs"]
-mod nats;
+use crate::common::nats;
 
 use std::net::TcpStream;
 

@@ -2,7 +2,7 @@
 //! restarted, the restarts are counted in /metrics, and every task still
 //! gets exactly one outcome.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! simulated provider over HTTP, and `--wait` writes an OpenAI Batch output
 //! file.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

@@ -2,7 +2,7 @@
 //! that is not its own: it must finish, print the report with the right
 //! counts, and leave nothing behind on that server.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! provider over HTTP: the `batchd` binary killed with SIGKILL, nats-server
 //! restarted, the provider failing, throttling and stalling.
 
-mod common;
+use crate::common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

@@ -15,28 +15,27 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use async_nats::jetstream;
-use async_nats::HeaderMap;
-use batchd_actors::task::Priority;
+use batchd_actors::task::Outcome;
 use futures::StreamExt;
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
-use serde_json::Value;
+use indicatif::ProgressBar;
 use tokio::time::Instant;
 
+use crate::client::read::{read_stream, stream_len};
+use crate::client::{namespace, Namespace, OutcomeSubscription, Outgoing, Publisher, Subjects};
 use crate::config::Config;
 use crate::local_nats::LocalNats;
-use crate::report::{group, Report};
+use crate::report::table::group;
+use crate::report::Report;
 use crate::sim::{SimConfig, SimServer};
 
+mod progress;
 mod workload;
 
+use progress::Progress;
 use workload::{Message, Workload, TENANTS};
 
 /// Where the demo looks for a running NATS server before starting its own.
 const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
-/// Publishes sent before their PubAcks are awaited.
-const PUBLISH_WINDOW: usize = 512;
-/// How often a progress line is printed when stdout is not a terminal.
-const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// Silence after which the results stream, not the subscription, is read.
 const STALL: Duration = Duration::from_secs(5);
 
@@ -283,15 +282,7 @@ fn demo_config(
     let mut config = Config::defaults()?;
     config.nats.url = nats_url.to_owned();
     if let Some(id) = isolation {
-        let prefix = format!("batchd_demo_{id}");
-        let stream = prefix.to_ascii_uppercase();
-        config.nats.subject_prefix = prefix.clone();
-        config.nats.tasks_stream = format!("{stream}_TASKS");
-        config.nats.results_stream = format!("{stream}_RESULTS");
-        config.nats.dlq_stream = format!("{stream}_DLQ");
-        config.nats.checkpoints_bucket = format!("{prefix}-checkpoints");
-        config.nats.ledger_bucket = format!("{prefix}-ledger");
-        config.nats.consumer_prefix = prefix;
+        Namespace::new(format!("batchd_demo_{id}")).apply(&mut config.nats);
     }
     // Room for the workload (bodies are a few KiB at most), not the
     // production default of 8 GiB: a shared server may not have that to reserve.
@@ -388,38 +379,28 @@ struct Tally {
     from_stream: u64,
 }
 
-/// Publishes every message, `PUBLISH_WINDOW` in flight at a time.
+/// Publishes every message with a window of PubAcks in flight.
 async fn publish_all(
     js: jetstream::Context,
-    subjects: [String; 3],
+    subjects: Subjects,
     messages: Vec<Message>,
     bar: ProgressBar,
 ) -> anyhow::Result<Tally> {
-    let mut tally = Tally::default();
-    for chunk in messages.chunks(PUBLISH_WINDOW) {
-        let mut acks = Vec::with_capacity(chunk.len());
-        for m in chunk {
-            let mut headers = HeaderMap::new();
-            headers.insert(async_nats::header::NATS_MESSAGE_ID, m.msg_id.as_str());
-            headers.insert("Content-Type", m.content_type);
-            let subject = subjects[m.priority.index()].clone();
-            let ack = js
-                .publish_with_headers(subject.clone(), headers, m.body.clone())
-                .await
-                .with_context(|| format!("publishing {} to {subject}", m.msg_id))?;
-            acks.push(ack);
-        }
-        for ack in acks {
-            let ack = ack.await.context("waiting for a JetStream PubAck")?;
-            if ack.duplicate {
-                tally.duplicates += 1;
-            } else {
-                tally.accepted += 1;
-            }
-            bar.inc(1);
-        }
-    }
-    Ok(tally)
+    let outgoing = messages.into_iter().map(|m| Outgoing {
+        subject: subjects.task(m.priority),
+        msg_id: m.msg_id,
+        content_type: m.content_type,
+        body: m.body,
+    });
+    let published = Publisher::new(js)
+        .publish_all(outgoing, |_| bar.inc(1))
+        .await
+        .context("publishing the workload")?;
+    Ok(Tally {
+        accepted: published.stored() as u64,
+        duplicates: published.duplicates as u64,
+        from_stream: 0,
+    })
 }
 
 /// How the wait for outcomes ended.
@@ -454,13 +435,10 @@ async fn drive(
         .connect(config.nats.url.as_str())
         .await
         .with_context(|| format!("connecting the demo client to {}", config.nats.url))?;
-    let prefix = &config.nats.subject_prefix;
-    let mut results = client
-        .subscribe(format!("{prefix}.results.>"))
-        .await
-        .context("subscribing to outcomes")?;
+    let subjects = config.subjects();
+    let mut results = OutcomeSubscription::subscribe(&client, &subjects).await?;
     let mut dead_letters = client
-        .subscribe(format!("{prefix}.dlq.>"))
+        .subscribe(subjects.dead_letters())
         .await
         .context("subscribing to dead letters")?;
     client
@@ -469,7 +447,6 @@ async fn drive(
         .context("registering the subscriptions")?;
     let js = jetstream::new(client.clone());
 
-    let subjects = Priority::ALL.map(|p| config.task_subject(p));
     let workload_tasks = workload.tasks();
     let started = Instant::now();
     let mut progress = Progress::new(
@@ -505,18 +482,18 @@ async fn drive(
         }
         tokio::select! {
             m = results.next() => {
-                let Some(m) = m else { bail!("the outcome subscription closed") };
-                match decode(&m) {
-                    Ok(v) => {
-                        if report.record(&v) {
+                let Some((task_id, decoded)) = m else { bail!("the outcome subscription closed") };
+                match decoded {
+                    Ok(o) => {
+                        if report.record(&o) {
                             last_outcome = Instant::now();
                             last_progress = last_outcome;
-                            progress.completed(&v);
+                            progress.completed(&o);
                         }
                     }
                     Err(e) => {
                         undecodable += 1;
-                        tracing::warn!(subject = %m.subject, error = %e, "undecodable outcome");
+                        tracing::warn!(task_id = %task_id, error = %e, "undecodable outcome");
                     }
                 }
             }
@@ -584,20 +561,6 @@ async fn drive(
     })
 }
 
-/// Decodes an outcome by its Content-Type.
-fn decode(m: &async_nats::Message) -> anyhow::Result<Value> {
-    let msgpack = m
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("Content-Type"))
-        .is_some_and(|v| v.as_str() == "application/msgpack");
-    if msgpack {
-        rmp_serde::from_slice(&m.payload).context("decoding a MessagePack outcome")
-    } else {
-        serde_json::from_slice(&m.payload).context("decoding a JSON outcome")
-    }
-}
-
 /// Records the outcomes of the results stream when it holds more than the
 /// report has (the report skips the ones it already counted).
 async fn read_results_stream(
@@ -609,48 +572,21 @@ async fn read_results_stream(
     let client = async_nats::connect(nats_url)
         .await
         .with_context(|| format!("connecting to {nats_url} to read {stream}"))?;
-    let result = read_stream_into(&jetstream::new(client.clone()), stream, report).await;
+    let js = jetstream::new(client.clone());
+    let result = async {
+        if stream_len(&js, stream).await? > report.outcomes() {
+            read_stream(&js, stream, |_, o: Result<Outcome, _>| {
+                if let Ok(o) = o {
+                    report.record(&o);
+                }
+            })
+            .await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
     let _ = client.drain().await;
     result
-}
-
-async fn read_stream_into(
-    js: &jetstream::Context,
-    stream: &str,
-    report: &mut Report,
-) -> anyhow::Result<()> {
-    let mut s = js
-        .get_stream(stream)
-        .await
-        .with_context(|| format!("opening stream {stream}"))?;
-    let total = s
-        .info()
-        .await
-        .with_context(|| format!("reading the state of {stream}"))?
-        .state
-        .messages;
-    if total <= report.outcomes() {
-        return Ok(());
-    }
-    let consumer = s
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .with_context(|| format!("reading {stream}"))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .with_context(|| format!("reading {stream}"))?;
-    for _ in 0..total {
-        let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .with_context(|| format!("reading {stream} timed out"))?
-            .with_context(|| format!("{stream} ended early"))?
-            .with_context(|| format!("reading {stream}"))?;
-        if let Ok(v) = decode(&m) {
-            report.record(&v);
-        }
-    }
-    Ok(())
 }
 
 /// Deletes the demo's streams and buckets from a shared server.
@@ -658,160 +594,9 @@ async fn remove_demo_objects(config: &Config) -> anyhow::Result<()> {
     let client = async_nats::connect(config.nats.url.as_str())
         .await
         .with_context(|| format!("connecting to {} to clean up", config.nats.url))?;
-    let js = jetstream::new(client.clone());
-    let n = &config.nats;
-    let mut failed = Vec::new();
-    for stream in [&n.tasks_stream, &n.results_stream, &n.dlq_stream] {
-        if let Err(e) = js.delete_stream(stream).await {
-            failed.push(format!("stream {stream}: {e}"));
-        }
-    }
-    for bucket in [&n.checkpoints_bucket, &n.ledger_bucket] {
-        if let Err(e) = js.delete_key_value(bucket).await {
-            failed.push(format!("bucket {bucket}: {e}"));
-        }
-    }
+    let removed = namespace::remove(&jetstream::new(client.clone()), &config.nats).await;
     let _ = client.drain().await;
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        bail!("could not delete {}", failed.join("; "))
-    }
-}
-
-/// Live progress: bars on a terminal, a line every few seconds otherwise.
-struct Progress {
-    published: ProgressBar,
-    completed: [ProgressBar; 3],
-    started: Instant,
-    /// Print lines instead of bars.
-    plain: bool,
-    last_line: Duration,
-}
-
-impl Progress {
-    fn new(messages: u64, per_priority: [u64; 3], terminal: bool, started: Instant) -> Progress {
-        let target = if terminal {
-            ProgressDrawTarget::stdout()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
-        let multi = MultiProgress::with_draw_target(target);
-        // Rate and ETA while running; the bar's message ("done in ...") after.
-        let live = |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-            if s.is_finished() {
-                return;
-            }
-            let _ = write!(w, "{:>7}/s", group(s.per_sec().round() as u64));
-            let len = s.len().unwrap_or(0);
-            // Too early for an estimate before a twentieth is done.
-            if s.pos() > 0 && s.pos() * 20 >= len && s.pos() < len {
-                let _ = write!(w, "  eta {}s", s.eta().as_secs());
-            }
-        };
-        let style = ProgressStyle::with_template(
-            "{prefix:<12} {bar:30.cyan/blue} {human_pos:>7}/{human_len:<7} {live}{msg}",
-        )
-        .map(|s| s.with_key("live", live).progress_chars("##-"))
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
-        let bar = |len: u64, name: &str| {
-            let b = multi.add(ProgressBar::new(len));
-            b.set_style(style.clone());
-            b.set_prefix(name.to_owned());
-            if len == 0 {
-                b.finish_with_message("none");
-            } else {
-                b.enable_steady_tick(Duration::from_millis(200));
-            }
-            b
-        };
-        let published = bar(messages, "published");
-        let completed = [
-            bar(per_priority[0], "p1 premium"),
-            bar(per_priority[1], "p2 standard"),
-            bar(per_priority[2], "p3 bulk"),
-        ];
-        Progress {
-            published,
-            completed,
-            started,
-            plain: !terminal,
-            last_line: Duration::ZERO,
-        }
-    }
-
-    fn done_message(&self) -> String {
-        format!("  done in {:.1} s", self.started.elapsed().as_secs_f64())
-    }
-
-    fn published_all(&self) {
-        self.published.finish_with_message(self.done_message());
-    }
-
-    fn completed(&self, outcome: &Value) {
-        let p = outcome["priority"]
-            .as_i64()
-            .and_then(Priority::from_number)
-            .unwrap_or(Priority::P3);
-        let bar = &self.completed[p.index()];
-        bar.inc(1);
-        if bar.length().is_some_and(|len| bar.position() >= len) {
-            bar.finish_with_message(self.done_message());
-        }
-    }
-
-    /// Sets the outcome bars from the report (after outcomes were recorded elsewhere).
-    fn sync(&self, report: &Report) {
-        for (p, n) in report.outcomes_by_priority() {
-            if let Some(bar) =
-                Priority::from_number(i64::from(p)).map(|p| &self.completed[p.index()])
-            {
-                bar.set_position(n);
-                if bar.length().is_some_and(|len| n >= len) && !bar.is_finished() {
-                    bar.finish_with_message(self.done_message());
-                }
-            }
-        }
-    }
-
-    /// Prints a progress line every few seconds when there are no bars.
-    fn tick(&mut self, report: &Report) {
-        let elapsed = self.started.elapsed();
-        if !self.plain || elapsed < self.last_line + PLAIN_PROGRESS_EVERY {
-            return;
-        }
-        self.last_line = elapsed;
-        println!("{}", self.line(elapsed, report));
-    }
-
-    fn line(&self, elapsed: Duration, report: &Report) -> String {
-        let by =
-            |b: &ProgressBar| format!("{}/{}", group(b.position()), group(b.length().unwrap_or(0)));
-        let total: u64 = self.completed.iter().filter_map(ProgressBar::length).sum();
-        format!(
-            "  [{:>5.1}s] published {}, outcomes {}/{} (p1 {}, p2 {}, p3 {})",
-            elapsed.as_secs_f64(),
-            by(&self.published),
-            group(report.outcomes()),
-            group(total),
-            by(&self.completed[0]),
-            by(&self.completed[1]),
-            by(&self.completed[2]),
-        )
-    }
-
-    /// Leaves the bars on screen: finished, or abandoned where they stopped.
-    fn finish(&self) {
-        for b in std::iter::once(&self.published).chain(self.completed.iter()) {
-            if !b.is_finished() {
-                b.abandon();
-            }
-        }
-        if !self.plain {
-            // The cursor is left at the end of the last bar.
-            println!();
-        }
-    }
+    Ok(removed?)
 }
 
 #[cfg(test)]

@@ -1,8 +1,7 @@
 //! The simulated provider over real HTTP: each test starts a `SimServer` on
 //! a free port and talks to it with reqwest, as batchd's provider client does.
 
-#[path = "common/openapi.rs"]
-mod openapi;
+use crate::common::openapi;
 
 use std::time::{Duration, Instant};
 
