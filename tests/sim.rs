@@ -452,6 +452,7 @@ async fn requests_over_rpm_get_429_with_retry_after_and_ratelimit_headers() {
             rate_limited: 1,
             server_errors: 0,
             bad_requests: 0,
+            ..SimStats::default()
         }
     );
 }
