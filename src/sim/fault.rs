@@ -590,19 +590,19 @@ pub fn load_faults(path: &Path) -> Result<Vec<Fault>, FaultsFileError> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FaultsFileError {
-    #[error("cannot read the faults file {path}: {source}")]
+    #[error("cannot read the faults file {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("faults file {path}: {source}")]
+    #[error("faults file {path} is not a valid JSON list of faults")]
     Json {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
-    #[error("faults file {path}: {source}")]
+    #[error("faults file {path} is not a valid TOML list of [[faults]]")]
     Toml {
         path: PathBuf,
         #[source]
@@ -924,7 +924,8 @@ mod tests {
             "[[faults]]\nkind = \"refuse\"\nfrom = \"3s\"\nuntil = \"2s\"\n",
         )
         .unwrap();
-        let message = load_faults(&bad).unwrap_err().to_string();
+        let error = load_faults(&bad).unwrap_err();
+        let message = format!("{error}: {}", std::error::Error::source(&error).unwrap());
         assert!(
             message.contains("bad.toml") && message.contains("is empty"),
             "{message}"

@@ -41,6 +41,9 @@
 //!   under `models`.
 //! - `POST /sim/clock/reset`: the faults' clock starts again at zero.
 //!
+//! During a `refuse` window these are unreachable too: the whole port is
+//! closed. [`SimServer`]'s methods still work.
+//!
 //! Layout:
 //!
 //! - `service`: routes, shared state and the path of one request.

@@ -356,7 +356,7 @@ async fn chat_completions(
     shared.counters.requests.fetch_add(1, Ordering::Relaxed);
 
     let (model, result) = match read_body(&shared, &headers, body) {
-        Err(failure) => (None, Err(failure)),
+        Err(error) => (None, Err(Failure::invalid(&error))),
         Ok(body) => {
             let model = body.get("model").and_then(Value::as_str).map(str::to_owned);
             let result = complete(&shared, sequence, &headers, &body, model.as_deref()).await;
@@ -401,17 +401,16 @@ fn read_body(
     shared: &Shared,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Value, Failure> {
-    check_authorization(headers).map_err(|error| Failure::invalid(&error))?;
+) -> Result<Value, ApiError> {
+    check_authorization(headers)?;
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Failure::invalid(&ApiError::body_too_large(MAX_BODY_BYTES))
+            ApiError::body_too_large(MAX_BODY_BYTES)
         } else {
-            Failure::invalid(&ApiError::unparsable_json())
+            ApiError::unparsable_json()
         }
     })?;
-    let body: Value = serde_json::from_slice(&body)
-        .map_err(|_| Failure::invalid(&ApiError::unparsable_json()))?;
+    let body: Value = serde_json::from_slice(&body).map_err(|_| ApiError::unparsable_json())?;
     if shared.record_requests.load(Ordering::Relaxed) {
         shared.record(&body);
     }
