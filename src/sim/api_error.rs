@@ -32,7 +32,11 @@ struct Body<'a> {
 }
 
 impl ApiError {
-    fn invalid_request(message: String, param: Option<String>, code: Option<&'static str>) -> Self {
+    pub(crate) fn invalid_request(
+        message: String,
+        param: Option<String>,
+        code: Option<&'static str>,
+    ) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             message,
@@ -145,6 +149,71 @@ impl ApiError {
         }
     }
 
+    /// The 401 of a revoked or wrong key. Like OpenAI, it shows only the
+    /// first 8 and last 4 characters of a long key, and none of a short one.
+    pub(crate) fn invalid_api_key(key: Option<&str>) -> Self {
+        let Some(key) = key else {
+            return ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: "You didn't provide an API key. You need to provide your API key in an \
+                          Authorization header using Bearer auth (i.e. Authorization: Bearer \
+                          YOUR_KEY), or as the password field (with blank username) if you're \
+                          accessing the API from your browser and are prompted for a username \
+                          and password. You can obtain an API key from \
+                          https://platform.openai.com/account/api-keys."
+                    .to_owned(),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("invalid_api_key"),
+            };
+        };
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: format!(
+                "Incorrect API key provided: {}. You can find your API key at \
+                 https://platform.openai.com/account/api-keys.",
+                mask_key(key)
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+        }
+    }
+
+    pub(crate) fn forbidden() -> Self {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            message: "Country, region, or territory not supported".to_owned(),
+            kind: "request_forbidden",
+            param: None,
+            code: Some("unsupported_country_region_territory"),
+        }
+    }
+
+    pub(crate) fn insufficient_quota() -> Self {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: "You exceeded your current quota, please check your plan and billing \
+                      details. For more information on this error, read the docs: \
+                      https://platform.openai.com/docs/guides/error-codes/api-errors."
+                .to_owned(),
+            kind: "insufficient_quota",
+            param: None,
+            code: Some("insufficient_quota"),
+        }
+    }
+
+    /// The 503 OpenAI answers while overloaded or starting.
+    pub(crate) fn overloaded() -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "The server is overloaded or not ready yet.".to_owned(),
+            kind: "server_error",
+            param: None,
+            code: None,
+        }
+    }
+
     pub(crate) fn invalid_url(method: &str, path: &str) -> Self {
         ApiError {
             status: StatusCode::NOT_FOUND,
@@ -202,6 +271,20 @@ impl ApiError {
     }
 }
 
+/// A key as OpenAI echoes it: the first 8 and last 4 characters of a key
+/// of more than 16, stars for the rest; only stars for a shorter one.
+fn mask_key(key: &str) -> String {
+    let chars: Vec<char> = key.chars().collect();
+    if chars.len() <= 16 {
+        return "*".repeat(chars.len());
+    }
+    let (head, tail) = (8, 4);
+    let mut masked: String = chars[..head].iter().collect();
+    masked.push_str(&"*".repeat(chars.len() - head - tail));
+    masked.extend(&chars[chars.len() - tail..]);
+    masked
+}
+
 /// How OpenAI names a JSON value's type in its messages.
 fn describe(value: &Value) -> &'static str {
     match value {
@@ -232,6 +315,19 @@ mod tests {
                 "code": null
             }})
         );
+    }
+
+    #[test]
+    fn api_key_is_masked_and_never_echoed_in_full() {
+        let key = "sk-proj-abcdefghijklmnopqrstuvwxyz0123";
+        let error = ApiError::invalid_api_key(Some(key));
+        assert_eq!(error.code, Some("invalid_api_key"));
+        assert!(!error.message.contains(key), "{}", error.message);
+        assert!(error
+            .message
+            .starts_with("Incorrect API key provided: sk-proj-**************************0123."));
+        assert_eq!(mask_key("sk-short"), "********");
+        assert_eq!(mask_key("sk-0123456789abcd"), "sk-01234*****abcd");
     }
 
     #[test]

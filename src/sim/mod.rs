@@ -19,9 +19,37 @@
 //! - `GET /v1/models` and `GET /v1/models/{id}`: a fixed list of model ids.
 //! - Anything else: a 404 with OpenAI's `Invalid URL` error.
 //!
+//! Scripted faults ([`Fault`]) act in time windows on the simulator's own
+//! clock, which starts with the server, and optionally on one model (the
+//! request body's `model`): `outage` (503, or 500), `refuse` (the port is
+//! closed and open connections dropped, then it reopens), `unauthorized`
+//! (401 `invalid_api_key`), `forbidden` (403), `model_not_found` (404),
+//! `quota` (429 `insufficient_quota`), `rate_limit_storm` (429
+//! `rate_limit_exceeded` with `retry-after`) and `slow` (extra latency).
+//! They come before validation and the rate budgets, and apply to chat
+//! completions; `refuse` applies to every connection. Set them with
+//! `batchd sim --fault outage@10s..20s` or `--faults FILE`, with
+//! [`SimServer::add_fault`], or over HTTP.
+//!
+//! The simulator's control API lives under `/sim/`, outside OpenAI's `/v1/`:
+//!
+//! - `GET /sim/faults`: the faults and the clock.
+//! - `POST /sim/faults`: adds a fault object (`{"kind": "outage", "from":
+//!   "10s", "until": "20s"}`, optional `value` and `model`) or a list of them.
+//! - `DELETE /sim/faults`: removes every fault.
+//! - `GET /sim/stats`: [`SimStats`] as JSON, with the same counters per model
+//!   under `models`.
+//! - `POST /sim/clock/reset`: the faults' clock starts again at zero.
+//!
+//! During a `refuse` window these are unreachable too: the whole port is
+//! closed. [`SimServer`]'s methods still work.
+//!
 //! Layout:
 //!
 //! - `service`: routes, shared state and the path of one request.
+//! - `fault`: scripted faults, their syntax and which ones act when.
+//! - `listener`: the listener that closes and reopens for `refuse` windows.
+//! - `admin`: the `/sim/` control API.
 //! - `request`: validation of the request body and the prompt's token count.
 //! - `completion`: the deterministic answer and the response body.
 //! - `rate_limit`: requests and tokens per minute budgets, header values.
@@ -29,27 +57,39 @@
 //! - `api_error`: OpenAI's error body.
 //! - `hash`: the stable hash behind answers and cache keys.
 
+mod admin;
 mod api_error;
 mod completion;
+mod fault;
 mod hash;
+mod listener;
 mod prompt_cache;
 mod rate_limit;
 mod request;
 mod service;
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
-use tokio::net::TcpListener;
+use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use fault::{
+    load_faults, parse_duration, Fault, FaultError, FaultKind, FaultsFileError, MAX_FAULTS,
+};
+use listener::FaultListener;
 use service::Shared;
 
 /// How long `shutdown` lets in-flight requests finish before cutting them off.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Request bodies kept by `record_requests` unless
+/// [`SimServer::set_record_limit`] says otherwise.
+pub const DEFAULT_RECORD_LIMIT: usize = 10_000;
 
 /// Arguments of `batchd sim`.
 #[derive(Debug, Clone, clap::Args)]
@@ -75,6 +115,16 @@ pub struct SimArgs {
     /// Seed for latency jitter and error injection
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Scripted fault, repeatable: KIND[=VALUE]@FROM..UNTIL[:MODEL], times from
+    /// the start, e.g. outage@10s..20s, unauthorized@0s..30s:gpt-4.1-nano,
+    /// slow=2000@5s..15s. Kinds: outage[=500|503], refuse, unauthorized,
+    /// forbidden, model_not_found, quota, rate_limit_storm[=RETRY_AFTER_MS],
+    /// slow=MS
+    #[arg(long = "fault", value_name = "SPEC")]
+    pub faults: Vec<Fault>,
+    /// Scripted faults from a JSON or TOML file (see the README)
+    #[arg(long = "faults", value_name = "FILE")]
+    pub faults_file: Option<PathBuf>,
 }
 
 fn parse_fraction(text: &str) -> Result<f64, String> {
@@ -104,8 +154,9 @@ pub struct SimConfig {
     pub tpm: u32,
     /// Seed of the random sequence behind jitter and injected errors.
     pub seed: u64,
-    /// Keep every parsed request body for [`SimServer::recorded_requests`]
-    /// (unbounded: meant for tests).
+    /// Keep parsed request bodies for [`SimServer::recorded_requests`], the
+    /// most recent [`DEFAULT_RECORD_LIMIT`] unless
+    /// [`SimServer::set_record_limit`] says otherwise (meant for tests).
     pub record_requests: bool,
 }
 
@@ -143,18 +194,31 @@ impl From<&SimArgs> for SimConfig {
 }
 
 /// What the simulator has answered so far (chat completion requests only).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct SimStats {
-    /// Every chat completion request received.
+    /// Every chat completion request received (per model: answered).
     pub requests: u64,
     /// Answered with a 200.
     pub succeeded: u64,
-    /// Answered with a 429.
+    /// Answered with a 429 `rate_limit_exceeded`: over `rpm` or `tpm`, or
+    /// in a `rate_limit_storm`.
     pub rate_limited: u64,
-    /// Answered with an injected 500.
+    /// Answered with a 500 injected at `error_rate`.
     pub server_errors: u64,
-    /// Refused as invalid: 400, 401 or 413.
+    /// Refused as invalid: 400, 413, or 401 for a malformed `Authorization`.
     pub bad_requests: u64,
+    /// Answered by an `outage` fault (503, or 500).
+    pub unavailable: u64,
+    /// Answered by an `unauthorized` (401) or `forbidden` (403) fault.
+    pub auth_errors: u64,
+    /// Answered by a `model_not_found` fault (404).
+    pub not_found: u64,
+    /// Answered by a `quota` fault (429 `insufficient_quota`).
+    pub quota_errors: u64,
+    /// Connections dropped because a `refuse` window opened (always 0 per
+    /// model). Connections refused while closed never reach the simulator
+    /// and are not counted.
+    pub dropped_connections: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,9 +249,7 @@ pub struct SimServer {
 impl SimServer {
     /// Binds `addr` (port 0 picks a free port) and serves in a spawned task.
     pub async fn start(addr: SocketAddr, config: SimConfig) -> Result<SimServer, SimError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| SimError::Bind { addr, source })?;
+        let listener = listener::bind(addr).map_err(|source| SimError::Bind { addr, source })?;
         let local = listener
             .local_addr()
             .map_err(|source| SimError::LocalAddr { addr, source })?;
@@ -195,12 +257,7 @@ impl SimServer {
         let app = service::router(Arc::clone(&shared));
         let (stop, stopped) = oneshot::channel::<()>();
 
-        // Small JSON answers: don't let Nagle hold them back.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "simulated provider could not set TCP_NODELAY");
-            }
-        });
+        let listener = FaultListener::new(listener, local, Arc::clone(&shared));
         let task = tokio::spawn(async move {
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
@@ -240,9 +297,47 @@ impl SimServer {
         self.shared.stats()
     }
 
+    /// The same counters per model named in request bodies (at most the
+    /// first 1000 distinct models), counted when the request is answered.
+    pub fn model_stats(&self) -> BTreeMap<String, SimStats> {
+        self.shared.model_stats()
+    }
+
     /// Request bodies received while `record_requests` was on, oldest first.
     pub fn recorded_requests(&self) -> Vec<serde_json::Value> {
         self.shared.recorded_requests()
+    }
+
+    /// Keeps at most the `limit` most recent recorded bodies (default
+    /// [`DEFAULT_RECORD_LIMIT`]); 0 records nothing.
+    pub fn set_record_limit(&self, limit: usize) {
+        self.shared.set_record_limit(limit);
+    }
+
+    /// Adds a scripted fault; its window counts from the clock's start (see
+    /// [`SimServer::reset_clock`]). Refused if invalid or if
+    /// [`MAX_FAULTS`] are set already.
+    pub fn add_fault(&self, fault: Fault) -> Result<(), FaultError> {
+        self.shared.add_faults(vec![fault])
+    }
+
+    /// Removes every fault; a closed listener reopens at once.
+    pub fn clear_faults(&self) {
+        self.shared.clear_faults();
+    }
+
+    pub fn faults(&self) -> Vec<Fault> {
+        self.shared.faults()
+    }
+
+    /// Time on the faults' clock: since the start or the last reset.
+    pub fn clock(&self) -> Duration {
+        self.shared.clock()
+    }
+
+    /// Starts the faults' clock again at zero, so windows count from now.
+    pub fn reset_clock(&self) {
+        self.shared.reset_clock();
     }
 
     /// Changes the behaviour for the following requests. Changing `rpm` or
@@ -269,7 +364,12 @@ impl SimServer {
 
 /// `batchd sim`: serves until ctrl-c (or SIGTERM).
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
+    let mut faults = args.faults.clone();
+    if let Some(path) = &args.faults_file {
+        faults.extend(load_faults(path)?);
+    }
     let server = SimServer::start(args.addr, SimConfig::from(&args)).await?;
+    server.shared.add_faults(faults)?;
     let base_url = server.base_url();
     println!("batchd sim: simulated OpenAI-compatible provider at {base_url}");
     println!(
@@ -281,6 +381,9 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         limit_text(args.tpm),
         args.seed
     );
+    for fault in server.faults() {
+        println!("  fault {fault}");
+    }
     println!("Point OpenAI clients at it (any API key works):");
     println!("  export OPENAI_BASE_URL={base_url}");
     println!("Press ctrl-c to stop.");
@@ -290,12 +393,18 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     server.shutdown().await;
     println!(
         "batchd sim: served {} requests: {} succeeded, {} rate limited, {} server errors, \
-         {} bad requests",
+         {} bad requests, {} unavailable, {} auth errors, {} not found, {} quota errors; \
+         {} connections dropped",
         stats.requests,
         stats.succeeded,
         stats.rate_limited,
         stats.server_errors,
-        stats.bad_requests
+        stats.bad_requests,
+        stats.unavailable,
+        stats.auth_errors,
+        stats.not_found,
+        stats.quota_errors,
+        stats.dropped_connections
     );
     Ok(())
 }
@@ -357,6 +466,52 @@ mod tests {
             .sim;
         assert_eq!(SimConfig::from(&args).error_rate, 0.25);
         assert_eq!(SimConfig::from(&args).rpm, 600);
+    }
+
+    #[test]
+    fn cli_takes_repeated_faults_and_a_faults_file() {
+        let args = Cli::try_parse_from([
+            "sim",
+            "--fault",
+            "outage@10s..20s",
+            "--fault",
+            "unauthorized@0s..30s:gpt-4.1-nano",
+            "--fault",
+            "slow=2000@5s..15s",
+            "--faults",
+            "chaos.toml",
+        ])
+        .unwrap()
+        .sim;
+        let specs: Vec<String> = args.faults.iter().map(Fault::to_string).collect();
+        assert_eq!(
+            specs,
+            [
+                "outage@10s..20s",
+                "unauthorized@0s..30s:gpt-4.1-nano",
+                "slow=2000@5s..15s"
+            ]
+        );
+        assert_eq!(args.faults_file, Some(PathBuf::from("chaos.toml")));
+        assert!(Cli::try_parse_from(["sim"]).unwrap().sim.faults.is_empty());
+    }
+
+    #[test]
+    fn cli_names_the_bad_fault_and_the_problem() {
+        let cases = [
+            ("outage@20s..10s", "the window 20s..10s is empty"),
+            ("meltdown@1s..2s", "unknown fault kind 'meltdown'"),
+            ("refuse@0s..5s:gpt-5", "cannot be limited to one model"),
+            ("slow@0s..5s", "slow needs its extra latency in ms"),
+        ];
+        for (spec, reason) in cases {
+            let error = Cli::try_parse_from(["sim", "--fault", spec]).unwrap_err();
+            let message = error.to_string();
+            assert!(
+                message.contains(spec) && message.contains(reason),
+                "{spec}: {message}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -1,11 +1,14 @@
 //! The HTTP side of the simulator: routes, the shared state behind them, and
 //! the path of one chat completion request.
 //!
-//! A request goes: authorization → JSON → validation → answer (no lock) →
-//! one short lock for the rate budgets, the seeded dice and the prompt cache
-//! → latency → response. Counters are atomics, so `stats()` never waits.
+//! A request goes: authorization → JSON → scripted faults (extra latency,
+//! or a fault's answer) → validation → answer (no lock) → one short lock
+//! for the rate budgets, the seeded dice and the prompt cache → latency →
+//! response. Total counters are atomics, so `stats()` never waits; the
+//! counters per model sit behind a short lock taken once per answer.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,15 +24,19 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::Value;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::api_error::ApiError;
 use super::completion::{self, ChatCompletion, Usage};
+use super::fault::{Fault, FaultClock, FaultError, FaultKind, ListenPlan};
 use super::hash::mix;
 use super::prompt_cache::{self, PromptCache};
-use super::rate_limit::{format_duration, Admission, Quota, RateLimiter, Refusal};
+use super::rate_limit::{
+    format_duration, Admission, BudgetState, LimitKind, Quota, RateLimiter, Refusal,
+};
 use super::request;
-use super::{SimConfig, SimStats};
+use super::{SimConfig, SimStats, DEFAULT_RECORD_LIMIT};
 
 /// Larger bodies get a 413; OpenAI's own limit is in this range.
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -46,13 +53,25 @@ const MODELS: [(&str, u64); 7] = [
     ("gpt-5-nano", 1_754_426_384),
 ];
 
+/// Distinct models counted in the per-model stats; requests for further
+/// models count in the totals only, so odd model names cannot grow memory.
+const MAX_MODELS_TRACKED: usize = 1000;
+
+/// The limit named in a storm's 429 message when no `rpm` is configured.
+const STORM_NOMINAL_RPM: u32 = 10_000;
+
 /// State shared by all handlers and the `SimServer` handle.
 pub(crate) struct Shared {
     state: Mutex<SimState>,
     counters: Counters,
+    models: Mutex<HashMap<String, SimStats>>,
+    faults: Mutex<FaultClock>,
+    /// Tells the listener that faults or the clock changed.
+    fault_changes: watch::Sender<()>,
     /// Mirrors `config.record_requests` so the hot path reads it without the lock.
     record_requests: AtomicBool,
-    recorded: Mutex<Vec<Value>>,
+    recorded: Mutex<VecDeque<Value>>,
+    record_limit: AtomicUsize,
     sequence: AtomicU64,
     /// Makes ids differ between runs; answers do not depend on it.
     id_salt: u64,
@@ -73,6 +92,56 @@ struct Counters {
     rate_limited: AtomicU64,
     server_errors: AtomicU64,
     bad_requests: AtomicU64,
+    unavailable: AtomicU64,
+    auth_errors: AtomicU64,
+    not_found: AtomicU64,
+    quota_errors: AtomicU64,
+    dropped_connections: AtomicU64,
+}
+
+/// How a chat completion request was answered; each outcome has a counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Succeeded,
+    RateLimited,
+    ServerError,
+    BadRequest,
+    Unavailable,
+    AuthError,
+    NotFound,
+    QuotaError,
+}
+
+impl Counters {
+    fn of(&self, outcome: Outcome) -> &AtomicU64 {
+        match outcome {
+            Outcome::Succeeded => &self.succeeded,
+            Outcome::RateLimited => &self.rate_limited,
+            Outcome::ServerError => &self.server_errors,
+            Outcome::BadRequest => &self.bad_requests,
+            Outcome::Unavailable => &self.unavailable,
+            Outcome::AuthError => &self.auth_errors,
+            Outcome::NotFound => &self.not_found,
+            Outcome::QuotaError => &self.quota_errors,
+        }
+    }
+}
+
+impl SimStats {
+    fn count(&mut self, outcome: Outcome) {
+        self.requests += 1;
+        let counter = match outcome {
+            Outcome::Succeeded => &mut self.succeeded,
+            Outcome::RateLimited => &mut self.rate_limited,
+            Outcome::ServerError => &mut self.server_errors,
+            Outcome::BadRequest => &mut self.bad_requests,
+            Outcome::Unavailable => &mut self.unavailable,
+            Outcome::AuthError => &mut self.auth_errors,
+            Outcome::NotFound => &mut self.not_found,
+            Outcome::QuotaError => &mut self.quota_errors,
+        };
+        *counter += 1;
+    }
 }
 
 /// A mutex poisoned by a panicking holder still guards consistent data here
@@ -99,8 +168,12 @@ impl Shared {
                 ),
             }),
             counters: Counters::default(),
+            models: Mutex::new(HashMap::new()),
+            faults: Mutex::new(FaultClock::new(now)),
+            fault_changes: watch::Sender::new(()),
             record_requests: AtomicBool::new(config.record_requests),
-            recorded: Mutex::new(Vec::new()),
+            recorded: Mutex::new(VecDeque::new()),
+            record_limit: AtomicUsize::new(DEFAULT_RECORD_LIMIT),
             sequence: AtomicU64::new(0),
             id_salt,
         }
@@ -114,11 +187,100 @@ impl Shared {
             rate_limited: read(&self.counters.rate_limited),
             server_errors: read(&self.counters.server_errors),
             bad_requests: read(&self.counters.bad_requests),
+            unavailable: read(&self.counters.unavailable),
+            auth_errors: read(&self.counters.auth_errors),
+            not_found: read(&self.counters.not_found),
+            quota_errors: read(&self.counters.quota_errors),
+            dropped_connections: read(&self.counters.dropped_connections),
         }
     }
 
+    pub(crate) fn model_stats(&self) -> BTreeMap<String, SimStats> {
+        lock(&self.models)
+            .iter()
+            .map(|(model, stats)| (model.clone(), *stats))
+            .collect()
+    }
+
+    /// Counts an answered request in the totals and, when the body named a
+    /// model, in that model's stats.
+    fn count(&self, outcome: Outcome, model: Option<&str>) {
+        self.counters.of(outcome).fetch_add(1, Ordering::Relaxed);
+        let Some(model) = model else { return };
+        let mut models = lock(&self.models);
+        if let Some(stats) = models.get_mut(model) {
+            stats.count(outcome);
+        } else if models.len() < MAX_MODELS_TRACKED {
+            models.entry(model.to_owned()).or_default().count(outcome);
+        }
+    }
+
+    pub(crate) fn count_dropped_connection(&self) {
+        self.counters
+            .dropped_connections
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn recorded_requests(&self) -> Vec<Value> {
-        lock(&self.recorded).clone()
+        lock(&self.recorded).iter().cloned().collect()
+    }
+
+    /// Keeps at most `limit` recorded bodies, dropping the oldest first.
+    pub(crate) fn set_record_limit(&self, limit: usize) {
+        self.record_limit.store(limit, Ordering::Relaxed);
+        let mut recorded = lock(&self.recorded);
+        while recorded.len() > limit {
+            recorded.pop_front();
+        }
+    }
+
+    fn record(&self, body: &Value) {
+        let limit = self.record_limit.load(Ordering::Relaxed);
+        if limit == 0 {
+            return;
+        }
+        let mut recorded = lock(&self.recorded);
+        while recorded.len() >= limit {
+            recorded.pop_front();
+        }
+        recorded.push_back(body.clone());
+    }
+
+    /// Adds all of `faults` or, if one is invalid, none.
+    pub(crate) fn add_faults(&self, faults: Vec<Fault>) -> Result<(), FaultError> {
+        lock(&self.faults).add(faults)?;
+        self.fault_changes.send_replace(());
+        Ok(())
+    }
+
+    /// Removes every fault; returns how many there were.
+    pub(crate) fn clear_faults(&self) -> usize {
+        let cleared = lock(&self.faults).clear();
+        self.fault_changes.send_replace(());
+        cleared
+    }
+
+    pub(crate) fn faults(&self) -> Vec<Fault> {
+        lock(&self.faults).faults().to_vec()
+    }
+
+    /// Time on the faults' clock.
+    pub(crate) fn clock(&self) -> Duration {
+        lock(&self.faults).elapsed(Instant::now())
+    }
+
+    /// Restarts the faults' clock at zero.
+    pub(crate) fn reset_clock(&self) {
+        lock(&self.faults).reset(Instant::now());
+        self.fault_changes.send_replace(());
+    }
+
+    pub(crate) fn listen_plan(&self) -> ListenPlan {
+        lock(&self.faults).listen_plan(Instant::now())
+    }
+
+    pub(crate) fn subscribe_fault_changes(&self) -> watch::Receiver<()> {
+        self.fault_changes.subscribe()
     }
 
     /// Applies a config change; new limits start with full budgets and a new
@@ -163,6 +325,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             "/v1/models/{model}",
             get(retrieve_model).fallback(invalid_url),
         )
+        .merge(super::admin::routes())
         .fallback(invalid_url)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(shared)
@@ -192,18 +355,19 @@ async fn chat_completions(
     let sequence = shared.next_sequence();
     shared.counters.requests.fetch_add(1, Ordering::Relaxed);
 
-    let (mut response, counter) = match complete(&shared, sequence, &headers, body).await {
-        Ok(response) => (response, &shared.counters.succeeded),
-        Err(failure) => {
-            let counter = match failure.status() {
-                StatusCode::TOO_MANY_REQUESTS => &shared.counters.rate_limited,
-                StatusCode::INTERNAL_SERVER_ERROR => &shared.counters.server_errors,
-                _ => &shared.counters.bad_requests,
-            };
-            (failure, counter)
+    let (model, result) = match read_body(&shared, &headers, body) {
+        Err(error) => (None, Err(Failure::invalid(&error))),
+        Ok(body) => {
+            let model = body.get("model").and_then(Value::as_str).map(str::to_owned);
+            let result = complete(&shared, sequence, &headers, &body, model.as_deref()).await;
+            (model, result)
         }
     };
-    counter.fetch_add(1, Ordering::Relaxed);
+    let (outcome, mut response) = match result {
+        Ok(response) => (Outcome::Succeeded, response),
+        Err(Failure { outcome, response }) => (outcome, response),
+    };
+    shared.count(outcome, model.as_deref());
 
     let elapsed_ms = started.elapsed().as_millis().to_string();
     let headers = response.headers_mut();
@@ -212,28 +376,66 @@ async fn chat_completions(
     response
 }
 
-/// Serves one chat completion; `Err` carries a finished error response.
+/// A finished error response and what it counts as.
+struct Failure {
+    outcome: Outcome,
+    response: Response,
+}
+
+impl Failure {
+    fn new(outcome: Outcome, error: &ApiError) -> Self {
+        Failure {
+            outcome,
+            response: error_response(error),
+        }
+    }
+
+    /// A request refused as invalid: 400, 401 or 413.
+    fn invalid(error: &ApiError) -> Self {
+        Failure::new(Outcome::BadRequest, error)
+    }
+}
+
+/// Authorization, size and JSON checks; records the body when asked to.
+fn read_body(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Value, ApiError> {
+    check_authorization(headers)?;
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::body_too_large(MAX_BODY_BYTES)
+        } else {
+            ApiError::unparsable_json()
+        }
+    })?;
+    let body: Value = serde_json::from_slice(&body).map_err(|_| ApiError::unparsable_json())?;
+    if shared.record_requests.load(Ordering::Relaxed) {
+        shared.record(&body);
+    }
+    Ok(body)
+}
+
+/// Serves one parsed chat completion request for `model` (the body's
+/// `model` when it is a string).
 async fn complete(
     shared: &Shared,
     sequence: u64,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, Response> {
-    check_authorization(headers).map_err(|error| error_response(&error))?;
-    let body = body.map_err(|rejection| {
-        let error = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::body_too_large(MAX_BODY_BYTES)
-        } else {
-            ApiError::unparsable_json()
-        };
-        error_response(&error)
-    })?;
-    let body: Value =
-        serde_json::from_slice(&body).map_err(|_| error_response(&ApiError::unparsable_json()))?;
-    if shared.record_requests.load(Ordering::Relaxed) {
-        lock(&shared.recorded).push(body.clone());
+    body: &Value,
+    model: Option<&str>,
+) -> Result<Response, Failure> {
+    let effects = lock(&shared.faults).effects(Instant::now(), model);
+    sleep(effects.extra_latency).await;
+    if let Some(failure) = effects
+        .answer
+        .and_then(|kind| fault_answer(shared, kind, headers, model))
+    {
+        return Err(failure);
     }
-    let request = request::parse(&body).map_err(|error| error_response(&error))?;
+
+    let request = request::parse(body).map_err(|error| Failure::invalid(&error))?;
 
     // The expensive parts happen before the lock.
     let generated = completion::generate(&request);
@@ -279,12 +481,15 @@ async fn complete(
 
     match decision {
         // Refused at the door: no model time spent.
-        Decision::Limited(refusal) => Err(rate_limited_response(&request.model, &refusal)),
+        Decision::Limited(refusal) => Err(Failure {
+            outcome: Outcome::RateLimited,
+            response: rate_limited_response(&request.model, &refusal),
+        }),
         Decision::Fail { quota, delay } => {
             sleep(delay).await;
-            let mut response = error_response(&ApiError::server_error());
-            insert_quota(response.headers_mut(), &quota);
-            Err(response)
+            let mut failure = Failure::new(Outcome::ServerError, &ApiError::server_error());
+            insert_quota(failure.response.headers_mut(), &quota);
+            Err(failure)
         }
         Decision::Answer {
             quota,
@@ -310,6 +515,60 @@ async fn complete(
     }
 }
 
+/// The answer of a scripted fault, in OpenAI's words; `None` for the
+/// kinds that do not answer (`slow`, `refuse`).
+fn fault_answer(
+    shared: &Shared,
+    kind: FaultKind,
+    headers: &HeaderMap,
+    model: Option<&str>,
+) -> Option<Failure> {
+    let failure = match kind {
+        FaultKind::Outage { status: 500 } => {
+            Failure::new(Outcome::Unavailable, &ApiError::server_error())
+        }
+        FaultKind::Outage { .. } => Failure::new(Outcome::Unavailable, &ApiError::overloaded()),
+        FaultKind::Unauthorized => Failure::new(
+            Outcome::AuthError,
+            &ApiError::invalid_api_key(bearer_key(headers)),
+        ),
+        FaultKind::Forbidden => Failure::new(Outcome::AuthError, &ApiError::forbidden()),
+        FaultKind::ModelNotFound => Failure::new(
+            Outcome::NotFound,
+            &ApiError::model_not_found(model.unwrap_or_default()),
+        ),
+        FaultKind::Quota => Failure::new(Outcome::QuotaError, &ApiError::insufficient_quota()),
+        FaultKind::RateLimitStorm { retry_after } => {
+            let rpm = match lock(&shared.state).config.rpm {
+                0 => STORM_NOMINAL_RPM,
+                rpm => rpm,
+            };
+            let budget = BudgetState {
+                limit: rpm,
+                remaining: 0,
+                reset: retry_after,
+            };
+            let refusal = Refusal {
+                kind: LimitKind::Requests,
+                retry_after: Some(retry_after),
+                limit: rpm,
+                used: u64::from(rpm),
+                requested: 1,
+                quota: Quota {
+                    requests: Some(budget),
+                    tokens: None,
+                },
+            };
+            Failure {
+                outcome: Outcome::RateLimited,
+                response: rate_limited_response(model.unwrap_or("unknown"), &refusal),
+            }
+        }
+        FaultKind::Refuse | FaultKind::Slow { .. } => return None,
+    };
+    Some(failure)
+}
+
 async fn sleep(delay: Duration) {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -318,24 +577,28 @@ async fn sleep(delay: Duration) {
 
 /// A key is optional, but a present `Authorization` header must be `Bearer <key>`.
 fn check_authorization(headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(value) = headers.get(AUTHORIZATION) else {
-        return Ok(());
-    };
-    let key = value
-        .to_str()
-        .ok()
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim);
-    match key {
-        Some(key) if !key.is_empty() => Ok(()),
-        _ => Err(ApiError::bad_authorization()),
+    match headers.get(AUTHORIZATION) {
+        None => Ok(()),
+        Some(_) if bearer_key(headers).is_some() => Ok(()),
+        Some(_) => Err(ApiError::bad_authorization()),
     }
+}
+
+/// The key of a well-formed `Authorization: Bearer <key>` header.
+fn bearer_key(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|key| !key.is_empty())
 }
 
 fn rate_limited_response(model: &str, refusal: &Refusal) -> Response {
     let (unit, abbreviation) = match refusal.kind {
-        super::rate_limit::LimitKind::Requests => ("requests", "RPM"),
-        super::rate_limit::LimitKind::Tokens => ("tokens", "TPM"),
+        LimitKind::Requests => ("requests", "RPM"),
+        LimitKind::Tokens => ("tokens", "TPM"),
     };
     let learn_more = "Visit https://platform.openai.com/account/rate-limits to learn more.";
     let (message, retry_after) = match refusal.retry_after {
@@ -426,7 +689,11 @@ async fn retrieve_model(
     with_request_id(&shared, response)
 }
 
-async fn invalid_url(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> Response {
+pub(crate) async fn invalid_url(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+) -> Response {
     let response = error_response(&ApiError::invalid_url(method.as_str(), uri.path()));
     with_request_id(&shared, response)
 }
@@ -437,11 +704,11 @@ fn with_request_id(shared: &Shared, mut response: Response) -> Response {
     response
 }
 
-fn error_response(error: &ApiError) -> Response {
+pub(crate) fn error_response(error: &ApiError) -> Response {
     bytes_response(error.status, error.to_body())
 }
 
-fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
+pub(crate) fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
     match serde_json::to_vec(body) {
         Ok(bytes) => bytes_response(status, bytes),
         Err(_) => error_response(&ApiError::server_error()),

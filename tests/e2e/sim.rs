@@ -5,7 +5,7 @@ use crate::common::openapi;
 
 use std::time::{Duration, Instant};
 
-use batchd::sim::{SimConfig, SimServer, SimStats};
+use batchd::sim::{Fault, FaultKind, SimConfig, SimServer, SimStats};
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -86,6 +86,15 @@ impl Sim {
         format!("{}{path}", self.server.base_url())
     }
 
+    /// The simulator's own `/sim/...` routes, outside `/v1`.
+    fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.server.addr())
+    }
+
+    fn add_fault(&self, spec: &str) {
+        self.server.add_fault(fault(spec)).expect("valid fault");
+    }
+
     async fn chat(&self, body: &Value) -> Reply {
         self.send(self.client.post(self.url("/chat/completions")).json(body))
             .await
@@ -125,6 +134,11 @@ fn ask(model: &str, question: &str) -> Value {
             {"role": "user", "content": question}
         ]
     })
+}
+
+fn fault(spec: &str) -> Fault {
+    spec.parse()
+        .unwrap_or_else(|error| panic!("{spec}: {error}"))
 }
 
 /// The simulator's documented estimate: four characters a token.
@@ -451,6 +465,7 @@ async fn requests_over_rpm_get_429_with_retry_after_and_ratelimit_headers() {
             rate_limited: 1,
             server_errors: 0,
             bad_requests: 0,
+            ..SimStats::default()
         }
     );
 }
@@ -717,4 +732,443 @@ async fn many_concurrent_requests_are_all_answered() {
 
     assert!(replies.iter().all(|reply| reply.status == StatusCode::OK));
     assert_eq!(sim.stop().await.succeeded, 200);
+}
+
+#[tokio::test]
+async fn each_fault_kind_answers_like_openai_for_its_model_only() {
+    let sim = Sim::start(SimConfig::default()).await;
+    for spec in [
+        "outage@0s..1h:m-outage",
+        "outage=500@0s..1h:m-outage-500",
+        "unauthorized@0s..1h:m-unauthorized",
+        "forbidden@0s..1h:m-forbidden",
+        "model_not_found@0s..1h:m-not-found",
+        "quota@0s..1h:m-quota",
+        "rate_limit_storm=1500@0s..1h:m-storm",
+    ] {
+        sim.add_fault(spec);
+    }
+    let key = "sk-proj-0123456789abcdefghijklmnopqrstuvwxyzSECRET";
+    let chat = |model: &str| {
+        let request = sim
+            .client
+            .post(sim.url("/chat/completions"))
+            .bearer_auth(key)
+            .json(&ask(model, "Summarise the incident"));
+        sim.send(request)
+    };
+
+    let outage = chat("m-outage").await;
+    assert_eq!(
+        outage.body,
+        json!({"error": {"message": "The server is overloaded or not ready yet.",
+                         "type": "server_error", "param": null, "code": null}})
+    );
+    assert_eq!(outage.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(outage.headers.contains_key("x-request-id"));
+
+    let outage_500 = chat("m-outage-500").await;
+    outage_500.error(StatusCode::INTERNAL_SERVER_ERROR, "server_error");
+
+    let unauthorized = chat("m-unauthorized").await;
+    let error = unauthorized.error(StatusCode::UNAUTHORIZED, "invalid_request_error");
+    assert_eq!(error["code"], "invalid_api_key");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("Incorrect API key provided: sk-proj-****"),
+        "{message}"
+    );
+    assert!(
+        !message.contains(key) && !message.contains("SECRET"),
+        "{message}"
+    );
+    assert!(
+        message.contains("CRET."),
+        "the last four characters show: {message}"
+    );
+
+    let forbidden = chat("m-forbidden").await;
+    forbidden.error(StatusCode::FORBIDDEN, "request_forbidden");
+
+    let not_found = chat("m-not-found").await;
+    let error = not_found.error(StatusCode::NOT_FOUND, "invalid_request_error");
+    assert_eq!(error["code"], "model_not_found");
+    assert_eq!(
+        error["message"],
+        "The model 'm-not-found' does not exist or you do not have access to it."
+    );
+
+    let quota = chat("m-quota").await;
+    let error = quota.error(StatusCode::TOO_MANY_REQUESTS, "insufficient_quota");
+    assert_eq!(error["code"], "insufficient_quota");
+    assert!(!quota.headers.contains_key("retry-after"));
+    assert!(!quota.headers.contains_key("retry-after-ms"));
+
+    let storm = chat("m-storm").await;
+    let error = storm.error(StatusCode::TOO_MANY_REQUESTS, "requests");
+    assert_eq!(error["code"], "rate_limit_exceeded");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Rate limit reached for m-storm"),
+        "{error}"
+    );
+    assert_eq!(storm.header("retry-after-ms"), "1500");
+    assert_eq!(storm.header("retry-after"), "2");
+    assert_eq!(storm.header("x-ratelimit-remaining-requests"), "0");
+
+    let other = chat("gpt-4.1-mini").await;
+    assert_eq!(other.status, StatusCode::OK, "{}", other.body);
+
+    let model_stats = sim.server.model_stats();
+    let stats = sim.stop().await;
+    assert_eq!(
+        stats,
+        SimStats {
+            requests: 8,
+            succeeded: 1,
+            rate_limited: 1,
+            unavailable: 2,
+            auth_errors: 2,
+            not_found: 1,
+            quota_errors: 1,
+            ..SimStats::default()
+        }
+    );
+    assert_eq!(model_stats.len(), 8);
+    assert_eq!(
+        model_stats["m-quota"],
+        SimStats {
+            requests: 1,
+            quota_errors: 1,
+            ..SimStats::default()
+        }
+    );
+    assert_eq!(model_stats["gpt-4.1-mini"].succeeded, 1);
+}
+
+#[tokio::test]
+async fn unauthorized_fault_without_a_key_asks_for_one() {
+    let sim = Sim::start(SimConfig::default()).await;
+    sim.add_fault("unauthorized@0s..1h");
+
+    let reply = sim.chat(&ask("gpt-5", "hello")).await;
+
+    let error = reply.error(StatusCode::UNAUTHORIZED, "invalid_request_error");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("You didn't provide an API key."),
+        "{error}"
+    );
+    assert_eq!(sim.stop().await.auth_errors, 1);
+}
+
+#[tokio::test]
+async fn slow_fault_delays_only_its_model() {
+    let sim = Sim::start(SimConfig::default()).await;
+    sim.add_fault("slow=300@0s..1h:gpt-4.1");
+
+    let started = Instant::now();
+    let slowed = sim.chat(&ask("gpt-4.1", "Take your time")).await;
+    let slowed_took = started.elapsed();
+    let other = sim.chat(&ask("gpt-4.1-mini", "Be quick")).await;
+
+    assert_eq!(slowed.status, StatusCode::OK, "{}", slowed.body);
+    assert!(slowed_took >= Duration::from_millis(300), "{slowed_took:?}");
+    let processing: u64 = slowed.header("openai-processing-ms").parse().unwrap();
+    assert!(processing >= 300, "openai-processing-ms {processing}");
+    assert_eq!(other.status, StatusCode::OK);
+    let processing: u64 = other.header("openai-processing-ms").parse().unwrap();
+    assert!(
+        processing < 300,
+        "another model is not slowed: {processing} ms"
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn fault_window_opens_and_closes_on_the_sim_clock() {
+    let sim = Sim::start(SimConfig::default()).await;
+    let body = ask("gpt-5-mini", "Are you there?");
+    sim.add_fault("outage@500ms..900ms");
+    sim.server.reset_clock();
+
+    let before = sim.chat(&body).await;
+    tokio::time::sleep(Duration::from_millis(500).saturating_sub(sim.server.clock())).await;
+    let during = sim.chat(&body).await;
+    tokio::time::sleep(Duration::from_millis(900).saturating_sub(sim.server.clock())).await;
+    let after = sim.chat(&body).await;
+
+    assert_eq!(before.status, StatusCode::OK, "{}", before.body);
+    assert_eq!(
+        during.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        during.body
+    );
+    assert_eq!(after.status, StatusCode::OK, "{}", after.body);
+    let stats = sim.stop().await;
+    assert_eq!((stats.succeeded, stats.unavailable), (2, 1));
+}
+
+#[tokio::test]
+async fn clearing_faults_ends_them_at_once() {
+    let sim = Sim::start(SimConfig::default()).await;
+    let body = ask("gpt-5", "ping");
+    sim.add_fault("quota@0s..1h");
+
+    let during = sim.chat(&body).await;
+    sim.server.clear_faults();
+    let after = sim.chat(&body).await;
+
+    assert_eq!(during.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(after.status, StatusCode::OK, "{}", after.body);
+    assert!(sim.server.faults().is_empty());
+    sim.stop().await;
+}
+
+/// Sends a chat completion with `client`; `Err` when the connection fails.
+async fn try_chat(sim: &Sim, client: &reqwest::Client) -> Result<StatusCode, reqwest::Error> {
+    let response = client
+        .post(sim.url("/chat/completions"))
+        .json(&ask("gpt-5-nano", "still there?"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await?;
+    Ok(response.status())
+}
+
+/// A client without connection reuse: every request connects anew.
+fn fresh_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn refuse_closes_the_port_drops_open_connections_and_reopens_on_the_same_port() {
+    let sim = Sim::start(SimConfig::default()).await;
+    let fresh = fresh_client();
+    // `sim.client` keeps its connection alive between requests.
+    assert_eq!(try_chat(&sim, &sim.client).await.unwrap(), StatusCode::OK);
+
+    let now = sim.server.clock();
+    let until = now + Duration::from_millis(600);
+    sim.server
+        .add_fault(Fault::new(FaultKind::Refuse, now..until))
+        .unwrap();
+
+    // The listener closes as soon as its task sees the new fault.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let refused = loop {
+        match try_chat(&sim, &fresh).await {
+            Err(error) => break error,
+            Ok(_) if Instant::now() < deadline => tokio::task::yield_now().await,
+            Ok(status) => panic!("still served ({status}) after the refusal started"),
+        }
+    };
+    assert!(refused.is_connect(), "{refused:?}");
+    let kept_alive = try_chat(&sim, &sim.client).await;
+    assert!(kept_alive.is_err(), "{kept_alive:?}");
+
+    // It reopens on the same address when the window ends, not before.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match try_chat(&sim, &fresh).await {
+            Ok(status) => {
+                assert_eq!(status, StatusCode::OK);
+                break;
+            }
+            Err(error) if Instant::now() < deadline => {
+                assert!(error.is_connect(), "{error:?}");
+                assert!(sim.server.clock() < until + Duration::from_secs(1));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => panic!("never reopened: {error:?}"),
+        }
+    }
+    assert!(sim.server.clock() >= until, "reopened early");
+    assert_eq!(try_chat(&sim, &sim.client).await.unwrap(), StatusCode::OK);
+
+    let stats = sim.stop().await;
+    assert!(stats.dropped_connections >= 1, "{stats:?}");
+    assert_eq!(
+        stats.succeeded, 3,
+        "refused requests never arrive: {stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn refuse_cuts_a_request_in_flight() {
+    let sim = Sim::start(SimConfig {
+        latency: Duration::from_secs(5),
+        ..SimConfig::default()
+    })
+    .await;
+    let started = Instant::now();
+    let in_flight = try_chat(&sim, &sim.client);
+    let refuse = async {
+        while sim.server.stats().requests == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let now = sim.server.clock();
+        sim.server
+            .add_fault(Fault::new(
+                FaultKind::Refuse,
+                now..now + Duration::from_millis(200),
+            ))
+            .unwrap();
+    };
+
+    let (result, ()) = tokio::join!(in_flight, refuse);
+
+    assert!(result.is_err(), "{result:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(sim.stop().await.succeeded, 0);
+}
+
+#[tokio::test]
+async fn admin_api_adds_lists_and_clears_faults_and_reports_stats() {
+    let sim = Sim::start(SimConfig::default()).await;
+    let admin =
+        |method: reqwest::Method, path: &str| sim.client.request(method, sim.admin_url(path));
+
+    let added = sim
+        .send(admin(reqwest::Method::POST, "/sim/faults").json(
+            &json!({"kind": "unauthorized", "from": "0s", "until": "1h", "model": "gpt-4.1-nano"}),
+        ))
+        .await;
+    assert_eq!(added.status, StatusCode::OK, "{}", added.body);
+    let added = sim
+        .send(admin(reqwest::Method::POST, "/sim/faults").json(&json!([
+            {"kind": "slow", "value": 10, "from": "0s", "until": "1h"},
+            {"kind": "refuse", "from": "50m", "until": "1h"}
+        ])))
+        .await;
+    assert_eq!(added.status, StatusCode::OK, "{}", added.body);
+    assert_eq!(
+        added.body["faults"],
+        json!([
+            {"kind": "unauthorized", "from": "0s", "until": "1h0m0s", "model": "gpt-4.1-nano"},
+            {"kind": "slow", "value": 10, "from": "0s", "until": "1h0m0s"},
+            {"kind": "refuse", "from": "50m0s", "until": "1h0m0s"}
+        ])
+    );
+
+    let invalid = sim
+        .send(admin(reqwest::Method::POST, "/sim/faults").json(&json!([
+            {"kind": "quota", "from": "0s", "until": "1h"},
+            {"kind": "refuse", "from": "0s", "until": "1h", "model": "gpt-5"}
+        ])))
+        .await;
+    let error = invalid.error(StatusCode::BAD_REQUEST, "invalid_request_error");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be limited to one model"),
+        "{error}"
+    );
+    assert_eq!(sim.server.faults().len(), 3, "all or nothing");
+
+    let denied = sim.chat(&ask("gpt-4.1-nano", "hi")).await;
+    assert_eq!(denied.status, StatusCode::UNAUTHORIZED);
+    let served = sim.chat(&ask("gpt-4.1-mini", "hi")).await;
+    assert_eq!(served.status, StatusCode::OK);
+
+    let stats = sim.send(admin(reqwest::Method::GET, "/sim/stats")).await;
+    assert_eq!(stats.status, StatusCode::OK);
+    assert_eq!(stats.body["requests"], 2);
+    assert_eq!(stats.body["auth_errors"], 1);
+    assert_eq!(stats.body["unavailable"], 0);
+    assert_eq!(stats.body["models"]["gpt-4.1-nano"]["auth_errors"], 1);
+    assert_eq!(stats.body["models"]["gpt-4.1-mini"]["succeeded"], 1);
+
+    let reset = sim
+        .send(admin(reqwest::Method::POST, "/sim/clock/reset"))
+        .await;
+    assert_eq!(reset.status, StatusCode::OK);
+    assert!(sim.server.clock() < Duration::from_secs(1));
+    let listed = sim.send(admin(reqwest::Method::GET, "/sim/faults")).await;
+    assert_eq!(listed.body["faults"].as_array().unwrap().len(), 3);
+    assert!(listed.body["clock"].as_str().unwrap().ends_with('s'));
+
+    let cleared = sim
+        .send(admin(reqwest::Method::DELETE, "/sim/faults"))
+        .await;
+    assert_eq!(cleared.body, json!({"cleared": 3}));
+    let served = sim.chat(&ask("gpt-4.1-nano", "hi")).await;
+    assert_eq!(served.status, StatusCode::OK);
+
+    let not_json = sim
+        .send(admin(reqwest::Method::POST, "/sim/faults").body("outage@1s..2s"))
+        .await;
+    not_json.error(StatusCode::BAD_REQUEST, "invalid_request_error");
+    let wrong_method = sim.send(admin(reqwest::Method::PUT, "/sim/stats")).await;
+    wrong_method.error(StatusCode::NOT_FOUND, "invalid_request_error");
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn recording_keeps_only_the_most_recent_bodies_up_to_the_limit() {
+    let sim = Sim::start(SimConfig {
+        record_requests: true,
+        ..SimConfig::default()
+    })
+    .await;
+    sim.server.set_record_limit(2);
+    let bodies: Vec<Value> = (0..3).map(|i| ask("gpt-5", &format!("item {i}"))).collect();
+
+    for body in &bodies {
+        sim.chat(body).await;
+    }
+
+    assert_eq!(sim.server.recorded_requests(), bodies[1..].to_vec());
+    sim.server.set_record_limit(1);
+    assert_eq!(sim.server.recorded_requests(), bodies[2..].to_vec());
+    sim.stop().await;
+}
+
+#[test]
+fn sim_command_refuses_bad_faults_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_file = dir.path().join("faults.json");
+    std::fs::write(
+        &bad_file,
+        r#"[{"kind": "outage", "from": "10s", "until": "5s"}]"#,
+    )
+    .unwrap();
+    let cases: [(Vec<String>, &str); 3] = [
+        (
+            vec!["--fault".into(), "outage@10s..5s".into()],
+            "the window 10s..5s is empty",
+        ),
+        (
+            vec!["--fault".into(), "outage@10..20s".into()],
+            "'10' is not a duration: each number needs a unit: ms, s, m or h",
+        ),
+        (
+            vec!["--faults".into(), bad_file.display().to_string()],
+            "the window 10s..5s is empty",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_batchd"))
+            .arg("sim")
+            .args(["--addr", "127.0.0.1:0"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} started");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
 }
