@@ -203,6 +203,15 @@ impl ApiError {
         }
     }
 
+    /// The 400 of a `bad_request` fault: the request itself is refused.
+    pub(crate) fn rejected() -> Self {
+        Self::invalid_request(
+            "Your request was rejected as a result of our safety system.".to_owned(),
+            None,
+            Some("invalid_prompt"),
+        )
+    }
+
     /// The 503 OpenAI answers while overloaded or starting.
     pub(crate) fn overloaded() -> Self {
         ApiError {

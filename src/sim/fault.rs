@@ -51,6 +51,9 @@ pub enum FaultKind {
     ModelNotFound,
     /// 429 `insufficient_quota`, without `retry-after`.
     Quota,
+    /// 400 `invalid_request_error`: the provider refuses the request itself,
+    /// as it does for a prompt it will not serve.
+    BadRequest,
     /// 429 `rate_limit_exceeded` with `retry-after` and `retry-after-ms`.
     RateLimitStorm { retry_after: Duration },
     /// Extra latency before the answer, whatever the answer is.
@@ -59,13 +62,14 @@ pub enum FaultKind {
 
 /// Kind names as written in the fault syntax, in the order they are listed
 /// in error messages.
-const KIND_NAMES: [&str; 8] = [
+const KIND_NAMES: [&str; 9] = [
     "outage",
     "refuse",
     "unauthorized",
     "forbidden",
     "model_not_found",
     "quota",
+    "bad_request",
     "rate_limit_storm",
     "slow",
 ];
@@ -79,6 +83,7 @@ impl FaultKind {
             FaultKind::Forbidden => "forbidden",
             FaultKind::ModelNotFound => "model_not_found",
             FaultKind::Quota => "quota",
+            FaultKind::BadRequest => "bad_request",
             FaultKind::RateLimitStorm { .. } => "rate_limit_storm",
             FaultKind::Slow { .. } => "slow",
         }
@@ -105,6 +110,7 @@ impl FaultKind {
             "forbidden" => no_value(FaultKind::Forbidden),
             "model_not_found" => no_value(FaultKind::ModelNotFound),
             "quota" => no_value(FaultKind::Quota),
+            "bad_request" => no_value(FaultKind::BadRequest),
             "rate_limit_storm" => {
                 let retry_after = match value {
                     None => DEFAULT_STORM_RETRY_AFTER,
@@ -150,8 +156,9 @@ impl FaultKind {
             FaultKind::Forbidden => 1,
             FaultKind::ModelNotFound => 2,
             FaultKind::Quota => 3,
-            FaultKind::Outage { .. } => 4,
-            FaultKind::RateLimitStorm { .. } => 5,
+            FaultKind::BadRequest => 4,
+            FaultKind::Outage { .. } => 5,
+            FaultKind::RateLimitStorm { .. } => 6,
             FaultKind::Refuse | FaultKind::Slow { .. } => u8::MAX,
         }
     }
@@ -647,6 +654,8 @@ mod tests {
             ("model_not_found@10s..20s", FaultKind::ModelNotFound),
             ("model-not-found@10s..20s", FaultKind::ModelNotFound),
             ("quota@10s..20s", FaultKind::Quota),
+            ("bad_request@10s..20s", FaultKind::BadRequest),
+            ("bad-request@10s..20s", FaultKind::BadRequest),
             (
                 "rate_limit_storm@10s..20s",
                 FaultKind::RateLimitStorm {

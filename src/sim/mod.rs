@@ -24,7 +24,8 @@
 //! request body's `model`): `outage` (503, or 500), `refuse` (the port is
 //! closed and open connections dropped, then it reopens), `unauthorized`
 //! (401 `invalid_api_key`), `forbidden` (403), `model_not_found` (404),
-//! `quota` (429 `insufficient_quota`), `rate_limit_storm` (429
+//! `quota` (429 `insufficient_quota`), `bad_request` (400
+//! `invalid_request_error`), `rate_limit_storm` (429
 //! `rate_limit_exceeded` with `retry-after`) and `slow` (extra latency).
 //! They come before validation and the rate budgets, and apply to chat
 //! completions; `refuse` applies to every connection. Set them with
@@ -118,7 +119,7 @@ pub struct SimArgs {
     /// Scripted fault, repeatable: KIND[=VALUE]@FROM..UNTIL[:MODEL], times from
     /// the start, e.g. outage@10s..20s, unauthorized@0s..30s:gpt-4.1-nano,
     /// slow=2000@5s..15s. Kinds: outage[=500|503], refuse, unauthorized,
-    /// forbidden, model_not_found, quota, rate_limit_storm[=RETRY_AFTER_MS],
+    /// forbidden, model_not_found, quota, bad_request, rate_limit_storm[=RETRY_AFTER_MS],
     /// slow=MS
     #[arg(long = "fault", value_name = "SPEC")]
     pub faults: Vec<Fault>,
@@ -205,7 +206,8 @@ pub struct SimStats {
     pub rate_limited: u64,
     /// Answered with a 500 injected at `error_rate`.
     pub server_errors: u64,
-    /// Refused as invalid: 400, 413, or 401 for a malformed `Authorization`.
+    /// Refused as invalid: 400 (a `bad_request` fault too), 413, or 401 for a
+    /// malformed `Authorization`.
     pub bad_requests: u64,
     /// Answered by an `outage` fault (503, or 500).
     pub unavailable: u64,

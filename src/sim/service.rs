@@ -538,6 +538,7 @@ fn fault_answer(
             &ApiError::model_not_found(model.unwrap_or_default()),
         ),
         FaultKind::Quota => Failure::new(Outcome::QuotaError, &ApiError::insufficient_quota()),
+        FaultKind::BadRequest => Failure::new(Outcome::BadRequest, &ApiError::rejected()),
         FaultKind::RateLimitStorm { retry_after } => {
             let rpm = match lock(&shared.state).config.rpm {
                 0 => STORM_NOMINAL_RPM,
