@@ -2,16 +2,22 @@
 //! the end-to-end tests: [`Subjects`] spells every subject once; a
 //! [`Publisher`] publishes with a bounded window of PubAcks and sorts
 //! refusals into [`PublishError`]s; the readers in [`read`] decode outcomes
-//! and dead letters in either encoding; a [`Namespace`] keeps a run private
-//! on a shared server and [`namespace::remove`] cleans up after it.
+//! and dead letters in either encoding; [`DeadLetters`] lists, replays and
+//! purges dead letters; a [`Namespace`] keeps a run private on a shared
+//! server and [`namespace::remove`] cleans up after it.
 
+pub mod dead_letters;
 pub mod namespace;
 pub mod publish;
 pub mod read;
 pub mod subjects;
 
+pub use dead_letters::DeadLetters;
 pub use namespace::Namespace;
-pub use publish::{Ack, Outgoing, PublishError, PublishFailure, Published, Publisher};
+pub use publish::{
+    generation_msg_id, Ack, Outgoing, PublishError, PublishFailure, Published, Publisher,
+    GENERATION_HEADER,
+};
 pub use read::{decode, decode_message, DecodeError, OutcomeSubscription, ReadError};
 pub use subjects::Subjects;
 

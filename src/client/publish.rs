@@ -9,6 +9,22 @@ use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 
+/// The header that marks a task message as a replay: `Batchd-Generation: N`
+/// (N ≥ 1; absent means generation 0, the first run).
+pub const GENERATION_HEADER: &str = "Batchd-Generation";
+
+/// The `Nats-Msg-Id` of generation `generation` of `task_id`: the id itself
+/// for the first run, `<id>:g<N>` for a replay. A replay is thus never
+/// dropped as a duplicate of an earlier generation, and the same replay
+/// published twice is.
+pub fn generation_msg_id(task_id: &str, generation: u32) -> String {
+    if generation == 0 {
+        task_id.to_owned()
+    } else {
+        format!("{task_id}:g{generation}")
+    }
+}
+
 /// PubAcks awaited at once by default: enough to keep the server busy,
 /// bounded so a large input never floods the connection.
 pub const PUBLISH_WINDOW: usize = 1024;
@@ -143,7 +159,18 @@ impl Publisher {
 
     /// Publishes one message and waits for its PubAck.
     pub async fn publish(&self, m: Outgoing) -> Result<Ack, PublishError> {
-        self.send(m).await?.await
+        self.send(m, None).await?.await
+    }
+
+    /// Publishes a task again as generation `generation` (≥ 1) and waits for
+    /// its PubAck: `Batchd-Generation` is set, and `Nats-Msg-Id` is `m`'s
+    /// (see [`generation_msg_id`]).
+    pub async fn publish_generation(
+        &self,
+        m: Outgoing,
+        generation: u32,
+    ) -> Result<Ack, PublishError> {
+        self.send(m, Some(generation)).await?.await
     }
 
     /// Publishes `messages` in order with up to the window of PubAcks in
@@ -169,7 +196,7 @@ impl Publisher {
             if run.refused.is_some() {
                 break;
             }
-            match self.send(m).await {
+            match self.send(m, None).await {
                 Ok(ack) => in_flight.push(async move { (i, ack.await) }),
                 Err(e) => {
                     run.settle(i, Err(e), &mut on_ack);
@@ -190,14 +217,19 @@ impl Publisher {
         }
     }
 
-    /// Sends one message; the returned future resolves with its PubAck.
+    /// Sends one message, with `Batchd-Generation` when `generation` is
+    /// given; the returned future resolves with its PubAck.
     async fn send(
         &self,
         m: Outgoing,
+        generation: Option<u32>,
     ) -> Result<impl Future<Output = Result<Ack, PublishError>>, PublishError> {
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, m.msg_id.as_str());
         headers.insert("Content-Type", m.content_type);
+        if let Some(n) = generation {
+            headers.insert(GENERATION_HEADER, n.to_string().as_str());
+        }
         let ack = self
             .js
             .publish_with_headers(m.subject.clone(), headers, m.body)

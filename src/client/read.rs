@@ -8,6 +8,7 @@ use async_nats::jetstream::{self, consumer, stream::DirectGetErrorKind};
 use async_nats::HeaderMap;
 use batchd_actors::codec::encoding_for;
 use batchd_actors::task::{Encoding, Outcome};
+use bytes::Bytes;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 
@@ -106,17 +107,55 @@ impl OutcomeSubscription {
     }
 }
 
+/// One message as a stream stores it, not yet decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    /// Its stream sequence.
+    pub sequence: u64,
+    /// Its `Content-Type` header.
+    pub content_type: Option<String>,
+    /// The body.
+    pub payload: Bytes,
+}
+
+impl StoredMessage {
+    /// The body decoded in the encoding its `Content-Type` names.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
+        decode(self.content_type.as_deref(), &self.payload)
+    }
+
+    /// The encoding its `Content-Type` names; `None` for an unsupported one.
+    pub fn encoding(&self) -> Option<Encoding> {
+        encoding_for(self.content_type.as_deref())
+    }
+}
+
+/// The last message on `subject` of `stream` (a direct get); `Ok(None)`
+/// when the subject has none.
+pub async fn last_message_on(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+) -> Result<Option<StoredMessage>, ReadError> {
+    match stream.direct_get_last_for_subject(subject).await {
+        Ok(m) => Ok(Some(StoredMessage {
+            sequence: m.sequence,
+            content_type: content_type(Some(&m.headers)).map(str::to_owned),
+            payload: m.payload,
+        })),
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ReadError::new(format!("reading {subject}"), e)),
+    }
+}
+
 /// The last message on `subject` of `stream` (a direct get), decoded;
 /// `Ok(None)` when the subject has none.
 pub async fn last_on<T: DeserializeOwned>(
     stream: &jetstream::stream::Stream,
     subject: &str,
 ) -> Result<Option<Result<T, DecodeError>>, ReadError> {
-    match stream.direct_get_last_for_subject(subject).await {
-        Ok(m) => Ok(Some(decode(content_type(Some(&m.headers)), &m.payload))),
-        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-        Err(e) => Err(ReadError::new(format!("reading {subject}"), e)),
-    }
+    Ok(last_message_on(stream, subject)
+        .await?
+        .map(|m| m.decode()))
 }
 
 /// Messages in `stream` now.
