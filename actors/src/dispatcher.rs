@@ -221,7 +221,12 @@ async fn run_task(
     mut a: Accepted,
 ) {
     let task_id = a.task.task_id.clone();
-    match ctx.ports.sink.outcome_exists(&task_id).await {
+    match ctx
+        .ports
+        .sink
+        .outcome_exists(&task_id, a.task.generation)
+        .await
+    {
         Ok(true) => {
             tracing::debug!(task_id = %task_id, "outcome already published; skipping");
             let _ = a.lease.ack().await;
@@ -466,6 +471,7 @@ fn succeeded(
                 total_ms,
             },
             metadata: task.metadata.clone(),
+            generation: task.generation,
             completed_at: timestamp(now),
         },
         dead_letter: None,

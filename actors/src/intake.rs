@@ -147,6 +147,7 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
         body: &d.body,
         published_at: d.published_at,
         max_payload_bytes: ctx.settings.max_payload_bytes,
+        generation: d.generation,
     };
     let task = match decode_task(inbound) {
         Ok(t) => t,

@@ -111,6 +111,7 @@ fn delivery(
         delivered,
         stream_sequence: seq,
         published_at: chrono::Utc::now(),
+        generation: 0,
         pending: None,
         hold: Box::new(acker),
     }
@@ -214,6 +215,7 @@ impl OutcomeSink for FakeSink {
     async fn publish_outcome(
         &self,
         task_id: &str,
+        _generation: u32,
         body: Bytes,
         _e: Encoding,
     ) -> Result<bool, SinkError> {
@@ -225,6 +227,7 @@ impl OutcomeSink for FakeSink {
     async fn publish_dead_letter(
         &self,
         id: &str,
+        _generation: u32,
         body: Bytes,
         _e: Encoding,
     ) -> Result<(), SinkError> {
@@ -237,7 +240,7 @@ impl OutcomeSink for FakeSink {
     async fn publish_reply(&self, _s: &str, _b: Bytes, _e: Encoding) -> Result<(), SinkError> {
         Ok(())
     }
-    async fn outcome_exists(&self, task_id: &str) -> Result<bool, SinkError> {
+    async fn outcome_exists(&self, task_id: &str, _generation: u32) -> Result<bool, SinkError> {
         Ok(self.outcomes.lock().unwrap().contains_key(task_id))
     }
 }
