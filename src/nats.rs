@@ -9,8 +9,8 @@ use async_nats::HeaderMap;
 use async_trait::async_trait;
 use batchd_actors::lease::{AckError, Acker};
 use batchd_actors::ports::{
-    message_id, AttemptStore, Backlog, Delivery, OutcomeSink, SinkError, SourceError, StoreError,
-    TaskSource, GENERATION_HEADER,
+    message_id, AttemptStore, Backlog, Delivery, OutcomeSink, Requeue, SinkError, SourceError,
+    StoreError, TaskSource, GENERATION_HEADER, PUBLISHED_AT_HEADER,
 };
 use batchd_actors::task::{Encoding, Priority};
 use bytes::Bytes;
@@ -308,6 +308,7 @@ pub struct JetSource {
     subjects: [String; 3],
     names: [String; 3],
     fetch_batch: usize,
+    js: jetstream::Context,
 }
 
 impl JetSource {
@@ -319,6 +320,7 @@ impl JetSource {
             subjects: config.subjects().tasks(),
             names: Priority::ALL.map(|p| consumer_name(&config.nats, p)),
             fetch_batch: config.intake.fetch_batch,
+            js: t.js.clone(),
         }
     }
 }
@@ -346,6 +348,10 @@ fn to_delivery(
     let generation = read::header(m.headers.as_ref(), GENERATION_HEADER)
         .and_then(|g| g.trim().parse().ok())
         .unwrap_or(0);
+    // A requeued copy keeps the time its task was first published.
+    let published_at = read::header(m.headers.as_ref(), PUBLISHED_AT_HEADER)
+        .and_then(|t| DateTime::parse_from_rfc3339(t.trim()).ok())
+        .map_or(published_at, |t| t.with_timezone(&Utc));
     Ok(Delivery {
         priority: p,
         subject: m.subject.to_string(),
@@ -409,6 +415,29 @@ impl TaskSource for JetSource {
             }
         };
         Ok(Backlog { depth, oldest_age })
+    }
+
+    async fn requeue(&self, copy: Requeue) -> Result<(), SourceError> {
+        let mut headers = HeaderMap::new();
+        if let Some(ct) = &copy.content_type {
+            headers.insert("Content-Type", ct.as_str());
+        }
+        if copy.generation > 0 {
+            headers.insert(GENERATION_HEADER, copy.generation.to_string().as_str());
+        }
+        headers.insert(
+            PUBLISHED_AT_HEADER,
+            copy.published_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                .as_str(),
+        );
+        self.js
+            .publish_with_headers(copy.subject.clone(), headers, copy.body)
+            .await
+            .map_err(|e| SourceError(format!("requeueing on {}: {e}", copy.subject)))?
+            .await
+            .map_err(|e| SourceError(format!("PubAck of a requeue on {}: {e}", copy.subject)))?;
+        Ok(())
     }
 }
 

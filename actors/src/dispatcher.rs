@@ -34,6 +34,7 @@
 //! route's concurrency nor forgets its pause or circuit.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,7 +47,7 @@ use crate::context::EngineContext;
 use crate::messages::{Accepted, Batch, DispatcherMsg, RetryMsg};
 use crate::metrics;
 use crate::outcome::{self, deliver, deliver_unless_done, elapsed_ms, Final};
-use crate::ports::{Completion, Provider, ProviderError};
+use crate::ports::{Completion, Provider, ProviderError, Requeue};
 use crate::retry_scheduler::{classify, RouteFault, Verdict};
 use crate::route::{CallReport, CircuitReason, CircuitState, Report, RouteGate};
 use crate::routing::Route;
@@ -62,6 +63,46 @@ pub struct RouteEntry {
     provider: Arc<dyn Provider>,
     /// Admission, budget and circuit.
     pub gate: RouteGate,
+    /// Tasks waiting for admission on this route.
+    waiting: AtomicUsize,
+}
+
+/// One task's place among a route's waiting tasks.
+struct Waiting<'a> {
+    count: &'a AtomicUsize,
+    counted: bool,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Waiting {
+            count,
+            counted: true,
+        }
+    }
+
+    /// Leaves the count if more than `keep` wait: true when this task may go.
+    fn leave_if_more_than(&mut self, keep: usize) -> bool {
+        let left = self
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n > keep).then(|| n - 1)
+            })
+            .is_ok();
+        if left {
+            self.counted = false;
+        }
+        left
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// Every route the engine has used, shared by all Dispatcher incarnations.
@@ -79,6 +120,7 @@ impl Routes {
             route: route.clone(),
             provider,
             gate: RouteGate::new(ctx.settings.route_settings(&route.model)),
+            waiting: AtomicUsize::new(0),
         });
         routes.insert(route.clone(), entry.clone());
         Some(entry)
@@ -252,13 +294,27 @@ async fn run_task(
     });
     let mut waited = Duration::ZERO;
     let ending = loop {
+        let mut place = Waiting::new(&route.waiting);
         let permit = tokio::select! {
             permit = route.gate.admit(a.task.priority, est_tokens) => permit,
             () = sleep_until_opt(deadline) => break Ending::Expired,
             // Shutting down: a task still waiting for its route is handed
             // back (its lease naks on drop) rather than held to the end.
             () = ctx.stopping() => return,
+            () = park_due(&ctx, &route, &mut place) => {
+                match park(&ctx, &a).await {
+                    Ok(()) => {
+                        let _ = a.lease.ack().await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(task_id = %task_id, error = %e, "could not requeue a task of a route that is down; it keeps waiting");
+                        continue;
+                    }
+                }
+            }
         };
+        drop(place);
         waited += permit.waited();
         let probe = permit.is_probe();
         let started = Instant::now();
@@ -405,6 +461,38 @@ async fn run_task(
 
 fn opened(report: &Report) -> bool {
     matches!(report.circuit_changed, Some(CircuitState::Open { .. }))
+}
+
+/// Resolves when this task should leave a route whose circuit is open: it
+/// has waited `park_after` and more than `park_keep` tasks wait with it.
+/// Those few stay for the probe and the first calls after it; the rest go
+/// back to the end of their queue, so the messages in flight
+/// (`max_ack_pending`) keep flowing to healthy routes.
+async fn park_due(ctx: &EngineContext, route: &RouteEntry, place: &mut Waiting<'_>) {
+    loop {
+        tokio::time::sleep(ctx.settings.park_after).await;
+        if route.gate.status().circuit.is_some() && place.leave_if_more_than(ctx.settings.park_keep)
+        {
+            return;
+        }
+    }
+}
+
+/// Publishes the task's message again at the back of its queue.
+async fn park(ctx: &EngineContext, a: &Accepted) -> Result<(), crate::ports::SourceError> {
+    ctx.ports
+        .source
+        .requeue(Requeue {
+            subject: a.subject.clone(),
+            body: a.body.clone(),
+            content_type: a.content_type.clone(),
+            generation: a.task.generation,
+            published_at: a.published_at,
+        })
+        .await?;
+    tracing::debug!(task_id = %a.task.task_id, "route down: requeued at the back of its queue");
+    metrics::parked();
+    Ok(())
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

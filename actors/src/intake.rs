@@ -184,6 +184,9 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
         lease: d.hold,
         claim,
         subject: d.subject,
+        body: d.body,
+        content_type: d.content_type,
+        published_at: d.published_at,
         drained: d.pending == Some(0),
     };
     if d.delivered <= 1 {

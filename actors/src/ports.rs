@@ -86,7 +86,30 @@ pub trait TaskSource: Send + Sync + 'static {
 
     /// The current backlog of one priority.
     async fn backlog(&self, priority: Priority) -> Result<Backlog, SourceError>;
+
+    /// Publishes a copy of a task message at the back of its queue (PubAck
+    /// awaited), so a task that cannot go anywhere for now stops holding a
+    /// place among the messages in flight. The caller then acks the original.
+    async fn requeue(&self, copy: Requeue) -> Result<(), SourceError>;
 }
+
+/// A task message to publish again at the back of its queue.
+#[derive(Debug, Clone)]
+pub struct Requeue {
+    /// The subject it arrived on.
+    pub subject: String,
+    /// The body, unchanged.
+    pub body: Bytes,
+    /// Its `Content-Type`.
+    pub content_type: Option<String>,
+    /// Its replay generation.
+    pub generation: u32,
+    /// When it was first published: the copy keeps the task's age.
+    pub published_at: DateTime<Utc>,
+}
+
+/// The header that carries a requeued task's first publish time (RFC 3339).
+pub const PUBLISHED_AT_HEADER: &str = "Batchd-Published-At";
 
 /// Errors from the outcome sink.
 #[derive(Debug, thiserror::Error)]

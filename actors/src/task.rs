@@ -352,6 +352,10 @@ pub fn timestamp(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,8 +399,4 @@ mod tests {
         assert_eq!(v["usage"]["cached_input_tokens"], 0);
         assert!(v["output"].is_null());
     }
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
 }
