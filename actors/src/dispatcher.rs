@@ -410,7 +410,7 @@ async fn run_task(
                 }
                 let delay = ctx.with_rng(|rng| ctx.settings.retry.delay(attempts, rng));
                 tracing::debug!(task_id = %task_id, %error, ?delay, "transient failure; retry later");
-                metrics::retried("transient");
+                metrics::retried(retry_reason(&error));
                 match ctx.directory.retry_scheduler() {
                     Some(r) => {
                         let _ = r.cast(RetryMsg::Schedule {
@@ -433,14 +433,20 @@ async fn run_task(
     let spent_stored = a.attempts_before > a.task.retry_count;
     let f = match ending {
         Ending::Answered(c) => succeeded(&ctx, &a, c, provider, model, &batch_id, processing_ms),
-        Ending::Failed(error, attempts) => outcome::failed(
-            &a.task,
-            error,
-            attempts,
-            Some(model),
-            Some(provider),
-            Some(&batch_id),
-        ),
+        Ending::Failed(error, attempts) => {
+            // A failure never replaces an outcome that exists by now.
+            let f = outcome::failed(
+                &a.task,
+                error,
+                attempts,
+                Some(model),
+                Some(provider),
+                Some(&batch_id),
+            );
+            deliver_unless_done(&ctx, a.lease, f, &a.subject).await;
+            clear_attempts(&ctx, &task_id, spent_stored).await;
+            return;
+        }
         Ending::Expired => {
             let error = TaskError::new(
                 ErrorKind::Expired,
@@ -452,10 +458,36 @@ async fn run_task(
         }
     };
     deliver(&ctx, a.lease, f, &a.subject).await;
-    if spent_stored {
-        if let Err(e) = ctx.ports.attempts.clear(&task_id).await {
-            tracing::debug!(task_id = %task_id, error = %e, "attempt count not cleared; it expires on its own");
-        }
+    clear_attempts(&ctx, &task_id, spent_stored).await;
+}
+
+/// Forgets the attempts of a finished task that had stored some.
+async fn clear_attempts(ctx: &EngineContext, task_id: &str, stored: bool) {
+    if !stored {
+        return;
+    }
+    if let Err(e) = ctx.ports.attempts.clear(task_id).await {
+        tracing::debug!(task_id = %task_id, error = %e, "attempt count not cleared; it expires on its own");
+    }
+}
+
+/// The `reason` label of a retry: what kind of transient failure it was.
+fn retry_reason(error: &ProviderError) -> &'static str {
+    match error {
+        ProviderError::Transient {
+            status: Some(408), ..
+        } => "timeout",
+        ProviderError::Transient {
+            status: Some(409), ..
+        } => "conflict",
+        ProviderError::Transient {
+            status: Some(_), ..
+        } => "server_error",
+        ProviderError::Transient {
+            status: None,
+            message,
+        } if message.starts_with("no answer within") => "timeout",
+        _ => "connection",
     }
 }
 
