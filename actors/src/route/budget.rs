@@ -336,11 +336,16 @@ mod tests {
     fn configured_rpm_is_a_bucket_refilled_over_a_minute() {
         let mut b = RateBudget::new(Some(600), None, t0());
         // 600 minus the 1% reserve go at once.
-        let burst = (0..1000).take_while(|_| b.try_take(0, t0()).is_ok()).count();
+        let burst = (0..1000)
+            .take_while(|_| b.try_take(0, t0()).is_ok())
+            .count();
         assert_eq!(burst, 594);
         // Then one every 100 ms.
         let wait = b.try_take(0, t0()).unwrap_err();
-        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100), "{wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(100),
+            "{wait:?}"
+        );
         assert!(b.try_take(0, at(101)).is_ok());
         assert!(b.try_take(0, at(101)).is_err());
         assert!(b.try_take(0, at(201)).is_ok());
@@ -369,7 +374,9 @@ mod tests {
         // when it admitted it; 99 went after it, and 10 came back since.
         assert!(b.on_answer(&first, None, &requests(600, 599), at(1000)));
         assert_eq!(b.rpm(), Some(600));
-        let sendable = (0..1000).take_while(|_| b.try_take(0, at(1000)).is_ok()).count();
+        let sendable = (0..1000)
+            .take_while(|_| b.try_take(0, at(1000)).is_ok())
+            .count();
         assert_eq!(sendable, 600 - 6 - 100 + 10);
     }
 
@@ -384,7 +391,9 @@ mod tests {
         let third = b.try_take(0, t0()).unwrap();
         // A higher figure (stale, or another view) is not.
         b.on_answer(&third, None, &requests(600, 590), t0());
-        let sendable = (0..1000).take_while(|_| b.try_take(0, t0()).is_ok()).count();
+        let sendable = (0..1000)
+            .take_while(|_| b.try_take(0, t0()).is_ok())
+            .count();
         assert_eq!(sendable, 297 - 6);
     }
 

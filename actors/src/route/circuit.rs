@@ -288,10 +288,8 @@ impl CircuitBreaker {
     ) -> Self {
         let mut circuit = CircuitBreaker::new(settings);
         let wait = |ms: u64| {
-            Duration::from_millis(ms).clamp(
-                circuit.settings.initial_wait,
-                circuit.settings.max_wait,
-            )
+            Duration::from_millis(ms)
+                .clamp(circuit.settings.initial_wait, circuit.settings.max_wait)
         };
         match *snapshot {
             CircuitSnapshot::Closed => {}
@@ -399,7 +397,10 @@ mod tests {
             })
         );
         assert_eq!(c.reason(), Some(CircuitReason::Unavailable));
-        assert_eq!(c.admission(t0 + secs(4)), CircuitAdmission::OpenUntil(t0 + secs(5)));
+        assert_eq!(
+            c.admission(t0 + secs(4)),
+            CircuitAdmission::OpenUntil(t0 + secs(5))
+        );
     }
 
     #[test]
@@ -471,7 +472,11 @@ mod tests {
         now += secs(15);
         c.start_probe(now);
         c.on_neutral(true);
-        assert_eq!(c.admission(now), CircuitAdmission::Probe, "neutral frees the probe");
+        assert_eq!(
+            c.admission(now),
+            CircuitAdmission::Probe,
+            "neutral frees the probe"
+        );
         c.start_probe(now);
         assert_eq!(c.on_success(true, now), Some(CircuitState::Closed));
         assert_eq!(c.reason(), None);
@@ -497,7 +502,9 @@ mod tests {
             }
         };
         let waits: Vec<_> = (0..20).map(open_for).collect();
-        assert!(waits.iter().all(|w| *w > Duration::from_millis(500) && *w <= secs(1)));
+        assert!(waits
+            .iter()
+            .all(|w| *w > Duration::from_millis(500) && *w <= secs(1)));
         assert!(waits.windows(2).any(|w| w[0] != w[1]));
         assert_eq!(open_for(3), open_for(3));
     }
@@ -529,7 +536,10 @@ mod tests {
             }
         );
         let json = serde_json::to_string(&snap).unwrap();
-        assert_eq!(serde_json::from_str::<CircuitSnapshot>(&json).unwrap(), snap);
+        assert_eq!(
+            serde_json::from_str::<CircuitSnapshot>(&json).unwrap(),
+            snap
+        );
         let half = CircuitSnapshot::HalfOpen {
             reason: CircuitReason::Unavailable,
             wait_ms: 4000,

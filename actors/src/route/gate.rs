@@ -30,8 +30,7 @@ use tokio::time::Instant;
 
 use super::budget::{Charge, RateBudget};
 use super::circuit::{
-    CircuitAdmission, CircuitBreaker, CircuitReason, CircuitSettings, CircuitSnapshot,
-    CircuitState,
+    CircuitAdmission, CircuitBreaker, CircuitReason, CircuitSettings, CircuitSnapshot, CircuitState,
 };
 use super::concurrency::{AdaptiveConcurrency, Backoff, ConcurrencySettings};
 use super::limits::RateLimitInfo;
@@ -215,7 +214,10 @@ struct Waiter {
 
 /// The outcome of one look at the route by a waiter.
 enum Step {
-    Go { charge: Charge, probe: bool },
+    Go {
+        charge: Charge,
+        probe: bool,
+    },
     /// Sleep until woken, or until then if given.
     Wait(Option<Instant>),
 }
@@ -259,7 +261,11 @@ impl RouteGate {
     }
 
     /// [`RouteGate::restore`] with the clocks meeting at `wall`.
-    pub fn restore_at(settings: RouteSettings, snap: &RouteSnapshot, wall: DateTime<Utc>) -> RouteGate {
+    pub fn restore_at(
+        settings: RouteSettings,
+        snap: &RouteSnapshot,
+        wall: DateTime<Utc>,
+    ) -> RouteGate {
         let gate = RouteGate::new_at(settings, wall);
         let now = Instant::now();
         {

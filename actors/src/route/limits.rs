@@ -89,9 +89,8 @@ pub fn parse_rate_limit_headers<'a>(
 
     let retry_after = match get("retry-after-ms") {
         Some(ms) => parse_seconds(ms, 1e-3),
-        None => get("retry-after").and_then(|text| {
-            parse_seconds(text, 1.0).or_else(|| until_http_date(text, now))
-        }),
+        None => get("retry-after")
+            .and_then(|text| parse_seconds(text, 1.0).or_else(|| until_http_date(text, now))),
     }
     .map(clamp);
 
@@ -271,13 +270,22 @@ mod tests {
         let info = parse(&[
             ("anthropic-ratelimit-requests-limit", "50"),
             ("anthropic-ratelimit-requests-remaining", "49"),
-            ("anthropic-ratelimit-requests-reset", "2015-10-21T07:27:01.2Z"),
+            (
+                "anthropic-ratelimit-requests-reset",
+                "2015-10-21T07:27:01.2Z",
+            ),
             ("anthropic-ratelimit-input-tokens-limit", "40000"),
             ("anthropic-ratelimit-input-tokens-remaining", "39000"),
-            ("anthropic-ratelimit-input-tokens-reset", "2015-10-21T07:27:02Z"),
+            (
+                "anthropic-ratelimit-input-tokens-reset",
+                "2015-10-21T07:27:02Z",
+            ),
             ("anthropic-ratelimit-output-tokens-limit", "8000"),
             ("anthropic-ratelimit-output-tokens-remaining", "7990"),
-            ("anthropic-ratelimit-output-tokens-reset", "2015-10-21T09:27:02+02:00"),
+            (
+                "anthropic-ratelimit-output-tokens-reset",
+                "2015-10-21T09:27:02+02:00",
+            ),
         ]);
         let requests = info.requests.unwrap();
         assert_eq!((requests.limit, requests.remaining), (50, 49));
@@ -326,13 +334,22 @@ mod tests {
 
     #[test]
     fn retry_after_garbage_is_clamped_or_none() {
-        for huge in ["1e20", "inf", "99999999999999999999999999", "1.7976931348623157e308"] {
+        for huge in [
+            "1e20",
+            "inf",
+            "99999999999999999999999999",
+            "1.7976931348623157e308",
+        ] {
             assert_eq!(parse(&[("retry-after", huge)]).retry_after, Some(MAX));
             assert_eq!(parse(&[("retry-after-ms", huge)]).retry_after, Some(MAX));
         }
         for bad in ["", "NaN", "-5", "-inf", "soon", "Wed, 99 Oct 2015"] {
             assert_eq!(parse(&[("retry-after", bad)]).retry_after, None, "{bad:?}");
-            assert_eq!(parse(&[("retry-after-ms", bad)]).retry_after, None, "{bad:?}");
+            assert_eq!(
+                parse(&[("retry-after-ms", bad)]).retry_after,
+                None,
+                "{bad:?}"
+            );
         }
     }
 
@@ -375,6 +392,9 @@ mod tests {
 
     #[test]
     fn no_headers_is_the_default() {
-        assert_eq!(parse(&[("content-type", "application/json")]), RateLimitInfo::default());
+        assert_eq!(
+            parse(&[("content-type", "application/json")]),
+            RateLimitInfo::default()
+        );
     }
 }

@@ -18,8 +18,7 @@ pub mod limits;
 
 pub use budget::{Charge, RateBudget};
 pub use circuit::{
-    CircuitAdmission, CircuitBreaker, CircuitReason, CircuitSettings, CircuitSnapshot,
-    CircuitState,
+    CircuitAdmission, CircuitBreaker, CircuitReason, CircuitSettings, CircuitSnapshot, CircuitState,
 };
 pub use concurrency::{AdaptiveConcurrency, Backoff, ConcurrencySettings};
 pub use gate::{CallReport, Permit, Report, RouteGate, RouteSettings, RouteSnapshot, RouteStatus};
