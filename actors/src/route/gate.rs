@@ -524,24 +524,21 @@ impl Turn {
         if let Some(chosen) = self.chosen.filter(|&c| waiting[c]) {
             return Some(chosen);
         }
-        let pick = match waiting {
-            [false, false] => {
-                self.chosen = None;
-                return None;
-            }
-            // Alone, a priority takes its turn without building credit.
-            [true, false] => 0,
-            [false, true] => 1,
+        match waiting {
+            // Alone, a priority goes without using or building credit, and
+            // without holding the turn against one that arrives meanwhile.
+            [false, false] => None,
+            [true, false] => Some(0),
+            [false, true] => Some(1),
             [true, true] => {
                 self.credit[0] += weights[0];
                 self.credit[1] += weights[1];
                 let pick = usize::from(self.credit[1] > self.credit[0]);
                 self.credit[pick] -= weights[0] + weights[1];
-                pick
+                self.chosen = Some(pick);
+                Some(pick)
             }
-        };
-        self.chosen = Some(pick);
-        Some(pick)
+        }
     }
 
     fn served(&mut self) {

@@ -16,6 +16,9 @@ pub mod concurrency;
 pub mod gate;
 pub mod limits;
 
+#[cfg(test)]
+mod tests;
+
 pub use budget::{Charge, RateBudget};
 pub use circuit::{
     CircuitAdmission, CircuitBreaker, CircuitReason, CircuitSettings, CircuitSnapshot, CircuitState,
