@@ -115,10 +115,17 @@ impl Bucket {
     }
 
     fn take(&mut self, units: f64) {
-        if self.limit.is_some() {
-            self.available -= units;
-        }
+        self.spend(units);
         self.sent += units;
+    }
+
+    /// Takes `units` (gives back if negative). A debt beyond a whole bucket
+    /// only comes from a garbage count, and must not hold the route for hours.
+    fn spend(&mut self, units: f64) {
+        if let Some(limit) = self.limit {
+            let limit = limit as f64;
+            self.available = (self.available - units).clamp(-limit, limit);
+        }
     }
 
     /// Corrects the estimate with a reading taken when the call numbered by
@@ -201,6 +208,8 @@ impl RateBudget {
         if let Some(until) = self.paused_until(now) {
             return Err((until - now).to_std().unwrap_or(Duration::ZERO));
         }
+        // A call never costs more than a whole bucket, whatever its estimate.
+        let est_tokens = self.tokens.limit.map_or(est_tokens, |l| est_tokens.min(l));
         let est = est_tokens as f64;
         let wait = self.requests.wait_for(1.0).max(self.tokens.wait_for(est));
         if !wait.is_zero() {
@@ -230,7 +239,7 @@ impl RateBudget {
         self.refill(now);
         if let (Some(tokens), true) = (tokens, self.tokens.limit.is_some()) {
             // Settle the estimate; `sent` keeps estimates, see `correct`.
-            self.tokens.available -= tokens as f64 - charge.est_tokens as f64;
+            self.tokens.spend(tokens as f64 - charge.est_tokens as f64);
         }
         self.correct(charge, limits, now)
     }
@@ -454,6 +463,16 @@ mod tests {
         let json = serde_json::to_string(&b).unwrap();
         let back: RateBudget = serde_json::from_str(&json).unwrap();
         assert_eq!(back, b);
+    }
+
+    #[test]
+    fn garbage_token_counts_cost_at_most_a_bucket() {
+        let mut b = RateBudget::new(None, Some(60_000), t0());
+        let charge = b.try_take(u64::MAX, t0()).unwrap();
+        b.on_answer(&charge, Some(u64::MAX), &RateLimitInfo::default(), t0());
+        // A debt of one bucket: a minute repays it, then 1 600 tokens more.
+        assert!(b.try_take(1000, at(61_000)).is_err());
+        assert!(b.try_take(1000, at(62_000)).is_ok());
     }
 
     #[test]
