@@ -11,8 +11,9 @@
 //! - [`codec`]: decoding and validating task bodies; encoding outcomes.
 //! - [`routing`]: task types, tiers, models; the request sent for a task.
 //! - [`batching`], [`backoff`], [`ratelimit`], [`pricing`]: policies as plain functions.
-//! - [`route`]: route control: adaptive concurrency, rate budget learned from
-//!   the provider's headers, circuit breaker, and the [`route::RouteGate`] that admits calls by priority.
+//! - [`route`]: route control per provider and model: adaptive concurrency,
+//!   rate budget learned from the provider's headers, circuit breaker, and
+//!   [`route::RouteGate`], which admits calls by priority.
 //! - [`lease`]: the hold on a JetStream message; nak on drop, heartbeats.
 //! - [`ports`]: the I/O traits ([`ports::TaskSource`], [`ports::OutcomeSink`], [`ports::Provider`]).
 //! - [`messages`]: every message between actors.

@@ -125,6 +125,29 @@ impl Provider {
     /// Takes one request and `tokens` tokens, or neither (and answers 429).
     fn admit(&mut self, now: Instant, tokens: u64) -> Answer {
         self.calls += 1;
+        self.admit_uncounted(now, tokens)
+    }
+
+    /// Another client of the same account: spends the budget, not counted.
+    fn admit_neighbour(&mut self, now: Instant, tokens: u64) {
+        let (calls, limited, succeeded, tokens_succeeded, steady, steady_tokens) = (
+            self.calls,
+            self.limited,
+            self.succeeded,
+            self.tokens_succeeded,
+            self.steady,
+            self.steady_tokens,
+        );
+        self.admit_uncounted(now, tokens);
+        self.calls = calls;
+        self.limited = limited;
+        self.succeeded = succeeded;
+        self.tokens_succeeded = tokens_succeeded;
+        self.steady = steady;
+        self.steady_tokens = steady_tokens;
+    }
+
+    fn admit_uncounted(&mut self, now: Instant, tokens: u64) -> Answer {
         for bucket in [&mut self.requests, &mut self.tokens].into_iter().flatten() {
             bucket.refill(now);
         }
@@ -177,6 +200,8 @@ struct Scenario {
     /// Extra latency, uniform in `[0, jitter]`, as `batchd sim --jitter-ms`.
     jitter: Duration,
     callers: usize,
+    /// Requests per minute another client of the account sends, evenly.
+    neighbour_rpm: u64,
     /// Mean tokens per call; the estimate is within 5% of the real count.
     tokens: u64,
 }
@@ -196,6 +221,20 @@ async fn run(scenario: Scenario) -> Figures {
     let provider = Arc::new(Mutex::new(Provider::new(scenario.rpm, scenario.tpm, start)));
     let gate = RouteGate::new(RouteSettings::default());
     let mut callers = Vec::new();
+    if scenario.neighbour_rpm > 0 {
+        let provider = Arc::clone(&provider);
+        let every = Duration::from_secs(60) / scenario.neighbour_rpm as u32;
+        let tokens = scenario.tokens;
+        callers.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            while tick.tick().await < end {
+                provider
+                    .lock()
+                    .unwrap()
+                    .admit_neighbour(Instant::now(), tokens);
+            }
+        }));
+    }
     for i in 0..scenario.callers {
         let gate = gate.clone();
         let provider = Arc::clone(&provider);
@@ -308,6 +347,7 @@ async fn uses_95_percent_of_12000_rpm_at_1s_latency_with_under_half_a_percent_42
         latency: Duration::from_millis(1000),
         jitter: Duration::ZERO,
         callers: 2000,
+        neighbour_rpm: 0,
         tokens: 100,
     })
     .await;
@@ -327,6 +367,7 @@ async fn uses_95_percent_of_1200_rpm_at_800ms_latency_with_under_half_a_percent_
         latency: Duration::from_millis(800),
         jitter: Duration::ZERO,
         callers: 500,
+        neighbour_rpm: 0,
         tokens: 100,
     })
     .await;
@@ -341,6 +382,7 @@ async fn holds_the_bar_when_answers_come_back_out_of_order() {
         latency: Duration::from_millis(300),
         jitter: Duration::from_millis(1500),
         callers: 1000,
+        neighbour_rpm: 0,
         tokens: 100,
     })
     .await;
@@ -360,6 +402,7 @@ async fn uses_95_percent_of_a_token_limit_with_under_half_a_percent_429s() {
         latency: Duration::from_millis(1000),
         jitter: Duration::ZERO,
         callers: 1000,
+        neighbour_rpm: 0,
         tokens: 1000,
     })
     .await;
@@ -367,6 +410,26 @@ async fn uses_95_percent_of_a_token_limit_with_under_half_a_percent_429s() {
         "tpm 1000000 (rpm 10000), latency 1000 ms",
         1_000_000,
         Unit::Tokens,
+        &figures,
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shares_the_account_with_another_client() {
+    let figures = run(Scenario {
+        rpm: Some(1200),
+        tpm: None,
+        latency: Duration::from_millis(800),
+        jitter: Duration::ZERO,
+        callers: 500,
+        neighbour_rpm: 300,
+        tokens: 100,
+    })
+    .await;
+    check(
+        "rpm 1200 shared with 300 rpm of another client",
+        900,
+        Unit::Requests,
         &figures,
     );
 }
