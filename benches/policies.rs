@@ -52,6 +52,7 @@ fn inbound<'a>(body: &'a [u8], content_type: Option<&'a str>) -> Inbound<'a> {
         body,
         published_at: chrono::Utc::now(),
         max_payload_bytes: 262_144,
+        generation: 0,
     }
 }
 

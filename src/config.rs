@@ -148,6 +148,11 @@ pub struct DispatchConfig {
     pub request_timeout_secs: u64,
     /// Longest Retry-After honoured, seconds.
     pub max_retry_after_secs: u64,
+    /// Seconds a task waits at a route whose circuit is open before it may
+    /// be requeued at the back of its queue.
+    pub park_after_secs: u64,
+    /// Tasks that keep waiting at such a route; the rest are requeued.
+    pub park_keep: usize,
     /// Shares of scarce route capacity for priorities 2 and 3 (priority 1 is strict).
     pub p2_weight: u32,
     /// See `p2_weight`.
@@ -503,6 +508,8 @@ impl Config {
                 .map(|(m, l)| (m.clone(), *l))
                 .collect(),
             request_timeout: Duration::from_secs(self.dispatch.request_timeout_secs),
+            park_after: Duration::from_secs(self.dispatch.park_after_secs.max(1)),
+            park_keep: self.dispatch.park_keep,
             publish_retry: Duration::from_secs(self.dispatch.publish_retry_secs),
             lease_heartbeat: Duration::from_millis((self.intake.ack_wait_secs * 1000 / 3).max(100)),
             backlog_interval: Duration::from_millis(self.intake.backlog_interval_ms.max(100)),

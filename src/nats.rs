@@ -9,7 +9,8 @@ use async_nats::HeaderMap;
 use async_trait::async_trait;
 use batchd_actors::lease::{AckError, Acker};
 use batchd_actors::ports::{
-    AttemptStore, Backlog, Delivery, OutcomeSink, SinkError, SourceError, StoreError, TaskSource,
+    message_id, AttemptStore, Backlog, Delivery, OutcomeSink, Requeue, SinkError, SourceError,
+    StoreError, TaskSource, GENERATION_HEADER, PUBLISHED_AT_HEADER,
 };
 use batchd_actors::task::{Encoding, Priority};
 use bytes::Bytes;
@@ -17,7 +18,7 @@ use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 
-use crate::client::Subjects;
+use crate::client::{read, Subjects};
 use crate::config::{Config, NatsConfig};
 
 /// The oldest nats-server batchd works with (KV and consumer APIs of 2.10).
@@ -157,30 +158,36 @@ pub async fn ensure_topology(
         })
         .await
         .map_err(|e| setup_err(format!("stream {}", n.tasks_stream))(e.to_string()))?;
-    let results = js
-        .get_or_create_stream(stream::Config {
+    // One kept outcome and one dead letter per task: the last published
+    // (a replay's outcome supersedes the failed one).
+    let results = ensure_kept_last(
+        &js,
+        stream::Config {
             name: n.results_stream.clone(),
             subjects: vec![subjects.results()],
             retention: stream::RetentionPolicy::Limits,
             max_age: day * u32::try_from(n.results_max_age_days).unwrap_or(u32::MAX),
+            max_messages_per_subject: 1,
             duplicate_window: window,
             allow_direct: true,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| setup_err(format!("stream {}", n.results_stream))(e.to_string()))?;
-    let dlq = js
-        .get_or_create_stream(stream::Config {
+        },
+    )
+    .await?;
+    let dlq = ensure_kept_last(
+        &js,
+        stream::Config {
             name: n.dlq_stream.clone(),
             subjects: vec![subjects.dead_letters()],
             retention: stream::RetentionPolicy::Limits,
             max_age: day * u32::try_from(n.dlq_max_age_days).unwrap_or(u32::MAX),
+            max_messages_per_subject: 1,
             duplicate_window: window,
             allow_direct: true,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| setup_err(format!("stream {}", n.dlq_stream))(e.to_string()))?;
+        },
+    )
+    .await?;
     for bucket in [&n.checkpoints_bucket, &n.ledger_bucket] {
         if js.get_key_value(bucket.as_str()).await.is_err() {
             js.create_key_value(jetstream::kv::Config {
@@ -241,6 +248,33 @@ pub async fn ensure_topology(
     })
 }
 
+/// Creates a stream keeping one message per subject, or brings an existing
+/// one (made by an older batchd) to that rule.
+async fn ensure_kept_last(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, NatsError> {
+    let name = config.name.clone();
+    let err = |e: String| NatsError::Setup {
+        what: format!("stream {name}"),
+        message: e,
+    };
+    let mut s = js
+        .get_or_create_stream(config.clone())
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let info = s.info().await.map_err(|e| err(e.to_string()))?;
+    if info.config.max_messages_per_subject != config.max_messages_per_subject {
+        let mut updated = info.config.clone();
+        updated.max_messages_per_subject = config.max_messages_per_subject;
+        js.update_stream(updated)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        s = js.get_stream(&name).await.map_err(|e| err(e.to_string()))?;
+    }
+    Ok(s)
+}
+
 /// The durable consumer name of a priority.
 pub fn consumer_name(n: &NatsConfig, p: Priority) -> String {
     format!("{}-{}", n.consumer_prefix, p.token())
@@ -274,6 +308,7 @@ pub struct JetSource {
     subjects: [String; 3],
     names: [String; 3],
     fetch_batch: usize,
+    js: jetstream::Context,
 }
 
 impl JetSource {
@@ -285,6 +320,7 @@ impl JetSource {
             subjects: config.subjects().tasks(),
             names: Priority::ALL.map(|p| consumer_name(&config.nats, p)),
             fetch_batch: config.intake.fetch_batch,
+            js: t.js.clone(),
         }
     }
 }
@@ -308,11 +344,14 @@ fn to_delivery(
         )
     };
     let (m, acker) = msg.split();
-    let content_type = m
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("Content-Type"))
-        .map(|v| v.as_str().to_owned());
+    let content_type = read::content_type(m.headers.as_ref()).map(str::to_owned);
+    let generation = read::header(m.headers.as_ref(), GENERATION_HEADER)
+        .and_then(|g| g.trim().parse().ok())
+        .unwrap_or(0);
+    // A requeued copy keeps the time its task was first published.
+    let published_at = read::header(m.headers.as_ref(), PUBLISHED_AT_HEADER)
+        .and_then(|t| DateTime::parse_from_rfc3339(t.trim()).ok())
+        .map_or(published_at, |t| t.with_timezone(&Utc));
     Ok(Delivery {
         priority: p,
         subject: m.subject.to_string(),
@@ -321,6 +360,7 @@ fn to_delivery(
         delivered,
         stream_sequence,
         published_at,
+        generation,
         pending: Some(pending),
         hold: Box::new(JetAcker(acker)),
     })
@@ -376,6 +416,29 @@ impl TaskSource for JetSource {
         };
         Ok(Backlog { depth, oldest_age })
     }
+
+    async fn requeue(&self, copy: Requeue) -> Result<(), SourceError> {
+        let mut headers = HeaderMap::new();
+        if let Some(ct) = &copy.content_type {
+            headers.insert("Content-Type", ct.as_str());
+        }
+        if copy.generation > 0 {
+            headers.insert(GENERATION_HEADER, copy.generation.to_string().as_str());
+        }
+        headers.insert(
+            PUBLISHED_AT_HEADER,
+            copy.published_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                .as_str(),
+        );
+        self.js
+            .publish_with_headers(copy.subject.clone(), headers, copy.body)
+            .await
+            .map_err(|e| SourceError(format!("requeueing on {}: {e}", copy.subject)))?
+            .await
+            .map_err(|e| SourceError(format!("PubAck of a requeue on {}: {e}", copy.subject)))?;
+        Ok(())
+    }
 }
 
 /// Outcomes, dead letters and replies.
@@ -423,20 +486,24 @@ impl OutcomeSink for JetSink {
     async fn publish_outcome(
         &self,
         task_id: &str,
+        generation: u32,
         body: Bytes,
         encoding: Encoding,
     ) -> Result<bool, SinkError> {
-        self.publish(self.subjects.result(task_id), task_id, body, encoding)
+        let msg_id = message_id(task_id, generation);
+        self.publish(self.subjects.result(task_id), &msg_id, body, encoding)
             .await
     }
 
     async fn publish_dead_letter(
         &self,
         id: &str,
+        generation: u32,
         body: Bytes,
         encoding: Encoding,
     ) -> Result<(), SinkError> {
-        self.publish(self.subjects.dead_letter(id), id, body, encoding)
+        let msg_id = message_id(id, generation);
+        self.publish(self.subjects.dead_letter(id), &msg_id, body, encoding)
             .await
             .map(|_| ())
     }
@@ -455,14 +522,28 @@ impl OutcomeSink for JetSink {
             .map_err(|e| SinkError(format!("publishing reply to {subject}: {e}")))
     }
 
-    async fn outcome_exists(&self, task_id: &str) -> Result<bool, SinkError> {
+    async fn outcome_exists(&self, task_id: &str, generation: u32) -> Result<bool, SinkError> {
         use async_nats::jetstream::stream::DirectGetErrorKind;
+        /// The one field a replay's check reads of the kept outcome.
+        #[derive(serde::Deserialize)]
+        struct Kept {
+            #[serde(default)]
+            generation: u32,
+        }
         match self
             .results
             .direct_get_last_for_subject(self.subjects.result(task_id))
             .await
         {
-            Ok(_) => Ok(true),
+            // Any outcome counts for a first run: no decoding on the hot path.
+            Ok(_) if generation == 0 => Ok(true),
+            Ok(m) => {
+                let kept: Kept = read::decode(read::content_type(Some(&m.headers)), &m.payload)
+                    .map_err(|e| {
+                        SinkError(format!("reading the kept outcome of {task_id}: {e}"))
+                    })?;
+                Ok(kept.generation >= generation)
+            }
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(false),
             Err(e) => Err(SinkError(format!(
                 "looking up the outcome of {task_id}: {e}"

@@ -25,6 +25,8 @@ pub struct Inbound<'a> {
     pub published_at: DateTime<Utc>,
     /// The configured payload limit, in bytes.
     pub max_payload_bytes: usize,
+    /// The replay generation (`Batchd-Generation` header; 0 when absent).
+    pub generation: u32,
 }
 
 /// Why a message is not a valid task, with whatever could still be read of it.
@@ -145,6 +147,7 @@ pub fn decode_task(inbound: Inbound<'_>) -> Result<Task, Box<Rejection>> {
     match build_task(map, &inbound, encoding) {
         Ok(mut task) => {
             task.original = value;
+            task.generation = inbound.generation;
             Ok(task)
         }
         Err(message) => {
@@ -278,6 +281,7 @@ fn build_task(
         metadata: map.get("metadata").filter(|v| !v.is_null()).cloned(),
         original: Value::Null,
         encoding,
+        generation: 0,
     })
 }
 
@@ -331,6 +335,7 @@ fn build_batch_line(
         metadata: None,
         original: Value::Null,
         encoding,
+        generation: 0,
     })
 }
 
@@ -475,6 +480,7 @@ mod tests {
                 .unwrap()
                 .with_timezone(&Utc),
             max_payload_bytes: 4096,
+            generation: 0,
         }
     }
 

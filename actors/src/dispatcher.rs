@@ -34,6 +34,7 @@
 //! route's concurrency nor forgets its pause or circuit.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,7 +47,7 @@ use crate::context::EngineContext;
 use crate::messages::{Accepted, Batch, DispatcherMsg, RetryMsg};
 use crate::metrics;
 use crate::outcome::{self, deliver, deliver_unless_done, elapsed_ms, Final};
-use crate::ports::{Completion, Provider, ProviderError};
+use crate::ports::{Completion, Provider, ProviderError, Requeue};
 use crate::retry_scheduler::{classify, RouteFault, Verdict};
 use crate::route::{CallReport, CircuitReason, CircuitState, Report, RouteGate};
 use crate::routing::Route;
@@ -62,6 +63,46 @@ pub struct RouteEntry {
     provider: Arc<dyn Provider>,
     /// Admission, budget and circuit.
     pub gate: RouteGate,
+    /// Tasks waiting for admission on this route.
+    waiting: AtomicUsize,
+}
+
+/// One task's place among a route's waiting tasks.
+struct Waiting<'a> {
+    count: &'a AtomicUsize,
+    counted: bool,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Waiting {
+            count,
+            counted: true,
+        }
+    }
+
+    /// Leaves the count if more than `keep` wait: true when this task may go.
+    fn leave_if_more_than(&mut self, keep: usize) -> bool {
+        let left = self
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n > keep).then(|| n - 1)
+            })
+            .is_ok();
+        if left {
+            self.counted = false;
+        }
+        left
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// Every route the engine has used, shared by all Dispatcher incarnations.
@@ -79,6 +120,7 @@ impl Routes {
             route: route.clone(),
             provider,
             gate: RouteGate::new(ctx.settings.route_settings(&route.model)),
+            waiting: AtomicUsize::new(0),
         });
         routes.insert(route.clone(), entry.clone());
         Some(entry)
@@ -221,7 +263,12 @@ async fn run_task(
     mut a: Accepted,
 ) {
     let task_id = a.task.task_id.clone();
-    match ctx.ports.sink.outcome_exists(&task_id).await {
+    match ctx
+        .ports
+        .sink
+        .outcome_exists(&task_id, a.task.generation)
+        .await
+    {
         Ok(true) => {
             tracing::debug!(task_id = %task_id, "outcome already published; skipping");
             let _ = a.lease.ack().await;
@@ -247,13 +294,27 @@ async fn run_task(
     });
     let mut waited = Duration::ZERO;
     let ending = loop {
+        let mut place = Waiting::new(&route.waiting);
         let permit = tokio::select! {
             permit = route.gate.admit(a.task.priority, est_tokens) => permit,
             () = sleep_until_opt(deadline) => break Ending::Expired,
             // Shutting down: a task still waiting for its route is handed
             // back (its lease naks on drop) rather than held to the end.
             () = ctx.stopping() => return,
+            () = park_due(&ctx, &route, &mut place) => {
+                match park(&ctx, &a).await {
+                    Ok(()) => {
+                        let _ = a.lease.ack().await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(task_id = %task_id, error = %e, "could not requeue a task of a route that is down; it keeps waiting");
+                        continue;
+                    }
+                }
+            }
         };
+        drop(place);
         waited += permit.waited();
         let probe = permit.is_probe();
         let started = Instant::now();
@@ -349,7 +410,7 @@ async fn run_task(
                 }
                 let delay = ctx.with_rng(|rng| ctx.settings.retry.delay(attempts, rng));
                 tracing::debug!(task_id = %task_id, %error, ?delay, "transient failure; retry later");
-                metrics::retried("transient");
+                metrics::retried(retry_reason(&error));
                 match ctx.directory.retry_scheduler() {
                     Some(r) => {
                         let _ = r.cast(RetryMsg::Schedule {
@@ -372,14 +433,20 @@ async fn run_task(
     let spent_stored = a.attempts_before > a.task.retry_count;
     let f = match ending {
         Ending::Answered(c) => succeeded(&ctx, &a, c, provider, model, &batch_id, processing_ms),
-        Ending::Failed(error, attempts) => outcome::failed(
-            &a.task,
-            error,
-            attempts,
-            Some(model),
-            Some(provider),
-            Some(&batch_id),
-        ),
+        Ending::Failed(error, attempts) => {
+            // A failure never replaces an outcome that exists by now.
+            let f = outcome::failed(
+                &a.task,
+                error,
+                attempts,
+                Some(model),
+                Some(provider),
+                Some(&batch_id),
+            );
+            deliver_unless_done(&ctx, a.lease, f, &a.subject).await;
+            clear_attempts(&ctx, &task_id, spent_stored).await;
+            return;
+        }
         Ending::Expired => {
             let error = TaskError::new(
                 ErrorKind::Expired,
@@ -391,15 +458,73 @@ async fn run_task(
         }
     };
     deliver(&ctx, a.lease, f, &a.subject).await;
-    if spent_stored {
-        if let Err(e) = ctx.ports.attempts.clear(&task_id).await {
-            tracing::debug!(task_id = %task_id, error = %e, "attempt count not cleared; it expires on its own");
-        }
+    clear_attempts(&ctx, &task_id, spent_stored).await;
+}
+
+/// Forgets the attempts of a finished task that had stored some.
+async fn clear_attempts(ctx: &EngineContext, task_id: &str, stored: bool) {
+    if !stored {
+        return;
+    }
+    if let Err(e) = ctx.ports.attempts.clear(task_id).await {
+        tracing::debug!(task_id = %task_id, error = %e, "attempt count not cleared; it expires on its own");
+    }
+}
+
+/// The `reason` label of a retry: what kind of transient failure it was.
+fn retry_reason(error: &ProviderError) -> &'static str {
+    match error {
+        ProviderError::Transient {
+            status: Some(408), ..
+        } => "timeout",
+        ProviderError::Transient {
+            status: Some(409), ..
+        } => "conflict",
+        ProviderError::Transient {
+            status: Some(_), ..
+        } => "server_error",
+        ProviderError::Transient {
+            status: None,
+            message,
+        } if message.starts_with("no answer within") => "timeout",
+        _ => "connection",
     }
 }
 
 fn opened(report: &Report) -> bool {
     matches!(report.circuit_changed, Some(CircuitState::Open { .. }))
+}
+
+/// Resolves when this task should leave a route whose circuit is open: it
+/// has waited `park_after` and more than `park_keep` tasks wait with it.
+/// Those few stay for the probe and the first calls after it; the rest go
+/// back to the end of their queue, so the messages in flight
+/// (`max_ack_pending`) keep flowing to healthy routes.
+async fn park_due(ctx: &EngineContext, route: &RouteEntry, place: &mut Waiting<'_>) {
+    loop {
+        tokio::time::sleep(ctx.settings.park_after).await;
+        if route.gate.status().circuit.is_some() && place.leave_if_more_than(ctx.settings.park_keep)
+        {
+            return;
+        }
+    }
+}
+
+/// Publishes the task's message again at the back of its queue.
+async fn park(ctx: &EngineContext, a: &Accepted) -> Result<(), crate::ports::SourceError> {
+    ctx.ports
+        .source
+        .requeue(Requeue {
+            subject: a.subject.clone(),
+            body: a.body.clone(),
+            content_type: a.content_type.clone(),
+            generation: a.task.generation,
+            published_at: a.published_at,
+        })
+        .await?;
+    tracing::debug!(task_id = %a.task.task_id, "route down: requeued at the back of its queue");
+    metrics::parked();
+    Ok(())
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -466,6 +591,7 @@ fn succeeded(
                 total_ms,
             },
             metadata: task.metadata.clone(),
+            generation: task.generation,
             completed_at: timestamp(now),
         },
         dead_letter: None,

@@ -147,6 +147,7 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
         body: &d.body,
         published_at: d.published_at,
         max_payload_bytes: ctx.settings.max_payload_bytes,
+        generation: d.generation,
     };
     let task = match decode_task(inbound) {
         Ok(t) => t,
@@ -183,6 +184,9 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
         lease: d.hold,
         claim,
         subject: d.subject,
+        body: d.body,
+        content_type: d.content_type,
+        published_at: d.published_at,
         drained: d.pending == Some(0),
     };
     if d.delivered <= 1 {

@@ -73,6 +73,12 @@ pub struct Accepted {
     pub claim: Claim,
     /// The subject it arrived on (recorded in dead letters).
     pub subject: String,
+    /// The message as it arrived, to requeue it unchanged.
+    pub body: bytes::Bytes,
+    /// Its `Content-Type`.
+    pub content_type: Option<String>,
+    /// When it was first published.
+    pub published_at: chrono::DateTime<chrono::Utc>,
     /// True when its consumer had nothing more waiting when it was delivered.
     pub drained: bool,
 }

@@ -24,6 +24,9 @@ pub const CIRCUIT_REASONS: [&str; 4] = [
     "quota_exhausted",
 ];
 
+/// Tasks of a route whose circuit is open, requeued at the back of their queue.
+pub const TASKS_PARKED_TOTAL: &str = "batchd_tasks_parked_total";
+
 /// Tasks waiting or in flight, per priority.
 pub const QUEUE_DEPTH: &str = "batchd_queue_depth";
 /// Age of the oldest unfinished task, per priority.
@@ -158,6 +161,11 @@ pub fn route_status(provider: &str, model: &str, g: &RouteGauges) {
         gauge!(ROUTE_CIRCUIT_OPEN, "provider" => p.clone(), "model" => m.clone(), "reason" => reason)
             .set(if open { 1.0 } else { 0.0 });
     }
+}
+
+/// A task of a route that is down, requeued at the back of its queue.
+pub fn parked() {
+    counter!(TASKS_PARKED_TOTAL).increment(1);
 }
 
 /// A task sent back for another attempt.

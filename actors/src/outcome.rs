@@ -68,6 +68,7 @@ pub fn failed(
                 total_ms: total,
             },
             metadata: task.metadata.clone(),
+            generation: task.generation,
             completed_at: timestamp(now),
         },
         dead_letter: Some(DeadLetter {
@@ -120,6 +121,7 @@ pub fn rejected(d: &Delivery, r: Rejection) -> Final {
                 total_ms: total,
             },
             metadata: r.metadata,
+            generation: d.generation,
             completed_at: timestamp(now),
         },
         dead_letter: Some(DeadLetter {
@@ -182,7 +184,12 @@ pub async fn deliver(ctx: &EngineContext, lease: Lease, f: Final, subject: &str)
 /// (`max_retries`, `expired`): when an outcome already exists, that one is
 /// kept and the message is only acked.
 pub async fn deliver_unless_done(ctx: &EngineContext, lease: Lease, f: Final, subject: &str) {
-    match ctx.ports.sink.outcome_exists(&f.outcome.task_id).await {
+    match ctx
+        .ports
+        .sink
+        .outcome_exists(&f.outcome.task_id, f.outcome.generation)
+        .await
+    {
         Ok(true) => {
             tracing::debug!(task_id = %f.outcome.task_id, "outcome already published; skipping");
             let _ = lease.ack().await;
@@ -199,7 +206,11 @@ async fn publish(ctx: &EngineContext, f: &Final, subject: &str) -> Result<bool, 
     let sink = &ctx.ports.sink;
     let id = f.outcome.task_id.as_str();
     let body = encode(&f.outcome, f.encoding)?;
-    let duplicate = retrying(ctx, || sink.publish_outcome(id, body.clone(), f.encoding)).await?;
+    let generation = f.outcome.generation;
+    let duplicate = retrying(ctx, || {
+        sink.publish_outcome(id, generation, body.clone(), f.encoding)
+    })
+    .await?;
     // After the outcome, and only when this outcome is the one kept: a dead
     // letter never exists for a task whose kept outcome succeeded.
     if let (Some(dl), false) = (&f.dead_letter, duplicate) {
@@ -209,7 +220,7 @@ async fn publish(ctx: &EngineContext, f: &Final, subject: &str) -> Result<bool, 
         }
         let dl_body = encode(&dl, f.encoding)?;
         retrying(ctx, || {
-            sink.publish_dead_letter(id, dl_body.clone(), f.encoding)
+            sink.publish_dead_letter(id, generation, dl_body.clone(), f.encoding)
         })
         .await?;
     }

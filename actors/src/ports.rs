@@ -32,6 +32,8 @@ pub struct Delivery<H = Lease> {
     pub stream_sequence: u64,
     /// When it was published.
     pub published_at: DateTime<Utc>,
+    /// The replay generation from the `Batchd-Generation` header (0 when absent).
+    pub generation: u32,
     /// Messages still waiting for this consumer after this one, when known
     /// (0: the queue is drained, no point holding a batch open for more).
     pub pending: Option<u64>,
@@ -51,6 +53,7 @@ impl Delivery<Box<dyn Acker>> {
             delivered: self.delivered,
             stream_sequence: self.stream_sequence,
             published_at: self.published_at,
+            generation: self.generation,
             pending: self.pending,
             hold: Lease::new(self.hold, Some(keeper)),
         }
@@ -83,7 +86,30 @@ pub trait TaskSource: Send + Sync + 'static {
 
     /// The current backlog of one priority.
     async fn backlog(&self, priority: Priority) -> Result<Backlog, SourceError>;
+
+    /// Publishes a copy of a task message at the back of its queue (PubAck
+    /// awaited), so a task that cannot go anywhere for now stops holding a
+    /// place among the messages in flight. The caller then acks the original.
+    async fn requeue(&self, copy: Requeue) -> Result<(), SourceError>;
 }
+
+/// A task message to publish again at the back of its queue.
+#[derive(Debug, Clone)]
+pub struct Requeue {
+    /// The subject it arrived on.
+    pub subject: String,
+    /// The body, unchanged.
+    pub body: Bytes,
+    /// Its `Content-Type`.
+    pub content_type: Option<String>,
+    /// Its replay generation.
+    pub generation: u32,
+    /// When it was first published: the copy keeps the task's age.
+    pub published_at: DateTime<Utc>,
+}
+
+/// The header that carries a requeued task's first publish time (RFC 3339).
+pub const PUBLISHED_AT_HEADER: &str = "Batchd-Published-At";
 
 /// Errors from the outcome sink.
 #[derive(Debug, thiserror::Error)]
@@ -93,11 +119,13 @@ pub struct SinkError(pub String);
 /// Where outcomes and dead letters go.
 #[async_trait]
 pub trait OutcomeSink: Send + Sync + 'static {
-    /// Publishes an outcome on `results.<task_id>` (with `Nats-Msg-Id: <task_id>`) and
-    /// waits for its PubAck. `Ok(true)` when the stream already had it.
+    /// Publishes an outcome of `generation` on `results.<task_id>` (with
+    /// `Nats-Msg-Id` [`message_id`]) and waits for its PubAck. `Ok(true)`
+    /// when the stream already had it.
     async fn publish_outcome(
         &self,
         task_id: &str,
+        generation: u32,
         body: Bytes,
         encoding: Encoding,
     ) -> Result<bool, SinkError>;
@@ -106,6 +134,7 @@ pub trait OutcomeSink: Send + Sync + 'static {
     async fn publish_dead_letter(
         &self,
         id: &str,
+        generation: u32,
         body: Bytes,
         encoding: Encoding,
     ) -> Result<(), SinkError>;
@@ -118,8 +147,23 @@ pub trait OutcomeSink: Send + Sync + 'static {
         encoding: Encoding,
     ) -> Result<(), SinkError>;
 
-    /// True when an outcome for `task_id` is already in the results stream.
-    async fn outcome_exists(&self, task_id: &str) -> Result<bool, SinkError>;
+    /// True when the kept outcome of `task_id` is of `generation` or later
+    /// (any outcome counts for generation 0).
+    async fn outcome_exists(&self, task_id: &str, generation: u32) -> Result<bool, SinkError>;
+}
+
+/// The header that marks a replayed task message with its generation.
+pub const GENERATION_HEADER: &str = "Batchd-Generation";
+
+/// The `Nats-Msg-Id` of a task's outcome and dead letter: the task id for a
+/// first run, `<task_id>:g<N>` for its N-th replay, so a replay's outcome is
+/// not dropped as a duplicate of the first.
+pub fn message_id(task_id: &str, generation: u32) -> String {
+    if generation == 0 {
+        task_id.to_owned()
+    } else {
+        format!("{task_id}:g{generation}")
+    }
 }
 
 /// Errors from the attempt store.

@@ -308,6 +308,7 @@ mod tests {
             metadata: None,
             original: Value::Null,
             encoding: Encoding::Json,
+            generation: 0,
         }
     }
 

@@ -43,6 +43,11 @@ pub struct EngineSettings {
     pub route_limits: HashMap<String, RouteLimits>,
     /// Provider request timeout.
     pub request_timeout: Duration,
+    /// How long a task waits at a route whose circuit is open before it may
+    /// be requeued at the back of its queue.
+    pub park_after: Duration,
+    /// How many tasks keep waiting at such a route (the rest are requeued).
+    pub park_keep: usize,
     /// How long to keep retrying a failed outcome publish before handing the task back.
     pub publish_retry: Duration,
     /// Heartbeat interval for held messages (a third of ack_wait is safe).
@@ -68,7 +73,7 @@ pub struct RouteLimits {
 impl EngineSettings {
     /// The route settings of one model: the shared ones plus its budget.
     pub fn route_settings(&self, model: &str) -> RouteSettings {
-        let mut s = self.route.clone();
+        let mut s = self.route;
         if let Some(l) = self.route_limits.get(model) {
             s.rpm = l.rpm;
             s.tpm = l.tpm;

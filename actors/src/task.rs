@@ -165,6 +165,10 @@ pub struct Task {
     pub original: Value,
     /// The encoding it arrived in; the outcome uses the same.
     pub encoding: Encoding,
+    /// 0 for a first run; N for the N-th replay of a dead letter (the
+    /// `Batchd-Generation` header). Only an outcome of the same or a later
+    /// generation counts as this task's outcome.
+    pub generation: u32,
 }
 
 /// Token usage reported by the provider.
@@ -318,6 +322,9 @@ pub struct Outcome {
     pub timings: Timings,
     /// The task's metadata, echoed.
     pub metadata: Option<Value>,
+    /// The replay generation that produced it (absent for 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u32,
     /// When the outcome was made, RFC 3339 with milliseconds.
     pub completed_at: String,
 }
@@ -343,6 +350,10 @@ pub struct DeadLetter {
 /// RFC 3339 with milliseconds and a `Z`, as in the protocol's examples.
 pub fn timestamp(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[cfg(test)]
@@ -378,6 +389,7 @@ mod tests {
             tenant: "default".into(),
             timings: Timings::default(),
             metadata: None,
+            generation: 0,
             completed_at: "2026-01-01T00:00:00.000Z".into(),
         };
         let v = serde_json::to_value(&o).unwrap();

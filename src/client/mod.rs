@@ -51,6 +51,7 @@ pub(crate) mod fixtures {
             tenant: "default".into(),
             timings: Timings::default(),
             metadata: None,
+            generation: 0,
             completed_at: "2026-01-01T00:00:00.000Z".into(),
         }
     }

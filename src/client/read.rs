@@ -41,9 +41,14 @@ impl ReadError {
 
 /// The `Content-Type` header, whatever the case of its name.
 pub fn content_type(headers: Option<&HeaderMap>) -> Option<&str> {
+    header(headers, "content-type")
+}
+
+/// A header's first value, whatever the case of its name.
+pub fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     headers?
         .iter()
-        .find(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case("content-type"))
+        .find(|(n, _)| AsRef::<str>::as_ref(n).eq_ignore_ascii_case(name))
         .and_then(|(_, values)| values.first())
         .map(|v| v.as_str())
 }

@@ -656,6 +656,7 @@ mod tests {
                 body,
                 published_at: chrono::Utc::now(),
                 max_payload_bytes: config.intake.max_payload_bytes,
+                generation: 0,
             })
             .unwrap();
             assert_eq!(&task.task_id, id);

@@ -15,8 +15,8 @@ use batchd_actors::batching::BatchPolicy;
 use batchd_actors::context::Ports;
 use batchd_actors::lease::{AckError, Acker};
 use batchd_actors::ports::{
-    Backlog, Completion, Delivery, MemoryAttempts, OutcomeSink, Provider, ProviderError, SinkError,
-    SourceError, TaskSource,
+    Backlog, Completion, Delivery, MemoryAttempts, OutcomeSink, Provider, ProviderError, Requeue,
+    SinkError, SourceError, TaskSource,
 };
 use batchd_actors::pricing::{ModelPrice, PriceTable};
 use batchd_actors::route::RouteSettings;
@@ -40,6 +40,7 @@ type Arrival = Delivery<Box<dyn Acker>>;
 struct Log {
     acks: Mutex<Vec<String>>,
     naks: Mutex<Vec<String>>,
+    requeues: Mutex<Vec<String>>,
 }
 
 struct Queue {
@@ -111,6 +112,7 @@ fn delivery(
         delivered,
         stream_sequence: seq,
         published_at: chrono::Utc::now(),
+        generation: 0,
         pending: None,
         hold: Box::new(acker),
     }
@@ -153,12 +155,26 @@ impl FakeSource {
         q.tx.send(d).unwrap();
     }
 
+    /// Publishes a message as JetStream redelivers it (after a crash, say).
+    pub fn publish_redelivered(&self, priority: Priority, body: Value, delivered: u64) {
+        let id = body["task_id"].as_str().unwrap_or("?").to_owned();
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let q = &self.queues[priority.index()];
+        let bytes = Bytes::from(serde_json::to_vec(&body).unwrap());
+        let d = delivery(&id, priority, bytes, delivered, seq, &q.tx, &self.log);
+        q.tx.send(d).unwrap();
+    }
+
     pub fn acks(&self) -> Vec<String> {
         self.log.acks.lock().unwrap().clone()
     }
 
     pub fn naks(&self) -> usize {
         self.log.naks.lock().unwrap().len()
+    }
+
+    pub fn requeues(&self) -> Vec<String> {
+        self.log.requeues.lock().unwrap().clone()
     }
 }
 
@@ -178,6 +194,22 @@ impl TaskSource for FakeSource {
 
     async fn backlog(&self, _priority: Priority) -> Result<Backlog, SourceError> {
         Ok(Backlog::default())
+    }
+
+    async fn requeue(&self, copy: Requeue) -> Result<(), SourceError> {
+        let body: Value = serde_json::from_slice(&copy.body).unwrap();
+        self.log
+            .requeues
+            .lock()
+            .unwrap()
+            .push(body["task_id"].as_str().unwrap_or("?").to_owned());
+        let priority = match copy.subject.rsplit('.').next() {
+            Some("p1") => Priority::P1,
+            Some("p2") => Priority::P2,
+            _ => Priority::P3,
+        };
+        self.publish(priority, body);
+        Ok(())
     }
 }
 
@@ -214,6 +246,7 @@ impl OutcomeSink for FakeSink {
     async fn publish_outcome(
         &self,
         task_id: &str,
+        _generation: u32,
         body: Bytes,
         _e: Encoding,
     ) -> Result<bool, SinkError> {
@@ -225,6 +258,7 @@ impl OutcomeSink for FakeSink {
     async fn publish_dead_letter(
         &self,
         id: &str,
+        _generation: u32,
         body: Bytes,
         _e: Encoding,
     ) -> Result<(), SinkError> {
@@ -237,7 +271,7 @@ impl OutcomeSink for FakeSink {
     async fn publish_reply(&self, _s: &str, _b: Bytes, _e: Encoding) -> Result<(), SinkError> {
         Ok(())
     }
-    async fn outcome_exists(&self, task_id: &str) -> Result<bool, SinkError> {
+    async fn outcome_exists(&self, task_id: &str, _generation: u32) -> Result<bool, SinkError> {
         Ok(self.outcomes.lock().unwrap().contains_key(task_id))
     }
 }
@@ -361,6 +395,8 @@ pub fn settings() -> EngineSettings {
         },
         route_limits: HashMap::new(),
         request_timeout: Duration::from_secs(30),
+        park_after: Duration::from_secs(5),
+        park_keep: 2,
         publish_retry: Duration::from_secs(5),
         lease_heartbeat: Duration::from_secs(10),
         backlog_interval: Duration::from_secs(60),
@@ -374,6 +410,7 @@ pub fn settings() -> EngineSettings {
 
 pub struct Rig {
     pub engine: Engine,
+    pub attempts: Arc<MemoryAttempts>,
     pub source: Arc<FakeSource>,
     pub sink: Arc<FakeSink>,
     pub provider: Arc<FakeProvider>,
@@ -382,17 +419,19 @@ pub struct Rig {
 pub async fn rig(settings: EngineSettings, provider: Arc<FakeProvider>) -> Rig {
     let source = FakeSource::new();
     let sink = Arc::new(FakeSink::default());
+    let attempts = Arc::new(MemoryAttempts::default());
     let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
     providers.insert("fake".into(), provider.clone());
     let ports = Ports {
         source: source.clone(),
         sink: sink.clone(),
-        attempts: Arc::new(MemoryAttempts::default()),
+        attempts: attempts.clone(),
         providers,
     };
     let engine = Engine::start(settings, ports).await.unwrap();
     Rig {
         engine,
+        attempts,
         source,
         sink,
         provider,

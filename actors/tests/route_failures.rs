@@ -1,0 +1,238 @@
+//! Route control inside the engine, against in-memory fakes under paused
+//! tokio time: outages and refused keys cost no attempts and no tasks,
+//! attempts survive a redelivery, a route that is down requeues its tasks,
+//! deadlines expire while a route waits.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use batchd_actors::ports::{AttemptStore, ProviderError};
+use batchd_actors::task::Priority;
+use serde_json::json;
+use support::{ok, rig, settings, task, until, FakeProvider};
+use tokio::time::Instant;
+
+fn down_until(at: Instant, error: ProviderError) -> Arc<FakeProvider> {
+    FakeProvider::new(Duration::from_millis(50), move |_| {
+        if Instant::now() < at {
+            Err(error.clone())
+        } else {
+            ok()
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_key_opens_the_circuit_and_no_task_is_dead_lettered() {
+    let until_at = Instant::now() + Duration::from_secs(30);
+    let r = rig(
+        settings(),
+        down_until(
+            until_at,
+            ProviderError::Rejected {
+                status: 401,
+                message: "Incorrect API key provided".into(),
+            },
+        ),
+    )
+    .await;
+    for i in 0..20 {
+        r.source.publish(Priority::P2, task(&format!("k{i}"), "x"));
+    }
+    until(Duration::from_secs(120), || r.sink.outcome_count() == 20).await;
+    assert!(
+        Instant::now() >= until_at,
+        "nothing finished while the key was refused"
+    );
+    for i in 0..20 {
+        let o = r.sink.outcome(&format!("k{i}")).unwrap();
+        assert_eq!(o["status"], "succeeded", "{o}");
+        assert_eq!(o["attempts"], 1, "a refused key spends no attempt: {o}");
+    }
+    assert!(r.sink.dead.lock().unwrap().is_empty(), "no dead letter");
+    let refused = r
+        .provider
+        .calls()
+        .iter()
+        .filter(|(_, at)| *at < until_at)
+        .count();
+    // The first wave (at most the route's concurrency) and then one probe at
+    // a time with a growing wait, not a call per task.
+    assert!(
+        refused <= 4 + 12,
+        "{refused} calls while the key was refused"
+    );
+    assert_eq!(r.sink.max_copies(), 1);
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_opens_the_circuit_and_gives_up_nothing() {
+    // max_attempts is 3: without the circuit, a 20 s outage would give
+    // every task max_retries.
+    let until_at = Instant::now() + Duration::from_secs(20);
+    let r = rig(
+        settings(),
+        down_until(
+            until_at,
+            ProviderError::Transient {
+                status: Some(503),
+                message: "The server is overloaded or not ready yet.".into(),
+            },
+        ),
+    )
+    .await;
+    for i in 0..30 {
+        r.source.publish(Priority::P3, task(&format!("o{i}"), "x"));
+    }
+    until(Duration::from_secs(120), || r.sink.outcome_count() == 30).await;
+    for i in 0..30 {
+        let o = r.sink.outcome(&format!("o{i}")).unwrap();
+        assert_eq!(o["status"], "succeeded", "{o}");
+        assert!(o["attempts"].as_u64().unwrap() <= 3, "{o}");
+    }
+    assert!(r.sink.dead.lock().unwrap().is_empty());
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_redelivered_task_keeps_the_attempts_it_spent() {
+    let r = rig(
+        settings(),
+        FakeProvider::new(Duration::ZERO, |_| {
+            Err(ProviderError::Transient {
+                status: Some(500),
+                message: "boom".into(),
+            })
+        }),
+    )
+    .await;
+    // Two attempts spent before a crash; max_attempts is 3: one call left.
+    r.attempts.set("again", 2).await.unwrap();
+    r.source
+        .publish_redelivered(Priority::P2, task("again", "again"), 2);
+    // A first delivery never reads the store: its count starts at zero.
+    r.attempts.set("fresh", 2).await.unwrap();
+    r.source.publish(Priority::P2, task("fresh", "fresh"));
+    until(Duration::from_secs(30), || r.sink.outcome_count() == 2).await;
+    let calls_for = |text: &str| {
+        r.provider
+            .calls()
+            .iter()
+            .filter(|(c, _)| c.as_str() == text)
+            .count()
+    };
+    let o = r.sink.outcome("again").unwrap();
+    assert_eq!(o["error"]["kind"], "max_retries", "{o}");
+    assert_eq!(o["attempts"], 3);
+    assert_eq!(calls_for("again"), 1, "one attempt was left");
+    let o = r.sink.outcome("fresh").unwrap();
+    assert_eq!(o["attempts"], 3, "{o}");
+    assert_eq!(calls_for("fresh"), 3, "a first delivery starts at zero");
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_exhausted_redelivery_fails_without_a_call_unless_an_outcome_exists() {
+    let r = rig(settings(), FakeProvider::new(Duration::ZERO, |_| ok())).await;
+    r.attempts.set("spent", 3).await.unwrap();
+    r.source
+        .publish_redelivered(Priority::P2, task("spent", "x"), 4);
+    until(Duration::from_secs(10), || {
+        r.sink.outcome("spent").is_some()
+    })
+    .await;
+    assert_eq!(
+        r.sink.outcome("spent").unwrap()["error"]["kind"],
+        "max_retries"
+    );
+    assert!(r.provider.calls().is_empty());
+    // A copy of it arriving later finds the outcome: acked, no second verdict.
+    r.source
+        .publish_redelivered(Priority::P2, task("spent", "x"), 5);
+    until(Duration::from_secs(10), || {
+        r.source.acks().iter().filter(|a| *a == "spent").count() == 2
+    })
+    .await;
+    assert_eq!(r.sink.max_copies(), 1);
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn tasks_of_a_route_that_is_down_are_requeued_and_other_routes_flow() {
+    let mut s = settings();
+    s.catalog
+        .model_providers
+        .insert("m2".to_owned(), "fake".to_owned());
+    let healed = Arc::new(AtomicBool::new(false));
+    let h = healed.clone();
+    let r = rig(
+        s,
+        FakeProvider::new(Duration::from_millis(100), move |req| {
+            if req["model"] == "m2" && !h.load(Ordering::SeqCst) {
+                Err(ProviderError::Transient {
+                    status: Some(503),
+                    message: "down".into(),
+                })
+            } else {
+                ok()
+            }
+        }),
+    )
+    .await;
+    for i in 0..20 {
+        r.source.publish(
+            Priority::P3,
+            json!({"task_id": format!("d{i}"), "type": "echo", "model": "m2", "payload": {"text": "x"}}),
+        );
+    }
+    // Let the circuit open and the tasks wait past park_after (5 s).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        !r.source.requeues().is_empty(),
+        "a route that is down hands its tasks back to the queue"
+    );
+    for i in 0..10 {
+        r.source.publish(Priority::P3, task(&format!("h{i}"), "x"));
+    }
+    until(Duration::from_secs(10), || {
+        (0..10).all(|i| r.sink.outcome(&format!("h{i}")).is_some())
+    })
+    .await;
+    assert!((0..20).all(|i| r.sink.outcome(&format!("d{i}")).is_none()));
+    healed.store(true, Ordering::SeqCst);
+    until(Duration::from_secs(120), || r.sink.outcome_count() == 30).await;
+    for i in 0..20 {
+        let o = r.sink.outcome(&format!("d{i}")).unwrap();
+        assert_eq!(o["status"], "succeeded", "{o}");
+    }
+    assert_eq!(r.sink.max_copies(), 1);
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_that_passes_while_the_route_is_down_expires_the_task() {
+    let r = rig(
+        settings(),
+        FakeProvider::new(Duration::from_millis(10), |_| {
+            Err(ProviderError::Rejected {
+                status: 403,
+                message: "forbidden".into(),
+            })
+        }),
+    )
+    .await;
+    let deadline = chrono::Utc::now() + chrono::Duration::seconds(3);
+    r.source.publish(
+        Priority::P1,
+        json!({"task_id": "late", "type": "echo", "payload": {"text": "x"}, "deadline": deadline.to_rfc3339()}),
+    );
+    until(Duration::from_secs(30), || r.sink.outcome("late").is_some()).await;
+    let o = r.sink.outcome("late").unwrap();
+    assert_eq!(o["error"]["kind"], "expired", "{o}");
+    assert_eq!(r.sink.dead.lock().unwrap()["late"].len(), 1);
+    r.engine.shutdown().await;
+}
