@@ -11,11 +11,10 @@ use std::collections::HashMap;
 
 use async_nats::jetstream::{self, stream::Stream};
 use batchd_actors::codec::encode;
+use batchd_actors::ports::message_id;
 use batchd_actors::task::{DeadLetter, Encoding, Outcome, Priority, Status};
 use bytes::Bytes;
-use serde::Deserialize;
 
-use super::publish::generation_msg_id;
 use super::read::{last_message_on, read_stream, StoredMessage};
 use super::{Ack, DecodeError, Outgoing, PublishError, Publisher, ReadError, Subjects};
 use crate::config::NatsConfig;
@@ -66,33 +65,6 @@ pub struct Listed {
     pub id: String,
     /// The dead letter.
     pub letter: Result<DeadLetter, DecodeError>,
-}
-
-/// The outcome kept for a task: the last on its results subject.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KeptOutcome {
-    /// The outcome.
-    pub outcome: Outcome,
-    /// Its `generation` (absent on the wire: 0).
-    pub generation: u32,
-}
-
-#[derive(Deserialize)]
-struct GenerationField {
-    #[serde(default)]
-    generation: Option<u32>,
-}
-
-impl KeptOutcome {
-    /// Decodes a stored outcome, its generation included.
-    pub fn decode(m: &StoredMessage) -> Result<KeptOutcome, DecodeError> {
-        let outcome = m.decode::<Outcome>()?;
-        let generation = m.decode::<GenerationField>()?.generation.unwrap_or(0);
-        Ok(KeptOutcome {
-            outcome,
-            generation,
-        })
-    }
 }
 
 /// A dead letter read for a replay: its stream sequence, encoding and body.
@@ -163,9 +135,9 @@ pub fn plan_replay(
     task_id: &str,
     subjects: &Subjects,
     dead_letter: Option<StoredDeadLetter>,
-    kept: Option<&KeptOutcome>,
+    kept: Option<&Outcome>,
 ) -> Result<ReplayPlan, Refusal> {
-    if let Some(k) = kept.filter(|k| k.outcome.status == Status::Succeeded) {
+    if let Some(k) = kept.filter(|k| k.status == Status::Succeeded) {
         return Err(Refusal::Succeeded {
             generation: k.generation,
         });
@@ -188,7 +160,7 @@ pub fn plan_replay(
         generation,
         message: Outgoing {
             subject: letter.subject,
-            msg_id: generation_msg_id(task_id, generation),
+            msg_id: message_id(task_id, generation),
             content_type: encoding.content_type(),
             body: Bytes::from(body),
         },
@@ -282,9 +254,9 @@ impl DeadLetters {
     pub async fn kept_outcome(
         &self,
         task_id: &str,
-    ) -> Result<Option<Result<KeptOutcome, DecodeError>>, DeadLetterError> {
+    ) -> Result<Option<Result<Outcome, DecodeError>>, DeadLetterError> {
         let m = last_message_on(&self.results, &self.subjects.result(task_id)).await?;
-        Ok(m.as_ref().map(KeptOutcome::decode))
+        Ok(m.map(|m| m.decode()))
     }
 
     /// Reads what [`plan_replay`] needs for `task_id` and asks it.
@@ -397,16 +369,16 @@ mod tests {
         }
     }
 
-    fn kept(status: Status, generation: u32) -> KeptOutcome {
-        KeptOutcome {
-            outcome: outcome(status),
+    fn kept(status: Status, generation: u32) -> Outcome {
+        Outcome {
             generation,
+            ..outcome(status)
         }
     }
 
     fn plan(
         dead_letter: Option<StoredDeadLetter>,
-        kept: Option<&KeptOutcome>,
+        kept: Option<&Outcome>,
     ) -> Result<ReplayPlan, Refusal> {
         plan_replay("a", &Subjects::new("batchd"), dead_letter, kept)
     }
@@ -463,27 +435,6 @@ mod tests {
             plan(Some(stored(elsewhere, Encoding::Json)), None),
             Err(Refusal::NotATaskSubject("other.tasks.p1".into()))
         );
-    }
-
-    #[test]
-    fn generation_message_ids_follow_the_protocol() {
-        assert_eq!(generation_msg_id("t-1", 0), "t-1");
-        assert_eq!(generation_msg_id("t-1", 1), "t-1:g1");
-        assert_eq!(generation_msg_id("t-1", 12), "t-1:g12");
-    }
-
-    #[test]
-    fn an_outcome_without_generation_is_generation_zero() {
-        let o = outcome(Status::Failed);
-        let mut v = serde_json::to_value(&o).unwrap();
-        let m = |v: &Value| StoredMessage {
-            sequence: 1,
-            content_type: None,
-            payload: serde_json::to_vec(v).unwrap().into(),
-        };
-        assert_eq!(KeptOutcome::decode(&m(&v)).unwrap().generation, 0);
-        v["generation"] = json!(3);
-        assert_eq!(KeptOutcome::decode(&m(&v)).unwrap().generation, 3);
     }
 
     #[test]

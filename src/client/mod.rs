@@ -14,10 +14,7 @@ pub mod subjects;
 
 pub use dead_letters::DeadLetters;
 pub use namespace::Namespace;
-pub use publish::{
-    generation_msg_id, Ack, Outgoing, PublishError, PublishFailure, Published, Publisher,
-    GENERATION_HEADER,
-};
+pub use publish::{Ack, Outgoing, PublishError, PublishFailure, Published, Publisher};
 pub use read::{decode, decode_message, DecodeError, OutcomeSubscription, ReadError};
 pub use subjects::Subjects;
 

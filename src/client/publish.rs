@@ -5,25 +5,10 @@ use std::future::Future;
 
 use async_nats::jetstream::{self, context::PublishErrorKind};
 use async_nats::HeaderMap;
+use batchd_actors::ports::GENERATION_HEADER;
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-
-/// The header that marks a task message as a replay: `Batchd-Generation: N`
-/// (N ≥ 1; absent means generation 0, the first run).
-pub const GENERATION_HEADER: &str = "Batchd-Generation";
-
-/// The `Nats-Msg-Id` of generation `generation` of `task_id`: the id itself
-/// for the first run, `<id>:g<N>` for a replay. A replay is thus never
-/// dropped as a duplicate of an earlier generation, and the same replay
-/// published twice is.
-pub fn generation_msg_id(task_id: &str, generation: u32) -> String {
-    if generation == 0 {
-        task_id.to_owned()
-    } else {
-        format!("{task_id}:g{generation}")
-    }
-}
 
 /// PubAcks awaited at once by default: enough to keep the server busy,
 /// bounded so a large input never floods the connection.
@@ -164,7 +149,7 @@ impl Publisher {
 
     /// Publishes a task again as generation `generation` (≥ 1) and waits for
     /// its PubAck: `Batchd-Generation` is set, and `Nats-Msg-Id` is `m`'s
-    /// (see [`generation_msg_id`]).
+    /// (see [`batchd_actors::ports::message_id`]).
     pub async fn publish_generation(
         &self,
         m: Outgoing,
