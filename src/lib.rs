@@ -24,7 +24,7 @@
 //! - [`report`]: outcome reports and the plain-text tables of every summary.
 //! - [`local_nats`]: a private `nats-server` for the demo and the benchmark.
 //!
-//! Commands: [`cmd`], one module per subcommand (`run`, `demo`, `submit`,
+//! Commands: [`cmd`], one module per subcommand (`run`, `demo`, `submit`, `dlq`,
 //! `bench`, `sim`), each a thin layer over the above; [`sim`] is the
 //! simulated OpenAI-compatible provider behind `batchd sim`, the demo and
 //! the tests.

@@ -29,6 +29,8 @@ enum Command {
     Demo(cmd::demo::DemoArgs),
     /// Publish a JSONL file of tasks or OpenAI Batch input lines; optionally wait for outcomes.
     Submit(cmd::submit::SubmitArgs),
+    /// List, show, replay and purge dead letters.
+    Dlq(cmd::dlq::DlqArgs),
     /// Measure the raw JetStream floor and batchd end to end, side by side.
     Bench(cmd::bench::BenchArgs),
 }
@@ -39,7 +41,7 @@ async fn main() -> std::process::ExitCode {
     // Commands with live progress bars keep the engine's info logs out of the way.
     let quiet = matches!(
         cli.command,
-        Command::Demo(_) | Command::Submit(_) | Command::Bench(_)
+        Command::Demo(_) | Command::Submit(_) | Command::Bench(_) | Command::Dlq(_)
     );
     batchd::telemetry::init_logging_with_default(if quiet { "warn" } else { "info" });
     let result = match cli.command {
@@ -47,6 +49,7 @@ async fn main() -> std::process::ExitCode {
         Command::Sim(args) => cmd::sim::run(args).await,
         Command::Demo(args) => cmd::demo::run(args).await,
         Command::Submit(args) => cmd::submit::run(args).await,
+        Command::Dlq(args) => cmd::dlq::run(args).await,
         Command::Bench(args) => cmd::bench::run(args).await.map(|_| ()),
     };
     match result {

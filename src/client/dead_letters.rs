@@ -8,11 +8,13 @@
 //! letter that was read (and nothing newer).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use async_nats::jetstream::{self, stream::Stream};
 use batchd_actors::codec::encode;
 use batchd_actors::ports::message_id;
-use batchd_actors::task::{DeadLetter, Encoding, Outcome, Priority, Status};
+use batchd_actors::task::{DeadLetter, Encoding, ErrorKind, Outcome, Priority, Status};
+use chrono::{DateTime, Utc};
 use bytes::Bytes;
 
 use super::read::{last_message_on, read_stream, StoredMessage};
@@ -166,6 +168,44 @@ pub fn plan_replay(
         },
         dead_letter_sequence: stored.sequence,
     })
+}
+
+/// Which dead letters a listing or a bulk operation selects; every field
+/// left `None` selects all.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Filter {
+    /// Only this `error.kind`.
+    pub kind: Option<ErrorKind>,
+    /// Only tasks that arrived on this priority.
+    pub priority: Option<Priority>,
+    /// Only dead letters at least this old.
+    pub older_than: Option<Duration>,
+    /// Only dead letters at most this old.
+    pub newer_than: Option<Duration>,
+}
+
+impl Filter {
+    /// Whether `letter` is selected at `now`. A dead letter whose age can't
+    /// be read matches no age bound.
+    pub fn matches(&self, letter: &DeadLetter, now: DateTime<Utc>) -> bool {
+        let age = age(letter, now);
+        self.kind.is_none_or(|k| letter.error.kind == k)
+            && self
+                .priority
+                .is_none_or(|p| priority_of(&letter.subject) == Some(p))
+            && self
+                .older_than
+                .is_none_or(|d| age.is_some_and(|age| age >= d))
+            && self
+                .newer_than
+                .is_none_or(|d| age.is_some_and(|age| age <= d))
+    }
+}
+
+/// How long ago `letter` died (its `dead_at`); `None` when unreadable.
+pub fn age(letter: &DeadLetter, now: DateTime<Utc>) -> Option<Duration> {
+    let dead_at = DateTime::parse_from_rfc3339(&letter.dead_at).ok()?;
+    (now - dead_at.with_timezone(&Utc)).to_std().ok()
 }
 
 /// The priority of a task subject (`<prefix>.tasks.p<N>`).
@@ -347,7 +387,7 @@ impl DeadLetters {
 mod tests {
     use super::*;
     use crate::client::fixtures::outcome;
-    use batchd_actors::task::{ErrorKind, TaskError};
+    use batchd_actors::task::TaskError;
     use serde_json::{json, Value};
 
     fn letter(task: Value) -> DeadLetter {
@@ -435,6 +475,46 @@ mod tests {
             plan(Some(stored(elsewhere, Encoding::Json)), None),
             Err(Refusal::NotATaskSubject("other.tasks.p1".into()))
         );
+    }
+
+    #[test]
+    fn filters_select_by_kind_priority_and_age() {
+        let now = DateTime::parse_from_rfc3339("2026-01-01T01:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let l = letter(json!({}));
+        let hour = Duration::from_secs(3600);
+        assert!(Filter::default().matches(&l, now));
+        let with = |f: Filter| f.matches(&l, now);
+        assert!(with(Filter {
+            kind: Some(ErrorKind::ProviderRejected),
+            priority: Some(Priority::P3),
+            older_than: Some(hour),
+            newer_than: Some(hour),
+        }));
+        assert!(!with(Filter {
+            kind: Some(ErrorKind::InvalidRequest),
+            ..Filter::default()
+        }));
+        assert!(!with(Filter {
+            priority: Some(Priority::P1),
+            ..Filter::default()
+        }));
+        assert!(!with(Filter {
+            older_than: Some(hour * 2),
+            ..Filter::default()
+        }));
+        assert!(!with(Filter {
+            newer_than: Some(hour / 2),
+            ..Filter::default()
+        }));
+        let mut undated = l.clone();
+        undated.dead_at = "yesterday".into();
+        assert!(!Filter {
+            newer_than: Some(hour),
+            ..Filter::default()
+        }
+        .matches(&undated, now));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod dlq;
 pub mod run;
 pub mod sim;
 pub mod submit;
