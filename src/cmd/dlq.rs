@@ -196,8 +196,9 @@ async fn ls(dl: &DeadLetters, a: LsArgs) -> anyhow::Result<()> {
         println!("no dead letters match");
         return Ok(());
     }
-    let mut table =
-        Table::new(&["ID", "KIND", "PRIORITY", "ATTEMPTS", "AGE", "MESSAGE"]).text_columns(2);
+    let mut table = Table::new(&["ID", "KIND", "PRIORITY", "ATTEMPTS", "AGE", "MESSAGE"])
+        .text_columns(2)
+        .text_column(5);
     for (id, letter) in shown {
         table.row(vec![
             id.clone(),

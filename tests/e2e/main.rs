@@ -8,6 +8,7 @@ mod actor_restart;
 mod bad_input;
 mod cli;
 mod demo;
+mod dlq;
 mod e2e_flow;
 mod faults;
 mod nats_harness;
