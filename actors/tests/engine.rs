@@ -287,11 +287,7 @@ async fn a_panicking_actor_is_restarted_and_no_task_is_lost() {
         r.source
             .publish(Priority::ALL[i % 3], task(&format!("p{i}"), "x"));
     }
-    for kind in [
-        ActorKind::Assembler,
-        ActorKind::Dispatcher,
-        ActorKind::Intake,
-    ] {
+    for kind in ActorKind::ALL {
         tokio::time::sleep(Duration::from_millis(15)).await;
         r.engine.inject_fault(kind);
     }

@@ -236,3 +236,43 @@ async fn a_deadline_that_passes_while_the_route_is_down_expires_the_task() {
     assert_eq!(r.sink.dead.lock().unwrap()["late"].len(), 1);
     r.engine.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_dispatcher_keeps_its_routes_pause() {
+    use batchd_actors::messages::ActorKind;
+    use batchd_actors::route::RateLimitInfo;
+    let first = Arc::new(AtomicBool::new(true));
+    let f = first.clone();
+    let r = rig(
+        settings(),
+        FakeProvider::new(Duration::ZERO, move |_| {
+            if f.swap(false, Ordering::SeqCst) {
+                Err(ProviderError::RateLimited {
+                    limits: RateLimitInfo {
+                        retry_after: Some(Duration::from_secs(10)),
+                        ..RateLimitInfo::default()
+                    },
+                    message: "slow down".into(),
+                })
+            } else {
+                ok()
+            }
+        }),
+    )
+    .await;
+    let start = Instant::now();
+    r.source.publish(Priority::P2, task("a", "a"));
+    until(Duration::from_secs(5), || r.provider.calls().len() == 1).await;
+    r.engine.inject_fault(ActorKind::Dispatcher);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    r.source.publish(Priority::P2, task("b", "b"));
+    until(Duration::from_secs(60), || r.sink.outcome_count() == 2).await;
+    for (text, at) in r.provider.calls().iter().skip(1) {
+        assert!(
+            *at - start >= Duration::from_secs(10),
+            "{text} was sent {:?} after the 429: the pause was forgotten",
+            *at - start
+        );
+    }
+    r.engine.shutdown().await;
+}

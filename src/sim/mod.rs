@@ -128,7 +128,8 @@ pub struct SimArgs {
     pub faults_file: Option<PathBuf>,
 }
 
-fn parse_fraction(text: &str) -> Result<f64, String> {
+/// A command-line fraction in `0.0..=1.0` (error rates).
+pub fn parse_fraction(text: &str) -> Result<f64, String> {
     let value: f64 = text
         .parse()
         .map_err(|_| format!("'{text}' is not a number"))?;

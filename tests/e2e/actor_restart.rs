@@ -29,11 +29,7 @@ async fn panicking_actors_are_restarted_and_every_task_gets_exactly_one_outcome(
     common::publish_many(&js, &common::tasks(n, "a")).await;
 
     let mut threshold = 200;
-    for kind in [
-        ActorKind::Assembler,
-        ActorKind::Dispatcher,
-        ActorKind::Intake,
-    ] {
+    for kind in ActorKind::ALL {
         while common::stream_len(&js, "BATCHD_RESULTS").await < threshold {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -51,7 +47,7 @@ async fn panicking_actors_are_restarted_and_every_task_gets_exactly_one_outcome(
     assert!(running.engine.is_running());
 
     let text = batchd::telemetry::render(&handle);
-    for actor in ["intake", "assembler", "dispatcher"] {
+    for actor in ActorKind::ALL.map(ActorKind::name) {
         let line = format!("batchd_actor_restarts_total{{actor=\"{actor}\"}} 1");
         assert!(text.contains(&line), "missing {line:?} in:\n{text}");
     }

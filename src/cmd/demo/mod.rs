@@ -61,7 +61,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 80)]
     pub jitter_ms: u64,
     /// Simulated provider: fraction of requests answered with a 500 (batchd retries them)
-    #[arg(long, default_value_t = 0.02, value_parser = parse_fraction)]
+    #[arg(long, default_value_t = 0.02, value_parser = crate::sim::parse_fraction)]
     pub error_rate: f64,
     /// Simulated provider: requests per minute before it answers 429 (0 = unlimited)
     #[arg(long, default_value_t = 0)]
@@ -72,17 +72,6 @@ pub struct DemoArgs {
     /// Give up when outcomes are still missing after this many seconds
     #[arg(long, default_value_t = 300)]
     pub timeout_secs: u64,
-}
-
-fn parse_fraction(text: &str) -> Result<f64, String> {
-    let value: f64 = text
-        .parse()
-        .map_err(|_| format!("'{text}' is not a number"))?;
-    if (0.0..=1.0).contains(&value) {
-        Ok(value)
-    } else {
-        Err(format!("{value} is not between 0.0 and 1.0"))
-    }
 }
 
 /// The NATS server the demo runs on.
