@@ -14,8 +14,8 @@ use async_nats::jetstream::{self, stream::Stream};
 use batchd_actors::codec::encode;
 use batchd_actors::ports::message_id;
 use batchd_actors::task::{DeadLetter, Encoding, ErrorKind, Outcome, Priority, Status};
-use chrono::{DateTime, Utc};
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 
 use super::read::{last_message_on, read_stream, StoredMessage};
 use super::{Ack, DecodeError, Outgoing, PublishError, Publisher, ReadError, Subjects};
@@ -94,7 +94,9 @@ impl From<&StoredMessage> for StoredDeadLetter {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     /// Its kept outcome succeeded.
-    #[error("its kept outcome succeeded (generation {generation}): a succeeded task is never replayed")]
+    #[error(
+        "its kept outcome succeeded (generation {generation}): a succeeded task is never replayed"
+    )]
     Succeeded {
         /// The kept outcome's generation.
         generation: u32,
@@ -443,15 +445,25 @@ mod tests {
             Some(&failed),
         )
         .unwrap();
-        assert_eq!((third.generation, third.message.msg_id.as_str()), (3, "a:g3"));
+        assert_eq!(
+            (third.generation, third.message.msg_id.as_str()),
+            (3, "a:g3")
+        );
     }
 
     #[test]
     fn a_messagepack_task_is_replayed_in_messagepack() {
         let task = json!({"task_id": "a", "payload": {"text": "hi"}});
-        let p = plan(Some(stored(letter(task.clone()), Encoding::MessagePack)), None).unwrap();
+        let p = plan(
+            Some(stored(letter(task.clone()), Encoding::MessagePack)),
+            None,
+        )
+        .unwrap();
         assert_eq!(p.message.content_type, "application/msgpack");
-        assert_eq!(rmp_serde::from_slice::<Value>(&p.message.body).unwrap(), task);
+        assert_eq!(
+            rmp_serde::from_slice::<Value>(&p.message.body).unwrap(),
+            task
+        );
     }
 
     #[test]
@@ -459,7 +471,10 @@ mod tests {
         let task = json!({"task_id": "a"});
         let ok = kept(Status::Succeeded, 1);
         assert_eq!(
-            plan(Some(stored(letter(task.clone()), Encoding::Json)), Some(&ok)),
+            plan(
+                Some(stored(letter(task.clone()), Encoding::Json)),
+                Some(&ok)
+            ),
             Err(Refusal::Succeeded { generation: 1 })
         );
         assert_eq!(plan(None, None), Err(Refusal::NoDeadLetter));

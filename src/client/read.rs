@@ -158,9 +158,7 @@ pub async fn last_on<T: DeserializeOwned>(
     stream: &jetstream::stream::Stream,
     subject: &str,
 ) -> Result<Option<Result<T, DecodeError>>, ReadError> {
-    Ok(last_message_on(stream, subject)
-        .await?
-        .map(|m| m.decode()))
+    Ok(last_message_on(stream, subject).await?.map(|m| m.decode()))
 }
 
 /// Messages in `stream` now.

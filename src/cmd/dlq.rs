@@ -140,12 +140,14 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
     let config = super::load_config(args.config.as_deref(), args.nats_url.as_deref())?;
     let client = crate::nats::connect(&config.nats.url).await?;
     let js = jetstream::new(client.clone());
-    let dl = DeadLetters::open(&js, &config.nats).await.with_context(|| {
-        format!(
-            "the streams are not on {}: start the engine (`batchd run`) once, it creates them",
-            config.nats.url
-        )
-    })?;
+    let dl = DeadLetters::open(&js, &config.nats)
+        .await
+        .with_context(|| {
+            format!(
+                "the streams are not on {}: start the engine (`batchd run`) once, it creates them",
+                config.nats.url
+            )
+        })?;
     let result = match args.command {
         DlqCommand::Ls(a) => ls(&dl, a).await,
         DlqCommand::Show(a) => show(&dl, a).await,

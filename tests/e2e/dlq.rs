@@ -40,7 +40,10 @@ async fn setup(faults: &[Fault]) -> Setup {
 
 /// A 400 for every request, for an hour.
 fn rejecting() -> Fault {
-    Fault::new(FaultKind::BadRequest, Duration::ZERO..Duration::from_secs(3600))
+    Fault::new(
+        FaultKind::BadRequest,
+        Duration::ZERO..Duration::from_secs(3600),
+    )
 }
 
 async fn batchd_dlq(config: &Path, args: &[&str]) -> Output {
@@ -161,7 +164,9 @@ fn json_lines(out: &str) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ls_and_show_list_dead_letters_as_a_table_and_as_json() {
     let Setup {
-        stack, config, _dir
+        stack,
+        config,
+        _dir,
     } = setup(&[]).await;
     let js = &stack.js;
     publish_json(js, 2, &unserved("bad-p2", 2)).await;
@@ -252,13 +257,19 @@ async fn ls_and_show_list_dead_letters_as_a_table_and_as_json() {
 
     let missing = batchd_dlq(&config, &["show", "nope"]).await;
     assert!(!missing.status.success());
-    assert!(stderr(&missing).contains("no dead letter for nope"), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("no dead letter for nope"),
+        "{}",
+        stderr(&missing)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_invalid_task_runs_again_and_fails_again_as_generation_1() {
     let Setup {
-        stack, config, _dir
+        stack,
+        config,
+        _dir,
     } = setup(&[]).await;
     let js = &stack.js;
     publish_json(js, 2, &unserved("again", 2)).await;
@@ -272,7 +283,9 @@ async fn a_replayed_invalid_task_runs_again_and_fails_again_as_generation_1() {
     )
     .await;
     common::wait_for_messages(js, DLQ, 2, Duration::from_secs(30)).await;
-    let (_, first_id) = last(js, DLQ, "batchd.dlq.again").await.expect("dead letter");
+    let (_, first_id) = last(js, DLQ, "batchd.dlq.again")
+        .await
+        .expect("dead letter");
     assert_eq!(first_id, "again");
 
     let out = ok(&config, &["replay", "again", "again-mp"]).await;
@@ -292,7 +305,11 @@ async fn a_replayed_invalid_task_runs_again_and_fails_again_as_generation_1() {
         assert_eq!(outcome["status"], "failed");
         assert_eq!(outcome["error"]["kind"], "invalid_request");
         assert_eq!(msg_id, format!("{id}:g1"));
-        assert_eq!(count_on(js, RESULTS, &results).await, 1, "only the kept outcome");
+        assert_eq!(
+            count_on(js, RESULTS, &results).await,
+            1,
+            "only the kept outcome"
+        );
         // A new dead letter, from generation 1.
         let dead = format!("batchd.dlq.{id}");
         let (letter, msg_id) = wait_last(js, DLQ, &dead, |_, m| m.ends_with(":g1")).await;
@@ -319,7 +336,9 @@ async fn a_replayed_invalid_task_runs_again_and_fails_again_as_generation_1() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_after_the_cause_is_gone_supersedes_the_failed_outcome() {
     let Setup {
-        stack, config, _dir
+        stack,
+        config,
+        _dir,
     } = setup(&[rejecting()]).await;
     let js = &stack.js;
     for id in ["r1", "r2"] {
@@ -337,10 +356,8 @@ async fn a_replay_after_the_cause_is_gone_supersedes_the_failed_outcome() {
 
     for id in ["r1", "r2"] {
         let results = format!("batchd.results.{id}");
-        let (outcome, msg_id) = wait_last(js, RESULTS, &results, |o, _| {
-            o["status"] == "succeeded"
-        })
-        .await;
+        let (outcome, msg_id) =
+            wait_last(js, RESULTS, &results, |o, _| o["status"] == "succeeded").await;
         assert_eq!(outcome["generation"], 1);
         assert_eq!(msg_id, format!("{id}:g1"));
         assert!(outcome["output"].is_string());
@@ -372,7 +389,9 @@ async fn a_replay_after_the_cause_is_gone_supersedes_the_failed_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_succeeded_task_is_never_replayed_even_with_a_stray_dead_letter() {
     let Setup {
-        stack, config, _dir
+        stack,
+        config,
+        _dir,
     } = setup(&[]).await;
     let js = &stack.js;
     publish_json(js, 1, &common::task("done", 1)).await;
@@ -405,25 +424,42 @@ async fn a_succeeded_task_is_never_replayed_even_with_a_stray_dead_letter() {
             "{}",
             stdout(&out)
         );
-        assert!(stdout(&out).contains("0 replayed, 1 refused"), "{}", stdout(&out));
+        assert!(
+            stdout(&out).contains("0 replayed, 1 refused"),
+            "{}",
+            stdout(&out)
+        );
         // Named ids that are refused fail the command; a bulk selection does not.
         assert_eq!(out.status.success(), args.contains(&"--all"), "{args:?}");
     }
     let missing = batchd_dlq(&config, &["replay", "never-seen"]).await;
     assert!(!missing.status.success());
     assert!(stdout(&missing).contains("refused never-seen: no dead letter"));
-    assert_eq!(last_task_sequence(js).await, before, "nothing was published");
+    assert_eq!(
+        last_task_sequence(js).await,
+        before,
+        "nothing was published"
+    );
     assert!(last(js, DLQ, "batchd.dlq.done").await.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_runs_change_nothing() {
     let Setup {
-        stack, config, _dir
+        stack,
+        config,
+        _dir,
     } = setup(&[]).await;
     let js = &stack.js;
     publish_json(js, 2, &unserved("dry", 2)).await;
-    common::publish(js, "batchd.tasks.p3", vec![0xc1], Some("application/msgpack"), None).await;
+    common::publish(
+        js,
+        "batchd.tasks.p3",
+        vec![0xc1],
+        Some("application/msgpack"),
+        None,
+    )
+    .await;
     common::wait_for_messages(js, DLQ, 2, Duration::from_secs(30)).await;
     let before = (
         last_task_sequence(js).await,
@@ -432,10 +468,16 @@ async fn dry_runs_change_nothing() {
     );
 
     let out = ok(&config, &["replay", "--all", "--dry-run"]).await;
-    assert!(out.contains("would replay dry as generation 1 on batchd.tasks.p2"), "{out}");
+    assert!(
+        out.contains("would replay dry as generation 1 on batchd.tasks.p2"),
+        "{out}"
+    );
     assert!(out.contains("refused invalid-p3-"), "{out}");
     assert!(out.contains("nothing to replay"), "{out}");
-    assert!(out.contains("1 would be replayed, 1 would be refused"), "{out}");
+    assert!(
+        out.contains("1 would be replayed, 1 would be refused"),
+        "{out}"
+    );
     let out = ok(&config, &["purge", "--all", "--dry-run"]).await;
     assert!(out.contains("would purge dry"), "{out}");
     assert!(out.contains("2 would be purged"), "{out}");
@@ -454,7 +496,9 @@ async fn dry_runs_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_deletes_dead_letters_by_id_by_kind_and_all() {
     let Setup {
-        stack, config, _dir
+        stack,
+        config,
+        _dir,
     } = setup(&[rejecting().for_model("gpt-4.1-nano")]).await;
     let js = &stack.js;
     for id in ["inv-a", "inv-b"] {
