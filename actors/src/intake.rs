@@ -161,9 +161,14 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
     let plan = match plan(&task, &ctx.settings.catalog) {
         Ok(plan) => plan,
         Err(message) => {
+            // A task that can't be routed now may have been routed and
+            // answered under an earlier config: that outcome is kept.
             let error = TaskError::new(ErrorKind::InvalidRequest, message);
             let f = outcome::failed(&task, error, task.retry_count, None, None, None);
-            finish(ctx, d, f);
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                outcome::deliver_unless_done(&ctx, d.hold, f, &d.subject).await;
+            });
             return;
         }
     };
