@@ -15,7 +15,7 @@ use chrono::Utc;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::client::dead_letters::{age, priority_of, Filter, Listed};
+use crate::client::dead_letters::{age, plan_replay, priority_of, Filter, Listed};
 use crate::client::{Ack, DeadLetters};
 use crate::report::table::{truncate, Table};
 
@@ -262,14 +262,11 @@ async fn show(dl: &DeadLetters, a: ShowArgs) -> anyhow::Result<()> {
         .clone()
         .map_err(|e| anyhow::anyhow!("the dead letter of {id} could not be decoded: {e}"))?;
     let kept = dl.kept_outcome(id).await?;
-    let plan = dl.plan_replay(id).await?;
+    let outcome = kept.as_ref().and_then(|k| k.as_ref().ok());
+    let plan = plan_replay(id, dl.subjects(), Some(stored), outcome);
     let replay = match &plan {
         Ok(p) => serde_json::json!({"generation": p.generation, "subject": p.message.subject}),
         Err(r) => serde_json::json!({"refused": r.to_string()}),
-    };
-    let outcome = match &kept {
-        Some(Ok(o)) => Some(o),
-        _ => None,
     };
     if a.json {
         let out = ShowJson {
