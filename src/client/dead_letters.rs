@@ -4,7 +4,7 @@
 //!
 //! Whether a task may be replayed, and how, is decided by [`plan_replay`],
 //! a pure function over what was read; [`DeadLetters::replay`] then carries
-//! the plan out: publish with a PubAck, clear the attempts, purge the dead
+//! the plan out: clear the attempts, publish with a PubAck, purge the dead
 //! letter that was read (and nothing newer).
 
 use std::collections::HashMap;
@@ -320,14 +320,15 @@ impl DeadLetters {
         ))
     }
 
-    /// Carries out a replay: publishes the task and waits for its PubAck,
-    /// clears its attempts, then purges the dead letter that was read (a
-    /// newer one, from the replay itself, stays).
+    /// Carries out a replay: clears its attempts (first, so the replay never
+    /// sees the old count), publishes the task and waits for its PubAck, then
+    /// purges the dead letter that was read (a newer one, from the replay
+    /// itself, stays).
     pub async fn replay(&self, plan: &ReplayPlan) -> Result<Ack, DeadLetterError> {
+        self.clear_attempts(&plan.task_id).await?;
         let ack = Publisher::new(self.js.clone())
             .publish_generation(plan.message.clone(), plan.generation)
             .await?;
-        self.clear_attempts(&plan.task_id).await?;
         let subject = self.subjects.dead_letter(&plan.task_id);
         self.dlq
             .purge()
