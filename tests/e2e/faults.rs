@@ -4,65 +4,13 @@
 
 use crate::common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use batchd::sim::{SimConfig, SimServer};
+use common::binary::Batchd;
 use common::nats::NatsServer;
+use common::CIRCUIT_OFF;
 use serde_json::Value;
-
-/// The `batchd run` binary, killed on drop.
-struct Batchd(Child);
-
-impl Batchd {
-    fn start(config: &std::path::Path) -> Batchd {
-        let child = Command::new(env!("CARGO_BIN_EXE_batchd"))
-            .args(["run", "--config"])
-            .arg(config)
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start batchd");
-        Batchd(child)
-    }
-
-    /// SIGTERM, then waits for the exit: a graceful shutdown.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).expect("pid"));
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        self.0.wait().expect("reap")
-    }
-
-    /// SIGKILL: no chance to finish anything.
-    fn kill(&mut self) {
-        self.0.kill().expect("SIGKILL");
-        self.0.wait().expect("reap");
-    }
-}
-
-impl Drop for Batchd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `[dispatch.circuit]` with a threshold no run reaches: transient failures
-/// stay the tasks' own.
-const CIRCUIT_OFF: &str = "[dispatch.circuit]\nfailure_threshold = 100000\n";
-
-async fn wait_for_count(js: &async_nats::jetstream::Context, stream: &str, n: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while common::stream_len(js, stream).await < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{stream} never reached {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
@@ -83,7 +31,7 @@ async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
     common::publish_many(&js, &common::tasks(n, "k")).await;
 
     let mut first = Batchd::start(&path);
-    wait_for_count(&js, "BATCHD_RESULTS", 600).await;
+    common::wait_for_count(&js, "BATCHD_RESULTS", 600).await;
     first.kill();
     let done_at_kill = common::read_all(&js, "BATCHD_RESULTS").await;
     assert!(
@@ -143,7 +91,7 @@ async fn sigterm_finishes_in_flight_work_and_exits_cleanly() {
     common::publish_many(&js, &common::tasks(n, "g")).await;
 
     let mut first = Batchd::start(&path);
-    wait_for_count(&js, "BATCHD_RESULTS", 300).await;
+    common::wait_for_count(&js, "BATCHD_RESULTS", 300).await;
     let status = first.terminate();
     assert!(status.success(), "graceful exit, got {status}");
     // Nothing was left half-done: every message still in the queue is unacked
@@ -180,7 +128,7 @@ async fn nats_restart_mid_run_on_the_same_store_reconnects_and_finishes() {
     {
         let js = async_nats::jetstream::new(nats.client().await);
         common::publish_many(&js, &common::tasks(n, "r")).await;
-        wait_for_count(&js, "BATCHD_RESULTS", 500).await;
+        common::wait_for_count(&js, "BATCHD_RESULTS", 500).await;
     }
     nats.stop().await;
     nats.restart().await;
