@@ -6,7 +6,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use batchd::sim::{SimConfig, SimServer};
+use batchd::sim::{Fault, FaultKind, SimConfig, SimServer};
 use common::binary::Batchd;
 use common::nats::NatsServer;
 use common::CIRCUIT_OFF;
@@ -311,6 +311,45 @@ async fn a_stalled_provider_times_out_and_the_task_fails_cleanly() {
     }
     let dead = common::wait_for_messages(&js, "BATCHD_DLQ", 3, Duration::from_secs(10)).await;
     assert_eq!(dead.len(), 3);
+    running.engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_window_times_calls_out_spends_attempts_then_every_task_succeeds() {
+    // Circuit off, as above: each timeout is the task's own and spends an
+    // attempt. Calls made in the first 2 s get 30 s of extra latency and time
+    // out after 1 s; with backoff under 0.4 s, a task's third call at the
+    // latest lands after the window.
+    let common::Stack {
+        running,
+        js,
+        nats: _nats,
+        sim,
+    } = common::stack(
+        SimConfig::default(),
+        &format!("{CIRCUIT_OFF}[dispatch]\nrequest_timeout_secs = 1\n"),
+    )
+    .await;
+    sim.reset_clock();
+    sim.add_fault(Fault::new(
+        FaultKind::Slow {
+            extra: Duration::from_secs(30),
+        },
+        Duration::ZERO..Duration::from_secs(2),
+    ))
+    .expect("a valid fault");
+    let n = 6;
+    common::publish_many(&js, &common::tasks(n, "w")).await;
+    let outcomes =
+        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(30)).await;
+    common::assert_exactly_one_each(&outcomes, n);
+    for list in outcomes.values() {
+        let o = &list[0];
+        assert_eq!(o["status"], "succeeded", "{o}");
+        let attempts = o["attempts"].as_u64().unwrap();
+        assert!((2..=3).contains(&attempts), "{o}");
+    }
+    assert_eq!(common::stream_len(&js, "BATCHD_DLQ").await, 0);
     running.engine.shutdown().await;
 }
 
