@@ -366,8 +366,10 @@ async fn run_task(
                 let report = route
                     .gate
                     .report(permit, CallReport::RouteFailure { reason });
-                if opened(&report) {
+                if opened(&report) && !probe {
                     tracing::error!(provider, model, reason = reason.as_str(), %error, "route circuit open: no calls until a probe succeeds; its tasks wait");
+                } else if opened(&report) {
+                    tracing::debug!(provider, model, reason = reason.as_str(), %error, "probe failed; route circuit open again");
                 }
             }
             Verdict::Permanent => {
@@ -384,8 +386,10 @@ async fn run_task(
             }
             Verdict::Retry | Verdict::Exhausted => {
                 let report = route.gate.report(permit, CallReport::Transient { latency });
-                if opened(&report) {
+                if opened(&report) && !probe {
                     tracing::error!(provider, model, reason = CircuitReason::Unavailable.as_str(), %error, "route circuit open after consecutive failures: no calls until a probe succeeds; its tasks wait");
+                } else if opened(&report) {
+                    tracing::debug!(provider, model, %error, "probe failed; route circuit open again");
                 }
                 // A failure that is the route's (a probe, one that opened the
                 // circuit, one landing while it is open) spends no attempt.

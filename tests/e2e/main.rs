@@ -6,11 +6,13 @@ mod common;
 
 mod actor_restart;
 mod bad_input;
+mod chaos;
 mod cli;
 mod demo;
 mod dlq;
 mod e2e_flow;
 mod faults;
 mod nats_harness;
+mod route_control;
 mod sim;
 mod submit;

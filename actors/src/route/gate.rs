@@ -419,6 +419,10 @@ impl Shared {
         let wall = self.wall(now);
         let mut guard = self.lock();
         let state = &mut *guard;
+        // This call is still in flight: if that fills the limit, the limit
+        // was reached while it was out. Noting it here, not only at
+        // admission, lets a route held at one call grow again.
+        state.concurrency.note_in_flight(state.in_flight, now);
         state.in_flight = state.in_flight.saturating_sub(1);
         let probe = permit.probe;
         let mut out = Report {

@@ -286,6 +286,29 @@ async fn an_open_circuit_probes_one_at_a_time_with_backoff_then_lets_everyone_go
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_route_cut_to_one_call_grows_again_while_calls_succeed() {
+    let gate = RouteGate::new(RouteSettings {
+        max_concurrency: 8,
+        initial_concurrency: 1,
+        ..RouteSettings::default()
+    });
+    for _ in 0..4 {
+        let permit = gate.admit(Priority::P2, 0).await;
+        // The latency the caller measures starts a little after admission.
+        advance(ms(101)).await;
+        gate.report(
+            permit,
+            CallReport::Success {
+                latency: ms(100),
+                limits: RateLimitInfo::default(),
+                tokens: 0,
+            },
+        );
+    }
+    assert!(gate.status().concurrency_limit > 1, "{:?}", gate.status());
+}
+
+#[tokio::test(start_paused = true)]
 async fn permits_tell_how_long_they_waited() {
     let gate = RouteGate::new(serial());
     let held = gate.admit(Priority::P1, 0).await;

@@ -2,6 +2,7 @@
 //! provider, a test config, publishing tasks and reading outcomes back.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod nats;
 pub mod openapi;
 
@@ -15,9 +16,31 @@ use batchd::config::Config;
 use batchd::sim::{SimConfig, SimServer};
 use serde_json::Value;
 
+/// `[dispatch.circuit]` with a threshold no run reaches: transient failures
+/// stay the tasks' own and spend their attempts.
+pub const CIRCUIT_OFF: &str = "[dispatch.circuit]\nfailure_threshold = 100000\n";
+
 /// The test config as TOML: `nats_url`, an OpenAI-compatible `base_url`,
 /// short timers so failure paths finish quickly, and `extra` merged over it.
 pub fn config_toml(nats_url: &str, base_url: &str, extra: &str) -> String {
+    config_toml_as("openai", nats_url, base_url, extra)
+}
+
+/// [`config_toml`] with the provider named `provider`, serving every model
+/// (`openai` then serves none). A name of its own gives a test route metrics
+/// no other test in the process writes to.
+pub fn config_toml_as(provider: &str, nats_url: &str, base_url: &str, extra: &str) -> String {
+    let (openai_off, models) = if provider == "openai" {
+        ("", String::new())
+    } else {
+        let all = Config::defaults().expect("default config").providers["openai"]
+            .models
+            .clone();
+        (
+            "[providers.openai]\nmodels = []\n",
+            format!("models = {all:?}"),
+        )
+    };
     let base = format!(
         r#"
 [nats]
@@ -43,7 +66,8 @@ max_delay_ms = 400
 [dispatch]
 publish_retry_secs = 30
 max_retry_after_secs = 2
-[providers.openai]
+{openai_off}[providers.{provider}]
+{models}
 base_url = "{base_url}"
 base_url_env = "BATCHD_TEST_UNSET"
 api_key_env = "BATCHD_TEST_UNSET"
@@ -182,6 +206,18 @@ pub async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
         .expect("stream info")
 }
 
+/// Waits until `stream` holds at least `n` messages (at most a minute).
+pub async fn wait_for_count(js: &async_nats::jetstream::Context, stream: &str, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while stream_len(js, stream).await < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{stream} never reached {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until `stream` is empty (a work queue whose messages were all acked).
 pub async fn wait_until_empty(js: &jetstream::Context, stream: &str, timeout: Duration) {
     let deadline = tokio::time::Instant::now() + timeout;
@@ -214,11 +250,17 @@ pub struct Stack {
 /// Starts a [`Stack`] with the simulator configured by `sim` and the test
 /// config with `extra` TOML merged over it.
 pub async fn stack(sim: SimConfig, extra: &str) -> Stack {
+    stack_as("openai", sim, extra).await
+}
+
+/// [`stack`] with the provider named `provider` (see [`config_toml_as`]).
+pub async fn stack_as(provider: &str, sim: SimConfig, extra: &str) -> Stack {
     let nats = nats::NatsServer::start().await;
     let sim = SimServer::start("127.0.0.1:0".parse().expect("addr"), sim)
         .await
         .expect("start the simulator");
-    let config = config_with(&nats.url(), &sim.base_url(), extra);
+    let toml = config_toml_as(provider, &nats.url(), &sim.base_url(), extra);
+    let config = Config::from_toml_str(&toml, "test").expect("test config is valid");
     let providers = batchd::app::http_providers(&config).expect("providers");
     let running = batchd::app::start(&config, providers)
         .await
@@ -260,8 +302,17 @@ pub async fn binary_setup(
     nats: &nats::NatsServer,
     sim: &SimServer,
 ) -> (tempfile::TempDir, std::path::PathBuf, jetstream::Context) {
+    binary_setup_with(nats, sim, "").await
+}
+
+/// [`binary_setup`] with `extra` TOML merged over the test config.
+pub async fn binary_setup_with(
+    nats: &nats::NatsServer,
+    sim: &SimServer,
+    extra: &str,
+) -> (tempfile::TempDir, std::path::PathBuf, jetstream::Context) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = config_file(dir.path(), &nats.url(), &sim.base_url(), "");
+    let path = config_file(dir.path(), &nats.url(), &sim.base_url(), extra);
     let config = Config::load(&path).expect("load the test config");
     let client = nats.client().await;
     batchd::nats::ensure_topology(&client, &config)
