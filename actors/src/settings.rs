@@ -68,7 +68,7 @@ pub struct RouteLimits {
 impl EngineSettings {
     /// The route settings of one model: the shared ones plus its budget.
     pub fn route_settings(&self, model: &str) -> RouteSettings {
-        let mut s = self.route.clone();
+        let mut s = self.route;
         if let Some(l) = self.route_limits.get(model) {
             s.rpm = l.rpm;
             s.tpm = l.tpm;

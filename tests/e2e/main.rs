@@ -6,6 +6,7 @@ mod common;
 
 mod actor_restart;
 mod bad_input;
+mod bench;
 mod cli;
 mod demo;
 mod e2e_flow;
