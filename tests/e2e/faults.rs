@@ -304,8 +304,17 @@ async fn a_throttling_provider_is_paced_and_every_task_succeeds() {
     // provider cannot answer `n` calls with 200s in less than this.
     let n = 720;
     let least = Duration::from_secs_f64((n - rpm as usize) as f64 * 60.0 / f64::from(rpm));
+    // One model: the simulator's limit is one bucket for every model, and a
+    // route's budget is its model's.
+    let tasks: Vec<(String, Value)> = common::tasks(n, "t")
+        .into_iter()
+        .map(|(subject, mut body)| {
+            body["model"] = Value::from("gpt-4.1-nano");
+            (subject, body)
+        })
+        .collect();
     let started = tokio::time::Instant::now();
-    common::publish_many(&js, &common::tasks(n, "t")).await;
+    common::publish_many(&js, &tasks).await;
     let outcomes =
         common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(90)).await;
     let took = started.elapsed();
