@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use batchd::cmd::bench::{BenchArgs, BAR};
+use batchd::cmd::bench::{BenchArgs, CapacitySetting, BAR};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -41,6 +41,9 @@ fn main() {
             tasks,
             nats_url: None,
             timeout: 600,
+            capacity: false,
+            capacity_secs: 180,
+            capacity_sims: CapacitySetting::BAR.to_vec(),
         }))
         .unwrap_or_else(|e| panic!("the end-to-end benchmark failed: {e:#}"));
     runtime.shutdown_timeout(Duration::from_secs(5));

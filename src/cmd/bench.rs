@@ -15,6 +15,12 @@
 //!
 //! Each phase is timed from the first pull (the engine's start) until N
 //! results are in the results stream; publishing is timed apart.
+//!
+//! With `--capacity`, [`capacity`] then measures how much of a rate-limited
+//! provider's capacity batchd uses, and how many of its requests are answered
+//! 429.
+
+mod capacity;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -36,6 +42,8 @@ use crate::local_nats::LocalNats;
 use crate::provider::InstantProvider;
 use crate::sim::{SimConfig, SimServer};
 
+pub use capacity::{CapacityResult, CapacitySetting, CAPACITY_BAR, RATE_LIMITED_BAR};
+
 /// How often the results stream is counted while the engine runs.
 const POLL: Duration = Duration::from_millis(10);
 /// The minimum the engine must reach, as a fraction of the floor.
@@ -54,6 +62,22 @@ pub struct BenchArgs {
     /// Give up a phase after this many seconds
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
+    /// Then measure the share of a rate-limited provider's capacity batchd
+    /// uses, and the share of its requests answered 429, for each
+    /// --capacity-sim setting
+    #[arg(long)]
+    pub capacity: bool,
+    /// Seconds each --capacity setting runs
+    #[arg(long, default_value_t = 180)]
+    pub capacity_secs: u64,
+    /// A simulated provider for --capacity (one model, its limits not in
+    /// batchd's config), repeatable
+    #[arg(
+        long = "capacity-sim",
+        value_name = "RPM:LATENCY_MS",
+        default_values_t = CapacitySetting::BAR
+    )]
+    pub capacity_sims: Vec<CapacitySetting>,
 }
 
 /// One measured phase.
@@ -106,6 +130,8 @@ pub struct BenchReport {
     pub nats_server_version: String,
     /// Whether the phases ran on private servers.
     pub private_servers: bool,
+    /// `--capacity`: one result per simulated provider setting.
+    pub capacity: Vec<CapacityResult>,
 }
 
 impl BenchReport {
@@ -166,6 +192,9 @@ impl fmt::Display for BenchReport {
             if self.meets_bar() { "met" } else { "NOT met" },
             self.instant_ratio()
         )?;
+        if !self.capacity.is_empty() {
+            capacity::write_table(f, &self.capacity)?;
+        }
         writeln!(
             f,
             "CPU us/task: this process only (engine, client, and in (c) the simulated provider), not nats-server"
@@ -244,6 +273,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     sim_server.shutdown().await;
     let sim = sim?;
 
+    let mut capacity = Vec::new();
+    if args.capacity {
+        for setting in &args.capacity_sims {
+            let server = Server::open(args.nats_url.as_deref(), &base).await?;
+            let result = capacity::measure(&server, &base, *setting, args.capacity_secs).await;
+            server.close().await;
+            capacity.push(result?);
+        }
+    }
+
     let report = BenchReport {
         tasks: args.tasks,
         publish,
@@ -253,6 +292,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         cores,
         nats_server_version,
         private_servers: args.nats_url.is_none(),
+        capacity,
     };
     println!("{report}");
     Ok(report)
@@ -527,15 +567,7 @@ async fn engine_phase(
             .keys()
             .map(|k| (k.clone(), Arc::new(InstantProvider) as Arc<dyn Provider>))
             .collect(),
-        Backend::Http(url) => {
-            for p in config.providers.values_mut() {
-                p.base_url = url.clone();
-                p.base_url_env = None;
-                p.api_key_env = None;
-                p.api_key = Some("sk-bench".into());
-            }
-            crate::app::http_providers(&config)?
-        }
+        Backend::Http(url) => http_providers(&mut config, url)?,
     };
     let topology = crate::nats::ensure_topology(&server.client, &config).await?;
     let label = if matches!(backend, Backend::Instant) {
@@ -593,6 +625,21 @@ async fn engine_phase(
     })
 }
 
+/// Points every provider of `config` at `url` (the simulated provider) and
+/// builds their HTTP clients.
+fn http_providers(
+    config: &mut Config,
+    url: &str,
+) -> anyhow::Result<HashMap<String, Arc<dyn Provider>>> {
+    for p in config.providers.values_mut() {
+        p.base_url = url.to_owned();
+        p.base_url_env = None;
+        p.api_key_env = None;
+        p.api_key = Some("sk-bench".into());
+    }
+    crate::app::http_providers(config)
+}
+
 /// CPU time (user + system) of this process so far, from `/proc/self/stat`
 /// (Linux reports it in USER_HZ = 100 ticks per second); `None` elsewhere.
 fn process_cpu() -> Option<f64> {
@@ -633,6 +680,7 @@ mod tests {
             cores: 2,
             nats_server_version: "2.15.1".into(),
             private_servers: true,
+            capacity: Vec::new(),
         };
         assert!((r.instant_ratio() - 0.25).abs() < 1e-9);
         assert!((r.sim_ratio() - 0.125).abs() < 1e-9);

@@ -42,3 +42,17 @@ pub fn progress_bar(len: usize, prefix: &str) -> ProgressBar {
     pb.enable_steady_tick(Duration::from_millis(100));
     pb
 }
+
+/// A progress bar over a run of `secs` seconds named `prefix`, with a message.
+pub fn clock_bar(secs: u64, prefix: &str) -> ProgressBar {
+    let style = ProgressStyle::with_template(
+        "{prefix:>10} {spinner} [{bar:40.cyan/blue}] {pos}/{len} s {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    let pb = ProgressBar::new(secs)
+        .with_style(style)
+        .with_prefix(prefix.to_owned());
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb
+}

@@ -6,6 +6,7 @@ mod common;
 
 mod actor_restart;
 mod bad_input;
+mod bench;
 mod chaos;
 mod cli;
 mod demo;

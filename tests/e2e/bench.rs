@@ -1,0 +1,42 @@
+//! `batchd bench` as an operator runs it: the floor table, and with
+//! `--capacity` the share of a rate-limited provider's limit used and the
+//! share of 429s, here on one short setting.
+
+use std::process::Command;
+
+/// The percentage in `row`'s column `index` (whitespace-separated).
+fn percent(row: &str, index: usize) -> f64 {
+    let cell = row.split_whitespace().nth(index).unwrap_or_default();
+    cell.trim_end_matches('%')
+        .parse()
+        .unwrap_or_else(|_| panic!("column {index} of {row:?} is not a percentage"))
+}
+
+#[test]
+fn bench_capacity_prints_the_share_of_the_limit_used_and_few_429s() {
+    let out = Command::new(env!("CARGO_BIN_EXE_batchd"))
+        .args(["bench", "--tasks", "100", "--capacity"])
+        .args(["--capacity-secs", "20", "--capacity-sim", "1200:100"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("(a) JetStream floor"), "{stdout}");
+    assert!(stdout.contains("capacity: one model"), "{stdout}");
+    assert!(stdout.contains("in this process"), "{stdout}");
+    assert!(stdout.contains("capacity bar:"), "{stdout}");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("--rpm 1200 --latency-ms 100 ") && l.contains("1200/min"))
+        .unwrap_or_else(|| panic!("no capacity row: {stdout}"));
+    // sim setting (4 words), secs, limit, steady, from (2 words), whole run, 429s.
+    let (steady, rate_limited) = (percent(row, 6), percent(row, 10));
+    assert!(rate_limited < 5.0, "{row}");
+    assert!(steady >= 80.0, "{row}");
+    assert!(
+        stdout.contains("--rpm 1200 --latency-ms 100: successes per 10 s (limit 200):"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("learned rpm 1200"), "{stdout}");
+}
