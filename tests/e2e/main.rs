@@ -10,6 +10,7 @@ mod cli;
 mod demo;
 mod e2e_flow;
 mod faults;
+mod health;
 mod nats_harness;
 mod sim;
 mod submit;

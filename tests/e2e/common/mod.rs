@@ -4,6 +4,7 @@
 
 pub mod nats;
 pub mod openapi;
+pub mod process;
 
 use std::collections::HashMap;
 use std::time::Duration;
