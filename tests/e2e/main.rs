@@ -12,5 +12,6 @@ mod e2e_flow;
 mod faults;
 mod health;
 mod nats_harness;
+mod ops;
 mod sim;
 mod submit;
