@@ -14,4 +14,5 @@ mod health;
 mod nats_harness;
 mod ops;
 mod sim;
+mod stack;
 mod submit;

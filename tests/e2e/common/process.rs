@@ -26,6 +26,11 @@ impl Batchd {
     /// Starts `batchd run --config <config>` plus `extra` arguments and waits
     /// until `/healthz` answers.
     pub async fn start(config: &Path, extra: &[&str]) -> Batchd {
+        Batchd::start_with_env(config, extra, &[]).await
+    }
+
+    /// [`Batchd::start`] with environment variables set for the process.
+    pub async fn start_with_env(config: &Path, extra: &[&str], env: &[(&str, &str)]) -> Batchd {
         let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_batchd"))
             .args(["run", "--config"])
@@ -33,6 +38,7 @@ impl Batchd {
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
