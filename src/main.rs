@@ -15,6 +15,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Batching engine for high-volume LLM work over NATS JetStream"
 )]
 struct Cli {
+    /// Log format on stderr: `text` for people, `json` (one object per line) for collectors.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "BATCHD_LOG_FORMAT"
+    )]
+    log_format: batchd::telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,7 +50,7 @@ async fn main() -> std::process::ExitCode {
         cli.command,
         Command::Demo(_) | Command::Submit(_) | Command::Bench(_)
     );
-    batchd::telemetry::init_logging_with_default(if quiet { "warn" } else { "info" });
+    batchd::telemetry::init_logging(if quiet { "warn" } else { "info" }, cli.log_format);
     let result = match cli.command {
         Command::Run(args) => cmd::run::run(args).await,
         Command::Sim(args) => cmd::sim::run(args).await,

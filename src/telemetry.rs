@@ -14,14 +14,35 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people: one line per event, span fields inline.
+    #[default]
+    Text,
+    /// For collectors: one JSON object per line, with the current span
+    /// (`batch`: batch_id, route, priority, size; `task`: task_id) and the
+    /// list of spans.
+    Json,
+}
+
 /// Installs the log subscriber with `default` when RUST_LOG is unset; idempotent.
 pub fn init_logging_with_default(default: &str) {
+    init_logging(default, LogFormat::Text);
+}
+
+/// Installs the log subscriber writing `format` to stderr, with `default`
+/// as the filter when RUST_LOG is unset; idempotent.
+pub fn init_logging(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }
 
 /// Installs the process-wide metrics recorder once and returns its handle.

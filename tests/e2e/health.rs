@@ -123,3 +123,63 @@ async fn metrics_are_complete_from_the_first_scrape_and_probes_follow_nats() {
         "nothing answers after the exit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_batch_span_and_the_task_id() {
+    let nats = NatsServer::start().await;
+    let sim = SimServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimConfig {
+            error_rate: 0.3,
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (_dir, path, js) = common::binary_setup(&nats, &sim).await;
+    common::publish_many(&js, &common::tasks(30, "j")).await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_batchd"))
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&path)
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "batchd_actors=debug,info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_for_messages(&js, "BATCHD_RESULTS", 30, Duration::from_secs(30)).await;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let batch = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "batch dispatched")
+        .expect("a batch line");
+    assert_eq!(batch["span"]["name"], "batch", "{batch}");
+    assert!(batch["span"]["batch_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("b_"));
+    assert!(batch["span"]["route"]
+        .as_str()
+        .unwrap()
+        .starts_with("openai/"));
+    assert!(batch["span"]["size"].as_u64().unwrap() >= 1);
+    let retry = lines
+        .iter()
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("transient failure"))
+        })
+        .expect("a line about a task's retry");
+    assert!(
+        retry["span"]["task_id"].as_str().unwrap().starts_with('j'),
+        "{retry}"
+    );
+}
