@@ -38,6 +38,8 @@ enum Command {
     Demo(cmd::demo::DemoArgs),
     /// Publish a JSONL file of tasks or OpenAI Batch input lines; optionally wait for outcomes.
     Submit(cmd::submit::SubmitArgs),
+    /// Show queues, in-flight tasks, dead letters and routes, from NATS alone.
+    Status(cmd::status::StatusArgs),
     /// Measure the raw JetStream floor and batchd end to end, side by side.
     Bench(cmd::bench::BenchArgs),
 }
@@ -48,7 +50,7 @@ async fn main() -> std::process::ExitCode {
     // Commands with live progress bars keep the engine's info logs out of the way.
     let quiet = matches!(
         cli.command,
-        Command::Demo(_) | Command::Submit(_) | Command::Bench(_)
+        Command::Demo(_) | Command::Submit(_) | Command::Bench(_) | Command::Status(_)
     );
     batchd::telemetry::init_logging(if quiet { "warn" } else { "info" }, cli.log_format);
     let result = match cli.command {
@@ -57,6 +59,7 @@ async fn main() -> std::process::ExitCode {
         Command::Demo(args) => cmd::demo::run(args).await,
         Command::Submit(args) => cmd::submit::run(args).await,
         Command::Bench(args) => cmd::bench::run(args).await.map(|_| ()),
+        Command::Status(args) => cmd::status::run(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

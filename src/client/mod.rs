@@ -8,6 +8,7 @@
 pub mod namespace;
 pub mod publish;
 pub mod read;
+pub mod status;
 pub mod subjects;
 
 pub use namespace::Namespace;

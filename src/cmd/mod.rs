@@ -6,6 +6,7 @@ pub mod bench;
 pub mod demo;
 pub mod run;
 pub mod sim;
+pub mod status;
 pub mod submit;
 
 use std::path::Path;

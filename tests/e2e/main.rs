@@ -15,4 +15,5 @@ mod nats_harness;
 mod ops;
 mod sim;
 mod stack;
+mod status;
 mod submit;
