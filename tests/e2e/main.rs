@@ -9,6 +9,7 @@ mod bad_input;
 mod cli;
 mod demo;
 mod e2e_flow;
+mod examples;
 mod faults;
 mod health;
 mod nats_harness;
