@@ -138,7 +138,7 @@ async fn json_logs_carry_the_batch_span_and_the_task_id() {
     .unwrap();
     let (_dir, path, js) = common::binary_setup(&nats, &sim).await;
     common::publish_many(&js, &common::tasks(30, "j")).await;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_batchd"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_batchd"))
         .args(["--log-format", "json", "run", "--config"])
         .arg(&path)
         .args(["--metrics-addr", "127.0.0.1:0"])
