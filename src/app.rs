@@ -8,12 +8,53 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use batchd_actors::context::Ports;
+use batchd_actors::engine::EngineProbe;
 use batchd_actors::ports::Provider;
 use batchd_actors::Engine;
 
 use crate::config::Config;
 use crate::nats::{connect, ensure_topology, JetSink, JetSource, KvAttempts};
 use crate::provider::OpenAiProvider;
+
+/// What `/readyz` checks: the NATS connection, the streams, the actors.
+#[derive(Clone)]
+pub struct Readiness {
+    client: async_nats::Client,
+    streams: Vec<String>,
+    engine: EngineProbe,
+}
+
+/// How long one readiness check may take before it counts as failed.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Readiness {
+    /// Each check by name: `nats`, `streams`, `actors`.
+    pub async fn check(&self) -> Vec<(&'static str, Result<(), String>)> {
+        let nats = match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            state => Err(format!("NATS {state}")),
+        };
+        let js = async_nats::jetstream::new(self.client.clone());
+        let mut missing = Vec::new();
+        for name in &self.streams {
+            match tokio::time::timeout(CHECK_TIMEOUT, js.get_stream(name)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => missing.push(format!("{name}: {e}")),
+                Err(_) => missing.push(format!("{name}: no answer within {CHECK_TIMEOUT:?}")),
+            }
+        }
+        let streams = if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(missing.join("; "))
+        };
+        vec![
+            ("nats", nats),
+            ("streams", streams),
+            ("actors", self.engine.actors_running()),
+        ]
+    }
+}
 
 /// A running engine and what it is connected to.
 pub struct Running {
@@ -40,6 +81,7 @@ pub async fn start(
     config: &Config,
     providers: HashMap<String, Arc<dyn Provider>>,
 ) -> anyhow::Result<Running> {
+    batchd_actors::metrics::init(&config.known_labels());
     let client = connect(&config.nats.url).await?;
     let topology = ensure_topology(&client, config).await?;
     let ports = Ports {
@@ -50,4 +92,20 @@ pub async fn start(
     };
     let engine = Engine::start(config.engine_settings(), ports).await?;
     Ok(Running { engine, client })
+}
+
+impl Running {
+    /// The readiness checks of this engine, for `/readyz`.
+    pub fn readiness(&self, config: &Config) -> Readiness {
+        let n = &config.nats;
+        Readiness {
+            client: self.client.clone(),
+            streams: vec![
+                n.tasks_stream.clone(),
+                n.results_stream.clone(),
+                n.dlq_stream.clone(),
+            ],
+            engine: self.engine.probe(),
+        }
+    }
 }

@@ -184,8 +184,10 @@ pub struct CircuitConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Listen address of `/metrics`.
+    /// Listen address of `/metrics`, `/healthz` and `/readyz`.
     pub addr: String,
+    /// Tenants with a `tenant` label of their own; later ones are `other`.
+    pub max_tenants: usize,
 }
 
 /// `[providers.NAME]`.
@@ -460,6 +462,22 @@ impl Config {
             }
         }
         map
+    }
+
+    /// The label sets `/metrics` knows from the start: every configured
+    /// route (provider, model), and the tenant cap.
+    pub fn known_labels(&self) -> batchd_actors::metrics::KnownLabels {
+        let routes = self
+            .model_providers()
+            .into_iter()
+            .map(|(model, provider)| (provider, model))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        batchd_actors::metrics::KnownLabels {
+            routes,
+            max_tenants: self.metrics.max_tenants,
+        }
     }
 
     /// The protocol's subjects under `nats.subject_prefix`.

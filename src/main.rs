@@ -15,6 +15,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Batching engine for high-volume LLM work over NATS JetStream"
 )]
 struct Cli {
+    /// Log format on stderr: `text` for people, `json` (one object per line) for collectors.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "BATCHD_LOG_FORMAT"
+    )]
+    log_format: batchd::telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,6 +40,8 @@ enum Command {
     Submit(cmd::submit::SubmitArgs),
     /// List, show, replay and purge dead letters.
     Dlq(cmd::dlq::DlqArgs),
+    /// Show queues, in-flight tasks, dead letters and routes, from NATS alone.
+    Status(cmd::status::StatusArgs),
     /// Measure the raw JetStream floor and batchd end to end, side by side.
     Bench(cmd::bench::BenchArgs),
 }
@@ -41,9 +52,13 @@ async fn main() -> std::process::ExitCode {
     // Commands with live progress bars keep the engine's info logs out of the way.
     let quiet = matches!(
         cli.command,
-        Command::Demo(_) | Command::Submit(_) | Command::Bench(_) | Command::Dlq(_)
+        Command::Demo(_)
+            | Command::Submit(_)
+            | Command::Bench(_)
+            | Command::Dlq(_)
+            | Command::Status(_)
     );
-    batchd::telemetry::init_logging_with_default(if quiet { "warn" } else { "info" });
+    batchd::telemetry::init_logging(if quiet { "warn" } else { "info" }, cli.log_format);
     let result = match cli.command {
         Command::Run(args) => cmd::run::run(args).await,
         Command::Sim(args) => cmd::sim::run(args).await,
@@ -51,6 +66,7 @@ async fn main() -> std::process::ExitCode {
         Command::Submit(args) => cmd::submit::run(args).await,
         Command::Dlq(args) => cmd::dlq::run(args).await,
         Command::Bench(args) => cmd::bench::run(args).await.map(|_| ()),
+        Command::Status(args) => cmd::status::run(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

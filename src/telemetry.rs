@@ -1,9 +1,11 @@
-//! Logs (tracing) and the Prometheus `/metrics` endpoint: real histograms
-//! with explicit buckets, plus the USD counters the `metrics` facade can't hold.
+//! Logs (tracing) and the HTTP endpoint on the metrics address: `/metrics`
+//! (real histograms with explicit buckets, plus the USD counters the
+//! `metrics` facade can't hold), `/healthz` (the process answers) and
+//! `/readyz` (NATS connected, streams present, actors running).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -12,14 +14,35 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people: one line per event, span fields inline.
+    #[default]
+    Text,
+    /// For collectors: one JSON object per line, with the current span
+    /// (`batch`: batch_id, route, priority, size; `task`: task_id) and the
+    /// list of spans.
+    Json,
+}
+
 /// Installs the log subscriber with `default` when RUST_LOG is unset; idempotent.
 pub fn init_logging_with_default(default: &str) {
+    init_logging(default, LogFormat::Text);
+}
+
+/// Installs the log subscriber writing `format` to stderr, with `default`
+/// as the filter when RUST_LOG is unset; idempotent.
+pub fn init_logging(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }
 
 /// Installs the process-wide metrics recorder once and returns its handle.
@@ -93,30 +116,85 @@ fn escape(label: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Serves `/metrics` on `addr` until the task is aborted; returns the bound address.
+/// What `/readyz` reports: unready until [`Health::set_ready`] hands it
+/// the running engine's checks.
+#[derive(Clone, Default)]
+pub struct Health {
+    readiness: Arc<RwLock<Option<crate::app::Readiness>>>,
+}
+
+impl Health {
+    /// From now on `/readyz` runs these checks.
+    pub fn set_ready(&self, readiness: crate::app::Readiness) {
+        *self.readiness.write().unwrap_or_else(|e| e.into_inner()) = Some(readiness);
+    }
+
+    /// Each check by name, `Ok` or why not.
+    pub async fn check(&self) -> Vec<(&'static str, Result<(), String>)> {
+        let readiness = self
+            .readiness
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match readiness {
+            Some(r) => r.check().await,
+            None => vec![("engine", Err("starting".to_owned()))],
+        }
+    }
+}
+
+/// The `/readyz` answer: 200 when every check passes, else 503; the body
+/// names each check (`{"ready": bool, "checks": {"nats": "ok", ...}}`).
+async fn readyz(health: Health) -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    let checks = health.check().await;
+    let ready = checks.iter().all(|(_, r)| r.is_ok());
+    let body = serde_json::json!({
+        "ready": ready,
+        "checks": checks
+            .into_iter()
+            .map(|(name, r)| (name.to_owned(), serde_json::Value::String(r.err().unwrap_or_else(|| "ok".to_owned()))))
+            .collect::<serde_json::Map<_, _>>(),
+    });
+    let status = if ready {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body))
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` (checks from `health`) on
+/// `addr` until the task is aborted; returns the bound address.
 pub async fn serve_metrics(
     addr: SocketAddr,
+    health: Health,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let handle = recorder()?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics endpoint on {addr}"))?;
     let bound = listener.local_addr()?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4",
-                    )],
-                    render(&handle),
-                )
-            }
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let handle = handle.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        render(&handle),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || readyz(health.clone())),
+        );
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics endpoint stopped");

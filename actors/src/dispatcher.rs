@@ -42,6 +42,7 @@ use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::Value;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::context::EngineContext;
 use crate::messages::{Accepted, Batch, DispatcherMsg, RetryMsg};
@@ -213,14 +214,27 @@ impl DispatcherState {
             return;
         };
         let ctx = self.ctx.clone();
-        tokio::spawn(async move {
-            let batch_id = Arc::<str>::from(batch.id);
-            let work = batch
-                .tasks
-                .into_iter()
-                .map(|a| run_task(ctx.clone(), route.clone(), batch_id.clone(), a));
-            futures::future::join_all(work).await;
-        });
+        // Every line about this batch carries its id, route and size; every
+        // line about one of its tasks carries the task id as well.
+        let span = tracing::info_span!(
+            "batch",
+            batch_id = %batch.id,
+            route = %format_args!("{}/{}", batch.key.route.provider, batch.key.route.model),
+            priority = priority.number(),
+            size = batch.tasks.len(),
+        );
+        tokio::spawn(
+            async move {
+                tracing::debug!("batch dispatched");
+                let batch_id = Arc::<str>::from(batch.id);
+                let work = batch.tasks.into_iter().map(|a| {
+                    let task_span = tracing::info_span!("task", task_id = %a.task.task_id);
+                    run_task(ctx.clone(), route.clone(), batch_id.clone(), a).instrument(task_span)
+                });
+                futures::future::join_all(work).await;
+            }
+            .instrument(span),
+        );
     }
 }
 

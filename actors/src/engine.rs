@@ -62,6 +62,14 @@ impl Engine {
         let _ = self.supervisor.cast(SupervisorMsg::InjectFault(kind));
     }
 
+    /// A cheap, cloneable view of whether the engine and its actors run.
+    pub fn probe(&self) -> EngineProbe {
+        EngineProbe {
+            supervisor: self.supervisor.clone(),
+            ctx: self.ctx.clone(),
+        }
+    }
+
     /// True while the supervisor runs.
     pub fn is_running(&self) -> bool {
         !matches!(
@@ -84,5 +92,38 @@ impl Engine {
             .map_err(|e| EngineError::Start(e.to_string()))?;
         self.keeper.abort();
         Err(EngineError::Escalated)
+    }
+}
+
+/// Whether the engine runs, for a readiness check that outlives no one:
+/// it holds the supervisor's reference and the shared context only.
+#[derive(Clone)]
+pub struct EngineProbe {
+    supervisor: ActorRef<SupervisorMsg>,
+    ctx: Arc<EngineContext>,
+}
+
+impl EngineProbe {
+    /// `Ok` while the supervisor and every actor run; else what does not.
+    pub fn actors_running(&self) -> Result<(), String> {
+        if !matches!(self.supervisor.get_status(), ActorStatus::Running) {
+            return Err("the supervisor is not running".into());
+        }
+        let down: Vec<&str> = ActorKind::ALL
+            .into_iter()
+            .filter(|kind| {
+                !self
+                    .ctx
+                    .directory
+                    .cell(*kind)
+                    .is_some_and(|c| matches!(c.get_status(), ActorStatus::Running))
+            })
+            .map(ActorKind::name)
+            .collect();
+        if down.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("not running: {}", down.join(", ")))
+        }
     }
 }

@@ -1,13 +1,14 @@
 //! Every metric batchd reports, named once, as PROTOCOL.md spells them, with
 //! small typed functions so business logic never spells a metric name.
 
-use std::collections::BTreeMap;
-use std::sync::{LazyLock, Mutex};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{LazyLock, Mutex, RwLock};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 
-use crate::task::{Priority, RouteKind, Status, Usage};
+use crate::messages::ActorKind;
+use crate::task::{ErrorKind, Priority, RouteKind, Status, Usage};
 
 /// A route's adaptive concurrency limit.
 pub const ROUTE_CONCURRENCY_LIMIT: &str = "batchd_route_concurrency_limit";
@@ -66,6 +67,67 @@ pub const CHECKPOINTS_TOTAL: &str = "batchd_checkpoints_total";
 /// Actor restarts, per actor.
 pub const ACTOR_RESTARTS_TOTAL: &str = "batchd_actor_restarts_total";
 
+/// Every metric name above: rules and dashboards may use these and no others.
+pub const ALL: [&str; 23] = [
+    QUEUE_DEPTH,
+    OLDEST_TASK_AGE_SECONDS,
+    TASKS_RECEIVED_TOTAL,
+    TASKS_COMPLETED_TOTAL,
+    TASK_QUEUE_SECONDS,
+    TASK_LATENCY_SECONDS,
+    BATCH_SIZE,
+    BATCH_FILL_RATIO,
+    PROVIDER_REQUESTS_TOTAL,
+    PROVIDER_REQUEST_SECONDS,
+    RATE_LIMITED_TOTAL,
+    ROUTE_PAUSED,
+    ROUTE_CONCURRENCY_LIMIT,
+    ROUTE_RATE_LIMIT,
+    ROUTE_CIRCUIT_OPEN,
+    RETRIES_TOTAL,
+    DEAD_LETTERS_TOTAL,
+    TASKS_PARKED_TOTAL,
+    COST_USD_TOTAL,
+    TOKENS_TOTAL,
+    PREEMPTIONS_TOTAL,
+    CHECKPOINTS_TOTAL,
+    ACTOR_RESTARTS_TOTAL,
+];
+
+/// The histograms: Prometheus sees each as `_bucket`, `_sum` and `_count` series.
+pub const HISTOGRAMS: [&str; 5] = [
+    TASK_QUEUE_SECONDS,
+    TASK_LATENCY_SECONDS,
+    BATCH_SIZE,
+    BATCH_FILL_RATIO,
+    PROVIDER_REQUEST_SECONDS,
+];
+
+/// True when `series` is a name batchd exports: a metric of [`ALL`], or a
+/// histogram's `_bucket`, `_sum` or `_count` series.
+pub fn is_exported(series: &str) -> bool {
+    if ALL.contains(&series) {
+        return true;
+    }
+    ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+        series
+            .strip_suffix(suffix)
+            .is_some_and(|base| HISTOGRAMS.contains(&base))
+    })
+}
+
+/// Every `outcome` label of [`PROVIDER_REQUESTS_TOTAL`].
+pub const PROVIDER_OUTCOMES: [&str; 5] =
+    ["ok", "rate_limited", "route_down", "rejected", "transient"];
+/// Every `reason` label of [`RETRIES_TOTAL`].
+pub const RETRY_REASONS: [&str; 4] = ["server_error", "timeout", "conflict", "connection"];
+/// Every `kind` label of [`TOKENS_TOTAL`].
+pub const TOKEN_KINDS: [&str; 3] = ["input", "cached_input", "output"];
+/// The label value standing for every model or tenant outside the bounded set.
+pub const OTHER: &str = "other";
+/// The tenant of a task that names none.
+pub const DEFAULT_TENANT: &str = "default";
+
 /// Histogram metrics measured in seconds (they share latency buckets).
 pub const SECONDS_HISTOGRAMS: [&str; 3] = [
     TASK_QUEUE_SECONDS,
@@ -94,7 +156,7 @@ pub fn task_received(p: Priority) {
 
 /// A terminal outcome, with its end-to-end latency.
 pub fn task_completed(p: Priority, status: Status, model: &str, latency: Duration) {
-    counter!(TASKS_COMPLETED_TOTAL, "priority" => p.label(), "status" => status.as_str(), "model" => model.to_owned())
+    counter!(TASKS_COMPLETED_TOTAL, "priority" => p.label(), "status" => status.as_str(), "model" => model_label(model))
         .increment(1);
     histogram!(TASK_LATENCY_SECONDS, "priority" => p.label()).record(latency.as_secs_f64());
 }
@@ -180,7 +242,9 @@ pub fn dead_lettered(reason: &'static str) {
 
 /// Spend and tokens of one task.
 pub fn spent(model: &str, tenant: &str, p: Priority, cost_usd: f64, usage: &Usage) {
-    add_cost(model, tenant, p, cost_usd);
+    let model = model_label(model);
+    add_cost(&model, &tenant_label(tenant), p, cost_usd);
+    let model = model.as_str();
     let cached = usage.cached_input_tokens.min(usage.input_tokens);
     counter!(TOKENS_TOTAL, "model" => model.to_owned(), "kind" => "input")
         .increment(usage.input_tokens - cached);
@@ -253,6 +317,134 @@ pub fn describe() {
     counter!(CHECKPOINTS_TOTAL).absolute(0);
 }
 
+/// The label values `/metrics` may use for what producers control.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KnownLabels {
+    /// Configured routes: (provider, model).
+    pub routes: Vec<(String, String)>,
+    /// Tenants with a label of their own; later ones are [`OTHER`].
+    pub max_tenants: usize,
+}
+
+/// The bounded label sets, once [`init`] has run; before it (engine tests
+/// without a config) labels pass through.
+#[derive(Debug, Default)]
+struct Bounds {
+    models: BTreeSet<String>,
+    max_tenants: usize,
+    tenants: BTreeSet<String>,
+}
+
+static BOUNDS: RwLock<Option<Bounds>> = RwLock::new(None);
+
+impl Bounds {
+    fn model(&self, model: &str) -> String {
+        if model.is_empty() || self.models.contains(model) {
+            model.to_owned()
+        } else {
+            OTHER.to_owned()
+        }
+    }
+
+    fn tenant(&mut self, tenant: &str) -> String {
+        if self.tenants.contains(tenant) {
+            return tenant.to_owned();
+        }
+        if self.tenants.len() < self.max_tenants {
+            self.tenants.insert(tenant.to_owned());
+            return tenant.to_owned();
+        }
+        OTHER.to_owned()
+    }
+}
+
+/// The `model` label of `model`: itself when a configured route serves it
+/// (or when it is empty: no model was chosen), else [`OTHER`].
+pub fn model_label(model: &str) -> String {
+    let bounds = BOUNDS.read().unwrap_or_else(|e| e.into_inner());
+    match &*bounds {
+        Some(b) => b.model(model),
+        None => model.to_owned(),
+    }
+}
+
+/// The `tenant` label of `tenant`: itself while fewer than the cap of
+/// tenants have a label (first come, first labelled), else [`OTHER`].
+pub fn tenant_label(tenant: &str) -> String {
+    let mut bounds = BOUNDS.write().unwrap_or_else(|e| e.into_inner());
+    match bounds.as_mut() {
+        Some(b) => b.tenant(tenant),
+        None => tenant.to_owned(),
+    }
+}
+
+/// Bounds the label values and sets every known series to zero, so
+/// `/metrics` is complete from the first scrape and `rate()` sees the first
+/// event. Routes add up when called again (several engines in one process).
+pub fn init(known: &KnownLabels) {
+    {
+        let mut bounds = BOUNDS.write().unwrap_or_else(|e| e.into_inner());
+        let b = bounds.get_or_insert_with(Bounds::default);
+        b.models
+            .extend(known.routes.iter().map(|(_, model)| model.clone()));
+        b.max_tenants = known.max_tenants;
+        b.tenant(DEFAULT_TENANT);
+    }
+    for kind in ActorKind::ALL {
+        counter!(ACTOR_RESTARTS_TOTAL, "actor" => kind.name()).absolute(0);
+    }
+    counter!(TASKS_PARKED_TOTAL).absolute(0);
+    for reason in RETRY_REASONS {
+        counter!(RETRIES_TOTAL, "reason" => reason).increment(0);
+    }
+    for kind in ErrorKind::ALL {
+        counter!(DEAD_LETTERS_TOTAL, "reason" => kind.as_str()).increment(0);
+    }
+    for p in Priority::ALL {
+        counter!(TASKS_RECEIVED_TOTAL, "priority" => p.label()).increment(0);
+        gauge!(QUEUE_DEPTH, "priority" => p.label()).increment(0.0);
+        gauge!(OLDEST_TASK_AGE_SECONDS, "priority" => p.label()).increment(0.0);
+        let _ = histogram!(TASK_QUEUE_SECONDS, "priority" => p.label());
+        let _ = histogram!(TASK_LATENCY_SECONDS, "priority" => p.label());
+        for route in RouteKind::ALL {
+            let _ = histogram!(BATCH_SIZE, "priority" => p.label(), "route" => route.as_str());
+            let _ =
+                histogram!(BATCH_FILL_RATIO, "priority" => p.label(), "route" => route.as_str());
+        }
+        for status in Status::ALL {
+            counter!(TASKS_COMPLETED_TOTAL, "priority" => p.label(), "status" => status.as_str(), "model" => "")
+                .increment(0);
+        }
+    }
+    for (provider, model) in &known.routes {
+        let (pr, mo) = (provider.clone(), model.clone());
+        for outcome in PROVIDER_OUTCOMES {
+            counter!(PROVIDER_REQUESTS_TOTAL, "provider" => pr.clone(), "model" => mo.clone(), "outcome" => outcome)
+                .increment(0);
+        }
+        let _ =
+            histogram!(PROVIDER_REQUEST_SECONDS, "provider" => pr.clone(), "model" => mo.clone());
+        counter!(RATE_LIMITED_TOTAL, "provider" => pr.clone(), "model" => mo.clone()).increment(0);
+        gauge!(ROUTE_PAUSED, "provider" => pr.clone(), "model" => mo.clone()).increment(0.0);
+        for reason in CIRCUIT_REASONS {
+            gauge!(ROUTE_CIRCUIT_OPEN, "provider" => pr.clone(), "model" => mo.clone(), "reason" => reason)
+                .increment(0.0);
+        }
+        for kind in TOKEN_KINDS {
+            counter!(TOKENS_TOTAL, "model" => mo.clone(), "kind" => kind).increment(0);
+        }
+        for p in Priority::ALL {
+            for status in Status::ALL {
+                counter!(TASKS_COMPLETED_TOTAL, "priority" => p.label(), "status" => status.as_str(), "model" => mo.clone())
+                    .increment(0);
+            }
+            let mut cost = COST.lock().unwrap_or_else(|e| e.into_inner());
+            cost.entry((mo.clone(), DEFAULT_TENANT.to_owned(), p.label()))
+                .or_insert(0.0);
+        }
+    }
+}
+
 /// Spend totals by (model, tenant, priority). The `metrics` facade only has
 /// integer counters, so USD totals are kept here; the exporter renders
 /// [`cost_totals`] next to its own output under [`COST_USD_TOTAL`].
@@ -300,6 +492,42 @@ pub fn cost_totals() -> Vec<CostTotal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_model_is_grouped_as_other_and_no_model_stays_empty() {
+        let b = Bounds {
+            models: ["gpt-4.1-mini".to_owned()].into(),
+            ..Bounds::default()
+        };
+        assert_eq!(b.model("gpt-4.1-mini"), "gpt-4.1-mini");
+        assert_eq!(b.model("made-up-model-42"), OTHER);
+        assert_eq!(b.model(""), "");
+    }
+
+    #[test]
+    fn tenants_beyond_the_cap_are_grouped_as_other() {
+        let mut b = Bounds {
+            max_tenants: 2,
+            ..Bounds::default()
+        };
+        assert_eq!(b.tenant("a"), "a");
+        assert_eq!(b.tenant("b"), "b");
+        assert_eq!(b.tenant("c"), OTHER);
+        assert_eq!(b.tenant("a"), "a", "a labelled tenant keeps its label");
+    }
+
+    #[test]
+    fn every_histogram_is_a_metric_and_its_series_are_exported() {
+        for h in HISTOGRAMS {
+            assert!(ALL.contains(&h), "{h}");
+            for suffix in ["_bucket", "_sum", "_count"] {
+                assert!(is_exported(&format!("{h}{suffix}")));
+            }
+        }
+        assert!(is_exported(QUEUE_DEPTH));
+        assert!(!is_exported("batchd_queue_depth_bucket"));
+        assert!(!is_exported("batchd_budget_used_ratio"));
+    }
 
     #[test]
     fn spend_adds_up_per_label_set() {

@@ -201,6 +201,16 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind.
+    pub const ALL: [ErrorKind; 6] = [
+        ErrorKind::InvalidRequest,
+        ErrorKind::MaxRetries,
+        ErrorKind::BudgetExceeded,
+        ErrorKind::Expired,
+        ErrorKind::ProviderRejected,
+        ErrorKind::Cancelled,
+    ];
+
     /// The wire name, also the `reason` metric label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -247,6 +257,9 @@ pub enum Status {
 }
 
 impl Status {
+    /// Both statuses.
+    pub const ALL: [Status; 2] = [Status::Succeeded, Status::Failed];
+
     /// The wire name, also the `status` metric label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -267,6 +280,9 @@ pub enum RouteKind {
 }
 
 impl RouteKind {
+    /// Both routes.
+    pub const ALL: [RouteKind; 2] = [RouteKind::Realtime, RouteKind::BatchApi];
+
     /// The wire name, also the `route` metric label.
     pub fn as_str(self) -> &'static str {
         match self {

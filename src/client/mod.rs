@@ -10,6 +10,7 @@ pub mod dead_letters;
 pub mod namespace;
 pub mod publish;
 pub mod read;
+pub mod status;
 pub mod subjects;
 
 pub use dead_letters::DeadLetters;

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod dlq;
 pub mod run;
 pub mod sim;
+pub mod status;
 pub mod submit;
 
 use std::path::Path;

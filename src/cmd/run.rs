@@ -40,12 +40,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// Serves until SIGINT/SIGTERM, or until the engine gives up.
 async fn serve(config: Config, metrics_addr: SocketAddr) -> anyhow::Result<()> {
-    let (bound, metrics_task) = crate::telemetry::serve_metrics(metrics_addr).await?;
+    let health = crate::telemetry::Health::default();
+    let (bound, metrics_task) =
+        crate::telemetry::serve_metrics(metrics_addr, health.clone()).await?;
     let providers = app::http_providers(&config)?;
     for (name, p) in &config.providers {
         tracing::info!(provider = %name, base_url = %p.resolved_base_url(), key = p.resolved_api_key().is_some(), "provider");
     }
     let mut running = app::start(&config, providers).await?;
+    health.set_ready(running.readiness(&config));
     tracing::info!(nats = %config.nats.url, metrics = %format!("http://{bound}/metrics"), "batchd running");
     let outcome = tokio::select! {
         _ = shutdown_signal() => {

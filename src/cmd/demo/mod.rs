@@ -113,7 +113,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         Broker::Shared { id, .. } => Some(id.as_str()),
     };
     let config = demo_config(broker.url(), isolation, &sim.base_url(), args.tasks)?;
-    let (metrics_addr, metrics_task) = crate::telemetry::serve_metrics(args.metrics_addr).await?;
+    let health = crate::telemetry::Health::default();
+    let (metrics_addr, metrics_task) =
+        crate::telemetry::serve_metrics(args.metrics_addr, health.clone()).await?;
     let providers = crate::app::http_providers(&config)?;
     let running = match crate::app::start(&config, providers).await {
         Ok(r) => r,
@@ -125,6 +127,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             return Err(e).with_context(|| format!("starting the engine on {}", broker.url()));
         }
     };
+    health.set_ready(running.readiness(&config));
 
     let workload = Workload::generate(args.tasks, args.seed);
     print_header(&args, &broker, &config, &sim, metrics_addr, &workload);

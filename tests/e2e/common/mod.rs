@@ -5,6 +5,9 @@
 pub mod binary;
 pub mod nats;
 pub mod openapi;
+pub mod process;
+pub mod prometheus;
+pub mod promql;
 
 use std::collections::HashMap;
 use std::time::Duration;
