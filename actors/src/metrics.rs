@@ -1,7 +1,7 @@
 //! Every metric batchd reports, named once, as PROTOCOL.md spells them, with
 //! small typed functions so business logic never spells a metric name.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
@@ -178,9 +178,31 @@ pub fn dead_lettered(reason: &'static str) {
     counter!(DEAD_LETTERS_TOTAL, "reason" => reason).increment(1);
 }
 
+/// The most distinct `tenant` label values: tenants come from producers, so
+/// the first ones seen keep their name and every later one is [`OTHER_TENANT`].
+pub const MAX_TENANT_LABELS: usize = 100;
+
+/// The `tenant` label of tenants beyond [`MAX_TENANT_LABELS`].
+pub const OTHER_TENANT: &str = "other";
+
+static TENANTS: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Mutex::default);
+
+/// The `tenant` label value of `tenant`: the one place the cap is applied.
+pub fn tenant_label(tenant: &str) -> String {
+    let mut seen = TENANTS.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.contains(tenant) {
+        return tenant.to_owned();
+    }
+    if seen.len() < MAX_TENANT_LABELS && tenant != OTHER_TENANT {
+        seen.insert(tenant.to_owned());
+        return tenant.to_owned();
+    }
+    OTHER_TENANT.to_owned()
+}
+
 /// Spend and tokens of one task.
 pub fn spent(model: &str, tenant: &str, p: Priority, cost_usd: f64, usage: &Usage) {
-    add_cost(model, tenant, p, cost_usd);
+    add_cost(model, &tenant_label(tenant), p, cost_usd);
     let cached = usage.cached_input_tokens.min(usage.input_tokens);
     counter!(TOKENS_TOTAL, "model" => model.to_owned(), "kind" => "input")
         .increment(usage.input_tokens - cached);
@@ -300,6 +322,17 @@ pub fn cost_totals() -> Vec<CostTotal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenant_labels_are_capped_with_other() {
+        let labels: HashSet<String> = (0..MAX_TENANT_LABELS * 3)
+            .map(|i| tenant_label(&format!("cap-test-{i}")))
+            .collect();
+        assert!(labels.len() <= MAX_TENANT_LABELS + 1, "{}", labels.len());
+        assert!(labels.contains(OTHER_TENANT));
+        let first = tenant_label("cap-test-0");
+        assert_eq!(tenant_label("cap-test-0"), first, "a label is stable");
+    }
 
     #[test]
     fn spend_adds_up_per_label_set() {

@@ -96,7 +96,7 @@ async fn every_bad_input_gets_an_outcome_and_a_dead_letter_while_good_tasks_flow
         assert_eq!(dl["error"]["kind"], "invalid_request");
         assert_eq!(dl["subject"], p2);
         if id.is_empty() {
-            assert!(task_id.starts_with("invalid-p2-"), "{task_id}");
+            assert!(task_id.starts_with("invalid~p2~"), "{task_id}");
         }
     }
     // Where no body could be decoded, the dead letter keeps the raw bytes.
