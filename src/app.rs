@@ -40,7 +40,7 @@ pub async fn start(
     config: &Config,
     providers: HashMap<String, Arc<dyn Provider>>,
 ) -> anyhow::Result<Running> {
-    let client = connect(&config.nats.url).await?;
+    let client = connect(&config.nats).await?;
     let topology = ensure_topology(&client, config).await?;
     let ports = Ports {
         source: Arc::new(JetSource::new(&topology, config)),
