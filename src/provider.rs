@@ -15,7 +15,7 @@ use batchd_actors::completion::{
 };
 
 use crate::config::{MaxTokensField, ProviderConfig};
-use crate::secrets::{redact_url, url_secrets, Scrubber};
+use crate::secrets::{percent_decode, redact_url, url_secrets, Scrubber};
 
 /// Longest wait a provider's rate-limit headers may ask for; longer is clamped.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
@@ -28,6 +28,8 @@ pub struct OpenAiProvider {
     client: reqwest::Client,
     url: reqwest::Url,
     api_key: Option<String>,
+    /// The base URL's userinfo, sent as Basic auth when there is no key.
+    basic: Option<(String, String)>,
     timeout: Duration,
     max_tokens_field: MaxTokensField,
     /// The key and the URL's userinfo and query values: never in a message.
@@ -70,11 +72,21 @@ impl OpenAiProvider {
         })?;
         let path = format!("{}/chat/completions", url.path().trim_end_matches('/'));
         url.set_path(&path);
+        // Userinfo travels as a header, never in the URL a library may print.
+        let basic = (!url.username().is_empty()).then(|| {
+            (
+                percent_decode(url.username()),
+                percent_decode(url.password().unwrap_or_default()),
+            )
+        });
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
         let scrubber = Scrubber::new(url_secrets(base_url).into_iter().chain(api_key.clone()));
         Ok(OpenAiProvider {
             client,
             url,
             api_key,
+            basic,
             timeout,
             max_tokens_field: MaxTokensField::MaxCompletionTokens,
             scrubber,
@@ -150,6 +162,8 @@ impl Provider for OpenAiProvider {
         let mut req = self.client.post(self.url.clone()).json(body);
         if let Some(key) = &self.api_key {
             req = req.bearer_auth(key);
+        } else if let Some((user, password)) = &self.basic {
+            req = req.basic_auth(user, Some(password));
         }
         let resp = req.send().await.map_err(|e| ProviderError::Transient {
             status: None,
@@ -249,6 +263,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.url.path(), "/v1/chat/completions");
+        assert_eq!(p.url.username(), "");
+        assert_eq!(p.basic, Some(("user".into(), "pa55word".into())));
         assert_eq!(p.url.query(), Some("api-key=qu3ry-key"));
         let scrubbed = p
             .scrubber

@@ -67,7 +67,8 @@ pub fn url_secrets(url: &str) -> Vec<String> {
     out
 }
 
-fn percent_decode(s: &str) -> String {
+/// `%XX` sequences decoded (invalid ones kept as they are).
+pub fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

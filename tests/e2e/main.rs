@@ -11,5 +11,6 @@ mod demo;
 mod e2e_flow;
 mod faults;
 mod nats_harness;
+mod security;
 mod sim;
 mod submit;
