@@ -144,7 +144,7 @@ impl NatsAuth {
         } else if self.token.is_some() {
             "a token".into()
         } else {
-            "no credentials (or those in the URL)".into()
+            "no credentials".into()
         }
     }
 }

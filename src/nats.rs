@@ -25,7 +25,7 @@ use batchd_actors::codec::OWN_INBOX_PREFIX;
 
 use crate::client::{read, Subjects};
 use crate::config::{Config, NatsConfig};
-use crate::secrets::redact_url;
+use crate::secrets::{redact_url, strip_userinfo, userinfo};
 
 /// The oldest nats-server batchd works with (KV and consumer APIs of 2.10).
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
@@ -107,14 +107,21 @@ pub fn parse_version(v: &str) -> Option<(u64, u64)> {
 /// `reply_to` may name.
 pub async fn connect(nats: &NatsConfig) -> Result<async_nats::Client, NatsError> {
     let shown = redact_url(&nats.url);
-    let method = nats.auth.describe();
+    let method = match userinfo(&nats.url) {
+        Some((user, Some(_))) => format!("user {user:?} with the password in the URL"),
+        Some((_, None)) => "the token in the URL".into(),
+        None => nats.auth.describe(),
+    };
     let options = connect_options(nats).await?;
     let refused = |message: String| NatsError::Refused {
         url: shown.clone(),
         method: method.clone(),
         message,
     };
-    let connected = tokio::time::timeout(Duration::from_secs(5), options.connect(nats.url.as_str()))
+    let connected = tokio::time::timeout(
+        Duration::from_secs(5),
+        options.connect(strip_userinfo(&nats.url).as_str()),
+    )
         .await
         .map_err(|_| NatsError::Unreachable {
             url: shown.clone(),
@@ -133,6 +140,12 @@ pub async fn connect(nats: &NatsConfig) -> Result<async_nats::Client, NatsError>
                 url: shown.clone(),
                 message,
             },
+            ConnectErrorKind::Io if message.contains("certificate") || message.contains("TLS") => {
+                NatsError::Tls {
+                    url: shown.clone(),
+                    message,
+                }
+            }
             _ => NatsError::Unreachable {
                 url: shown.clone(),
                 message,
@@ -199,6 +212,16 @@ async fn connect_options(nats: &NatsConfig) -> Result<async_nats::ConnectOptions
     }
     if let Some(token) = &auth.token {
         o = o.token(token.clone());
+    }
+    // Credentials in the URL, when the config names none.
+    let configured = auth.creds_file.is_some()
+        || auth.nkey_seed_file.is_some()
+        || auth.user.is_some()
+        || auth.token.is_some();
+    match userinfo(&nats.url) {
+        Some((user, Some(password))) if !configured => o = o.user_and_password(user, password),
+        Some((token, None)) if !configured => o = o.token(token),
+        _ => {}
     }
     let tls = &nats.tls;
     let readable = |what: &'static str, path: &PathBuf| {

@@ -41,6 +41,36 @@ fn redact_one(url: &str) -> String {
     format!("{scheme}{host}{tail}")
 }
 
+/// `url` (or a comma-separated list) without userinfo: the credentials go
+/// to the client separately, so a library that logs its server address at
+/// debug level never logs them.
+pub fn strip_userinfo(url: &str) -> String {
+    url.split(',')
+        .map(|part| {
+            let part = part.trim();
+            let (scheme, rest) = part.split_at(part.find("://").map_or(0, |i| i + 3));
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..end].rfind('@') {
+                Some(at) => format!("{scheme}{}", &rest[at + 1..]),
+                None => part.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The userinfo of a URL, percent-decoded: `(user, Some(password))`, or
+/// `(token, None)` when there is no `:`.
+pub fn userinfo(url: &str) -> Option<(String, Option<String>)> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let (info, _) = authority.rsplit_once('@')?;
+    Some(match info.split_once(':') {
+        Some((user, password)) => (percent_decode(user), Some(percent_decode(password))),
+        None => (percent_decode(info), None),
+    })
+}
+
 /// The secret parts of a URL: its userinfo (user and password, decoded and
 /// not) and its query values; what [`Scrubber`] must never let through.
 pub fn url_secrets(url: &str) -> Vec<String> {
@@ -144,6 +174,15 @@ mod tests {
             "https://api.openai.com/v1"
         );
         assert_eq!(redact_url("127.0.0.1:4222"), "127.0.0.1:4222");
+        assert_eq!(
+            strip_userinfo("nats://u:p@a:4222,tls://t@b:4222"),
+            "nats://a:4222,tls://b:4222"
+        );
+        assert_eq!(
+            userinfo("nats://us%40er:p%3Ass@a:4222"),
+            Some(("us@er".into(), Some("p:ss".into())))
+        );
+        assert_eq!(userinfo("nats://tok@a"), Some(("tok".into(), None)));
     }
 
     #[test]
