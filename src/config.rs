@@ -482,10 +482,7 @@ impl Config {
             );
         }
         if auth.user.is_some() != auth.password.is_some() {
-            return bad(
-                "nats.auth.password",
-                "user and password go together".into(),
-            );
+            return bad("nats.auth.password", "user and password go together".into());
         }
         if self.nats.tls.cert.is_some() != self.nats.tls.key.is_some() {
             return bad(

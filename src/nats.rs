@@ -122,11 +122,11 @@ pub async fn connect(nats: &NatsConfig) -> Result<async_nats::Client, NatsError>
         Duration::from_secs(5),
         options.connect(strip_userinfo(&nats.url).as_str()),
     )
-        .await
-        .map_err(|_| NatsError::Unreachable {
-            url: shown.clone(),
-            message: "no answer within 5s".into(),
-        })?;
+    .await
+    .map_err(|_| NatsError::Unreachable {
+        url: shown.clone(),
+        message: "no answer within 5s".into(),
+    })?;
     let client = connected.map_err(|e| {
         let message = e.to_string();
         match e.kind() {
@@ -200,10 +200,15 @@ async fn connect_options(nats: &NatsConfig) -> Result<async_nats::ConnectOptions
     }
     if let Some(path) = &auth.nkey_seed_file {
         let what = "nats.auth.nkey_seed_file (NATS_NKEY)";
-        let seed = std::fs::read_to_string(path).map_err(|e| bad_file(what, path, e.to_string()))?;
+        let seed =
+            std::fs::read_to_string(path).map_err(|e| bad_file(what, path, e.to_string()))?;
         let seed = seed.trim().to_owned();
         nkeys::KeyPair::from_seed(&seed).map_err(|_| {
-            bad_file(what, path, "does not hold an NKey seed (a line starting with `S`)".into())
+            bad_file(
+                what,
+                path,
+                "does not hold an NKey seed (a line starting with `S`)".into(),
+            )
         })?;
         o = o.nkey(seed);
     }

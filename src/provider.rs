@@ -285,6 +285,9 @@ mod tests {
         for secret in ["pa55word", "qu3ry-key", "sk-canary-key", "127.0.0.1"] {
             assert!(!text.contains(secret), "{secret} in {text}");
         }
-        assert!(matches!(e, ProviderError::Transient { status: None, .. }), "{e}");
+        assert!(
+            matches!(e, ProviderError::Transient { status: None, .. }),
+            "{e}"
+        );
     }
 }

@@ -265,7 +265,10 @@ fn decode_unbounded(inbound: Inbound<'_>) -> Result<Task, Box<Rejection>> {
         metadata: None,
         tenant: None,
     });
-    if let Some(ct) = inbound.content_type.filter(|ct| ct.len() > MAX_HEADER_BYTES) {
+    if let Some(ct) = inbound
+        .content_type
+        .filter(|ct| ct.len() > MAX_HEADER_BYTES)
+    {
         rejection.message = format!(
             "the Content-Type header is {} bytes long; at most {MAX_HEADER_BYTES} are read",
             ct.len()
@@ -390,7 +393,11 @@ impl<'de> Visitor<'de> for ValueSeed {
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
         serde_json::Number::from_f64(v)
             .map(Value::Number)
-            .ok_or_else(|| E::custom(format_args!("the number {v} is not finite (NaN and ±Inf are not allowed)")))
+            .ok_or_else(|| {
+                E::custom(format_args!(
+                    "the number {v} is not finite (NaN and ±Inf are not allowed)"
+                ))
+            })
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
         Ok(Value::String(v.to_owned()))
@@ -639,7 +646,9 @@ fn parse_payload(p: &Map<String, Value>) -> Result<Payload, String> {
         for key in ["max_tokens", "max_completion_tokens"] {
             match p.get(key) {
                 None | Some(Value::Null) => {}
-                Some(v) if v.as_u64().is_some_and(|n| (1..=u64::from(u32::MAX)).contains(&n)) => {}
+                Some(v)
+                    if v.as_u64()
+                        .is_some_and(|n| (1..=u64::from(u32::MAX)).contains(&n)) => {}
                 Some(v) => {
                     return Err(format!(
                         "field `payload.{key}` must be a positive integer, got {}",
@@ -712,8 +721,7 @@ fn check_message(i: usize, m: &Value) -> Result<(), String> {
     match m.get("content") {
         Some(Value::String(_) | Value::Array(_)) => Ok(()),
         None | Some(Value::Null)
-            if role == "assistant"
-                && m.get("tool_calls").is_some_and(|t| !t.is_null()) =>
+            if role == "assistant" && m.get("tool_calls").is_some_and(|t| !t.is_null()) =>
         {
             Ok(())
         }
@@ -989,7 +997,8 @@ mod tests {
     }
 
     fn chat(extra: Value) -> Value {
-        let mut t = json!({"task_id": "c", "payload": {"messages": [{"role": "user", "content": "hi"}]}});
+        let mut t =
+            json!({"task_id": "c", "payload": {"messages": [{"role": "user", "content": "hi"}]}});
         for (k, v) in extra.as_object().unwrap() {
             t["payload"][k] = v.clone();
         }
@@ -1031,13 +1040,23 @@ mod tests {
 
     #[test]
     fn the_reply_allow_list_is_configurable_but_never_opens_forbidden_subjects() {
-        let p = ReplyPolicy::new("jobs", &["acme.inbox.>".into(), "{prefix}.replies.*".into()])
-            .unwrap();
+        let p = ReplyPolicy::new(
+            "jobs",
+            &["acme.inbox.>".into(), "{prefix}.replies.*".into()],
+        )
+        .unwrap();
         assert!(p.check("acme.inbox.1.2").is_ok());
         assert!(p.check("jobs.replies.x").is_ok());
         assert!(p.check("jobs.replies.x.y").is_err());
         assert!(p.check("_INBOX.x").is_err());
-        for bad in [">", "$JS.>", "{prefix}.results.>", "*.>", "_BATCHD_INBOX.>", "a.>.b"] {
+        for bad in [
+            ">",
+            "$JS.>",
+            "{prefix}.results.>",
+            "*.>",
+            "_BATCHD_INBOX.>",
+            "a.>.b",
+        ] {
             assert!(ReplyPolicy::new("jobs", &[bad.into()]).is_err(), "{bad}");
         }
         assert!(subject_matches("a.*.c", "a.b.c"));
@@ -1048,17 +1067,44 @@ mod tests {
     #[test]
     fn chat_payloads_are_validated_before_any_provider_call() {
         let cases = [
-            (json!({"max_tokens": -5}), "`payload.max_tokens` must be a positive integer, got -5"),
-            (json!({"max_tokens": 0}), "`payload.max_tokens` must be a positive integer, got 0"),
-            (json!({"max_tokens": 1.5}), "`payload.max_tokens` must be a positive integer, got 1.5"),
-            (json!({"max_tokens": "100"}), "`payload.max_tokens` must be a positive integer, got \"100\""),
-            (json!({"max_completion_tokens": 1e12}), "`payload.max_completion_tokens` must be a positive integer"),
+            (
+                json!({"max_tokens": -5}),
+                "`payload.max_tokens` must be a positive integer, got -5",
+            ),
+            (
+                json!({"max_tokens": 0}),
+                "`payload.max_tokens` must be a positive integer, got 0",
+            ),
+            (
+                json!({"max_tokens": 1.5}),
+                "`payload.max_tokens` must be a positive integer, got 1.5",
+            ),
+            (
+                json!({"max_tokens": "100"}),
+                "`payload.max_tokens` must be a positive integer, got \"100\"",
+            ),
+            (
+                json!({"max_completion_tokens": 1e12}),
+                "`payload.max_completion_tokens` must be a positive integer",
+            ),
             (json!({"n": 50}), "`payload.n` must be 1"),
             (json!({"n": 0}), "`payload.n` must be 1"),
-            (json!({"messages": [{"role": "user"}]}), "`payload.messages[0]` needs `content`"),
-            (json!({"messages": [{"role": "user", "content": null}]}), "needs `content`"),
-            (json!({"messages": [{"role": "user", "content": 7}]}), "must be a string or an array of parts"),
-            (json!({"messages": ["hi"]}), "`payload.messages[0]` must be an object"),
+            (
+                json!({"messages": [{"role": "user"}]}),
+                "`payload.messages[0]` needs `content`",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": null}]}),
+                "needs `content`",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": 7}]}),
+                "must be a string or an array of parts",
+            ),
+            (
+                json!({"messages": ["hi"]}),
+                "`payload.messages[0]` must be an object",
+            ),
         ];
         for (extra, expected) in cases {
             let r = decode_json(chat(extra.clone())).expect_err(expected);
@@ -1100,7 +1146,10 @@ mod tests {
             let t = T {
                 task_id: "nan",
                 payload: P {
-                    messages: vec![M { role: "user", content: "x" }],
+                    messages: vec![M {
+                        role: "user",
+                        content: "x",
+                    }],
                     temperature: x,
                 },
             };
@@ -1137,7 +1186,11 @@ mod tests {
         let ct = "a".repeat(10_000);
         i.content_type = Some(&ct);
         let r = decode_task(i).unwrap_err();
-        assert!(r.message.contains("Content-Type header is 10000 bytes"), "{}", r.message);
+        assert!(
+            r.message.contains("Content-Type header is 10000 bytes"),
+            "{}",
+            r.message
+        );
         assert_eq!(truncate("abcdef", 4), "abc…");
         assert_eq!(truncate("abcd", 4), "abcd");
         assert!(bounded(&long).chars().count() == MAX_MESSAGE_CHARS);

@@ -156,9 +156,10 @@ mod tests {
             let e = parse_chat_completion(body).expect_err(expected);
             assert!(e.contains(expected), "{e:?} lacks {expected:?}");
         }
-        let refusal =
-            parse_chat_completion(br#"{"choices": [{"message": {"content": null, "refusal": "no"}}]}"#)
-                .unwrap();
+        let refusal = parse_chat_completion(
+            br#"{"choices": [{"message": {"content": null, "refusal": "no"}}]}"#,
+        )
+        .unwrap();
         assert_eq!(refusal.output.as_deref(), Some("no"));
     }
 

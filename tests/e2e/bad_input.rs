@@ -13,6 +13,10 @@ use batchd::sim::SimConfig;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+/// (id the outcome is published under, or "" for a synthetic one; body;
+/// headers; the fragment its message must contain)
+type Case<'a> = (&'a str, Vec<u8>, Vec<(&'a str, &'a str)>, &'a str);
+
 /// The longest `error.message` batchd writes.
 const MAX_MESSAGE_CHARS: usize = 512;
 
@@ -105,9 +109,11 @@ async fn every_bad_input_gets_an_outcome_and_a_dead_letter_while_good_tasks_flow
     let user = json!({"role": "user", "content": "hi"});
     let long_ct = "a".repeat(1000);
     let deep = nested(100);
-    let deep_mp = rmp_serde::to_vec_named(&json!({"task_id": "deep_mp", "payload": {"text": "x"}, "metadata": deep}))
-        .unwrap();
-    let cases: Vec<(&str, Vec<u8>, Vec<(&str, &str)>, &str)> = vec![
+    let deep_mp = rmp_serde::to_vec_named(
+        &json!({"task_id": "deep_mp", "payload": {"text": "x"}, "metadata": deep}),
+    )
+    .unwrap();
+    let cases: Vec<Case> = vec![
         ("", br#"{"task_id":"bad_json","type":"#.to_vec(), json_ct.to_vec(), "malformed JSON"),
         ("", b"\xff\xfe not json at all".to_vec(), json_ct.to_vec(), "malformed JSON"),
         ("", vec![0xc1, 0x00, 0xff], msgpack.to_vec(), "malformed MessagePack"),
@@ -169,7 +175,14 @@ async fn every_bad_input_gets_an_outcome_and_a_dead_letter_while_good_tasks_flow
     }
     // Ids in the shape of the old synthetic ones are a producer's own.
     for id in ["invalid-p2-1", "invalid-p2-2"] {
-        common::publish(&js, p2, serde_json::to_vec(&common::task(id, 2)).unwrap(), None, Some(id)).await;
+        common::publish(
+            &js,
+            p2,
+            serde_json::to_vec(&common::task(id, 2)).unwrap(),
+            None,
+            Some(id),
+        )
+        .await;
         good.push(id.to_owned());
     }
     // MessagePack with the header in lower case and the value in mixed case.
@@ -185,7 +198,11 @@ async fn every_bad_input_gets_an_outcome_and_a_dead_letter_while_good_tasks_flow
     publish_with(
         &js,
         p2,
-        chat("chat_default_limit", json!({}), json!({"role": "user", "content": "limit-check"})),
+        chat(
+            "chat_default_limit",
+            json!({}),
+            json!({"role": "user", "content": "limit-check"}),
+        ),
         &[],
     )
     .await;
@@ -229,7 +246,11 @@ async fn every_bad_input_gets_an_outcome_and_a_dead_letter_while_good_tasks_flow
         assert_eq!(o["error"]["kind"], "invalid_request", "{o}");
         let msg = o["error"]["message"].as_str().unwrap();
         assert!(msg.contains(expected), "{id}: {msg:?} lacks {expected:?}");
-        assert!(msg.chars().count() <= MAX_MESSAGE_CHARS, "{id}: {} chars", msg.len());
+        assert!(
+            msg.chars().count() <= MAX_MESSAGE_CHARS,
+            "{id}: {} chars",
+            msg.len()
+        );
         assert!(o["output"].is_null());
         let task_id = o["task_id"].as_str().unwrap();
         let dl = &dead[&format!("batchd.dlq.{task_id}")][0];
@@ -322,15 +343,32 @@ output = 1.0
         sim: _sim,
     } = common::stack(SimConfig::default(), &extra).await;
     let cases = [
-        ("liar-error", "answered 200 with an error: server_error: upstream overloaded"),
+        (
+            "liar-error",
+            "answered 200 with an error: server_error: upstream overloaded",
+        ),
         ("liar-null", "no usable content"),
         ("liar-huge", "the response body exceeds 4194304 bytes"),
     ];
     for (model, _) in cases {
         let body = json!({"task_id": model, "model": model, "type": "summarization", "payload": {"text": "x"}});
-        common::publish(&js, "batchd.tasks.p1", serde_json::to_vec(&body).unwrap(), None, Some(model)).await;
+        common::publish(
+            &js,
+            "batchd.tasks.p1",
+            serde_json::to_vec(&body).unwrap(),
+            None,
+            Some(model),
+        )
+        .await;
     }
-    common::publish(&js, "batchd.tasks.p1", serde_json::to_vec(&common::task("honest", 1)).unwrap(), None, None).await;
+    common::publish(
+        &js,
+        "batchd.tasks.p1",
+        serde_json::to_vec(&common::task("honest", 1)).unwrap(),
+        None,
+        None,
+    )
+    .await;
     let outcomes: HashMap<String, Vec<Value>> =
         common::wait_for_messages(&js, "BATCHD_RESULTS", 4, Duration::from_secs(60)).await;
     let dead = common::wait_for_messages(&js, "BATCHD_DLQ", 3, Duration::from_secs(30)).await;
@@ -341,7 +379,10 @@ output = 1.0
         assert_eq!(o["error"]["kind"], "max_retries", "{o}");
         assert_eq!(o["attempts"], 4, "{o}");
         let msg = o["error"]["message"].as_str().unwrap();
-        assert!(msg.contains(expected), "{model}: {msg:?} lacks {expected:?}");
+        assert!(
+            msg.contains(expected),
+            "{model}: {msg:?} lacks {expected:?}"
+        );
         let dl = &dead[&format!("batchd.dlq.{model}")][0];
         assert_eq!(dl["error"]["kind"], "max_retries");
     }

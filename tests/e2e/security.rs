@@ -75,15 +75,21 @@ async fn right_credentials_connect_and_wrong_ones_fail_fast_naming_what_is_wrong
 
     let e = refused(&auth("user = \"batchd\"\npassword = \"wrong-pw\"")).await;
     assert!(
-        e.contains("refused user \"batchd\" with a password") && e.contains("authorization violation"),
+        e.contains("refused user \"batchd\" with a password")
+            && e.contains("authorization violation"),
         "{e}"
     );
     assert!(!e.contains("wrong-pw"), "a password is never printed: {e}");
     let e = refused(&auth(&format!("nkey_seed_file = {stranger_seed:?}"))).await;
-    assert!(e.contains("refused the NKey seed in") && e.contains("stranger.nk"), "{e}");
+    assert!(
+        e.contains("refused the NKey seed in") && e.contains("stranger.nk"),
+        "{e}"
+    );
     let e = refused(&auth(&format!("nkey_seed_file = {garbage_seed:?}"))).await;
     assert!(
-        e.contains("nats.auth.nkey_seed_file") && e.contains("garbage.nk") && e.contains("NKey seed"),
+        e.contains("nats.auth.nkey_seed_file")
+            && e.contains("garbage.nk")
+            && e.contains("NKey seed"),
         "{e}"
     );
     let e = refused(&auth("creds_file = \"/nonexistent/batchd.creds\"")).await;
@@ -108,17 +114,28 @@ async fn right_credentials_connect_and_wrong_ones_fail_fast_naming_what_is_wrong
 /// A throwaway CA, a server certificate for 127.0.0.1 and a client
 /// certificate, as PEM files in `dir`.
 fn certificates(dir: &std::path::Path) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
     let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "batchd test CA");
+    ca.distinguished_name
+        .push(DnType::CommonName, "batchd test CA");
     let ca = ca.self_signed(&ca_key).unwrap();
     write("ca.pem", ca.pem());
     for (name, sans, usage) in [
-        ("server", vec!["127.0.0.1".to_owned(), "localhost".to_owned()], ExtendedKeyUsagePurpose::ServerAuth),
-        ("client", vec!["batchd".to_owned()], ExtendedKeyUsagePurpose::ClientAuth),
+        (
+            "server",
+            vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ),
+        (
+            "client",
+            vec!["batchd".to_owned()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ),
     ] {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(sans).unwrap();
@@ -163,14 +180,20 @@ async fn tls_with_a_custom_ca_and_a_client_certificate() {
     let e = refused(&tls(format!("ca = \"{d}/ca.pem\""))).await;
     assert!(!e.is_empty(), "no client certificate: {e}");
     let e = refused(&tls(format!("ca = \"{d}/missing.pem\""))).await;
-    assert!(e.contains("nats.tls.ca") && e.contains("missing.pem"), "{e}");
+    assert!(
+        e.contains("nats.tls.ca") && e.contains("missing.pem"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batchd_runs_under_the_shipped_account_config_with_exactly_its_permissions() {
     let dir = NatsServer::dir_for_config();
     std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/config/nats/batchd-account.conf"),
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/nats/batchd-account.conf"
+        ),
         dir.path().join("batchd-account.conf"),
     )
     .unwrap();
@@ -207,10 +230,24 @@ async fn batchd_runs_under_the_shipped_account_config_with_exactly_its_permissio
     for i in 0..n {
         let mut t = common::task(&format!("acct{i}"), 2);
         t["reply_to"] = json!(format!("_INBOX.acct.{i}"));
-        common::publish(&js, "batchd.tasks.p2", serde_json::to_vec(&t).unwrap(), None, None).await;
+        common::publish(
+            &js,
+            "batchd.tasks.p2",
+            serde_json::to_vec(&t).unwrap(),
+            None,
+            None,
+        )
+        .await;
     }
     let bad = json!({"task_id": "acct_bad", "type": "haiku", "reply_to": "_INBOX.acct.bad", "payload": {"text": "x"}});
-    common::publish(&js, "batchd.tasks.p2", serde_json::to_vec(&bad).unwrap(), None, None).await;
+    common::publish(
+        &js,
+        "batchd.tasks.p2",
+        serde_json::to_vec(&bad).unwrap(),
+        None,
+        None,
+    )
+    .await;
     let mut statuses: HashMap<String, String> = HashMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while statuses.len() < n + 1 {
@@ -219,7 +256,10 @@ async fn batchd_runs_under_the_shipped_account_config_with_exactly_its_permissio
             .unwrap_or_else(|_| panic!("replies so far: {statuses:?}\n{}", nats.log()))
             .unwrap();
         let o: Value = serde_json::from_slice(&m.payload).unwrap();
-        statuses.insert(o["task_id"].as_str().unwrap().into(), o["status"].as_str().unwrap().into());
+        statuses.insert(
+            o["task_id"].as_str().unwrap().into(),
+            o["status"].as_str().unwrap().into(),
+        );
     }
     assert_eq!(statuses["acct_bad"], "failed");
     assert_eq!(statuses.values().filter(|s| *s == "succeeded").count(), n);
@@ -267,7 +307,9 @@ async fn canary_secrets_never_appear_in_logs_outcomes_dead_letters_or_metrics() 
 
     let nats = NatsServer::start_with_config(
         NatsServer::dir_for_config(),
-        &format!(r#"authorization {{ users = [ {{user: canary, password: "{NATS_PASSWORD}"}} ] }}"#),
+        &format!(
+            r#"authorization {{ users = [ {{user: canary, password: "{NATS_PASSWORD}"}} ] }}"#
+        ),
         &[],
     )
     .await;
@@ -295,7 +337,9 @@ async fn canary_secrets_never_appear_in_logs_outcomes_dead_letters_or_metrics() 
     );
     let config = Config::load(&path).unwrap();
     let client = batchd::nats::connect(&config.nats).await.expect("connect");
-    batchd::nats::ensure_topology(&client, &config).await.unwrap();
+    batchd::nats::ensure_topology(&client, &config)
+        .await
+        .unwrap();
     let js = jetstream::new(client);
     let mut tasks = common::tasks(40, "canary");
     for i in 0..5 {
@@ -329,9 +373,13 @@ async fn canary_secrets_never_appear_in_logs_outcomes_dead_letters_or_metrics() 
         let _ = stdout.read_to_string(&mut s);
         s
     });
-    let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", tasks.len() as u64, Duration::from_secs(90))
-            .await;
+    let outcomes = common::wait_for_messages(
+        &js,
+        "BATCHD_RESULTS",
+        tasks.len() as u64,
+        Duration::from_secs(90),
+    )
+    .await;
     let dead = common::read_all(&js, "BATCHD_DLQ").await;
     let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
         .await
@@ -367,8 +415,15 @@ async fn canary_secrets_never_appear_in_logs_outcomes_dead_letters_or_metrics() 
     for (what, text) in &texts {
         for canary in canaries {
             if let Some(at) = text.find(canary) {
-                let start = text[..at].char_indices().rev().nth(200).map_or(0, |(i, _)| i);
-                panic!("{canary} in the {what}: …{}…", &text[start..(at + 100).min(text.len())]);
+                let start = text[..at]
+                    .char_indices()
+                    .rev()
+                    .nth(200)
+                    .map_or(0, |(i, _)| i);
+                panic!(
+                    "{canary} in the {what}: …{}…",
+                    &text[start..(at + 100).min(text.len())]
+                );
             }
         }
     }
@@ -376,11 +431,17 @@ async fn canary_secrets_never_appear_in_logs_outcomes_dead_letters_or_metrics() 
     // The "unreachable" error names the URL, redacted.
     let out = Command::new(env!("CARGO_BIN_EXE_batchd"))
         .args(["run", "--metrics-addr", "127.0.0.1:0", "--nats-url"])
-        .arg(format!("nats://canary:{NATS_PASSWORD}@127.0.0.1:{}", free_port()))
+        .arg(format!(
+            "nats://canary:{NATS_PASSWORD}@127.0.0.1:{}",
+            free_port()
+        ))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot reach NATS at nats://***@127.0.0.1"), "{err}");
+    assert!(
+        err.contains("cannot reach NATS at nats://***@127.0.0.1"),
+        "{err}"
+    );
     assert!(!err.contains(NATS_PASSWORD), "{err}");
 }
 
@@ -427,7 +488,10 @@ async fn ten_thousand_bogus_models_and_tenants_add_a_bounded_number_of_series() 
         if have >= n as u64 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{have} of {n} outcomes");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{have} of {n} outcomes"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let text = reqwest::get(format!("http://{addr}/metrics"))

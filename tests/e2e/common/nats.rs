@@ -71,15 +71,14 @@ impl NatsServer {
     /// `dir/server.conf` after `{dir}` is replaced by the server's temporary
     /// directory (put certificates and included files there with
     /// [`NatsServer::dir_for_config`] first); `env` is set for it (`$VAR`s).
-    pub async fn start_with_config(
-        dir: TempDir,
-        conf: &str,
-        env: &[(&str, &str)],
-    ) -> NatsServer {
+    pub async fn start_with_config(dir: TempDir, conf: &str, env: &[(&str, &str)]) -> NatsServer {
         fs::create_dir_all(dir.path().join("ports")).expect("create the ports file dir");
         let store = dir.path().join("store");
         let conf = conf.replace("{dir}", &dir.path().display().to_string());
-        let conf = format!("{conf}\njetstream {{ store_dir: {:?} }}\n", store.display().to_string());
+        let conf = format!(
+            "{conf}\njetstream {{ store_dir: {:?} }}\n",
+            store.display().to_string()
+        );
         let config = dir.path().join("server.conf");
         fs::write(&config, conf).expect("write server.conf");
         let child = spawn_with(dir.path(), &store, None, Some(&config), env);
@@ -233,10 +232,16 @@ fn spawn_with(
     let mut command = Command::new(BINARY);
     match config {
         None => {
-            command.args(["-a", "127.0.0.1", "-p", &port, "-js"]).arg("-sd").arg(store);
+            command
+                .args(["-a", "127.0.0.1", "-p", &port, "-js"])
+                .arg("-sd")
+                .arg(store);
         }
         Some(config) => {
-            command.arg("-c").arg(config).args(["-a", "127.0.0.1", "-p", &port]);
+            command
+                .arg("-c")
+                .arg(config)
+                .args(["-a", "127.0.0.1", "-p", &port]);
         }
     }
     command
