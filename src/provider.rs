@@ -268,8 +268,8 @@ mod tests {
         assert_eq!(p.url.query(), Some("api-key=qu3ry-key"));
         let scrubbed = p
             .scrubber
-            .scrub("key sk-canary-key, user pa55word, query qu3ry-key");
-        assert_eq!(scrubbed, "key ***, user ***, query ***");
+            .scrub("key sk-canary-key, password pa55word, query qu3ry-key");
+        assert_eq!(scrubbed, "key ***, password ***, query ***");
     }
 
     #[tokio::test]

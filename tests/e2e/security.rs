@@ -503,18 +503,18 @@ async fn ten_thousand_bogus_models_and_tenants_add_a_bounded_number_of_series() 
     metrics.abort();
     running.engine.shutdown().await;
 
-    let served: BTreeSet<String> = Config::defaults()
-        .unwrap()
-        .model_providers()
-        .into_keys()
-        .chain([String::new()])
-        .collect();
+    // Other tests in this process serve their own models; none of them is bogus.
     let models = label_values(&text, "model");
     assert!(
-        models.is_subset(&served),
-        "model labels outside the catalog: {:?}",
-        models.difference(&served).take(5).collect::<Vec<_>>()
+        !models.iter().any(|m| m.starts_with("bogus-model")),
+        "a producer's model name became a label: {:?}",
+        models
+            .iter()
+            .filter(|m| m.starts_with("bogus"))
+            .take(5)
+            .collect::<Vec<_>>()
     );
+    assert!(models.len() < 50, "{} model labels", models.len());
     let tenants = label_values(&text, "tenant");
     assert!(
         tenants.len() <= batchd_actors::metrics::MAX_TENANT_LABELS + 1,
