@@ -6,7 +6,7 @@ use std::hint::black_box;
 
 use batchd::config::Config;
 use batchd_actors::backoff::RetryPolicy;
-use batchd_actors::codec::{decode_task, Inbound};
+use batchd_actors::codec::{decode_task, Inbound, ReplyPolicy};
 use batchd_actors::pricing::{cost, ModelPrice};
 use batchd_actors::routing::{plan, render};
 use batchd_actors::task::{Priority, RouteKind, Usage};
@@ -45,6 +45,9 @@ fn batch_line() -> Value {
     })
 }
 
+static REPLY_POLICY: std::sync::LazyLock<ReplyPolicy> =
+    std::sync::LazyLock::new(|| ReplyPolicy::default_for("batchd"));
+
 fn inbound<'a>(body: &'a [u8], content_type: Option<&'a str>) -> Inbound<'a> {
     Inbound {
         priority: Priority::P2,
@@ -53,6 +56,7 @@ fn inbound<'a>(body: &'a [u8], content_type: Option<&'a str>) -> Inbound<'a> {
         published_at: chrono::Utc::now(),
         max_payload_bytes: 262_144,
         generation: 0,
+        reply_to: &REPLY_POLICY,
     }
 }
 

@@ -82,7 +82,7 @@ pub async fn start(
     providers: HashMap<String, Arc<dyn Provider>>,
 ) -> anyhow::Result<Running> {
     batchd_actors::metrics::init(&config.known_labels());
-    let client = connect(&config.nats.url).await?;
+    let client = connect(&config.nats).await?;
     let topology = ensure_topology(&client, config).await?;
     let ports = Ports {
         source: Arc::new(JetSource::new(&topology, config)),

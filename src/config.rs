@@ -3,11 +3,12 @@
 //! the key.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use batchd_actors::backoff::RetryPolicy;
 use batchd_actors::batching::BatchPolicy;
+use batchd_actors::codec::ReplyPolicy;
 use batchd_actors::pricing::PriceTable;
 use batchd_actors::route::{CircuitSettings, RouteSettings};
 use batchd_actors::routing::{Catalog, TaskType, TierModels};
@@ -106,6 +107,137 @@ pub struct NatsConfig {
     pub dlq_max_age_days: u64,
     /// Durable consumer name prefix.
     pub consumer_prefix: String,
+    /// `[nats.auth]`: how batchd proves who it is.
+    #[serde(default)]
+    pub auth: NatsAuth,
+    /// `[nats.tls]`: TLS with a custom CA and a client certificate.
+    #[serde(default)]
+    pub tls: NatsTls,
+}
+
+/// `[nats.auth]`: at most one way to authenticate (a URL's own
+/// `user:password@` also works). Secrets are never printed, `Debug` included.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsAuth {
+    /// A credentials file (JWT and NKey seed), as `nsc` writes it.
+    pub creds_file: Option<PathBuf>,
+    /// A file holding an NKey seed (`SU...`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// User name, with `password`.
+    pub user: Option<String>,
+    /// Password of `user`.
+    pub password: Option<String>,
+    /// A token.
+    pub token: Option<String>,
+}
+
+impl NatsAuth {
+    /// How batchd authenticates, for messages: never a secret.
+    pub fn describe(&self) -> String {
+        if let Some(p) = &self.creds_file {
+            format!("the credentials file {}", p.display())
+        } else if let Some(p) = &self.nkey_seed_file {
+            format!("the NKey seed in {}", p.display())
+        } else if let Some(u) = &self.user {
+            format!("user {u:?} with a password")
+        } else if self.token.is_some() {
+            "a token".into()
+        } else {
+            "no credentials".into()
+        }
+    }
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |s: &Option<String>| s.as_ref().map(|_| "***");
+        f.debug_struct("NatsAuth")
+            .field("creds_file", &self.creds_file)
+            .field("nkey_seed_file", &self.nkey_seed_file)
+            .field("user", &self.user)
+            .field("password", &hidden(&self.password))
+            .field("token", &hidden(&self.token))
+            .finish()
+    }
+}
+
+/// `[nats.tls]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsTls {
+    /// PEM file of the CA that signed the server's certificate.
+    pub ca: Option<PathBuf>,
+    /// PEM file of batchd's client certificate (with `key`).
+    pub cert: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    pub key: Option<PathBuf>,
+    /// Refuse a connection without TLS (implied by a `tls://` URL).
+    #[serde(default)]
+    pub required: bool,
+}
+
+/// The command line and environment for `[nats.auth]` and `[nats.tls]`,
+/// with the nats CLI's variable names; each one given replaces the file's.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NatsAuthArgs {
+    /// Credentials file (JWT + NKey seed).
+    #[arg(long, env = "NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// File holding an NKey seed.
+    #[arg(long, env = "NATS_NKEY")]
+    pub nats_nkey: Option<PathBuf>,
+    /// User name (with --nats-password).
+    #[arg(long, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+    /// Password (prefer the environment variable to the flag).
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// Token (prefer the environment variable to the flag).
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// CA certificate (PEM) to verify the server with.
+    #[arg(long, env = "NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+    /// Client certificate (PEM), with --nats-key.
+    #[arg(long, env = "NATS_CERT")]
+    pub nats_cert: Option<PathBuf>,
+    /// Client certificate key (PEM).
+    #[arg(long, env = "NATS_KEY")]
+    pub nats_key: Option<PathBuf>,
+}
+
+impl NatsAuthArgs {
+    /// Applies what was given: an authentication method given here replaces
+    /// the file's (one method at a time), TLS files one by one.
+    pub fn apply(&self, nats: &mut NatsConfig) {
+        let a = &self;
+        if a.nats_creds.is_some()
+            || a.nats_nkey.is_some()
+            || a.nats_user.is_some()
+            || a.nats_token.is_some()
+        {
+            nats.auth = NatsAuth {
+                creds_file: a.nats_creds.clone(),
+                nkey_seed_file: a.nats_nkey.clone(),
+                user: a.nats_user.clone(),
+                password: a.nats_password.clone(),
+                token: a.nats_token.clone(),
+            };
+        } else if a.nats_password.is_some() {
+            nats.auth.password = a.nats_password.clone();
+        }
+        let tls = &mut nats.tls;
+        for (to, from) in [
+            (&mut tls.ca, &a.nats_ca),
+            (&mut tls.cert, &a.nats_cert),
+            (&mut tls.key, &a.nats_key),
+        ] {
+            if from.is_some() {
+                *to = from.clone();
+            }
+        }
+    }
 }
 
 /// `[intake]`.
@@ -122,6 +254,9 @@ pub struct IntakeConfig {
     pub max_payload_bytes: usize,
     /// Backlog sampling interval.
     pub backlog_interval_ms: u64,
+    /// Subject patterns a task's `reply_to` may match (`{prefix}` is
+    /// `nats.subject_prefix`).
+    pub reply_to_allow: Vec<String>,
 }
 
 /// `[batching]`.
@@ -335,6 +470,32 @@ impl Config {
         if self.intake.ack_wait_secs < 1 {
             return bad("intake.ack_wait_secs", "must be at least 1".into());
         }
+        let auth = &self.nats.auth;
+        let methods = [
+            auth.creds_file.is_some(),
+            auth.nkey_seed_file.is_some(),
+            auth.user.is_some(),
+            auth.token.is_some(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return bad(
+                "nats.auth",
+                "give one of creds_file, nkey_seed_file, user (with password) or token".into(),
+            );
+        }
+        if auth.user.is_some() != auth.password.is_some() {
+            return bad("nats.auth.password", "user and password go together".into());
+        }
+        if self.nats.tls.cert.is_some() != self.nats.tls.key.is_some() {
+            return bad(
+                "nats.tls.cert",
+                "a client certificate needs its key (nats.tls.key), and a key its certificate"
+                    .into(),
+            );
+        }
+        if let Err(e) = self.reply_policy() {
+            return bad("intake.reply_to_allow", e);
+        }
         if self.intake.max_payload_bytes < 64 {
             return bad("intake.max_payload_bytes", "must be at least 64".into());
         }
@@ -485,6 +646,11 @@ impl Config {
         crate::client::Subjects::of(&self.nats)
     }
 
+    /// Which subjects a task's `reply_to` may name.
+    pub fn reply_policy(&self) -> Result<ReplyPolicy, String> {
+        ReplyPolicy::new(&self.nats.subject_prefix, &self.intake.reply_to_allow)
+    }
+
     /// Route control shared by every route.
     pub fn route_settings(&self) -> RouteSettings {
         let d = &self.dispatch;
@@ -518,6 +684,9 @@ impl Config {
             retry: self.retry,
             prices: self.prices.clone(),
             max_payload_bytes: self.intake.max_payload_bytes,
+            reply_to: self
+                .reply_policy()
+                .unwrap_or_else(|_| ReplyPolicy::default_for(&self.nats.subject_prefix)),
             route: self.route_settings(),
             route_limits: self
                 .dispatch

@@ -17,6 +17,7 @@
 //! - [`config`]: the typed configuration, defaults merged with the user's file.
 //! - [`app`]: connect, create the topology, build the ports, start the engine.
 //! - [`telemetry`]: logging and the Prometheus `/metrics` endpoint.
+//! - [`secrets`]: redacting URLs and scrubbing secrets from messages.
 //!
 //! The producer/consumer side, shared by every command and the tests.
 //! - [`client`]: subjects, publishing with PubAcks, reading outcomes and
@@ -37,5 +38,6 @@ pub mod local_nats;
 pub mod nats;
 pub mod provider;
 pub mod report;
+pub mod secrets;
 pub mod sim;
 pub mod telemetry;

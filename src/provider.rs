@@ -9,47 +9,142 @@ use batchd_actors::route::limits::parse_rate_limit_headers;
 use batchd_actors::task::Usage;
 use serde_json::Value;
 
+use batchd_actors::codec::{truncate, MAX_HEADER_BYTES};
+use batchd_actors::completion::{
+    parse_chat_completion, parse_error_body, MAX_PROVIDER_MESSAGE_CHARS,
+};
+
 use crate::config::{MaxTokensField, ProviderConfig};
+use crate::secrets::{percent_decode, redact_url, url_secrets, Scrubber};
 
 /// Longest wait a provider's rate-limit headers may ask for; longer is clamped.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
+/// The largest response body read; a larger one is a transient failure.
+pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
 /// An OpenAI-compatible endpoint (`{base_url}/chat/completions`).
 pub struct OpenAiProvider {
     client: reqwest::Client,
-    url: String,
+    url: reqwest::Url,
     api_key: Option<String>,
+    /// The base URL's userinfo, sent as Basic auth when there is no key.
+    basic: Option<(String, String)>,
     timeout: Duration,
     max_tokens_field: MaxTokensField,
+    /// The key and the URL's userinfo and query values: never in a message.
+    scrubber: Scrubber,
+}
+
+/// Errors building a provider.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderBuildError {
+    /// The base URL does not parse.
+    #[error("base URL {url} is not a URL: {message}")]
+    BadUrl {
+        /// The URL, redacted.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// The HTTP client could not be built.
+    #[error("building the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
 }
 
 impl OpenAiProvider {
-    /// A client for `base_url` (including `/v1`), with an optional bearer key.
+    /// A client for `base_url` (including `/v1`; a query string is kept),
+    /// with an optional bearer key.
     pub fn new(
         base_url: &str,
         api_key: Option<String>,
         timeout: Duration,
-    ) -> Result<Self, reqwest::Error> {
+    ) -> Result<Self, ProviderBuildError> {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(256)
             .user_agent(concat!("batchd/", env!("CARGO_PKG_VERSION")))
             .build()?;
+        let mut url = reqwest::Url::parse(base_url).map_err(|e| ProviderBuildError::BadUrl {
+            url: redact_url(base_url),
+            message: e.to_string(),
+        })?;
+        let path = format!("{}/chat/completions", url.path().trim_end_matches('/'));
+        url.set_path(&path);
+        // Userinfo travels as a header, never in the URL a library may print.
+        let basic = (!url.username().is_empty()).then(|| {
+            (
+                percent_decode(url.username()),
+                percent_decode(url.password().unwrap_or_default()),
+            )
+        });
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        let scrubber = Scrubber::new(url_secrets(base_url).into_iter().chain(api_key.clone()));
         Ok(OpenAiProvider {
             client,
-            url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            url,
             api_key,
+            basic,
             timeout,
             max_tokens_field: MaxTokensField::MaxCompletionTokens,
+            scrubber,
         })
     }
 
     /// From a provider's config section, environment overrides applied.
-    pub fn from_config(c: &ProviderConfig, timeout: Duration) -> Result<Self, reqwest::Error> {
+    pub fn from_config(c: &ProviderConfig, timeout: Duration) -> Result<Self, ProviderBuildError> {
         let mut p = OpenAiProvider::new(&c.resolved_base_url(), c.resolved_api_key(), timeout)?;
         p.max_tokens_field = c.max_tokens_field;
         Ok(p)
+    }
+
+    /// A transport error as a message: what failed and why, never the URL.
+    fn transport_error(&self, e: reqwest::Error) -> String {
+        if e.is_timeout() {
+            return format!("no answer within {:?}", self.timeout);
+        }
+        let e = e.without_url();
+        let mut message = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            message.push_str(": ");
+            message.push_str(&c.to_string());
+            cause = c.source();
+        }
+        truncate(&self.scrubber.scrub(&message), MAX_PROVIDER_MESSAGE_CHARS)
+    }
+
+    /// Reads the body, at most [`MAX_RESPONSE_BYTES`] of it.
+    async fn read_body(&self, mut resp: reqwest::Response) -> Result<Vec<u8>, ProviderError> {
+        let status = Some(resp.status().as_u16());
+        let too_big = || ProviderError::Transient {
+            status,
+            message: format!("the response body exceeds {MAX_RESPONSE_BYTES} bytes"),
+        };
+        let declared = resp.content_length().unwrap_or(0);
+        if declared > MAX_RESPONSE_BYTES as u64 {
+            return Err(too_big());
+        }
+        let mut body = Vec::with_capacity(usize::try_from(declared).unwrap_or(0));
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                        return Err(too_big());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(body),
+                Err(e) => {
+                    return Err(ProviderError::Transient {
+                        status,
+                        message: format!("reading the response body: {}", self.transport_error(e)),
+                    })
+                }
+            }
+        }
     }
 }
 
@@ -64,45 +159,39 @@ impl Provider for OpenAiProvider {
                 &renamed
             }
         };
-        let mut req = self.client.post(&self.url).json(body);
+        let mut req = self.client.post(self.url.clone()).json(body);
         if let Some(key) = &self.api_key {
             req = req.bearer_auth(key);
+        } else if let Some((user, password)) = &self.basic {
+            req = req.basic_auth(user, Some(password));
         }
         let resp = req.send().await.map_err(|e| ProviderError::Transient {
             status: None,
-            message: if e.is_timeout() {
-                format!("no answer within {:?} from {}", self.timeout, self.url)
-            } else {
-                format!("request to {} failed: {e}", self.url)
-            },
+            message: self.transport_error(e),
         })?;
         let status = resp.status();
         let limits = parse_rate_limit_headers(
             resp.headers()
                 .iter()
+                .filter(|(_, value)| value.len() <= MAX_HEADER_BYTES)
                 .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?))),
             chrono::Utc::now(),
             MAX_RETRY_AFTER,
         );
-        let body = resp.bytes().await.map_err(|e| ProviderError::Transient {
-            status: Some(status.as_u16()),
-            message: if e.is_timeout() {
-                format!("no answer within {:?} from {}", self.timeout, self.url)
-            } else {
-                format!("reading the response body: {e}")
-            },
-        })?;
+        let body = self.read_body(resp).await?;
+        let code = status.as_u16();
         if status.is_success() {
-            let v: Value = serde_json::from_slice(&body).map_err(|e| ProviderError::Transient {
-                status: Some(status.as_u16()),
-                message: format!("unreadable response body: {e}"),
-            })?;
-            let mut completion = parse_completion(&v);
+            // A 200 without a usable answer is a transient failure.
+            let mut completion =
+                parse_chat_completion(&body).map_err(|message| ProviderError::Transient {
+                    status: Some(code),
+                    message: self.scrubber.scrub(&message),
+                })?;
             completion.limits = limits;
             return Ok(completion);
         }
-        let (message, kind) = error_message(&body);
-        let code = status.as_u16();
+        let (kind, message) = parse_error_body(&body);
+        let message = self.scrubber.scrub(&message);
         Err(match code {
             429 if kind.as_deref() == Some("insufficient_quota") => {
                 ProviderError::QuotaExhausted { message }
@@ -132,45 +221,6 @@ fn with_max_tokens(request: &Value) -> Value {
     body
 }
 
-/// Reads the text, finish reason and usage of a chat completion.
-pub fn parse_completion(v: &Value) -> Completion {
-    let choice = &v["choices"][0];
-    let u = &v["usage"];
-    Completion {
-        output: choice["message"]["content"].as_str().map(str::to_owned),
-        finish_reason: choice["finish_reason"].as_str().map(str::to_owned),
-        usage: Usage {
-            input_tokens: u["prompt_tokens"].as_u64().unwrap_or(0),
-            cached_input_tokens: u["prompt_tokens_details"]["cached_tokens"]
-                .as_u64()
-                .unwrap_or(0),
-            output_tokens: u["completion_tokens"].as_u64().unwrap_or(0),
-        },
-        limits: Default::default(),
-    }
-}
-
-/// The provider's error message and its error code (or type), from
-/// OpenAI's `{"error": {"message", "type", "code"}}` body.
-fn error_message(body: &[u8]) -> (String, Option<String>) {
-    let v = serde_json::from_slice::<Value>(body).ok();
-    let message = v
-        .as_ref()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| {
-            let text = String::from_utf8_lossy(body);
-            text.chars().take(300).collect()
-        });
-    let kind = v.as_ref().and_then(|v| {
-        let e = &v["error"];
-        e["code"]
-            .as_str()
-            .or_else(|| e["type"].as_str())
-            .map(str::to_owned)
-    });
-    (message, kind)
-}
-
 /// Answers every request at once with a fixed completion: measures the
 /// engine without any provider cost.
 pub struct InstantProvider;
@@ -197,23 +247,6 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn reads_usage_including_cached_tokens() {
-        let c = parse_completion(&json!({
-            "choices": [{"message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 812, "completion_tokens": 41, "prompt_tokens_details": {"cached_tokens": 768}}
-        }));
-        assert_eq!(c.output.as_deref(), Some("hi"));
-        assert_eq!(
-            c.usage,
-            Usage {
-                input_tokens: 812,
-                cached_input_tokens: 768,
-                output_tokens: 41
-            }
-        );
-    }
-
-    #[test]
     fn renames_the_output_limit_for_servers_that_want_max_tokens() {
         let r = with_max_tokens(&json!({"model": "m", "max_completion_tokens": 5}));
         assert_eq!(r, json!({"model": "m", "max_tokens": 5}));
@@ -222,20 +255,39 @@ mod tests {
     }
 
     #[test]
-    fn error_message_prefers_openai_shape() {
-        assert_eq!(
-            error_message(br#"{"error":{"message":"bad model","code":"model_not_found"}}"#),
-            ("bad model".to_owned(), Some("model_not_found".to_owned()))
+    fn the_request_url_keeps_a_query_and_no_secret_reaches_a_message() {
+        let p = OpenAiProvider::new(
+            "http://user:pa55word@127.0.0.1:9/v1/?api-key=qu3ry-key",
+            Some("sk-canary-key".into()),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(p.url.path(), "/v1/chat/completions");
+        assert_eq!(p.url.username(), "");
+        assert_eq!(p.basic, Some(("user".into(), "pa55word".into())));
+        assert_eq!(p.url.query(), Some("api-key=qu3ry-key"));
+        let scrubbed = p
+            .scrubber
+            .scrub("key sk-canary-key, password pa55word, query qu3ry-key");
+        assert_eq!(scrubbed, "key ***, password ***, query ***");
+    }
+
+    #[tokio::test]
+    async fn a_connection_error_names_no_url() {
+        let p = OpenAiProvider::new(
+            "http://user:pa55word@127.0.0.1:9/v1?api-key=qu3ry-key",
+            Some("sk-canary-key".into()),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let e = p.complete(&json!({"model": "m"})).await.unwrap_err();
+        let text = e.to_string();
+        for secret in ["pa55word", "qu3ry-key", "sk-canary-key", "127.0.0.1"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(
+            matches!(e, ProviderError::Transient { status: None, .. }),
+            "{e}"
         );
-        assert_eq!(
-            error_message(
-                br#"{"error":{"message":"no credit","type":"insufficient_quota","code":null}}"#
-            ),
-            (
-                "no credit".to_owned(),
-                Some("insufficient_quota".to_owned())
-            )
-        );
-        assert_eq!(error_message(b"plain"), ("plain".to_owned(), None));
     }
 }

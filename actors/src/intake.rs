@@ -148,6 +148,7 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
         published_at: d.published_at,
         max_payload_bytes: ctx.settings.max_payload_bytes,
         generation: d.generation,
+        reply_to: &ctx.settings.reply_to,
     };
     let task = match decode_task(inbound) {
         Ok(t) => t,

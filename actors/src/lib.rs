@@ -9,7 +9,9 @@
 //! ## Layout
 //!
 //! - [`task`]: the protocol's task, outcome and dead letter.
-//! - [`codec`]: decoding and validating task bodies; encoding outcomes.
+//! - [`codec`]: decoding and validating task bodies; encoding outcomes;
+//!   the `reply_to` allow-list.
+//! - [`completion`]: reading a provider's answer (fuzzed, like [`codec`]).
 //! - [`routing`]: task types, tiers, models; the request sent for a task.
 //! - [`batching`], [`backoff`], [`pricing`]: policies as plain functions.
 //! - [`route`]: route control: adaptive concurrency, rate budget learned from
@@ -36,6 +38,7 @@ pub mod assembler;
 pub mod backoff;
 pub mod batching;
 pub mod codec;
+pub mod completion;
 pub mod context;
 pub mod dispatcher;
 pub mod engine;

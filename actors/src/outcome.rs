@@ -45,6 +45,10 @@ pub fn failed(
 ) -> Final {
     let now = Utc::now();
     let total = elapsed_ms(task.created_at, now);
+    let error = TaskError {
+        message: codec::bounded(&error.message),
+        ..error
+    };
     Final {
         outcome: Outcome {
             task_id: task.task_id.clone(),
@@ -86,14 +90,14 @@ pub fn failed(
 }
 
 /// The failed outcome and dead letter of a message that is not a valid task.
-/// A message whose task id can't be read is answered as `invalid-p<N>-<stream seq>`.
+/// A message whose task id can't be read is answered under [`unreadable_id`].
 pub fn rejected(d: &Delivery, r: Rejection) -> Final {
     let now = Utc::now();
     let task_id = r
         .task_id
         .clone()
-        .unwrap_or_else(|| unreadable_id(d.priority, d.stream_sequence));
-    let error = TaskError::new(ErrorKind::InvalidRequest, r.message);
+        .unwrap_or_else(|| unreadable_id(d.priority, d.stream_sequence, d.published_at));
+    let error = TaskError::new(ErrorKind::InvalidRequest, codec::bounded(&r.message));
     let raw_base64 = r
         .original
         .is_none()
@@ -138,9 +142,21 @@ pub fn rejected(d: &Delivery, r: Rejection) -> Final {
     }
 }
 
-/// The id used for a message whose own task id is unreadable.
-pub fn unreadable_id(p: Priority, stream_sequence: u64) -> String {
-    format!("invalid-{}-{stream_sequence}", p.token())
+/// The id used for a message whose own task id is unreadable:
+/// `invalid~p<N>~<stream seq>~<publish time, Unix ms>`. `~` is a valid subject
+/// token character but never part of a valid task id, so it cannot collide
+/// with a producer's id; the publish time keeps it unique when the stream is
+/// recreated and its sequence starts again; a redelivery gets the same id.
+pub fn unreadable_id(
+    p: Priority,
+    stream_sequence: u64,
+    published_at: chrono::DateTime<Utc>,
+) -> String {
+    format!(
+        "invalid~{}~{stream_sequence}~{}",
+        p.token(),
+        published_at.timestamp_millis()
+    )
 }
 
 /// Milliseconds from `from` to `to`, zero if negative.
@@ -163,12 +179,15 @@ pub async fn deliver(ctx: &EngineContext, lease: Lease, f: Final, subject: &str)
             }
             let p = Priority::from_number(i64::from(f.outcome.priority)).unwrap_or(Priority::P3);
             let latency = Duration::from_millis(elapsed_ms(f.created_at, Utc::now()));
-            metrics::task_completed(
-                p,
-                f.outcome.status,
-                f.outcome.model.as_deref().unwrap_or(""),
-                latency,
-            );
+            // A label value only from the catalog: a producer's model name
+            // never becomes a series.
+            let model = f
+                .outcome
+                .model
+                .as_deref()
+                .filter(|m| ctx.settings.catalog.model_providers.contains_key(*m))
+                .unwrap_or("");
+            metrics::task_completed(p, f.outcome.status, model, latency);
             if let Some(e) = &f.outcome.error {
                 metrics::dead_lettered(e.kind.as_str());
             }

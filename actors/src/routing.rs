@@ -9,6 +9,7 @@ use std::hash::{Hash, Hasher};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::codec::quote;
 use crate::task::{Payload, Task, Tier};
 
 /// A task type from the config: how to turn `{"text","options"}` into a prompt.
@@ -126,7 +127,8 @@ pub fn plan(task: &Task, catalog: &Catalog) -> Result<Plan, String> {
                 );
             }
             format!(
-                "unknown task type {name:?}; known types: {}",
+                "unknown task type {}; known types: {}",
+                quote(name),
                 catalog
                     .task_types
                     .keys()
@@ -156,7 +158,9 @@ pub fn plan(task: &Task, catalog: &Catalog) -> Result<Plan, String> {
         }
         Payload::Chat(chat) => {
             let mut m = chat.clone();
-            if let Some(tt) = task_type {
+            // Without a type, the default type's output limit still applies.
+            let limit = task_type.or_else(|| catalog.task_types.get(DEFAULT_TASK_TYPE));
+            if let Some(tt) = limit {
                 if !m.contains_key("max_tokens") && !m.contains_key("max_completion_tokens") {
                     m.insert("max_completion_tokens".into(), json!(tt.max_tokens));
                 }
@@ -179,7 +183,8 @@ pub fn plan(task: &Task, catalog: &Catalog) -> Result<Plan, String> {
         let mut known: Vec<&str> = catalog.model_providers.keys().map(String::as_str).collect();
         known.sort_unstable();
         format!(
-            "model {model:?} is not served by any configured provider; served models: {}",
+            "model {} is not served by any configured provider; served models: {}",
+            quote(&model),
             known.join(", ")
         )
     })?;

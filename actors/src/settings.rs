@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backoff::RetryPolicy;
 use crate::batching::BatchPolicy;
+use crate::codec::ReplyPolicy;
 use crate::pricing::PriceTable;
 use crate::route::RouteSettings;
 use crate::routing::Catalog;
@@ -35,6 +36,8 @@ pub struct EngineSettings {
     pub prices: PriceTable,
     /// Largest accepted task body.
     pub max_payload_bytes: usize,
+    /// Which subjects a task's `reply_to` may name.
+    pub reply_to: ReplyPolicy,
     /// Route control shared by every route: concurrency bounds, circuit,
     /// priority weights, longest pause honoured.
     pub route: RouteSettings,

@@ -343,7 +343,11 @@ impl Server {
                 (Some(l), u)
             }
         };
-        let client = crate::nats::connect(&url).await?;
+        let client = crate::nats::connect(&crate::config::NatsConfig {
+            url: url.clone(),
+            ..base.nats.clone()
+        })
+        .await?;
         let js = jetstream::new(client.clone());
         let mut nats = base.nats.clone();
         Namespace::new(format!(
@@ -705,6 +709,7 @@ mod tests {
                 published_at: chrono::Utc::now(),
                 max_payload_bytes: config.intake.max_payload_bytes,
                 generation: 0,
+                reply_to: &batchd_actors::codec::ReplyPolicy::default_for("batchd"),
             })
             .unwrap();
             assert_eq!(&task.task_id, id);

@@ -138,7 +138,7 @@ reported and do not change it.";
 /// Runs `batchd dlq`.
 pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
     let config = super::load_config(args.config.as_deref(), args.nats_url.as_deref())?;
-    let client = crate::nats::connect(&config.nats.url).await?;
+    let client = crate::nats::connect(&config.nats).await?;
     let js = jetstream::new(client.clone());
     let dl = DeadLetters::open(&js, &config.nats)
         .await

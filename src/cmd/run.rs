@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 
 use crate::app;
-use crate::config::Config;
+use crate::config::{Config, NatsAuthArgs};
+use crate::secrets::redact_url;
 
 /// Arguments of `batchd run`.
 #[derive(Debug, Clone, clap::Args)]
@@ -22,11 +23,16 @@ pub struct RunArgs {
     /// Listen address of the Prometheus /metrics endpoint.
     #[arg(long, env = "BATCHD_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// NATS credentials and TLS.
+    #[command(flatten)]
+    pub nats_auth: NatsAuthArgs,
 }
 
 /// Runs `batchd run`.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = super::load_config(args.config.as_deref(), args.nats_url.as_deref())?;
+    let mut config = super::load_config(args.config.as_deref(), args.nats_url.as_deref())?;
+    args.nats_auth.apply(&mut config.nats);
+    config.validate()?;
     let addr = match args.metrics_addr {
         Some(a) => a,
         None => config
@@ -45,11 +51,11 @@ async fn serve(config: Config, metrics_addr: SocketAddr) -> anyhow::Result<()> {
         crate::telemetry::serve_metrics(metrics_addr, health.clone()).await?;
     let providers = app::http_providers(&config)?;
     for (name, p) in &config.providers {
-        tracing::info!(provider = %name, base_url = %p.resolved_base_url(), key = p.resolved_api_key().is_some(), "provider");
+        tracing::info!(provider = %name, base_url = %redact_url(&p.resolved_base_url()), key = p.resolved_api_key().is_some(), "provider");
     }
     let mut running = app::start(&config, providers).await?;
     health.set_ready(running.readiness(&config));
-    tracing::info!(nats = %config.nats.url, metrics = %format!("http://{bound}/metrics"), "batchd running");
+    tracing::info!(nats = %redact_url(&config.nats.url), auth = %config.nats.auth.describe(), metrics = %format!("http://{bound}/metrics"), "batchd running");
     let outcome = tokio::select! {
         _ = shutdown_signal() => {
             tracing::info!("shutting down: finishing in-flight tasks");

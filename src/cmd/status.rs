@@ -36,7 +36,7 @@ pub struct StatusArgs {
 /// Runs `batchd status`.
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let config = super::load_config(args.config.as_deref(), args.nats_url.as_deref())?;
-    let client = crate::nats::connect(&config.nats.url).await?;
+    let client = crate::nats::connect(&config.nats).await?;
     loop {
         let s = status::read(&client, &config, args.metrics_url.as_deref()).await;
         let text = if args.json {

@@ -388,6 +388,7 @@ pub fn settings() -> EngineSettings {
             models,
         },
         max_payload_bytes: 10_000,
+        reply_to: batchd_actors::codec::ReplyPolicy::default_for("batchd"),
         route: RouteSettings {
             max_concurrency: 4,
             initial_concurrency: 4,

@@ -588,6 +588,7 @@ mod tests {
                 published_at: chrono::Utc::now(),
                 max_payload_bytes: config.intake.max_payload_bytes,
                 generation: 0,
+                reply_to: &batchd_actors::codec::ReplyPolicy::default_for("batchd"),
             })
             .unwrap();
             assert_eq!(task.task_id, id);

@@ -102,7 +102,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| default_output(&args.file));
 
-    let client = crate::nats::connect(&config.nats.url).await?;
+    let client = crate::nats::connect(&config.nats).await?;
     let max_payload = client.server_info().max_payload;
     let lines = check_lines(&data, default_priority, max_payload);
     if lines.is_empty() {

@@ -40,6 +40,9 @@ pub struct NatsServer {
     /// `dir/store`, created by nats-server itself.
     store: PathBuf,
     dir: TempDir,
+    /// `dir/server.conf` for a server started with a config file; its
+    /// readiness is a TCP connect (its clients need credentials or TLS).
+    config: Option<PathBuf>,
 }
 
 impl NatsServer {
@@ -52,15 +55,55 @@ impl NatsServer {
             .expect("create a temporary dir for nats-server");
         fs::create_dir(dir.path().join("ports")).expect("create the ports file dir");
         let store = dir.path().join("store");
-        let child = spawn(dir.path(), &store, None);
+        let child = spawn_with(dir.path(), &store, None, None, &[]);
         let mut server = NatsServer {
             child: Some(child),
             port: 0,
             store,
             dir,
+            config: None,
         };
         server.wait_until_ready().await;
         server
+    }
+
+    /// Starts nats-server with a config file: `conf` is written to
+    /// `dir/server.conf` after `{dir}` is replaced by the server's temporary
+    /// directory (put certificates and included files there with
+    /// [`NatsServer::dir_for_config`] first); `env` is set for it (`$VAR`s).
+    pub async fn start_with_config(dir: TempDir, conf: &str, env: &[(&str, &str)]) -> NatsServer {
+        fs::create_dir_all(dir.path().join("ports")).expect("create the ports file dir");
+        let store = dir.path().join("store");
+        let conf = conf.replace("{dir}", &dir.path().display().to_string());
+        let conf = format!(
+            "{conf}\njetstream {{ store_dir: {:?} }}\n",
+            store.display().to_string()
+        );
+        let config = dir.path().join("server.conf");
+        fs::write(&config, conf).expect("write server.conf");
+        let child = spawn_with(dir.path(), &store, None, Some(&config), env);
+        let mut server = NatsServer {
+            child: Some(child),
+            port: 0,
+            store,
+            dir,
+            config: Some(config),
+        };
+        server.wait_until_ready().await;
+        server
+    }
+
+    /// A temporary directory for [`NatsServer::start_with_config`].
+    pub fn dir_for_config() -> TempDir {
+        tempfile::Builder::new()
+            .prefix("batchd-nats-")
+            .tempdir()
+            .expect("create a temporary dir for nats-server")
+    }
+
+    /// The server's log so far (permission violations show up there).
+    pub fn log(&self) -> String {
+        fs::read_to_string(log_path(self.dir.path())).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {
@@ -99,7 +142,13 @@ impl NatsServer {
     /// first if it is running) and waits until JetStream answers.
     pub async fn restart(&mut self) {
         self.stop().await;
-        self.child = Some(spawn(self.dir.path(), &self.store, Some(self.port)));
+        self.child = Some(spawn_with(
+            self.dir.path(),
+            &self.store,
+            Some(self.port),
+            self.config.as_deref(),
+            &[],
+        ));
         self.wait_until_ready().await;
     }
 
@@ -124,7 +173,16 @@ impl NatsServer {
             if self.port == 0 {
                 self.port = read_port(&self.dir.path().join("ports")).unwrap_or(0);
             }
-            if self.port != 0 && jetstream_answers(&self.url()).await {
+            let ready = match self.config {
+                None => self.port != 0 && jetstream_answers(&self.url()).await,
+                Some(_) => {
+                    self.port != 0
+                        && tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                            .await
+                            .is_ok()
+                }
+            };
+            if ready {
                 return;
             }
             if Instant::now() >= deadline {
@@ -156,18 +214,38 @@ impl Drop for NatsServer {
     }
 }
 
-/// Spawns nats-server on `port`, or on a port of its choosing when `None`.
-fn spawn(dir: &Path, store: &Path, port: Option<u16>) -> Child {
+/// Spawns nats-server on `port`, or on a port of its choosing when `None`,
+/// with a config file when given and `env` set.
+fn spawn_with(
+    dir: &Path,
+    store: &Path,
+    port: Option<u16>,
+    config: Option<&Path>,
+    env: &[(&str, &str)],
+) -> Child {
     let log = OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_path(dir))
         .expect("open the nats-server log");
     let port = port.map_or_else(|| "-1".to_string(), |port| port.to_string());
-    Command::new(BINARY)
-        .args(["-a", "127.0.0.1", "-p", &port, "-js"])
-        .arg("-sd")
-        .arg(store)
+    let mut command = Command::new(BINARY);
+    match config {
+        None => {
+            command
+                .args(["-a", "127.0.0.1", "-p", &port, "-js"])
+                .arg("-sd")
+                .arg(store);
+        }
+        Some(config) => {
+            command
+                .arg("-c")
+                .arg(config)
+                .args(["-a", "127.0.0.1", "-p", &port]);
+        }
+    }
+    command
+        .envs(env.iter().copied())
         .arg("--ports_file_dir")
         .arg(dir.join("ports"))
         .stdin(Stdio::null())
