@@ -63,7 +63,7 @@ pub enum DeadLetterError {
 /// One dead letter as listed: the last on its subject.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listed {
-    /// The task id (or the synthetic `invalid-p<N>-<seq>`).
+    /// The task id (or the synthetic `invalid~p<N>~<seq>~<ms>`).
     pub id: String,
     /// The dead letter.
     pub letter: Result<DeadLetter, DecodeError>,

@@ -129,7 +129,7 @@ the dead letter. The engine then runs the task again and its new outcome
 replaces the failed one. Refused, with a line saying why: a task whose kept
 outcome succeeded (a succeeded task is never replayed), an id without a dead
 letter, and a dead letter without a readable task (an unreadable body, id
-invalid-p<N>-<seq>: purge those).
+invalid~p<N>~<seq>~<ms>: purge those).
 
 The exit status is non-zero when an id named on the command line was refused
 or missing, or when anything failed; refusals among --kind or --all are

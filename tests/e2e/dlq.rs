@@ -191,7 +191,7 @@ async fn ls_and_show_list_dead_letters_as_a_table_and_as_json() {
         .expect("bad-p3 listed");
     assert!(row.contains("invalid_request"), "{row}");
     assert!(row.contains("model \"gpt-99\" is not served"), "{row}");
-    assert!(table.contains("invalid-p1-"), "{table}");
+    assert!(table.contains("invalid~p1~"), "{table}");
     assert!(!table.contains("fine"), "{table}");
 
     let all = json_lines(&ok(&config, &["ls", "--json"]).await);
@@ -204,7 +204,7 @@ async fn ls_and_show_list_dead_letters_as_a_table_and_as_json() {
     assert!(p3["age_secs"].as_f64().is_some_and(|a| a < 60.0), "{p3}");
     let unreadable = all
         .iter()
-        .find(|l| l["id"].as_str().unwrap().starts_with("invalid-p1-"))
+        .find(|l| l["id"].as_str().unwrap().starts_with("invalid~p1~"))
         .expect("the unreadable task");
     assert!(unreadable["task"].is_null());
     assert!(unreadable["raw_base64"].is_string());
@@ -472,7 +472,7 @@ async fn dry_runs_change_nothing() {
         out.contains("would replay dry as generation 1 on batchd.tasks.p2"),
         "{out}"
     );
-    assert!(out.contains("refused invalid-p3-"), "{out}");
+    assert!(out.contains("refused invalid~p3~"), "{out}");
     assert!(out.contains("nothing to replay"), "{out}");
     assert!(
         out.contains("1 would be replayed, 1 would be refused"),
@@ -518,7 +518,7 @@ async fn purge_deletes_dead_letters_by_id_by_kind_and_all() {
     let all = ids(ok(&config, &["ls", "--json"]).await);
     let synthetic = all
         .iter()
-        .find(|id| id.starts_with("invalid-p1-"))
+        .find(|id| id.starts_with("invalid~p1~"))
         .expect("the unreadable task")
         .clone();
 
