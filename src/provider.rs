@@ -165,9 +165,17 @@ impl Provider for OpenAiProvider {
         } else if let Some((user, password)) = &self.basic {
             req = req.basic_auth(user, Some(password));
         }
-        let resp = req.send().await.map_err(|e| ProviderError::Transient {
-            status: None,
-            message: self.transport_error(e),
+        let resp = req.send().await.map_err(|e| {
+            if e.is_timeout() {
+                ProviderError::Timeout {
+                    message: self.transport_error(e),
+                }
+            } else {
+                ProviderError::Transient {
+                    status: None,
+                    message: self.transport_error(e),
+                }
+            }
         })?;
         let status = resp.status();
         let limits = parse_rate_limit_headers(

@@ -338,8 +338,7 @@ async fn run_task(
         )
         .await
         .unwrap_or_else(|_| {
-            Err(ProviderError::Transient {
-                status: None,
+            Err(ProviderError::Timeout {
                 message: format!("no answer within {:?}", ctx.settings.request_timeout),
             })
         });
@@ -492,7 +491,8 @@ async fn clear_attempts(ctx: &EngineContext, task_id: &str, stored: bool) {
 /// The `reason` label of a retry: what kind of transient failure it was.
 fn retry_reason(error: &ProviderError) -> &'static str {
     match error {
-        ProviderError::Transient {
+        ProviderError::Timeout { .. }
+        | ProviderError::Transient {
             status: Some(408), ..
         } => "timeout",
         ProviderError::Transient {
@@ -501,10 +501,6 @@ fn retry_reason(error: &ProviderError) -> &'static str {
         ProviderError::Transient {
             status: Some(_), ..
         } => "server_error",
-        ProviderError::Transient {
-            status: None,
-            message,
-        } if message.starts_with("no answer within") => "timeout",
         _ => "connection",
     }
 }

@@ -240,7 +240,13 @@ pub enum ProviderError {
         /// The provider's message.
         message: String,
     },
-    /// 5xx, timeouts, connection errors: try again later.
+    /// No answer within the request timeout: try again later.
+    #[error("transient provider failure: {message}")]
+    Timeout {
+        /// What timed out, and after how long.
+        message: String,
+    },
+    /// 5xx, 408, 409, connection errors: try again later.
     #[error("transient provider failure{}: {message}", status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
     Transient {
         /// HTTP status, when there was a response.

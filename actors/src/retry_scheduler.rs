@@ -63,8 +63,12 @@ pub fn classify(error: &ProviderError, attempts: u32, policy: &RetryPolicy) -> V
             404 => Verdict::RouteDown(RouteFault::ModelNotFound),
             _ => Verdict::Permanent,
         },
-        ProviderError::Transient { .. } if policy.exhausted(attempts) => Verdict::Exhausted,
-        ProviderError::Transient { .. } => Verdict::Retry,
+        ProviderError::Transient { .. } | ProviderError::Timeout { .. }
+            if policy.exhausted(attempts) =>
+        {
+            Verdict::Exhausted
+        }
+        ProviderError::Transient { .. } | ProviderError::Timeout { .. } => Verdict::Retry,
     }
 }
 
@@ -185,6 +189,15 @@ mod tests {
                 Verdict::Exhausted
             );
         }
+    }
+
+    #[test]
+    fn timeouts_retry_like_other_transient_failures() {
+        let e = ProviderError::Timeout {
+            message: "no answer within 1s".into(),
+        };
+        assert_eq!(classify(&e, 1, &policy()), Verdict::Retry);
+        assert_eq!(classify(&e, 3, &policy()), Verdict::Exhausted);
     }
 
     #[test]
