@@ -341,19 +341,15 @@ impl DeadLetters {
 
     /// Purges the dead letter of `task_id`; returns how many messages went.
     pub async fn purge(&self, task_id: &str) -> Result<u64, DeadLetterError> {
-        let subject = self.subjects.dead_letter(task_id);
-        let r = self
-            .dlq
-            .purge()
-            .filter(subject.clone())
-            .await
-            .map_err(|e| self.purge_error(&subject, e))?;
-        Ok(r.purged)
+        self.purge_subject(self.subjects.dead_letter(task_id)).await
     }
 
     /// Purges every dead letter; returns how many messages went.
     pub async fn purge_all(&self) -> Result<u64, DeadLetterError> {
-        let subject = self.subjects.dead_letters();
+        self.purge_subject(self.subjects.dead_letters()).await
+    }
+
+    async fn purge_subject(&self, subject: String) -> Result<u64, DeadLetterError> {
         let r = self
             .dlq
             .purge()
