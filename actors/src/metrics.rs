@@ -371,6 +371,18 @@ pub fn model_label(model: &str) -> String {
 /// The `tenant` label of `tenant`: itself while fewer than the cap of
 /// tenants have a label (first come, first labelled), else [`OTHER`].
 pub fn tenant_label(tenant: &str) -> String {
+    // Every task's spend passes here: a shared read lock answers for known
+    // tenants and a full cap; only a new tenant under the cap takes the
+    // write lock.
+    {
+        let bounds = BOUNDS.read().unwrap_or_else(|e| e.into_inner());
+        match &*bounds {
+            None => return tenant.to_owned(),
+            Some(b) if b.tenants.contains(tenant) => return tenant.to_owned(),
+            Some(b) if b.tenants.len() >= b.max_tenants => return OTHER.to_owned(),
+            Some(_) => {}
+        }
+    }
     let mut bounds = BOUNDS.write().unwrap_or_else(|e| e.into_inner());
     match bounds.as_mut() {
         Some(b) => b.tenant(tenant),
