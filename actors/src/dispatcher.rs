@@ -277,24 +277,10 @@ async fn run_task(
     mut a: Accepted,
 ) {
     let task_id = a.task.task_id.clone();
-    match ctx
-        .ports
-        .sink
-        .outcome_exists(&task_id, a.task.generation)
-        .await
-    {
-        Ok(true) => {
-            tracing::debug!(task_id = %task_id, "outcome already published; skipping");
-            let _ = a.lease.ack().await;
-            return;
-        }
-        Ok(false) => {}
-        Err(e) => {
-            tracing::warn!(task_id = %task_id, error = %e, "could not check for an existing outcome; handing back");
-            let _ = a.lease.nak(Some(Duration::from_secs(1))).await;
-            return;
-        }
-    }
+    let Some(lease) = outcome::unless_done(&ctx, a.lease, &task_id, a.task.generation).await else {
+        return;
+    };
+    a.lease = lease;
     let dispatched_at = Utc::now();
     metrics::task_dispatched(
         a.task.priority,

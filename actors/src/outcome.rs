@@ -203,20 +203,33 @@ pub async fn deliver(ctx: &EngineContext, lease: Lease, f: Final, subject: &str)
 /// (`max_retries`, `expired`): when an outcome already exists, that one is
 /// kept and the message is only acked.
 pub async fn deliver_unless_done(ctx: &EngineContext, lease: Lease, f: Final, subject: &str) {
-    match ctx
-        .ports
-        .sink
-        .outcome_exists(&f.outcome.task_id, f.outcome.generation)
-        .await
-    {
+    let (task_id, generation) = (f.outcome.task_id.clone(), f.outcome.generation);
+    if let Some(lease) = unless_done(ctx, lease, &task_id, generation).await {
+        deliver(ctx, lease, f, subject).await;
+    }
+}
+
+/// Looks for the kept outcome of `task_id` (of `generation` or later)
+/// before the engine spends anything on it. When one exists the message is
+/// acked; when the lookup fails it is handed back for a later try. Either
+/// way `None`; `Some(lease)` means no outcome exists: go on.
+pub async fn unless_done(
+    ctx: &EngineContext,
+    lease: Lease,
+    task_id: &str,
+    generation: u32,
+) -> Option<Lease> {
+    match ctx.ports.sink.outcome_exists(task_id, generation).await {
+        Ok(false) => Some(lease),
         Ok(true) => {
-            tracing::debug!(task_id = %f.outcome.task_id, "outcome already published; skipping");
+            tracing::debug!(task_id = %task_id, "outcome already published; skipping");
             let _ = lease.ack().await;
+            None
         }
-        Ok(false) => deliver(ctx, lease, f, subject).await,
         Err(e) => {
-            tracing::warn!(task_id = %f.outcome.task_id, error = %e, "could not check for an existing outcome; handing back");
+            tracing::warn!(task_id = %task_id, error = %e, "could not check for an existing outcome; handing back");
             let _ = lease.nak(Some(Duration::from_secs(1))).await;
+            None
         }
     }
 }
