@@ -488,9 +488,11 @@ fn to_delivery(
         .and_then(|g| g.trim().parse().ok())
         .unwrap_or(0);
     // A requeued copy keeps the time its task was first published.
-    let published_at = read::header(m.headers.as_ref(), PUBLISHED_AT_HEADER)
+    let first_published = read::header(m.headers.as_ref(), PUBLISHED_AT_HEADER)
         .and_then(|t| DateTime::parse_from_rfc3339(t.trim()).ok())
-        .map_or(published_at, |t| t.with_timezone(&Utc));
+        .map(|t| t.with_timezone(&Utc));
+    let requeued = first_published.is_some();
+    let published_at = first_published.unwrap_or(published_at);
     Ok(Delivery {
         priority: p,
         subject: m.subject.to_string(),
@@ -500,6 +502,7 @@ fn to_delivery(
         stream_sequence,
         published_at,
         generation,
+        requeued,
         pending: Some(pending),
         hold: Box::new(JetAcker(acker)),
     })

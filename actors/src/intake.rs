@@ -138,7 +138,7 @@ async fn sample_backlog(ctx: Arc<EngineContext>) {
 
 /// Validates and routes one delivery; never blocks the actor on I/O.
 fn take(ctx: &Arc<EngineContext>, d: Delivery) {
-    if d.delivered <= 1 {
+    if d.is_first() {
         metrics::task_received(d.priority);
     }
     let inbound = Inbound {
@@ -183,6 +183,7 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
         });
         return;
     };
+    let first = d.is_first();
     let accepted = Accepted {
         attempts_before: task.retry_count,
         task,
@@ -195,11 +196,12 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
         published_at: d.published_at,
         drained: d.pending == Some(0),
     };
-    if d.delivered <= 1 {
+    if first {
         admit(ctx, accepted);
         return;
     }
-    // A redelivered message: the attempts it spent before are in the store.
+    // A redelivered or requeued message: the attempts its task spent before
+    // are in the store.
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let mut accepted = accepted;

@@ -34,6 +34,9 @@ pub struct Delivery<H = Lease> {
     pub published_at: DateTime<Utc>,
     /// The replay generation from the `Batchd-Generation` header (0 when absent).
     pub generation: u32,
+    /// True for a copy the engine requeued (it carries `Batchd-Published-At`):
+    /// not a new task, and the attempts its task spent are in the store.
+    pub requeued: bool,
     /// Messages still waiting for this consumer after this one, when known
     /// (0: the queue is drained, no point holding a batch open for more).
     pub pending: Option<u64>,
@@ -54,9 +57,18 @@ impl Delivery<Box<dyn Acker>> {
             stream_sequence: self.stream_sequence,
             published_at: self.published_at,
             generation: self.generation,
+            requeued: self.requeued,
             pending: self.pending,
             hold: Lease::new(self.hold, Some(keeper)),
         }
+    }
+}
+
+impl<H> Delivery<H> {
+    /// True the first time this task reaches the engine: neither a
+    /// redelivery nor a requeued copy.
+    pub fn is_first(&self) -> bool {
+        self.delivered <= 1 && !self.requeued
     }
 }
 

@@ -276,3 +276,37 @@ async fn a_restarted_dispatcher_keeps_its_routes_pause() {
     }
     r.engine.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_requeued_task_keeps_the_attempts_it_spent() {
+    let mut s = settings();
+    s.park_keep = 0;
+    let until_at = Instant::now() + Duration::from_secs(20);
+    let r = rig(
+        s,
+        down_until(
+            until_at,
+            ProviderError::Rejected {
+                status: 401,
+                message: "Incorrect API key provided".into(),
+            },
+        ),
+    )
+    .await;
+    // Two attempts spent on an earlier run; a first delivery does not read
+    // them, the requeued copy does.
+    r.attempts.set("spent", 2).await.unwrap();
+    r.source.publish(Priority::P2, task("spent", "x"));
+    until(Duration::from_secs(60), || {
+        r.sink.outcome("spent").is_some()
+    })
+    .await;
+    assert!(r.source.requeues().contains(&"spent".to_owned()));
+    let o = r.sink.outcome("spent").unwrap();
+    assert_eq!(o["status"], "succeeded", "{o}");
+    assert_eq!(
+        o["attempts"], 3,
+        "2 spent before the requeue, then 1 call: {o}"
+    );
+    r.engine.shutdown().await;
+}

@@ -113,6 +113,7 @@ fn delivery(
         stream_sequence: seq,
         published_at: chrono::Utc::now(),
         generation: 0,
+        requeued: false,
         pending: None,
         hold: Box::new(acker),
     }
@@ -208,7 +209,12 @@ impl TaskSource for FakeSource {
             Some("p2") => Priority::P2,
             _ => Priority::P3,
         };
-        self.publish(priority, body);
+        let id = body["task_id"].as_str().unwrap_or("?").to_owned();
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let q = &self.queues[priority.index()];
+        let mut d = delivery(&id, priority, copy.body, 1, seq, &q.tx, &self.log);
+        d.requeued = true;
+        q.tx.send(d).unwrap();
         Ok(())
     }
 }
