@@ -533,30 +533,17 @@ impl TaskSource for JetSource {
     }
 
     async fn backlog(&self, priority: Priority) -> Result<Backlog, SourceError> {
-        let name = &self.names[priority.index()];
-        let info = self
-            .tasks
-            .consumer_info(name)
-            .await
-            .map_err(|e| SourceError(e.to_string()))?;
-        let depth = info.num_pending + u64::try_from(info.num_ack_pending).unwrap_or(0);
-        let oldest_age = if depth == 0 {
-            None
-        } else {
-            match self
-                .tasks
-                .direct_get_first_for_subject(self.subjects[priority.index()].as_str())
-                .await
-            {
-                Ok(m) => {
-                    let t = m.time;
-                    let ts = DateTime::<Utc>::from_timestamp(t.unix_timestamp(), t.nanosecond());
-                    ts.and_then(|ts| (Utc::now() - ts).to_std().ok())
-                }
-                Err(_) => None,
-            }
-        };
-        Ok(Backlog { depth, oldest_age })
+        let q = queue_state(
+            &self.tasks,
+            &self.names[priority.index()],
+            &self.subjects[priority.index()],
+        )
+        .await
+        .map_err(SourceError)?;
+        Ok(Backlog {
+            depth: q.waiting + q.in_flight,
+            oldest_age: q.oldest_age,
+        })
     }
 
     async fn requeue(&self, copy: Requeue) -> Result<(), SourceError> {
@@ -581,6 +568,49 @@ impl TaskSource for JetSource {
             .map_err(|e| SourceError(format!("PubAck of a requeue on {}: {e}", copy.subject)))?;
         Ok(())
     }
+}
+
+/// One priority's queue as its consumer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct QueueState {
+    /// Messages not yet delivered.
+    pub waiting: u64,
+    /// Messages delivered and not yet acked.
+    pub in_flight: u64,
+    /// Age of the oldest unfinished message, when there is one.
+    pub oldest_age: Option<Duration>,
+}
+
+/// Reads one priority's queue: the consumer's counts, and the age of the
+/// oldest message on its subject (only when something is unfinished).
+pub async fn queue_state(
+    tasks: &stream::Stream,
+    consumer: &str,
+    subject: &str,
+) -> Result<QueueState, String> {
+    let info = tasks
+        .consumer_info(consumer)
+        .await
+        .map_err(|e| format!("consumer {consumer}: {e}"))?;
+    let waiting = info.num_pending;
+    let in_flight = u64::try_from(info.num_ack_pending).unwrap_or(0);
+    let oldest_age = if waiting + in_flight == 0 {
+        None
+    } else {
+        match tasks.direct_get_first_for_subject(subject).await {
+            Ok(m) => {
+                let t = m.time;
+                let ts = DateTime::<Utc>::from_timestamp(t.unix_timestamp(), t.nanosecond());
+                ts.and_then(|ts| (Utc::now() - ts).to_std().ok())
+            }
+            Err(_) => None,
+        }
+    };
+    Ok(QueueState {
+        waiting,
+        in_flight,
+        oldest_age,
+    })
 }
 
 /// Outcomes, dead letters and replies.

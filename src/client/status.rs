@@ -15,7 +15,7 @@ use futures::TryStreamExt as _;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::nats::consumer_name;
+use crate::nats::{consumer_name, queue_state};
 
 /// One priority's queue.
 #[derive(Debug, Clone, Serialize)]
@@ -92,23 +92,16 @@ pub async fn read(
         };
         match &tasks {
             Err(e) => s.error = Some(format!("stream {}: {e}", n.tasks_stream)),
-            Ok(stream) => match stream.consumer_info(consumer_name(n, p)).await {
-                Err(e) => s.error = Some(format!("consumer {}: {e}", consumer_name(n, p))),
-                Ok(info) => {
-                    s.waiting = info.num_pending;
-                    s.in_flight = u64::try_from(info.num_ack_pending).unwrap_or(0);
-                    if s.waiting + s.in_flight > 0 {
-                        if let Ok(msg) = stream
-                            .direct_get_first_for_subject(subjects.task(p).as_str())
-                            .await
-                        {
-                            let age = Utc::now().timestamp_millis() as f64 / 1000.0
-                                - msg.time.unix_timestamp_nanos() as f64 / 1e9;
-                            s.oldest_age_secs = Some(age.max(0.0));
-                        }
+            Ok(stream) => {
+                match queue_state(stream, &consumer_name(n, p), &subjects.task(p)).await {
+                    Err(e) => s.error = Some(e),
+                    Ok(q) => {
+                        s.waiting = q.waiting;
+                        s.in_flight = q.in_flight;
+                        s.oldest_age_secs = q.oldest_age.map(|a| a.as_secs_f64());
                     }
                 }
-            },
+            }
         }
         priorities.push(s);
     }
