@@ -132,6 +132,17 @@ pub struct NatsAuth {
     pub token: Option<String>,
 }
 
+impl NatsConfig {
+    /// Bounds the tasks stream to the room `tasks` bodies need (16 KiB each,
+    /// 64 MiB at least, never above the configured bound): a run of known
+    /// size (the demo, a benchmark) reserves no more of a server's store.
+    pub fn size_tasks_for(&mut self, tasks: u64) {
+        let bytes = i64::try_from(tasks.saturating_mul(16 * 1024)).unwrap_or(i64::MAX);
+        self.tasks_max_bytes =
+            bytes.clamp((64 << 20).min(self.tasks_max_bytes), self.tasks_max_bytes);
+    }
+}
+
 impl NatsAuth {
     /// How batchd authenticates, for messages: never a secret.
     pub fn describe(&self) -> String {

@@ -296,7 +296,18 @@ pub async fn ensure_topology(
             ..Default::default()
         })
         .await
-        .map_err(|e| setup_err(format!("stream {}", n.tasks_stream))(e.to_string()))?;
+        .map_err(|e| {
+            let mut message = e.to_string();
+            if message.contains("10047") {
+                message = format!(
+                    "{message}: the server cannot reserve nats.tasks_max_bytes = {} bytes \
+                     for it; lower `nats.tasks_max_bytes` or give the server more \
+                     JetStream store (`jetstream {{ max_file_store }}`, free disk)",
+                    n.tasks_max_bytes
+                );
+            }
+            setup_err(format!("stream {}", n.tasks_stream))(message)
+        })?;
     // One kept outcome and one dead letter per task: the last published
     // (a replay's outcome supersedes the failed one).
     let results = ensure_kept_last(

@@ -221,7 +221,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     if args.tasks == 0 {
         bail!("--tasks must be at least 1");
     }
-    let base = Config::defaults()?;
+    let mut base = Config::defaults()?;
+    // The phases' backlogs, not the production bound: a shared server may
+    // not have that to reserve.
+    base.nats
+        .size_tasks_for(u64::try_from(args.tasks.max(60_000)).unwrap_or(u64::MAX));
     let timeout = Duration::from_secs(args.timeout);
     let bodies = task_bodies(&base, args.tasks);
     let cores = std::thread::available_parallelism().map_or(1, usize::from);

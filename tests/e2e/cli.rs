@@ -171,3 +171,29 @@ fn run_refuses_a_nats_server_too_old_naming_its_version() {
     assert!(err.contains("too old"), "{err}");
     assert!(err.contains("2.10 or newer"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_bound_the_server_cannot_reserve_is_refused_naming_the_key() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // 1 PiB: more JetStream store than any test machine has.
+    let path = common::config_file(
+        dir.path(),
+        &nats.url(),
+        "http://127.0.0.1:9/v1",
+        "[nats]\ntasks_max_bytes = 1_125_899_906_842_624\n",
+    );
+    let out = batchd()
+        .args(["run", "--metrics-addr", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "batchd run should refuse to start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("10047"), "{err}");
+    assert!(
+        err.contains("nats.tasks_max_bytes = 1125899906842624"),
+        "{err}"
+    );
+    assert!(err.contains("max_file_store"), "{err}");
+}

@@ -276,10 +276,9 @@ fn demo_config(
     if let Some(id) = isolation {
         Namespace::new(format!("batchd_demo_{id}")).apply(&mut config.nats);
     }
-    // Room for the workload (bodies are a few KiB at most), not the
-    // production default of 8 GiB: a shared server may not have that to reserve.
-    let bytes = i64::try_from(tasks.saturating_mul(16 * 1024)).unwrap_or(i64::MAX);
-    config.nats.tasks_max_bytes = bytes.clamp(64 << 20, config.nats.tasks_max_bytes);
+    // Room for the workload, not the production default: a shared server
+    // may not have that to reserve.
+    config.nats.size_tasks_for(tasks);
     let provider = config
         .providers
         .get_mut("openai")

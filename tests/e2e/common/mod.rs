@@ -48,6 +48,7 @@ pub fn config_toml_as(provider: &str, nats_url: &str, base_url: &str, extra: &st
         r#"
 [nats]
 url = "{nats_url}"
+tasks_max_bytes = 268_435_456
 [intake]
 ack_wait_secs = 4
 max_payload_bytes = 4096
