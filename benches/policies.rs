@@ -9,7 +9,7 @@ use batchd_actors::backoff::RetryPolicy;
 use batchd_actors::codec::{decode_task, Inbound, ReplyPolicy};
 use batchd_actors::pricing::{cost, ModelPrice};
 use batchd_actors::routing::{plan, render};
-use batchd_actors::task::{Priority, RouteKind, Usage};
+use batchd_actors::task::{Priority, Usage};
 use criterion::{criterion_group, criterion_main, Criterion};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -114,21 +114,16 @@ fn pricing(c: &mut Criterion) {
         input: 0.15,
         cached_input: 0.075,
         output: 0.60,
+        cache_write: None,
     };
     let usage = Usage {
         input_tokens: 812,
         cached_input_tokens: 768,
         output_tokens: 41,
+        ..Usage::default()
     };
     c.bench_function("pricing::cost", |b| {
-        b.iter(|| {
-            cost(
-                black_box(&price),
-                black_box(&usage),
-                black_box(RouteKind::BatchApi),
-                0.5,
-            )
-        })
+        b.iter(|| cost(black_box(&price), black_box(&usage)))
     });
 }
 

@@ -243,6 +243,7 @@ impl Provider for InstantProvider {
                 input_tokens: 100,
                 cached_input_tokens: 0,
                 output_tokens: 10,
+                ..Usage::default()
             },
             limits: Default::default(),
         })

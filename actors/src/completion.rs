@@ -53,15 +53,36 @@ pub fn parse_chat_completion(body: &[u8]) -> Result<Completion, String> {
     Ok(Completion {
         output: Some(output),
         finish_reason,
-        usage: Usage {
-            input_tokens: u["prompt_tokens"].as_u64().unwrap_or(0),
-            cached_input_tokens: u["prompt_tokens_details"]["cached_tokens"]
-                .as_u64()
-                .unwrap_or(0),
-            output_tokens: u["completion_tokens"].as_u64().unwrap_or(0),
-        },
+        usage: read_usage(u),
         limits: Default::default(),
     })
+}
+
+/// Usage in either provider's words, made inclusive. OpenAI counts cached
+/// tokens inside `prompt_tokens`; Anthropic's `input_tokens` leaves out
+/// `cache_read_input_tokens` and `cache_creation_input_tokens`, which are added.
+pub fn read_usage(u: &Value) -> Usage {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    if u.get("prompt_tokens").is_some() {
+        return Usage {
+            input_tokens: n(&u["prompt_tokens"]),
+            cached_input_tokens: n(&u["prompt_tokens_details"]["cached_tokens"]),
+            output_tokens: n(&u["completion_tokens"]),
+            cache_write_input_tokens: 0,
+        };
+    }
+    let (read, written) = (
+        n(&u["cache_read_input_tokens"]),
+        n(&u["cache_creation_input_tokens"]),
+    );
+    Usage {
+        input_tokens: n(&u["input_tokens"])
+            .saturating_add(read)
+            .saturating_add(written),
+        cached_input_tokens: read,
+        output_tokens: n(&u["output_tokens"]),
+        cache_write_input_tokens: written,
+    }
 }
 
 /// Reads an error body (OpenAI's `{"error": {"message", "type", "code"}}`):
@@ -129,7 +150,25 @@ mod tests {
             Usage {
                 input_tokens: 812,
                 cached_input_tokens: 768,
-                output_tokens: 41
+                output_tokens: 41,
+                cache_write_input_tokens: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn anthropic_additive_usage_is_made_inclusive() {
+        let u = read_usage(&serde_json::json!({
+            "input_tokens": 10, "cache_read_input_tokens": 700,
+            "cache_creation_input_tokens": 90, "output_tokens": 41
+        }));
+        assert_eq!(
+            u,
+            Usage {
+                input_tokens: 800,
+                cached_input_tokens: 700,
+                output_tokens: 41,
+                cache_write_input_tokens: 90,
             }
         );
     }

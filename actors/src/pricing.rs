@@ -1,5 +1,10 @@
-//! Pricing: a dated price table and the cost of one task's usage. The
-//! CostAccountant builds on this; here it is a plain function.
+//! Pricing: a dated price table and the cost of one call's usage, a plain
+//! function the Dispatcher (outcomes) and the CostAccountant (ledger) share.
+//!
+//! Costs are whole pico-dollars ([`Picousd`], 10⁻¹² USD): every price in
+//! USD per million tokens with up to six decimals is a whole number of
+//! pico-dollars per token, so sums of calls equal the price of summed tokens
+//! exactly, and the ledger matches a provider's bill to the last digit.
 
 use std::collections::BTreeMap;
 
@@ -17,6 +22,10 @@ pub struct ModelPrice {
     pub cached_input: f64,
     /// Completion tokens.
     pub output: f64,
+    /// Prompt tokens written to the provider's cache (Anthropic's
+    /// `cache_creation_input_tokens`); default: the input price.
+    #[serde(default)]
+    pub cache_write: Option<f64>,
 }
 
 /// Prices as published on a given date.
@@ -28,6 +37,9 @@ pub struct PriceTable {
     /// Discount for Batch API jobs, as a fraction (0.5 = half price).
     #[serde(default = "default_batch_discount")]
     pub batch_discount: f64,
+    /// Price multiplier in off-peak windows (1 = none).
+    #[serde(default = "default_off_peak_multiplier")]
+    pub off_peak_multiplier: f64,
     /// Prices by model name.
     pub models: BTreeMap<String, ModelPrice>,
 }
@@ -36,49 +48,191 @@ fn default_batch_discount() -> f64 {
     0.5
 }
 
+fn default_off_peak_multiplier() -> f64 {
+    1.0
+}
+
+/// An amount in pico-dollars (10⁻¹² USD).
+pub type Picousd = u64;
+
+/// Pico-dollars in one USD.
+pub const PICOUSD_PER_USD: f64 = 1e12;
+
+/// USD of an amount in pico-dollars.
+pub fn usd(amount: Picousd) -> f64 {
+    amount as f64 / PICOUSD_PER_USD
+}
+
+/// Pico-dollars per token of a price in USD per million tokens.
+fn per_token(usd_per_million: f64) -> Picousd {
+    // 1 USD / 1M tokens = 10^6 pico-dollars per token.
+    (usd_per_million * 1e6).round().max(0.0) as Picousd
+}
+
 impl PriceTable {
-    /// The cost of `usage` on `model`; `None` when the model has no price.
+    /// The cost of `usage` on `model` in USD; `None` when the model has no price.
     pub fn cost(&self, model: &str, usage: &Usage, route: RouteKind) -> Option<f64> {
+        self.cost_picousd(model, usage, route, false).map(usd)
+    }
+
+    /// The cost of `usage` on `model` in pico-dollars, off-peak or not;
+    /// `None` when the model has no price.
+    pub fn cost_picousd(
+        &self,
+        model: &str,
+        usage: &Usage,
+        route: RouteKind,
+        off_peak: bool,
+    ) -> Option<Picousd> {
         let p = self.models.get(model)?;
-        Some(cost(p, usage, route, self.batch_discount))
+        let mut factor = match route {
+            RouteKind::Realtime => 1.0,
+            RouteKind::BatchApi => 1.0 - self.batch_discount,
+        };
+        if off_peak {
+            factor *= self.off_peak_multiplier;
+        }
+        Some(scale(cost(p, usage), factor))
+    }
+
+    /// An upper bound of a call's cost before it is made: every prompt token
+    /// at the uncached (or cache-write, if higher) rate and the whole output
+    /// limit at the output rate.
+    pub fn estimate_picousd(
+        &self,
+        model: &str,
+        prompt_tokens: u64,
+        max_output_tokens: u64,
+    ) -> Option<Picousd> {
+        let p = self.models.get(model)?;
+        let input = per_token(p.input.max(p.cache_write.unwrap_or(0.0)));
+        Some(
+            prompt_tokens
+                .saturating_mul(input)
+                .saturating_add(max_output_tokens.saturating_mul(per_token(p.output))),
+        )
     }
 }
 
-/// Cost in USD: uncached input, cached input and output at their rates.
-pub fn cost(price: &ModelPrice, usage: &Usage, route: RouteKind, batch_discount: f64) -> f64 {
-    let cached = usage.cached_input_tokens.min(usage.input_tokens);
-    let uncached = usage.input_tokens - cached;
-    let full = (uncached as f64 * price.input
-        + cached as f64 * price.cached_input
-        + usage.output_tokens as f64 * price.output)
-        / 1_000_000.0;
-    match route {
-        RouteKind::Realtime => full,
-        RouteKind::BatchApi => full * (1.0 - batch_discount),
+fn scale(amount: Picousd, factor: f64) -> Picousd {
+    if factor == 1.0 {
+        amount
+    } else {
+        (amount as f64 * factor).round().max(0.0) as Picousd
     }
+}
+
+/// Full-price cost in pico-dollars: uncached input, cached input, cache
+/// writes and output at their rates (usage is inclusive: `input_tokens`
+/// counts the cached and cache-write tokens too).
+pub fn cost(price: &ModelPrice, usage: &Usage) -> Picousd {
+    let cached = usage.cached_input_tokens.min(usage.input_tokens);
+    let written = usage
+        .cache_write_input_tokens
+        .min(usage.input_tokens - cached);
+    let uncached = usage.input_tokens - cached - written;
+    let write_rate = price.cache_write.unwrap_or(price.input);
+    (uncached.saturating_mul(per_token(price.input)))
+        .saturating_add(cached.saturating_mul(per_token(price.cached_input)))
+        .saturating_add(written.saturating_mul(per_token(write_rate)))
+        .saturating_add(usage.output_tokens.saturating_mul(per_token(price.output)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn table(p: ModelPrice) -> PriceTable {
+        PriceTable {
+            as_of: "2026-01-01".into(),
+            batch_discount: 0.5,
+            off_peak_multiplier: 0.8,
+            models: [("m".to_owned(), p)].into(),
+        }
+    }
+
+    fn usage(input: u64, cached: u64, output: u64) -> Usage {
+        Usage {
+            input_tokens: input,
+            cached_input_tokens: cached,
+            output_tokens: output,
+            ..Usage::default()
+        }
+    }
+
+    const MINI: ModelPrice = ModelPrice {
+        input: 0.15,
+        cached_input: 0.075,
+        output: 0.60,
+        cache_write: None,
+    };
+
     #[test]
     fn cached_tokens_are_priced_at_the_cached_rate() {
+        let u = usage(812, 768, 41);
+        // 44 × 0.15 + 768 × 0.075 + 41 × 0.60 USD per million tokens.
+        let expected: Picousd = 44 * 150_000 + 768 * 75_000 + 41 * 600_000;
+        assert_eq!(cost(&MINI, &u), expected);
+        let t = table(MINI);
+        assert_eq!(
+            t.cost_picousd("m", &u, RouteKind::Realtime, false),
+            Some(expected)
+        );
+        assert_eq!(
+            t.cost_picousd("m", &u, RouteKind::BatchApi, false),
+            Some(expected / 2)
+        );
+        assert_eq!(
+            t.cost_picousd("m", &u, RouteKind::Realtime, true),
+            Some((expected as f64 * 0.8).round() as Picousd)
+        );
+        assert_eq!(
+            t.cost("m", &u, RouteKind::Realtime),
+            Some(expected as f64 / 1e12)
+        );
+    }
+
+    #[test]
+    fn sums_of_calls_equal_the_price_of_summed_tokens() {
+        let calls = [
+            usage(812, 768, 41),
+            usage(13, 0, 7),
+            usage(2_000, 1_024, 333),
+        ];
+        let each: Picousd = calls.iter().map(|u| cost(&MINI, u)).sum();
+        let summed = calls.iter().fold(Usage::default(), |mut a, u| {
+            a.input_tokens += u.input_tokens;
+            a.cached_input_tokens += u.cached_input_tokens;
+            a.output_tokens += u.output_tokens;
+            a
+        });
+        assert_eq!(each, cost(&MINI, &summed));
+    }
+
+    #[test]
+    fn cache_writes_are_priced_at_the_cache_write_rate() {
         let p = ModelPrice {
-            input: 0.15,
-            cached_input: 0.075,
-            output: 0.60,
+            input: 3.0,
+            cached_input: 0.3,
+            output: 15.0,
+            cache_write: Some(3.75),
         };
         let u = Usage {
-            input_tokens: 812,
-            cached_input_tokens: 768,
-            output_tokens: 41,
+            input_tokens: 100,
+            cached_input_tokens: 20,
+            cache_write_input_tokens: 50,
+            output_tokens: 0,
         };
-        let c = cost(&p, &u, RouteKind::Realtime, 0.5);
-        let expected = (44.0 * 0.15 + 768.0 * 0.075 + 41.0 * 0.60) / 1e6;
-        assert!((c - expected).abs() < 1e-15, "{c} vs {expected}");
-        let b = cost(&p, &u, RouteKind::BatchApi, 0.5);
-        assert!((b - expected / 2.0).abs() < 1e-15);
+        assert_eq!(cost(&p, &u), 30 * 3_000_000 + 20 * 300_000 + 50 * 3_750_000);
+    }
+
+    #[test]
+    fn the_estimate_bounds_the_cost_of_any_answer_within_the_limits() {
+        let t = table(MINI);
+        let est = t.estimate_picousd("m", 100, 50).unwrap_or(0);
+        for u in [usage(100, 0, 50), usage(100, 100, 50), usage(90, 10, 1)] {
+            assert!(cost(&MINI, &u) <= est);
+        }
     }
 
     #[test]
@@ -87,21 +241,16 @@ mod tests {
             input: 1.0,
             cached_input: 0.5,
             output: 0.0,
+            cache_write: None,
         };
-        let u = Usage {
-            input_tokens: 10,
-            cached_input_tokens: 50,
-            output_tokens: 0,
-        };
-        assert!((cost(&p, &u, RouteKind::Realtime, 0.5) - 5.0 / 1e6).abs() < 1e-15);
+        assert_eq!(cost(&p, &usage(10, 50, 0)), 5_000_000);
     }
 
     #[test]
     fn unknown_model_has_no_price() {
         let t = PriceTable {
-            as_of: "2026-01-01".into(),
-            batch_discount: 0.5,
             models: BTreeMap::new(),
+            ..table(MINI)
         };
         assert!(t
             .cost("x", &Usage::default(), RouteKind::Realtime)

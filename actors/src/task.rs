@@ -171,7 +171,9 @@ pub struct Task {
     pub generation: u32,
 }
 
-/// Token usage reported by the provider.
+/// Token usage reported by the provider, inclusive: `input_tokens` counts
+/// the cached and cache-write tokens too (Anthropic's additive usage is
+/// summed into it when read).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     /// Prompt tokens, cached ones included.
@@ -180,6 +182,14 @@ pub struct Usage {
     pub cached_input_tokens: u64,
     /// Completion tokens.
     pub output_tokens: u64,
+    /// Prompt tokens written to the provider's cache (priced at the
+    /// cache-write rate); absent when 0.
+    #[serde(default, skip_serializing_if = "no_tokens")]
+    pub cache_write_input_tokens: u64,
+}
+
+fn no_tokens(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Why a task failed, as `error.kind` on the wire.

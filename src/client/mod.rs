@@ -41,6 +41,7 @@ pub(crate) mod fixtures {
                 input_tokens: 10,
                 cached_input_tokens: 4,
                 output_tokens: 3,
+                ..Usage::default()
             },
             cost_usd: 0.5,
             attempts: 2,

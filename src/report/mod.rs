@@ -464,6 +464,7 @@ mod tests {
                 input_tokens: 1000,
                 cached_input_tokens: 0,
                 output_tokens: 100,
+                ..Usage::default()
             },
             cost_usd: 0.00014,
             attempts: 1,

@@ -314,6 +314,7 @@ pub fn ok() -> Result<Completion, ProviderError> {
             input_tokens: 1000,
             cached_input_tokens: 0,
             output_tokens: 100,
+            ..Usage::default()
         },
         limits: Default::default(),
     })
@@ -352,6 +353,7 @@ pub fn settings() -> EngineSettings {
             input: 1.0,
             cached_input: 0.5,
             output: 2.0,
+            cache_write: None,
         },
     );
     EngineSettings {
@@ -391,6 +393,7 @@ pub fn settings() -> EngineSettings {
         prices: PriceTable {
             as_of: "2026-01-01".into(),
             batch_discount: 0.5,
+            off_peak_multiplier: 1.0,
             models,
         },
         max_payload_bytes: 10_000,
