@@ -13,6 +13,7 @@ use batchd_actors::ports::Provider;
 use batchd_actors::Engine;
 
 use crate::config::Config;
+use crate::ledger::KvLedger;
 use crate::nats::{connect, ensure_topology, JetSink, JetSource, KvAttempts};
 use crate::provider::OpenAiProvider;
 
@@ -88,6 +89,10 @@ pub async fn start(
         source: Arc::new(JetSource::new(&topology, config)),
         sink: Arc::new(JetSink::new(&client, &topology, config)),
         attempts: Arc::new(KvAttempts(topology.attempts.clone())),
+        ledger: Arc::new(KvLedger::new(
+            topology.calls.clone(),
+            topology.ledger.clone(),
+        )),
         providers,
     };
     let engine = Engine::start(config.engine_settings(), ports).await?;

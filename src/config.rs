@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use batchd_actors::backoff::RetryPolicy;
 use batchd_actors::batching::BatchPolicy;
+use batchd_actors::budgets::{Budget, Budgets, OnExceeded};
 use batchd_actors::codec::ReplyPolicy;
 use batchd_actors::pricing::PriceTable;
 use batchd_actors::route::{CircuitSettings, RouteSettings};
 use batchd_actors::routing::{Catalog, TaskType, TierModels};
-use batchd_actors::settings::{EngineSettings, RestartPolicy, RouteLimits};
+use batchd_actors::settings::{EngineSettings, LedgerSettings, RestartPolicy, RouteLimits};
 use serde::Deserialize;
 
 /// The defaults, documented key by key.
@@ -69,6 +70,10 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Tier → model.
     pub tiers: TierModels,
+    /// The ledger's flush and clock.
+    pub ledger: LedgerConfig,
+    /// Tenant budgets.
+    pub budgets: BudgetsConfig,
     /// Dated price table.
     pub prices: PriceTable,
     /// Task types by name.
@@ -91,8 +96,10 @@ pub struct NatsConfig {
     pub dlq_stream: String,
     /// Checkpoints KV bucket.
     pub checkpoints_bucket: String,
-    /// Ledger KV bucket.
+    /// Ledger KV bucket (daily totals).
     pub ledger_bucket: String,
+    /// KV bucket of call records.
+    pub calls_bucket: String,
     /// KV bucket of the attempts each retried task has spent.
     pub attempts_bucket: String,
     /// Tasks stream message bound.
@@ -113,6 +120,42 @@ pub struct NatsConfig {
     /// `[nats.tls]`: TLS with a custom CA and a client certificate.
     #[serde(default)]
     pub tls: NatsTls,
+}
+
+/// `[ledger]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// Flush interval, milliseconds.
+    pub flush_ms: u64,
+    /// RFC 3339 start of the ledger's clock; empty: now.
+    pub clock_start: String,
+}
+
+/// `[budgets]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetsConfig {
+    /// Seconds a held task waits before it is looked at again.
+    pub hold_recheck_secs: u64,
+    /// What happens per priority.
+    pub on_exceeded: OnExceededConfig,
+    /// Limits of a tenant without its own.
+    pub default: Budget,
+    /// Limits per tenant.
+    pub tenants: BTreeMap<String, Budget>,
+}
+
+/// `[budgets.on_exceeded]`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnExceededConfig {
+    /// Premium.
+    pub p1: OnExceeded,
+    /// Standard.
+    pub p2: OnExceeded,
+    /// Bulk.
+    pub p3: OnExceeded,
 }
 
 /// `[nats.auth]`: at most one way to authenticate (a URL's own
@@ -456,6 +499,7 @@ impl Config {
             ("nats.dlq_stream", &self.nats.dlq_stream),
             ("nats.checkpoints_bucket", &self.nats.checkpoints_bucket),
             ("nats.ledger_bucket", &self.nats.ledger_bucket),
+            ("nats.calls_bucket", &self.nats.calls_bucket),
             ("nats.attempts_bucket", &self.nats.attempts_bucket),
             ("nats.consumer_prefix", &self.nats.consumer_prefix),
         ] {
@@ -616,6 +660,53 @@ impl Config {
                 );
             }
         }
+        if !(1..=1000).contains(&self.ledger.flush_ms) {
+            return bad("ledger.flush_ms", "must be between 1 and 1000".into());
+        }
+        if let Err(e) = self.ledger_clock_start() {
+            return bad("ledger.clock_start", e);
+        }
+        if self.budgets.hold_recheck_secs < 1 {
+            return bad("budgets.hold_recheck_secs", "must be at least 1".into());
+        }
+        let budgets = std::iter::once(("budgets.default".to_owned(), &self.budgets.default)).chain(
+            self.budgets
+                .tenants
+                .iter()
+                .map(|(t, b)| (format!("budgets.tenants.{t}"), b)),
+        );
+        for (key, b) in budgets {
+            for (period, limit) in [("daily_usd", b.daily_usd), ("monthly_usd", b.monthly_usd)] {
+                if limit.is_some_and(|l| !l.is_finite() || l < 0.0) {
+                    return bad(
+                        &format!("{key}.{period}"),
+                        "must be a finite amount ≥ 0".into(),
+                    );
+                }
+            }
+        }
+        let p = &self.prices;
+        if !(0.0..=1.0).contains(&p.batch_discount) {
+            return bad("prices.batch_discount", "must be between 0 and 1".into());
+        }
+        if !p.off_peak_multiplier.is_finite() || p.off_peak_multiplier <= 0.0 {
+            return bad("prices.off_peak_multiplier", "must be above 0".into());
+        }
+        for (model, m) in &p.models {
+            for (field, v) in [
+                ("input", Some(m.input)),
+                ("cached_input", Some(m.cached_input)),
+                ("output", Some(m.output)),
+                ("cache_write", m.cache_write),
+            ] {
+                if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                    return bad(
+                        &format!("prices.models.\"{model}\".{field}"),
+                        "must be a finite price ≥ 0 (USD per million tokens)".into(),
+                    );
+                }
+            }
+        }
         if self.metrics.addr.parse::<std::net::SocketAddr>().is_err() {
             return bad(
                 "metrics.addr",
@@ -646,9 +737,50 @@ impl Config {
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
+        let periods = |b: &Budget| {
+            [("daily", b.daily_usd), ("monthly", b.monthly_usd)]
+                .into_iter()
+                .filter_map(|(p, limit)| limit.map(|_| p))
+                .collect::<Vec<&'static str>>()
+        };
+        let budgets = std::iter::once((
+            batchd_actors::metrics::DEFAULT_TENANT.to_owned(),
+            periods(&self.budgets.default),
+        ))
+        .chain(
+            self.budgets
+                .tenants
+                .iter()
+                .map(|(t, b)| (t.clone(), periods(b))),
+        )
+        .filter(|(_, p)| !p.is_empty())
+        .collect();
         batchd_actors::metrics::KnownLabels {
             routes,
             max_tenants: self.metrics.max_tenants,
+            budgets,
+        }
+    }
+
+    /// `ledger.clock_start`, read; `None` when empty.
+    pub fn ledger_clock_start(&self) -> Result<Option<chrono::DateTime<chrono::Utc>>, String> {
+        let s = self.ledger.clock_start.trim();
+        if s.is_empty() {
+            return Ok(None);
+        }
+        chrono::DateTime::parse_from_rfc3339(s)
+            .map(|t| Some(t.with_timezone(&chrono::Utc)))
+            .map_err(|e| format!("{s:?} is not an RFC 3339 instant: {e}"))
+    }
+
+    /// Tenant budgets as the engine applies them.
+    pub fn budgets(&self) -> Budgets {
+        let b = &self.budgets;
+        Budgets {
+            default: b.default,
+            tenants: b.tenants.iter().map(|(t, v)| (t.clone(), *v)).collect(),
+            on_exceeded: [b.on_exceeded.p1, b.on_exceeded.p2, b.on_exceeded.p3],
+            hold_recheck: Duration::from_secs(b.hold_recheck_secs),
         }
     }
 
@@ -713,6 +845,11 @@ impl Config {
             backlog_interval: Duration::from_millis(self.intake.backlog_interval_ms.max(100)),
             restart: self.supervisor,
             seed: 0x6261_7463_6864,
+            budgets: self.budgets(),
+            ledger: LedgerSettings {
+                flush_every: Duration::from_millis(self.ledger.flush_ms),
+                clock_start: self.ledger_clock_start().ok().flatten(),
+            },
         }
     }
 }

@@ -12,6 +12,7 @@
 //! - [`nats`]: connection (version check), streams, consumers, buckets; the
 //!   engine's task source and outcome sink over JetStream.
 //! - [`provider`]: OpenAI-compatible Chat Completions over HTTP; an instant provider.
+//! - [`ledger`]: the cost ledger (call records, daily totals) over JetStream KV.
 //!
 //! Wiring: what starts and observes the engine.
 //! - [`config`]: the typed configuration, defaults merged with the user's file.
@@ -26,7 +27,7 @@
 //! - [`local_nats`]: a private `nats-server` for the demo and the benchmark.
 //!
 //! Commands: [`cmd`], one module per subcommand (`run`, `demo`, `submit`, `dlq`,
-//! `bench`, `sim`), each a thin layer over the above; [`sim`] is the
+//! `status`, `cost`, `bench`, `sim`), each a thin layer over the above; [`sim`] is the
 //! simulated OpenAI-compatible provider behind `batchd sim`, the demo and
 //! the tests.
 
@@ -34,6 +35,7 @@ pub mod app;
 pub mod client;
 pub mod cmd;
 pub mod config;
+pub mod ledger;
 pub mod local_nats;
 pub mod nats;
 pub mod provider;

@@ -264,6 +264,10 @@ pub struct Topology {
     pub consumers: [consumer::PullConsumer; 3],
     /// Attempts spent per task.
     pub attempts: jetstream::kv::Store,
+    /// Daily spend totals.
+    pub ledger: jetstream::kv::Store,
+    /// Records of provider calls.
+    pub calls: jetstream::kv::Store,
 }
 
 fn setup_err(what: impl Into<String>) -> impl FnOnce(String) -> NatsError {
@@ -338,29 +342,15 @@ pub async fn ensure_topology(
         },
     )
     .await?;
-    for bucket in [&n.checkpoints_bucket, &n.ledger_bucket] {
-        if js.get_key_value(bucket.as_str()).await.is_err() {
-            js.create_key_value(jetstream::kv::Config {
-                bucket: bucket.clone(),
-                history: 1,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| setup_err(format!("KV bucket {bucket}"))(e.to_string()))?;
-        }
-    }
-    let attempts = match js.get_key_value(n.attempts_bucket.as_str()).await {
-        Ok(kv) => kv,
-        Err(_) => js
-            .create_key_value(jetstream::kv::Config {
-                bucket: n.attempts_bucket.clone(),
-                history: 1,
-                max_age: day * u32::try_from(n.results_max_age_days).unwrap_or(u32::MAX),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| setup_err(format!("KV bucket {}", n.attempts_bucket))(e.to_string()))?,
-    };
+    ensure_bucket(&js, &n.checkpoints_bucket, Duration::ZERO).await?;
+    let ledger = ensure_bucket(&js, &n.ledger_bucket, Duration::ZERO).await?;
+    let calls = ensure_bucket(&js, &n.calls_bucket, crate::ledger::CALLS_MAX_AGE).await?;
+    let attempts = ensure_bucket(
+        &js,
+        &n.attempts_bucket,
+        day * u32::try_from(n.results_max_age_days).unwrap_or(u32::MAX),
+    )
+    .await?;
     let mut consumers = Vec::with_capacity(3);
     for p in Priority::ALL {
         let name = consumer_name(n, p);
@@ -395,7 +385,28 @@ pub async fn ensure_topology(
         dlq,
         consumers,
         attempts,
+        ledger,
+        calls,
     })
+}
+
+/// Opens a KV bucket (history 1), creating it with `max_age` (zero: kept) when missing.
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    max_age: Duration,
+) -> Result<jetstream::kv::Store, NatsError> {
+    if let Ok(kv) = js.get_key_value(bucket).await {
+        return Ok(kv);
+    }
+    js.create_key_value(jetstream::kv::Config {
+        bucket: bucket.to_owned(),
+        history: 1,
+        max_age,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| setup_err(format!("KV bucket {bucket}"))(e.to_string()))
 }
 
 /// Creates a stream keeping one message per subject, or brings an existing

@@ -12,8 +12,9 @@ use rand::SeedableRng;
 
 use crate::dispatcher::Routes;
 use crate::lease::LeaseKeeper;
-use crate::messages::{ActorKind, AssemblerMsg, DispatcherMsg, IntakeMsg, RetryMsg};
-use crate::ports::{AttemptStore, OutcomeSink, Provider, TaskSource};
+use crate::ledger::{LedgerClock, Spend};
+use crate::messages::{ActorKind, AssemblerMsg, CostMsg, DispatcherMsg, IntakeMsg, RetryMsg};
+use crate::ports::{AttemptStore, LedgerStore, OutcomeSink, Provider, TaskSource};
 use crate::settings::EngineSettings;
 
 /// The current actor cells, one slot per [`ActorKind`]; the supervisor
@@ -55,6 +56,10 @@ impl Directory {
     /// The RetryScheduler, when running.
     pub fn retry_scheduler(&self) -> Option<ActorRef<RetryMsg>> {
         self.get(ActorKind::RetryScheduler)
+    }
+    /// The CostAccountant, when running.
+    pub fn cost_accountant(&self) -> Option<ActorRef<CostMsg>> {
+        self.get(ActorKind::CostAccountant)
     }
 }
 
@@ -111,6 +116,8 @@ pub struct Ports {
     pub sink: Arc<dyn OutcomeSink>,
     /// Attempts spent per task.
     pub attempts: Arc<dyn AttemptStore>,
+    /// Call records and daily spend totals.
+    pub ledger: Arc<dyn LedgerStore>,
     /// Providers by name.
     pub providers: HashMap<String, Arc<dyn Provider>>,
 }
@@ -129,6 +136,10 @@ pub struct EngineContext {
     pub claims: Claims,
     /// Provider routes, kept across Dispatcher restarts.
     pub routes: Routes,
+    /// Spend per tenant and day, for budgets (kept by the CostAccountant).
+    pub spend: Spend,
+    /// The ledger's clock: which UTC day and month it is.
+    pub clock: LedgerClock,
     stop: tokio::sync::watch::Sender<bool>,
     rng: Mutex<StdRng>,
 }
@@ -137,7 +148,10 @@ impl EngineContext {
     /// A context for one engine.
     pub fn new(settings: EngineSettings, ports: Ports) -> Arc<EngineContext> {
         let rng = Mutex::new(StdRng::seed_from_u64(settings.seed));
+        let clock = LedgerClock::new(settings.ledger.clock_start);
         Arc::new(EngineContext {
+            spend: Spend::default(),
+            clock,
             settings,
             keeper: LeaseKeeper::default(),
             ports,

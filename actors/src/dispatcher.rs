@@ -15,6 +15,11 @@
 //! What happens to a task:
 //!
 //! - an outcome already in the results stream → ack and skip (no double billing);
+//! - its tenant over budget → `budget_exceeded` + dead letter, or held and
+//!   requeued until the period ends (per priority, no attempt spent);
+//! - every request is recorded in the ledger before it goes out (`started`,
+//!   with an estimate) and after its answer (`finished`, exact), see
+//!   [`crate::ledger`];
 //! - success → outcome with usage and cost, then ack;
 //! - 429 → the route pauses and learns; the task waits at the route (no attempt);
 //! - 401/403, 404, 429 `insufficient_quota` → the route's circuit opens; the
@@ -44,7 +49,9 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
+use crate::budgets::{OnExceeded, Verdict as BudgetVerdict};
 use crate::context::EngineContext;
+use crate::ledger::{day_of, new_call_id, CallRecord, CallState};
 use crate::messages::{Accepted, Batch, DispatcherMsg, RetryMsg};
 use crate::metrics;
 use crate::outcome::{self, deliver, deliver_unless_done, elapsed_ms, Final};
@@ -52,6 +59,7 @@ use crate::ports::{Completion, Provider, ProviderError, Requeue};
 use crate::retry_scheduler::{classify, RouteFault, Verdict};
 use crate::route::{CallReport, CircuitReason, CircuitState, Report, RouteGate};
 use crate::routing::Route;
+use crate::task::Usage;
 use crate::task::{timestamp, ErrorKind, Outcome, RouteKind, Status, TaskError, Timings};
 
 /// The Dispatcher actor.
@@ -242,24 +250,39 @@ impl DispatcherState {
 /// characters a token, plus its output limit), so a tokens-per-minute budget
 /// is respected before the provider reports the real count.
 pub fn estimate_tokens(request: &Value) -> u64 {
-    let prompt_chars: usize = request["messages"]
+    let prompt_chars: usize = message_chars(request).sum();
+    (prompt_chars as u64 / 4)
+        .saturating_add(output_limit(request).unwrap_or(256))
+        .saturating_add(8)
+}
+
+/// The characters of each message's content.
+fn message_chars(request: &Value) -> impl Iterator<Item = usize> + '_ {
+    request["messages"]
         .as_array()
-        .map(|ms| {
-            ms.iter()
-                .map(|m| match &m["content"] {
-                    Value::String(s) => s.len(),
-                    other => other.to_string().len(),
-                })
-                .sum()
+        .into_iter()
+        .flatten()
+        .map(|m| match &m["content"] {
+            Value::String(s) => s.len(),
+            other => other.to_string().len(),
         })
-        .unwrap_or(0);
-    let output = request["max_completion_tokens"]
+}
+
+/// The request's output limit, when it sets one.
+fn output_limit(request: &Value) -> Option<u64> {
+    request["max_completion_tokens"]
         .as_u64()
         .or_else(|| request["max_tokens"].as_u64())
-        .unwrap_or(256);
-    (prompt_chars as u64 / 4)
-        .saturating_add(output)
-        .saturating_add(8)
+}
+
+/// Upper bounds of a request's prompt and output tokens for the cost
+/// estimate of a call in flight: a token per three bytes, eight framing
+/// tokens a message, and the output limit (4096 when the request sets none).
+pub fn bound_tokens(request: &Value) -> (u64, u64) {
+    let prompt = message_chars(request)
+        .map(|c| (c as u64).div_ceil(3).saturating_add(8))
+        .fold(8u64, u64::saturating_add);
+    (prompt, output_limit(request).unwrap_or(4096))
 }
 
 /// How one task's calls ended.
@@ -281,6 +304,9 @@ async fn run_task(
         return;
     };
     a.lease = lease;
+    let Some(mut a) = within_budget(&ctx, a).await else {
+        return;
+    };
     let dispatched_at = Utc::now();
     metrics::task_dispatched(
         a.task.priority,
@@ -317,6 +343,7 @@ async fn run_task(
         drop(place);
         waited += permit.waited();
         let probe = permit.is_probe();
+        let call = start_call(&ctx, &a, model).await;
         let started = Instant::now();
         let result = tokio::time::timeout(
             ctx.settings.request_timeout,
@@ -329,6 +356,7 @@ async fn run_task(
             })
         });
         let latency = started.elapsed();
+        finish_call(&ctx, call, &result).await;
         let error = match result {
             Ok(c) => {
                 metrics::provider_request(provider, model, "ok", latency);
@@ -462,6 +490,146 @@ async fn run_task(
     };
     deliver(&ctx, a.lease, f, &a.subject).await;
     clear_attempts(&ctx, &task_id, spent_stored).await;
+}
+
+/// Checks the task's tenant against its budget. Within it: the task goes on.
+/// Over it, by the priority's setting: a `budget_exceeded` outcome and dead
+/// letter, or a hold (the task waits up to `hold_recheck`, at most until the
+/// period ends, then is requeued at the back of its queue if still over;
+/// no attempt is spent). `None` when the task went no further.
+async fn within_budget(ctx: &EngineContext, a: Accepted) -> Option<Accepted> {
+    let budgets = &ctx.settings.budgets;
+    if budgets.is_unlimited() {
+        return Some(a);
+    }
+    let verdict = || budgets.check(&a.task.tenant, a.task.priority, &ctx.spend, ctx.clock.now());
+    let BudgetVerdict::Exceeded {
+        period,
+        spent_usd,
+        limit_usd,
+        resets_at,
+        action,
+    } = verdict()
+    else {
+        return Some(a);
+    };
+    match action {
+        OnExceeded::Reject => {
+            let error = TaskError::new(
+                ErrorKind::BudgetExceeded,
+                format!(
+                    "tenant {} spent {spent_usd:.6} USD of its {} budget of {limit_usd} USD; it resets at {}",
+                    crate::codec::quote(&a.task.tenant),
+                    period.as_str(),
+                    timestamp(resets_at)
+                ),
+            );
+            let f = outcome::failed(&a.task, error, a.attempts_before, None, None, None);
+            deliver_unless_done(ctx, a.lease, f, &a.subject).await;
+            None
+        }
+        OnExceeded::Hold => {
+            let until_reset = (resets_at - ctx.clock.now())
+                .to_std()
+                .unwrap_or(Duration::ZERO);
+            let wait = budgets.hold_recheck.min(until_reset);
+            tracing::debug!(task_id = %a.task.task_id, tenant = %a.task.tenant, period = period.as_str(), ?wait, "budget spent; holding the task");
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                // Shutting down: the lease naks on drop; the task comes back.
+                () = ctx.stopping() => return None,
+            }
+            if matches!(verdict(), BudgetVerdict::Within) {
+                return Some(a);
+            }
+            match park(ctx, &a).await {
+                Ok(()) => {
+                    let _ = a.lease.ack().await;
+                }
+                Err(e) => {
+                    tracing::warn!(task_id = %a.task.task_id, error = %e, "could not requeue a held task; it is handed back");
+                }
+            }
+            None
+        }
+    }
+}
+
+/// A request's ledger record and its revision (`None`: not stored).
+type Call = (CallRecord, Option<u64>);
+
+/// Records a request as started, with its estimated cost, before it goes
+/// out. A store that fails does not stop the call: its record is then
+/// created when the answer comes.
+async fn start_call(ctx: &EngineContext, a: &Accepted, model: &str) -> Call {
+    let now = ctx.clock.now();
+    let (prompt, output) = bound_tokens(&a.plan.request);
+    let record = CallRecord {
+        call_id: new_call_id(
+            &a.task.task_id,
+            a.task.generation,
+            a.attempts_before.saturating_add(1),
+        ),
+        state: CallState::Started,
+        task_id: a.task.task_id.clone(),
+        tenant: a.task.tenant.clone(),
+        model: model.to_owned(),
+        priority: a.task.priority.number(),
+        route: RouteKind::Realtime,
+        started_at: now,
+        day: day_of(now),
+        estimate_picousd: ctx
+            .settings
+            .prices
+            .estimate_picousd(model, prompt, output)
+            .unwrap_or(0),
+        usage: Usage::default(),
+        cost_picousd: 0,
+    };
+    match ctx.ports.ledger.create_call(&record).await {
+        Ok(revision) => (record, Some(revision)),
+        Err(e) => {
+            tracing::warn!(call_id = %record.call_id, error = %e, "request not recorded as started; a crash now would leave it out of the ledger");
+            (record, None)
+        }
+    }
+}
+
+/// Records how a request ended: answered (exact usage and cost), no answer
+/// in time (counted at its estimate: the provider may have billed it), or
+/// refused (not billed: the record goes).
+async fn finish_call(
+    ctx: &EngineContext,
+    (mut record, revision): Call,
+    result: &Result<Completion, ProviderError>,
+) {
+    let ledger = &ctx.ports.ledger;
+    match result {
+        Ok(c) => {
+            let cost = ctx
+                .settings
+                .prices
+                .cost_picousd(&record.model, &c.usage, record.route, false)
+                .unwrap_or(0);
+            record.finish(c.usage, cost, ctx.clock.now());
+        }
+        Err(ProviderError::Timeout { .. }) => record.estimate(),
+        Err(_) => {
+            if revision.is_some() {
+                if let Err(e) = ledger.delete_call(&record.call_id).await {
+                    tracing::warn!(call_id = %record.call_id, error = %e, "record of a refused request not deleted; it will be counted at its estimate");
+                }
+            }
+            return;
+        }
+    }
+    let written = match revision {
+        Some(r) => ledger.update_call(&record, r).await,
+        None => ledger.create_call(&record).await,
+    };
+    if let Err(e) = written {
+        tracing::warn!(call_id = %record.call_id, error = %e, "request not recorded as finished; it counts at its estimate");
+    }
 }
 
 /// Forgets the attempts of a finished task that had stored some.

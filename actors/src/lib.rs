@@ -13,7 +13,9 @@
 //!   the `reply_to` allow-list.
 //! - [`completion`]: reading a provider's answer (fuzzed, like [`codec`]).
 //! - [`routing`]: task types, tiers, models; the request sent for a task.
-//! - [`batching`], [`backoff`], [`pricing`]: policies as plain functions.
+//! - [`batching`], [`backoff`], [`pricing`], [`budgets`]: policies as plain functions.
+//! - [`ledger`]: call records, daily totals, the spend budgets are checked
+//!   against; [`memory_ledger`]: the ledger store in memory.
 //! - [`route`]: route control: adaptive concurrency, rate budget learned from
 //!   the provider's headers, circuit breaker, and the [`route::RouteGate`] that admits calls by priority.
 //! - [`lease`]: the hold on a JetStream message; nak on drop, heartbeats.
@@ -25,6 +27,8 @@
 //! - [`settings`]: the engine's settings, read from the daemon's config.
 //! - [`intake`], [`assembler`], [`dispatcher`], [`retry_scheduler`]: the actors
 //!   of the pipeline; [`retry_scheduler::classify`] says what a failed call means.
+//! - [`cost_accountant`]: the ledger of spend per day, tenant, model,
+//!   priority and route, each billed call counted once.
 //! - [`supervisor`]: one-for-one restarts with an intensity limit.
 //! - [`engine`]: start, fault injection, shutdown.
 //! - [`outcome`]: making outcomes durable before acking.
@@ -37,13 +41,17 @@
 pub mod assembler;
 pub mod backoff;
 pub mod batching;
+pub mod budgets;
 pub mod codec;
 pub mod completion;
 pub mod context;
+pub mod cost_accountant;
 pub mod dispatcher;
 pub mod engine;
 pub mod intake;
 pub mod lease;
+pub mod ledger;
+pub mod memory_ledger;
 pub mod messages;
 pub mod metrics;
 pub mod outcome;

@@ -7,6 +7,7 @@ use ractor::RpcReplyPort;
 use crate::batching::BatchKey;
 use crate::context::Claim;
 use crate::lease::Lease;
+use crate::ledger::{CallEvent, DayTotals};
 use crate::ports::Delivery;
 use crate::routing::Plan;
 use crate::task::Task;
@@ -22,14 +23,17 @@ pub enum ActorKind {
     Dispatcher,
     /// Holds tasks waiting to be tried again.
     RetryScheduler,
+    /// Keeps the ledger of spend.
+    CostAccountant,
 }
 
 impl ActorKind {
     /// How many kinds there are.
-    pub const COUNT: usize = 4;
+    pub const COUNT: usize = 5;
 
     /// Every kind, in start order: each finds the ones it sends to running.
     pub const ALL: [ActorKind; ActorKind::COUNT] = [
+        ActorKind::CostAccountant,
         ActorKind::Dispatcher,
         ActorKind::RetryScheduler,
         ActorKind::Assembler,
@@ -43,6 +47,7 @@ impl ActorKind {
             ActorKind::Assembler => "assembler",
             ActorKind::Dispatcher => "dispatcher",
             ActorKind::RetryScheduler => "retry_scheduler",
+            ActorKind::CostAccountant => "cost_accountant",
         }
     }
 
@@ -53,6 +58,7 @@ impl ActorKind {
             ActorKind::RetryScheduler => 1,
             ActorKind::Assembler => 2,
             ActorKind::Intake => 3,
+            ActorKind::CostAccountant => 4,
         }
     }
 }
@@ -146,6 +152,21 @@ pub enum RetryMsg {
     },
     /// Hand every waiting task back to JetStream now (shutdown).
     Release(RpcReplyPort<()>),
+    /// Chaos hook: panic in the handler.
+    InjectFault,
+}
+
+/// Messages to the CostAccountant.
+#[derive(Debug)]
+pub enum CostMsg {
+    /// This month's totals, read at start: (key, totals, revision).
+    Loaded(Vec<(String, DayTotals, u64)>),
+    /// A call record was written or deleted (from the watch, in write order).
+    Call(CallEvent),
+    /// Time to write what was counted since the last flush.
+    Flush,
+    /// Write it now and answer (shutdown, tests).
+    FlushNow(RpcReplyPort<()>),
     /// Chaos hook: panic in the handler.
     InjectFault,
 }

@@ -66,9 +66,11 @@ pub const PREEMPTIONS_TOTAL: &str = "batchd_preemptions_total";
 pub const CHECKPOINTS_TOTAL: &str = "batchd_checkpoints_total";
 /// Actor restarts, per actor.
 pub const ACTOR_RESTARTS_TOTAL: &str = "batchd_actor_restarts_total";
+/// Spend over budget per tenant and period (`daily`, `monthly`).
+pub const BUDGET_USED_RATIO: &str = "batchd_budget_used_ratio";
 
 /// Every metric name above: rules and dashboards may use these and no others.
-pub const ALL: [&str; 23] = [
+pub const ALL: [&str; 24] = [
     QUEUE_DEPTH,
     OLDEST_TASK_AGE_SECONDS,
     TASKS_RECEIVED_TOTAL,
@@ -92,6 +94,7 @@ pub const ALL: [&str; 23] = [
     PREEMPTIONS_TOTAL,
     CHECKPOINTS_TOTAL,
     ACTOR_RESTARTS_TOTAL,
+    BUDGET_USED_RATIO,
 ];
 
 /// The histograms: Prometheus sees each as `_bucket`, `_sum` and `_count` series.
@@ -253,6 +256,11 @@ pub fn spent(model: &str, tenant: &str, p: Priority, cost_usd: f64, usage: &Usag
         .increment(usage.output_tokens);
 }
 
+/// Spend over budget of one tenant in one period.
+pub fn budget_used(tenant: &str, period: &'static str, ratio: f64) {
+    gauge!(BUDGET_USED_RATIO, "tenant" => tenant_label(tenant), "period" => period).set(ratio);
+}
+
 /// Queue depth and oldest age of one priority.
 pub fn backlog(p: Priority, depth: u64, oldest_age: Option<Duration>) {
     gauge!(QUEUE_DEPTH, "priority" => p.label()).set(depth as f64);
@@ -312,6 +320,10 @@ pub fn describe() {
     );
     describe_counter!(CHECKPOINTS_TOTAL, "Checkpoints written");
     describe_counter!(ACTOR_RESTARTS_TOTAL, "Actor restarts by the supervisor");
+    describe_gauge!(
+        BUDGET_USED_RATIO,
+        "Spend over budget per tenant and period (daily, monthly)"
+    );
     // Counters that only later work increments still show at zero.
     counter!(PREEMPTIONS_TOTAL).absolute(0);
     counter!(CHECKPOINTS_TOTAL).absolute(0);
@@ -324,6 +336,8 @@ pub struct KnownLabels {
     pub routes: Vec<(String, String)>,
     /// Tenants with a label of their own; later ones are [`OTHER`].
     pub max_tenants: usize,
+    /// Tenants with a budget and its periods (`daily`, `monthly`).
+    pub budgets: Vec<(String, Vec<&'static str>)>,
 }
 
 /// The bounded label sets, once [`init`] has run; before it (engine tests
@@ -404,6 +418,12 @@ pub fn init(known: &KnownLabels) {
     }
     for kind in ActorKind::ALL {
         counter!(ACTOR_RESTARTS_TOTAL, "actor" => kind.name()).absolute(0);
+    }
+    for (tenant, periods) in &known.budgets {
+        for period in periods {
+            gauge!(BUDGET_USED_RATIO, "tenant" => tenant_label(tenant), "period" => *period)
+                .increment(0.0);
+        }
     }
     counter!(TASKS_PARKED_TOTAL).absolute(0);
     for reason in RETRY_REASONS {
@@ -538,7 +558,8 @@ mod tests {
         }
         assert!(is_exported(QUEUE_DEPTH));
         assert!(!is_exported("batchd_queue_depth_bucket"));
-        assert!(!is_exported("batchd_budget_used_ratio"));
+        assert!(is_exported("batchd_budget_used_ratio"));
+        assert!(!is_exported("batchd_budget_used_ratio_bucket"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use futures::stream::BoxStream;
 use serde_json::Value;
 
 use crate::lease::{Acker, Lease, LeaseKeeper};
+use crate::ledger::{CallEvent, CallRecord, DayTotals};
 use crate::route::limits::RateLimitInfo;
 use crate::task::{Encoding, Priority, Usage};
 
@@ -220,6 +221,49 @@ impl AttemptStore for MemoryAttempts {
         self.map().remove(task_id);
         Ok(())
     }
+}
+
+/// Errors from the ledger store.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// A revision-checked write found another revision (or an existing key).
+    #[error("ledger: {0} changed since it was read")]
+    Conflict(String),
+    /// Anything else.
+    #[error("ledger: {0}")]
+    Store(String),
+}
+
+/// A stream of call records in write order.
+pub type CallEvents = BoxStream<'static, Result<CallEvent, LedgerError>>;
+
+/// Where calls and spend are recorded: call records (`call.<id>`, one per
+/// provider request) and daily totals per tenant (`day.<day>.<tenant>`).
+/// Every write of a record or totals is revision-checked.
+#[async_trait]
+pub trait LedgerStore: Send + Sync + 'static {
+    /// Creates a call record; fails with `Conflict` when it exists. Its revision.
+    async fn create_call(&self, record: &CallRecord) -> Result<u64, LedgerError>;
+    /// Replaces a call record still at `revision`. Its new revision.
+    async fn update_call(&self, record: &CallRecord, revision: u64) -> Result<u64, LedgerError>;
+    /// Deletes a call record (a request the provider did not bill).
+    async fn delete_call(&self, call_id: &str) -> Result<(), LedgerError>;
+    /// Every call record, in write order: those stored now, then each write
+    /// as it happens.
+    async fn watch_calls(&self) -> Result<CallEvents, LedgerError>;
+    /// The totals at `key` and their revision.
+    async fn read_day(&self, key: &str) -> Result<Option<(DayTotals, u64)>, LedgerError>;
+    /// Writes the totals at `key` if still at `revision` (`None`: only if
+    /// absent). The new revision.
+    async fn write_day(
+        &self,
+        key: &str,
+        totals: &DayTotals,
+        revision: Option<u64>,
+    ) -> Result<u64, LedgerError>;
+    /// Every daily total of a day starting with `prefix` (`YYYY-MM`, `YYYY-MM-DD`
+    /// or empty), with its key and revision.
+    async fn days(&self, prefix: &str) -> Result<Vec<(String, DayTotals, u64)>, LedgerError>;
 }
 
 /// A successful chat completion.

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backoff::RetryPolicy;
 use crate::batching::BatchPolicy;
+use crate::budgets::Budgets;
 use crate::codec::ReplyPolicy;
 use crate::pricing::PriceTable;
 use crate::route::RouteSettings;
@@ -61,6 +62,29 @@ pub struct EngineSettings {
     pub restart: RestartPolicy,
     /// Seed for retry jitter.
     pub seed: u64,
+    /// Tenant budgets.
+    pub budgets: Budgets,
+    /// The ledger's flush and clock.
+    pub ledger: LedgerSettings,
+}
+
+/// How the CostAccountant keeps the ledger.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LedgerSettings {
+    /// How often counted calls are written to the daily totals (≤ 1 s).
+    pub flush_every: Duration,
+    /// Start the ledger's clock here instead of now (drills and tests that
+    /// cross a UTC midnight without waiting for it).
+    pub clock_start: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Default for LedgerSettings {
+    fn default() -> Self {
+        LedgerSettings {
+            flush_every: Duration::from_millis(500),
+            clock_start: None,
+        }
+    }
 }
 
 /// A model's configured rate budget.

@@ -1,7 +1,7 @@
 //! # RootSupervisor
 //!
-//! Starts the children of [`ActorKind::ALL`] (Dispatcher, RetryScheduler,
-//! Assembler, Intake: in that order, so each finds the ones it sends to
+//! Starts the children of [`ActorKind::ALL`] (CostAccountant, Dispatcher,
+//! RetryScheduler, Assembler, Intake: in that order, so each finds the ones it sends to
 //! running), restarts a child that fails or stops
 //! (one-for-one), counts restarts, and escalates to a clean shutdown when
 //! restarts exceed `max_restarts` within `within_secs`.
@@ -20,9 +20,12 @@ use tokio::time::Instant;
 
 use crate::assembler::Assembler;
 use crate::context::EngineContext;
+use crate::cost_accountant::CostAccountant;
 use crate::dispatcher::Dispatcher;
 use crate::intake::Intake;
-use crate::messages::{ActorKind, AssemblerMsg, DispatcherMsg, IntakeMsg, RetryMsg, SupervisorMsg};
+use crate::messages::{
+    ActorKind, AssemblerMsg, CostMsg, DispatcherMsg, IntakeMsg, RetryMsg, SupervisorMsg,
+};
 use crate::metrics;
 use crate::retry_scheduler::RetryScheduler;
 
@@ -50,6 +53,10 @@ async fn start_child(
             .await?
             .0
             .get_cell(),
+        ActorKind::CostAccountant => Actor::spawn_linked(None, CostAccountant, ctx, supervisor)
+            .await?
+            .0
+            .get_cell(),
     })
 }
 
@@ -67,6 +74,9 @@ fn inject_fault(kind: ActorKind, cell: ActorCell) -> bool {
             .is_ok(),
         ActorKind::RetryScheduler => ActorRef::<RetryMsg>::from(cell)
             .cast(RetryMsg::InjectFault)
+            .is_ok(),
+        ActorKind::CostAccountant => ActorRef::<CostMsg>::from(cell)
+            .cast(CostMsg::InjectFault)
             .is_ok(),
     }
 }
@@ -230,6 +240,11 @@ impl SupervisorState {
         let mut poll = tokio::time::interval(Duration::from_millis(20));
         while self.ctx.keeper.held() > 0 && Instant::now() < deadline {
             poll.tick().await;
+        }
+        // What finished calls were seen so far goes to the ledger now; the
+        // rest is in the call records and counted at the next start.
+        if let Some(accountant) = d.cost_accountant() {
+            let _ = ractor::call_t!(accountant, CostMsg::FlushNow, 5_000);
         }
         let left = self.ctx.keeper.held();
         if left > 0 {

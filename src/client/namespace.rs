@@ -46,6 +46,7 @@ impl Namespace {
         nats.dlq_stream = self.stream("DLQ");
         nats.checkpoints_bucket = self.bucket("checkpoints");
         nats.ledger_bucket = self.bucket("ledger");
+        nats.calls_bucket = self.bucket("calls");
         nats.attempts_bucket = self.bucket("attempts");
         nats.consumer_prefix = self.prefix.clone();
     }
@@ -67,6 +68,7 @@ pub async fn remove(js: &jetstream::Context, nats: &NatsConfig) -> Result<(), Cl
     for bucket in [
         &nats.checkpoints_bucket,
         &nats.ledger_bucket,
+        &nats.calls_bucket,
         &nats.attempts_bucket,
     ] {
         if let Err(e) = js.delete_key_value(bucket).await {

@@ -14,6 +14,7 @@ use batchd_actors::backoff::RetryPolicy;
 use batchd_actors::batching::BatchPolicy;
 use batchd_actors::context::Ports;
 use batchd_actors::lease::{AckError, Acker};
+use batchd_actors::memory_ledger::MemoryLedger;
 use batchd_actors::ports::{
     Backlog, Completion, Delivery, MemoryAttempts, OutcomeSink, Provider, ProviderError, Requeue,
     SinkError, SourceError, TaskSource,
@@ -415,18 +416,30 @@ pub fn settings() -> EngineSettings {
             within_secs: 60,
         },
         seed: 1,
+        budgets: Default::default(),
+        ledger: Default::default(),
     }
 }
 
 pub struct Rig {
     pub engine: Engine,
     pub attempts: Arc<MemoryAttempts>,
+    pub ledger: Arc<MemoryLedger>,
     pub source: Arc<FakeSource>,
     pub sink: Arc<FakeSink>,
     pub provider: Arc<FakeProvider>,
 }
 
 pub async fn rig(settings: EngineSettings, provider: Arc<FakeProvider>) -> Rig {
+    rig_with_ledger(settings, provider, Arc::new(MemoryLedger::default())).await
+}
+
+/// A rig over a given ledger (one that outlives an engine, for restarts).
+pub async fn rig_with_ledger(
+    settings: EngineSettings,
+    provider: Arc<FakeProvider>,
+    ledger: Arc<MemoryLedger>,
+) -> Rig {
     let source = FakeSource::new();
     let sink = Arc::new(FakeSink::default());
     let attempts = Arc::new(MemoryAttempts::default());
@@ -436,12 +449,14 @@ pub async fn rig(settings: EngineSettings, provider: Arc<FakeProvider>) -> Rig {
         source: source.clone(),
         sink: sink.clone(),
         attempts: attempts.clone(),
+        ledger: ledger.clone(),
         providers,
     };
     let engine = Engine::start(settings, ports).await.unwrap();
     Rig {
         engine,
         attempts,
+        ledger,
         source,
         sink,
         provider,

@@ -1,0 +1,477 @@
+//! The cost ledger as plain values: the record of one billed call, the
+//! totals of one tenant's UTC day, their KV keys, the spend seen so far and
+//! the clock that says which day it is. The CostAccountant moves them
+//! through a [`crate::ports::LedgerStore`]; nothing here does I/O.
+//!
+//! How a call is counted exactly once:
+//!
+//! 1. Before the request goes out, the Dispatcher creates `call.<call id>`
+//!    (`started`, with an estimate: every prompt token at the input rate and
+//!    the whole output limit). The call id is new for every request.
+//! 2. When the answer comes, it updates the record (revision-checked) to
+//!    `finished`, with the usage and the exact cost; a call the provider did
+//!    not bill (refused, rate limited) has its record deleted instead.
+//! 3. The CostAccountant reads every record in the order the store wrote
+//!    them (a watch from the start) and adds finished ones to the totals of
+//!    their tenant and day, `day.<YYYY-MM-DD>.<tenant>`, with one
+//!    revision-checked update per key and flush. The totals remember the
+//!    highest record revision they include (`applied_through`): a record
+//!    seen again after a restart, or by a second accountant, is skipped.
+//! 4. A `started` record older than the request timeout (its writer died:
+//!    a SIGKILL) is turned into an `estimated` record, revision-checked so
+//!    that one accountant does it, and counted like a finished one, its
+//!    cost labelled estimated.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use chrono::{DateTime, Datelike, Duration as Span, NaiveDate, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::pricing::Picousd;
+use crate::task::{RouteKind, Usage};
+
+/// Key prefix of call records (in the calls bucket).
+pub const CALL_PREFIX: &str = "call.";
+/// Key prefix of daily totals (in the ledger bucket).
+pub const DAY_PREFIX: &str = "day.";
+
+/// A fresh call id for one provider request of a task: the task id, its
+/// generation and attempt, and a ULID (so each request is a new call).
+pub fn new_call_id(task_id: &str, generation: u32, attempt: u32) -> String {
+    format!("{task_id}.g{generation}.a{attempt}.{}", ulid::Ulid::new())
+}
+
+/// Where a call stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallState {
+    /// The request is going out; only the estimate is known.
+    Started,
+    /// The provider answered; usage and cost are exact.
+    Finished,
+    /// The answer was never seen (a crash, a timeout): counted at the estimate.
+    Estimated,
+}
+
+/// One billed (or about to be billed) provider call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallRecord {
+    /// The call id (the key is `call.<call_id>`).
+    pub call_id: String,
+    /// Where it stands.
+    pub state: CallState,
+    /// Its task.
+    pub task_id: String,
+    /// The task's tenant.
+    pub tenant: String,
+    /// The model called.
+    pub model: String,
+    /// The task's priority (1–3).
+    pub priority: u8,
+    /// How it was sent.
+    pub route: RouteKind,
+    /// When the request went out (ledger clock).
+    pub started_at: DateTime<Utc>,
+    /// The UTC day it is counted on: the day it finished, or started when
+    /// its answer was never seen.
+    pub day: String,
+    /// The estimate made before the request.
+    pub estimate_picousd: Picousd,
+    /// Usage, once answered.
+    #[serde(default)]
+    pub usage: Usage,
+    /// The cost counted: exact once finished, the estimate once estimated.
+    #[serde(default)]
+    pub cost_picousd: Picousd,
+}
+
+impl CallRecord {
+    /// The KV key of this record.
+    pub fn key(&self) -> String {
+        format!("{CALL_PREFIX}{}", self.call_id)
+    }
+
+    /// The key of the daily totals it is counted in.
+    pub fn day_key(&self) -> String {
+        day_key(&self.day, &self.tenant)
+    }
+
+    /// The answer came: exact usage and cost, counted on `now`'s day.
+    pub fn finish(&mut self, usage: Usage, cost: Picousd, now: DateTime<Utc>) {
+        self.state = CallState::Finished;
+        self.usage = usage;
+        self.cost_picousd = cost;
+        self.day = day_of(now);
+    }
+
+    /// The answer will never be seen: counted at the estimate, on the day
+    /// the request went out.
+    pub fn estimate(&mut self) {
+        self.state = CallState::Estimated;
+        self.cost_picousd = self.estimate_picousd;
+        self.day = day_of(self.started_at);
+    }
+
+    /// True once it is to be counted.
+    pub fn is_final(&self) -> bool {
+        self.state != CallState::Started
+    }
+}
+
+/// A record as the store holds it: its value and its revision.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallEvent {
+    /// A record was written.
+    Put {
+        /// The record.
+        record: CallRecord,
+        /// Its revision in the store (increasing in write order).
+        revision: u64,
+    },
+    /// A record was deleted (a call the provider did not bill).
+    Deleted {
+        /// The call id.
+        call_id: String,
+    },
+}
+
+/// The KV key of a tenant's totals for a day. The tenant is base64url
+/// encoded: it may hold characters a key may not.
+pub fn day_key(day: &str, tenant: &str) -> String {
+    format!("{DAY_PREFIX}{day}.{}", URL_SAFE_NO_PAD.encode(tenant))
+}
+
+/// The UTC day of an instant, `YYYY-MM-DD`.
+pub fn day_of(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d").to_string()
+}
+
+/// The UTC month of an instant, `YYYY-MM` (a prefix of its days).
+pub fn month_of(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m").to_string()
+}
+
+/// The next UTC midnight after `t`.
+pub fn next_day(t: DateTime<Utc>) -> DateTime<Utc> {
+    let d = t.date_naive() + Span::days(1);
+    Utc.from_utc_datetime(&d.and_time(chrono::NaiveTime::MIN))
+}
+
+/// The first instant of the UTC month after `t`.
+pub fn next_month(t: DateTime<Utc>) -> DateTime<Utc> {
+    let (y, m) = if t.month() == 12 {
+        (t.year() + 1, 1)
+    } else {
+        (t.year(), t.month() + 1)
+    };
+    let first = NaiveDate::from_ymd_opt(y, m, 1).unwrap_or(t.date_naive());
+    Utc.from_utc_datetime(&first.and_time(chrono::NaiveTime::MIN))
+}
+
+/// Calls, tokens and spend of one row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Provider calls billed.
+    pub calls: u64,
+    /// Prompt tokens, cached included.
+    pub input_tokens: u64,
+    /// Cached prompt tokens.
+    pub cached_input_tokens: u64,
+    /// Prompt tokens written to the cache.
+    #[serde(default)]
+    pub cache_write_input_tokens: u64,
+    /// Completion tokens.
+    pub output_tokens: u64,
+    /// Spend in pico-dollars (10⁻¹² USD).
+    pub cost_picousd: Picousd,
+}
+
+impl Totals {
+    /// Adds one record.
+    pub fn add(&mut self, r: &CallRecord) {
+        self.calls += 1;
+        self.input_tokens += r.usage.input_tokens;
+        self.cached_input_tokens += r.usage.cached_input_tokens;
+        self.cache_write_input_tokens += r.usage.cache_write_input_tokens;
+        self.output_tokens += r.usage.output_tokens;
+        self.cost_picousd += r.cost_picousd;
+    }
+
+    /// Adds another row's totals.
+    pub fn merge(&mut self, o: &Totals) {
+        self.calls += o.calls;
+        self.input_tokens += o.input_tokens;
+        self.cached_input_tokens += o.cached_input_tokens;
+        self.cache_write_input_tokens += o.cache_write_input_tokens;
+        self.output_tokens += o.output_tokens;
+        self.cost_picousd += o.cost_picousd;
+    }
+}
+
+/// One row of a tenant's day: a model, priority and route, exact or estimated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    /// The model.
+    pub model: String,
+    /// The priority (1–3).
+    pub priority: u8,
+    /// How calls were sent.
+    pub route: RouteKind,
+    /// True for spend of calls whose answer was never seen.
+    pub estimated: bool,
+    /// The totals.
+    #[serde(flatten)]
+    pub totals: Totals,
+}
+
+/// The value of `day.<day>.<tenant>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DayTotals {
+    /// The UTC day, `YYYY-MM-DD`.
+    pub day: String,
+    /// The tenant.
+    pub tenant: String,
+    /// One row per model, priority, route and exactness.
+    pub rows: Vec<Row>,
+    /// The highest call-record revision counted here.
+    pub applied_through: u64,
+}
+
+impl DayTotals {
+    /// Empty totals.
+    pub fn new(day: &str, tenant: &str) -> DayTotals {
+        DayTotals {
+            day: day.to_owned(),
+            tenant: tenant.to_owned(),
+            rows: Vec::new(),
+            applied_through: 0,
+        }
+    }
+
+    /// Adds the records not counted yet (revision above `applied_through`);
+    /// `records` are in revision order. Returns the spend added.
+    pub fn apply(&mut self, records: &[(CallRecord, u64)]) -> Picousd {
+        let mut added = 0;
+        for (r, revision) in records {
+            if *revision <= self.applied_through || !r.is_final() {
+                continue;
+            }
+            let estimated = r.state == CallState::Estimated;
+            let at = self.rows.iter().position(|row| {
+                row.model == r.model
+                    && row.priority == r.priority
+                    && row.route == r.route
+                    && row.estimated == estimated
+            });
+            let row = match at {
+                Some(i) => &mut self.rows[i],
+                None => {
+                    self.rows.push(Row {
+                        model: r.model.clone(),
+                        priority: r.priority,
+                        route: r.route,
+                        estimated,
+                        totals: Totals::default(),
+                    });
+                    let last = self.rows.len() - 1;
+                    &mut self.rows[last]
+                }
+            };
+            row.totals.add(r);
+            added += r.cost_picousd;
+            self.applied_through = *revision;
+        }
+        added
+    }
+
+    /// The day's spend, exact and estimated.
+    pub fn spend(&self) -> Picousd {
+        self.rows.iter().map(|r| r.totals.cost_picousd).sum()
+    }
+
+    /// True when the record at `revision` is counted here already.
+    pub fn includes(&self, revision: u64) -> bool {
+        revision <= self.applied_through
+    }
+}
+
+/// The ledger's clock: UTC now, or a configured start that then runs at the
+/// pace of tokio's clock (drills and tests cross midnight without waiting a
+/// day; paused-time tests move it with `advance`).
+#[derive(Debug, Clone, Copy)]
+pub struct LedgerClock {
+    base: DateTime<Utc>,
+    at: tokio::time::Instant,
+}
+
+impl LedgerClock {
+    /// Starts at `start`, or at UTC now.
+    pub fn new(start: Option<DateTime<Utc>>) -> LedgerClock {
+        LedgerClock {
+            base: start.unwrap_or_else(Utc::now),
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The ledger's now.
+    pub fn now(&self) -> DateTime<Utc> {
+        let run = Span::from_std(self.at.elapsed()).unwrap_or(Span::zero());
+        self.base + run
+    }
+}
+
+/// Spend seen so far per tenant and day: the ledger's totals plus records
+/// counted since. Budgets are checked against it before each call.
+#[derive(Debug, Default)]
+pub struct Spend(Mutex<HashMap<String, HashMap<String, Picousd>>>);
+
+impl Spend {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, Picousd>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces everything (an accountant starting from the ledger).
+    pub fn reset(&self, totals: impl IntoIterator<Item = (String, String, Picousd)>) {
+        let mut m = self.map();
+        m.clear();
+        for (tenant, day, amount) in totals {
+            *m.entry(tenant).or_default().entry(day).or_default() += amount;
+        }
+    }
+
+    /// Adds spend of `tenant` on `day`.
+    pub fn add(&self, tenant: &str, day: &str, amount: Picousd) {
+        let mut m = self.map();
+        let days = match m.get_mut(tenant) {
+            Some(d) => d,
+            None => m.entry(tenant.to_owned()).or_default(),
+        };
+        match days.get_mut(day) {
+            Some(v) => *v += amount,
+            None => {
+                days.insert(day.to_owned(), amount);
+            }
+        }
+    }
+
+    /// Spend of `tenant` on `day` and in the month of `day` (its first
+    /// seven characters), in pico-dollars.
+    pub fn of(&self, tenant: &str, day: &str) -> (Picousd, Picousd) {
+        let m = self.map();
+        let Some(days) = m.get(tenant) else {
+            return (0, 0);
+        };
+        let month = day.get(..7).unwrap_or(day);
+        let today = days.get(day).copied().unwrap_or(0);
+        let this_month = days
+            .iter()
+            .filter(|(d, _)| d.starts_with(month))
+            .map(|(_, v)| *v)
+            .sum();
+        (today, this_month)
+    }
+
+    /// Every tenant with spend.
+    pub fn tenants(&self) -> Vec<String> {
+        self.map().keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, tenant: &str, cost: Picousd, state: CallState) -> CallRecord {
+        let at = Utc.with_ymd_and_hms(2026, 12, 1, 10, 0, 0).unwrap();
+        CallRecord {
+            call_id: id.into(),
+            state,
+            task_id: "t".into(),
+            tenant: tenant.into(),
+            model: "m".into(),
+            priority: 2,
+            route: RouteKind::Realtime,
+            started_at: at,
+            day: day_of(at),
+            estimate_picousd: 100,
+            usage: Usage {
+                input_tokens: 10,
+                cached_input_tokens: 4,
+                output_tokens: 3,
+                ..Usage::default()
+            },
+            cost_picousd: cost,
+        }
+    }
+
+    #[test]
+    fn a_record_seen_again_is_not_counted_twice() {
+        let mut d = DayTotals::new("2026-12-01", "acme");
+        let a = (record("a", "acme", 7, CallState::Finished), 10);
+        let b = (record("b", "acme", 5, CallState::Estimated), 11);
+        assert_eq!(d.apply(&[a.clone(), b.clone()]), 12);
+        assert_eq!(d.apply(&[a, b]), 0, "replayed records are skipped");
+        assert_eq!(d.spend(), 12);
+        assert_eq!(d.rows.len(), 2, "exact and estimated rows apart");
+        assert_eq!(d.applied_through, 11);
+    }
+
+    #[test]
+    fn started_records_are_not_counted() {
+        let mut d = DayTotals::new("2026-12-01", "acme");
+        assert_eq!(
+            d.apply(&[(record("a", "acme", 7, CallState::Started), 3)]),
+            0
+        );
+        assert!(d.rows.is_empty());
+    }
+
+    #[test]
+    fn an_estimated_record_costs_its_estimate_on_the_day_it_started() {
+        let mut r = record("a", "acme", 0, CallState::Started);
+        r.day = "2026-12-02".into();
+        r.estimate();
+        assert_eq!(r.cost_picousd, 100);
+        assert_eq!(r.day, "2026-12-01");
+    }
+
+    #[test]
+    fn day_keys_are_valid_kv_keys_for_any_tenant() {
+        let k = day_key("2026-12-01", "acme corp/ü*>");
+        assert!(k.starts_with("day.2026-12-01."));
+        assert!(k
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.=/".contains(&b)));
+    }
+
+    #[test]
+    fn spend_adds_up_by_day_and_month() {
+        let s = Spend::default();
+        s.add("acme", "2026-11-30", 5);
+        s.add("acme", "2026-12-01", 7);
+        s.add("acme", "2026-12-02", 11);
+        assert_eq!(s.of("acme", "2026-12-02"), (11, 18));
+        assert_eq!(s.of("other", "2026-12-02"), (0, 0));
+    }
+
+    #[test]
+    fn periods_end_at_utc_midnight_and_at_the_first_of_the_month() {
+        let t = Utc.with_ymd_and_hms(2026, 12, 31, 23, 59, 59).unwrap();
+        assert_eq!(
+            next_day(t),
+            Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap()
+        );
+        assert_eq!(
+            next_month(t),
+            Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap()
+        );
+        let t = Utc.with_ymd_and_hms(2026, 2, 10, 5, 0, 0).unwrap();
+        assert_eq!(
+            next_month(t),
+            Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap()
+        );
+    }
+}

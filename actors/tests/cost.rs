@@ -1,0 +1,294 @@
+//! The CostAccountant and budgets against in-memory fakes under paused
+//! tokio time: every billed call in the ledger once, requests in flight at a
+//! crash counted at their estimate, budgets that fail or hold tasks.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use batchd_actors::budgets::{Budget, Budgets, OnExceeded};
+use batchd_actors::ledger::{
+    day_key, day_of, CallRecord, CallState, DayTotals, LedgerClock, Spend,
+};
+use batchd_actors::memory_ledger::MemoryLedger;
+use batchd_actors::messages::ActorKind;
+use batchd_actors::ports::{LedgerStore, ProviderError};
+use batchd_actors::pricing::Picousd;
+use batchd_actors::task::{Priority, RouteKind, Usage};
+use chrono::{TimeZone, Utc};
+use support::{ok, rig, rig_with_ledger, settings, task, until, FakeProvider};
+
+/// 1000 input tokens at $1/M and 100 output at $2/M, in pico-dollars.
+const CALL: Picousd = 1_200_000_000;
+
+fn ledger_total(ledger: &MemoryLedger) -> (Picousd, Picousd, u64) {
+    let mut exact = 0;
+    let mut estimated = 0;
+    let mut calls = 0;
+    for d in ledger.all_days() {
+        for r in d.rows {
+            calls += r.totals.calls;
+            if r.estimated {
+                estimated += r.totals.cost_picousd;
+            } else {
+                exact += r.totals.cost_picousd;
+            }
+        }
+    }
+    (exact, estimated, calls)
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_answered_call_is_in_the_ledger_once_even_across_accountant_restarts() {
+    let r = rig(
+        settings(),
+        FakeProvider::new(Duration::from_millis(5), |_| ok()),
+    )
+    .await;
+    for i in 0..60 {
+        r.source
+            .publish(Priority::ALL[i % 3], task(&format!("t{i}"), "x"));
+        if i == 30 {
+            r.engine.inject_fault(ActorKind::CostAccountant);
+        }
+    }
+    until(Duration::from_secs(30), || r.source.acks().len() == 60).await;
+    until(Duration::from_secs(30), || ledger_total(&r.ledger).2 == 60).await;
+    r.engine.inject_fault(ActorKind::CostAccountant);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(ledger_total(&r.ledger), (60 * CALL, 0, 60));
+    let rows: Vec<_> = r
+        .ledger
+        .all_days()
+        .into_iter()
+        .flat_map(|d| d.rows)
+        .collect();
+    assert_eq!(rows.len(), 3, "one row per priority: {rows:?}");
+    for row in rows {
+        assert_eq!(row.totals.input_tokens, 20 * 1000);
+        assert_eq!(row.totals.output_tokens, 20 * 100);
+    }
+    let finished = r.ledger.calls();
+    assert_eq!(finished.len(), 60);
+    assert!(finished.iter().all(|c| c.state == CallState::Finished));
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_and_rate_limited_requests_are_not_billed() {
+    let n = std::sync::atomic::AtomicU64::new(0);
+    let r = rig(
+        settings(),
+        FakeProvider::new(Duration::from_millis(5), move |_| {
+            match n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+                0 => Err(ProviderError::Rejected {
+                    status: 400,
+                    message: "bad".into(),
+                }),
+                1 => Err(ProviderError::RateLimited {
+                    limits: Default::default(),
+                    message: "slow down".into(),
+                }),
+                _ => ok(),
+            }
+        }),
+    )
+    .await;
+    for i in 0..4 {
+        r.source.publish(Priority::P2, task(&format!("t{i}"), "x"));
+    }
+    until(Duration::from_secs(30), || r.source.acks().len() == 4).await;
+    until(Duration::from_secs(10), || ledger_total(&r.ledger).2 == 3).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(ledger_total(&r.ledger), (3 * CALL, 0, 3));
+    assert_eq!(
+        r.ledger.calls().len(),
+        3,
+        "the refused calls' records are gone"
+    );
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_in_flight_at_a_crash_is_counted_at_its_estimate_after_the_timeout() {
+    let ledger = Arc::new(MemoryLedger::default());
+    let clock = LedgerClock::new(None);
+    let started_at = clock.now();
+    // What a killed process leaves: a started record and no answer.
+    let orphan = CallRecord {
+        call_id: "lost.g0.a1.01J".into(),
+        state: CallState::Started,
+        task_id: "lost".into(),
+        tenant: "acme".into(),
+        model: "m".into(),
+        priority: 3,
+        route: RouteKind::Realtime,
+        started_at,
+        day: day_of(started_at),
+        estimate_picousd: 5_000,
+        usage: Usage::default(),
+        cost_picousd: 0,
+    };
+    ledger.create_call(&orphan).await.unwrap();
+    let r = rig_with_ledger(
+        settings(),
+        FakeProvider::new(Duration::ZERO, |_| ok()),
+        ledger.clone(),
+    )
+    .await;
+    // Not before the request timeout (30 s): its writer might still answer.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(ledger_total(&ledger), (0, 0, 0));
+    until(Duration::from_secs(30), || ledger_total(&ledger).1 == 5_000).await;
+    let days = ledger.all_days();
+    assert_eq!(days.len(), 1);
+    assert_eq!(days[0].tenant, "acme");
+    assert!(days[0].rows[0].estimated);
+    // A second start over the same ledger counts nothing again.
+    r.engine.shutdown().await;
+    let again = rig_with_ledger(
+        settings(),
+        FakeProvider::new(Duration::ZERO, |_| ok()),
+        ledger.clone(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(ledger_total(&ledger), (0, 5_000, 1));
+    again.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_finished_call_counted_before_a_crash_is_not_counted_again_at_the_next_start() {
+    let ledger = Arc::new(MemoryLedger::default());
+    let r = rig_with_ledger(
+        settings(),
+        FakeProvider::new(Duration::ZERO, |_| ok()),
+        ledger.clone(),
+    )
+    .await;
+    for i in 0..10 {
+        r.source.publish(Priority::P1, task(&format!("t{i}"), "x"));
+    }
+    until(Duration::from_secs(30), || ledger_total(&ledger).2 == 10).await;
+    r.engine.shutdown().await;
+    // The records stay; the totals say they are counted.
+    assert_eq!(ledger.calls().len(), 10);
+    let again = rig_with_ledger(
+        settings(),
+        FakeProvider::new(Duration::ZERO, |_| ok()),
+        ledger.clone(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(ledger_total(&ledger), (10 * CALL, 0, 10));
+    again.engine.shutdown().await;
+}
+
+fn budgets(action: OnExceeded, daily_usd: f64) -> Budgets {
+    Budgets {
+        default: Budget::default(),
+        tenants: [(
+            "acme".to_owned(),
+            Budget {
+                daily_usd: Some(daily_usd),
+                monthly_usd: None,
+            },
+        )]
+        .into(),
+        on_exceeded: [action; 3],
+        hold_recheck: Duration::from_secs(2),
+    }
+}
+
+fn tenant_task(id: &str, tenant: &str) -> serde_json::Value {
+    let mut t = task(id, "x");
+    t["tenant"] = tenant.into();
+    t
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_over_its_budget_gets_budget_exceeded_and_a_dead_letter_others_flow() {
+    let mut s = settings();
+    // Two calls' worth: the third task finds the budget spent.
+    s.budgets = budgets(OnExceeded::Reject, 2.0 * CALL as f64 / 1e12);
+    let r = rig(s, FakeProvider::new(Duration::from_millis(5), |_| ok())).await;
+    for i in 0..2 {
+        r.source
+            .publish(Priority::P2, tenant_task(&format!("a{i}"), "acme"));
+    }
+    until(Duration::from_secs(30), || ledger_total(&r.ledger).2 == 2).await;
+    r.source.publish(Priority::P2, tenant_task("a2", "acme"));
+    r.source.publish(Priority::P2, tenant_task("b0", "bob"));
+    until(Duration::from_secs(30), || r.source.acks().len() == 4).await;
+    let o = r.sink.outcome("a2").unwrap();
+    assert_eq!(o["status"], "failed");
+    assert_eq!(o["error"]["kind"], "budget_exceeded", "{o}");
+    assert!(r.sink.dead.lock().unwrap().contains_key("a2"));
+    assert_eq!(r.sink.outcome("b0").unwrap()["status"], "succeeded");
+    assert_eq!(
+        r.provider.calls().len(),
+        3,
+        "no call for the task over budget"
+    );
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_task_waits_without_spending_an_attempt_and_runs_after_midnight() {
+    let ledger = Arc::new(MemoryLedger::default());
+    let start = Utc.with_ymd_and_hms(2026, 12, 1, 23, 59, 50).unwrap();
+    // The day's budget is spent already.
+    let mut spent = DayTotals::new("2026-12-01", "acme");
+    spent.rows.push(batchd_actors::ledger::Row {
+        model: "m".into(),
+        priority: 2,
+        route: RouteKind::Realtime,
+        estimated: false,
+        totals: batchd_actors::ledger::Totals {
+            calls: 1,
+            cost_picousd: CALL,
+            ..Default::default()
+        },
+    });
+    ledger
+        .write_day(&day_key("2026-12-01", "acme"), &spent, None)
+        .await
+        .unwrap();
+    let mut s = settings();
+    s.budgets = budgets(OnExceeded::Hold, CALL as f64 / 1e12);
+    s.ledger.clock_start = Some(start);
+    let r = rig_with_ledger(
+        s,
+        FakeProvider::new(Duration::from_millis(5), |_| ok()),
+        ledger.clone(),
+    )
+    .await;
+    r.source.publish(Priority::P2, tenant_task("h0", "acme"));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        r.provider.calls().is_empty(),
+        "held while the day's budget is spent"
+    );
+    assert!(r.sink.outcome("h0").is_none());
+    until(Duration::from_secs(30), || r.sink.outcome("h0").is_some()).await;
+    let o = r.sink.outcome("h0").unwrap();
+    assert_eq!(o["status"], "succeeded");
+    assert_eq!(o["attempts"], 1, "holding spent no attempt");
+    assert!(!r.source.requeues().is_empty(), "requeued while it waited");
+    until(Duration::from_secs(10), || {
+        ledger
+            .all_days()
+            .iter()
+            .any(|d| d.day == "2026-12-02" && d.spend() == CALL)
+    })
+    .await;
+    r.engine.shutdown().await;
+}
+
+#[test]
+fn spend_is_read_per_tenant_and_day() {
+    let s = Spend::default();
+    s.add("acme", "2026-12-01", 3);
+    assert_eq!(s.of("acme", "2026-12-01"), (3, 3));
+}

@@ -1,0 +1,212 @@
+//! The engine's [`LedgerStore`] over two JetStream KV buckets: call records
+//! in `nats.calls_bucket` (`call.<call id>`, kept two days: long enough to be
+//! counted after any restart) and daily totals in `nats.ledger_bucket`
+//! (`day.<YYYY-MM-DD>.<tenant, base64url>`, kept). Every write is a
+//! revision-checked `create` or `update`. `batchd cost` and `batchd status`
+//! read the totals through the same type.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use async_trait::async_trait;
+use batchd_actors::ledger::{CallEvent, CallRecord, DayTotals, CALL_PREFIX, DAY_PREFIX};
+use batchd_actors::ports::{CallEvents, LedgerError, LedgerStore};
+use batchd_actors::pricing::Picousd;
+use futures::{StreamExt as _, TryStreamExt as _};
+
+use crate::config::Config;
+
+/// How long a call record is kept: it must outlive any stop of batchd
+/// after which it is still to be counted.
+pub const CALLS_MAX_AGE: Duration = Duration::from_secs(2 * 86_400);
+
+/// The ledger over JetStream KV.
+#[derive(Clone)]
+pub struct KvLedger {
+    calls: kv::Store,
+    days: kv::Store,
+}
+
+async fn open_bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, LedgerError> {
+    js.get_key_value(name)
+        .await
+        .map_err(|e| LedgerError::Store(format!("opening KV bucket {name}: {e}")))
+}
+
+impl KvLedger {
+    /// Over two open buckets.
+    pub fn new(calls: kv::Store, days: kv::Store) -> KvLedger {
+        KvLedger { calls, days }
+    }
+
+    /// Opens the buckets the config names (they exist once batchd has run).
+    pub async fn open(js: &jetstream::Context, config: &Config) -> Result<KvLedger, LedgerError> {
+        Ok(KvLedger {
+            calls: open_bucket(js, &config.nats.calls_bucket).await?,
+            days: open_bucket(js, &config.nats.ledger_bucket).await?,
+        })
+    }
+
+    fn encode<T: serde::Serialize>(what: &str, value: &T) -> Result<bytes::Bytes, LedgerError> {
+        serde_json::to_vec(value)
+            .map(Into::into)
+            .map_err(|e| LedgerError::Store(format!("encoding {what}: {e}")))
+    }
+}
+
+fn decode_day(key: &str, value: &[u8]) -> Result<DayTotals, LedgerError> {
+    serde_json::from_slice(value)
+        .map_err(|e| LedgerError::Store(format!("reading the totals at {key}: {e}")))
+}
+
+#[async_trait]
+impl LedgerStore for KvLedger {
+    async fn create_call(&self, record: &CallRecord) -> Result<u64, LedgerError> {
+        let key = record.key();
+        let value = Self::encode(&key, record)?;
+        self.calls.create(&key, value).await.map_err(|e| {
+            if e.kind() == kv::CreateErrorKind::AlreadyExists {
+                LedgerError::Conflict(key)
+            } else {
+                LedgerError::Store(format!("creating {key}: {e}"))
+            }
+        })
+    }
+
+    async fn update_call(&self, record: &CallRecord, revision: u64) -> Result<u64, LedgerError> {
+        let key = record.key();
+        let value = Self::encode(&key, record)?;
+        self.calls
+            .update(&key, value, revision)
+            .await
+            .map_err(|e| update_err(&key, &e))
+    }
+
+    async fn delete_call(&self, call_id: &str) -> Result<(), LedgerError> {
+        let key = format!("{CALL_PREFIX}{call_id}");
+        self.calls
+            .delete(&key)
+            .await
+            .map_err(|e| LedgerError::Store(format!("deleting {key}: {e}")))
+    }
+
+    async fn watch_calls(&self) -> Result<CallEvents, LedgerError> {
+        let watch = self
+            .calls
+            .watch_with_history(format!("{CALL_PREFIX}>"))
+            .await
+            .map_err(|e| LedgerError::Store(format!("watching call records: {e}")))?;
+        Ok(watch
+            .filter_map(|entry| async move {
+                let entry = match entry {
+                    Ok(entry) => entry,
+                    Err(e) => {
+                        return Some(Err(LedgerError::Store(format!(
+                            "watching call records: {e}"
+                        ))))
+                    }
+                };
+                let call_id = entry.key.strip_prefix(CALL_PREFIX)?.to_owned();
+                match entry.operation {
+                    kv::Operation::Put => match serde_json::from_slice(&entry.value) {
+                        Ok(record) => Some(Ok(CallEvent::Put {
+                            record,
+                            revision: entry.revision,
+                        })),
+                        Err(e) => {
+                            tracing::warn!(key = %entry.key, error = %e, "unreadable call record skipped");
+                            None
+                        }
+                    },
+                    kv::Operation::Delete | kv::Operation::Purge => {
+                        Some(Ok(CallEvent::Deleted { call_id }))
+                    }
+                }
+            })
+            .boxed())
+    }
+
+    async fn read_day(&self, key: &str) -> Result<Option<(DayTotals, u64)>, LedgerError> {
+        let entry = self
+            .days
+            .entry(key)
+            .await
+            .map_err(|e| LedgerError::Store(format!("reading {key}: {e}")))?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                Ok(Some((decode_day(key, &e.value)?, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn write_day(
+        &self,
+        key: &str,
+        totals: &DayTotals,
+        revision: Option<u64>,
+    ) -> Result<u64, LedgerError> {
+        let value = Self::encode(key, totals)?;
+        match revision {
+            Some(r) => self
+                .days
+                .update(key, value, r)
+                .await
+                .map_err(|e| update_err(key, &e)),
+            None => self.days.create(key, value).await.map_err(|e| {
+                if e.kind() == kv::CreateErrorKind::AlreadyExists {
+                    LedgerError::Conflict(key.to_owned())
+                } else {
+                    LedgerError::Store(format!("creating {key}: {e}"))
+                }
+            }),
+        }
+    }
+
+    async fn days(&self, prefix: &str) -> Result<Vec<(String, DayTotals, u64)>, LedgerError> {
+        let wanted = format!("{DAY_PREFIX}{prefix}");
+        let keys: Vec<String> = self
+            .days
+            .keys()
+            .await
+            .map_err(|e| LedgerError::Store(format!("listing the ledger: {e}")))?
+            .try_filter(|k| std::future::ready(k.starts_with(&wanted)))
+            .try_collect()
+            .await
+            .map_err(|e| LedgerError::Store(format!("listing the ledger: {e}")))?;
+        let mut days = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Some((d, r)) = self.read_day(&key).await? {
+                days.push((key, d, r));
+            }
+        }
+        Ok(days)
+    }
+}
+
+impl KvLedger {
+    /// Spend on `day` (`YYYY-MM-DD`) over every tenant: (exact, estimated),
+    /// in pico-dollars.
+    pub async fn spend_on(&self, day: &str) -> Result<(Picousd, Picousd), LedgerError> {
+        let mut exact = 0;
+        let mut estimated = 0;
+        for (_, d, _) in self.days(day).await? {
+            for r in &d.rows {
+                if r.estimated {
+                    estimated += r.totals.cost_picousd;
+                } else {
+                    exact += r.totals.cost_picousd;
+                }
+            }
+        }
+        Ok((exact, estimated))
+    }
+}
+
+fn update_err(key: &str, e: &kv::UpdateError) -> LedgerError {
+    if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
+        LedgerError::Conflict(key.to_owned())
+    } else {
+        LedgerError::Store(format!("updating {key}: {e}"))
+    }
+}
