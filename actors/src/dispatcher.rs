@@ -502,6 +502,11 @@ async fn within_budget(ctx: &EngineContext, a: Accepted) -> Option<Accepted> {
     if budgets.is_unlimited() {
         return Some(a);
     }
+    tokio::select! {
+        () = ctx.spend.loaded() => {}
+        // Shutting down: the lease naks on drop; the task comes back.
+        () = ctx.stopping() => return None,
+    }
     let verdict = || budgets.check(&a.task.tenant, a.task.priority, &ctx.spend, ctx.clock.now());
     let BudgetVerdict::Exceeded {
         period,

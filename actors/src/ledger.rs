@@ -324,22 +324,47 @@ impl LedgerClock {
 }
 
 /// Spend seen so far per tenant and day: the ledger's totals plus records
-/// counted since. Budgets are checked against it before each call.
-#[derive(Debug, Default)]
-pub struct Spend(Mutex<HashMap<String, HashMap<String, Picousd>>>);
+/// counted since. Budgets are checked against it before each call, once it
+/// has been read from the ledger ([`Spend::loaded`]).
+#[derive(Debug)]
+pub struct Spend {
+    days: Mutex<HashMap<String, HashMap<String, Picousd>>>,
+    loaded: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Spend {
+    fn default() -> Self {
+        Spend {
+            days: Mutex::default(),
+            loaded: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
 
 impl Spend {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, Picousd>>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.days.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Replaces everything (an accountant starting from the ledger).
+    /// Replaces everything (an accountant starting from the ledger); from
+    /// then on [`Spend::loaded`] resolves at once.
     pub fn reset(&self, totals: impl IntoIterator<Item = (String, String, Picousd)>) {
-        let mut m = self.map();
-        m.clear();
-        for (tenant, day, amount) in totals {
-            *m.entry(tenant).or_default().entry(day).or_default() += amount;
+        {
+            let mut m = self.map();
+            m.clear();
+            for (tenant, day, amount) in totals {
+                *m.entry(tenant).or_default().entry(day).or_default() += amount;
+            }
         }
+        self.loaded.send_replace(true);
+    }
+
+    /// Resolves once the ledger's totals have been read: a budget checked
+    /// before would not see what was spent before this start.
+    pub async fn loaded(&self) {
+        let mut rx = self.loaded.subscribe();
+        // An error means the sender is gone with the engine.
+        let _ = rx.wait_for(|loaded| *loaded).await;
     }
 
     /// Adds spend of `tenant` on `day`.
