@@ -42,6 +42,8 @@ enum Command {
     Dlq(cmd::dlq::DlqArgs),
     /// Show queues, in-flight tasks, dead letters and routes, from NATS alone.
     Status(cmd::status::StatusArgs),
+    /// Spend from the ledger by day, tenant, model, priority and route.
+    Cost(cmd::cost::CostArgs),
     /// Measure the raw JetStream floor and batchd end to end, side by side.
     Bench(cmd::bench::BenchArgs),
 }
@@ -57,6 +59,7 @@ async fn main() -> std::process::ExitCode {
             | Command::Bench(_)
             | Command::Dlq(_)
             | Command::Status(_)
+            | Command::Cost(_)
     );
     batchd::telemetry::init_logging(if quiet { "warn" } else { "info" }, cli.log_format);
     let result = match cli.command {
@@ -67,6 +70,7 @@ async fn main() -> std::process::ExitCode {
         Command::Dlq(args) => cmd::dlq::run(args).await,
         Command::Bench(args) => cmd::bench::run(args).await.map(|_| ()),
         Command::Status(args) => cmd::status::run(args).await,
+        Command::Cost(args) => cmd::cost::run(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

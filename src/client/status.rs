@@ -69,6 +69,8 @@ pub struct Status {
     pub routes: Option<Vec<RouteStatus>>,
     /// Where route state comes from, or why it is missing.
     pub routes_note: String,
+    /// Spend today (UTC) from the ledger, USD: (exact, estimated).
+    pub spend_today_usd: Option<(f64, f64)>,
 }
 
 /// Reads the status from NATS (and `/metrics` when `metrics_url` is given).
@@ -134,7 +136,20 @@ pub async fn read(
         tasks_with_attempts: bucket_keys(&js, &n.attempts_bucket).await,
         routes,
         routes_note,
+        spend_today_usd: spend_today(&js, config).await,
     }
+}
+
+async fn spend_today(js: &jetstream::Context, config: &Config) -> Option<(f64, f64)> {
+    let ledger = crate::ledger::KvLedger::open(js, config).await.ok()?;
+    let (exact, estimated) = ledger
+        .spend_on(&batchd_actors::ledger::day_of(Utc::now()))
+        .await
+        .ok()?;
+    Some((
+        batchd_actors::pricing::usd(exact),
+        batchd_actors::pricing::usd(estimated),
+    ))
 }
 
 /// Messages of `stream` newer than `window`: the pending count of a

@@ -3,6 +3,7 @@
 //! loading the config and the progress bar.
 
 pub mod bench;
+pub mod cost;
 pub mod demo;
 pub mod dlq;
 pub mod run;

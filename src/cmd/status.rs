@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use crate::client::status::{self, Status};
-use crate::report::table::{group, section, Table};
+use crate::report::table::{group, section, usd, Table};
 
 /// Arguments of `batchd status`.
 #[derive(Debug, Clone, clap::Args)]
@@ -124,6 +124,11 @@ pub fn render(s: &Status) -> String {
         None => out.push_str("  unknown\n"),
     }
     section(&mut out, "Spend today");
-    out.push_str("  not in NATS yet: the ledger bucket is not written; see batchd_cost_usd_total on /metrics\n");
+    match s.spend_today_usd {
+        Some((exact, estimated)) => {
+            let _ = writeln!(out, "  {} (+ {} estimated)", usd(exact), usd(estimated));
+        }
+        None => out.push_str("  unknown (the ledger bucket cannot be read)\n"),
+    }
     out
 }
