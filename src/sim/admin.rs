@@ -6,6 +6,7 @@
 //! - `DELETE /sim/faults`: removes every fault, `{"cleared": n}`.
 //! - `GET /sim/stats`: the totals of [`SimStats`] and `models`, the same
 //!   counters per model.
+//! - `GET /sim/bill`: billed tokens per model (requests answered with a 200).
 //! - `POST /sim/clock/reset`: the faults' clock starts again at zero.
 //!
 //! Errors use OpenAI's error body with status 400.
@@ -38,6 +39,7 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
                 .fallback(invalid_url),
         )
         .route("/sim/stats", get(stats).fallback(invalid_url))
+        .route("/sim/bill", get(bill).fallback(invalid_url))
         .route("/sim/clock/reset", post(reset_clock).fallback(invalid_url))
 }
 
@@ -103,6 +105,10 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
         models: shared.model_stats(),
     };
     json_response(StatusCode::OK, &stats)
+}
+
+async fn bill(State(shared): State<Arc<Shared>>) -> Response {
+    json_response(StatusCode::OK, &shared.bill())
 }
 
 async fn reset_clock(State(shared): State<Arc<Shared>>) -> Response {

@@ -195,6 +195,20 @@ impl From<&SimArgs> for SimConfig {
     }
 }
 
+/// The tokens the simulator billed for one model: those of every request
+/// it answered with a 200 (OpenAI bills these; refused and failed ones are free).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SimBill {
+    /// Requests answered with a 200.
+    pub requests: u64,
+    /// Prompt tokens, cached included.
+    pub prompt_tokens: u64,
+    /// Prompt tokens served from the prompt cache.
+    pub cached_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+}
+
 /// What the simulator has answered so far (chat completion requests only).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct SimStats {
@@ -304,6 +318,12 @@ impl SimServer {
     /// first 1000 distinct models), counted when the request is answered.
     pub fn model_stats(&self) -> BTreeMap<String, SimStats> {
         self.shared.model_stats()
+    }
+
+    /// The bill so far: billed tokens per model (the first 1000 models).
+    /// Priced with a price table, it is what a provider would charge.
+    pub fn bill(&self) -> BTreeMap<String, SimBill> {
+        self.shared.bill()
     }
 
     /// Request bodies received while `record_requests` was on, oldest first.

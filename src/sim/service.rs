@@ -36,7 +36,7 @@ use super::rate_limit::{
     format_duration, Admission, BudgetState, LimitKind, Quota, RateLimiter, Refusal,
 };
 use super::request;
-use super::{SimConfig, SimStats, DEFAULT_RECORD_LIMIT};
+use super::{SimBill, SimConfig, SimStats, DEFAULT_RECORD_LIMIT};
 
 /// Larger bodies get a 413; OpenAI's own limit is in this range.
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -65,6 +65,7 @@ pub(crate) struct Shared {
     state: Mutex<SimState>,
     counters: Counters,
     models: Mutex<HashMap<String, SimStats>>,
+    bill: Mutex<HashMap<String, SimBill>>,
     faults: Mutex<FaultClock>,
     /// Tells the listener that faults or the clock changed.
     fault_changes: watch::Sender<()>,
@@ -169,6 +170,7 @@ impl Shared {
             }),
             counters: Counters::default(),
             models: Mutex::new(HashMap::new()),
+            bill: Mutex::new(HashMap::new()),
             faults: Mutex::new(FaultClock::new(now)),
             fault_changes: watch::Sender::new(()),
             record_requests: AtomicBool::new(config.record_requests),
@@ -213,6 +215,26 @@ impl Shared {
         } else if models.len() < MAX_MODELS_TRACKED {
             models.entry(model.to_owned()).or_default().count(outcome);
         }
+    }
+
+    pub(crate) fn bill(&self) -> BTreeMap<String, SimBill> {
+        lock(&self.bill)
+            .iter()
+            .map(|(model, bill)| (model.clone(), *bill))
+            .collect()
+    }
+
+    /// Adds one answered request's tokens to its model's bill.
+    fn charge(&self, model: &str, prompt: u64, cached: u64, completion: u64) {
+        let mut bill = lock(&self.bill);
+        if !bill.contains_key(model) && bill.len() >= MAX_MODELS_TRACKED {
+            return;
+        }
+        let b = bill.entry(model.to_owned()).or_default();
+        b.requests += 1;
+        b.prompt_tokens += prompt;
+        b.cached_tokens += cached;
+        b.completion_tokens += completion;
     }
 
     pub(crate) fn count_dropped_connection(&self) {
@@ -498,6 +520,13 @@ async fn complete(
             seed,
         } => {
             sleep(delay).await;
+            // Billed once the answer is ready, as `succeeded` counts it.
+            shared.charge(
+                &request.model,
+                prompt_tokens,
+                cached_tokens,
+                generated.completion_tokens,
+            );
             let completion = ChatCompletion {
                 id: completion_id(shared.id_salt ^ sequence),
                 object: "chat.completion",

@@ -9,6 +9,7 @@ mod bad_input;
 mod bench;
 mod chaos;
 mod cli;
+mod cost;
 mod demo;
 mod dlq;
 mod e2e_flow;
