@@ -442,7 +442,8 @@ impl Shared {
                     state
                         .budget
                         .on_answer(&permit.charge, Some(tokens), &limits, wall);
-                out.circuit_changed = state.circuit.on_success(probe, now);
+                let sent = now.checked_sub(latency).unwrap_or(now);
+                out.circuit_changed = state.circuit.on_success(probe, now, sent);
             }
             CallReport::RateLimited { limits } => {
                 out.limits_changed = state.budget.on_rate_limited(&permit.charge, &limits, wall);
@@ -456,9 +457,10 @@ impl Shared {
                 state.concurrency.on_backoff(Backoff::RateLimited, now);
                 state.circuit.on_neutral(probe);
             }
-            CallReport::Transient { .. } => {
+            CallReport::Transient { latency } => {
                 state.concurrency.on_backoff(Backoff::Transient, now);
-                out.circuit_changed = state.circuit.on_transient(probe, now, &mut state.rng);
+                let sent = now.checked_sub(latency).unwrap_or(now);
+                out.circuit_changed = state.circuit.on_transient(probe, now, sent, &mut state.rng);
             }
             CallReport::RouteFailure { reason } => {
                 state.concurrency.on_backoff(Backoff::RouteFailure, now);
