@@ -13,7 +13,7 @@ use batchd_actors::ports::Provider;
 use batchd_actors::Engine;
 
 use crate::config::Config;
-use crate::nats::{connect, ensure_topology, JetSink, JetSource, KvAttempts};
+use crate::nats::{connect, ensure_topology, JetSink, JetSource, KvAttempts, KvRouteBoard};
 use crate::provider::OpenAiProvider;
 
 /// What `/readyz` checks: the NATS connection, the streams, the actors.
@@ -88,6 +88,7 @@ pub async fn start(
         source: Arc::new(JetSource::new(&topology, config)),
         sink: Arc::new(JetSink::new(&client, &topology, config)),
         attempts: Arc::new(KvAttempts(topology.attempts.clone())),
+        board: Arc::new(KvRouteBoard(topology.routes.clone())),
         providers,
     };
     let engine = Engine::start(config.engine_settings(), ports).await?;

@@ -95,6 +95,13 @@ pub struct NatsConfig {
     pub ledger_bucket: String,
     /// KV bucket of the attempts each retried task has spent.
     pub attempts_bucket: String,
+    /// KV bucket where each replica publishes the state of its routes.
+    pub routes_bucket: String,
+    /// This replica's name in the routes bucket; empty: `<hostname>-<pid>`.
+    pub replica: String,
+    /// Seconds between writes of an unchanged route's state (a change is
+    /// written at once); entries not refreshed for 3 times this age out.
+    pub routes_refresh_secs: u64,
     /// Tasks stream message bound.
     pub tasks_max_msgs: i64,
     /// Tasks stream byte bound.
@@ -133,6 +140,21 @@ pub struct NatsAuth {
 }
 
 impl NatsConfig {
+    /// This replica's name: `replica`, or `<hostname>-<pid>` when empty.
+    pub fn replica_name(&self) -> String {
+        let name = self.replica.trim();
+        if !name.is_empty() {
+            return name.to_owned();
+        }
+        format!("{}-{}", hostname(), std::process::id())
+    }
+
+    /// How long a route state lives in the routes bucket unless refreshed:
+    /// three refreshes, so a replica that died leaves no entry behind.
+    pub fn routes_max_age(&self) -> Duration {
+        Duration::from_secs(self.routes_refresh_secs.saturating_mul(3))
+    }
+
     /// Bounds the tasks stream to the room `tasks` bodies need (16 KiB each,
     /// 64 MiB at least, never above the configured bound): a run of known
     /// size (the demo, a benchmark) reserves no more of a server's store.
@@ -457,6 +479,7 @@ impl Config {
             ("nats.checkpoints_bucket", &self.nats.checkpoints_bucket),
             ("nats.ledger_bucket", &self.nats.ledger_bucket),
             ("nats.attempts_bucket", &self.nats.attempts_bucket),
+            ("nats.routes_bucket", &self.nats.routes_bucket),
             ("nats.consumer_prefix", &self.nats.consumer_prefix),
         ] {
             if !token_ok(name) {
@@ -468,6 +491,9 @@ impl Config {
                 "nats.tasks_max_msgs",
                 "the tasks stream must be bounded (> 0)".into(),
             );
+        }
+        if self.nats.routes_refresh_secs < 1 {
+            return bad("nats.routes_refresh_secs", "must be at least 1".into());
         }
         if self.nats.duplicate_window_secs < 1 {
             return bad("nats.duplicate_window_secs", "must be at least 1".into());
@@ -712,9 +738,21 @@ impl Config {
             lease_heartbeat: Duration::from_millis((self.intake.ack_wait_secs * 1000 / 3).max(100)),
             backlog_interval: Duration::from_millis(self.intake.backlog_interval_ms.max(100)),
             restart: self.supervisor,
+            replica: self.nats.replica_name(),
+            route_refresh: Duration::from_secs(self.nats.routes_refresh_secs),
             seed: 0x6261_7463_6864,
         }
     }
+}
+
+/// The machine's name (Linux), else `$HOSTNAME`, else `batchd`.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "batchd".to_owned())
 }
 
 /// Deep-merges `over` into `base`: tables key by key, anything else replaced.
@@ -739,6 +777,24 @@ mod tests {
         assert_eq!(c.nats.subject_prefix, "batchd");
         assert_eq!(c.task_types.len(), 6);
         assert_eq!(c.batching.p1.max_size, 8);
+    }
+
+    #[test]
+    fn the_replica_is_named_after_the_host_and_process_unless_configured() {
+        let mut c = Config::defaults().unwrap();
+        let name = c.nats.replica_name();
+        assert!(
+            name.ends_with(&format!("-{}", std::process::id())) && name.len() > 2,
+            "{name}"
+        );
+        c.nats.replica = "eu-1".into();
+        assert_eq!(c.nats.replica_name(), "eu-1");
+        assert_eq!(c.nats.routes_max_age(), Duration::from_secs(15));
+        let err = Config::from_toml_str("[nats]\nroutes_refresh_secs = 0\n", "t").unwrap_err();
+        assert!(
+            err.to_string().contains("nats.routes_refresh_secs"),
+            "{err}"
+        );
     }
 
     #[test]

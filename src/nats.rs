@@ -1,6 +1,6 @@
 //! The JetStream side: connecting (with a version check), creating the
 //! protocol's streams, consumers and buckets, and the engine's
-//! [`TaskSource`] and [`OutcomeSink`] over them.
+//! [`TaskSource`], [`OutcomeSink`], [`AttemptStore`] and [`RouteBoard`] over them.
 
 use std::time::Duration;
 
@@ -9,9 +9,10 @@ use async_nats::HeaderMap;
 use async_trait::async_trait;
 use batchd_actors::lease::{AckError, Acker};
 use batchd_actors::ports::{
-    message_id, AttemptStore, Backlog, Delivery, OutcomeSink, Requeue, SinkError, SourceError,
-    StoreError, TaskSource, GENERATION_HEADER, PUBLISHED_AT_HEADER,
+    message_id, AttemptStore, Backlog, BoardError, Delivery, OutcomeSink, Requeue, RouteBoard,
+    SinkError, SourceError, StoreError, TaskSource, GENERATION_HEADER, PUBLISHED_AT_HEADER,
 };
+use batchd_actors::route::RouteState;
 use batchd_actors::task::{Encoding, Priority};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -264,6 +265,8 @@ pub struct Topology {
     pub consumers: [consumer::PullConsumer; 3],
     /// Attempts spent per task.
     pub attempts: jetstream::kv::Store,
+    /// Each replica's route state.
+    pub routes: jetstream::kv::Store,
 }
 
 fn setup_err(what: impl Into<String>) -> impl FnOnce(String) -> NatsError {
@@ -349,18 +352,13 @@ pub async fn ensure_topology(
             .map_err(|e| setup_err(format!("KV bucket {bucket}"))(e.to_string()))?;
         }
     }
-    let attempts = match js.get_key_value(n.attempts_bucket.as_str()).await {
-        Ok(kv) => kv,
-        Err(_) => js
-            .create_key_value(jetstream::kv::Config {
-                bucket: n.attempts_bucket.clone(),
-                history: 1,
-                max_age: day * u32::try_from(n.results_max_age_days).unwrap_or(u32::MAX),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| setup_err(format!("KV bucket {}", n.attempts_bucket))(e.to_string()))?,
-    };
+    let attempts = ensure_bucket(
+        &js,
+        &n.attempts_bucket,
+        day * u32::try_from(n.results_max_age_days).unwrap_or(u32::MAX),
+    )
+    .await?;
+    let routes = ensure_bucket(&js, &n.routes_bucket, n.routes_max_age()).await?;
     let mut consumers = Vec::with_capacity(3);
     for p in Priority::ALL {
         let name = consumer_name(n, p);
@@ -395,7 +393,28 @@ pub async fn ensure_topology(
         dlq,
         consumers,
         attempts,
+        routes,
     })
+}
+
+/// A KV bucket keeping one value per key for `max_age`, created when missing
+/// (an existing one is used as it is).
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    max_age: Duration,
+) -> Result<jetstream::kv::Store, NatsError> {
+    if let Ok(kv) = js.get_key_value(bucket).await {
+        return Ok(kv);
+    }
+    js.create_key_value(jetstream::kv::Config {
+        bucket: bucket.to_owned(),
+        history: 1,
+        max_age,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| setup_err(format!("KV bucket {bucket}"))(e.to_string()))
 }
 
 /// Creates a stream keeping one message per subject, or brings an existing
@@ -764,6 +783,30 @@ impl AttemptStore for KvAttempts {
             .purge(task_id)
             .await
             .map_err(|e| StoreError(format!("clearing the attempts of {task_id}: {e}")))
+    }
+}
+
+/// Each replica's route state in a JetStream KV bucket, as JSON (see
+/// [`batchd_actors::route::RouteState`] and PROTOCOL.md).
+pub struct KvRouteBoard(pub jetstream::kv::Store);
+
+#[async_trait]
+impl RouteBoard for KvRouteBoard {
+    async fn put(&self, key: &str, state: &RouteState) -> Result<(), BoardError> {
+        let body = serde_json::to_vec(state)
+            .map_err(|e| BoardError(format!("encoding the state of {key}: {e}")))?;
+        self.0
+            .put(key, body.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| BoardError(format!("writing the state of {key}: {e}")))
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), BoardError> {
+        self.0
+            .delete(key)
+            .await
+            .map_err(|e| BoardError(format!("removing the state of {key}: {e}")))
     }
 }
 

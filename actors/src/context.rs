@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use crate::dispatcher::Routes;
 use crate::lease::LeaseKeeper;
 use crate::messages::{ActorKind, AssemblerMsg, DispatcherMsg, IntakeMsg, RetryMsg};
-use crate::ports::{AttemptStore, OutcomeSink, Provider, TaskSource};
+use crate::ports::{AttemptStore, OutcomeSink, Provider, RouteBoard, TaskSource};
 use crate::settings::EngineSettings;
 
 /// The current actor cells, one slot per [`ActorKind`]; the supervisor
@@ -111,6 +111,8 @@ pub struct Ports {
     pub sink: Arc<dyn OutcomeSink>,
     /// Attempts spent per task.
     pub attempts: Arc<dyn AttemptStore>,
+    /// Where route state is published for other machines.
+    pub board: Arc<dyn RouteBoard>,
     /// Providers by name.
     pub providers: HashMap<String, Arc<dyn Provider>>,
 }

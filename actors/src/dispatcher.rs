@@ -188,7 +188,7 @@ async fn sample_routes(ctx: Arc<EngineContext>) {
                 provider,
                 model,
                 &metrics::RouteGauges {
-                    paused: s.paused,
+                    paused: s.paused_until.is_some(),
                     concurrency_limit: s.concurrency_limit,
                     rpm_limit: s.rpm_limit,
                     tpm_limit: s.tpm_limit,

@@ -16,9 +16,12 @@
 //! - [`batching`], [`backoff`], [`pricing`]: policies as plain functions.
 //! - [`route`]: route control: adaptive concurrency, rate budget learned from
 //!   the provider's headers, circuit breaker, and the [`route::RouteGate`] that admits calls by priority.
+//! - [`route_publisher`]: publishes this replica's route state (paused,
+//!   circuit open, limits) through [`ports::RouteBoard`], for `batchd status`.
 //! - [`lease`]: the hold on a JetStream message; nak on drop, heartbeats.
 //!   A source delivers an [`lease::Acker`]; the engine builds the lease.
-//! - [`ports`]: the I/O traits ([`ports::TaskSource`], [`ports::OutcomeSink`], [`ports::Provider`]).
+//! - [`ports`]: the I/O traits ([`ports::TaskSource`], [`ports::OutcomeSink`],
+//!   [`ports::AttemptStore`], [`ports::RouteBoard`], [`ports::Provider`]).
 //! - [`messages`]: every message between actors.
 //! - [`context`]: what every actor shares: settings, ports, the lease keeper,
 //!   the directory of current actor refs.
@@ -51,6 +54,7 @@ pub mod ports;
 pub mod pricing;
 pub mod retry_scheduler;
 pub mod route;
+pub mod route_publisher;
 pub mod routing;
 pub mod settings;
 pub mod supervisor;

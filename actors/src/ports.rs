@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::lease::{Acker, Lease, LeaseKeeper};
 use crate::route::limits::RateLimitInfo;
+use crate::route::RouteState;
 use crate::task::{Encoding, Priority, Usage};
 
 /// One delivered task message. A source hands it over with its [`Acker`];
@@ -218,6 +219,48 @@ impl AttemptStore for MemoryAttempts {
     }
     async fn clear(&self, task_id: &str) -> Result<(), StoreError> {
         self.map().remove(task_id);
+        Ok(())
+    }
+}
+
+/// Errors from the route board.
+#[derive(Debug, thiserror::Error)]
+#[error("route board: {0}")]
+pub struct BoardError(pub String);
+
+/// Where a replica publishes the state of its routes (paused, circuit open,
+/// limits), so that any machine can see it. Best effort: the engine logs a
+/// failed write and tries again, it never waits on one.
+#[async_trait]
+pub trait RouteBoard: Send + Sync + 'static {
+    /// Stores `state` under `key` (see [`crate::route::route_key`]),
+    /// replacing what was there.
+    async fn put(&self, key: &str, state: &RouteState) -> Result<(), BoardError>;
+    /// Removes `key`: the replica no longer drives that route.
+    async fn remove(&self, key: &str) -> Result<(), BoardError>;
+}
+
+/// A [`RouteBoard`] in memory: for tests and single-process tools.
+#[derive(Debug, Default)]
+pub struct MemoryBoard(std::sync::Mutex<std::collections::BTreeMap<String, RouteState>>);
+
+impl MemoryBoard {
+    /// What is stored, by key.
+    pub fn entries(&self) -> std::collections::BTreeMap<String, RouteState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[async_trait]
+impl RouteBoard for MemoryBoard {
+    async fn put(&self, key: &str, state: &RouteState) -> Result<(), BoardError> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(key.to_owned(), state.clone());
+        Ok(())
+    }
+    async fn remove(&self, key: &str) -> Result<(), BoardError> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(key);
         Ok(())
     }
 }

@@ -59,6 +59,11 @@ pub struct EngineSettings {
     pub backlog_interval: Duration,
     /// Supervisor restart limits.
     pub restart: RestartPolicy,
+    /// This replica's name on the route board.
+    pub replica: String,
+    /// How often each route's state is written to the route board when
+    /// nothing changes (a change is written at once).
+    pub route_refresh: Duration,
     /// Seed for retry jitter.
     pub seed: u64,
 }

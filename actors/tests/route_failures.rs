@@ -1,7 +1,8 @@
 //! Route control inside the engine, against in-memory fakes under paused
 //! tokio time: outages and refused keys cost no attempts and no tasks,
 //! attempts survive a redelivery, a route that is down requeues its tasks,
-//! deadlines expire while a route waits.
+//! deadlines expire while a route waits; the route board shows a route
+//! down while it is down.
 
 mod support;
 
@@ -10,9 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use batchd_actors::ports::{AttemptStore, ProviderError};
+use batchd_actors::route::{CircuitReason, RouteCondition};
 use batchd_actors::task::Priority;
 use serde_json::json;
-use support::{ok, rig, settings, task, until, FakeProvider};
+use support::{ok, rig, settings, task, until, FakeProvider, Rig};
 use tokio::time::Instant;
 
 fn down_until(at: Instant, error: ProviderError) -> Arc<FakeProvider> {
@@ -25,20 +27,25 @@ fn down_until(at: Instant, error: ProviderError) -> Arc<FakeProvider> {
     })
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_refused_key_opens_the_circuit_and_no_task_is_dead_lettered() {
-    let until_at = Instant::now() + Duration::from_secs(30);
-    let r = rig(
+/// An engine whose provider refuses its key (401) until `at`.
+async fn key_refused_until(at: Instant) -> Rig {
+    rig(
         settings(),
         down_until(
-            until_at,
+            at,
             ProviderError::Rejected {
                 status: 401,
                 message: "Incorrect API key provided".into(),
             },
         ),
     )
-    .await;
+    .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_key_opens_the_circuit_and_no_task_is_dead_lettered() {
+    let until_at = Instant::now() + Duration::from_secs(30);
+    let r = key_refused_until(until_at).await;
     for i in 0..20 {
         r.source.publish(Priority::P2, task(&format!("k{i}"), "x"));
     }
@@ -67,6 +74,63 @@ async fn a_refused_key_opens_the_circuit_and_no_task_is_dead_lettered() {
     );
     assert_eq!(r.sink.max_copies(), 1);
     r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_that_is_down_is_published_as_such_until_it_serves_again_then_withdrawn() {
+    let until_at = Instant::now() + Duration::from_secs(20);
+    let r = key_refused_until(until_at).await;
+    for i in 0..5 {
+        r.source.publish(Priority::P2, task(&format!("b{i}"), "x"));
+    }
+    let shown = |condition: RouteCondition| {
+        let entries = r.board.entries();
+        !entries.is_empty() && entries.values().all(|s| s.state == condition)
+    };
+    until(Duration::from_secs(10), || {
+        shown(RouteCondition::CircuitOpen)
+    })
+    .await;
+    let published_at = Instant::now();
+    let entries = r.board.entries();
+    let (key, state) = entries.iter().next().unwrap();
+    assert_eq!(key, "test-replica.fake.m", "{entries:?}");
+    assert_eq!(state.replica, "test-replica");
+    assert_eq!(state.route, "fake/m");
+    assert_eq!(state.reason, Some(CircuitReason::Unauthorized));
+    assert!(
+        state.until().is_some_and(|t| t > state.updated_at),
+        "an open circuit says until when: {state:?}"
+    );
+
+    until(Duration::from_secs(60), || shown(RouteCondition::Open)).await;
+    assert!(
+        Instant::now() >= until_at,
+        "shown open while the key was refused"
+    );
+    assert!(
+        Instant::now() < until_at + Duration::from_secs(20),
+        "shown down long after it served again"
+    );
+    assert!(published_at < until_at);
+    until(Duration::from_secs(60), || r.sink.outcome_count() == 5).await;
+    let updated_at = || r.board.entries().values().next().unwrap().updated_at;
+    let mut writes = vec![updated_at()];
+    for _ in 0..2 {
+        let last = writes[writes.len() - 1];
+        until(Duration::from_secs(10), || updated_at() > last).await;
+        writes.push(updated_at());
+    }
+    let between = (writes[2] - writes[1]).num_milliseconds();
+    assert!(
+        (5000..=5500).contains(&between),
+        "an unchanged route is refreshed every route_refresh (5 s), not at every look: {between} ms"
+    );
+    r.engine.shutdown().await;
+    assert!(
+        r.board.entries().is_empty(),
+        "a clean shutdown withdraws the replica's routes"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -15,8 +15,8 @@ use batchd_actors::batching::BatchPolicy;
 use batchd_actors::context::Ports;
 use batchd_actors::lease::{AckError, Acker};
 use batchd_actors::ports::{
-    Backlog, Completion, Delivery, MemoryAttempts, OutcomeSink, Provider, ProviderError, Requeue,
-    SinkError, SourceError, TaskSource,
+    Backlog, Completion, Delivery, MemoryAttempts, MemoryBoard, OutcomeSink, Provider,
+    ProviderError, Requeue, SinkError, SourceError, TaskSource,
 };
 use batchd_actors::pricing::{ModelPrice, PriceTable};
 use batchd_actors::route::RouteSettings;
@@ -411,6 +411,8 @@ pub fn settings() -> EngineSettings {
             max_restarts: 5,
             within_secs: 60,
         },
+        replica: "test-replica".into(),
+        route_refresh: Duration::from_secs(5),
         seed: 1,
     }
 }
@@ -418,6 +420,7 @@ pub fn settings() -> EngineSettings {
 pub struct Rig {
     pub engine: Engine,
     pub attempts: Arc<MemoryAttempts>,
+    pub board: Arc<MemoryBoard>,
     pub source: Arc<FakeSource>,
     pub sink: Arc<FakeSink>,
     pub provider: Arc<FakeProvider>,
@@ -427,18 +430,21 @@ pub async fn rig(settings: EngineSettings, provider: Arc<FakeProvider>) -> Rig {
     let source = FakeSource::new();
     let sink = Arc::new(FakeSink::default());
     let attempts = Arc::new(MemoryAttempts::default());
+    let board = Arc::new(MemoryBoard::default());
     let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
     providers.insert("fake".into(), provider.clone());
     let ports = Ports {
         source: source.clone(),
         sink: sink.clone(),
         attempts: attempts.clone(),
+        board: board.clone(),
         providers,
     };
     let engine = Engine::start(settings, ports).await.unwrap();
     Rig {
         engine,
         attempts,
+        board,
         source,
         sink,
         provider,
