@@ -610,23 +610,14 @@ fn build_batch_line(
     let mut chat = body.clone();
     chat.remove("model");
     let payload = parse_payload(&chat)?;
-    Ok(Task {
-        task_id: task_id.to_owned(),
-        task_type: None,
+    let task = Task::new(
+        task_id.to_owned(),
         payload,
-        priority: inbound.priority,
-        retry_count: 0,
-        created_at: inbound.published_at,
-        model,
-        tier: None,
-        tenant: "default".into(),
-        reply_to: None,
-        deadline: None,
-        metadata: None,
-        original: Value::Null,
+        inbound.priority,
+        inbound.published_at,
         encoding,
-        generation: 0,
-    })
+    );
+    Ok(Task { model, ..task })
 }
 
 fn parse_payload(p: &Map<String, Value>) -> Result<Payload, String> {

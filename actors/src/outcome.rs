@@ -15,8 +15,7 @@ use crate::lease::Lease;
 use crate::metrics;
 use crate::ports::{Delivery, SinkError};
 use crate::task::{
-    timestamp, DeadLetter, Encoding, ErrorKind, Outcome, Priority, RouteKind, Status, Task,
-    TaskError, Timings, Usage,
+    timestamp, DeadLetter, Encoding, ErrorKind, Outcome, Priority, RouteKind, Task, TaskError,
 };
 
 /// An outcome ready to publish, with its dead letter when it failed.
@@ -49,31 +48,25 @@ pub fn failed(
         message: codec::bounded(&error.message),
         ..error
     };
+    let outcome = Outcome::failure(
+        task.task_id.clone(),
+        error.clone(),
+        task.priority.number(),
+        task.tenant.clone(),
+        total,
+        timestamp(now),
+    );
     Final {
         outcome: Outcome {
-            task_id: task.task_id.clone(),
-            status: Status::Failed,
-            output: None,
-            finish_reason: None,
-            error: Some(error.clone()),
             model: model.map(str::to_owned).or_else(|| task.model.clone()),
             provider: provider.map(str::to_owned),
             // Only a task that reached a provider has a route.
             route: provider.map(|_| RouteKind::Realtime),
-            usage: Usage::default(),
-            cost_usd: 0.0,
             attempts,
             batch_id: batch_id.map(str::to_owned),
-            priority: task.priority.number(),
-            tenant: task.tenant.clone(),
-            timings: Timings {
-                queued_ms: total,
-                processing_ms: 0,
-                total_ms: total,
-            },
             metadata: task.metadata.clone(),
             generation: task.generation,
-            completed_at: timestamp(now),
+            ..outcome
         },
         dead_letter: Some(DeadLetter {
             task: task.original.clone(),
@@ -102,31 +95,19 @@ pub fn rejected(d: &Delivery, r: Rejection) -> Final {
         .original
         .is_none()
         .then(|| base64::engine::general_purpose::STANDARD.encode(&d.body));
-    let total = elapsed_ms(d.published_at, now);
+    let outcome = Outcome::failure(
+        task_id,
+        error.clone(),
+        d.priority.number(),
+        r.tenant.unwrap_or_else(|| "default".into()),
+        elapsed_ms(d.published_at, now),
+        timestamp(now),
+    );
     Final {
         outcome: Outcome {
-            task_id,
-            status: Status::Failed,
-            output: None,
-            finish_reason: None,
-            error: Some(error.clone()),
-            model: None,
-            provider: None,
-            route: None,
-            usage: Usage::default(),
-            cost_usd: 0.0,
-            attempts: 0,
-            batch_id: None,
-            priority: d.priority.number(),
-            tenant: r.tenant.unwrap_or_else(|| "default".into()),
-            timings: Timings {
-                queued_ms: total,
-                processing_ms: 0,
-                total_ms: total,
-            },
             metadata: r.metadata,
             generation: d.generation,
-            completed_at: timestamp(now),
+            ..outcome
         },
         dead_letter: Some(DeadLetter {
             task: r.original.unwrap_or(Value::Null),
