@@ -13,7 +13,7 @@ use crate::codec::{self, Rejection};
 use crate::context::EngineContext;
 use crate::lease::Lease;
 use crate::metrics;
-use crate::ports::{Delivery, SinkError};
+use crate::ports::{Delivery, Encoded, SinkError};
 use crate::task::{
     timestamp, DeadLetter, Encoding, ErrorKind, Outcome, Priority, RouteKind, Task, TaskError,
 };
@@ -218,12 +218,13 @@ pub async fn unless_done(
 async fn publish(ctx: &EngineContext, f: &Final, subject: &str) -> Result<bool, SinkError> {
     let sink = &ctx.ports.sink;
     let id = f.outcome.task_id.as_str();
-    let body = encode(&f.outcome, f.encoding)?;
-    let generation = f.outcome.generation;
-    let duplicate = retrying(ctx, || {
-        sink.publish_outcome(id, generation, body.clone(), f.encoding)
-    })
-    .await?;
+    let outcome = Encoded {
+        task_id: id,
+        generation: f.outcome.generation,
+        body: encode(&f.outcome, f.encoding)?,
+        encoding: f.encoding,
+    };
+    let duplicate = retrying(ctx, || sink.publish_outcome(&outcome)).await?;
     // After the outcome, and only when this outcome is the one kept: a dead
     // letter never exists for a task whose kept outcome succeeded.
     if let (Some(dl), false) = (&f.dead_letter, duplicate) {
@@ -231,14 +232,14 @@ async fn publish(ctx: &EngineContext, f: &Final, subject: &str) -> Result<bool, 
         if dl.subject.is_empty() {
             dl.subject = subject.to_owned();
         }
-        let dl_body = encode(&dl, f.encoding)?;
-        retrying(ctx, || {
-            sink.publish_dead_letter(id, generation, dl_body.clone(), f.encoding)
-        })
-        .await?;
+        let dead_letter = Encoded {
+            body: encode(&dl, f.encoding)?,
+            ..outcome.clone()
+        };
+        retrying(ctx, || sink.publish_dead_letter(&dead_letter)).await?;
     }
     if let (Some(reply_to), false) = (&f.reply_to, duplicate) {
-        if let Err(e) = sink.publish_reply(reply_to, body, f.encoding).await {
+        if let Err(e) = sink.publish_reply(reply_to, outcome.body, f.encoding).await {
             tracing::warn!(task_id = %id, error = %e, "reply_to publish failed; the outcome is in the results stream");
         }
     }

@@ -15,8 +15,8 @@ use batchd_actors::batching::BatchPolicy;
 use batchd_actors::context::Ports;
 use batchd_actors::lease::{AckError, Acker};
 use batchd_actors::ports::{
-    Backlog, Completion, Delivery, MemoryAttempts, OutcomeSink, Provider, ProviderError, Requeue,
-    SinkError, SourceError, TaskSource,
+    Backlog, Completion, Delivery, Encoded, MemoryAttempts, OutcomeSink, Provider, ProviderError,
+    Requeue, SinkError, SourceError, TaskSource,
 };
 use batchd_actors::pricing::{ModelPrice, PriceTable};
 use batchd_actors::route::RouteSettings;
@@ -249,29 +249,17 @@ impl FakeSink {
 
 #[async_trait]
 impl OutcomeSink for FakeSink {
-    async fn publish_outcome(
-        &self,
-        task_id: &str,
-        _generation: u32,
-        body: Bytes,
-        _e: Encoding,
-    ) -> Result<bool, SinkError> {
+    async fn publish_outcome(&self, outcome: &Encoded<'_>) -> Result<bool, SinkError> {
         let mut o = self.outcomes.lock().unwrap();
-        let list = o.entry(task_id.to_owned()).or_default();
-        list.push(serde_json::from_slice(&body).unwrap());
+        let list = o.entry(outcome.task_id.to_owned()).or_default();
+        list.push(serde_json::from_slice(&outcome.body).unwrap());
         Ok(list.len() > 1)
     }
-    async fn publish_dead_letter(
-        &self,
-        id: &str,
-        _generation: u32,
-        body: Bytes,
-        _e: Encoding,
-    ) -> Result<(), SinkError> {
+    async fn publish_dead_letter(&self, dead_letter: &Encoded<'_>) -> Result<(), SinkError> {
         let mut d = self.dead.lock().unwrap();
-        d.entry(id.to_owned())
+        d.entry(dead_letter.task_id.to_owned())
             .or_default()
-            .push(serde_json::from_slice(&body).unwrap());
+            .push(serde_json::from_slice(&dead_letter.body).unwrap());
         Ok(())
     }
     async fn publish_reply(&self, _s: &str, _b: Bytes, _e: Encoding) -> Result<(), SinkError> {
