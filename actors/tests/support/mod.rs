@@ -5,7 +5,7 @@
 #![allow(dead_code)] // each test binary uses its own part of the fakes
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use batchd_actors::ports::{
     Requeue, SinkError, SourceError, TaskSource,
 };
 use batchd_actors::pricing::{ModelPrice, PriceTable};
-use batchd_actors::route::RouteSettings;
+use batchd_actors::route::{RateLimitInfo, RouteSettings};
 use batchd_actors::routing::{Catalog, TaskType, TierModels};
 use batchd_actors::settings::{EngineSettings, RestartPolicy};
 use batchd_actors::task::{Encoding, Priority, Tier, Usage};
@@ -305,6 +305,67 @@ pub fn ok() -> Result<Completion, ProviderError> {
         },
         limits: Default::default(),
     })
+}
+
+/// A provider that answers every call with [`ok`] after `delay`.
+pub fn healthy(delay: Duration) -> Arc<FakeProvider> {
+    FakeProvider::new(delay, |_| ok())
+}
+
+/// A provider that fails every call with `error` after `delay`.
+pub fn failing(delay: Duration, error: ProviderError) -> Arc<FakeProvider> {
+    FakeProvider::new(delay, move |_| Err(error.clone()))
+}
+
+/// A provider whose first call fails with `error`; every later call gets [`ok`].
+pub fn failing_once(error: ProviderError) -> Arc<FakeProvider> {
+    let first = AtomicBool::new(true);
+    FakeProvider::new(Duration::ZERO, move |_| {
+        if first.swap(false, Ordering::SeqCst) {
+            Err(error.clone())
+        } else {
+            ok()
+        }
+    })
+}
+
+/// A provider that fails calls with `error` until `at`, then answers [`ok`]
+/// (50 ms a call).
+pub fn down_until(at: Instant, error: ProviderError) -> Arc<FakeProvider> {
+    FakeProvider::new(Duration::from_millis(50), move |_| {
+        if Instant::now() < at {
+            Err(error.clone())
+        } else {
+            ok()
+        }
+    })
+}
+
+/// A transient failure (5xx) with `status`.
+pub fn transient(status: u16, message: &str) -> ProviderError {
+    ProviderError::Transient {
+        status: Some(status),
+        message: message.into(),
+    }
+}
+
+/// A rejection (4xx) with `status`.
+pub fn rejected(status: u16, message: &str) -> ProviderError {
+    ProviderError::Rejected {
+        status,
+        message: message.into(),
+    }
+}
+
+/// A 429 asking to wait `retry_after`.
+pub fn rate_limited(retry_after: Duration) -> ProviderError {
+    ProviderError::RateLimited {
+        limits: RateLimitInfo {
+            retry_after: Some(retry_after),
+            ..RateLimitInfo::default()
+        },
+        message: "slow down".into(),
+    }
 }
 
 #[async_trait]
