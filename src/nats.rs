@@ -9,7 +9,7 @@ use async_nats::HeaderMap;
 use async_trait::async_trait;
 use batchd_actors::lease::{AckError, Acker};
 use batchd_actors::ports::{
-    message_id, AttemptStore, Backlog, BoardError, Delivery, OutcomeSink, Requeue, RouteBoard,
+    AttemptStore, Backlog, BoardError, Delivery, Encoded, OutcomeSink, Requeue, RouteBoard,
     SinkError, SourceError, StoreError, TaskSource, GENERATION_HEADER, PUBLISHED_AT_HEADER,
 };
 use batchd_actors::route::RouteState;
@@ -662,19 +662,15 @@ impl JetSink {
         }
     }
 
-    async fn publish(
-        &self,
-        subject: String,
-        id: &str,
-        body: Bytes,
-        encoding: Encoding,
-    ) -> Result<bool, SinkError> {
+    /// Publishes `m` on `subject` and waits for its PubAck; `Ok(true)` when
+    /// the stream already had it.
+    async fn publish(&self, subject: String, m: &Encoded<'_>) -> Result<bool, SinkError> {
         let mut headers = HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
-        headers.insert("Content-Type", encoding.content_type());
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, m.message_id());
+        headers.insert("Content-Type", m.encoding.content_type());
         let ack = self
             .js
-            .publish_with_headers(subject.clone(), headers, body)
+            .publish_with_headers(subject.clone(), headers, m.body.clone())
             .await
             .map_err(|e| SinkError(format!("publishing {subject}: {e}")))?
             .await
@@ -685,27 +681,13 @@ impl JetSink {
 
 #[async_trait]
 impl OutcomeSink for JetSink {
-    async fn publish_outcome(
-        &self,
-        task_id: &str,
-        generation: u32,
-        body: Bytes,
-        encoding: Encoding,
-    ) -> Result<bool, SinkError> {
-        let msg_id = message_id(task_id, generation);
-        self.publish(self.subjects.result(task_id), &msg_id, body, encoding)
+    async fn publish_outcome(&self, outcome: &Encoded<'_>) -> Result<bool, SinkError> {
+        self.publish(self.subjects.result(outcome.task_id), outcome)
             .await
     }
 
-    async fn publish_dead_letter(
-        &self,
-        id: &str,
-        generation: u32,
-        body: Bytes,
-        encoding: Encoding,
-    ) -> Result<(), SinkError> {
-        let msg_id = message_id(id, generation);
-        self.publish(self.subjects.dead_letter(id), &msg_id, body, encoding)
+    async fn publish_dead_letter(&self, dead_letter: &Encoded<'_>) -> Result<(), SinkError> {
+        self.publish(self.subjects.dead_letter(dead_letter.task_id), dead_letter)
             .await
             .map(|_| ())
     }

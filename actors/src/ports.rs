@@ -129,28 +129,36 @@ pub const PUBLISHED_AT_HEADER: &str = "Batchd-Published-At";
 #[error("outcome sink: {0}")]
 pub struct SinkError(pub String);
 
+/// An outcome or dead letter of one run of a task, encoded for the sink.
+#[derive(Debug, Clone)]
+pub struct Encoded<'a> {
+    /// The task's id: the last token of the subject.
+    pub task_id: &'a str,
+    /// The run's generation (0 for a first run).
+    pub generation: u32,
+    /// The encoded outcome or dead letter.
+    pub body: Bytes,
+    /// How `body` is encoded.
+    pub encoding: Encoding,
+}
+
+impl Encoded<'_> {
+    /// Its `Nats-Msg-Id` (see [`message_id`]).
+    pub fn message_id(&self) -> String {
+        message_id(self.task_id, self.generation)
+    }
+}
+
 /// Where outcomes and dead letters go.
 #[async_trait]
 pub trait OutcomeSink: Send + Sync + 'static {
-    /// Publishes an outcome of `generation` on `results.<task_id>` (with
-    /// `Nats-Msg-Id` [`message_id`]) and waits for its PubAck. `Ok(true)`
-    /// when the stream already had it.
-    async fn publish_outcome(
-        &self,
-        task_id: &str,
-        generation: u32,
-        body: Bytes,
-        encoding: Encoding,
-    ) -> Result<bool, SinkError>;
+    /// Publishes an outcome on `results.<task_id>` (with `Nats-Msg-Id`
+    /// [`Encoded::message_id`]) and waits for its PubAck. `Ok(true)` when the
+    /// stream already had it.
+    async fn publish_outcome(&self, outcome: &Encoded<'_>) -> Result<bool, SinkError>;
 
-    /// Publishes a dead letter on `dlq.<id>` and waits for its PubAck.
-    async fn publish_dead_letter(
-        &self,
-        id: &str,
-        generation: u32,
-        body: Bytes,
-        encoding: Encoding,
-    ) -> Result<(), SinkError>;
+    /// Publishes a dead letter on `dlq.<task_id>` and waits for its PubAck.
+    async fn publish_dead_letter(&self, dead_letter: &Encoded<'_>) -> Result<(), SinkError>;
 
     /// Publishes an outcome to a producer's `reply_to` (core NATS, best effort).
     async fn publish_reply(

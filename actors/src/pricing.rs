@@ -62,6 +62,14 @@ pub fn cost(price: &ModelPrice, usage: &Usage, route: RouteKind, batch_discount:
 mod tests {
     use super::*;
 
+    fn usage(input_tokens: u64, cached_input_tokens: u64, output_tokens: u64) -> Usage {
+        Usage {
+            input_tokens,
+            cached_input_tokens,
+            output_tokens,
+        }
+    }
+
     #[test]
     fn cached_tokens_are_priced_at_the_cached_rate() {
         let p = ModelPrice {
@@ -69,11 +77,7 @@ mod tests {
             cached_input: 0.075,
             output: 0.60,
         };
-        let u = Usage {
-            input_tokens: 812,
-            cached_input_tokens: 768,
-            output_tokens: 41,
-        };
+        let u = usage(812, 768, 41);
         let c = cost(&p, &u, RouteKind::Realtime, 0.5);
         let expected = (44.0 * 0.15 + 768.0 * 0.075 + 41.0 * 0.60) / 1e6;
         assert!((c - expected).abs() < 1e-15, "{c} vs {expected}");
@@ -88,12 +92,8 @@ mod tests {
             cached_input: 0.5,
             output: 0.0,
         };
-        let u = Usage {
-            input_tokens: 10,
-            cached_input_tokens: 50,
-            output_tokens: 0,
-        };
-        assert!((cost(&p, &u, RouteKind::Realtime, 0.5) - 5.0 / 1e6).abs() < 1e-15);
+        let c = cost(&p, &usage(10, 50, 0), RouteKind::Realtime, 0.5);
+        assert!((c - 5.0 / 1e6).abs() < 1e-15);
     }
 
     #[test]

@@ -14,32 +14,20 @@ use batchd_actors::ports::{AttemptStore, ProviderError};
 use batchd_actors::route::{CircuitReason, RouteCondition};
 use batchd_actors::task::Priority;
 use serde_json::json;
-use support::{ok, rig, settings, task, until, FakeProvider, Rig};
+use support::{
+    down_until, failing, failing_once, healthy, ok, rate_limited, rejected, rig, settings, task,
+    transient, until, FakeProvider, Rig,
+};
 use tokio::time::Instant;
 
-fn down_until(at: Instant, error: ProviderError) -> Arc<FakeProvider> {
-    FakeProvider::new(Duration::from_millis(50), move |_| {
-        if Instant::now() < at {
-            Err(error.clone())
-        } else {
-            ok()
-        }
-    })
+/// The 401 of a key the provider refuses.
+fn bad_key() -> ProviderError {
+    rejected(401, "Incorrect API key provided")
 }
 
 /// An engine whose provider refuses its key (401) until `at`.
 async fn key_refused_until(at: Instant) -> Rig {
-    rig(
-        settings(),
-        down_until(
-            at,
-            ProviderError::Rejected {
-                status: 401,
-                message: "Incorrect API key provided".into(),
-            },
-        ),
-    )
-    .await
+    rig(settings(), down_until(at, bad_key())).await
 }
 
 #[tokio::test(start_paused = true)]
@@ -138,17 +126,8 @@ async fn an_outage_opens_the_circuit_and_gives_up_nothing() {
     // max_attempts is 3: without the circuit, a 20 s outage would give
     // every task max_retries.
     let until_at = Instant::now() + Duration::from_secs(20);
-    let r = rig(
-        settings(),
-        down_until(
-            until_at,
-            ProviderError::Transient {
-                status: Some(503),
-                message: "The server is overloaded or not ready yet.".into(),
-            },
-        ),
-    )
-    .await;
+    let overloaded = transient(503, "The server is overloaded or not ready yet.");
+    let r = rig(settings(), down_until(until_at, overloaded)).await;
     for i in 0..30 {
         r.source.publish(Priority::P3, task(&format!("o{i}"), "x"));
     }
@@ -164,16 +143,7 @@ async fn an_outage_opens_the_circuit_and_gives_up_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn a_redelivered_task_keeps_the_attempts_it_spent() {
-    let r = rig(
-        settings(),
-        FakeProvider::new(Duration::ZERO, |_| {
-            Err(ProviderError::Transient {
-                status: Some(500),
-                message: "boom".into(),
-            })
-        }),
-    )
-    .await;
+    let r = rig(settings(), failing(Duration::ZERO, transient(500, "boom"))).await;
     // Two attempts spent before a crash; max_attempts is 3: one call left.
     r.attempts.set("again", 2).await.unwrap();
     r.source
@@ -201,7 +171,7 @@ async fn a_redelivered_task_keeps_the_attempts_it_spent() {
 
 #[tokio::test(start_paused = true)]
 async fn an_exhausted_redelivery_fails_without_a_call_unless_an_outcome_exists() {
-    let r = rig(settings(), FakeProvider::new(Duration::ZERO, |_| ok())).await;
+    let r = rig(settings(), healthy(Duration::ZERO)).await;
     r.attempts.set("spent", 3).await.unwrap();
     r.source
         .publish_redelivered(Priority::P2, task("spent", "x"), 4);
@@ -237,10 +207,7 @@ async fn tasks_of_a_route_that_is_down_are_requeued_and_other_routes_flow() {
         s,
         FakeProvider::new(Duration::from_millis(100), move |req| {
             if req["model"] == "m2" && !h.load(Ordering::SeqCst) {
-                Err(ProviderError::Transient {
-                    status: Some(503),
-                    message: "down".into(),
-                })
+                Err(transient(503, "down"))
             } else {
                 ok()
             }
@@ -281,12 +248,7 @@ async fn tasks_of_a_route_that_is_down_are_requeued_and_other_routes_flow() {
 async fn a_deadline_that_passes_while_the_route_is_down_expires_the_task() {
     let r = rig(
         settings(),
-        FakeProvider::new(Duration::from_millis(10), |_| {
-            Err(ProviderError::Rejected {
-                status: 403,
-                message: "forbidden".into(),
-            })
-        }),
+        failing(Duration::from_millis(10), rejected(403, "forbidden")),
     )
     .await;
     let deadline = chrono::Utc::now() + chrono::Duration::seconds(3);
@@ -304,24 +266,9 @@ async fn a_deadline_that_passes_while_the_route_is_down_expires_the_task() {
 #[tokio::test(start_paused = true)]
 async fn a_restarted_dispatcher_keeps_its_routes_pause() {
     use batchd_actors::messages::ActorKind;
-    use batchd_actors::route::RateLimitInfo;
-    let first = Arc::new(AtomicBool::new(true));
-    let f = first.clone();
     let r = rig(
         settings(),
-        FakeProvider::new(Duration::ZERO, move |_| {
-            if f.swap(false, Ordering::SeqCst) {
-                Err(ProviderError::RateLimited {
-                    limits: RateLimitInfo {
-                        retry_after: Some(Duration::from_secs(10)),
-                        ..RateLimitInfo::default()
-                    },
-                    message: "slow down".into(),
-                })
-            } else {
-                ok()
-            }
-        }),
+        failing_once(rate_limited(Duration::from_secs(10))),
     )
     .await;
     let start = Instant::now();
@@ -346,17 +293,7 @@ async fn a_requeued_task_keeps_the_attempts_it_spent() {
     let mut s = settings();
     s.park_keep = 0;
     let until_at = Instant::now() + Duration::from_secs(20);
-    let r = rig(
-        s,
-        down_until(
-            until_at,
-            ProviderError::Rejected {
-                status: 401,
-                message: "Incorrect API key provided".into(),
-            },
-        ),
-    )
-    .await;
+    let r = rig(s, down_until(until_at, bad_key())).await;
     // Two attempts spent on an earlier run; a first delivery does not read
     // them, the requeued copy does.
     r.attempts.set("spent", 2).await.unwrap();

@@ -5,7 +5,7 @@
 #![allow(dead_code)] // each test binary uses its own part of the fakes
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,11 +15,11 @@ use batchd_actors::batching::BatchPolicy;
 use batchd_actors::context::Ports;
 use batchd_actors::lease::{AckError, Acker};
 use batchd_actors::ports::{
-    Backlog, Completion, Delivery, MemoryAttempts, MemoryBoard, OutcomeSink, Provider,
+    Backlog, Completion, Delivery, Encoded, MemoryAttempts, MemoryBoard, OutcomeSink, Provider,
     ProviderError, Requeue, SinkError, SourceError, TaskSource,
 };
 use batchd_actors::pricing::{ModelPrice, PriceTable};
-use batchd_actors::route::RouteSettings;
+use batchd_actors::route::{RateLimitInfo, RouteSettings};
 use batchd_actors::routing::{Catalog, TaskType, TierModels};
 use batchd_actors::settings::{EngineSettings, RestartPolicy};
 use batchd_actors::task::{Encoding, Priority, Tier, Usage};
@@ -249,29 +249,17 @@ impl FakeSink {
 
 #[async_trait]
 impl OutcomeSink for FakeSink {
-    async fn publish_outcome(
-        &self,
-        task_id: &str,
-        _generation: u32,
-        body: Bytes,
-        _e: Encoding,
-    ) -> Result<bool, SinkError> {
+    async fn publish_outcome(&self, outcome: &Encoded<'_>) -> Result<bool, SinkError> {
         let mut o = self.outcomes.lock().unwrap();
-        let list = o.entry(task_id.to_owned()).or_default();
-        list.push(serde_json::from_slice(&body).unwrap());
+        let list = o.entry(outcome.task_id.to_owned()).or_default();
+        list.push(serde_json::from_slice(&outcome.body).unwrap());
         Ok(list.len() > 1)
     }
-    async fn publish_dead_letter(
-        &self,
-        id: &str,
-        _generation: u32,
-        body: Bytes,
-        _e: Encoding,
-    ) -> Result<(), SinkError> {
+    async fn publish_dead_letter(&self, dead_letter: &Encoded<'_>) -> Result<(), SinkError> {
         let mut d = self.dead.lock().unwrap();
-        d.entry(id.to_owned())
+        d.entry(dead_letter.task_id.to_owned())
             .or_default()
-            .push(serde_json::from_slice(&body).unwrap());
+            .push(serde_json::from_slice(&dead_letter.body).unwrap());
         Ok(())
     }
     async fn publish_reply(&self, _s: &str, _b: Bytes, _e: Encoding) -> Result<(), SinkError> {
@@ -317,6 +305,67 @@ pub fn ok() -> Result<Completion, ProviderError> {
         },
         limits: Default::default(),
     })
+}
+
+/// A provider that answers every call with [`ok`] after `delay`.
+pub fn healthy(delay: Duration) -> Arc<FakeProvider> {
+    FakeProvider::new(delay, |_| ok())
+}
+
+/// A provider that fails every call with `error` after `delay`.
+pub fn failing(delay: Duration, error: ProviderError) -> Arc<FakeProvider> {
+    FakeProvider::new(delay, move |_| Err(error.clone()))
+}
+
+/// A provider whose first call fails with `error`; every later call gets [`ok`].
+pub fn failing_once(error: ProviderError) -> Arc<FakeProvider> {
+    let first = AtomicBool::new(true);
+    FakeProvider::new(Duration::ZERO, move |_| {
+        if first.swap(false, Ordering::SeqCst) {
+            Err(error.clone())
+        } else {
+            ok()
+        }
+    })
+}
+
+/// A provider that fails calls with `error` until `at`, then answers [`ok`]
+/// (50 ms a call).
+pub fn down_until(at: Instant, error: ProviderError) -> Arc<FakeProvider> {
+    FakeProvider::new(Duration::from_millis(50), move |_| {
+        if Instant::now() < at {
+            Err(error.clone())
+        } else {
+            ok()
+        }
+    })
+}
+
+/// A transient failure (5xx) with `status`.
+pub fn transient(status: u16, message: &str) -> ProviderError {
+    ProviderError::Transient {
+        status: Some(status),
+        message: message.into(),
+    }
+}
+
+/// A rejection (4xx) with `status`.
+pub fn rejected(status: u16, message: &str) -> ProviderError {
+    ProviderError::Rejected {
+        status,
+        message: message.into(),
+    }
+}
+
+/// A 429 asking to wait `retry_after`.
+pub fn rate_limited(retry_after: Duration) -> ProviderError {
+    ProviderError::RateLimited {
+        limits: RateLimitInfo {
+            retry_after: Some(retry_after),
+            ..RateLimitInfo::default()
+        },
+        message: "slow down".into(),
+    }
 }
 
 #[async_trait]
