@@ -1,8 +1,9 @@
-//! Security against a real nats-server: credentials and TLS (right ones
-//! connect, wrong ones fail fast naming what is wrong), batchd under the
-//! shipped account config with exactly its permissions, canary secrets
-//! that never reach a log line, an outcome, a dead letter or `/metrics`,
-//! and label values that producers cannot multiply.
+//! Security against a real nats-server: credentials (password, token,
+//! NKey, operator-mode JWT) and TLS (right ones connect, wrong ones fail
+//! fast naming what is wrong), batchd under the shipped account config
+//! with exactly its permissions, canary secrets that never reach a log
+//! line, an outcome, a dead letter or `/metrics`, and label values that
+//! producers cannot multiply.
 
 use crate::common;
 
