@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod jwt;
 pub mod nats;
 pub mod openapi;
 pub mod process;
