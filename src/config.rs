@@ -8,11 +8,14 @@ use std::time::Duration;
 
 use batchd_actors::backoff::RetryPolicy;
 use batchd_actors::batching::BatchPolicy;
+use batchd_actors::clock::Clock;
 use batchd_actors::codec::ReplyPolicy;
+use batchd_actors::offpeak::{OffPeak, Window};
 use batchd_actors::pricing::PriceTable;
 use batchd_actors::route::{CircuitSettings, RouteSettings};
 use batchd_actors::routing::{Catalog, TaskType, TierModels};
 use batchd_actors::settings::{EngineSettings, RestartPolicy, RouteLimits};
+use batchd_actors::task::Priority;
 use serde::Deserialize;
 
 /// The defaults, documented key by key.
@@ -73,6 +76,71 @@ pub struct Config {
     pub prices: PriceTable,
     /// Task types by name.
     pub task_types: BTreeMap<String, TaskType>,
+    /// Off-peak windows.
+    pub offpeak: OffPeakConfig,
+}
+
+/// `[offpeak]`: daily UTC windows outside which some priorities' work waits
+/// in JetStream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OffPeakConfig {
+    /// `HH:MM-HH:MM` in UTC, end exclusive, may wrap midnight; none: off.
+    pub windows: Vec<String>,
+    /// Priorities (1-3) whose work is released only inside a window.
+    pub priorities: Vec<u8>,
+    /// Multiplier on the cost of tasks released inside a window.
+    pub price_multiplier: f64,
+    /// A task whose deadline falls before the next opening plus this many
+    /// seconds is released at once.
+    pub release_margin_secs: u64,
+    /// Shifts the engine's wall clock for deadlines and windows (drills and
+    /// tests only; 0 in production).
+    pub clock_offset_secs: i64,
+}
+
+impl OffPeakConfig {
+    /// The engine's off-peak settings; `Err` names the bad value.
+    pub fn settings(&self) -> Result<OffPeak, (String, String)> {
+        let mut windows = Vec::with_capacity(self.windows.len());
+        for w in &self.windows {
+            windows.push(
+                w.parse::<Window>()
+                    .map_err(|e| ("offpeak.windows".to_owned(), e.to_string()))?,
+            );
+        }
+        let mut priorities = [false; 3];
+        for n in &self.priorities {
+            let p = Priority::from_number(i64::from(*n)).ok_or_else(|| {
+                (
+                    "offpeak.priorities".to_owned(),
+                    format!("{n} is not a priority (1, 2 or 3)"),
+                )
+            })?;
+            priorities[p.index()] = true;
+        }
+        if !(self.price_multiplier.is_finite() && self.price_multiplier > 0.0) {
+            return Err((
+                "offpeak.price_multiplier".to_owned(),
+                "must be a positive number".to_owned(),
+            ));
+        }
+        Ok(OffPeak {
+            windows,
+            priorities,
+            price_multiplier: self.price_multiplier,
+            release_margin: Duration::from_secs(self.release_margin_secs),
+        })
+    }
+
+    /// The engine's clock: the system's, shifted by `clock_offset_secs`.
+    pub fn clock(&self) -> Clock {
+        if self.clock_offset_secs == 0 {
+            Clock::system()
+        } else {
+            Clock::offset(chrono::Duration::seconds(self.clock_offset_secs))
+        }
+    }
 }
 
 /// `[nats]`.
@@ -547,6 +615,15 @@ impl Config {
                     "must be at least 1".into(),
                 );
             }
+            if b.depth_steps.iter().any(|step| step.size < 1) {
+                return bad(
+                    &format!("batching.{p}.depth_steps"),
+                    "every step's size must be at least 1".into(),
+                );
+            }
+        }
+        if let Err((key, message)) = self.offpeak.settings() {
+            return bad(&key, message);
         }
         if self.retry.max_attempts < 1 {
             return bad("retry.max_attempts", "must be at least 1".into());
@@ -717,7 +794,11 @@ impl Config {
                 tiers: self.tiers.clone(),
                 model_providers: self.model_providers(),
             },
-            batching: [self.batching.p1, self.batching.p2, self.batching.p3],
+            batching: [
+                self.batching.p1.clone(),
+                self.batching.p2.clone(),
+                self.batching.p3.clone(),
+            ],
             retry: self.retry,
             prices: self.prices.clone(),
             max_payload_bytes: self.intake.max_payload_bytes,
@@ -741,6 +822,9 @@ impl Config {
             replica: self.nats.replica_name(),
             route_refresh: Duration::from_secs(self.nats.routes_refresh_secs),
             seed: 0x6261_7463_6864,
+            // Validated at load; a config built otherwise gets no windows.
+            offpeak: self.offpeak.settings().unwrap_or_default(),
+            clock: self.offpeak.clock(),
         }
     }
 }
@@ -776,7 +860,10 @@ mod tests {
         let c = Config::defaults().unwrap();
         assert_eq!(c.nats.subject_prefix, "batchd");
         assert_eq!(c.task_types.len(), 6);
-        assert_eq!(c.batching.p1.max_size, 8);
+        assert_eq!(c.batching.p1.max_size, 20);
+        let depth = c.batching.p3.size_for(20_000);
+        assert_eq!(depth, 100, "the seed's thresholds are the defaults");
+        assert!(c.offpeak.windows.is_empty(), "off-peak is off by default");
     }
 
     #[test]
@@ -812,6 +899,10 @@ mod tests {
         assert!(e.to_string().contains("intake.max_ack_pending"), "{e}");
         let e = Config::from_toml_str("[intake]\nbogus = 1\n", "t").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+        let e = Config::from_toml_str("[offpeak]\nwindows = [\"25:00-01:00\"]\n", "t").unwrap_err();
+        assert!(e.to_string().contains("offpeak.windows"), "{e}");
+        let e = Config::from_toml_str("[offpeak]\npriorities = [4]\n", "t").unwrap_err();
+        assert!(e.to_string().contains("offpeak.priorities"), "{e}");
         let e = Config::from_toml_str("[retry]\nmax_attempts = \"x\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("max_attempts"), "{e}");
     }

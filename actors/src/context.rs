@@ -10,6 +10,7 @@ use ractor::{ActorCell, ActorRef, Message};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use crate::batching::QueueDepths;
 use crate::dispatcher::Routes;
 use crate::lease::LeaseKeeper;
 use crate::messages::{ActorKind, AssemblerMsg, DispatcherMsg, IntakeMsg, RetryMsg};
@@ -131,6 +132,8 @@ pub struct EngineContext {
     pub claims: Claims,
     /// Provider routes, kept across Dispatcher restarts.
     pub routes: Routes,
+    /// Each priority's last sampled queue depth (batch size follows it).
+    pub depths: QueueDepths,
     stop: tokio::sync::watch::Sender<bool>,
     rng: Mutex<StdRng>,
 }
@@ -146,6 +149,7 @@ impl EngineContext {
             directory: Directory::default(),
             claims: Claims::default(),
             routes: Routes::default(),
+            depths: QueueDepths::default(),
             stop: tokio::sync::watch::Sender::new(false),
             rng,
         })

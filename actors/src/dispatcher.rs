@@ -289,7 +289,9 @@ async fn run_task(
     let (provider, model) = (route.route.provider.as_str(), route.route.model.as_str());
     let est_tokens = estimate_tokens(&a.plan.request);
     let deadline = a.task.deadline.and_then(|dl| {
-        let left = (dl - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        let left = (dl - ctx.settings.clock.now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
         Instant::now().checked_add(left)
     });
     let mut waited = Duration::ZERO;
@@ -566,7 +568,7 @@ fn succeeded(
         .settings
         .prices
         .cost(model, &c.usage, RouteKind::Realtime)
-        .unwrap_or(0.0);
+        .map_or(0.0, |cost| cost * a.price_multiplier);
     metrics::spent(model, &task.tenant, task.priority, cost_usd, &c.usage);
     let total_ms = elapsed_ms(task.created_at, now);
     Final {

@@ -13,7 +13,9 @@
 //!   the `reply_to` allow-list.
 //! - [`completion`]: reading a provider's answer (fuzzed, like [`codec`]).
 //! - [`routing`]: task types, tiers, models; the request sent for a task.
-//! - [`batching`], [`backoff`], [`pricing`]: policies as plain functions.
+//! - [`batching`], [`backoff`], [`pricing`], [`offpeak`]: policies as plain
+//!   functions (batch size by queue depth; off-peak windows).
+//! - [`clock`]: the injectable wall clock for deadlines and windows.
 //! - [`route`]: route control: adaptive concurrency, rate budget learned from
 //!   the provider's headers, circuit breaker, and the [`route::RouteGate`] that admits calls by priority.
 //! - [`route_publisher`]: publishes this replica's route state (paused,
@@ -40,6 +42,7 @@
 pub mod assembler;
 pub mod backoff;
 pub mod batching;
+pub mod clock;
 pub mod codec;
 pub mod completion;
 pub mod context;
@@ -49,6 +52,7 @@ pub mod intake;
 pub mod lease;
 pub mod messages;
 pub mod metrics;
+pub mod offpeak;
 pub mod outcome;
 pub mod ports;
 pub mod pricing;

@@ -272,3 +272,19 @@ where
         }
     }
 }
+
+/// Fails an accepted task that never reached a provider (out of attempts,
+/// past its deadline): its outcome is delivered unless one exists, then its
+/// claim is released.
+pub fn fail_accepted(
+    ctx: &std::sync::Arc<EngineContext>,
+    a: crate::messages::Accepted,
+    error: TaskError,
+) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let f = failed(&a.task, error, a.attempts_before, None, None, None);
+        deliver_unless_done(&ctx, a.lease, f, &a.subject).await;
+        drop(a.claim);
+    });
+}

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::backoff::RetryPolicy;
 use crate::batching::BatchPolicy;
+use crate::clock::Clock;
 use crate::codec::ReplyPolicy;
+use crate::offpeak::OffPeak;
 use crate::pricing::PriceTable;
 use crate::route::RouteSettings;
 use crate::routing::Catalog;
@@ -66,6 +68,10 @@ pub struct EngineSettings {
     pub route_refresh: Duration,
     /// Seed for retry jitter.
     pub seed: u64,
+    /// Off-peak windows: which priorities wait for them, and their price.
+    pub offpeak: OffPeak,
+    /// Wall-clock time for deadlines and windows (injectable for tests).
+    pub clock: Clock,
 }
 
 /// A model's configured rate budget.

@@ -69,6 +69,7 @@ async fn a_full_batch_seals_at_once() {
         max_size: 4,
         max_wait_ms: 60_000,
         seal_when_drained: true,
+        depth_steps: Vec::new(),
     };
     let r = rig(s, healthy(Duration::ZERO)).await;
     let start = Instant::now();

@@ -18,6 +18,7 @@ mod health;
 mod nats_harness;
 mod ops;
 mod route_control;
+mod scheduling;
 mod security;
 mod sim;
 mod stack;

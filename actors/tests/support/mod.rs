@@ -12,8 +12,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use batchd_actors::backoff::RetryPolicy;
 use batchd_actors::batching::BatchPolicy;
+use batchd_actors::clock::Clock;
 use batchd_actors::context::Ports;
 use batchd_actors::lease::{AckError, Acker};
+use batchd_actors::offpeak::OffPeak;
 use batchd_actors::ports::{
     Backlog, Completion, Delivery, Encoded, MemoryAttempts, MemoryBoard, OutcomeSink, Provider,
     ProviderError, Requeue, SinkError, SourceError, TaskSource,
@@ -123,6 +125,7 @@ pub struct FakeSource {
     queues: [Queue; 3],
     log: Arc<Log>,
     seq: AtomicU64,
+    depths: [AtomicU64; 3],
 }
 
 impl FakeSource {
@@ -138,7 +141,13 @@ impl FakeSource {
             queues: [q(), q(), q()],
             log: Arc::default(),
             seq: AtomicU64::new(1),
+            depths: Default::default(),
         })
+    }
+
+    /// Sets the depth `backlog` reports for one priority.
+    pub fn set_depth(&self, priority: Priority, depth: u64) {
+        self.depths[priority.index()].store(depth, Ordering::Relaxed);
     }
 
     pub fn publish(&self, priority: Priority, body: Value) {
@@ -193,8 +202,11 @@ impl TaskSource for FakeSource {
         .boxed())
     }
 
-    async fn backlog(&self, _priority: Priority) -> Result<Backlog, SourceError> {
-        Ok(Backlog::default())
+    async fn backlog(&self, priority: Priority) -> Result<Backlog, SourceError> {
+        Ok(Backlog {
+            depth: self.depths[priority.index()].load(Ordering::Relaxed),
+            oldest_age: None,
+        })
     }
 
     async fn requeue(&self, copy: Requeue) -> Result<(), SourceError> {
@@ -420,16 +432,19 @@ pub fn settings() -> EngineSettings {
                 max_size: 4,
                 max_wait_ms: 10,
                 seal_when_drained: true,
+                depth_steps: Vec::new(),
             },
             BatchPolicy {
                 max_size: 8,
                 max_wait_ms: 100,
                 seal_when_drained: true,
+                depth_steps: Vec::new(),
             },
             BatchPolicy {
                 max_size: 100,
                 max_wait_ms: 1000,
                 seal_when_drained: true,
+                depth_steps: Vec::new(),
             },
         ],
         retry: RetryPolicy {
@@ -463,6 +478,8 @@ pub fn settings() -> EngineSettings {
         replica: "test-replica".into(),
         route_refresh: Duration::from_secs(5),
         seed: 1,
+        offpeak: OffPeak::default(),
+        clock: Clock::system(),
     }
 }
 
