@@ -127,6 +127,19 @@ impl Routes {
         Some(entry)
     }
 
+    /// True when another route of `route`'s provider has its circuit open
+    /// because the provider is unavailable: a failure here is most likely
+    /// the same outage, even where this route has seen too few calls to
+    /// tell by itself.
+    fn provider_unavailable(&self, route: &Route) -> bool {
+        let routes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        routes.iter().any(|(other, entry)| {
+            other.provider == route.provider
+                && other != route
+                && entry.gate.status().circuit == Some(CircuitReason::Unavailable)
+        })
+    }
+
     /// Every route, for metrics and status.
     pub fn all(&self) -> Vec<Arc<RouteEntry>> {
         let routes = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -393,8 +406,14 @@ async fn run_task(
                     tracing::debug!(provider, model, %error, "probe failed; route circuit open again");
                 }
                 // A failure that is the route's (a probe, one that opened the
-                // circuit, one landing while it is open) spends no attempt.
-                if probe || opened(&report) || route.gate.status().circuit.is_some() {
+                // circuit, one landing while it is open) spends no attempt;
+                // nor does one while the provider is down on another route:
+                // the call goes again until this route's circuit opens too.
+                if probe
+                    || opened(&report)
+                    || route.gate.status().circuit.is_some()
+                    || ctx.routes.provider_unavailable(&route.route)
+                {
                     continue;
                 }
                 a.attempts_before = attempts;

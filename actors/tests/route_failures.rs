@@ -311,3 +311,30 @@ async fn a_requeued_task_keeps_the_attempts_it_spent() {
     );
     r.engine.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lone_task_on_a_second_route_of_a_provider_that_is_down_gives_up_nothing() {
+    // One task on model `m2` cannot open its route's circuit by itself
+    // (max_attempts 3 < failure_threshold 5); the outage shows on `m`.
+    let mut s = settings();
+    s.catalog
+        .model_providers
+        .insert("m2".to_owned(), "fake".to_owned());
+    let price = s.prices.models["m"].clone();
+    s.prices.models.insert("m2".to_owned(), price);
+    let until_at = Instant::now() + Duration::from_secs(20);
+    let overloaded = transient(503, "The server is overloaded or not ready yet.");
+    let r = rig(s, down_until(until_at, overloaded)).await;
+    for i in 0..30 {
+        r.source.publish(Priority::P3, task(&format!("o{i}"), "x"));
+    }
+    let mut lone = task("lone", "x");
+    lone["model"] = json!("m2");
+    r.source.publish(Priority::P3, lone);
+    until(Duration::from_secs(120), || r.sink.outcome_count() == 31).await;
+    let o = r.sink.outcome("lone").unwrap();
+    assert_eq!(o["status"], "succeeded", "{o}");
+    assert_eq!(o["model"], "m2", "{o}");
+    assert!(r.sink.dead.lock().unwrap().is_empty());
+    r.engine.shutdown().await;
+}

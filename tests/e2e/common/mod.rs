@@ -71,8 +71,6 @@ max_delay_ms = 400
 [dispatch]
 publish_retry_secs = 30
 max_retry_after_secs = 2
-[dispatch.circuit]
-failure_threshold = 4
 {openai_off}[providers.{provider}]
 {models}
 base_url = "{base_url}"
