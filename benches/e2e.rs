@@ -44,6 +44,9 @@ fn main() {
             capacity: false,
             capacity_secs: 180,
             capacity_sims: CapacitySetting::BAR.to_vec(),
+            backlog: false,
+            backlog_sizes: Vec::new(),
+            backlog_secs: 30,
         }))
         .unwrap_or_else(|e| panic!("the end-to-end benchmark failed: {e:#}"));
     runtime.shutdown_timeout(Duration::from_secs(5));

@@ -14,7 +14,7 @@ use batchd_actors::Engine;
 
 use crate::config::Config;
 use crate::ledger::KvLedger;
-use crate::nats::{connect, ensure_topology, JetSink, JetSource, KvAttempts};
+use crate::nats::{connect, ensure_topology, JetSink, JetSource, KvAttempts, KvRouteBoard};
 use crate::provider::OpenAiProvider;
 
 /// What `/readyz` checks: the NATS connection, the streams, the actors.
@@ -93,6 +93,7 @@ pub async fn start(
             topology.calls.clone(),
             topology.ledger.clone(),
         )),
+        board: Arc::new(KvRouteBoard(topology.routes.clone())),
         providers,
     };
     let engine = Engine::start(config.engine_settings(), ports).await?;

@@ -9,11 +9,14 @@ use std::time::Duration;
 use batchd_actors::backoff::RetryPolicy;
 use batchd_actors::batching::BatchPolicy;
 use batchd_actors::budgets::{Budget, Budgets, OnExceeded};
+use batchd_actors::clock::Clock;
 use batchd_actors::codec::ReplyPolicy;
+use batchd_actors::offpeak::{OffPeak, Window};
 use batchd_actors::pricing::PriceTable;
 use batchd_actors::route::{CircuitSettings, RouteSettings};
 use batchd_actors::routing::{Catalog, TaskType, TierModels};
 use batchd_actors::settings::{EngineSettings, LedgerSettings, RestartPolicy, RouteLimits};
+use batchd_actors::task::Priority;
 use serde::Deserialize;
 
 /// The defaults, documented key by key.
@@ -78,6 +81,71 @@ pub struct Config {
     pub prices: PriceTable,
     /// Task types by name.
     pub task_types: BTreeMap<String, TaskType>,
+    /// Off-peak windows.
+    pub offpeak: OffPeakConfig,
+}
+
+/// `[offpeak]`: daily UTC windows outside which some priorities' work waits
+/// in JetStream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OffPeakConfig {
+    /// `HH:MM-HH:MM` in UTC, end exclusive, may wrap midnight; none: off.
+    pub windows: Vec<String>,
+    /// Priorities (1-3) whose work is released only inside a window.
+    pub priorities: Vec<u8>,
+    /// Multiplier on the cost of tasks released inside a window.
+    pub price_multiplier: f64,
+    /// A task whose deadline falls before the next opening plus this many
+    /// seconds is released at once.
+    pub release_margin_secs: u64,
+    /// Shifts the engine's wall clock for deadlines and windows (drills and
+    /// tests only; 0 in production).
+    pub clock_offset_secs: i64,
+}
+
+impl OffPeakConfig {
+    /// The engine's off-peak settings; `Err` names the bad value.
+    pub fn settings(&self) -> Result<OffPeak, (String, String)> {
+        let mut windows = Vec::with_capacity(self.windows.len());
+        for w in &self.windows {
+            windows.push(
+                w.parse::<Window>()
+                    .map_err(|e| ("offpeak.windows".to_owned(), e.to_string()))?,
+            );
+        }
+        let mut priorities = [false; 3];
+        for n in &self.priorities {
+            let p = Priority::from_number(i64::from(*n)).ok_or_else(|| {
+                (
+                    "offpeak.priorities".to_owned(),
+                    format!("{n} is not a priority (1, 2 or 3)"),
+                )
+            })?;
+            priorities[p.index()] = true;
+        }
+        if !(self.price_multiplier.is_finite() && self.price_multiplier > 0.0) {
+            return Err((
+                "offpeak.price_multiplier".to_owned(),
+                "must be a positive number".to_owned(),
+            ));
+        }
+        Ok(OffPeak {
+            windows,
+            priorities,
+            price_multiplier: self.price_multiplier,
+            release_margin: Duration::from_secs(self.release_margin_secs),
+        })
+    }
+
+    /// The engine's clock: the system's, shifted by `clock_offset_secs`.
+    pub fn clock(&self) -> Clock {
+        if self.clock_offset_secs == 0 {
+            Clock::system()
+        } else {
+            Clock::offset(chrono::Duration::seconds(self.clock_offset_secs))
+        }
+    }
 }
 
 /// `[nats]`.
@@ -102,6 +170,13 @@ pub struct NatsConfig {
     pub calls_bucket: String,
     /// KV bucket of the attempts each retried task has spent.
     pub attempts_bucket: String,
+    /// KV bucket where each replica publishes the state of its routes.
+    pub routes_bucket: String,
+    /// This replica's name in the routes bucket; empty: `<hostname>-<pid>`.
+    pub replica: String,
+    /// Seconds between writes of an unchanged route's state (a change is
+    /// written at once); entries not refreshed for 3 times this age out.
+    pub routes_refresh_secs: u64,
     /// Tasks stream message bound.
     pub tasks_max_msgs: i64,
     /// Tasks stream byte bound.
@@ -176,6 +251,21 @@ pub struct NatsAuth {
 }
 
 impl NatsConfig {
+    /// This replica's name: `replica`, or `<hostname>-<pid>` when empty.
+    pub fn replica_name(&self) -> String {
+        let name = self.replica.trim();
+        if !name.is_empty() {
+            return name.to_owned();
+        }
+        format!("{}-{}", hostname(), std::process::id())
+    }
+
+    /// How long a route state lives in the routes bucket unless refreshed:
+    /// three refreshes, so a replica that died leaves no entry behind.
+    pub fn routes_max_age(&self) -> Duration {
+        Duration::from_secs(self.routes_refresh_secs.saturating_mul(3))
+    }
+
     /// Bounds the tasks stream to the room `tasks` bodies need (16 KiB each,
     /// 64 MiB at least, never above the configured bound): a run of known
     /// size (the demo, a benchmark) reserves no more of a server's store.
@@ -501,6 +591,7 @@ impl Config {
             ("nats.ledger_bucket", &self.nats.ledger_bucket),
             ("nats.calls_bucket", &self.nats.calls_bucket),
             ("nats.attempts_bucket", &self.nats.attempts_bucket),
+            ("nats.routes_bucket", &self.nats.routes_bucket),
             ("nats.consumer_prefix", &self.nats.consumer_prefix),
         ] {
             if !token_ok(name) {
@@ -512,6 +603,9 @@ impl Config {
                 "nats.tasks_max_msgs",
                 "the tasks stream must be bounded (> 0)".into(),
             );
+        }
+        if self.nats.routes_refresh_secs < 1 {
+            return bad("nats.routes_refresh_secs", "must be at least 1".into());
         }
         if self.nats.duplicate_window_secs < 1 {
             return bad("nats.duplicate_window_secs", "must be at least 1".into());
@@ -565,6 +659,15 @@ impl Config {
                     "must be at least 1".into(),
                 );
             }
+            if b.depth_steps.iter().any(|step| step.size < 1) {
+                return bad(
+                    &format!("batching.{p}.depth_steps"),
+                    "every step's size must be at least 1".into(),
+                );
+            }
+        }
+        if let Err((key, message)) = self.offpeak.settings() {
+            return bad(&key, message);
         }
         if self.retry.max_attempts < 1 {
             return bad("retry.max_attempts", "must be at least 1".into());
@@ -823,7 +926,11 @@ impl Config {
                 tiers: self.tiers.clone(),
                 model_providers: self.model_providers(),
             },
-            batching: [self.batching.p1, self.batching.p2, self.batching.p3],
+            batching: [
+                self.batching.p1.clone(),
+                self.batching.p2.clone(),
+                self.batching.p3.clone(),
+            ],
             retry: self.retry,
             prices: self.prices.clone(),
             max_payload_bytes: self.intake.max_payload_bytes,
@@ -844,14 +951,29 @@ impl Config {
             lease_heartbeat: Duration::from_millis((self.intake.ack_wait_secs * 1000 / 3).max(100)),
             backlog_interval: Duration::from_millis(self.intake.backlog_interval_ms.max(100)),
             restart: self.supervisor,
+            replica: self.nats.replica_name(),
+            route_refresh: Duration::from_secs(self.nats.routes_refresh_secs),
             seed: 0x6261_7463_6864,
             budgets: self.budgets(),
             ledger: LedgerSettings {
                 flush_every: Duration::from_millis(self.ledger.flush_ms),
                 clock_start: self.ledger_clock_start().ok().flatten(),
             },
+            // Validated at load; a config built otherwise gets no windows.
+            offpeak: self.offpeak.settings().unwrap_or_default(),
+            clock: self.offpeak.clock(),
         }
     }
+}
+
+/// The machine's name (Linux), else `$HOSTNAME`, else `batchd`.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "batchd".to_owned())
 }
 
 /// Deep-merges `over` into `base`: tables key by key, anything else replaced.
@@ -875,7 +997,28 @@ mod tests {
         let c = Config::defaults().unwrap();
         assert_eq!(c.nats.subject_prefix, "batchd");
         assert_eq!(c.task_types.len(), 6);
-        assert_eq!(c.batching.p1.max_size, 8);
+        assert_eq!(c.batching.p1.max_size, 20);
+        let depth = c.batching.p3.size_for(20_000);
+        assert_eq!(depth, 100, "the seed's thresholds are the defaults");
+        assert!(c.offpeak.windows.is_empty(), "off-peak is off by default");
+    }
+
+    #[test]
+    fn the_replica_is_named_after_the_host_and_process_unless_configured() {
+        let mut c = Config::defaults().unwrap();
+        let name = c.nats.replica_name();
+        assert!(
+            name.ends_with(&format!("-{}", std::process::id())) && name.len() > 2,
+            "{name}"
+        );
+        c.nats.replica = "eu-1".into();
+        assert_eq!(c.nats.replica_name(), "eu-1");
+        assert_eq!(c.nats.routes_max_age(), Duration::from_secs(15));
+        let err = Config::from_toml_str("[nats]\nroutes_refresh_secs = 0\n", "t").unwrap_err();
+        assert!(
+            err.to_string().contains("nats.routes_refresh_secs"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -893,6 +1036,10 @@ mod tests {
         assert!(e.to_string().contains("intake.max_ack_pending"), "{e}");
         let e = Config::from_toml_str("[intake]\nbogus = 1\n", "t").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+        let e = Config::from_toml_str("[offpeak]\nwindows = [\"25:00-01:00\"]\n", "t").unwrap_err();
+        assert!(e.to_string().contains("offpeak.windows"), "{e}");
+        let e = Config::from_toml_str("[offpeak]\npriorities = [4]\n", "t").unwrap_err();
+        assert!(e.to_string().contains("offpeak.priorities"), "{e}");
         let e = Config::from_toml_str("[retry]\nmax_attempts = \"x\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("max_attempts"), "{e}");
     }

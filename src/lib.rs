@@ -10,7 +10,8 @@
 //!
 //! Adapters: the engine's ports over real I/O.
 //! - [`nats`]: connection (version check), streams, consumers, buckets; the
-//!   engine's task source and outcome sink over JetStream.
+//!   engine's task source, outcome sink, attempt store and route board over
+//!   JetStream.
 //! - [`provider`]: OpenAI-compatible Chat Completions over HTTP; an instant provider.
 //! - [`ledger`]: the cost ledger (call records, daily totals) over JetStream KV.
 //!
@@ -22,7 +23,7 @@
 //!
 //! The producer/consumer side, shared by every command and the tests.
 //! - [`client`]: subjects, publishing with PubAcks, reading outcomes and
-//!   dead letters, private namespaces and cleanup.
+//!   dead letters, private namespaces and cleanup, what `batchd status` reads.
 //! - [`report`]: outcome reports and the plain-text tables of every summary.
 //! - [`local_nats`]: a private `nats-server` for the demo and the benchmark.
 //!

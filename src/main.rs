@@ -68,6 +68,11 @@ async fn main() -> std::process::ExitCode {
         Command::Demo(args) => cmd::demo::run(args).await,
         Command::Submit(args) => cmd::submit::run(args).await,
         Command::Dlq(args) => cmd::dlq::run(args).await,
+        Command::Bench(args) if args.backlog => {
+            cmd::bench::backlog::run(&args.backlog_sizes, args.backlog_secs)
+                .await
+                .map(|_| ())
+        }
         Command::Bench(args) => cmd::bench::run(args).await.map(|_| ()),
         Command::Status(args) => cmd::status::run(args).await,
         Command::Cost(args) => cmd::cost::run(args).await,

@@ -1,6 +1,6 @@
 //! The JetStream side: connecting (with a version check), creating the
 //! protocol's streams, consumers and buckets, and the engine's
-//! [`TaskSource`] and [`OutcomeSink`] over them.
+//! [`TaskSource`], [`OutcomeSink`], [`AttemptStore`] and [`RouteBoard`] over them.
 
 use std::time::Duration;
 
@@ -9,9 +9,10 @@ use async_nats::HeaderMap;
 use async_trait::async_trait;
 use batchd_actors::lease::{AckError, Acker};
 use batchd_actors::ports::{
-    message_id, AttemptStore, Backlog, Delivery, OutcomeSink, Requeue, SinkError, SourceError,
-    StoreError, TaskSource, GENERATION_HEADER, PUBLISHED_AT_HEADER,
+    AttemptStore, Backlog, BoardError, Delivery, Encoded, OutcomeSink, Requeue, RouteBoard,
+    SinkError, SourceError, StoreError, TaskSource, GENERATION_HEADER, PUBLISHED_AT_HEADER,
 };
+use batchd_actors::route::RouteState;
 use batchd_actors::task::{Encoding, Priority};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -268,6 +269,8 @@ pub struct Topology {
     pub ledger: jetstream::kv::Store,
     /// Records of provider calls.
     pub calls: jetstream::kv::Store,
+    /// Each replica's route state.
+    pub routes: jetstream::kv::Store,
 }
 
 fn setup_err(what: impl Into<String>) -> impl FnOnce(String) -> NatsError {
@@ -351,6 +354,7 @@ pub async fn ensure_topology(
         day * u32::try_from(n.results_max_age_days).unwrap_or(u32::MAX),
     )
     .await?;
+    let routes = ensure_bucket(&js, &n.routes_bucket, n.routes_max_age()).await?;
     let mut consumers = Vec::with_capacity(3);
     for p in Priority::ALL {
         let name = consumer_name(n, p);
@@ -387,10 +391,12 @@ pub async fn ensure_topology(
         attempts,
         ledger,
         calls,
+        routes,
     })
 }
 
-/// Opens a KV bucket (history 1), creating it with `max_age` (zero: kept) when missing.
+/// A KV bucket keeping one value per key for `max_age` (zero: kept), created
+/// when missing (an existing one is used as it is).
 async fn ensure_bucket(
     js: &jetstream::Context,
     bucket: &str,
@@ -654,19 +660,15 @@ impl JetSink {
         }
     }
 
-    async fn publish(
-        &self,
-        subject: String,
-        id: &str,
-        body: Bytes,
-        encoding: Encoding,
-    ) -> Result<bool, SinkError> {
+    /// Publishes `m` on `subject` and waits for its PubAck; `Ok(true)` when
+    /// the stream already had it.
+    async fn publish(&self, subject: String, m: &Encoded<'_>) -> Result<bool, SinkError> {
         let mut headers = HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
-        headers.insert("Content-Type", encoding.content_type());
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, m.message_id());
+        headers.insert("Content-Type", m.encoding.content_type());
         let ack = self
             .js
-            .publish_with_headers(subject.clone(), headers, body)
+            .publish_with_headers(subject.clone(), headers, m.body.clone())
             .await
             .map_err(|e| SinkError(format!("publishing {subject}: {e}")))?
             .await
@@ -677,27 +679,13 @@ impl JetSink {
 
 #[async_trait]
 impl OutcomeSink for JetSink {
-    async fn publish_outcome(
-        &self,
-        task_id: &str,
-        generation: u32,
-        body: Bytes,
-        encoding: Encoding,
-    ) -> Result<bool, SinkError> {
-        let msg_id = message_id(task_id, generation);
-        self.publish(self.subjects.result(task_id), &msg_id, body, encoding)
+    async fn publish_outcome(&self, outcome: &Encoded<'_>) -> Result<bool, SinkError> {
+        self.publish(self.subjects.result(outcome.task_id), outcome)
             .await
     }
 
-    async fn publish_dead_letter(
-        &self,
-        id: &str,
-        generation: u32,
-        body: Bytes,
-        encoding: Encoding,
-    ) -> Result<(), SinkError> {
-        let msg_id = message_id(id, generation);
-        self.publish(self.subjects.dead_letter(id), &msg_id, body, encoding)
+    async fn publish_dead_letter(&self, dead_letter: &Encoded<'_>) -> Result<(), SinkError> {
+        self.publish(self.subjects.dead_letter(dead_letter.task_id), dead_letter)
             .await
             .map(|_| ())
     }
@@ -775,6 +763,30 @@ impl AttemptStore for KvAttempts {
             .purge(task_id)
             .await
             .map_err(|e| StoreError(format!("clearing the attempts of {task_id}: {e}")))
+    }
+}
+
+/// Each replica's route state in a JetStream KV bucket, as JSON (see
+/// [`batchd_actors::route::RouteState`] and PROTOCOL.md).
+pub struct KvRouteBoard(pub jetstream::kv::Store);
+
+#[async_trait]
+impl RouteBoard for KvRouteBoard {
+    async fn put(&self, key: &str, state: &RouteState) -> Result<(), BoardError> {
+        let body = serde_json::to_vec(state)
+            .map_err(|e| BoardError(format!("encoding the state of {key}: {e}")))?;
+        self.0
+            .put(key, body.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| BoardError(format!("writing the state of {key}: {e}")))
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), BoardError> {
+        self.0
+            .delete(key)
+            .await
+            .map_err(|e| BoardError(format!("removing the state of {key}: {e}")))
     }
 }
 

@@ -1,11 +1,15 @@
 //! # Assembler
 //!
 //! Owns the open batches, keyed by priority, route (provider, model) and
-//! shared prompt prefix. A batch is sealed when it reaches its priority's
-//! `max_size` or when its first task has waited `max_wait`; sealed batches go
-//! to the Dispatcher.
+//! shared prompt prefix. A batch is opened for the size its priority's
+//! policy gives for the last sampled queue depth
+//! ([`crate::batching::BatchPolicy::size_for`], [`crate::context::EngineContext::depths`]),
+//! and sealed when it reaches that size or when its first task has waited
+//! `max_wait`; sealed batches go to the Dispatcher. A task whose deadline
+//! has passed by the time its batch is sealed gets `expired` instead.
 //!
-//! Receives: [`AssemblerMsg`]. Sends: [`DispatcherMsg::Dispatch`].
+//! Receives: [`AssemblerMsg`]. Sends: [`DispatcherMsg::Dispatch`]; outcomes
+//! of expired tasks to the sink.
 //!
 //! On restart: open batches die with the old state; their leases nak on drop
 //! and JetStream redelivers the tasks to the Intake.
@@ -18,12 +22,16 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use crate::batching::{fill_ratio, is_full, BatchKey};
 use crate::context::EngineContext;
 use crate::messages::{Accepted, AssemblerMsg, Batch, DispatcherMsg};
+use crate::outcome;
+use crate::task::{ErrorKind, TaskError};
 
 /// The Assembler actor.
 pub struct Assembler;
 
 struct OpenBatch {
     generation: u64,
+    /// The size it seals at, chosen when it was opened.
+    size: usize,
     tasks: Vec<Accepted>,
 }
 
@@ -88,7 +96,7 @@ impl AssemblerState {
             route: accepted.plan.route.clone(),
             prefix: accepted.plan.prefix,
         };
-        let policy = *self.ctx.settings.batch_policy(key.priority);
+        let policy = self.ctx.settings.batch_policy(key.priority);
         let batch = match self.open.get_mut(&key) {
             Some(b) => b,
             None => {
@@ -99,15 +107,17 @@ impl AssemblerState {
                     key: due_key,
                     generation,
                 });
+                let size = policy.size_for(self.ctx.depths.get(key.priority));
                 self.open.entry(key.clone()).or_insert(OpenBatch {
                     generation,
-                    tasks: Vec::with_capacity(policy.max_size.min(1024)),
+                    size,
+                    tasks: Vec::with_capacity(size.min(1024)),
                 })
             }
         };
         let drained = accepted.drained && policy.seal_when_drained;
         batch.tasks.push(accepted);
-        if drained || is_full(batch.tasks.len(), &policy) {
+        if drained || is_full(batch.tasks.len(), batch.size) {
             self.seal(&key);
         }
     }
@@ -116,12 +126,26 @@ impl AssemblerState {
         let Some(open) = self.open.remove(key) else {
             return;
         };
-        let policy = self.ctx.settings.batch_policy(key.priority);
+        let now = self.ctx.settings.clock.now();
+        let (expired, tasks): (Vec<Accepted>, Vec<Accepted>) = open
+            .tasks
+            .into_iter()
+            .partition(|a| a.task.deadline.is_some_and(|dl| dl <= now));
+        for a in expired {
+            let error = TaskError::new(
+                ErrorKind::Expired,
+                "the task's deadline passed while it waited in a batch",
+            );
+            outcome::fail_accepted(&self.ctx, a, error);
+        }
+        if tasks.is_empty() {
+            return;
+        }
         let batch = Batch {
             id: format!("b_{}", ulid::Ulid::new()),
             key: key.clone(),
-            fill_ratio: fill_ratio(open.tasks.len(), policy),
-            tasks: open.tasks,
+            fill_ratio: fill_ratio(tasks.len(), open.size),
+            tasks,
         };
         match self.ctx.directory.dispatcher() {
             // A failed send drops the batch: its leases nak and the tasks come back.

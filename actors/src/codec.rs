@@ -610,23 +610,14 @@ fn build_batch_line(
     let mut chat = body.clone();
     chat.remove("model");
     let payload = parse_payload(&chat)?;
-    Ok(Task {
-        task_id: task_id.to_owned(),
-        task_type: None,
+    let task = Task::new(
+        task_id.to_owned(),
         payload,
-        priority: inbound.priority,
-        retry_count: 0,
-        created_at: inbound.published_at,
-        model,
-        tier: None,
-        tenant: "default".into(),
-        reply_to: None,
-        deadline: None,
-        metadata: None,
-        original: Value::Null,
+        inbound.priority,
+        inbound.published_at,
         encoding,
-        generation: 0,
-    })
+    );
+    Ok(Task { model, ..task })
 }
 
 fn parse_payload(p: &Map<String, Value>) -> Result<Payload, String> {
@@ -899,72 +890,36 @@ mod tests {
 
     #[test]
     fn rejects_each_bad_input_with_a_message_naming_the_problem() {
-        let cases: Vec<(Vec<u8>, Option<&str>, &str)> = vec![
-            (b"{not json".to_vec(), None, "malformed JSON"),
+        // One JSON body a line, then ` => ` and a fragment of its message.
+        let json = r#"
+            {not json => malformed JSON
+            [1,2] => must be an object
+            {"payload":{"text":"x"},"type":"a"} => missing required field `task_id`
+            {"task_id":5,"payload":{"text":"x"}} => `task_id` must be a string
+            {"task_id":"a.b","type":"a","payload":{"text":"x"}} => subject token
+            {"task_id":"a","type":"a"} => missing required field `payload`
+            {"task_id":"a","type":"a","payload":{"text":1}} => `payload.text` must be a string
+            {"task_id":"a","type":"a","payload":{"text":"x"},"priority":1} => arrived on the p2 subject
+            {"task_id":"a","type":"a","payload":{"text":"x"},"tier":"huge"} => field `tier`
+            {"task_id":"a","type":"a","payload":{"text":"x"},"deadline":"soon"} => RFC 3339
+            {"task_id":"a","payload":{"messages":[]}} => must not be empty
+            {"task_id":"a","payload":{"messages":[{"role":"wizard"}]}} => not a chat role
+        "#;
+        let json_cases = json.lines().filter_map(|l| l.trim().split_once(" => "));
+        let typed: [(&[u8], &str, &str); 2] = [
             (
-                vec![0xc1, 0xff],
-                Some("application/msgpack"),
+                &[0xc1, 0xff],
+                "application/msgpack",
                 "malformed MessagePack",
             ),
-            (b"[1,2]".to_vec(), None, "must be an object"),
-            (
-                br#"{"payload":{"text":"x"},"type":"a"}"#.to_vec(),
-                None,
-                "missing required field `task_id`",
-            ),
-            (
-                br#"{"task_id":5,"payload":{"text":"x"}}"#.to_vec(),
-                None,
-                "`task_id` must be a string",
-            ),
-            (
-                br#"{"task_id":"a.b","type":"a","payload":{"text":"x"}}"#.to_vec(),
-                None,
-                "subject token",
-            ),
-            (
-                br#"{"task_id":"a","type":"a"}"#.to_vec(),
-                None,
-                "missing required field `payload`",
-            ),
-            (
-                br#"{"task_id":"a","type":"a","payload":{"text":1}}"#.to_vec(),
-                None,
-                "`payload.text` must be a string",
-            ),
-            (
-                br#"{"task_id":"a","type":"a","payload":{"text":"x"},"priority":1}"#.to_vec(),
-                None,
-                "arrived on the p2 subject",
-            ),
-            (
-                br#"{"task_id":"a","type":"a","payload":{"text":"x"},"tier":"huge"}"#.to_vec(),
-                None,
-                "field `tier`",
-            ),
-            (
-                br#"{"task_id":"a","type":"a","payload":{"text":"x"},"deadline":"soon"}"#.to_vec(),
-                None,
-                "RFC 3339",
-            ),
-            (
-                br#"{"task_id":"a","payload":{"messages":[]}}"#.to_vec(),
-                None,
-                "must not be empty",
-            ),
-            (
-                br#"{"task_id":"a","payload":{"messages":[{"role":"wizard"}]}}"#.to_vec(),
-                None,
-                "not a chat role",
-            ),
-            (
-                b"{}".to_vec(),
-                Some("text/plain"),
-                "unsupported Content-Type",
-            ),
+            (b"{}", "text/plain", "unsupported Content-Type"),
         ];
+        let cases = json_cases
+            .map(|(body, expected)| (body.as_bytes(), None, expected))
+            .chain(typed.map(|(body, ct, expected)| (body, Some(ct), expected)));
+        let mut checked = 0;
         for (body, ct, expected) in cases {
-            let mut i = inbound(&body);
+            let mut i = inbound(body);
             i.content_type = ct;
             let r = decode_task(i).expect_err(expected);
             assert!(
@@ -972,7 +927,9 @@ mod tests {
                 "{expected:?} not in {:?}",
                 r.message
             );
+            checked += 1;
         }
+        assert_eq!(checked, 14, "every case was read");
     }
 
     #[test]
@@ -1127,32 +1084,24 @@ mod tests {
 
     #[test]
     fn non_finite_messagepack_numbers_are_refused_not_turned_into_null() {
+        /// A MessagePack value that, unlike `serde_json::Value`, keeps a
+        /// non-finite number.
+        #[derive(Serialize)]
+        #[serde(untagged)]
+        enum Mp {
+            Num(f64),
+            Str(&'static str),
+            List(Vec<Mp>),
+            Map(std::collections::BTreeMap<&'static str, Mp>),
+        }
+        let map = |entries: Vec<(&'static str, Mp)>| Mp::Map(entries.into_iter().collect());
         for x in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
-            #[derive(Serialize)]
-            struct T {
-                task_id: &'static str,
-                payload: P,
-            }
-            #[derive(Serialize)]
-            struct P {
-                messages: Vec<M>,
-                temperature: f64,
-            }
-            #[derive(Serialize)]
-            struct M {
-                role: &'static str,
-                content: &'static str,
-            }
-            let t = T {
-                task_id: "nan",
-                payload: P {
-                    messages: vec![M {
-                        role: "user",
-                        content: "x",
-                    }],
-                    temperature: x,
-                },
-            };
+            let message = map(vec![("role", Mp::Str("user")), ("content", Mp::Str("x"))]);
+            let payload = map(vec![
+                ("messages", Mp::List(vec![message])),
+                ("temperature", Mp::Num(x)),
+            ]);
+            let t = map(vec![("task_id", Mp::Str("nan")), ("payload", payload)]);
             let bytes = rmp_serde::to_vec_named(&t).unwrap();
             let r = decode_msgpack(&bytes).expect_err("non-finite");
             assert!(r.message.contains("not finite"), "{}", r.message);

@@ -10,11 +10,12 @@ use ractor::{ActorCell, ActorRef, Message};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use crate::batching::QueueDepths;
 use crate::dispatcher::Routes;
 use crate::lease::LeaseKeeper;
 use crate::ledger::{LedgerClock, Spend};
 use crate::messages::{ActorKind, AssemblerMsg, CostMsg, DispatcherMsg, IntakeMsg, RetryMsg};
-use crate::ports::{AttemptStore, LedgerStore, OutcomeSink, Provider, TaskSource};
+use crate::ports::{AttemptStore, LedgerStore, OutcomeSink, Provider, RouteBoard, TaskSource};
 use crate::settings::EngineSettings;
 
 /// The current actor cells, one slot per [`ActorKind`]; the supervisor
@@ -118,6 +119,8 @@ pub struct Ports {
     pub attempts: Arc<dyn AttemptStore>,
     /// Call records and daily spend totals.
     pub ledger: Arc<dyn LedgerStore>,
+    /// Where route state is published for other machines.
+    pub board: Arc<dyn RouteBoard>,
     /// Providers by name.
     pub providers: HashMap<String, Arc<dyn Provider>>,
 }
@@ -140,6 +143,8 @@ pub struct EngineContext {
     pub spend: Spend,
     /// The ledger's clock: which UTC day and month it is.
     pub clock: LedgerClock,
+    /// Each priority's last sampled queue depth (batch size follows it).
+    pub depths: QueueDepths,
     stop: tokio::sync::watch::Sender<bool>,
     rng: Mutex<StdRng>,
 }
@@ -158,6 +163,7 @@ impl EngineContext {
             directory: Directory::default(),
             claims: Claims::default(),
             routes: Routes::default(),
+            depths: QueueDepths::default(),
             stop: tokio::sync::watch::Sender::new(false),
             rng,
         })

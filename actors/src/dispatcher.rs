@@ -135,6 +135,19 @@ impl Routes {
         Some(entry)
     }
 
+    /// True when another route of `route`'s provider has its circuit open
+    /// because the provider is unavailable: a failure here is most likely
+    /// the same outage, even where this route has seen too few calls to
+    /// tell by itself.
+    fn provider_unavailable(&self, route: &Route) -> bool {
+        let routes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        routes.iter().any(|(other, entry)| {
+            other.provider == route.provider
+                && other != route
+                && entry.gate.status().circuit == Some(CircuitReason::Unavailable)
+        })
+    }
+
     /// Every route, for metrics and status.
     pub fn all(&self) -> Vec<Arc<RouteEntry>> {
         let routes = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -196,7 +209,7 @@ async fn sample_routes(ctx: Arc<EngineContext>) {
                 provider,
                 model,
                 &metrics::RouteGauges {
-                    paused: s.paused,
+                    paused: s.paused_until.is_some(),
                     concurrency_limit: s.concurrency_limit,
                     rpm_limit: s.rpm_limit,
                     tpm_limit: s.tpm_limit,
@@ -315,7 +328,9 @@ async fn run_task(
     let (provider, model) = (route.route.provider.as_str(), route.route.model.as_str());
     let est_tokens = estimate_tokens(&a.plan.request);
     let deadline = a.task.deadline.and_then(|dl| {
-        let left = (dl - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        let left = (dl - ctx.settings.clock.now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
         Instant::now().checked_add(left)
     });
     let mut waited = Duration::ZERO;
@@ -356,7 +371,7 @@ async fn run_task(
             })
         });
         let latency = started.elapsed();
-        finish_call(&ctx, call, &result).await;
+        finish_call(&ctx, call, &result, a.price_multiplier).await;
         let error = match result {
             Ok(c) => {
                 metrics::provider_request(provider, model, "ok", latency);
@@ -419,8 +434,14 @@ async fn run_task(
                     tracing::debug!(provider, model, %error, "probe failed; route circuit open again");
                 }
                 // A failure that is the route's (a probe, one that opened the
-                // circuit, one landing while it is open) spends no attempt.
-                if probe || opened(&report) || route.gate.status().circuit.is_some() {
+                // circuit, one landing while it is open) spends no attempt;
+                // nor does one while the provider is down on another route:
+                // the call goes again until this route's circuit opens too.
+                if probe
+                    || opened(&report)
+                    || route.gate.status().circuit.is_some()
+                    || ctx.routes.provider_unavailable(&route.route)
+                {
                     continue;
                 }
                 a.attempts_before = attempts;
@@ -607,6 +628,7 @@ async fn finish_call(
     ctx: &EngineContext,
     (mut record, revision): Call,
     result: &Result<Completion, ProviderError>,
+    price_multiplier: f64,
 ) {
     let ledger = &ctx.ports.ledger;
     match result {
@@ -615,7 +637,7 @@ async fn finish_call(
                 .settings
                 .prices
                 .cost_picousd(&record.model, &c.usage, record.route, false)
-                .unwrap_or(0);
+                .map_or(0, |cost| crate::pricing::scale(cost, price_multiplier));
             record.finish(c.usage, cost, ctx.clock.now());
         }
         Err(ProviderError::Timeout { .. }) => record.estimate(),
@@ -735,11 +757,14 @@ fn succeeded(
 ) -> Final {
     let now = Utc::now();
     let task = &a.task;
+    // The same figure as the call's ledger record (see `finish_call`).
     let cost_usd = ctx
         .settings
         .prices
-        .cost(model, &c.usage, RouteKind::Realtime)
-        .unwrap_or(0.0);
+        .cost_picousd(model, &c.usage, RouteKind::Realtime, false)
+        .map_or(0.0, |cost| {
+            crate::pricing::usd(crate::pricing::scale(cost, a.price_multiplier))
+        });
     metrics::spent(model, &task.tenant, task.priority, cost_usd, &c.usage);
     let total_ms = elapsed_ms(task.created_at, now);
     Final {

@@ -9,6 +9,7 @@ use tokio::task::JoinHandle;
 
 use crate::context::{EngineContext, Ports};
 use crate::messages::{ActorKind, SupervisorMsg};
+use crate::route_publisher;
 use crate::settings::EngineSettings;
 use crate::supervisor::{RootSupervisor, SupervisorArgs, ESCALATED};
 
@@ -29,6 +30,7 @@ pub struct Engine {
     join: JoinHandle<()>,
     ctx: Arc<EngineContext>,
     keeper: JoinHandle<()>,
+    publisher: JoinHandle<()>,
 }
 
 impl Engine {
@@ -37,6 +39,7 @@ impl Engine {
         let heartbeat = settings.lease_heartbeat;
         let ctx = EngineContext::new(settings, ports);
         let keeper = ctx.keeper.spawn(heartbeat);
+        let publisher = route_publisher::spawn(ctx.clone());
         let args = SupervisorArgs {
             ctx: ctx.clone(),
             drain_timeout: Duration::from_secs(30),
@@ -49,6 +52,7 @@ impl Engine {
             join,
             ctx,
             keeper,
+            publisher,
         })
     }
 
@@ -78,11 +82,14 @@ impl Engine {
         )
     }
 
-    /// Stops pulling, seals open batches, waits for in-flight tasks, stops.
+    /// Stops pulling, seals open batches, waits for in-flight tasks, stops,
+    /// and withdraws this replica's routes from the route board.
     pub async fn shutdown(self) {
         let _ = ractor::call_t!(self.supervisor, SupervisorMsg::Shutdown, 60_000);
         let _ = self.join.await;
         self.keeper.abort();
+        self.publisher.abort();
+        route_publisher::withdraw(&self.ctx).await;
     }
 
     /// Waits until the engine stops on its own; `Err` when it escalated.
@@ -91,6 +98,8 @@ impl Engine {
             .await
             .map_err(|e| EngineError::Start(e.to_string()))?;
         self.keeper.abort();
+        self.publisher.abort();
+        route_publisher::withdraw(&self.ctx).await;
         Err(EngineError::Escalated)
     }
 }

@@ -5,7 +5,9 @@
 //! it, and hands valid tasks to the Assembler. Invalid tasks get a failed
 //! `invalid_request` outcome and a dead letter; tasks out of attempts get
 //! `max_retries`; tasks past their deadline get `expired` (both only when no
-//! outcome exists yet). A redelivered message reads the attempts its task
+//! outcome exists yet). Work of a priority that waits for off-peak windows
+//! ([`crate::offpeak`]) is handed back to JetStream, with a nak delayed
+//! until the next window opens, unless its deadline can't wait. A redelivered message reads the attempts its task
 //! spent from the attempt store; a first delivery never does. A copy of a
 //! task already in flight is handed back without a verdict of its own.
 //!
@@ -18,7 +20,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use futures::StreamExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
@@ -27,6 +28,7 @@ use crate::codec::{decode_task, Inbound};
 use crate::context::EngineContext;
 use crate::messages::{Accepted, AssemblerMsg, IntakeMsg};
 use crate::metrics;
+use crate::offpeak::Release;
 use crate::outcome::{self, deliver, Final};
 use crate::ports::Delivery;
 use crate::routing::plan;
@@ -129,7 +131,10 @@ async fn sample_backlog(ctx: Arc<EngineContext>) {
         tick.tick().await;
         for p in Priority::ALL {
             match ctx.ports.source.backlog(p).await {
-                Ok(b) => metrics::backlog(p, b.depth, b.oldest_age),
+                Ok(b) => {
+                    ctx.depths.set(p, b.depth);
+                    metrics::backlog(p, b.depth, b.oldest_age);
+                }
                 Err(e) => tracing::debug!(error = %e, "backlog sample failed"),
             }
         }
@@ -195,6 +200,7 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
         content_type: d.content_type,
         published_at: d.published_at,
         drained: d.pending == Some(0),
+        price_multiplier: 1.0,
     };
     if first {
         admit(ctx, accepted);
@@ -219,14 +225,16 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
 }
 
 /// Hands a valid task to the Assembler, or finishes it when it has no
-/// attempts left or its deadline has passed.
-fn admit(ctx: &Arc<EngineContext>, a: Accepted) {
+/// attempts left or its deadline has passed, or hands it back to JetStream
+/// until its off-peak window opens.
+fn admit(ctx: &Arc<EngineContext>, mut a: Accepted) {
+    let now = ctx.settings.clock.now();
     let verdict = if ctx.settings.retry.exhausted(a.attempts_before) {
         Some(TaskError::new(
             ErrorKind::MaxRetries,
             format!("no attempts left after {}", a.attempts_before),
         ))
-    } else if a.task.deadline.is_some_and(|dl| dl <= Utc::now()) {
+    } else if a.task.deadline.is_some_and(|dl| dl <= now) {
         Some(TaskError::new(
             ErrorKind::Expired,
             "the task's deadline passed before it could be sent",
@@ -235,13 +243,28 @@ fn admit(ctx: &Arc<EngineContext>, a: Accepted) {
         None
     };
     if let Some(error) = verdict {
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let f = outcome::failed(&a.task, error, a.attempts_before, None, None, None);
-            outcome::deliver_unless_done(&ctx, a.lease, f, &a.subject).await;
-            drop(a.claim);
-        });
+        outcome::fail_accepted(ctx, a, error);
         return;
+    }
+    match ctx
+        .settings
+        .offpeak
+        .release(a.task.priority, a.task.deadline, now)
+    {
+        Release::Now { price_multiplier } => a.price_multiplier = price_multiplier,
+        Release::Urgent => {
+            tracing::debug!(task_id = %a.task.task_id, "off-peak window closed, but the deadline can't wait: released");
+        }
+        Release::Hold(wait) => {
+            tracing::debug!(task_id = %a.task.task_id, ?wait, "off-peak work: back to JetStream until the window opens");
+            tokio::spawn(async move {
+                if let Err(e) = a.lease.nak(Some(wait)).await {
+                    tracing::warn!(task_id = %a.task.task_id, error = %e, "handing back off-peak work failed; ack_wait redelivers it");
+                }
+                drop(a.claim);
+            });
+            return;
+        }
     }
     match ctx.directory.assembler() {
         // On a failed send the message (and its lease) is dropped: naked, redelivered.

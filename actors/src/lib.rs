@@ -13,14 +13,19 @@
 //!   the `reply_to` allow-list.
 //! - [`completion`]: reading a provider's answer (fuzzed, like [`codec`]).
 //! - [`routing`]: task types, tiers, models; the request sent for a task.
-//! - [`batching`], [`backoff`], [`pricing`], [`budgets`]: policies as plain functions.
+//! - [`batching`], [`backoff`], [`pricing`], [`offpeak`], [`budgets`]: policies
+//!   as plain functions (batch size by queue depth; off-peak windows; budgets).
+//! - [`clock`]: the injectable wall clock for deadlines and windows.
 //! - [`ledger`]: call records, daily totals, the spend budgets are checked
 //!   against; [`memory_ledger`]: the ledger store in memory.
 //! - [`route`]: route control: adaptive concurrency, rate budget learned from
 //!   the provider's headers, circuit breaker, and the [`route::RouteGate`] that admits calls by priority.
+//! - [`route_publisher`]: publishes this replica's route state (paused,
+//!   circuit open, limits) through [`ports::RouteBoard`], for `batchd status`.
 //! - [`lease`]: the hold on a JetStream message; nak on drop, heartbeats.
 //!   A source delivers an [`lease::Acker`]; the engine builds the lease.
-//! - [`ports`]: the I/O traits ([`ports::TaskSource`], [`ports::OutcomeSink`], [`ports::Provider`]).
+//! - [`ports`]: the I/O traits ([`ports::TaskSource`], [`ports::OutcomeSink`],
+//!   [`ports::AttemptStore`], [`ports::RouteBoard`], [`ports::Provider`]).
 //! - [`messages`]: every message between actors.
 //! - [`context`]: what every actor shares: settings, ports, the lease keeper,
 //!   the directory of current actor refs.
@@ -42,6 +47,7 @@ pub mod assembler;
 pub mod backoff;
 pub mod batching;
 pub mod budgets;
+pub mod clock;
 pub mod codec;
 pub mod completion;
 pub mod context;
@@ -54,11 +60,13 @@ pub mod ledger;
 pub mod memory_ledger;
 pub mod messages;
 pub mod metrics;
+pub mod offpeak;
 pub mod outcome;
 pub mod ports;
 pub mod pricing;
 pub mod retry_scheduler;
 pub mod route;
+pub mod route_publisher;
 pub mod routing;
 pub mod settings;
 pub mod supervisor;

@@ -87,6 +87,9 @@ pub struct Accepted {
     pub published_at: chrono::DateTime<chrono::Utc>,
     /// True when its consumer had nothing more waiting when it was delivered.
     pub drained: bool,
+    /// Multiplier on its cost: the off-peak price when it was released
+    /// inside an off-peak window, else 1.0.
+    pub price_multiplier: f64,
 }
 
 /// A sealed batch.
@@ -98,7 +101,7 @@ pub struct Batch {
     pub key: BatchKey,
     /// Its tasks.
     pub tasks: Vec<Accepted>,
-    /// Size over the priority's max size.
+    /// Size over the size it was opened for (which follows queue depth).
     pub fill_ratio: f64,
 }
 

@@ -69,42 +69,61 @@ pub const ACTOR_RESTARTS_TOTAL: &str = "batchd_actor_restarts_total";
 /// Spend over budget per tenant and period (`daily`, `monthly`).
 pub const BUDGET_USED_RATIO: &str = "batchd_budget_used_ratio";
 
-/// Every metric name above: rules and dashboards may use these and no others.
-pub const ALL: [&str; 24] = [
-    QUEUE_DEPTH,
-    OLDEST_TASK_AGE_SECONDS,
-    TASKS_RECEIVED_TOTAL,
-    TASKS_COMPLETED_TOTAL,
+/// Histogram metrics measured in seconds (they share latency buckets).
+pub const SECONDS_HISTOGRAMS: [&str; 3] = [
     TASK_QUEUE_SECONDS,
     TASK_LATENCY_SECONDS,
-    BATCH_SIZE,
-    BATCH_FILL_RATIO,
-    PROVIDER_REQUESTS_TOTAL,
     PROVIDER_REQUEST_SECONDS,
-    RATE_LIMITED_TOTAL,
-    ROUTE_PAUSED,
-    ROUTE_CONCURRENCY_LIMIT,
-    ROUTE_RATE_LIMIT,
-    ROUTE_CIRCUIT_OPEN,
-    RETRIES_TOTAL,
-    DEAD_LETTERS_TOTAL,
-    TASKS_PARKED_TOTAL,
-    COST_USD_TOTAL,
-    TOKENS_TOTAL,
-    PREEMPTIONS_TOTAL,
-    CHECKPOINTS_TOTAL,
-    ACTOR_RESTARTS_TOTAL,
-    BUDGET_USED_RATIO,
 ];
 
 /// The histograms: Prometheus sees each as `_bucket`, `_sum` and `_count` series.
-pub const HISTOGRAMS: [&str; 5] = [
-    TASK_QUEUE_SECONDS,
-    TASK_LATENCY_SECONDS,
-    BATCH_SIZE,
-    BATCH_FILL_RATIO,
-    PROVIDER_REQUEST_SECONDS,
-];
+pub const HISTOGRAMS: [&str; 5] = concat(SECONDS_HISTOGRAMS, [BATCH_SIZE, BATCH_FILL_RATIO]);
+
+/// Every metric name above: rules and dashboards may use these and no others.
+pub const ALL: [&str; 24] = concat(
+    HISTOGRAMS,
+    [
+        QUEUE_DEPTH,
+        OLDEST_TASK_AGE_SECONDS,
+        TASKS_RECEIVED_TOTAL,
+        TASKS_COMPLETED_TOTAL,
+        PROVIDER_REQUESTS_TOTAL,
+        RATE_LIMITED_TOTAL,
+        ROUTE_PAUSED,
+        ROUTE_CONCURRENCY_LIMIT,
+        ROUTE_RATE_LIMIT,
+        ROUTE_CIRCUIT_OPEN,
+        RETRIES_TOTAL,
+        DEAD_LETTERS_TOTAL,
+        TASKS_PARKED_TOTAL,
+        COST_USD_TOTAL,
+        TOKENS_TOTAL,
+        PREEMPTIONS_TOTAL,
+        CHECKPOINTS_TOTAL,
+        ACTOR_RESTARTS_TOTAL,
+        BUDGET_USED_RATIO,
+    ],
+);
+
+/// `a` then `b`, as one list of `N` names (`N` must be their two lengths'
+/// sum: the compiler checks it where a constant is built).
+const fn concat<const A: usize, const B: usize, const N: usize>(
+    a: [&'static str; A],
+    b: [&'static str; B],
+) -> [&'static str; N] {
+    assert!(A + B == N, "concat: N is not A + B");
+    let mut out = [""; N];
+    let mut i = 0;
+    while i < A {
+        out[i] = a[i];
+        i += 1;
+    }
+    while i < N {
+        out[i] = b[i - A];
+        i += 1;
+    }
+    out
+}
 
 /// True when `series` is a name batchd exports: a metric of [`ALL`], or a
 /// histogram's `_bucket`, `_sum` or `_count` series.
@@ -130,13 +149,6 @@ pub const TOKEN_KINDS: [&str; 3] = ["input", "cached_input", "output"];
 pub const OTHER: &str = "other";
 /// The tenant of a task that names none.
 pub const DEFAULT_TENANT: &str = "default";
-
-/// Histogram metrics measured in seconds (they share latency buckets).
-pub const SECONDS_HISTOGRAMS: [&str; 3] = [
-    TASK_QUEUE_SECONDS,
-    TASK_LATENCY_SECONDS,
-    PROVIDER_REQUEST_SECONDS,
-];
 
 /// Buckets for the seconds histograms: 5 ms to 1 h (Batch API jobs take hours).
 pub const SECONDS_BUCKETS: [f64; 18] = [
@@ -275,58 +287,54 @@ pub fn actor_restarted(actor: &'static str) {
 
 /// Registers every metric with its help text so `/metrics` lists them from the start.
 pub fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_gauge!(QUEUE_DEPTH, "Tasks waiting or in flight, per priority");
-    describe_gauge!(
-        OLDEST_TASK_AGE_SECONDS,
-        Unit::Seconds,
-        "Age of the oldest unfinished task"
-    );
-    describe_counter!(TASKS_RECEIVED_TOTAL, "Tasks received (first deliveries)");
-    describe_counter!(TASKS_COMPLETED_TOTAL, "Terminal outcomes published");
-    describe_histogram!(TASK_QUEUE_SECONDS, Unit::Seconds, "Publish to dispatch");
-    describe_histogram!(TASK_LATENCY_SECONDS, Unit::Seconds, "Publish to outcome");
-    describe_histogram!(BATCH_SIZE, "Tasks per sealed batch");
-    describe_histogram!(BATCH_FILL_RATIO, "Batch size over the priority's max size");
-    describe_counter!(PROVIDER_REQUESTS_TOTAL, "Provider requests by outcome");
-    describe_histogram!(
-        PROVIDER_REQUEST_SECONDS,
-        Unit::Seconds,
-        "Provider request duration"
-    );
-    describe_counter!(RATE_LIMITED_TOTAL, "429 answers from providers");
-    describe_gauge!(ROUTE_PAUSED, "1 while a route waits out a Retry-After");
-    describe_counter!(
-        RETRIES_TOTAL,
-        "Tasks sent back for another attempt, by reason"
-    );
-    describe_gauge!(
-        ROUTE_CONCURRENCY_LIMIT,
-        "Adaptive concurrency limit per route"
-    );
-    describe_gauge!(
-        ROUTE_RATE_LIMIT,
-        "Rate budget per minute per route (kind: requests or tokens), configured or learned"
-    );
-    describe_gauge!(
-        ROUTE_CIRCUIT_OPEN,
-        "1 while a route's circuit is open, by reason"
-    );
-    describe_counter!(DEAD_LETTERS_TOTAL, "Dead letters by reason");
-    describe_counter!(TOKENS_TOTAL, "Tokens by kind");
-    describe_counter!(
-        PREEMPTIONS_TOTAL,
-        "Bulk batches preempted by priority-1 work"
-    );
-    describe_counter!(CHECKPOINTS_TOTAL, "Checkpoints written");
-    describe_counter!(ACTOR_RESTARTS_TOTAL, "Actor restarts by the supervisor");
-    describe_gauge!(
-        BUDGET_USED_RATIO,
-        "Spend over budget per tenant and period (daily, monthly)"
-    );
+    for name in ALL {
+        let Some(help) = help(name) else { continue };
+        // Prometheus naming: `_seconds` is the unit; `_total` marks a counter.
+        let unit = name.ends_with("_seconds").then_some(metrics::Unit::Seconds);
+        metrics::with_recorder(|r| {
+            if HISTOGRAMS.contains(&name) {
+                r.describe_histogram(name.into(), unit, help.into());
+            } else if name.ends_with("_total") {
+                r.describe_counter(name.into(), unit, help.into());
+            } else {
+                r.describe_gauge(name.into(), unit, help.into());
+            }
+        });
+    }
     // Counters that only later work increments still show at zero.
     counter!(PREEMPTIONS_TOTAL).absolute(0);
     counter!(CHECKPOINTS_TOTAL).absolute(0);
+}
+
+/// The help text `/metrics` shows for `name`, for the metrics that have one.
+fn help(name: &str) -> Option<&'static str> {
+    Some(match name {
+        QUEUE_DEPTH => "Tasks waiting or in flight, per priority",
+        OLDEST_TASK_AGE_SECONDS => "Age of the oldest unfinished task",
+        TASKS_RECEIVED_TOTAL => "Tasks received (first deliveries)",
+        TASKS_COMPLETED_TOTAL => "Terminal outcomes published",
+        TASK_QUEUE_SECONDS => "Publish to dispatch",
+        TASK_LATENCY_SECONDS => "Publish to outcome",
+        BATCH_SIZE => "Tasks per sealed batch",
+        BATCH_FILL_RATIO => "Batch size over the priority's max size",
+        PROVIDER_REQUESTS_TOTAL => "Provider requests by outcome",
+        PROVIDER_REQUEST_SECONDS => "Provider request duration",
+        RATE_LIMITED_TOTAL => "429 answers from providers",
+        ROUTE_PAUSED => "1 while a route waits out a Retry-After",
+        RETRIES_TOTAL => "Tasks sent back for another attempt, by reason",
+        ROUTE_CONCURRENCY_LIMIT => "Adaptive concurrency limit per route",
+        ROUTE_RATE_LIMIT => {
+            "Rate budget per minute per route (kind: requests or tokens), configured or learned"
+        }
+        ROUTE_CIRCUIT_OPEN => "1 while a route's circuit is open, by reason",
+        DEAD_LETTERS_TOTAL => "Dead letters by reason",
+        TOKENS_TOTAL => "Tokens by kind",
+        PREEMPTIONS_TOTAL => "Bulk batches preempted by priority-1 work",
+        CHECKPOINTS_TOTAL => "Checkpoints written",
+        ACTOR_RESTARTS_TOTAL => "Actor restarts by the supervisor",
+        BUDGET_USED_RATIO => "Spend over budget per tenant and period (daily, monthly)",
+        _ => return None,
+    })
 }
 
 /// The label values `/metrics` may use for what producers control.

@@ -13,10 +13,9 @@ use crate::codec::{self, Rejection};
 use crate::context::EngineContext;
 use crate::lease::Lease;
 use crate::metrics;
-use crate::ports::{Delivery, SinkError};
+use crate::ports::{Delivery, Encoded, SinkError};
 use crate::task::{
-    timestamp, DeadLetter, Encoding, ErrorKind, Outcome, Priority, RouteKind, Status, Task,
-    TaskError, Timings, Usage,
+    timestamp, DeadLetter, Encoding, ErrorKind, Outcome, Priority, RouteKind, Task, TaskError,
 };
 
 /// An outcome ready to publish, with its dead letter when it failed.
@@ -49,31 +48,25 @@ pub fn failed(
         message: codec::bounded(&error.message),
         ..error
     };
+    let outcome = Outcome::failure(
+        task.task_id.clone(),
+        error.clone(),
+        task.priority.number(),
+        task.tenant.clone(),
+        total,
+        timestamp(now),
+    );
     Final {
         outcome: Outcome {
-            task_id: task.task_id.clone(),
-            status: Status::Failed,
-            output: None,
-            finish_reason: None,
-            error: Some(error.clone()),
             model: model.map(str::to_owned).or_else(|| task.model.clone()),
             provider: provider.map(str::to_owned),
             // Only a task that reached a provider has a route.
             route: provider.map(|_| RouteKind::Realtime),
-            usage: Usage::default(),
-            cost_usd: 0.0,
             attempts,
             batch_id: batch_id.map(str::to_owned),
-            priority: task.priority.number(),
-            tenant: task.tenant.clone(),
-            timings: Timings {
-                queued_ms: total,
-                processing_ms: 0,
-                total_ms: total,
-            },
             metadata: task.metadata.clone(),
             generation: task.generation,
-            completed_at: timestamp(now),
+            ..outcome
         },
         dead_letter: Some(DeadLetter {
             task: task.original.clone(),
@@ -102,31 +95,19 @@ pub fn rejected(d: &Delivery, r: Rejection) -> Final {
         .original
         .is_none()
         .then(|| base64::engine::general_purpose::STANDARD.encode(&d.body));
-    let total = elapsed_ms(d.published_at, now);
+    let outcome = Outcome::failure(
+        task_id,
+        error.clone(),
+        d.priority.number(),
+        r.tenant.unwrap_or_else(|| "default".into()),
+        elapsed_ms(d.published_at, now),
+        timestamp(now),
+    );
     Final {
         outcome: Outcome {
-            task_id,
-            status: Status::Failed,
-            output: None,
-            finish_reason: None,
-            error: Some(error.clone()),
-            model: None,
-            provider: None,
-            route: None,
-            usage: Usage::default(),
-            cost_usd: 0.0,
-            attempts: 0,
-            batch_id: None,
-            priority: d.priority.number(),
-            tenant: r.tenant.unwrap_or_else(|| "default".into()),
-            timings: Timings {
-                queued_ms: total,
-                processing_ms: 0,
-                total_ms: total,
-            },
             metadata: r.metadata,
             generation: d.generation,
-            completed_at: timestamp(now),
+            ..outcome
         },
         dead_letter: Some(DeadLetter {
             task: r.original.unwrap_or(Value::Null),
@@ -237,12 +218,13 @@ pub async fn unless_done(
 async fn publish(ctx: &EngineContext, f: &Final, subject: &str) -> Result<bool, SinkError> {
     let sink = &ctx.ports.sink;
     let id = f.outcome.task_id.as_str();
-    let body = encode(&f.outcome, f.encoding)?;
-    let generation = f.outcome.generation;
-    let duplicate = retrying(ctx, || {
-        sink.publish_outcome(id, generation, body.clone(), f.encoding)
-    })
-    .await?;
+    let outcome = Encoded {
+        task_id: id,
+        generation: f.outcome.generation,
+        body: encode(&f.outcome, f.encoding)?,
+        encoding: f.encoding,
+    };
+    let duplicate = retrying(ctx, || sink.publish_outcome(&outcome)).await?;
     // After the outcome, and only when this outcome is the one kept: a dead
     // letter never exists for a task whose kept outcome succeeded.
     if let (Some(dl), false) = (&f.dead_letter, duplicate) {
@@ -250,14 +232,14 @@ async fn publish(ctx: &EngineContext, f: &Final, subject: &str) -> Result<bool, 
         if dl.subject.is_empty() {
             dl.subject = subject.to_owned();
         }
-        let dl_body = encode(&dl, f.encoding)?;
-        retrying(ctx, || {
-            sink.publish_dead_letter(id, generation, dl_body.clone(), f.encoding)
-        })
-        .await?;
+        let dead_letter = Encoded {
+            body: encode(&dl, f.encoding)?,
+            ..outcome.clone()
+        };
+        retrying(ctx, || sink.publish_dead_letter(&dead_letter)).await?;
     }
     if let (Some(reply_to), false) = (&f.reply_to, duplicate) {
-        if let Err(e) = sink.publish_reply(reply_to, body, f.encoding).await {
+        if let Err(e) = sink.publish_reply(reply_to, outcome.body, f.encoding).await {
             tracing::warn!(task_id = %id, error = %e, "reply_to publish failed; the outcome is in the results stream");
         }
     }
@@ -289,4 +271,20 @@ where
             }
         }
     }
+}
+
+/// Fails an accepted task that never reached a provider (out of attempts,
+/// past its deadline): its outcome is delivered unless one exists, then its
+/// claim is released.
+pub fn fail_accepted(
+    ctx: &std::sync::Arc<EngineContext>,
+    a: crate::messages::Accepted,
+    error: TaskError,
+) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let f = failed(&a.task, error, a.attempts_before, None, None, None);
+        deliver_unless_done(&ctx, a.lease, f, &a.subject).await;
+        drop(a.claim);
+    });
 }

@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::lease::{Acker, Lease, LeaseKeeper};
 use crate::ledger::{CallEvent, CallRecord, DayTotals};
 use crate::route::limits::RateLimitInfo;
+use crate::route::RouteState;
 use crate::task::{Encoding, Priority, Usage};
 
 /// One delivered task message. A source hands it over with its [`Acker`];
@@ -129,28 +130,36 @@ pub const PUBLISHED_AT_HEADER: &str = "Batchd-Published-At";
 #[error("outcome sink: {0}")]
 pub struct SinkError(pub String);
 
+/// An outcome or dead letter of one run of a task, encoded for the sink.
+#[derive(Debug, Clone)]
+pub struct Encoded<'a> {
+    /// The task's id: the last token of the subject.
+    pub task_id: &'a str,
+    /// The run's generation (0 for a first run).
+    pub generation: u32,
+    /// The encoded outcome or dead letter.
+    pub body: Bytes,
+    /// How `body` is encoded.
+    pub encoding: Encoding,
+}
+
+impl Encoded<'_> {
+    /// Its `Nats-Msg-Id` (see [`message_id`]).
+    pub fn message_id(&self) -> String {
+        message_id(self.task_id, self.generation)
+    }
+}
+
 /// Where outcomes and dead letters go.
 #[async_trait]
 pub trait OutcomeSink: Send + Sync + 'static {
-    /// Publishes an outcome of `generation` on `results.<task_id>` (with
-    /// `Nats-Msg-Id` [`message_id`]) and waits for its PubAck. `Ok(true)`
-    /// when the stream already had it.
-    async fn publish_outcome(
-        &self,
-        task_id: &str,
-        generation: u32,
-        body: Bytes,
-        encoding: Encoding,
-    ) -> Result<bool, SinkError>;
+    /// Publishes an outcome on `results.<task_id>` (with `Nats-Msg-Id`
+    /// [`Encoded::message_id`]) and waits for its PubAck. `Ok(true)` when the
+    /// stream already had it.
+    async fn publish_outcome(&self, outcome: &Encoded<'_>) -> Result<bool, SinkError>;
 
-    /// Publishes a dead letter on `dlq.<id>` and waits for its PubAck.
-    async fn publish_dead_letter(
-        &self,
-        id: &str,
-        generation: u32,
-        body: Bytes,
-        encoding: Encoding,
-    ) -> Result<(), SinkError>;
+    /// Publishes a dead letter on `dlq.<task_id>` and waits for its PubAck.
+    async fn publish_dead_letter(&self, dead_letter: &Encoded<'_>) -> Result<(), SinkError>;
 
     /// Publishes an outcome to a producer's `reply_to` (core NATS, best effort).
     async fn publish_reply(
@@ -264,6 +273,48 @@ pub trait LedgerStore: Send + Sync + 'static {
     /// Every daily total of a day starting with `prefix` (`YYYY-MM`, `YYYY-MM-DD`
     /// or empty), with its key and revision.
     async fn days(&self, prefix: &str) -> Result<Vec<(String, DayTotals, u64)>, LedgerError>;
+}
+
+/// Errors from the route board.
+#[derive(Debug, thiserror::Error)]
+#[error("route board: {0}")]
+pub struct BoardError(pub String);
+
+/// Where a replica publishes the state of its routes (paused, circuit open,
+/// limits), so that any machine can see it. Best effort: the engine logs a
+/// failed write and tries again, it never waits on one.
+#[async_trait]
+pub trait RouteBoard: Send + Sync + 'static {
+    /// Stores `state` under `key` (see [`crate::route::route_key`]),
+    /// replacing what was there.
+    async fn put(&self, key: &str, state: &RouteState) -> Result<(), BoardError>;
+    /// Removes `key`: the replica no longer drives that route.
+    async fn remove(&self, key: &str) -> Result<(), BoardError>;
+}
+
+/// A [`RouteBoard`] in memory: for tests and single-process tools.
+#[derive(Debug, Default)]
+pub struct MemoryBoard(std::sync::Mutex<std::collections::BTreeMap<String, RouteState>>);
+
+impl MemoryBoard {
+    /// What is stored, by key.
+    pub fn entries(&self) -> std::collections::BTreeMap<String, RouteState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[async_trait]
+impl RouteBoard for MemoryBoard {
+    async fn put(&self, key: &str, state: &RouteState) -> Result<(), BoardError> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(key.to_owned(), state.clone());
+        Ok(())
+    }
+    async fn remove(&self, key: &str) -> Result<(), BoardError> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(key);
+        Ok(())
+    }
 }
 
 /// A successful chat completion.

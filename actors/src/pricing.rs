@@ -114,7 +114,8 @@ impl PriceTable {
     }
 }
 
-fn scale(amount: Picousd, factor: f64) -> Picousd {
+/// `amount` times `factor` (a discount or a multiplier), rounded.
+pub fn scale(amount: Picousd, factor: f64) -> Picousd {
     if factor == 1.0 {
         amount
     } else {

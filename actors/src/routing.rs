@@ -298,22 +298,16 @@ mod tests {
     }
 
     fn task(payload: Payload) -> Task {
-        Task {
-            task_id: "t".into(),
-            task_type: Some("summarization".into()),
+        let task = Task::new(
+            "t".into(),
             payload,
-            priority: Priority::P2,
-            retry_count: 0,
-            created_at: chrono::Utc::now(),
-            model: None,
-            tier: None,
-            tenant: "default".into(),
-            reply_to: None,
-            deadline: None,
-            metadata: None,
-            original: Value::Null,
-            encoding: Encoding::Json,
-            generation: 0,
+            Priority::P2,
+            chrono::Utc::now(),
+            Encoding::Json,
+        );
+        Task {
+            task_type: Some("summarization".into()),
+            ..task
         }
     }
 

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::backoff::RetryPolicy;
 use crate::batching::BatchPolicy;
 use crate::budgets::Budgets;
+use crate::clock::Clock;
 use crate::codec::ReplyPolicy;
+use crate::offpeak::OffPeak;
 use crate::pricing::PriceTable;
 use crate::route::RouteSettings;
 use crate::routing::Catalog;
@@ -60,12 +62,21 @@ pub struct EngineSettings {
     pub backlog_interval: Duration,
     /// Supervisor restart limits.
     pub restart: RestartPolicy,
+    /// This replica's name on the route board.
+    pub replica: String,
+    /// How often each route's state is written to the route board when
+    /// nothing changes (a change is written at once).
+    pub route_refresh: Duration,
     /// Seed for retry jitter.
     pub seed: u64,
     /// Tenant budgets.
     pub budgets: Budgets,
     /// The ledger's flush and clock.
     pub ledger: LedgerSettings,
+    /// Off-peak windows: which priorities wait for them, and their price.
+    pub offpeak: OffPeak,
+    /// Wall-clock time for deadlines and windows (injectable for tests).
+    pub clock: Clock,
 }
 
 /// How the CostAccountant keeps the ledger.

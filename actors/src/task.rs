@@ -171,6 +171,38 @@ pub struct Task {
     pub generation: u32,
 }
 
+impl Task {
+    /// A first run of `task_id` on `priority` with every optional field
+    /// unset: no type, model, tier, reply subject, deadline or metadata,
+    /// the default tenant and no attempts spent.
+    pub fn new(
+        task_id: String,
+        payload: Payload,
+        priority: Priority,
+        created_at: DateTime<Utc>,
+        encoding: Encoding,
+    ) -> Task {
+        Task {
+            task_id,
+            task_type: None,
+            payload,
+            priority,
+            retry_count: 0,
+            created_at,
+            model: None,
+            tier: None,
+            tenant: "default".into(),
+            reply_to: None,
+            deadline: None,
+            metadata: None,
+            original: Value::Null,
+            encoding,
+            generation: 0,
+        }
+    }
+}
+
+/// Token usage reported by the provider.
 /// Token usage reported by the provider, inclusive: `input_tokens` counts
 /// the cached and cache-write tokens too (Anthropic's additive usage is
 /// summed into it when read).
@@ -353,6 +385,45 @@ pub struct Outcome {
     pub generation: u32,
     /// When the outcome was made, RFC 3339 with milliseconds.
     pub completed_at: String,
+}
+
+impl Outcome {
+    /// A failed outcome of a task that spent nothing: no output, model,
+    /// provider, route, usage, cost, attempts or batch, and all of
+    /// `total_ms` spent waiting. Callers add what they know beyond that.
+    pub fn failure(
+        task_id: String,
+        error: TaskError,
+        priority: u8,
+        tenant: String,
+        total_ms: u64,
+        completed_at: String,
+    ) -> Outcome {
+        Outcome {
+            task_id,
+            status: Status::Failed,
+            output: None,
+            finish_reason: None,
+            error: Some(error),
+            model: None,
+            provider: None,
+            route: None,
+            usage: Usage::default(),
+            cost_usd: 0.0,
+            attempts: 0,
+            batch_id: None,
+            priority,
+            tenant,
+            timings: Timings {
+                queued_ms: total_ms,
+                processing_ms: 0,
+                total_ms,
+            },
+            metadata: None,
+            generation: 0,
+            completed_at,
+        }
+    }
 }
 
 /// A message parked on `<prefix>.dlq.<task_id>` with the reason it died.

@@ -3,28 +3,23 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use batchd_actors::batching::BatchPolicy;
 use batchd_actors::messages::ActorKind;
-use batchd_actors::ports::ProviderError;
-use batchd_actors::route::RateLimitInfo;
 use batchd_actors::settings::RestartPolicy;
 use batchd_actors::task::Priority;
 use batchd_actors::EngineError;
 use serde_json::{json, Value};
-use support::{ok, rig, settings, task, until, FakeProvider};
+use support::{
+    failing, failing_once, healthy, ok, rate_limited, rejected, rig, settings, task, transient,
+    until, FakeProvider,
+};
 use tokio::time::Instant;
 
 #[tokio::test(start_paused = true)]
 async fn every_task_gets_one_outcome_and_one_ack() {
-    let r = rig(
-        settings(),
-        FakeProvider::new(Duration::from_millis(5), |_| ok()),
-    )
-    .await;
+    let r = rig(settings(), healthy(Duration::from_millis(5))).await;
     for i in 0..100 {
         let p = Priority::ALL[i % 3];
         r.source.publish(p, task(&format!("t{i}"), "x"));
@@ -41,7 +36,7 @@ async fn every_task_gets_one_outcome_and_one_ack() {
 
 #[tokio::test(start_paused = true)]
 async fn a_partial_batch_seals_when_its_max_wait_elapses() {
-    let r = rig(settings(), FakeProvider::new(Duration::ZERO, |_| ok())).await;
+    let r = rig(settings(), healthy(Duration::ZERO)).await;
     let start = Instant::now();
     for i in 0..3 {
         r.source.publish(Priority::P3, task(&format!("w{i}"), "x"));
@@ -74,8 +69,9 @@ async fn a_full_batch_seals_at_once() {
         max_size: 4,
         max_wait_ms: 60_000,
         seal_when_drained: true,
+        depth_steps: Vec::new(),
     };
-    let r = rig(s, FakeProvider::new(Duration::ZERO, |_| ok())).await;
+    let r = rig(s, healthy(Duration::ZERO)).await;
     let start = Instant::now();
     for i in 0..4 {
         r.source.publish(Priority::P3, task(&format!("f{i}"), "x"));
@@ -91,10 +87,7 @@ async fn one_rejected_task_does_not_fail_its_batch() {
         settings(),
         FakeProvider::new(Duration::ZERO, |req| {
             if req["messages"][1]["content"] == "bad" {
-                Err(ProviderError::Rejected {
-                    status: 400,
-                    message: "nope".into(),
-                })
+                Err(rejected(400, "nope"))
             } else {
                 ok()
             }
@@ -118,16 +111,7 @@ async fn one_rejected_task_does_not_fail_its_batch() {
 
 #[tokio::test(start_paused = true)]
 async fn transient_failures_are_retried_until_attempts_run_out() {
-    let r = rig(
-        settings(),
-        FakeProvider::new(Duration::ZERO, |_| {
-            Err(ProviderError::Transient {
-                status: Some(503),
-                message: "down".into(),
-            })
-        }),
-    )
-    .await;
+    let r = rig(settings(), failing(Duration::ZERO, transient(503, "down"))).await;
     r.source.publish(Priority::P2, task("flaky", "x"));
     until(Duration::from_secs(30), || r.sink.outcome_count() == 1).await;
     let o = r.sink.outcome("flaky").unwrap();
@@ -148,22 +132,7 @@ async fn transient_failures_are_retried_until_attempts_run_out() {
 
 #[tokio::test(start_paused = true)]
 async fn a_transient_failure_then_success_succeeds_on_the_second_attempt() {
-    let calls = Arc::new(AtomicU64::new(0));
-    let c = calls.clone();
-    let r = rig(
-        settings(),
-        FakeProvider::new(Duration::ZERO, move |_| {
-            if c.fetch_add(1, Ordering::SeqCst) == 0 {
-                Err(ProviderError::Transient {
-                    status: Some(500),
-                    message: "oops".into(),
-                })
-            } else {
-                ok()
-            }
-        }),
-    )
-    .await;
+    let r = rig(settings(), failing_once(transient(500, "oops"))).await;
     r.source.publish(Priority::P1, task("once", "x"));
     until(Duration::from_secs(30), || r.sink.outcome_count() == 1).await;
     let o = r.sink.outcome("once").unwrap();
@@ -174,23 +143,9 @@ async fn a_transient_failure_then_success_succeeds_on_the_second_attempt() {
 
 #[tokio::test(start_paused = true)]
 async fn a_rate_limited_route_waits_out_retry_after_in_place() {
-    let calls = Arc::new(AtomicU64::new(0));
-    let c = calls.clone();
     let r = rig(
         settings(),
-        FakeProvider::new(Duration::ZERO, move |_| {
-            if c.fetch_add(1, Ordering::SeqCst) == 0 {
-                Err(ProviderError::RateLimited {
-                    limits: RateLimitInfo {
-                        retry_after: Some(Duration::from_secs(7)),
-                        ..RateLimitInfo::default()
-                    },
-                    message: "slow down".into(),
-                })
-            } else {
-                ok()
-            }
-        }),
+        failing_once(rate_limited(Duration::from_secs(7))),
     )
     .await;
     let start = Instant::now();
@@ -209,7 +164,7 @@ async fn a_rate_limited_route_waits_out_retry_after_in_place() {
 
 #[tokio::test(start_paused = true)]
 async fn a_task_whose_outcome_exists_is_acked_without_calling_the_provider() {
-    let r = rig(settings(), FakeProvider::new(Duration::ZERO, |_| ok())).await;
+    let r = rig(settings(), healthy(Duration::ZERO)).await;
     r.sink
         .outcomes
         .lock()
@@ -227,11 +182,7 @@ async fn a_task_whose_outcome_exists_is_acked_without_calling_the_provider() {
 
 #[tokio::test(start_paused = true)]
 async fn two_copies_of_one_task_call_the_provider_once() {
-    let r = rig(
-        settings(),
-        FakeProvider::new(Duration::from_millis(500), |_| ok()),
-    )
-    .await;
+    let r = rig(settings(), healthy(Duration::from_millis(500))).await;
     r.source.publish(Priority::P1, task("twin", "x"));
     r.source.publish(Priority::P1, task("twin", "x"));
     until(Duration::from_secs(10), || r.source.acks().len() == 2).await;
@@ -242,7 +193,7 @@ async fn two_copies_of_one_task_call_the_provider_once() {
 
 #[tokio::test(start_paused = true)]
 async fn invalid_tasks_get_an_outcome_and_a_dead_letter_while_good_ones_flow() {
-    let r = rig(settings(), FakeProvider::new(Duration::ZERO, |_| ok())).await;
+    let r = rig(settings(), healthy(Duration::ZERO)).await;
     r.source.publish(
         Priority::P2,
         json!({"task_id": "u1", "type": "poem", "payload": {"text": "x"}}),
@@ -281,11 +232,7 @@ async fn invalid_tasks_get_an_outcome_and_a_dead_letter_while_good_ones_flow() {
 
 #[tokio::test(start_paused = true)]
 async fn a_panicking_actor_is_restarted_and_no_task_is_lost() {
-    let r = rig(
-        settings(),
-        FakeProvider::new(Duration::from_millis(20), |_| ok()),
-    )
-    .await;
+    let r = rig(settings(), healthy(Duration::from_millis(20))).await;
     for i in 0..60 {
         r.source
             .publish(Priority::ALL[i % 3], task(&format!("p{i}"), "x"));
@@ -316,7 +263,7 @@ async fn restarts_beyond_the_intensity_limit_stop_the_engine() {
         max_restarts: 2,
         within_secs: 60,
     };
-    let mut r = rig(s, FakeProvider::new(Duration::ZERO, |_| ok())).await;
+    let mut r = rig(s, healthy(Duration::ZERO)).await;
     for _ in 0..3 {
         r.engine.inject_fault(ActorKind::Assembler);
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -333,11 +280,7 @@ async fn priority_one_does_not_queue_behind_a_route_full_of_bulk_work() {
     // Four requests in flight at most; each takes 1 s. Priority 1 is strict
     // at the route: it takes the first slot that frees, ahead of every bulk
     // task already waiting.
-    let r = rig(
-        settings(),
-        FakeProvider::new(Duration::from_secs(1), |_| ok()),
-    )
-    .await;
+    let r = rig(settings(), healthy(Duration::from_secs(1))).await;
     for i in 0..40 {
         r.source
             .publish(Priority::P3, task(&format!("bulk{i}"), "x"));
@@ -361,7 +304,7 @@ async fn priority_one_does_not_queue_behind_a_route_full_of_bulk_work() {
 
 #[tokio::test(start_paused = true)]
 async fn a_batch_seals_at_once_when_its_queue_is_drained() {
-    let r = rig(settings(), FakeProvider::new(Duration::ZERO, |_| ok())).await;
+    let r = rig(settings(), healthy(Duration::ZERO)).await;
     let start = Instant::now();
     // p3 waits up to 1 s for a full batch of 100; the last of these three
     // reports an empty queue behind it.

@@ -1,7 +1,8 @@
 //! Route control inside the engine, against in-memory fakes under paused
 //! tokio time: outages and refused keys cost no attempts and no tasks,
 //! attempts survive a redelivery, a route that is down requeues its tasks,
-//! deadlines expire while a route waits.
+//! deadlines expire while a route waits; the route board shows a route
+//! down while it is down.
 
 mod support;
 
@@ -10,35 +11,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use batchd_actors::ports::{AttemptStore, ProviderError};
+use batchd_actors::route::{CircuitReason, RouteCondition};
 use batchd_actors::task::Priority;
 use serde_json::json;
-use support::{ok, rig, settings, task, until, FakeProvider};
+use support::{
+    down_until, failing, failing_once, healthy, ok, rate_limited, rejected, rig, settings, task,
+    transient, until, FakeProvider, Rig,
+};
 use tokio::time::Instant;
 
-fn down_until(at: Instant, error: ProviderError) -> Arc<FakeProvider> {
-    FakeProvider::new(Duration::from_millis(50), move |_| {
-        if Instant::now() < at {
-            Err(error.clone())
-        } else {
-            ok()
-        }
-    })
+/// The 401 of a key the provider refuses.
+fn bad_key() -> ProviderError {
+    rejected(401, "Incorrect API key provided")
+}
+
+/// An engine whose provider refuses its key (401) until `at`.
+async fn key_refused_until(at: Instant) -> Rig {
+    rig(settings(), down_until(at, bad_key())).await
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_refused_key_opens_the_circuit_and_no_task_is_dead_lettered() {
     let until_at = Instant::now() + Duration::from_secs(30);
-    let r = rig(
-        settings(),
-        down_until(
-            until_at,
-            ProviderError::Rejected {
-                status: 401,
-                message: "Incorrect API key provided".into(),
-            },
-        ),
-    )
-    .await;
+    let r = key_refused_until(until_at).await;
     for i in 0..20 {
         r.source.publish(Priority::P2, task(&format!("k{i}"), "x"));
     }
@@ -70,21 +65,69 @@ async fn a_refused_key_opens_the_circuit_and_no_task_is_dead_lettered() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_route_that_is_down_is_published_as_such_until_it_serves_again_then_withdrawn() {
+    let until_at = Instant::now() + Duration::from_secs(20);
+    let r = key_refused_until(until_at).await;
+    for i in 0..5 {
+        r.source.publish(Priority::P2, task(&format!("b{i}"), "x"));
+    }
+    let shown = |condition: RouteCondition| {
+        let entries = r.board.entries();
+        !entries.is_empty() && entries.values().all(|s| s.state == condition)
+    };
+    until(Duration::from_secs(10), || {
+        shown(RouteCondition::CircuitOpen)
+    })
+    .await;
+    let published_at = Instant::now();
+    let entries = r.board.entries();
+    let (key, state) = entries.iter().next().unwrap();
+    assert_eq!(key, "test-replica.fake.m", "{entries:?}");
+    assert_eq!(state.replica, "test-replica");
+    assert_eq!(state.route, "fake/m");
+    assert_eq!(state.reason, Some(CircuitReason::Unauthorized));
+    assert!(
+        state.until().is_some_and(|t| t > state.updated_at),
+        "an open circuit says until when: {state:?}"
+    );
+
+    until(Duration::from_secs(60), || shown(RouteCondition::Open)).await;
+    assert!(
+        Instant::now() >= until_at,
+        "shown open while the key was refused"
+    );
+    assert!(
+        Instant::now() < until_at + Duration::from_secs(20),
+        "shown down long after it served again"
+    );
+    assert!(published_at < until_at);
+    until(Duration::from_secs(60), || r.sink.outcome_count() == 5).await;
+    let updated_at = || r.board.entries().values().next().unwrap().updated_at;
+    let mut writes = vec![updated_at()];
+    for _ in 0..2 {
+        let last = writes[writes.len() - 1];
+        until(Duration::from_secs(10), || updated_at() > last).await;
+        writes.push(updated_at());
+    }
+    let between = (writes[2] - writes[1]).num_milliseconds();
+    assert!(
+        (5000..=5500).contains(&between),
+        "an unchanged route is refreshed every route_refresh (5 s), not at every look: {between} ms"
+    );
+    r.engine.shutdown().await;
+    assert!(
+        r.board.entries().is_empty(),
+        "a clean shutdown withdraws the replica's routes"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_outage_opens_the_circuit_and_gives_up_nothing() {
     // max_attempts is 3: without the circuit, a 20 s outage would give
     // every task max_retries.
     let until_at = Instant::now() + Duration::from_secs(20);
-    let r = rig(
-        settings(),
-        down_until(
-            until_at,
-            ProviderError::Transient {
-                status: Some(503),
-                message: "The server is overloaded or not ready yet.".into(),
-            },
-        ),
-    )
-    .await;
+    let overloaded = transient(503, "The server is overloaded or not ready yet.");
+    let r = rig(settings(), down_until(until_at, overloaded)).await;
     for i in 0..30 {
         r.source.publish(Priority::P3, task(&format!("o{i}"), "x"));
     }
@@ -100,16 +143,7 @@ async fn an_outage_opens_the_circuit_and_gives_up_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn a_redelivered_task_keeps_the_attempts_it_spent() {
-    let r = rig(
-        settings(),
-        FakeProvider::new(Duration::ZERO, |_| {
-            Err(ProviderError::Transient {
-                status: Some(500),
-                message: "boom".into(),
-            })
-        }),
-    )
-    .await;
+    let r = rig(settings(), failing(Duration::ZERO, transient(500, "boom"))).await;
     // Two attempts spent before a crash; max_attempts is 3: one call left.
     r.attempts.set("again", 2).await.unwrap();
     r.source
@@ -137,7 +171,7 @@ async fn a_redelivered_task_keeps_the_attempts_it_spent() {
 
 #[tokio::test(start_paused = true)]
 async fn an_exhausted_redelivery_fails_without_a_call_unless_an_outcome_exists() {
-    let r = rig(settings(), FakeProvider::new(Duration::ZERO, |_| ok())).await;
+    let r = rig(settings(), healthy(Duration::ZERO)).await;
     r.attempts.set("spent", 3).await.unwrap();
     r.source
         .publish_redelivered(Priority::P2, task("spent", "x"), 4);
@@ -173,10 +207,7 @@ async fn tasks_of_a_route_that_is_down_are_requeued_and_other_routes_flow() {
         s,
         FakeProvider::new(Duration::from_millis(100), move |req| {
             if req["model"] == "m2" && !h.load(Ordering::SeqCst) {
-                Err(ProviderError::Transient {
-                    status: Some(503),
-                    message: "down".into(),
-                })
+                Err(transient(503, "down"))
             } else {
                 ok()
             }
@@ -217,12 +248,7 @@ async fn tasks_of_a_route_that_is_down_are_requeued_and_other_routes_flow() {
 async fn a_deadline_that_passes_while_the_route_is_down_expires_the_task() {
     let r = rig(
         settings(),
-        FakeProvider::new(Duration::from_millis(10), |_| {
-            Err(ProviderError::Rejected {
-                status: 403,
-                message: "forbidden".into(),
-            })
-        }),
+        failing(Duration::from_millis(10), rejected(403, "forbidden")),
     )
     .await;
     let deadline = chrono::Utc::now() + chrono::Duration::seconds(3);
@@ -240,24 +266,9 @@ async fn a_deadline_that_passes_while_the_route_is_down_expires_the_task() {
 #[tokio::test(start_paused = true)]
 async fn a_restarted_dispatcher_keeps_its_routes_pause() {
     use batchd_actors::messages::ActorKind;
-    use batchd_actors::route::RateLimitInfo;
-    let first = Arc::new(AtomicBool::new(true));
-    let f = first.clone();
     let r = rig(
         settings(),
-        FakeProvider::new(Duration::ZERO, move |_| {
-            if f.swap(false, Ordering::SeqCst) {
-                Err(ProviderError::RateLimited {
-                    limits: RateLimitInfo {
-                        retry_after: Some(Duration::from_secs(10)),
-                        ..RateLimitInfo::default()
-                    },
-                    message: "slow down".into(),
-                })
-            } else {
-                ok()
-            }
-        }),
+        failing_once(rate_limited(Duration::from_secs(10))),
     )
     .await;
     let start = Instant::now();
@@ -282,17 +293,7 @@ async fn a_requeued_task_keeps_the_attempts_it_spent() {
     let mut s = settings();
     s.park_keep = 0;
     let until_at = Instant::now() + Duration::from_secs(20);
-    let r = rig(
-        s,
-        down_until(
-            until_at,
-            ProviderError::Rejected {
-                status: 401,
-                message: "Incorrect API key provided".into(),
-            },
-        ),
-    )
-    .await;
+    let r = rig(s, down_until(until_at, bad_key())).await;
     // Two attempts spent on an earlier run; a first delivery does not read
     // them, the requeued copy does.
     r.attempts.set("spent", 2).await.unwrap();
@@ -308,5 +309,32 @@ async fn a_requeued_task_keeps_the_attempts_it_spent() {
         o["attempts"], 3,
         "2 spent before the requeue, then 1 call: {o}"
     );
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lone_task_on_a_second_route_of_a_provider_that_is_down_gives_up_nothing() {
+    // One task on model `m2` cannot open its route's circuit by itself
+    // (max_attempts 3 < failure_threshold 5); the outage shows on `m`.
+    let mut s = settings();
+    s.catalog
+        .model_providers
+        .insert("m2".to_owned(), "fake".to_owned());
+    let price = s.prices.models["m"].clone();
+    s.prices.models.insert("m2".to_owned(), price);
+    let until_at = Instant::now() + Duration::from_secs(20);
+    let overloaded = transient(503, "The server is overloaded or not ready yet.");
+    let r = rig(s, down_until(until_at, overloaded)).await;
+    for i in 0..30 {
+        r.source.publish(Priority::P3, task(&format!("o{i}"), "x"));
+    }
+    let mut lone = task("lone", "x");
+    lone["model"] = json!("m2");
+    r.source.publish(Priority::P3, lone);
+    until(Duration::from_secs(120), || r.sink.outcome_count() == 31).await;
+    let o = r.sink.outcome("lone").unwrap();
+    assert_eq!(o["status"], "succeeded", "{o}");
+    assert_eq!(o["model"], "m2", "{o}");
+    assert!(r.sink.dead.lock().unwrap().is_empty());
     r.engine.shutdown().await;
 }

@@ -206,6 +206,22 @@ struct Scenario {
     tokens: u64,
 }
 
+impl Scenario {
+    /// `callers` tasks of 100 tokens against `rpm` alone, answered after
+    /// `latency_ms`, with no jitter and no other client.
+    fn requests(rpm: u64, latency_ms: u64, callers: usize) -> Scenario {
+        Scenario {
+            rpm: Some(rpm),
+            tpm: None,
+            latency: Duration::from_millis(latency_ms),
+            jitter: Duration::ZERO,
+            callers,
+            neighbour_rpm: 0,
+            tokens: 100,
+        }
+    }
+}
+
 struct Figures {
     calls: u64,
     limited: u64,
@@ -341,16 +357,7 @@ fn check(name: &str, limit_per_min: u64, unit: Unit, figures: &Figures) {
 
 #[tokio::test(start_paused = true)]
 async fn uses_95_percent_of_12000_rpm_at_1s_latency_with_under_half_a_percent_429s() {
-    let figures = run(Scenario {
-        rpm: Some(12_000),
-        tpm: None,
-        latency: Duration::from_millis(1000),
-        jitter: Duration::ZERO,
-        callers: 2000,
-        neighbour_rpm: 0,
-        tokens: 100,
-    })
-    .await;
+    let figures = run(Scenario::requests(12_000, 1000, 2000)).await;
     check(
         "rpm 12000, latency 1000 ms",
         12_000,
@@ -361,29 +368,15 @@ async fn uses_95_percent_of_12000_rpm_at_1s_latency_with_under_half_a_percent_42
 
 #[tokio::test(start_paused = true)]
 async fn uses_95_percent_of_1200_rpm_at_800ms_latency_with_under_half_a_percent_429s() {
-    let figures = run(Scenario {
-        rpm: Some(1200),
-        tpm: None,
-        latency: Duration::from_millis(800),
-        jitter: Duration::ZERO,
-        callers: 500,
-        neighbour_rpm: 0,
-        tokens: 100,
-    })
-    .await;
+    let figures = run(Scenario::requests(1200, 800, 500)).await;
     check("rpm 1200, latency 800 ms", 1200, Unit::Requests, &figures);
 }
 
 #[tokio::test(start_paused = true)]
 async fn holds_the_bar_when_answers_come_back_out_of_order() {
     let figures = run(Scenario {
-        rpm: Some(6000),
-        tpm: None,
-        latency: Duration::from_millis(300),
         jitter: Duration::from_millis(1500),
-        callers: 1000,
-        neighbour_rpm: 0,
-        tokens: 100,
+        ..Scenario::requests(6000, 300, 1000)
     })
     .await;
     check(
@@ -397,13 +390,9 @@ async fn holds_the_bar_when_answers_come_back_out_of_order() {
 #[tokio::test(start_paused = true)]
 async fn uses_95_percent_of_a_token_limit_with_under_half_a_percent_429s() {
     let figures = run(Scenario {
-        rpm: Some(10_000),
         tpm: Some(1_000_000),
-        latency: Duration::from_millis(1000),
-        jitter: Duration::ZERO,
-        callers: 1000,
-        neighbour_rpm: 0,
         tokens: 1000,
+        ..Scenario::requests(10_000, 1000, 1000)
     })
     .await;
     check(
@@ -417,13 +406,8 @@ async fn uses_95_percent_of_a_token_limit_with_under_half_a_percent_429s() {
 #[tokio::test(start_paused = true)]
 async fn shares_the_account_with_another_client() {
     let figures = run(Scenario {
-        rpm: Some(1200),
-        tpm: None,
-        latency: Duration::from_millis(800),
-        jitter: Duration::ZERO,
-        callers: 500,
         neighbour_rpm: 300,
-        tokens: 100,
+        ..Scenario::requests(1200, 800, 500)
     })
     .await;
     check(

@@ -8,7 +8,7 @@ use async_nats::jetstream;
 use crate::config::NatsConfig;
 
 /// Names derived from one prefix: subjects `<prefix>.*`, streams
-/// `<PREFIX>_TASKS|RESULTS|DLQ`, buckets `<prefix>-checkpoints|ledger`,
+/// `<PREFIX>_TASKS|RESULTS|DLQ`, buckets `<prefix>-checkpoints|ledger|attempts|routes`,
 /// consumers `<prefix>-p<N>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Namespace {
@@ -33,7 +33,8 @@ impl Namespace {
         format!("{}_{what}", self.prefix.to_ascii_uppercase())
     }
 
-    /// The name of the bucket that holds `what` (`checkpoints`, `ledger`).
+    /// The name of the bucket that holds `what` (`checkpoints`, `ledger`,
+    /// `attempts`, `routes`).
     pub fn bucket(&self, what: &str) -> String {
         format!("{}-{what}", self.prefix)
     }
@@ -48,6 +49,7 @@ impl Namespace {
         nats.ledger_bucket = self.bucket("ledger");
         nats.calls_bucket = self.bucket("calls");
         nats.attempts_bucket = self.bucket("attempts");
+        nats.routes_bucket = self.bucket("routes");
         nats.consumer_prefix = self.prefix.clone();
     }
 }
@@ -70,6 +72,7 @@ pub async fn remove(js: &jetstream::Context, nats: &NatsConfig) -> Result<(), Cl
         &nats.ledger_bucket,
         &nats.calls_bucket,
         &nats.attempts_bucket,
+        &nats.routes_bucket,
     ] {
         if let Err(e) = js.delete_key_value(bucket).await {
             failed.push(format!("bucket {bucket}: {e}"));
@@ -96,6 +99,8 @@ mod tests {
         assert_eq!(nats.dlq_stream, "BENCH01ABC_DLQ");
         assert_eq!(nats.checkpoints_bucket, "bench01abc-checkpoints");
         assert_eq!(nats.ledger_bucket, "bench01abc-ledger");
+        assert_eq!(nats.attempts_bucket, "bench01abc-attempts");
+        assert_eq!(nats.routes_bucket, "bench01abc-routes");
         assert_eq!(nats.consumer_prefix, "bench01abc");
     }
 }

@@ -1,14 +1,14 @@
 //! What `batchd status` reads, from NATS alone (so it works from any
 //! machine that reaches the server): per priority the tasks waiting, in
-//! flight and the age of the oldest; dead letters in the last hour; the
-//! entries of the checkpoint and attempt buckets; and, when given a
-//! `/metrics` URL, the routes that are paused or whose circuit is open
-//! (batchd does not publish route state to NATS).
+//! flight and the age of the oldest; dead letters in the last hour; every
+//! replica's routes from the routes bucket (which are paused or down, and
+//! until when); the checkpoints of preempted batches; the entries of the
+//! attempt bucket.
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
-use batchd_actors::metrics as m;
+use async_nats::jetstream::{self, consumer, kv};
+use batchd_actors::route::{RouteCondition, RouteState};
 use batchd_actors::task::Priority;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt as _;
@@ -32,18 +32,42 @@ pub struct PriorityStatus {
     pub error: Option<String>,
 }
 
-/// A route that is not serving.
+/// A replica seen in the routes bucket.
 #[derive(Debug, Clone, Serialize)]
-pub struct RouteStatus {
-    /// Provider name.
-    pub provider: String,
-    /// Model.
-    pub model: String,
-    /// `paused` or `circuit_open`.
-    pub state: String,
-    /// The circuit's reason, when open.
-    pub reason: Option<String>,
+pub struct ReplicaStatus {
+    /// Its name (`nats.replica`, or `<hostname>-<pid>`).
+    pub replica: String,
+    /// Routes it publishes.
+    pub routes: usize,
+    /// Of those, paused or with a circuit not closed.
+    pub routes_down: usize,
+    /// Its latest write.
+    pub updated_at: DateTime<Utc>,
 }
+
+/// One entry of the checkpoints bucket.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointEntry {
+    /// Its key.
+    pub key: String,
+    /// Seconds since it was written.
+    pub age_secs: f64,
+}
+
+/// The checkpoints bucket: preempted batches (and provider jobs) to resume.
+#[derive(Debug, Clone, Serialize)]
+pub struct Checkpoints {
+    /// Entries in the bucket.
+    pub count: u64,
+    /// The oldest written first, at most [`CHECKPOINTS_LISTED`].
+    pub entries: Vec<CheckpointEntry>,
+}
+
+/// How many checkpoints are listed (all are counted).
+pub const CHECKPOINTS_LISTED: usize = 50;
+
+/// How many route entries are read at most.
+const ROUTES_READ: usize = 10_000;
 
 /// Everything `batchd status` shows.
 #[derive(Debug, Clone, Serialize)]
@@ -60,25 +84,34 @@ pub struct Status {
     pub dead_letters_total: Option<u64>,
     /// Outcomes kept.
     pub outcomes_total: Option<u64>,
-    /// Entries of the checkpoint bucket (preempted batches and provider
-    /// jobs in progress, once batchd writes them).
-    pub checkpoints: Option<u64>,
+    /// The checkpoint bucket (preempted batches and provider jobs in
+    /// progress, once batchd writes them).
+    pub checkpoints: Option<Checkpoints>,
     /// Tasks that have spent attempts on transient failures.
     pub tasks_with_attempts: Option<u64>,
-    /// Routes paused or down, read from `/metrics`; `None` without a URL.
-    pub routes: Option<Vec<RouteStatus>>,
-    /// Where route state comes from, or why it is missing.
-    pub routes_note: String,
+    /// Every route state the replicas publish, by provider, model, replica;
+    /// `None` when the routes bucket could not be read.
+    pub routes: Option<Vec<RouteState>>,
+    /// Why `routes` is missing.
+    pub routes_error: Option<String>,
+    /// The replicas that publish routes, by name.
+    pub replicas: Vec<ReplicaStatus>,
     /// Spend today (UTC) from the ledger, USD: (exact, estimated).
     pub spend_today_usd: Option<(f64, f64)>,
 }
 
-/// Reads the status from NATS (and `/metrics` when `metrics_url` is given).
-pub async fn read(
-    client: &async_nats::Client,
-    config: &Config,
-    metrics_url: Option<&str>,
-) -> Status {
+impl Status {
+    /// The routes that do not serve now: paused, circuit open or half-open.
+    pub fn routes_down(&self) -> impl Iterator<Item = &RouteState> {
+        self.routes
+            .iter()
+            .flatten()
+            .filter(|r| r.state != RouteCondition::Open)
+    }
+}
+
+/// Reads the status from NATS.
+pub async fn read(client: &async_nats::Client, config: &Config) -> Status {
     let js = jetstream::new(client.clone());
     let n = &config.nats;
     let subjects = config.subjects();
@@ -114,16 +147,11 @@ pub async fn read(
             Some(stream.info().await.ok()?.state.messages)
         }
     };
-    let (routes, routes_note) = match metrics_url {
-        None => (
-            None,
-            "not in NATS: batchd reports route state on /metrics (pass --metrics-url)".to_owned(),
-        ),
-        Some(url) => match routes_from_metrics(url).await {
-            Ok(r) => (Some(r), format!("from {url}")),
-            Err(e) => (None, format!("{url}: {e}")),
-        },
+    let (routes, routes_error) = match route_states(&js, &n.routes_bucket).await {
+        Ok(r) => (Some(r), None),
+        Err(e) => (None, Some(e)),
     };
+    let replicas = replicas(routes.as_deref().unwrap_or_default());
     Status {
         at: Utc::now(),
         nats_url: n.url.clone(),
@@ -132,10 +160,11 @@ pub async fn read(
             .await,
         dead_letters_total: messages(n.dlq_stream.clone()).await,
         outcomes_total: messages(n.results_stream.clone()).await,
-        checkpoints: bucket_keys(&js, &n.checkpoints_bucket).await,
+        checkpoints: checkpoints(&js, &n.checkpoints_bucket).await.ok(),
         tasks_with_attempts: bucket_keys(&js, &n.attempts_bucket).await,
         routes,
-        routes_note,
+        routes_error,
+        replicas,
         spend_today_usd: spend_today(&js, config).await,
     }
 }
@@ -187,71 +216,125 @@ async fn bucket_keys(js: &jetstream::Context, bucket: &str) -> Option<u64> {
     Some(n)
 }
 
-/// Routes paused or with an open circuit, from the `/metrics` text at `url`.
-async fn routes_from_metrics(url: &str) -> Result<Vec<RouteStatus>, String> {
-    let text = reqwest::Client::new()
-        .get(url)
-        .timeout(Duration::from_secs(5))
-        .send()
+/// Up to `limit` live entries of `bucket`, the oldest written first, and
+/// how many there are.
+async fn entries(
+    js: &jetstream::Context,
+    bucket: &str,
+    limit: usize,
+) -> Result<(u64, Vec<kv::Entry>), String> {
+    let store = js
+        .get_key_value(bucket)
         .await
-        .map_err(|e| e.to_string())?
-        .text()
+        .map_err(|e| format!("bucket {bucket}: {e}"))?;
+    let keys: Vec<String> = store
+        .keys()
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(parse_routes(&text))
+        .map_err(|e| format!("bucket {bucket}: {e}"))?
+        .try_collect()
+        .await
+        .map_err(|e| format!("bucket {bucket}: {e}"))?;
+    let mut out = Vec::new();
+    for key in keys.iter().take(limit) {
+        // A key removed since it was listed is skipped.
+        if let Some(entry) = store
+            .entry(key.as_str())
+            .await
+            .map_err(|e| format!("bucket {bucket}, key {key}: {e}"))?
+            .filter(|e| e.operation == kv::Operation::Put)
+        {
+            out.push(entry);
+        }
+    }
+    Ok((keys.len() as u64, out))
 }
 
-/// The routes the `/metrics` text shows paused or with an open circuit.
-pub fn parse_routes(text: &str) -> Vec<RouteStatus> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        if value.trim() != "1" {
-            continue;
-        }
-        let Some((name, labels)) = series.split_once('{') else {
-            continue;
-        };
-        let state = match name {
-            n if n == m::ROUTE_PAUSED => "paused",
-            n if n == m::ROUTE_CIRCUIT_OPEN => "circuit_open",
-            _ => continue,
-        };
-        let label = |key: &str| {
-            labels
-                .trim_end_matches('}')
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(&format!("{key}=\"")))
-                .map(|v| v.trim_end_matches('"').to_owned())
-        };
-        out.push(RouteStatus {
-            provider: label("provider").unwrap_or_default(),
-            model: label("model").unwrap_or_default(),
-            state: state.to_owned(),
-            reason: label("reason"),
-        });
+/// Every route state in `bucket`, by provider, model and replica; an entry
+/// that is not a route state is skipped.
+async fn route_states(js: &jetstream::Context, bucket: &str) -> Result<Vec<RouteState>, String> {
+    let (_, found) = entries(js, bucket, ROUTES_READ).await?;
+    let mut routes: Vec<RouteState> = found
+        .iter()
+        .filter_map(|e| serde_json::from_slice(&e.value).ok())
+        .collect();
+    routes.sort_by(|a, b| {
+        (&a.provider, &a.model, &a.replica).cmp(&(&b.provider, &b.model, &b.replica))
+    });
+    Ok(routes)
+}
+
+/// The replicas that publish `routes`, by name.
+pub fn replicas(routes: &[RouteState]) -> Vec<ReplicaStatus> {
+    let mut by_name: std::collections::BTreeMap<&str, ReplicaStatus> = Default::default();
+    for r in routes {
+        let seen = by_name
+            .entry(r.replica.as_str())
+            .or_insert_with(|| ReplicaStatus {
+                replica: r.replica.clone(),
+                routes: 0,
+                routes_down: 0,
+                updated_at: r.updated_at,
+            });
+        seen.routes += 1;
+        seen.routes_down += usize::from(r.state != RouteCondition::Open);
+        seen.updated_at = seen.updated_at.max(r.updated_at);
     }
-    out
+    by_name.into_values().collect()
+}
+
+async fn checkpoints(js: &jetstream::Context, bucket: &str) -> Result<Checkpoints, String> {
+    let (count, found) = entries(js, bucket, CHECKPOINTS_LISTED).await?;
+    let now = time::OffsetDateTime::now_utc();
+    let entries = found
+        .into_iter()
+        .map(|e| CheckpointEntry {
+            age_secs: (now - e.created).as_seconds_f64().max(0.0),
+            key: e.key,
+        })
+        .collect();
+    Ok(Checkpoints { count, entries })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use batchd_actors::route::RouteStatus;
+    use chrono::TimeZone as _;
+
+    fn route(replica: &str, model: &str, paused: bool, secs: i64) -> RouteState {
+        let at = Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap();
+        let status = RouteStatus {
+            at,
+            concurrency_limit: 8,
+            in_flight: 0,
+            rpm_limit: None,
+            tpm_limit: None,
+            paused_until: paused.then(|| at + chrono::TimeDelta::seconds(3)),
+            circuit: None,
+            circuit_until: None,
+            waiting: [0; 3],
+        };
+        RouteState::new(replica, "openai", model, &status)
+    }
 
     #[test]
-    fn routes_paused_or_down_are_read_from_metrics_text() {
-        let text = "batchd_route_paused{provider=\"openai\",model=\"a\"} 0\n\
-                    batchd_route_paused{provider=\"openai\",model=\"b\"} 1\n\
-                    batchd_route_circuit_open{provider=\"openai\",model=\"c\",reason=\"unauthorized\"} 1\n\
-                    batchd_route_circuit_open{provider=\"openai\",model=\"c\",reason=\"unavailable\"} 0\n";
-        let routes = parse_routes(text);
-        assert_eq!(routes.len(), 2);
+    fn replicas_are_counted_from_their_routes() {
+        let routes = [
+            route("b", "m1", false, 5),
+            route("a", "m1", true, 1),
+            route("a", "m2", false, 9),
+        ];
+        let seen = replicas(&routes);
+        assert_eq!(seen.len(), 2);
         assert_eq!(
-            (routes[0].model.as_str(), routes[0].state.as_str()),
-            ("b", "paused")
+            (
+                seen[0].replica.as_str(),
+                seen[0].routes,
+                seen[0].routes_down
+            ),
+            ("a", 2, 1)
         );
-        assert_eq!(routes[1].reason.as_deref(), Some("unauthorized"));
+        assert_eq!(seen[0].updated_at, routes[2].updated_at, "the latest write");
+        assert_eq!((seen[1].routes, seen[1].routes_down), (1, 0));
     }
 }

@@ -19,7 +19,11 @@
 //! With `--capacity`, [`capacity`] then measures how much of a rate-limited
 //! provider's capacity batchd uses, and how many of its requests are answered
 //! 429.
+//!
+//! With `--backlog`, [`backlog`] alone runs instead: the resident memory of
+//! `batchd run` with a small and a large backlog queued, and their ratio.
 
+pub mod backlog;
 mod capacity;
 
 use std::collections::HashMap;
@@ -78,6 +82,16 @@ pub struct BenchArgs {
         default_values_t = CapacitySetting::BAR
     )]
     pub capacity_sims: Vec<CapacitySetting>,
+    /// Instead of the phases: the resident memory of `batchd run` with each
+    /// --backlog-sizes backlog queued in JetStream, and the ratio
+    #[arg(long)]
+    pub backlog: bool,
+    /// Backlog sizes for --backlog, comma-separated
+    #[arg(long, value_delimiter = ',', default_values_t = [10_000usize, 1_000_000])]
+    pub backlog_sizes: Vec<usize>,
+    /// Seconds `batchd run` runs over each backlog before its memory is read
+    #[arg(long, default_value_t = 30)]
+    pub backlog_secs: u64,
 }
 
 /// One measured phase.
@@ -305,26 +319,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
 /// The seed-shaped task bodies, `type` cycling through the config's task types.
 pub fn task_bodies(config: &Config, n: usize) -> Vec<(String, Bytes)> {
     let types: Vec<&String> = config.task_types.keys().collect();
-    (0..n)
-        .map(|i| {
-            let id = format!("bench-{i:08}");
-            let task_type = types
-                .get(i % types.len().max(1))
-                .map_or("content_analysis", |t| t.as_str());
-            let body = serde_json::json!({
-                "task_id": id,
-                "type": task_type,
-                "payload": {
-                    "text": format!("Document {i}: quarterly revenue grew while churn fell; the team shipped two releases and hired three engineers."),
-                    "options": {"language": "en", "labels": "positive,negative,neutral", "fields": "sector,size", "style": "brief", "max_words": 50},
-                },
-                "priority": 2,
-                "tenant": "bench",
-                "metadata": {"n": i},
-            });
-            (id, Bytes::from(body.to_string()))
-        })
-        .collect()
+    (0..n).map(|i| task_body(&types, i)).collect()
+}
+
+/// The `i`-th seed-shaped task body (id `bench-<i>`), of a type from `types`.
+pub fn task_body(types: &[&String], i: usize) -> (String, Bytes) {
+    let id = format!("bench-{i:08}");
+    let task_type = types
+        .get(i % types.len().max(1))
+        .map_or("content_analysis", |t| t.as_str());
+    let body = serde_json::json!({
+        "task_id": id,
+        "type": task_type,
+        "payload": {
+            "text": format!("Document {i}: quarterly revenue grew while churn fell; the team shipped two releases and hired three engineers."),
+            "options": {"language": "en", "labels": "positive,negative,neutral", "fields": "sector,size", "style": "brief", "max_words": 50},
+        },
+        "priority": 2,
+        "tenant": "bench",
+        "metadata": {"n": i},
+    });
+    (id, Bytes::from(body.to_string()))
 }
 
 /// Where a phase runs: a private server, or a namespace on a shared one.

@@ -356,6 +356,19 @@ async fn select(dl: &DeadLetters, which: &Selection) -> anyhow::Result<(Vec<Stri
     Ok((ids, false))
 }
 
+/// [`select`], or `None` after saying so when nothing matches.
+async fn select_some(
+    dl: &DeadLetters,
+    which: &Selection,
+) -> anyhow::Result<Option<(Vec<String>, bool)>> {
+    let (ids, named) = select(dl, which).await?;
+    if ids.is_empty() {
+        println!("no dead letters match");
+        return Ok(None);
+    }
+    Ok(Some((ids, named)))
+}
+
 /// What a bulk command did, for its last line and its exit status.
 #[derive(Default)]
 struct Tally {
@@ -365,6 +378,24 @@ struct Tally {
 }
 
 impl Tally {
+    /// Prints `line` for a task the command acted on.
+    fn done(&mut self, line: String) {
+        println!("{line}");
+        self.done += 1;
+    }
+
+    /// Prints `line` for a task the command would not act on.
+    fn refused(&mut self, line: String) {
+        println!("{line}");
+        self.refused += 1;
+    }
+
+    /// Reports `error` on stderr for a task the command could not act on.
+    fn failed(&mut self, error: String) {
+        eprintln!("batchd: {error}");
+        self.failed += 1;
+    }
+
     fn finish(&self, verb: &str, refusal: &str, dry_run: bool, named: bool) -> anyhow::Result<()> {
         let would = if dry_run { "would be " } else { "" };
         println!(
@@ -388,23 +419,19 @@ impl Tally {
 }
 
 async fn replay(dl: &DeadLetters, a: ReplayArgs) -> anyhow::Result<()> {
-    let (ids, named) = select(dl, &a.which).await?;
-    if ids.is_empty() {
-        println!("no dead letters match");
+    let Some((ids, named)) = select_some(dl, &a.which).await? else {
         return Ok(());
-    }
+    };
     let mut tally = Tally::default();
     for id in &ids {
         let plan = match dl.plan_replay(id).await {
             Ok(Ok(plan)) => plan,
             Ok(Err(refusal)) => {
-                println!("refused {id}: {refusal}");
-                tally.refused += 1;
+                tally.refused(format!("refused {id}: {refusal}"));
                 continue;
             }
             Err(e) => {
-                eprintln!("batchd: {id}: {e}");
-                tally.failed += 1;
+                tally.failed(format!("{id}: {e}"));
                 continue;
             }
         };
@@ -413,23 +440,15 @@ async fn replay(dl: &DeadLetters, a: ReplayArgs) -> anyhow::Result<()> {
             plan.generation, plan.message.subject
         );
         if a.dry_run {
-            println!("would replay {what}");
-            tally.done += 1;
+            tally.done(format!("would replay {what}"));
             continue;
         }
         match dl.replay(&plan).await {
-            Ok(Ack::Stored) => {
-                println!("replayed {what}");
-                tally.done += 1;
-            }
-            Ok(Ack::Duplicate) => {
-                println!("replayed {what} (already published: JetStream kept the first copy)");
-                tally.done += 1;
-            }
-            Err(e) => {
-                eprintln!("batchd: replaying {id}: {e}");
-                tally.failed += 1;
-            }
+            Ok(Ack::Stored) => tally.done(format!("replayed {what}")),
+            Ok(Ack::Duplicate) => tally.done(format!(
+                "replayed {what} (already published: JetStream kept the first copy)"
+            )),
+            Err(e) => tally.failed(format!("replaying {id}: {e}")),
         }
     }
     tally.finish("replayed", "refused", a.dry_run, named)
@@ -444,11 +463,9 @@ async fn purge(dl: &DeadLetters, a: PurgeArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let (ids, named) = select(dl, &a.which).await?;
-    if ids.is_empty() {
-        println!("no dead letters match");
+    let Some((ids, named)) = select_some(dl, &a.which).await? else {
         return Ok(());
-    }
+    };
     let mut tally = Tally::default();
     for id in &ids {
         let result = if a.dry_run {
@@ -457,22 +474,10 @@ async fn purge(dl: &DeadLetters, a: PurgeArgs) -> anyhow::Result<()> {
             dl.purge(id).await
         };
         match result {
-            Ok(0) => {
-                println!("no dead letter for {id}");
-                tally.refused += 1;
-            }
-            Ok(_) if a.dry_run => {
-                println!("would purge {id}");
-                tally.done += 1;
-            }
-            Ok(_) => {
-                println!("purged {id}");
-                tally.done += 1;
-            }
-            Err(e) => {
-                eprintln!("batchd: purging {id}: {e}");
-                tally.failed += 1;
-            }
+            Ok(0) => tally.refused(format!("no dead letter for {id}")),
+            Ok(_) if a.dry_run => tally.done(format!("would purge {id}")),
+            Ok(_) => tally.done(format!("purged {id}")),
+            Err(e) => tally.failed(format!("purging {id}: {e}")),
         }
     }
     tally.finish("purged", "missing", a.dry_run, named)

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::client::status::{self, Status};
+use chrono::{DateTime, Utc};
+
+use crate::client::status::{self, Status, CHECKPOINTS_LISTED};
 use crate::report::table::{group, section, usd, Table};
 
 /// Arguments of `batchd status`.
@@ -19,9 +21,6 @@ pub struct StatusArgs {
     /// NATS server URL.
     #[arg(long, env = "BATCHD_NATS_URL")]
     pub nats_url: Option<String>,
-    /// A batchd `/metrics` URL, for routes paused or down (not in NATS).
-    #[arg(long)]
-    pub metrics_url: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -38,7 +37,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let config = super::load_config(args.config.as_deref(), args.nats_url.as_deref())?;
     let client = crate::nats::connect(&config.nats).await?;
     loop {
-        let s = status::read(&client, &config, args.metrics_url.as_deref()).await;
+        let s = status::read(&client, &config).await;
         let text = if args.json {
             serde_json::to_string(&s).context("status as JSON")?
         } else {
@@ -56,6 +55,85 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             _ = tokio::time::sleep(Duration::from_secs(args.interval.max(1))) => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
+    }
+}
+
+/// `at` as a time of day, and how far from `now` it is.
+fn when(at: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    let secs = (at - now).num_milliseconds() as f64 / 1000.0;
+    if secs > 0.0 {
+        format!("{} (in {secs:.1} s)", at.format("%H:%M:%S"))
+    } else {
+        format!("{} ({:.1} s ago)", at.format("%H:%M:%S"), -secs)
+    }
+}
+
+/// Routes paused or down, then the replicas that publish routes.
+fn routes(out: &mut String, s: &Status) {
+    section(out, "Routes paused or down");
+    match &s.routes {
+        None => {
+            let why = s.routes_error.as_deref().unwrap_or("not read");
+            let _ = writeln!(out, "  unknown: {why}");
+        }
+        Some(_) if s.routes_down().next().is_none() => out.push_str("  none\n"),
+        Some(_) => {
+            let mut t =
+                Table::new(&["route", "replica", "state", "reason", "until"]).text_columns(5);
+            for r in s.routes_down() {
+                t.row(vec![
+                    r.route.clone(),
+                    r.replica.clone(),
+                    r.state.as_str().to_owned(),
+                    r.reason.map(|c| c.as_str()).unwrap_or_default().to_owned(),
+                    r.until()
+                        .map_or_else(|| "probing".to_owned(), |u| when(u, s.at)),
+                ]);
+            }
+            out.push_str(&t.render());
+        }
+    }
+    section(out, "Replicas");
+    if s.replicas.is_empty() {
+        out.push_str(
+            "  none has published a route yet (a route shows once a replica has used it)\n",
+        );
+        return;
+    }
+    let mut t = Table::new(&["replica", "routes", "paused or down", "last update"]).text_column(3);
+    for r in &s.replicas {
+        t.row(vec![
+            r.replica.clone(),
+            group(r.routes as u64),
+            group(r.routes_down as u64),
+            when(r.updated_at, s.at),
+        ]);
+    }
+    out.push_str(&t.render());
+}
+
+/// Preempted batches waiting in the checkpoints bucket.
+fn checkpoints(out: &mut String, s: &Status) {
+    section(out, "Preempted batches (checkpoints)");
+    let Some(c) = &s.checkpoints else {
+        out.push_str("  unknown: the checkpoints bucket could not be read\n");
+        return;
+    };
+    if c.count == 0 {
+        out.push_str("  none\n");
+        return;
+    }
+    let mut t = Table::new(&["key", "age"]);
+    for e in &c.entries {
+        t.row(vec![e.key.clone(), format!("{:.1} s", e.age_secs)]);
+    }
+    out.push_str(&t.render());
+    if c.count > c.entries.len() as u64 {
+        let _ = writeln!(
+            out,
+            "  {} in all; the {CHECKPOINTS_LISTED} oldest shown",
+            group(c.count)
+        );
     }
 }
 
@@ -95,34 +173,12 @@ pub fn render(s: &Status) -> String {
     t.row(vec!["dead letters kept".into(), opt(s.dead_letters_total)]);
     t.row(vec!["outcomes kept".into(), opt(s.outcomes_total)]);
     t.row(vec![
-        "checkpoints (preempted batches, provider jobs)".into(),
-        opt(s.checkpoints),
-    ]);
-    t.row(vec![
         "tasks with attempts spent".into(),
         opt(s.tasks_with_attempts),
     ]);
     out.push_str(&t.render());
-    section(
-        &mut out,
-        &format!("Routes paused or down ({})", s.routes_note),
-    );
-    match &s.routes {
-        Some(routes) if routes.is_empty() => out.push_str("  none\n"),
-        Some(routes) => {
-            let mut t = Table::new(&["provider", "model", "state", "reason"]).text_columns(4);
-            for r in routes {
-                t.row(vec![
-                    r.provider.clone(),
-                    r.model.clone(),
-                    r.state.clone(),
-                    r.reason.clone().unwrap_or_default(),
-                ]);
-            }
-            out.push_str(&t.render());
-        }
-        None => out.push_str("  unknown\n"),
-    }
+    routes(&mut out, s);
+    checkpoints(&mut out, s);
     section(&mut out, "Spend today");
     match s.spend_today_usd {
         Some((exact, estimated)) => {
@@ -131,4 +187,101 @@ pub fn render(s: &Status) -> String {
         None => out.push_str("  unknown (the ledger bucket cannot be read)\n"),
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::status::{replicas, CheckpointEntry, Checkpoints};
+    use batchd_actors::route::{CircuitReason, RouteState, RouteStatus};
+    use chrono::{TimeDelta, TimeZone as _};
+
+    fn status(routes: Vec<RouteState>, checkpoints: Vec<CheckpointEntry>) -> Status {
+        Status {
+            at: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+            nats_url: "nats://n:4222".into(),
+            priorities: Vec::new(),
+            dead_letters_last_hour: Some(0),
+            dead_letters_total: Some(0),
+            outcomes_total: Some(0),
+            checkpoints: Some(Checkpoints {
+                count: checkpoints.len() as u64,
+                entries: checkpoints,
+            }),
+            tasks_with_attempts: Some(0),
+            replicas: replicas(&routes),
+            routes: Some(routes),
+            routes_error: None,
+            spend_today_usd: Some((1.25, 0.0)),
+        }
+    }
+
+    fn route(model: &str, circuit_in: Option<i64>) -> RouteState {
+        let at = Utc.timestamp_opt(1_800_000_000, 0).unwrap();
+        let status = RouteStatus {
+            at,
+            concurrency_limit: 4,
+            in_flight: 0,
+            rpm_limit: None,
+            tpm_limit: None,
+            paused_until: None,
+            circuit: circuit_in.map(|_| CircuitReason::Unavailable),
+            circuit_until: circuit_in.map(|s| at + TimeDelta::seconds(s)),
+            waiting: [0, 3, 0],
+        };
+        RouteState::new("replica-a", "openai", model, &status)
+    }
+
+    #[test]
+    fn routes_down_show_with_their_replica_reason_and_until_when() {
+        let text = render(&status(
+            vec![route("gpt-4.1", Some(3)), route("gpt-4.1-mini", None)],
+            Vec::new(),
+        ));
+        let line = text
+            .lines()
+            .find(|l| l.contains("openai/gpt-4.1 "))
+            .unwrap_or_else(|| panic!("no route line in:\n{text}"));
+        for part in ["replica-a", "circuit_open", "unavailable", "(in 3.0 s)"] {
+            assert!(line.contains(part), "{part:?} not in {line:?}");
+        }
+        assert!(
+            !text.contains("openai/gpt-4.1-mini"),
+            "an open route is not listed:\n{text}"
+        );
+        assert!(
+            text.contains("Replicas")
+                && text
+                    .lines()
+                    .any(|l| l.contains("replica-a") && l.contains(" 2 ")),
+            "{text}"
+        );
+        assert!(text.contains("Preempted batches (checkpoints)\n"), "{text}");
+    }
+
+    #[test]
+    fn nothing_down_and_no_checkpoints_read_none() {
+        let text = render(&status(vec![route("m", None)], Vec::new()));
+        let after = |title: &str| {
+            let rest = &text[text
+                .find(title)
+                .unwrap_or_else(|| panic!("{title}:\n{text}"))..];
+            rest.lines().nth(1).unwrap_or_default().trim().to_owned()
+        };
+        assert_eq!(after("Routes paused or down"), "none", "{text}");
+        assert_eq!(after("Preempted batches"), "none", "{text}");
+        let text = render(&status(
+            Vec::new(),
+            vec![CheckpointEntry {
+                key: "batch-01".into(),
+                age_secs: 12.34,
+            }],
+        ));
+        assert!(
+            text.lines()
+                .any(|l| l.contains("batch-01") && l.contains("12.3 s")),
+            "{text}"
+        );
+        assert!(text.contains("none has published a route yet"), "{text}");
+    }
 }

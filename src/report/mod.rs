@@ -480,24 +480,15 @@ mod tests {
     }
 
     fn failed(id: &str, kind: ErrorKind, message: &str) -> Outcome {
-        Outcome {
-            task_id: id.into(),
-            error: Some(TaskError::new(kind, message)),
-            model: None,
-            provider: None,
-            route: None,
-            usage: Usage::default(),
-            cost_usd: 0.0,
-            attempts: 0,
-            batch_id: None,
-            priority: 3,
-            timings: Timings {
-                queued_ms: 5,
-                processing_ms: 0,
-                total_ms: 5,
-            },
-            ..fixtures::outcome(Status::Failed)
-        }
+        let base = fixtures::outcome(Status::Failed);
+        Outcome::failure(
+            id.into(),
+            TaskError::new(kind, message),
+            3,
+            base.tenant,
+            5,
+            base.completed_at,
+        )
     }
 
     #[test]

@@ -6,50 +6,35 @@ use crate::common;
 
 use std::time::Duration;
 
-use batchd::sim::SimConfig;
 use batchd_actors::messages::ActorKind;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panicking_actors_are_restarted_and_every_task_gets_exactly_one_outcome() {
     let handle = batchd::telemetry::recorder().unwrap();
-    let common::Stack {
-        running,
-        js,
-        nats: _nats,
-        sim: _sim,
-    } = common::stack(
-        SimConfig {
-            latency: Duration::from_millis(15),
-            ..SimConfig::default()
-        },
-        "",
-    )
-    .await;
+    let stack = common::stack(common::sim_latency(Duration::from_millis(15)), "").await;
+    let js = &stack.js;
     let n = 2000;
-    common::publish_many(&js, &common::tasks(n, "a")).await;
+    common::publish_many(js, &common::tasks(n, "a")).await;
 
     let mut threshold = 200;
     for kind in ActorKind::ALL {
-        while common::stream_len(&js, "BATCHD_RESULTS").await < threshold {
+        while common::stream_len(js, "BATCHD_RESULTS").await < threshold {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        running.engine.inject_fault(kind);
+        stack.running.engine.inject_fault(kind);
         threshold += 300;
     }
-    let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(120)).await;
-    assert_eq!(outcomes.len(), n);
+    let outcomes = common::wait_for_one_outcome_each(js, n, Duration::from_secs(120)).await;
     for (subject, list) in &outcomes {
-        assert_eq!(list.len(), 1, "{subject}");
-        assert_eq!(list[0]["status"], "succeeded");
+        assert_eq!(list[0]["status"], "succeeded", "{subject}");
     }
-    common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(30)).await;
-    assert!(running.engine.is_running());
+    common::wait_until_empty(js, "BATCHD_TASKS", Duration::from_secs(30)).await;
+    assert!(stack.running.engine.is_running());
 
     let text = batchd::telemetry::render(&handle);
     for actor in ActorKind::ALL.map(ActorKind::name) {
         let line = format!("batchd_actor_restarts_total{{actor=\"{actor}\"}} 1");
         assert!(text.contains(&line), "missing {line:?} in:\n{text}");
     }
-    running.engine.shutdown().await;
+    stack.running.engine.shutdown().await;
 }

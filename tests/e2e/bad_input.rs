@@ -87,19 +87,12 @@ fn with_reply_to(id: &str, reply_to: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_input_gets_an_outcome_and_a_dead_letter_while_good_tasks_flow() {
-    let common::Stack {
-        running,
-        js,
-        nats: _nats,
-        sim,
-    } = common::stack(
-        SimConfig {
-            record_requests: true,
-            ..SimConfig::default()
-        },
-        "",
-    )
-    .await;
+    let recording = SimConfig {
+        record_requests: true,
+        ..SimConfig::default()
+    };
+    let stack = common::stack(recording, "").await;
+    let (js, sim) = (&stack.js, &stack.sim);
     let p2 = "batchd.tasks.p2";
 
     // (id the outcome is published under, body, headers, expected message fragment)
@@ -161,33 +154,19 @@ async fn every_bad_input_gets_an_outcome_and_a_dead_letter_while_good_tasks_flow
     assert!(cases.len() >= 25);
     let mut good = Vec::new();
     for (i, (_, body, headers, _)) in cases.iter().enumerate() {
-        publish_with(&js, p2, body.clone(), headers).await;
+        publish_with(js, p2, body.clone(), headers).await;
         let id = format!("good_{i}");
-        common::publish(
-            &js,
-            p2,
-            serde_json::to_vec(&common::task(&id, 2)).unwrap(),
-            None,
-            Some(&id),
-        )
-        .await;
+        common::publish_json(js, p2, &common::task(&id, 2), &id).await;
         good.push(id);
     }
     // Ids in the shape of the old synthetic ones are a producer's own.
     for id in ["invalid-p2-1", "invalid-p2-2"] {
-        common::publish(
-            &js,
-            p2,
-            serde_json::to_vec(&common::task(id, 2)).unwrap(),
-            None,
-            Some(id),
-        )
-        .await;
+        common::publish_json(js, p2, &common::task(id, 2), id).await;
         good.push(id.to_owned());
     }
     // MessagePack with the header in lower case and the value in mixed case.
     publish_with(
-        &js,
+        js,
         p2,
         rmp_serde::to_vec_named(&common::task("good_msgpack", 2)).unwrap(),
         &[("content-type", "APPLICATION/MSGPACK")],
@@ -196,7 +175,7 @@ async fn every_bad_input_gets_an_outcome_and_a_dead_letter_while_good_tasks_flow
     good.push("good_msgpack".into());
     // A chat payload without a type gets the default type's output limit.
     publish_with(
-        &js,
+        js,
         p2,
         chat(
             "chat_default_limit",
@@ -209,9 +188,9 @@ async fn every_bad_input_gets_an_outcome_and_a_dead_letter_while_good_tasks_flow
     good.push("chat_default_limit".into());
     let total = (cases.len() + good.len()) as u64;
     let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", total, Duration::from_secs(60)).await;
+        common::wait_for_messages(js, "BATCHD_RESULTS", total, Duration::from_secs(60)).await;
     let dead = common::wait_for_messages(
-        &js,
+        js,
         "BATCHD_DLQ",
         cases.len() as u64,
         Duration::from_secs(30),
@@ -281,10 +260,10 @@ async fn every_bad_input_gets_an_outcome_and_a_dead_letter_while_good_tasks_flow
         raw.len() >= 3,
         "malformed JSON and MessagePack keep their bytes: {raw:?}"
     );
-    assert!(running.engine.is_running());
-    running.engine.shutdown().await;
+    assert!(stack.running.engine.is_running());
+    stack.running.engine.shutdown().await;
     assert_eq!(
-        common::stream_len(&js, "BATCHD_TASKS").await,
+        common::stream_len(js, "BATCHD_TASKS").await,
         0,
         "everything acked"
     );

@@ -69,6 +69,13 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Runs `batchd dlq ARGS` and expects it to fail.
+async fn fails(config: &Path, args: &[&str]) -> Output {
+    let o = batchd_dlq(config, args).await;
+    assert!(!o.status.success(), "batchd dlq {args:?} succeeded");
+    o
+}
+
 /// Runs `batchd dlq ARGS` and expects success.
 async fn ok(config: &Path, args: &[&str]) -> String {
     let o = batchd_dlq(config, args).await;
@@ -88,16 +95,10 @@ fn unserved(id: &str, p: u8) -> Value {
     t
 }
 
+/// Publishes `task` as JSON on priority `p`, with its task id as message id.
 async fn publish_json(js: &jetstream::Context, p: u8, task: &Value) {
     let id = task["task_id"].as_str().expect("task_id");
-    common::publish(
-        js,
-        &format!("batchd.tasks.p{p}"),
-        serde_json::to_vec(task).expect("json"),
-        None,
-        Some(id),
-    )
-    .await;
+    common::publish_json(js, &format!("batchd.tasks.p{p}"), task, id).await;
 }
 
 /// The last message on `subject` of `stream`, decoded, with its `Nats-Msg-Id`.
@@ -161,14 +162,18 @@ fn json_lines(out: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The `id` of each line of `ls --json` output.
+fn ids(out: &str) -> Vec<String> {
+    json_lines(out)
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ls_and_show_list_dead_letters_as_a_table_and_as_json() {
-    let Setup {
-        stack,
-        config,
-        _dir,
-    } = setup(&[]).await;
-    let js = &stack.js;
+    let s = setup(&[]).await;
+    let (js, config) = (&s.stack.js, &s.config);
     publish_json(js, 2, &unserved("bad-p2", 2)).await;
     publish_json(js, 3, &unserved("bad-p3", 3)).await;
     publish_json(js, 2, &common::task("fine", 2)).await;
@@ -176,7 +181,7 @@ async fn ls_and_show_list_dead_letters_as_a_table_and_as_json() {
     common::wait_for_messages(js, RESULTS, 4, Duration::from_secs(30)).await;
     common::wait_for_messages(js, DLQ, 3, Duration::from_secs(30)).await;
 
-    let table = ok(&config, &["ls"]).await;
+    let table = ok(config, &["ls"]).await;
     let lines: Vec<&str> = table
         .lines()
         .filter(|l| !l.trim_start().starts_with('-'))
@@ -194,7 +199,7 @@ async fn ls_and_show_list_dead_letters_as_a_table_and_as_json() {
     assert!(table.contains("invalid~p1~"), "{table}");
     assert!(!table.contains("fine"), "{table}");
 
-    let all = json_lines(&ok(&config, &["ls", "--json"]).await);
+    let all = json_lines(&ok(config, &["ls", "--json"]).await);
     assert_eq!(all.len(), 3);
     let p3 = all.iter().find(|l| l["id"] == "bad-p3").expect("bad-p3");
     assert_eq!(p3["priority"], 3);
@@ -209,29 +214,23 @@ async fn ls_and_show_list_dead_letters_as_a_table_and_as_json() {
     assert!(unreadable["task"].is_null());
     assert!(unreadable["raw_base64"].is_string());
 
-    let ids = |out: &str| -> Vec<String> {
-        json_lines(out)
-            .iter()
-            .map(|l| l["id"].as_str().unwrap().to_owned())
-            .collect()
-    };
-    let p3_only = ok(&config, &["ls", "--json", "--priority", "3"]).await;
+    let p3_only = ok(config, &["ls", "--json", "--priority", "3"]).await;
     assert_eq!(ids(&p3_only), ["bad-p3"]);
-    let rejected = ok(&config, &["ls", "--json", "--kind", "provider_rejected"]).await;
+    let rejected = ok(config, &["ls", "--json", "--kind", "provider_rejected"]).await;
     assert!(ids(&rejected).is_empty());
     assert_eq!(
-        ids(&ok(&config, &["ls", "--json", "--newer-than", "1h"]).await).len(),
+        ids(&ok(config, &["ls", "--json", "--newer-than", "1h"]).await).len(),
         3
     );
-    assert!(ids(&ok(&config, &["ls", "--json", "--older-than", "1d"]).await).is_empty());
+    assert!(ids(&ok(config, &["ls", "--json", "--older-than", "1d"]).await).is_empty());
     assert_eq!(
-        ids(&ok(&config, &["ls", "--json", "--limit", "1"]).await).len(),
+        ids(&ok(config, &["ls", "--json", "--limit", "1"]).await).len(),
         1
     );
-    let limited = ok(&config, &["ls", "--limit", "2"]).await;
+    let limited = ok(config, &["ls", "--limit", "2"]).await;
     assert!(limited.contains("(2 of 3 shown"), "{limited}");
 
-    let shown = ok(&config, &["show", "bad-p2"]).await;
+    let shown = ok(config, &["show", "bad-p2"]).await;
     for expected in [
         "invalid_request",
         "model \"gpt-99\" is not served",
@@ -242,7 +241,7 @@ async fn ls_and_show_list_dead_letters_as_a_table_and_as_json() {
     ] {
         assert!(shown.contains(expected), "{expected:?} missing:\n{shown}");
     }
-    let shown: Value = serde_json::from_str(&ok(&config, &["show", "bad-p2", "--json"]).await)
+    let shown: Value = serde_json::from_str(&ok(config, &["show", "bad-p2", "--json"]).await)
         .expect("show --json is one JSON object");
     assert_eq!(shown["id"], "bad-p2");
     assert_eq!(shown["dead_letter"]["error"]["kind"], "invalid_request");
@@ -250,13 +249,12 @@ async fn ls_and_show_list_dead_letters_as_a_table_and_as_json() {
     assert_eq!(shown["kept_outcome"]["status"], "failed");
     assert_eq!(shown["replay"]["generation"], 1);
 
-    let synthetic = ids(&ok(&config, &["ls", "--json", "--priority", "1"]).await);
-    let shown = ok(&config, &["show", &synthetic[0]]).await;
+    let synthetic = ids(&ok(config, &["ls", "--json", "--priority", "1"]).await);
+    let shown = ok(config, &["show", &synthetic[0]]).await;
     assert!(shown.contains("no readable task"), "{shown}");
     assert!(shown.contains("raw bytes (base64)"), "{shown}");
 
-    let missing = batchd_dlq(&config, &["show", "nope"]).await;
-    assert!(!missing.status.success());
+    let missing = fails(config, &["show", "nope"]).await;
     assert!(
         stderr(&missing).contains("no dead letter for nope"),
         "{}",
@@ -266,12 +264,8 @@ async fn ls_and_show_list_dead_letters_as_a_table_and_as_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_invalid_task_runs_again_and_fails_again_as_generation_1() {
-    let Setup {
-        stack,
-        config,
-        _dir,
-    } = setup(&[]).await;
-    let js = &stack.js;
+    let s = setup(&[]).await;
+    let (js, config) = (&s.stack.js, &s.config);
     publish_json(js, 2, &unserved("again", 2)).await;
     let mp = unserved("again-mp", 3);
     common::publish(
@@ -288,7 +282,7 @@ async fn a_replayed_invalid_task_runs_again_and_fails_again_as_generation_1() {
         .expect("dead letter");
     assert_eq!(first_id, "again");
 
-    let out = ok(&config, &["replay", "again", "again-mp"]).await;
+    let out = ok(config, &["replay", "again", "again-mp"]).await;
     assert!(
         out.contains("replayed again as generation 1 on batchd.tasks.p2"),
         "{out}"
@@ -329,29 +323,25 @@ async fn a_replayed_invalid_task_runs_again_and_fails_again_as_generation_1() {
     );
 
     // The next replay is generation 2.
-    let out = ok(&config, &["replay", "again", "--dry-run"]).await;
+    let out = ok(config, &["replay", "again", "--dry-run"]).await;
     assert!(out.contains("would replay again as generation 2"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_after_the_cause_is_gone_supersedes_the_failed_outcome() {
-    let Setup {
-        stack,
-        config,
-        _dir,
-    } = setup(&[rejecting()]).await;
-    let js = &stack.js;
+    let s = setup(&[rejecting()]).await;
+    let (js, config) = (&s.stack.js, &s.config);
     for id in ["r1", "r2"] {
         publish_json(js, 2, &common::task(id, 2)).await;
     }
     common::wait_for_messages(js, DLQ, 2, Duration::from_secs(30)).await;
-    let listed = json_lines(&ok(&config, &["ls", "--json", "--kind", "provider_rejected"]).await);
+    let listed = json_lines(&ok(config, &["ls", "--json", "--kind", "provider_rejected"]).await);
     assert_eq!(listed.len(), 2, "{listed:?}");
     assert_eq!(listed[0]["error"]["status_code"], 400);
 
     // The provider is fixed; the tasks were never wrong.
-    stack.sim.clear_faults();
-    let out = ok(&config, &["replay", "--kind", "provider_rejected"]).await;
+    s.stack.sim.clear_faults();
+    let out = ok(config, &["replay", "--kind", "provider_rejected"]).await;
     assert!(out.contains("2 replayed, 0 refused"), "{out}");
 
     for id in ["r1", "r2"] {
@@ -371,14 +361,13 @@ async fn a_replay_after_the_cause_is_gone_supersedes_the_failed_outcome() {
             "the dead letter of {id} is gone"
         );
     }
-    assert!(json_lines(&ok(&config, &["ls", "--json"]).await).is_empty());
+    assert!(json_lines(&ok(config, &["ls", "--json"]).await).is_empty());
     // Attempts start afresh: nothing is left in the bucket for them.
     let kv = js.get_key_value("batchd-attempts").await.unwrap();
     assert!(kv.get("r1").await.unwrap().is_none());
 
     // Now succeeded: never replayed again.
-    let refused = batchd_dlq(&config, &["replay", "r1"]).await;
-    assert!(!refused.status.success());
+    let refused = fails(config, &["replay", "r1"]).await;
     assert!(
         stdout(&refused).contains("refused r1: its kept outcome succeeded (generation 1): a succeeded task is never replayed"),
         "{}",
@@ -388,12 +377,8 @@ async fn a_replay_after_the_cause_is_gone_supersedes_the_failed_outcome() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_succeeded_task_is_never_replayed_even_with_a_stray_dead_letter() {
-    let Setup {
-        stack,
-        config,
-        _dir,
-    } = setup(&[]).await;
-    let js = &stack.js;
+    let s = setup(&[]).await;
+    let (js, config) = (&s.stack.js, &s.config);
     publish_json(js, 1, &common::task("done", 1)).await;
     wait_last(js, RESULTS, "batchd.results.done", |o, _| {
         o["status"] == "succeeded"
@@ -418,7 +403,7 @@ async fn a_succeeded_task_is_never_replayed_even_with_a_stray_dead_letter() {
     let before = last_task_sequence(js).await;
 
     for args in [&["replay", "done"][..], &["replay", "--all"][..]] {
-        let out = batchd_dlq(&config, args).await;
+        let out = batchd_dlq(config, args).await;
         assert!(
             stdout(&out).contains("refused done: its kept outcome succeeded"),
             "{}",
@@ -432,8 +417,7 @@ async fn a_succeeded_task_is_never_replayed_even_with_a_stray_dead_letter() {
         // Named ids that are refused fail the command; a bulk selection does not.
         assert_eq!(out.status.success(), args.contains(&"--all"), "{args:?}");
     }
-    let missing = batchd_dlq(&config, &["replay", "never-seen"]).await;
-    assert!(!missing.status.success());
+    let missing = fails(config, &["replay", "never-seen"]).await;
     assert!(stdout(&missing).contains("refused never-seen: no dead letter"));
     assert_eq!(
         last_task_sequence(js).await,
@@ -445,12 +429,8 @@ async fn a_succeeded_task_is_never_replayed_even_with_a_stray_dead_letter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_runs_change_nothing() {
-    let Setup {
-        stack,
-        config,
-        _dir,
-    } = setup(&[]).await;
-    let js = &stack.js;
+    let s = setup(&[]).await;
+    let (js, config) = (&s.stack.js, &s.config);
     publish_json(js, 2, &unserved("dry", 2)).await;
     common::publish(
         js,
@@ -467,7 +447,7 @@ async fn dry_runs_change_nothing() {
         common::read_all(js, RESULTS).await,
     );
 
-    let out = ok(&config, &["replay", "--all", "--dry-run"]).await;
+    let out = ok(config, &["replay", "--all", "--dry-run"]).await;
     assert!(
         out.contains("would replay dry as generation 1 on batchd.tasks.p2"),
         "{out}"
@@ -478,10 +458,10 @@ async fn dry_runs_change_nothing() {
         out.contains("1 would be replayed, 1 would be refused"),
         "{out}"
     );
-    let out = ok(&config, &["purge", "--all", "--dry-run"]).await;
+    let out = ok(config, &["purge", "--all", "--dry-run"]).await;
     assert!(out.contains("would purge dry"), "{out}");
     assert!(out.contains("2 would be purged"), "{out}");
-    let out = ok(&config, &["purge", "dry", "--dry-run"]).await;
+    let out = ok(config, &["purge", "dry", "--dry-run"]).await;
     assert!(out.contains("would purge dry"), "{out}");
 
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -495,12 +475,8 @@ async fn dry_runs_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_deletes_dead_letters_by_id_by_kind_and_all() {
-    let Setup {
-        stack,
-        config,
-        _dir,
-    } = setup(&[rejecting().for_model("gpt-4.1-nano")]).await;
-    let js = &stack.js;
+    let s = setup(&[rejecting().for_model("gpt-4.1-nano")]).await;
+    let (js, config) = (&s.stack.js, &s.config);
     for id in ["inv-a", "inv-b"] {
         publish_json(js, 2, &unserved(id, 2)).await;
     }
@@ -509,35 +485,28 @@ async fn purge_deletes_dead_letters_by_id_by_kind_and_all() {
     publish_json(js, 3, &rejected).await;
     common::publish(js, "batchd.tasks.p1", b"\xff".to_vec(), None, None).await;
     common::wait_for_messages(js, DLQ, 4, Duration::from_secs(30)).await;
-    let ids = |out: String| -> Vec<String> {
-        json_lines(&out)
-            .iter()
-            .map(|l| l["id"].as_str().unwrap().to_owned())
-            .collect()
-    };
-    let all = ids(ok(&config, &["ls", "--json"]).await);
+    let all = ids(&ok(config, &["ls", "--json"]).await);
     let synthetic = all
         .iter()
         .find(|id| id.starts_with("invalid~p1~"))
         .expect("the unreadable task")
         .clone();
 
-    let out = ok(&config, &["purge", "inv-a", &synthetic]).await;
+    let out = ok(config, &["purge", "inv-a", &synthetic]).await;
     assert!(out.contains("purged inv-a"), "{out}");
     assert!(out.contains(&format!("purged {synthetic}")), "{out}");
-    let left = ids(ok(&config, &["ls", "--json"]).await);
+    let left = ids(&ok(config, &["ls", "--json"]).await);
     assert_eq!(left.len(), 2, "{left:?}");
     assert!(left.contains(&"inv-b".to_owned()) && left.contains(&"rej".to_owned()));
 
-    let out = ok(&config, &["purge", "--kind", "provider_rejected"]).await;
+    let out = ok(config, &["purge", "--kind", "provider_rejected"]).await;
     assert!(out.contains("purged rej"), "{out}");
-    assert_eq!(ids(ok(&config, &["ls", "--json"]).await), ["inv-b"]);
+    assert_eq!(ids(&ok(config, &["ls", "--json"]).await), ["inv-b"]);
 
-    let missing = batchd_dlq(&config, &["purge", "inv-a"]).await;
-    assert!(!missing.status.success());
+    let missing = fails(config, &["purge", "inv-a"]).await;
     assert!(stdout(&missing).contains("no dead letter for inv-a"));
 
-    let out = ok(&config, &["purge", "--all"]).await;
+    let out = ok(config, &["purge", "--all"]).await;
     assert!(out.contains("purged 1 dead letter message"), "{out}");
     assert_eq!(common::stream_len(js, DLQ).await, 0);
     // Outcomes stay: purging only removes dead letters.

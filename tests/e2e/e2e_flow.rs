@@ -8,18 +8,19 @@ use std::time::Duration;
 use batchd::sim::SimConfig;
 use serde_json::Value;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_tasks_over_three_priorities_get_exactly_one_outcome_each() {
+/// A [`common::Stack`] whose simulator records every request it is sent.
+async fn recording_stack(extra: &str) -> common::Stack {
     let recording = SimConfig {
         record_requests: true,
         ..SimConfig::default()
     };
-    let common::Stack {
-        sim,
-        running,
-        js,
-        nats: _nats,
-    } = common::stack(recording, "").await;
+    common::stack(recording, extra).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_tasks_over_three_priorities_get_exactly_one_outcome_each() {
+    let stack = recording_stack("").await;
+    let (sim, js) = (&stack.sim, &stack.js);
 
     let n = 10_000;
     let tasks: Vec<(String, Value)> = (0..n)
@@ -31,13 +32,10 @@ async fn ten_thousand_tasks_over_three_priorities_get_exactly_one_outcome_each()
             )
         })
         .collect();
-    common::publish_many(&js, &tasks).await;
+    common::publish_many(js, &tasks).await;
 
-    let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(120)).await;
-    assert_eq!(outcomes.len(), n, "one subject per task");
+    let outcomes = common::wait_for_one_outcome_each(js, n, Duration::from_secs(120)).await;
     for (subject, list) in &outcomes {
-        assert_eq!(list.len(), 1, "{subject} has {} outcomes", list.len());
         let o = &list[0];
         assert_eq!(o["status"], "succeeded", "{o}");
         assert_eq!(
@@ -52,11 +50,11 @@ async fn ten_thousand_tasks_over_three_priorities_get_exactly_one_outcome_each()
         assert!(o["batch_id"].as_str().unwrap().starts_with("b_"));
         assert!(o["metadata"]["n"].as_u64().is_some());
     }
-    running.engine.shutdown().await;
+    stack.running.engine.shutdown().await;
     // Every task was acked: the work queue is empty, and no extra outcomes appeared.
-    assert_eq!(common::stream_len(&js, "BATCHD_TASKS").await, 0);
-    assert_eq!(common::stream_len(&js, "BATCHD_RESULTS").await, n as u64);
-    assert_eq!(common::stream_len(&js, "BATCHD_DLQ").await, 0);
+    assert_eq!(common::stream_len(js, "BATCHD_TASKS").await, 0);
+    assert_eq!(common::stream_len(js, "BATCHD_RESULTS").await, n as u64);
+    assert_eq!(common::stream_len(js, "BATCHD_DLQ").await, 0);
 
     // What batchd sent the provider conforms to OpenAI's published schema.
     let sent = sim.recorded_requests();
@@ -68,24 +66,16 @@ async fn ten_thousand_tasks_over_three_priorities_get_exactly_one_outcome_each()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_details_msgpack_reply_to_batch_lines_chat_bodies_and_duplicates() {
-    let recording = SimConfig {
-        record_requests: true,
-        ..SimConfig::default()
-    };
-    let common::Stack {
-        sim,
-        running,
-        js,
-        nats: _nats,
-    } = common::stack(recording, "").await;
-    let client = running.client.clone();
+    let stack = recording_stack("").await;
+    let (sim, js) = (&stack.sim, &stack.js);
+    let client = stack.running.client.clone();
     let mut inbox = client.subscribe("batchd.replies.acme.42").await.unwrap();
 
     // MessagePack in, MessagePack out; reply_to gets the outcome too.
     let mut mp = common::task("mp_1", 1);
     mp["reply_to"] = "batchd.replies.acme.42".into();
     common::publish(
-        &js,
+        js,
         "batchd.tasks.p1",
         rmp_serde::to_vec_named(&mp).unwrap(),
         Some("application/msgpack"),
@@ -95,45 +85,24 @@ async fn protocol_details_msgpack_reply_to_batch_lines_chat_bodies_and_duplicate
     // An OpenAI Batch input line with an explicit model.
     let line = serde_json::json!({"custom_id": "line_1", "method": "POST", "url": "/v1/chat/completions",
         "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 20}});
-    common::publish(
-        &js,
-        "batchd.tasks.p3",
-        serde_json::to_vec(&line).unwrap(),
-        None,
-        Some("line_1"),
-    )
-    .await;
+    common::publish_json(js, "batchd.tasks.p3", &line, "line_1").await;
     // A chat body passed through, with a tier.
     let chat = serde_json::json!({"task_id": "chat_1", "tier": "complex", "payload": {"messages": [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}], "temperature": 0.2}});
-    common::publish(
-        &js,
-        "batchd.tasks.p2",
-        serde_json::to_vec(&chat).unwrap(),
-        None,
-        Some("chat_1"),
-    )
-    .await;
+    common::publish_json(js, "batchd.tasks.p2", &chat, "chat_1").await;
     // A duplicate publish inside the window is dropped by JetStream...
     let dup = serde_json::to_vec(&common::task("dup_1", 2)).unwrap();
-    common::publish(&js, "batchd.tasks.p2", dup.clone(), None, Some("dup_1")).await;
-    common::publish(&js, "batchd.tasks.p2", dup.clone(), None, Some("dup_1")).await;
+    common::publish(js, "batchd.tasks.p2", dup.clone(), None, Some("dup_1")).await;
+    common::publish(js, "batchd.tasks.p2", dup.clone(), None, Some("dup_1")).await;
     // ...and the same task id under another message id still gets one outcome.
-    common::publish(&js, "batchd.tasks.p2", dup, None, Some("dup_1_again")).await;
+    common::publish(js, "batchd.tasks.p2", dup, None, Some("dup_1_again")).await;
     // A chat body the provider refuses (a tool message without its call id;
     // batchd leaves that check to the provider): provider_rejected.
     let refused = serde_json::json!({"task_id": "refused_1", "payload": {"messages": [{"role": "user", "content": "refused-by-the-provider"}, {"role": "tool", "content": "x"}]}});
-    common::publish(
-        &js,
-        "batchd.tasks.p2",
-        serde_json::to_vec(&refused).unwrap(),
-        None,
-        Some("refused_1"),
-    )
-    .await;
+    common::publish_json(js, "batchd.tasks.p2", &refused, "refused_1").await;
 
     let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", 5, Duration::from_secs(30)).await;
+        common::wait_for_messages(js, "BATCHD_RESULTS", 5, Duration::from_secs(30)).await;
     let reply = tokio::time::timeout(
         Duration::from_secs(10),
         futures::StreamExt::next(&mut inbox),
@@ -168,9 +137,9 @@ async fn protocol_details_msgpack_reply_to_batch_lines_chat_bodies_and_duplicate
     assert_eq!(outcomes["batchd.results.dup_1"].len(), 1);
 
     // The second copy of dup_1 is acked without a second outcome.
-    common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(20)).await;
-    running.engine.shutdown().await;
-    assert_eq!(common::stream_len(&js, "BATCHD_RESULTS").await, 5);
+    common::wait_until_empty(js, "BATCHD_TASKS", Duration::from_secs(20)).await;
+    stack.running.engine.shutdown().await;
+    assert_eq!(common::stream_len(js, "BATCHD_RESULTS").await, 5);
     let sent = sim.recorded_requests();
     let dup_calls = sent
         .iter()
@@ -192,23 +161,13 @@ async fn protocol_details_msgpack_reply_to_batch_lines_chat_bodies_and_duplicate
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_configured_for_max_tokens_gets_max_tokens() {
-    let recording = SimConfig {
-        record_requests: true,
-        ..SimConfig::default()
-    };
-    let extra = "[providers.openai]\nmax_tokens_field = \"max_tokens\"\n";
-    let common::Stack {
-        sim,
-        running,
-        js,
-        nats: _nats,
-    } = common::stack(recording, extra).await;
-    let body = serde_json::to_vec(&common::task("mt_1", 2)).unwrap();
-    common::publish(&js, "batchd.tasks.p2", body, None, Some("mt_1")).await;
+    let stack = recording_stack("[providers.openai]\nmax_tokens_field = \"max_tokens\"\n").await;
+    let js = &stack.js;
+    common::publish_json(js, "batchd.tasks.p2", &common::task("mt_1", 2), "mt_1").await;
     let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", 1, Duration::from_secs(30)).await;
+        common::wait_for_messages(js, "BATCHD_RESULTS", 1, Duration::from_secs(30)).await;
     assert_eq!(outcomes["batchd.results.mt_1"][0]["status"], "succeeded");
-    let sent = sim.recorded_requests();
+    let sent = stack.sim.recorded_requests();
     assert_eq!(sent.len(), 1);
     assert!(sent[0]["max_tokens"].as_u64().is_some(), "{}", sent[0]);
     assert!(
@@ -217,5 +176,5 @@ async fn a_provider_configured_for_max_tokens_gets_max_tokens() {
         sent[0]
     );
     common::openapi::validate_chat_request(&sent[0]).unwrap();
-    running.engine.shutdown().await;
+    stack.running.engine.shutdown().await;
 }

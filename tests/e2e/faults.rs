@@ -6,7 +6,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use batchd::sim::{Fault, FaultKind, SimConfig, SimServer};
+use batchd::sim::{Fault, FaultKind, SimConfig};
 use common::binary::Batchd;
 use common::nats::NatsServer;
 use common::CIRCUIT_OFF;
@@ -15,17 +15,13 @@ use serde_json::Value;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
     let nats = NatsServer::start().await;
-    let sim = SimServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        SimConfig {
-            latency: Duration::from_millis(20),
-            jitter: Duration::from_millis(20),
-            record_requests: true,
-            ..SimConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let sim = common::start_sim(SimConfig {
+        latency: Duration::from_millis(20),
+        jitter: Duration::from_millis(20),
+        record_requests: true,
+        ..SimConfig::default()
+    })
+    .await;
     let (_dir, path, js) = common::binary_setup(&nats, &sim).await;
     let n = 3000;
     common::publish_many(&js, &common::tasks(n, "k")).await;
@@ -41,9 +37,7 @@ async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
     );
 
     let _second = Batchd::start(&path);
-    let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(120)).await;
-    common::assert_exactly_one_each(&outcomes, n);
+    common::wait_for_one_outcome_each(&js, n, Duration::from_secs(120)).await;
     common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(30)).await;
     assert_eq!(common::stream_len(&js, "BATCHD_RESULTS").await, n as u64);
     // A task whose outcome was stored before the kill was not sent again;
@@ -77,15 +71,7 @@ async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_work_and_exits_cleanly() {
     let nats = NatsServer::start().await;
-    let sim = SimServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        SimConfig {
-            latency: Duration::from_millis(30),
-            ..SimConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let sim = common::start_sim(common::sim_latency(Duration::from_millis(30))).await;
     let (_dir, path, js) = common::binary_setup(&nats, &sim).await;
     let n = 2000;
     common::publish_many(&js, &common::tasks(n, "g")).await;
@@ -102,67 +88,40 @@ async fn sigterm_finishes_in_flight_work_and_exits_cleanly() {
     assert!(left > 0, "stopped mid-run");
 
     let _second = Batchd::start(&path);
-    let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(60)).await;
-    common::assert_exactly_one_each(&outcomes, n);
+    common::wait_for_one_outcome_each(&js, n, Duration::from_secs(60)).await;
     common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(30)).await;
     assert_eq!(sim.stats().requests, n as u64, "no task was sent twice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_mid_run_on_the_same_store_reconnects_and_finishes() {
-    let common::Stack {
-        mut nats,
-        running,
-        sim: _sim,
-        js: _js,
-    } = common::stack(
-        SimConfig {
-            latency: Duration::from_millis(10),
-            ..SimConfig::default()
-        },
-        "",
-    )
-    .await;
+    let mut stack = common::stack(common::sim_latency(Duration::from_millis(10)), "").await;
     let n = 3000;
     {
-        let js = async_nats::jetstream::new(nats.client().await);
+        let js = async_nats::jetstream::new(stack.nats.client().await);
         common::publish_many(&js, &common::tasks(n, "r")).await;
         common::wait_for_count(&js, "BATCHD_RESULTS", 500).await;
     }
-    nats.stop().await;
-    nats.restart().await;
-    let js = async_nats::jetstream::new(nats.client().await);
-    let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(120)).await;
-    common::assert_exactly_one_each(&outcomes, n);
+    stack.nats.stop().await;
+    stack.nats.restart().await;
+    let js = async_nats::jetstream::new(stack.nats.client().await);
+    common::wait_for_one_outcome_each(&js, n, Duration::from_secs(120)).await;
     common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(60)).await;
-    assert!(running.engine.is_running());
-    running.engine.shutdown().await;
+    assert!(stack.running.engine.is_running());
+    stack.running.engine.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flaky_provider_costs_retries_not_tasks() {
-    let common::Stack {
-        sim,
-        running,
-        js,
-        nats: _nats,
-    } = common::stack(
-        SimConfig {
-            error_rate: 0.3,
-            seed: 7,
-            ..SimConfig::default()
-        },
-        "[retry]\nmax_attempts = 6\n",
-    )
-    .await;
-    let n = 500;
-    common::publish_many(&js, &common::tasks(n, "f")).await;
-    let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(120)).await;
-    common::assert_exactly_one_each(&outcomes, n);
-    let stats = sim.stats();
+    let flaky = SimConfig {
+        error_rate: 0.3,
+        seed: 7,
+        ..SimConfig::default()
+    };
+    let stack = common::stack(flaky, "[retry]\nmax_attempts = 6\n").await;
+    let js = &stack.js;
+    let outcomes = common::run_tasks(js, 500, "f", Duration::from_secs(120)).await;
+    let stats = stack.sim.stats();
     assert!(
         stats.server_errors > 50,
         "the provider failed {} times",
@@ -184,11 +143,11 @@ async fn a_flaky_provider_costs_retries_not_tasks() {
         assert_eq!(o["error"]["kind"], "max_retries");
     }
     assert_eq!(
-        common::stream_len(&js, "BATCHD_DLQ").await,
+        common::stream_len(js, "BATCHD_DLQ").await,
         failed.len() as u64
     );
     assert!(failed.len() < 5, "{} tasks failed", failed.len());
-    running.engine.shutdown().await;
+    stack.running.engine.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,57 +156,39 @@ async fn a_provider_that_always_fails_yields_max_retries_and_dead_letters() {
     // 500 is a task's own transient failure and spends one of its attempts.
     // (With it on, the route opens after a few failures and tasks wait for
     // the provider instead; route_control proves that.)
-    let common::Stack {
-        sim,
-        running,
-        js,
-        nats: _nats,
-    } = common::stack(
-        SimConfig {
-            error_rate: 1.0,
-            ..SimConfig::default()
-        },
-        CIRCUIT_OFF,
-    )
-    .await;
+    let failing = SimConfig {
+        error_rate: 1.0,
+        ..SimConfig::default()
+    };
+    let stack = common::stack(failing, CIRCUIT_OFF).await;
+    let js = &stack.js;
     let n = 30;
-    common::publish_many(&js, &common::tasks(n, "x")).await;
-    let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(60)).await;
-    common::assert_exactly_one_each(&outcomes, n);
+    let outcomes = common::run_tasks(js, n, "x", Duration::from_secs(60)).await;
     for list in outcomes.values() {
         let o = &list[0];
         assert_eq!(o["error"]["kind"], "max_retries", "{o}");
         assert_eq!(o["attempts"], 4);
         assert_eq!(o["error"]["status_code"], 500);
     }
-    let dead =
-        common::wait_for_messages(&js, "BATCHD_DLQ", n as u64, Duration::from_secs(10)).await;
+    let dead = common::wait_for_messages(js, "BATCHD_DLQ", n as u64, Duration::from_secs(10)).await;
     assert_eq!(dead.len(), n);
     assert_eq!(
-        sim.stats().requests,
+        stack.sim.stats().requests,
         4 * n as u64,
         "exactly max_attempts requests per task"
     );
-    running.engine.shutdown().await;
+    stack.running.engine.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttling_provider_is_paced_and_every_task_succeeds() {
     let rpm = 600;
-    let common::Stack {
-        sim,
-        running,
-        js,
-        nats: _nats,
-    } = common::stack(
-        SimConfig {
-            rpm,
-            ..SimConfig::default()
-        },
-        "",
-    )
-    .await;
+    let throttling = SimConfig {
+        rpm,
+        ..SimConfig::default()
+    };
+    let stack = common::stack(throttling, "").await;
+    let js = &stack.js;
     // A full bucket of `rpm` at the start, then `rpm / 60` a second: the
     // provider cannot answer `n` calls with 200s in less than this.
     let n = 720;
@@ -262,18 +203,16 @@ async fn a_throttling_provider_is_paced_and_every_task_succeeds() {
         })
         .collect();
     let started = tokio::time::Instant::now();
-    common::publish_many(&js, &tasks).await;
-    let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(90)).await;
+    common::publish_many(js, &tasks).await;
+    let outcomes = common::wait_for_one_outcome_each(js, n, Duration::from_secs(90)).await;
     let took = started.elapsed();
-    common::assert_exactly_one_each(&outcomes, n);
     for list in outcomes.values() {
         assert_eq!(list[0]["status"], "succeeded", "{}", list[0]);
         assert_eq!(list[0]["attempts"], 1, "a 429 costs no attempt");
     }
     // The route learned the limit from the headers and paced its calls:
     // the run lasted as long as the limit implies, with almost no 429s.
-    let stats = sim.stats();
+    let stats = stack.sim.stats();
     assert!(
         stats.rate_limited * 100 < stats.requests,
         "{} of {} requests answered 429",
@@ -281,7 +220,7 @@ async fn a_throttling_provider_is_paced_and_every_task_succeeds() {
         stats.requests
     );
     assert!(took >= least, "{n} tasks at {rpm} rpm took {took:?}");
-    running.engine.shutdown().await;
+    stack.running.engine.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,23 +228,13 @@ async fn a_stalled_provider_times_out_and_the_task_fails_cleanly() {
     // The timeout path of one task: with the circuit breaker effectively
     // off, each timeout spends an attempt (with it on, five timeouts in a row
     // open the route and its tasks wait instead).
-    let common::Stack {
-        running,
-        js,
-        nats: _nats,
-        sim: _sim,
-    } = common::stack(
-        SimConfig {
-            latency: Duration::from_secs(30),
-            ..SimConfig::default()
-        },
+    let stack = common::stack(
+        common::sim_latency(Duration::from_secs(30)),
         &format!("{CIRCUIT_OFF}[dispatch]\nrequest_timeout_secs = 1\n[retry]\nmax_attempts = 2\n"),
     )
     .await;
-    common::publish_many(&js, &common::tasks(3, "s")).await;
-    let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", 3, Duration::from_secs(30)).await;
-    common::assert_exactly_one_each(&outcomes, 3);
+    let js = &stack.js;
+    let outcomes = common::run_tasks(js, 3, "s", Duration::from_secs(30)).await;
     for list in outcomes.values() {
         let o = &list[0];
         assert_eq!(o["error"]["kind"], "max_retries");
@@ -318,9 +247,9 @@ async fn a_stalled_provider_times_out_and_the_task_fails_cleanly() {
             "{o}"
         );
     }
-    let dead = common::wait_for_messages(&js, "BATCHD_DLQ", 3, Duration::from_secs(10)).await;
+    let dead = common::wait_for_messages(js, "BATCHD_DLQ", 3, Duration::from_secs(10)).await;
     assert_eq!(dead.len(), 3);
-    running.engine.shutdown().await;
+    stack.running.engine.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,57 +258,44 @@ async fn a_slow_window_times_calls_out_spends_attempts_then_every_task_succeeds(
     // attempt. Calls made in the first 2 s get 30 s of extra latency and time
     // out after 1 s; with backoff under 0.4 s, a task's third call at the
     // latest lands after the window.
-    let common::Stack {
-        running,
-        js,
-        nats: _nats,
-        sim,
-    } = common::stack(
+    let stack = common::stack(
         SimConfig::default(),
         &format!("{CIRCUIT_OFF}[dispatch]\nrequest_timeout_secs = 1\n"),
     )
     .await;
-    sim.reset_clock();
-    sim.add_fault(Fault::new(
-        FaultKind::Slow {
-            extra: Duration::from_secs(30),
-        },
-        Duration::ZERO..Duration::from_secs(2),
-    ))
-    .expect("a valid fault");
-    let n = 6;
-    common::publish_many(&js, &common::tasks(n, "w")).await;
-    let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(30)).await;
-    common::assert_exactly_one_each(&outcomes, n);
+    let js = &stack.js;
+    stack.sim.reset_clock();
+    stack
+        .sim
+        .add_fault(Fault::new(
+            FaultKind::Slow {
+                extra: Duration::from_secs(30),
+            },
+            Duration::ZERO..Duration::from_secs(2),
+        ))
+        .expect("a valid fault");
+    let outcomes = common::run_tasks(js, 6, "w", Duration::from_secs(30)).await;
     for list in outcomes.values() {
         let o = &list[0];
         assert_eq!(o["status"], "succeeded", "{o}");
         let attempts = o["attempts"].as_u64().unwrap();
         assert!((2..=3).contains(&attempts), "{o}");
     }
-    assert_eq!(common::stream_len(&js, "BATCHD_DLQ").await, 0);
-    running.engine.shutdown().await;
+    assert_eq!(common::stream_len(js, "BATCHD_DLQ").await, 0);
+    stack.running.engine.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_backlog_stays_in_jetstream_not_in_memory() {
-    let common::Stack {
-        running,
-        js,
-        nats: _nats,
-        sim: _sim,
-    } = common::stack(
-        SimConfig {
-            latency: Duration::from_millis(20),
-            ..SimConfig::default()
-        },
+    let stack = common::stack(
+        common::sim_latency(Duration::from_millis(20)),
         "[intake]\nmax_ack_pending = 50\n",
     )
     .await;
+    let js = &stack.js;
     let n = 3000;
-    common::publish_many(&js, &common::tasks(n, "b")).await;
-    let keeper = running.engine.context().keeper.clone();
+    common::publish_many(js, &common::tasks(n, "b")).await;
+    let keeper = stack.running.engine.context().keeper.clone();
     let (mut most_held, mut largest_backlog) = (0, 0);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
@@ -388,9 +304,9 @@ async fn a_large_backlog_stays_in_jetstream_not_in_memory() {
             "backlog not finished"
         );
         most_held = most_held.max(keeper.held());
-        let backlog = common::stream_len(&js, "BATCHD_TASKS").await;
+        let backlog = common::stream_len(js, "BATCHD_TASKS").await;
         largest_backlog = largest_backlog.max(backlog);
-        if common::stream_len(&js, "BATCHD_RESULTS").await == n as u64 {
+        if common::stream_len(js, "BATCHD_RESULTS").await == n as u64 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -401,5 +317,5 @@ async fn a_large_backlog_stays_in_jetstream_not_in_memory() {
         most_held <= 150,
         "{most_held} tasks held in memory; max_ack_pending allows 3 × 50"
     );
-    running.engine.shutdown().await;
+    stack.running.engine.shutdown().await;
 }

@@ -19,6 +19,7 @@ mod health;
 mod nats_harness;
 mod ops;
 mod route_control;
+mod scheduling;
 mod security;
 mod sim;
 mod stack;

@@ -86,25 +86,18 @@ struct RouteDown {
 /// dead letter, after the circuit was shown open; returns the outcomes.
 async fn route_down_mid_run(down: RouteDown) -> Vec<Value> {
     let metrics = batchd::telemetry::recorder().expect("the metrics recorder");
-    let common::Stack {
-        sim,
-        running,
-        js,
-        nats: _nats,
-    } = common::stack_as(
+    let stack = common::stack_as(
         down.provider,
-        SimConfig {
-            latency: Duration::from_millis(200),
-            ..SimConfig::default()
-        },
+        common::sim_latency(Duration::from_millis(200)),
         "",
     )
     .await;
+    let (sim, js) = (&stack.sim, &stack.js);
     let n = down.tasks;
-    common::publish_many(&js, &common::tasks(n, "d")).await;
-    common::wait_for_count(&js, "BATCHD_RESULTS", n as u64 / 10).await;
-    let until = fault_from_now(&sim, down.kind, down.len);
-    let waiting = n as u64 - common::stream_len(&js, "BATCHD_RESULTS").await;
+    common::publish_many(js, &common::tasks(n, "d")).await;
+    common::wait_for_count(js, "BATCHD_RESULTS", n as u64 / 10).await;
+    let until = fault_from_now(sim, down.kind, down.len);
+    let waiting = n as u64 - common::stream_len(js, "BATCHD_RESULTS").await;
     assert!(waiting > 0, "the fault started before the run ended");
 
     let shown_by = Instant::now() + down.len;
@@ -117,25 +110,19 @@ async fn route_down_mid_run(down: RouteDown) -> Vec<Value> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let outcomes = common::wait_for_messages(
-        &js,
-        "BATCHD_RESULTS",
-        n as u64,
-        down.len + Duration::from_secs(60),
-    )
-    .await;
+    let outcomes =
+        common::wait_for_one_outcome_each(js, n, down.len + Duration::from_secs(60)).await;
     assert!(
         sim.clock() >= until,
         "{waiting} tasks waiting when the fault started, all done before it ended"
     );
-    common::assert_exactly_one_each(&outcomes, n);
     let outcomes: Vec<Value> = outcomes.into_values().map(|mut v| v.remove(0)).collect();
     for o in &outcomes {
         assert_eq!(o["status"], "succeeded", "{o}");
     }
-    common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(30)).await;
+    common::wait_until_empty(js, "BATCHD_TASKS", Duration::from_secs(30)).await;
     assert_eq!(
-        common::stream_len(&js, "BATCHD_DLQ").await,
+        common::stream_len(js, "BATCHD_DLQ").await,
         0,
         "no dead letter"
     );
@@ -148,7 +135,7 @@ async fn route_down_mid_run(down: RouteDown) -> Vec<Value> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    running.engine.shutdown().await;
+    stack.running.engine.shutdown().await;
     outcomes
 }
 
@@ -176,127 +163,95 @@ fn assert_no_attempt_spent(outcomes: &[Value]) {
 
 const OUTAGE_503: FaultKind = FaultKind::Outage { status: 503 };
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_10s_outage_of_503s_costs_no_task() {
+/// An outage of `secs` seconds in the middle of a run of `tasks`, shown as
+/// `unavailable`: every task succeeds and few spend an attempt.
+async fn outage_mid_run(provider: &'static str, kind: FaultKind, secs: u64, tasks: usize) {
     let outcomes = route_down_mid_run(RouteDown {
-        provider: "outage503short",
-        kind: OUTAGE_503,
-        len: Duration::from_secs(10),
+        provider,
+        kind,
+        len: Duration::from_secs(secs),
         reason: "unavailable",
-        tasks: 400,
+        tasks,
     })
     .await;
     assert_outage_spent_few_attempts(&outcomes);
+}
+
+/// A route-level refusal of `secs` seconds, shown as `reason`, in the
+/// middle of a run of 300 tasks: every task succeeds and none spends an
+/// attempt.
+async fn refusal_mid_run(provider: &'static str, kind: FaultKind, secs: u64, reason: &'static str) {
+    let outcomes = route_down_mid_run(RouteDown {
+        provider,
+        kind,
+        len: Duration::from_secs(secs),
+        reason,
+        tasks: 300,
+    })
+    .await;
+    assert_no_attempt_spent(&outcomes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_10s_outage_of_503s_costs_no_task() {
+    outage_mid_run("outage503short", OUTAGE_503, 10, 400).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_10s_outage_of_refused_connections_costs_no_task() {
-    let outcomes = route_down_mid_run(RouteDown {
-        provider: "refusedshort",
-        kind: FaultKind::Refuse,
-        len: Duration::from_secs(10),
-        reason: "unavailable",
-        tasks: 400,
-    })
-    .await;
-    assert_outage_spent_few_attempts(&outcomes);
+    outage_mid_run("refusedshort", FaultKind::Refuse, 10, 400).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_60s_outage_of_503s_costs_no_task() {
-    let outcomes = route_down_mid_run(RouteDown {
-        provider: "outage503long",
-        kind: OUTAGE_503,
-        len: Duration::from_secs(60),
-        reason: "unavailable",
-        tasks: 200,
-    })
-    .await;
-    assert_outage_spent_few_attempts(&outcomes);
+    outage_mid_run("outage503long", OUTAGE_503, 60, 200).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_60s_outage_of_refused_connections_costs_no_task() {
-    let outcomes = route_down_mid_run(RouteDown {
-        provider: "refusedlong",
-        kind: FaultKind::Refuse,
-        len: Duration::from_secs(60),
-        reason: "unavailable",
-        tasks: 200,
-    })
-    .await;
-    assert_outage_spent_few_attempts(&outcomes);
+    outage_mid_run("refusedlong", FaultKind::Refuse, 60, 200).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_refused_for_30s_costs_no_attempt_and_no_dead_letter() {
-    let outcomes = route_down_mid_run(RouteDown {
-        provider: "keyrefused",
-        kind: FaultKind::Unauthorized,
-        len: Duration::from_secs(30),
-        reason: "unauthorized",
-        tasks: 300,
-    })
-    .await;
-    assert_no_attempt_spent(&outcomes);
+    refusal_mid_run("keyrefused", FaultKind::Unauthorized, 30, "unauthorized").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exhausted_quota_costs_no_attempt_and_no_dead_letter() {
-    let outcomes = route_down_mid_run(RouteDown {
-        provider: "quota",
-        kind: FaultKind::Quota,
-        len: Duration::from_secs(10),
-        reason: "quota_exhausted",
-        tasks: 300,
-    })
-    .await;
-    assert_no_attempt_spent(&outcomes);
+    refusal_mid_run("quota", FaultKind::Quota, 10, "quota_exhausted").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_not_found_for_a_while_costs_no_attempt_and_no_dead_letter() {
-    let outcomes = route_down_mid_run(RouteDown {
-        provider: "modelmissing",
-        kind: FaultKind::ModelNotFound,
-        len: Duration::from_secs(10),
-        reason: "model_not_found",
-        tasks: 300,
-    })
+    refusal_mid_run(
+        "modelmissing",
+        FaultKind::ModelNotFound,
+        10,
+        "model_not_found",
+    )
     .await;
-    assert_no_attempt_spent(&outcomes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_percent_random_5xx_gives_every_task_success() {
     // The default max_attempts: a task fails only if five calls in a row do
     // (5% ^ 5 per task).
-    let common::Stack {
-        sim,
-        running,
-        js,
-        nats: _nats,
-    } = common::stack(
-        SimConfig {
-            error_rate: 0.05,
-            seed: 11,
-            latency: Duration::from_millis(10),
-            ..SimConfig::default()
-        },
-        "[retry]\nmax_attempts = 5\n",
-    )
-    .await;
-    let n = 2000;
-    common::publish_many(&js, &common::tasks(n, "e")).await;
-    let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(80)).await;
-    common::assert_exactly_one_each(&outcomes, n);
+    let flaky = SimConfig {
+        error_rate: 0.05,
+        seed: 11,
+        latency: Duration::from_millis(10),
+        ..SimConfig::default()
+    };
+    let stack = common::stack(flaky, "[retry]\nmax_attempts = 5\n").await;
+    let js = &stack.js;
+    let outcomes = common::run_tasks(js, 2000, "e", Duration::from_secs(80)).await;
     for list in outcomes.values() {
         assert_eq!(list[0]["status"], "succeeded", "{}", list[0]);
     }
-    assert!(sim.stats().server_errors > 0, "the provider failed");
-    assert_eq!(common::stream_len(&js, "BATCHD_DLQ").await, 0);
-    running.engine.shutdown().await;
+    assert!(stack.sim.stats().server_errors > 0, "the provider failed");
+    assert_eq!(common::stream_len(js, "BATCHD_DLQ").await, 0);
+    stack.running.engine.shutdown().await;
 }
 
 /// A seed-shaped task sent to `model`.
@@ -313,19 +268,12 @@ fn task_for(id: &str, model: &str) -> (String, Value) {
 async fn one_model_down_for_60s(n_down: usize, max_ack_pending: usize) {
     let (down_model, up_model) = ("gpt-4.1-nano", "gpt-4.1-mini");
     let outage = Duration::from_secs(60);
-    let common::Stack {
-        sim,
-        running,
-        js,
-        nats: _nats,
-    } = common::stack(
-        SimConfig {
-            latency: Duration::from_millis(50),
-            ..SimConfig::default()
-        },
+    let stack = common::stack(
+        common::sim_latency(Duration::from_millis(50)),
         &format!("[intake]\nmax_ack_pending = {max_ack_pending}\n"),
     )
     .await;
+    let (sim, js) = (&stack.sim, &stack.js);
     sim.reset_clock();
     sim.add_fault(Fault::new(OUTAGE_503, Duration::ZERO..outage).for_model(down_model))
         .expect("a valid fault");
@@ -336,13 +284,12 @@ async fn one_model_down_for_60s(n_down: usize, max_ack_pending: usize) {
     let up: Vec<_> = (0..n_up)
         .map(|i| task_for(&format!("up{i}"), up_model))
         .collect();
-    common::publish_many(&js, &down).await;
+    common::publish_many(js, &down).await;
     let started = Instant::now();
-    common::publish_many(&js, &up).await;
+    common::publish_many(js, &up).await;
 
     let healthy =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", n_up as u64, Duration::from_secs(10))
-            .await;
+        common::wait_for_messages(js, "BATCHD_RESULTS", n_up as u64, Duration::from_secs(10)).await;
     let took = started.elapsed();
     assert!(sim.clock() < outage, "the outage still lasts");
     assert_eq!(healthy.len(), n_up);
@@ -356,23 +303,18 @@ async fn one_model_down_for_60s(n_down: usize, max_ack_pending: usize) {
         "{n_up} healthy tasks took {took:?}"
     );
 
-    let all = common::wait_for_messages(
-        &js,
-        "BATCHD_RESULTS",
-        (n_down + n_up) as u64,
-        outage + Duration::from_secs(30),
-    )
-    .await;
+    let all =
+        common::wait_for_one_outcome_each(js, n_down + n_up, outage + Duration::from_secs(30))
+            .await;
     assert!(sim.clock() >= outage);
-    common::assert_exactly_one_each(&all, n_down + n_up);
     for list in all.values() {
         assert_eq!(list[0]["status"], "succeeded", "{}", list[0]);
     }
-    assert_eq!(common::stream_len(&js, "BATCHD_DLQ").await, 0);
+    assert_eq!(common::stream_len(js, "BATCHD_DLQ").await, 0);
     let stats = sim.model_stats();
     assert_eq!(stats[up_model].unavailable, 0);
     assert!(stats[down_model].unavailable > 0);
-    running.engine.shutdown().await;
+    stack.running.engine.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,12 +332,8 @@ async fn one_model_down_for_60s_does_not_slow_another_behind_a_backlog() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_passing_while_the_circuit_is_open_expires_the_task() {
-    let common::Stack {
-        sim,
-        running,
-        js,
-        nats: _nats,
-    } = common::stack(SimConfig::default(), "").await;
+    let stack = common::stack(SimConfig::default(), "").await;
+    let (sim, js) = (&stack.sim, &stack.js);
     let model = "gpt-4.1-nano";
     sim.reset_clock();
     sim.add_fault(Fault::new(
@@ -409,13 +347,11 @@ async fn a_deadline_passing_while_the_circuit_is_open_expires_the_task() {
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     );
     let (subject, patient) = task_for("patient", model);
-    common::publish_many(&js, &[(subject.clone(), late), (subject, patient)]).await;
+    common::publish_many(js, &[(subject.clone(), late), (subject, patient)]).await;
 
     // The task without a deadline succeeds once the key works again; by then
     // the other has had its one outcome.
-    let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", 2, Duration::from_secs(30)).await;
-    common::assert_exactly_one_each(&outcomes, 2);
+    let outcomes = common::wait_for_one_outcome_each(js, 2, Duration::from_secs(30)).await;
     let late = &outcomes["batchd.results.late"][0];
     assert_eq!(late["status"], "failed", "{late}");
     assert_eq!(late["error"]["kind"], "expired", "{late}");
@@ -423,35 +359,24 @@ async fn a_deadline_passing_while_the_circuit_is_open_expires_the_task() {
     assert_eq!(patient["status"], "succeeded", "{patient}");
     assert_eq!(patient["attempts"], 1);
     assert!(sim.clock() >= Duration::from_secs(8));
-    common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(10)).await;
-    let dead = common::read_all(&js, "BATCHD_DLQ").await;
+    common::wait_until_empty(js, "BATCHD_TASKS", Duration::from_secs(10)).await;
+    let dead = common::read_all(js, "BATCHD_DLQ").await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead["batchd.dlq.late"].len(), 1);
-    assert_eq!(common::stream_len(&js, "BATCHD_RESULTS").await, 2);
-    running.engine.shutdown().await;
+    assert_eq!(common::stream_len(js, "BATCHD_RESULTS").await, 2);
+    stack.running.engine.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_copy_of_a_slow_task_is_never_sent_and_never_answered() {
     // Slower than ack_wait (4 s), so the held copy's heartbeat matters too.
-    let common::Stack {
-        sim,
-        running,
-        js,
-        nats: _nats,
-    } = common::stack(
-        SimConfig {
-            latency: Duration::from_secs(5),
-            ..SimConfig::default()
-        },
-        "",
-    )
-    .await;
+    let stack = common::stack(common::sim_latency(Duration::from_secs(5)), "").await;
+    let js = &stack.js;
     let (subject, body) = task_for("twice", "gpt-4.1-nano");
     let bytes = serde_json::to_vec(&body).expect("json");
     for msg_id in ["twice-a", "twice-b"] {
         common::publish(
-            &js,
+            js,
             &subject,
             bytes.clone(),
             Some("application/json"),
@@ -459,15 +384,19 @@ async fn a_second_copy_of_a_slow_task_is_never_sent_and_never_answered() {
         )
         .await;
     }
-    assert_eq!(common::stream_len(&js, "BATCHD_TASKS").await, 2);
+    assert_eq!(common::stream_len(js, "BATCHD_TASKS").await, 2);
     let outcomes =
-        common::wait_for_messages(&js, "BATCHD_RESULTS", 1, Duration::from_secs(30)).await;
+        common::wait_for_messages(js, "BATCHD_RESULTS", 1, Duration::from_secs(30)).await;
     // Both copies settled: the second found the first's outcome.
-    common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(30)).await;
-    assert_eq!(common::stream_len(&js, "BATCHD_RESULTS").await, 1);
+    common::wait_until_empty(js, "BATCHD_TASKS", Duration::from_secs(30)).await;
+    assert_eq!(common::stream_len(js, "BATCHD_RESULTS").await, 1);
     let o = &outcomes["batchd.results.twice"][0];
     assert_eq!(o["status"], "succeeded", "{o}");
     assert_eq!(o["attempts"], 1);
-    assert_eq!(sim.stats().requests, 1, "the provider was called once");
-    running.engine.shutdown().await;
+    assert_eq!(
+        stack.sim.stats().requests,
+        1,
+        "the provider was called once"
+    );
+    stack.running.engine.shutdown().await;
 }

@@ -1,8 +1,9 @@
-//! Security against a real nats-server: credentials and TLS (right ones
-//! connect, wrong ones fail fast naming what is wrong), batchd under the
-//! shipped account config with exactly its permissions, canary secrets
-//! that never reach a log line, an outcome, a dead letter or `/metrics`,
-//! and label values that producers cannot multiply.
+//! Security against a real nats-server: credentials (password, token,
+//! NKey, operator-mode JWT) and TLS (right ones connect, wrong ones fail
+//! fast naming what is wrong), batchd under the shipped account config
+//! with exactly its permissions, canary secrets that never reach a log
+//! line, an outcome, a dead letter or `/metrics`, and label values that
+//! producers cannot multiply.
 
 use crate::common;
 
@@ -15,6 +16,7 @@ use async_nats::jetstream;
 use batchd::config::Config;
 use batchd::nats::NatsError;
 use batchd::sim::{SimConfig, SimServer};
+use common::jwt;
 use common::nats::NatsServer;
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -109,6 +111,105 @@ async fn right_credentials_connect_and_wrong_ones_fail_fast_naming_what_is_wrong
     let e = refused(&token("wrong-token")).await;
     assert!(e.contains("refused a token"), "{e}");
     assert!(!e.contains("wrong-token"), "{e}");
+}
+
+/// The simulated provider and batchd's engine on `nats`, authenticating
+/// with `auth` (the lines of `[nats.auth]`).
+async fn start_batchd(nats: &NatsServer, auth: &str) -> (SimServer, batchd::app::Running) {
+    let sim = SimServer::start("127.0.0.1:0".parse().unwrap(), SimConfig::default())
+        .await
+        .unwrap();
+    let config = common::config_with(
+        &nats.url(),
+        &sim.base_url(),
+        &format!("[nats.auth]\n{auth}\n"),
+    );
+    let providers = batchd::app::http_providers(&config).unwrap();
+    let running = batchd::app::start(&config, providers)
+        .await
+        .unwrap_or_else(|e| panic!("batchd starts with {auth}: {e:#}\n{}", nats.log()));
+    (sim, running)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_mode_credentials_file_runs_batchd_and_wrong_files_fail_fast_naming_the_file() {
+    let operator = jwt::operator("batchd-test");
+    let system = jwt::system_account(&operator);
+    let account = jwt::account(&operator, "batchd");
+    let batchd_user = jwt::user(&account, "batchd");
+    let producer = jwt::user(&account, "producer");
+    // Signed by the operator, but the server does not know its account.
+    let stranger = jwt::user(&jwt::account(&operator, "unknown"), "stranger");
+    let nats = NatsServer::start_with_config(
+        NatsServer::dir_for_config(),
+        &jwt::server_config(&operator, &system, &[&account]),
+        &[],
+    )
+    .await;
+    let files = tempfile::tempdir().unwrap();
+    let creds_file = |name: &str, text: String| {
+        let p = files.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let right = creds_file(
+        "batchd.creds",
+        jwt::creds(&batchd_user.jwt, &batchd_user.key),
+    );
+
+    let started = Instant::now();
+    let (_sim, running) = start_batchd(&nats, &format!("creds_file = {right:?}")).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let producer =
+        async_nats::ConnectOptions::with_credentials(&jwt::creds(&producer.jwt, &producer.key))
+            .unwrap()
+            .connect(nats.url())
+            .await
+            .expect("a producer of the same account connects");
+    let js = jetstream::new(producer);
+    let n = 12;
+    let mut tasks = common::tasks(n, "jwt");
+    tasks.push((
+        "batchd.tasks.p2".into(),
+        json!({"task_id": "jwt_bad", "model": "no-such-model", "payload": {"text": "x"}}),
+    ));
+    common::publish_many(&js, &tasks).await;
+    let total = tasks.len() as u64;
+    let outcomes =
+        common::wait_for_messages(&js, "BATCHD_RESULTS", total, Duration::from_secs(60)).await;
+    running.engine.shutdown().await;
+    let status = |id: &str| outcomes[&format!("batchd.results.{id}")][0]["status"].clone();
+    assert_eq!(status("jwt_bad"), "failed");
+    for i in 0..n {
+        assert_eq!(status(&format!("jwt{i}")), "succeeded", "jwt{i}");
+    }
+
+    let unknown_account = creds_file("stranger.creds", jwt::creds(&stranger.jwt, &stranger.key));
+    let wrong_seed = creds_file(
+        "wrong-seed.creds",
+        jwt::creds(&batchd_user.jwt, &stranger.key),
+    );
+    let garbage = creds_file("garbage.creds", "not a credentials file\n".into());
+    let seeds = [batchd_user.seed(), stranger.seed()];
+    for (path, says) in [
+        (&unknown_account, "refused the credentials file"),
+        (&wrong_seed, "refused the credentials file"),
+        (&garbage, "nats.auth.creds_file"),
+    ] {
+        let e = refused(&config(
+            &nats.url(),
+            &format!("[nats.auth]\ncreds_file = {path:?}\n"),
+        ))
+        .await;
+        assert!(e.contains(says) && e.contains(path.as_str()), "{e}");
+        for seed in &seeds {
+            assert!(!e.contains(seed.as_str()), "a seed is never printed: {e}");
+        }
+    }
 }
 
 /// A throwaway CA, a server certificate for 127.0.0.1 and a client
@@ -206,18 +307,7 @@ async fn batchd_runs_under_the_shipped_account_config_with_exactly_its_permissio
         ],
     )
     .await;
-    let sim = SimServer::start("127.0.0.1:0".parse().unwrap(), SimConfig::default())
-        .await
-        .unwrap();
-    let config = common::config_with(
-        &nats.url(),
-        &sim.base_url(),
-        "[nats.auth]\nuser = \"batchd\"\npassword = \"batchd-pw\"\n",
-    );
-    let providers = batchd::app::http_providers(&config).unwrap();
-    let running = batchd::app::start(&config, providers)
-        .await
-        .expect("batchd starts under its account");
+    let (_sim, running) = start_batchd(&nats, "user = \"batchd\"\npassword = \"batchd-pw\"").await;
 
     let producer =
         async_nats::ConnectOptions::with_user_and_password("producer".into(), "producer-pw".into())

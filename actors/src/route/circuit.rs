@@ -186,11 +186,14 @@ impl CircuitBreaker {
         }
     }
 
-    /// A call succeeded. Returns the new state if this changed it.
-    pub fn on_success(&mut self, probe: bool, now: Instant) -> Option<CircuitState> {
+    /// A call sent at `sent` succeeded. Returns the new state if this
+    /// changed it. It clears the failures of calls sent before it: failures
+    /// are consecutive in the order calls were sent, so the late answer of a
+    /// call sent before an outage does not hide the outage.
+    pub fn on_success(&mut self, probe: bool, now: Instant, sent: Instant) -> Option<CircuitState> {
         match self.mode {
             Mode::Closed => {
-                self.failures.clear();
+                self.failures.retain(|&t| t > sent);
                 None
             }
             Mode::HalfOpen { probe_out: true } if probe => {
@@ -203,24 +206,21 @@ impl CircuitBreaker {
         }
     }
 
-    /// A call failed transiently. Returns the new state if this changed it.
+    /// A call sent at `sent` failed transiently. Returns the new state if
+    /// this changed it.
     pub fn on_transient(
         &mut self,
         probe: bool,
         now: Instant,
+        sent: Instant,
         rng: &mut impl Rng,
     ) -> Option<CircuitState> {
         match self.mode {
             Mode::Closed => {
                 let window = self.settings.window;
-                self.failures.push_back(now);
-                while self
-                    .failures
-                    .front()
-                    .is_some_and(|&t| now.saturating_duration_since(t) > window)
-                {
-                    self.failures.pop_front();
-                }
+                self.failures.push_back(sent);
+                self.failures
+                    .retain(|&t| now.saturating_duration_since(t) <= window);
                 if self.failures.len() < self.settings.threshold as usize {
                     return None;
                 }
@@ -386,9 +386,12 @@ mod tests {
         let mut c = CircuitBreaker::new(settings());
         let t0 = Instant::now();
         for i in 0..4 {
-            assert_eq!(c.on_transient(false, t0 + secs(i), &mut rng), None);
+            assert_eq!(
+                c.on_transient(false, t0 + secs(i), t0 + secs(i), &mut rng),
+                None
+            );
         }
-        let opened = c.on_transient(false, t0 + secs(4), &mut rng);
+        let opened = c.on_transient(false, t0 + secs(4), t0 + secs(4), &mut rng);
         assert_eq!(
             opened,
             Some(CircuitState::Open {
@@ -409,18 +412,54 @@ mod tests {
         let mut c = CircuitBreaker::new(settings());
         let t0 = Instant::now();
         for i in 0..4 {
-            c.on_transient(false, t0 + secs(i), &mut rng);
+            c.on_transient(false, t0 + secs(i), t0 + secs(i), &mut rng);
         }
-        assert_eq!(c.on_success(false, t0 + secs(4)), None);
+        assert_eq!(c.on_success(false, t0 + secs(4), t0 + secs(4)), None);
         for i in 5..9 {
-            assert_eq!(c.on_transient(false, t0 + secs(i), &mut rng), None);
+            assert_eq!(
+                c.on_transient(false, t0 + secs(i), t0 + secs(i), &mut rng),
+                None
+            );
         }
         // Five failures, but spread over more than ten seconds.
         let mut slow = CircuitBreaker::new(settings());
         for i in 0..20 {
-            assert_eq!(slow.on_transient(false, t0 + secs(3 * i), &mut rng), None);
+            assert_eq!(
+                slow.on_transient(false, t0 + secs(3 * i), t0 + secs(3 * i), &mut rng),
+                None
+            );
         }
         assert_eq!(c.state(t0 + secs(9)), CircuitState::Closed);
+    }
+
+    #[test]
+    fn late_answers_of_calls_sent_before_an_outage_do_not_hide_it() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut c = CircuitBreaker::new(settings());
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // The outage starts at t0: fast failures of new calls interleave with
+        // the slow successes of calls sent before it.
+        for i in 0..4 {
+            let at = t0 + ms(10 * i);
+            assert_eq!(c.on_transient(false, at, at, &mut rng), None);
+            assert_eq!(c.on_success(false, at + ms(5), t0 - ms(200)), None);
+        }
+        let at = t0 + ms(40);
+        assert!(matches!(
+            c.on_transient(false, at, at, &mut rng),
+            Some(CircuitState::Open { .. })
+        ));
+        // A success sent after the failures still clears them.
+        let mut d = CircuitBreaker::new(settings());
+        for i in 0..4 {
+            d.on_transient(false, t0 + ms(i), t0 + ms(i), &mut rng);
+        }
+        d.on_success(false, t0 + ms(50), t0 + ms(10));
+        assert_eq!(
+            d.on_transient(false, t0 + ms(60), t0 + ms(60), &mut rng),
+            None
+        );
     }
 
     #[test]
@@ -438,7 +477,7 @@ mod tests {
         ));
         assert_eq!(c.reason().map(CircuitReason::as_str), Some("unauthorized"));
         // Stale reports of calls sent before it opened change nothing.
-        assert_eq!(c.on_success(false, t0), None);
+        assert_eq!(c.on_success(false, t0, t0), None);
         assert_eq!(
             c.on_route_failure(CircuitReason::ModelNotFound, false, t0, &mut rng),
             None
@@ -464,8 +503,8 @@ mod tests {
             c.start_probe(now);
             assert_eq!(c.admission(now), CircuitAdmission::ProbeInFlight);
             // A report that is not the probe's decides nothing.
-            assert_eq!(c.on_transient(false, now, &mut rng), None);
-            assert!(c.on_transient(true, now, &mut rng).is_some());
+            assert_eq!(c.on_transient(false, now, now, &mut rng), None);
+            assert!(c.on_transient(true, now, now, &mut rng).is_some());
         }
         assert_eq!(waits, [1, 2, 4, 8, 15, 15]);
 
@@ -478,7 +517,7 @@ mod tests {
             "neutral frees the probe"
         );
         c.start_probe(now);
-        assert_eq!(c.on_success(true, now), Some(CircuitState::Closed));
+        assert_eq!(c.on_success(true, now, now), Some(CircuitState::Closed));
         assert_eq!(c.reason(), None);
         // Closed again, the next opening starts from the initial wait.
         c.on_route_failure(CircuitReason::QuotaExhausted, false, now, &mut rng);

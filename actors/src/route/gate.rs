@@ -120,18 +120,23 @@ pub struct Report {
     pub concurrency_limit: usize,
 }
 
-/// The route as metrics show it.
+/// The route as metrics and the route board show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteStatus {
+    /// The moment it describes, on the gate's UTC clock.
+    pub at: DateTime<Utc>,
     pub concurrency_limit: usize,
     pub in_flight: usize,
     /// Configured or learned; `None` while unknown.
     pub rpm_limit: Option<u64>,
     pub tpm_limit: Option<u64>,
-    /// Paused by a 429 now (ends by itself when the pause does).
-    pub paused: bool,
+    /// The end of the pause after a 429, while it lasts (it ends by itself).
+    pub paused_until: Option<DateTime<Utc>>,
     /// Why the circuit is not closed; `None` when it is.
     pub circuit: Option<CircuitReason>,
+    /// When an open circuit lets its next probe go; `None` when the circuit
+    /// is closed or half-open (a probe may go, or is out).
+    pub circuit_until: Option<DateTime<Utc>>,
     /// Calls waiting in `admit`, by [`Priority::index`].
     pub waiting: [usize; 3],
 }
@@ -338,18 +343,24 @@ impl RouteGate {
         }
     }
 
-    /// The route for metrics, computed at this moment.
+    /// The route for metrics and the route board, computed at this moment.
     pub fn status(&self) -> RouteStatus {
         let now = Instant::now();
         let wall = self.shared.wall(now);
         let state = self.shared.lock();
+        let circuit_until = match state.circuit.state(now) {
+            CircuitState::Open { until, .. } => Some(self.shared.wall(until)),
+            CircuitState::Closed | CircuitState::HalfOpen => None,
+        };
         RouteStatus {
+            at: wall,
             concurrency_limit: state.concurrency.limit(),
             in_flight: state.in_flight,
             rpm_limit: state.budget.rpm(),
             tpm_limit: state.budget.tpm(),
-            paused: state.budget.paused_until(wall).is_some(),
+            paused_until: state.budget.paused_until(wall),
             circuit: state.circuit.reason(),
+            circuit_until,
             waiting: state.queues.each_ref().map(VecDeque::len),
         }
     }
@@ -442,7 +453,8 @@ impl Shared {
                     state
                         .budget
                         .on_answer(&permit.charge, Some(tokens), &limits, wall);
-                out.circuit_changed = state.circuit.on_success(probe, now);
+                let sent = now.checked_sub(latency).unwrap_or(now);
+                out.circuit_changed = state.circuit.on_success(probe, now, sent);
             }
             CallReport::RateLimited { limits } => {
                 out.limits_changed = state.budget.on_rate_limited(&permit.charge, &limits, wall);
@@ -456,9 +468,10 @@ impl Shared {
                 state.concurrency.on_backoff(Backoff::RateLimited, now);
                 state.circuit.on_neutral(probe);
             }
-            CallReport::Transient { .. } => {
+            CallReport::Transient { latency } => {
                 state.concurrency.on_backoff(Backoff::Transient, now);
-                out.circuit_changed = state.circuit.on_transient(probe, now, &mut state.rng);
+                let sent = now.checked_sub(latency).unwrap_or(now);
+                out.circuit_changed = state.circuit.on_transient(probe, now, sent, &mut state.rng);
             }
             CallReport::RouteFailure { reason } => {
                 state.concurrency.on_backoff(Backoff::RouteFailure, now);

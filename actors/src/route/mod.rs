@@ -9,7 +9,9 @@
 //!   the pause after a 429; a plain value that can be stored.
 //! - [`circuit`]: the circuit breaker, with one probe at a time.
 //! - [`gate`]: [`RouteGate`], the async admission point, by priority.
+//! - [`board`]: what a replica publishes about its routes, and when.
 
+pub mod board;
 pub mod budget;
 pub mod circuit;
 pub mod concurrency;
@@ -19,6 +21,7 @@ pub mod limits;
 #[cfg(test)]
 mod tests;
 
+pub use board::{route_key, BoardSchedule, RouteCondition, RouteState};
 pub use budget::{Charge, RateBudget};
 pub use circuit::{
     CircuitAdmission, CircuitBreaker, CircuitReason, CircuitSettings, CircuitSnapshot, CircuitState,

@@ -5,22 +5,24 @@
 #![allow(dead_code)] // each test binary uses its own part of the fakes
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use batchd_actors::backoff::RetryPolicy;
 use batchd_actors::batching::BatchPolicy;
+use batchd_actors::clock::Clock;
 use batchd_actors::context::Ports;
 use batchd_actors::lease::{AckError, Acker};
 use batchd_actors::memory_ledger::MemoryLedger;
+use batchd_actors::offpeak::OffPeak;
 use batchd_actors::ports::{
-    Backlog, Completion, Delivery, MemoryAttempts, OutcomeSink, Provider, ProviderError, Requeue,
-    SinkError, SourceError, TaskSource,
+    Backlog, Completion, Delivery, Encoded, MemoryAttempts, MemoryBoard, OutcomeSink, Provider,
+    ProviderError, Requeue, SinkError, SourceError, TaskSource,
 };
 use batchd_actors::pricing::{ModelPrice, PriceTable};
-use batchd_actors::route::RouteSettings;
+use batchd_actors::route::{RateLimitInfo, RouteSettings};
 use batchd_actors::routing::{Catalog, TaskType, TierModels};
 use batchd_actors::settings::{EngineSettings, RestartPolicy};
 use batchd_actors::task::{Encoding, Priority, Tier, Usage};
@@ -124,6 +126,7 @@ pub struct FakeSource {
     queues: [Queue; 3],
     log: Arc<Log>,
     seq: AtomicU64,
+    depths: [AtomicU64; 3],
 }
 
 impl FakeSource {
@@ -139,7 +142,13 @@ impl FakeSource {
             queues: [q(), q(), q()],
             log: Arc::default(),
             seq: AtomicU64::new(1),
+            depths: Default::default(),
         })
+    }
+
+    /// Sets the depth `backlog` reports for one priority.
+    pub fn set_depth(&self, priority: Priority, depth: u64) {
+        self.depths[priority.index()].store(depth, Ordering::Relaxed);
     }
 
     pub fn publish(&self, priority: Priority, body: Value) {
@@ -194,8 +203,11 @@ impl TaskSource for FakeSource {
         .boxed())
     }
 
-    async fn backlog(&self, _priority: Priority) -> Result<Backlog, SourceError> {
-        Ok(Backlog::default())
+    async fn backlog(&self, priority: Priority) -> Result<Backlog, SourceError> {
+        Ok(Backlog {
+            depth: self.depths[priority.index()].load(Ordering::Relaxed),
+            oldest_age: None,
+        })
     }
 
     async fn requeue(&self, copy: Requeue) -> Result<(), SourceError> {
@@ -250,29 +262,17 @@ impl FakeSink {
 
 #[async_trait]
 impl OutcomeSink for FakeSink {
-    async fn publish_outcome(
-        &self,
-        task_id: &str,
-        _generation: u32,
-        body: Bytes,
-        _e: Encoding,
-    ) -> Result<bool, SinkError> {
+    async fn publish_outcome(&self, outcome: &Encoded<'_>) -> Result<bool, SinkError> {
         let mut o = self.outcomes.lock().unwrap();
-        let list = o.entry(task_id.to_owned()).or_default();
-        list.push(serde_json::from_slice(&body).unwrap());
+        let list = o.entry(outcome.task_id.to_owned()).or_default();
+        list.push(serde_json::from_slice(&outcome.body).unwrap());
         Ok(list.len() > 1)
     }
-    async fn publish_dead_letter(
-        &self,
-        id: &str,
-        _generation: u32,
-        body: Bytes,
-        _e: Encoding,
-    ) -> Result<(), SinkError> {
+    async fn publish_dead_letter(&self, dead_letter: &Encoded<'_>) -> Result<(), SinkError> {
         let mut d = self.dead.lock().unwrap();
-        d.entry(id.to_owned())
+        d.entry(dead_letter.task_id.to_owned())
             .or_default()
-            .push(serde_json::from_slice(&body).unwrap());
+            .push(serde_json::from_slice(&dead_letter.body).unwrap());
         Ok(())
     }
     async fn publish_reply(&self, _s: &str, _b: Bytes, _e: Encoding) -> Result<(), SinkError> {
@@ -319,6 +319,67 @@ pub fn ok() -> Result<Completion, ProviderError> {
         },
         limits: Default::default(),
     })
+}
+
+/// A provider that answers every call with [`ok`] after `delay`.
+pub fn healthy(delay: Duration) -> Arc<FakeProvider> {
+    FakeProvider::new(delay, |_| ok())
+}
+
+/// A provider that fails every call with `error` after `delay`.
+pub fn failing(delay: Duration, error: ProviderError) -> Arc<FakeProvider> {
+    FakeProvider::new(delay, move |_| Err(error.clone()))
+}
+
+/// A provider whose first call fails with `error`; every later call gets [`ok`].
+pub fn failing_once(error: ProviderError) -> Arc<FakeProvider> {
+    let first = AtomicBool::new(true);
+    FakeProvider::new(Duration::ZERO, move |_| {
+        if first.swap(false, Ordering::SeqCst) {
+            Err(error.clone())
+        } else {
+            ok()
+        }
+    })
+}
+
+/// A provider that fails calls with `error` until `at`, then answers [`ok`]
+/// (50 ms a call).
+pub fn down_until(at: Instant, error: ProviderError) -> Arc<FakeProvider> {
+    FakeProvider::new(Duration::from_millis(50), move |_| {
+        if Instant::now() < at {
+            Err(error.clone())
+        } else {
+            ok()
+        }
+    })
+}
+
+/// A transient failure (5xx) with `status`.
+pub fn transient(status: u16, message: &str) -> ProviderError {
+    ProviderError::Transient {
+        status: Some(status),
+        message: message.into(),
+    }
+}
+
+/// A rejection (4xx) with `status`.
+pub fn rejected(status: u16, message: &str) -> ProviderError {
+    ProviderError::Rejected {
+        status,
+        message: message.into(),
+    }
+}
+
+/// A 429 asking to wait `retry_after`.
+pub fn rate_limited(retry_after: Duration) -> ProviderError {
+    ProviderError::RateLimited {
+        limits: RateLimitInfo {
+            retry_after: Some(retry_after),
+            ..RateLimitInfo::default()
+        },
+        message: "slow down".into(),
+    }
 }
 
 #[async_trait]
@@ -374,16 +435,19 @@ pub fn settings() -> EngineSettings {
                 max_size: 4,
                 max_wait_ms: 10,
                 seal_when_drained: true,
+                depth_steps: Vec::new(),
             },
             BatchPolicy {
                 max_size: 8,
                 max_wait_ms: 100,
                 seal_when_drained: true,
+                depth_steps: Vec::new(),
             },
             BatchPolicy {
                 max_size: 100,
                 max_wait_ms: 1000,
                 seal_when_drained: true,
+                depth_steps: Vec::new(),
             },
         ],
         retry: RetryPolicy {
@@ -415,9 +479,13 @@ pub fn settings() -> EngineSettings {
             max_restarts: 5,
             within_secs: 60,
         },
+        replica: "test-replica".into(),
+        route_refresh: Duration::from_secs(5),
         seed: 1,
         budgets: Default::default(),
         ledger: Default::default(),
+        offpeak: OffPeak::default(),
+        clock: Clock::system(),
     }
 }
 
@@ -425,6 +493,7 @@ pub struct Rig {
     pub engine: Engine,
     pub attempts: Arc<MemoryAttempts>,
     pub ledger: Arc<MemoryLedger>,
+    pub board: Arc<MemoryBoard>,
     pub source: Arc<FakeSource>,
     pub sink: Arc<FakeSink>,
     pub provider: Arc<FakeProvider>,
@@ -443,6 +512,7 @@ pub async fn rig_with_ledger(
     let source = FakeSource::new();
     let sink = Arc::new(FakeSink::default());
     let attempts = Arc::new(MemoryAttempts::default());
+    let board = Arc::new(MemoryBoard::default());
     let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
     providers.insert("fake".into(), provider.clone());
     let ports = Ports {
@@ -450,6 +520,7 @@ pub async fn rig_with_ledger(
         sink: sink.clone(),
         attempts: attempts.clone(),
         ledger: ledger.clone(),
+        board: board.clone(),
         providers,
     };
     let engine = Engine::start(settings, ports).await.unwrap();
@@ -457,6 +528,7 @@ pub async fn rig_with_ledger(
         engine,
         attempts,
         ledger,
+        board,
         source,
         sink,
         provider,

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod jwt;
 pub mod nats;
 pub mod openapi;
 pub mod process;
@@ -148,6 +149,13 @@ pub async fn publish(
         .expect("puback");
 }
 
+/// Publishes `body` as JSON with no Content-Type and `Nats-Msg-Id` `msg_id`,
+/// and waits for its PubAck.
+pub async fn publish_json(js: &jetstream::Context, subject: &str, body: &Value, msg_id: &str) {
+    let bytes = serde_json::to_vec(body).expect("json");
+    publish(js, subject, bytes, None, Some(msg_id)).await;
+}
+
 /// Publishes many JSON tasks with a window of PubAcks, `msg_id` = task_id.
 pub async fn publish_many(js: &jetstream::Context, tasks: &[(String, Value)]) {
     let outgoing = tasks.iter().map(|(subject, body)| Outgoing {
@@ -251,6 +259,21 @@ pub struct Stack {
     pub js: jetstream::Context,
 }
 
+/// The simulator's defaults with `latency` before every answer.
+pub fn sim_latency(latency: Duration) -> SimConfig {
+    SimConfig {
+        latency,
+        ..SimConfig::default()
+    }
+}
+
+/// Starts the simulated provider configured by `config` on a free port.
+pub async fn start_sim(config: SimConfig) -> SimServer {
+    SimServer::start("127.0.0.1:0".parse().expect("addr"), config)
+        .await
+        .expect("start the simulator")
+}
+
 /// Starts a [`Stack`] with the simulator configured by `sim` and the test
 /// config with `extra` TOML merged over it.
 pub async fn stack(sim: SimConfig, extra: &str) -> Stack {
@@ -260,9 +283,7 @@ pub async fn stack(sim: SimConfig, extra: &str) -> Stack {
 /// [`stack`] with the provider named `provider` (see [`config_toml_as`]).
 pub async fn stack_as(provider: &str, sim: SimConfig, extra: &str) -> Stack {
     let nats = nats::NatsServer::start().await;
-    let sim = SimServer::start("127.0.0.1:0".parse().expect("addr"), sim)
-        .await
-        .expect("start the simulator");
+    let sim = start_sim(sim).await;
     let toml = config_toml_as(provider, &nats.url(), &sim.base_url(), extra);
     let config = Config::from_toml_str(&toml, "test").expect("test config is valid");
     let providers = batchd::app::http_providers(&config).expect("providers");
@@ -297,6 +318,30 @@ pub fn assert_exactly_one_each(outcomes: &HashMap<String, Vec<Value>>, n: usize)
     for (subject, list) in outcomes {
         assert_eq!(list.len(), 1, "{subject} has {} outcomes", list.len());
     }
+}
+
+/// Waits up to `timeout` for `n` outcomes in `BATCHD_RESULTS`, asserts
+/// exactly one per task, and returns them by subject.
+pub async fn wait_for_one_outcome_each(
+    js: &jetstream::Context,
+    n: usize,
+    timeout: Duration,
+) -> HashMap<String, Vec<Value>> {
+    let outcomes = wait_for_messages(js, "BATCHD_RESULTS", n as u64, timeout).await;
+    assert_exactly_one_each(&outcomes, n);
+    outcomes
+}
+
+/// Publishes `n` tasks `<prefix><i>` (see [`tasks`]) and waits for exactly
+/// one outcome each (see [`wait_for_one_outcome_each`]).
+pub async fn run_tasks(
+    js: &jetstream::Context,
+    n: usize,
+    prefix: &str,
+    timeout: Duration,
+) -> HashMap<String, Vec<Value>> {
+    publish_many(js, &tasks(n, prefix)).await;
+    wait_for_one_outcome_each(js, n, timeout).await
 }
 
 /// For tests that run the `batchd` binary: writes the test config to a

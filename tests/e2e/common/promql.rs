@@ -3,8 +3,10 @@
 //! what is left that is an identifier, not a function call, not a keyword
 //! and not a Grafana variable is a metric name.
 
-const KEYWORDS: [&str; 27] = [
-    // Aggregations, which may be followed by `by (...)` before their `(`.
+/// Words that are not metric names, besides the [`GROUPING`] words:
+/// aggregations (which may be followed by `by (...)` before their `(`),
+/// modifiers, operators and constants.
+const KEYWORDS: [&str; 21] = [
     "sum",
     "avg",
     "min",
@@ -18,12 +20,6 @@ const KEYWORDS: [&str; 27] = [
     "count_values",
     "group",
     "limitk",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
     "offset",
     "bool",
     "and",
@@ -33,6 +29,7 @@ const KEYWORDS: [&str; 27] = [
     "nan",
     "atan2",
 ];
+/// Words followed by a list of label names.
 const GROUPING: [&str; 6] = [
     "by",
     "without",
@@ -80,7 +77,10 @@ pub fn metric_names(expr: &str) -> Vec<String> {
                 if GROUPING.contains(&lower.as_str()) && call {
                     // `by (label, ...)`: label names, not metrics.
                     i = skip_until(&chars, j, ')');
-                } else if !call && !KEYWORDS.contains(&lower.as_str()) {
+                } else if !call
+                    && !KEYWORDS.contains(&lower.as_str())
+                    && !GROUPING.contains(&lower.as_str())
+                {
                     names.push(word);
                 }
             }
