@@ -165,12 +165,7 @@ async fn the_ledger_equals_the_providers_bill_and_batchd_cost_reports_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_whose_outcome_is_dropped_as_a_duplicate_is_counted_once() {
-    let common::Stack {
-        nats,
-        sim,
-        running,
-        js,
-    } = common::stack(
+    let stack = common::stack(
         SimConfig {
             latency: Duration::from_millis(1500),
             ..SimConfig::default()
@@ -178,11 +173,19 @@ async fn a_call_whose_outcome_is_dropped_as_a_duplicate_is_counted_once() {
         "",
     )
     .await;
+    let (nats, sim, running, js) = (stack.nats, stack.sim, stack.running, stack.js);
     let config = common::config(&nats.url(), &sim.base_url());
     common::publish_many(&js, &common::tasks(1, "dup")).await;
     // While its call is in flight, another writer stores its outcome: the
     // engine's own is then dropped by the duplicate window.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent_by = std::time::Instant::now() + Duration::from_secs(10);
+    while sim.stats().requests == 0 {
+        assert!(
+            std::time::Instant::now() < sent_by,
+            "the call never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let other = serde_json::json!({"task_id": "dup0", "status": "succeeded", "output": "x"});
     common::publish(
         &js,
