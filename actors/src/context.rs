@@ -11,9 +11,10 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::batching::QueueDepths;
+use crate::clock::Clock;
 use crate::dispatcher::Routes;
 use crate::lease::LeaseKeeper;
-use crate::ledger::{LedgerClock, Spend};
+use crate::ledger::Spend;
 use crate::messages::{ActorKind, AssemblerMsg, CostMsg, DispatcherMsg, IntakeMsg, RetryMsg};
 use crate::ports::{AttemptStore, LedgerStore, OutcomeSink, Provider, RouteBoard, TaskSource};
 use crate::settings::EngineSettings;
@@ -142,7 +143,7 @@ pub struct EngineContext {
     /// Spend per tenant and day, for budgets (kept by the CostAccountant).
     pub spend: Spend,
     /// The ledger's clock: which UTC day and month it is.
-    pub clock: LedgerClock,
+    pub clock: Clock,
     /// Each priority's last sampled queue depth (batch size follows it).
     pub depths: QueueDepths,
     stop: tokio::sync::watch::Sender<bool>,
@@ -153,7 +154,8 @@ impl EngineContext {
     /// A context for one engine.
     pub fn new(settings: EngineSettings, ports: Ports) -> Arc<EngineContext> {
         let rng = Mutex::new(StdRng::seed_from_u64(settings.seed));
-        let clock = LedgerClock::new(settings.ledger.clock_start);
+        let clock =
+            Clock::following_tokio(settings.ledger.clock_start.unwrap_or_else(chrono::Utc::now));
         Arc::new(EngineContext {
             spend: Spend::default(),
             clock,

@@ -298,31 +298,6 @@ impl DayTotals {
     }
 }
 
-/// The ledger's clock: UTC now, or a configured start that then runs at the
-/// pace of tokio's clock (drills and tests cross midnight without waiting a
-/// day; paused-time tests move it with `advance`).
-#[derive(Debug, Clone, Copy)]
-pub struct LedgerClock {
-    base: DateTime<Utc>,
-    at: tokio::time::Instant,
-}
-
-impl LedgerClock {
-    /// Starts at `start`, or at UTC now.
-    pub fn new(start: Option<DateTime<Utc>>) -> LedgerClock {
-        LedgerClock {
-            base: start.unwrap_or_else(Utc::now),
-            at: tokio::time::Instant::now(),
-        }
-    }
-
-    /// The ledger's now.
-    pub fn now(&self) -> DateTime<Utc> {
-        let run = Span::from_std(self.at.elapsed()).unwrap_or(Span::zero());
-        self.base + run
-    }
-}
-
 /// Spend seen so far per tenant and day: the ledger's totals plus records
 /// counted since. Budgets are checked against it before each call, once it
 /// has been read from the ledger ([`Spend::loaded`]).

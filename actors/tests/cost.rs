@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use batchd_actors::budgets::{Budget, Budgets, OnExceeded};
-use batchd_actors::ledger::{
-    day_key, day_of, CallRecord, CallState, DayTotals, LedgerClock, Spend,
-};
+use batchd_actors::ledger::{day_key, day_of, CallRecord, CallState, DayTotals, Spend};
 use batchd_actors::memory_ledger::MemoryLedger;
 use batchd_actors::messages::ActorKind;
 use batchd_actors::ports::{LedgerStore, ProviderError};
@@ -113,7 +111,7 @@ async fn refused_and_rate_limited_requests_are_not_billed() {
 #[tokio::test(start_paused = true)]
 async fn a_request_in_flight_at_a_crash_is_counted_at_its_estimate_after_the_timeout() {
     let ledger = Arc::new(MemoryLedger::default());
-    let clock = LedgerClock::new(None);
+    let clock = batchd_actors::clock::Clock::following_tokio(chrono::Utc::now());
     let started_at = clock.now();
     // What a killed process leaves: a started record and no answer.
     let orphan = CallRecord {
