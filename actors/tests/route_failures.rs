@@ -320,7 +320,7 @@ async fn a_lone_task_on_a_second_route_of_a_provider_that_is_down_gives_up_nothi
     s.catalog
         .model_providers
         .insert("m2".to_owned(), "fake".to_owned());
-    let price = s.prices.models["m"].clone();
+    let price = s.prices.models["m"];
     s.prices.models.insert("m2".to_owned(), price);
     let until_at = Instant::now() + Duration::from_secs(20);
     let overloaded = transient(503, "The server is overloaded or not ready yet.");
