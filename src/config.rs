@@ -962,6 +962,7 @@ impl Config {
             // Validated at load; a config built otherwise gets no windows.
             offpeak: self.offpeak.settings().unwrap_or_default(),
             clock: self.offpeak.clock(),
+            preemption: Default::default(),
         }
     }
 }

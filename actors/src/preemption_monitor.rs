@@ -1,7 +1,19 @@
 //! # PreemptionMonitor
 //!
 //! Owns the decision to preempt bulk batches for priority-1 work and to
-//! resume them ([`PreemptionPolicy`], plain code under a given clock).
+//! resume them ([`PreemptionPolicy`], plain code under a given clock), and
+//! carries it out through the batches' pause flags
+//! ([`crate::batch_control`]): a preempted batch launches no new call, its
+//! calls in flight finish, its checkpoint goes to the [`CheckpointStore`]
+//! (deleted by the Dispatcher when the batch completes).
+//!
+//! Receives: [`PreemptionMsg`]. A beat beside it asks for a look at once
+//! when a priority-1 call has to wait at a route (the gates signal it), and
+//! every `interval` otherwise. Sends: nothing; it sets flags in the context.
+//!
+//! On restart: the pause flags and preemption times live in the context, so
+//! the new incarnation adopts the preempted batches in their order and
+//! resumes them as the old one would have.
 //!
 //! Rules, per route:
 //!
@@ -20,8 +32,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::context::EngineContext;
+use crate::messages::PreemptionMsg;
+use crate::metrics;
+use crate::ports::CheckpointStore;
 use crate::routing::Route;
 use crate::task::Priority;
 
@@ -223,6 +241,165 @@ impl PreemptionPolicy {
                 route: view.route.clone(),
                 reason: PreemptReason::PriorityOneWaiting,
             });
+        }
+    }
+}
+
+/// The PreemptionMonitor actor.
+pub struct PreemptionMonitor;
+
+/// The monitor's state: the policy and the beat that asks it to look.
+pub struct MonitorState {
+    ctx: Arc<EngineContext>,
+    policy: PreemptionPolicy,
+    beat: JoinHandle<()>,
+}
+
+impl Drop for MonitorState {
+    fn drop(&mut self) {
+        self.beat.abort();
+    }
+}
+
+impl Actor for PreemptionMonitor {
+    type Msg = PreemptionMsg;
+    type State = MonitorState;
+    type Arguments = Arc<EngineContext>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<PreemptionMsg>,
+        ctx: Arc<EngineContext>,
+    ) -> Result<MonitorState, ActorProcessingErr> {
+        let settings = ctx.settings.preemption;
+        let beat = tokio::spawn(beat(myself, ctx.clone(), settings.interval));
+        Ok(MonitorState {
+            ctx,
+            policy: PreemptionPolicy::new(settings.resume_after),
+            beat,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<PreemptionMsg>,
+        msg: PreemptionMsg,
+        state: &mut MonitorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PreemptionMsg::Look(reply) => {
+                state.look().await;
+                let _ = reply.send(());
+            }
+            PreemptionMsg::InjectFault => panic!("fault injected into the preemption monitor"),
+        }
+        Ok(())
+    }
+}
+
+/// Asks the monitor to look when a priority-1 call waits, and on every
+/// `interval`; one look at a time.
+async fn beat(myself: ActorRef<PreemptionMsg>, ctx: Arc<EngineContext>, interval: Duration) {
+    loop {
+        tokio::select! {
+            () = ctx.p1_waiting.notified() => {}
+            () = tokio::time::sleep(interval) => {}
+        }
+        if ractor::call!(myself, PreemptionMsg::Look).is_err() {
+            return; // the actor is gone; its successor runs its own beat
+        }
+    }
+}
+
+impl MonitorState {
+    /// Every route with a priority-1 wait or a running batch, as the policy sees it.
+    fn views(&self) -> Vec<RouteView> {
+        let enabled = self.ctx.settings.preemption.enabled;
+        let mut views: Vec<RouteView> = Vec::new();
+        for entry in self.ctx.routes.all() {
+            let p1_waiting = if enabled {
+                entry.gate.status().waiting[Priority::P1.index()]
+            } else {
+                0
+            };
+            views.push(RouteView {
+                route: entry.route.clone(),
+                p1_waiting,
+                batches: Vec::new(),
+            });
+        }
+        for batch in self.ctx.batches.all() {
+            let at = match views.iter().position(|v| v.route == batch.route) {
+                Some(at) => at,
+                None => {
+                    views.push(RouteView {
+                        route: batch.route.clone(),
+                        p1_waiting: 0,
+                        batches: Vec::new(),
+                    });
+                    views.len() - 1
+                }
+            };
+            views[at].batches.push(batch.view());
+        }
+        views
+    }
+
+    async fn look(&mut self) {
+        let views = self.views();
+        let now = Instant::now();
+        for order in self.policy.decide(now, &views) {
+            match order {
+                Order::Preempt {
+                    batch,
+                    route,
+                    reason,
+                } => self.preempt(&batch, &route, reason, now).await,
+                Order::Resume { batch } => {
+                    if let Some(control) = self.ctx.batches.get(&batch) {
+                        if control.resume() {
+                            tracing::info!(batch_id = %batch, "preempted batch resumes");
+                        }
+                    }
+                }
+            }
+        }
+        metrics::preempted_batches(self.ctx.batches.preempted());
+    }
+
+    async fn preempt(&self, batch: &str, route: &Route, reason: PreemptReason, now: Instant) {
+        let Some(control) = self.ctx.batches.get(batch) else {
+            return; // it ended meanwhile
+        };
+        if !control.pause(now, self.ctx.settings.clock.now()) {
+            return;
+        }
+        metrics::preempted(control.priority);
+        tracing::info!(
+            batch_id = %batch,
+            route = %format_args!("{}/{}", route.provider, route.model),
+            priority = control.priority.number(),
+            reason = reason.as_str(),
+            "bulk batch preempted: it launches no new call until priority 1 is served"
+        );
+        let Some(checkpoint) = control.checkpoint(reason) else {
+            return;
+        };
+        let store: &dyn CheckpointStore = &*self.ctx.ports.checkpoints;
+        match store.put(&checkpoint).await {
+            Ok(()) => {
+                control.mark_checkpointed();
+                metrics::checkpoint_written();
+                // It may have completed while its checkpoint was written.
+                if self.ctx.batches.get(batch).is_none() {
+                    if let Err(e) = store.delete(batch).await {
+                        tracing::warn!(batch_id = %batch, error = %e, "checkpoint of a completed batch not deleted");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(batch_id = %batch, error = %e, "checkpoint of a preempted batch not written; it stays preempted in memory");
+            }
         }
     }
 }
