@@ -4,6 +4,7 @@ mod support;
 
 use std::time::Duration;
 
+use batchd_actors::messages::ActorKind;
 use batchd_actors::task::Priority;
 use support::*;
 use tokio::time::Instant;
@@ -132,5 +133,42 @@ async fn with_preemption_off_bulk_batches_are_never_paused() {
         .publish_with_pending(Priority::P1, task("vip", "vip"), Some(0));
     until(Duration::from_secs(30), || r.sink.outcome_count() == 5).await;
     assert_eq!(r.checkpoints.written(), 0);
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_monitor_resumes_the_batches_its_predecessor_preempted() {
+    let mut s = settings();
+    s.route.max_concurrency = 1;
+    s.route.initial_concurrency = 1;
+    let r = rig(s, healthy(Duration::from_secs(1))).await;
+    let bulk: Vec<String> = (0..6).map(|i| format!("bulk{i}")).collect();
+    for (i, id) in bulk.iter().enumerate() {
+        let pending = (bulk.len() - 1 - i) as u64;
+        r.source
+            .publish_with_pending(Priority::P3, task(id, id), Some(pending));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    r.source
+        .publish_with_pending(Priority::P1, task("vip", "vip"), Some(0));
+    until(Duration::from_secs(5), || {
+        !r.checkpoints.entries().is_empty()
+    })
+    .await;
+    let batch_id = r.checkpoints.entries().into_keys().next().unwrap();
+    r.engine.inject_fault(ActorKind::PreemptionMonitor);
+
+    until(Duration::from_secs(60), || r.sink.outcome_count() == 7).await;
+    for id in &bulk {
+        let o = r.sink.outcome(id).unwrap();
+        assert_eq!(o["status"], "succeeded", "{id}");
+        assert_eq!(o["batch_id"], batch_id.as_str(), "{id} kept its batch id");
+        assert_eq!(o["attempts"], 1, "{id}");
+    }
+    until(Duration::from_secs(5), || {
+        r.checkpoints.entries().is_empty()
+    })
+    .await;
+    assert!(r.engine.is_running());
     r.engine.shutdown().await;
 }
