@@ -317,8 +317,12 @@ impl MonitorState {
         let enabled = self.ctx.settings.preemption.enabled;
         let mut views: Vec<RouteView> = Vec::new();
         for entry in self.ctx.routes.all() {
-            let p1_waiting = if enabled {
-                entry.gate.status().waiting[Priority::P1.index()]
+            let status = entry.gate.status();
+            // Behind an open circuit priority 1 waits for the provider, not
+            // for bulk work; and a preempted batch's tasks must stay where
+            // a route that is down can requeue them.
+            let p1_waiting = if enabled && status.circuit.is_none() {
+                status.waiting[Priority::P1.index()]
             } else {
                 0
             };
