@@ -172,3 +172,26 @@ async fn a_restarted_monitor_resumes_the_batches_its_predecessor_preempted() {
     assert!(r.engine.is_running());
     r.engine.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn nothing_is_preempted_while_the_route_is_down() {
+    // The key is refused for three seconds: the circuit opens on the first
+    // call, and priority 1 then waits for the provider, not for bulk work.
+    let mut s = settings();
+    s.route.max_concurrency = 1;
+    s.route.initial_concurrency = 1;
+    let back = Instant::now() + Duration::from_secs(3);
+    let r = rig(s, down_until(back, rejected(401, "bad key"))).await;
+    for i in 0..4 {
+        let id = format!("bulk{i}");
+        r.source
+            .publish_with_pending(Priority::P3, task(&id, &id), Some(3 - i));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    r.source
+        .publish_with_pending(Priority::P1, task("vip", "vip"), Some(0));
+    until(Duration::from_secs(60), || r.sink.outcome_count() == 5).await;
+    assert_eq!(r.sink.outcome("vip").unwrap()["status"], "succeeded");
+    assert_eq!(r.checkpoints.written(), 0, "no batch was preempted");
+    r.engine.shutdown().await;
+}
