@@ -18,20 +18,39 @@ fn call_of(r: &Rig, id: &str) -> Option<Instant> {
         .map(|(_, at)| at)
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_long_bulk_batch_is_preempted_for_priority_one_then_resumes_under_its_id() {
-    // Two calls at a time, one second each; 20 bulk tasks in one batch.
+/// Test settings with `slots` calls at a time on the route.
+fn with_slots(slots: usize) -> batchd_actors::settings::EngineSettings {
     let mut s = settings();
-    s.route.max_concurrency = 2;
-    s.route.initial_concurrency = 2;
-    let resume_after = s.preemption.resume_after;
-    let r = rig(s, healthy(Duration::from_secs(1))).await;
-    let bulk: Vec<String> = (0..20).map(|i| format!("bulk{i}")).collect();
+    s.route.max_concurrency = slots;
+    s.route.initial_concurrency = slots;
+    s
+}
+
+/// Publishes `n` bulk tasks that travel in one batch (each names its text
+/// after its id); their ids.
+fn publish_bulk(r: &Rig, n: usize) -> Vec<String> {
+    let bulk: Vec<String> = (0..n).map(|i| format!("bulk{i}")).collect();
     for (i, id) in bulk.iter().enumerate() {
-        let pending = (bulk.len() - 1 - i) as u64;
+        let pending = (n - 1 - i) as u64;
         r.source
             .publish_with_pending(Priority::P3, task(id, id), Some(pending));
     }
+    bulk
+}
+
+/// Publishes one priority-1 task named `id`, alone in its queue.
+fn publish_vip(r: &Rig, id: &str) {
+    r.source
+        .publish_with_pending(Priority::P1, task(id, id), Some(0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_bulk_batch_is_preempted_for_priority_one_then_resumes_under_its_id() {
+    // Two calls at a time, one second each; 20 bulk tasks in one batch.
+    let s = with_slots(2);
+    let resume_after = s.preemption.resume_after;
+    let r = rig(s, healthy(Duration::from_secs(1))).await;
+    let bulk = publish_bulk(&r, 20);
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // Three priority-1 tasks arrive while the route is full of bulk work.
@@ -71,8 +90,7 @@ async fn a_long_bulk_batch_is_preempted_for_priority_one_then_resumes_under_its_
     // A priority-1 task arriving in the same burst finds a slot kept free.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let late = Instant::now();
-    r.source
-        .publish_with_pending(Priority::P1, task("vip-late", "vip-late"), Some(0));
+    publish_vip(&r, "vip-late");
     until(Duration::from_secs(5), || call_of(&r, "vip-late").is_some()).await;
     let waited = call_of(&r, "vip-late").unwrap() - late;
     assert!(
@@ -118,19 +136,12 @@ async fn a_long_bulk_batch_is_preempted_for_priority_one_then_resumes_under_its_
 
 #[tokio::test(start_paused = true)]
 async fn with_preemption_off_bulk_batches_are_never_paused() {
-    let mut s = settings();
-    s.route.max_concurrency = 1;
-    s.route.initial_concurrency = 1;
+    let mut s = with_slots(1);
     s.preemption.enabled = false;
     let r = rig(s, healthy(Duration::from_secs(1))).await;
-    for i in 0..4 {
-        let id = format!("bulk{i}");
-        r.source
-            .publish_with_pending(Priority::P3, task(&id, &id), Some(3 - i));
-    }
+    publish_bulk(&r, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    r.source
-        .publish_with_pending(Priority::P1, task("vip", "vip"), Some(0));
+    publish_vip(&r, "vip");
     until(Duration::from_secs(30), || r.sink.outcome_count() == 5).await;
     assert_eq!(r.checkpoints.written(), 0);
     r.engine.shutdown().await;
@@ -138,19 +149,10 @@ async fn with_preemption_off_bulk_batches_are_never_paused() {
 
 #[tokio::test(start_paused = true)]
 async fn a_restarted_monitor_resumes_the_batches_its_predecessor_preempted() {
-    let mut s = settings();
-    s.route.max_concurrency = 1;
-    s.route.initial_concurrency = 1;
-    let r = rig(s, healthy(Duration::from_secs(1))).await;
-    let bulk: Vec<String> = (0..6).map(|i| format!("bulk{i}")).collect();
-    for (i, id) in bulk.iter().enumerate() {
-        let pending = (bulk.len() - 1 - i) as u64;
-        r.source
-            .publish_with_pending(Priority::P3, task(id, id), Some(pending));
-    }
+    let r = rig(with_slots(1), healthy(Duration::from_secs(1))).await;
+    let bulk = publish_bulk(&r, 6);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    r.source
-        .publish_with_pending(Priority::P1, task("vip", "vip"), Some(0));
+    publish_vip(&r, "vip");
     until(Duration::from_secs(5), || {
         !r.checkpoints.entries().is_empty()
     })
@@ -177,19 +179,11 @@ async fn a_restarted_monitor_resumes_the_batches_its_predecessor_preempted() {
 async fn nothing_is_preempted_while_the_route_is_down() {
     // The key is refused for three seconds: the circuit opens on the first
     // call, and priority 1 then waits for the provider, not for bulk work.
-    let mut s = settings();
-    s.route.max_concurrency = 1;
-    s.route.initial_concurrency = 1;
     let back = Instant::now() + Duration::from_secs(3);
-    let r = rig(s, down_until(back, rejected(401, "bad key"))).await;
-    for i in 0..4 {
-        let id = format!("bulk{i}");
-        r.source
-            .publish_with_pending(Priority::P3, task(&id, &id), Some(3 - i));
-    }
+    let r = rig(with_slots(1), down_until(back, rejected(401, "bad key"))).await;
+    publish_bulk(&r, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    r.source
-        .publish_with_pending(Priority::P1, task("vip", "vip"), Some(0));
+    publish_vip(&r, "vip");
     until(Duration::from_secs(60), || r.sink.outcome_count() == 5).await;
     assert_eq!(r.sink.outcome("vip").unwrap()["status"], "succeeded");
     assert_eq!(r.checkpoints.written(), 0, "no batch was preempted");
