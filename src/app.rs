@@ -14,7 +14,9 @@ use batchd_actors::Engine;
 
 use crate::config::Config;
 use crate::ledger::KvLedger;
-use crate::nats::{connect, ensure_topology, JetSink, JetSource, KvAttempts, KvRouteBoard};
+use crate::nats::{
+    connect, ensure_topology, JetSink, JetSource, KvAttempts, KvCheckpoints, KvRouteBoard,
+};
 use crate::provider::OpenAiProvider;
 
 /// What `/readyz` checks: the NATS connection, the streams, the actors.
@@ -94,6 +96,7 @@ pub async fn start(
             topology.ledger.clone(),
         )),
         board: Arc::new(KvRouteBoard(topology.routes.clone())),
+        checkpoints: Arc::new(KvCheckpoints(topology.checkpoints.clone())),
         providers,
     };
     let engine = Engine::start(config.engine_settings(), ports).await?;

@@ -12,6 +12,7 @@ use batchd_actors::budgets::{Budget, Budgets, OnExceeded};
 use batchd_actors::clock::Clock;
 use batchd_actors::codec::ReplyPolicy;
 use batchd_actors::offpeak::{OffPeak, Window};
+use batchd_actors::preemption_monitor::PreemptionSettings;
 use batchd_actors::pricing::PriceTable;
 use batchd_actors::route::{CircuitSettings, RouteSettings};
 use batchd_actors::routing::{Catalog, TaskType, TierModels};
@@ -83,6 +84,21 @@ pub struct Config {
     pub task_types: BTreeMap<String, TaskType>,
     /// Off-peak windows.
     pub offpeak: OffPeakConfig,
+    /// Preemption of bulk batches for priority 1.
+    pub preemption: PreemptionConfig,
+}
+
+/// `[preemption]`: bulk batches paused while priority-1 calls wait at their route.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreemptionConfig {
+    /// Off: bulk batches are never paused (priority 1 stays first at the route).
+    pub enabled: bool,
+    /// Milliseconds a route must have had no priority-1 call waiting before
+    /// its preempted batches resume.
+    pub resume_after_ms: u64,
+    /// Milliseconds between the monitor's looks when nothing signals it.
+    pub interval_ms: u64,
 }
 
 /// `[offpeak]`: daily UTC windows outside which some priorities' work waits
@@ -763,6 +779,18 @@ impl Config {
                 );
             }
         }
+        if !(1..=10_000).contains(&self.preemption.interval_ms) {
+            return bad(
+                "preemption.interval_ms",
+                "must be between 1 and 10000".into(),
+            );
+        }
+        if self.preemption.resume_after_ms > 3_600_000 {
+            return bad(
+                "preemption.resume_after_ms",
+                "must be at most 3600000 (an hour)".into(),
+            );
+        }
         if !(1..=1000).contains(&self.ledger.flush_ms) {
             return bad("ledger.flush_ms", "must be between 1 and 1000".into());
         }
@@ -962,6 +990,11 @@ impl Config {
             // Validated at load; a config built otherwise gets no windows.
             offpeak: self.offpeak.settings().unwrap_or_default(),
             clock: self.offpeak.clock(),
+            preemption: PreemptionSettings {
+                enabled: self.preemption.enabled,
+                resume_after: Duration::from_millis(self.preemption.resume_after_ms),
+                interval: Duration::from_millis(self.preemption.interval_ms),
+            },
         }
     }
 }
@@ -1019,6 +1052,18 @@ mod tests {
             err.to_string().contains("nats.routes_refresh_secs"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn preemption_is_on_by_default_and_its_keys_reach_the_engine() {
+        let c = Config::defaults().unwrap();
+        let p = c.engine_settings().preemption;
+        assert!(p.enabled);
+        assert_eq!(p.resume_after, Duration::from_millis(500));
+        let c = Config::from_toml_str("[preemption]\nenabled = false\n", "t").unwrap();
+        assert!(!c.engine_settings().preemption.enabled);
+        let e = Config::from_toml_str("[preemption]\ninterval_ms = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("preemption.interval_ms"), "{e}");
     }
 
     #[test]

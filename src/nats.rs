@@ -1,6 +1,7 @@
 //! The JetStream side: connecting (with a version check), creating the
 //! protocol's streams, consumers and buckets, and the engine's
-//! [`TaskSource`], [`OutcomeSink`], [`AttemptStore`] and [`RouteBoard`] over them.
+//! [`TaskSource`], [`OutcomeSink`], [`AttemptStore`], [`RouteBoard`] and
+//! [`CheckpointStore`] over them.
 
 use std::time::Duration;
 
@@ -9,8 +10,9 @@ use async_nats::HeaderMap;
 use async_trait::async_trait;
 use batchd_actors::lease::{AckError, Acker};
 use batchd_actors::ports::{
-    AttemptStore, Backlog, BoardError, Delivery, Encoded, OutcomeSink, Requeue, RouteBoard,
-    SinkError, SourceError, StoreError, TaskSource, GENERATION_HEADER, PUBLISHED_AT_HEADER,
+    AttemptStore, Backlog, BoardError, Checkpoint, CheckpointError, CheckpointStore, Delivery,
+    Encoded, OutcomeSink, Requeue, RouteBoard, SinkError, SourceError, StoreError, TaskSource,
+    GENERATION_HEADER, PUBLISHED_AT_HEADER,
 };
 use batchd_actors::route::RouteState;
 use batchd_actors::task::{Encoding, Priority};
@@ -271,6 +273,8 @@ pub struct Topology {
     pub calls: jetstream::kv::Store,
     /// Each replica's route state.
     pub routes: jetstream::kv::Store,
+    /// Checkpoints of preempted batches.
+    pub checkpoints: jetstream::kv::Store,
 }
 
 fn setup_err(what: impl Into<String>) -> impl FnOnce(String) -> NatsError {
@@ -345,7 +349,7 @@ pub async fn ensure_topology(
         },
     )
     .await?;
-    ensure_bucket(&js, &n.checkpoints_bucket, Duration::ZERO).await?;
+    let checkpoints = ensure_bucket(&js, &n.checkpoints_bucket, Duration::ZERO).await?;
     let ledger = ensure_bucket(&js, &n.ledger_bucket, Duration::ZERO).await?;
     let calls = ensure_bucket(&js, &n.calls_bucket, crate::ledger::CALLS_MAX_AGE).await?;
     let attempts = ensure_bucket(
@@ -392,6 +396,7 @@ pub async fn ensure_topology(
         ledger,
         calls,
         routes,
+        checkpoints,
     })
 }
 
@@ -787,6 +792,55 @@ impl RouteBoard for KvRouteBoard {
             .delete(key)
             .await
             .map_err(|e| BoardError(format!("removing the state of {key}: {e}")))
+    }
+}
+
+/// Checkpoints of preempted batches in a JetStream KV bucket, as JSON
+/// (key: the batch id; see [`Checkpoint`] and PROTOCOL.md).
+pub struct KvCheckpoints(pub jetstream::kv::Store);
+
+#[async_trait]
+impl CheckpointStore for KvCheckpoints {
+    async fn put(&self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+        let key = &checkpoint.batch_id;
+        let body = serde_json::to_vec(checkpoint)
+            .map_err(|e| CheckpointError(format!("encoding the checkpoint of {key}: {e}")))?;
+        self.0
+            .put(key, body.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| CheckpointError(format!("writing the checkpoint of {key}: {e}")))
+    }
+
+    async fn delete(&self, batch_id: &str) -> Result<(), CheckpointError> {
+        self.0
+            .purge(batch_id)
+            .await
+            .map_err(|e| CheckpointError(format!("deleting the checkpoint of {batch_id}: {e}")))
+    }
+
+    async fn list(&self) -> Result<Vec<Checkpoint>, CheckpointError> {
+        let mut keys = self
+            .0
+            .keys()
+            .await
+            .map_err(|e| CheckpointError(format!("listing checkpoints: {e}")))?;
+        let mut found = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| CheckpointError(format!("listing checkpoints: {e}")))?;
+            let value =
+                self.0.get(&key).await.map_err(|e| {
+                    CheckpointError(format!("reading the checkpoint of {key}: {e}"))
+                })?;
+            let Some(value) = value else { continue };
+            match serde_json::from_slice::<Checkpoint>(&value) {
+                Ok(c) => found.push(c),
+                // Another version's or a damaged entry: listed by `batchd
+                // status` by key, skipped here rather than failing the list.
+                Err(e) => tracing::warn!(key = %key, error = %e, "unreadable checkpoint skipped"),
+            }
+        }
+        Ok(found)
     }
 }
 

@@ -10,13 +10,16 @@ use ractor::{ActorCell, ActorRef, Message};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use crate::batch_control::RunningBatches;
 use crate::batching::QueueDepths;
 use crate::clock::Clock;
 use crate::dispatcher::Routes;
 use crate::lease::LeaseKeeper;
 use crate::ledger::Spend;
 use crate::messages::{ActorKind, AssemblerMsg, CostMsg, DispatcherMsg, IntakeMsg, RetryMsg};
-use crate::ports::{AttemptStore, LedgerStore, OutcomeSink, Provider, RouteBoard, TaskSource};
+use crate::ports::{
+    AttemptStore, CheckpointStore, LedgerStore, OutcomeSink, Provider, RouteBoard, TaskSource,
+};
 use crate::settings::EngineSettings;
 
 /// The current actor cells, one slot per [`ActorKind`]; the supervisor
@@ -122,6 +125,8 @@ pub struct Ports {
     pub ledger: Arc<dyn LedgerStore>,
     /// Where route state is published for other machines.
     pub board: Arc<dyn RouteBoard>,
+    /// Checkpoints of preempted batches.
+    pub checkpoints: Arc<dyn CheckpointStore>,
     /// Providers by name.
     pub providers: HashMap<String, Arc<dyn Provider>>,
 }
@@ -146,6 +151,10 @@ pub struct EngineContext {
     pub clock: Clock,
     /// Each priority's last sampled queue depth (batch size follows it).
     pub depths: QueueDepths,
+    /// The batches being driven, with their pause flags.
+    pub batches: RunningBatches,
+    /// Notified whenever a priority-1 call has to wait at a route.
+    pub p1_waiting: Arc<tokio::sync::Notify>,
     stop: tokio::sync::watch::Sender<bool>,
     rng: Mutex<StdRng>,
 }
@@ -166,6 +175,8 @@ impl EngineContext {
             claims: Claims::default(),
             routes: Routes::default(),
             depths: QueueDepths::default(),
+            batches: RunningBatches::default(),
+            p1_waiting: Arc::default(),
             stop: tokio::sync::watch::Sender::new(false),
             rng,
         })

@@ -49,6 +49,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
+use crate::batch_control::BatchControl;
 use crate::budgets::{OnExceeded, Verdict as BudgetVerdict};
 use crate::context::EngineContext;
 use crate::ledger::{day_of, new_call_id, CallRecord, CallState};
@@ -131,6 +132,9 @@ impl Routes {
             gate: RouteGate::new(ctx.settings.route_settings(&route.model)),
             waiting: AtomicUsize::new(0),
         });
+        entry
+            .gate
+            .signal_priority_one_waiting(ctx.p1_waiting.clone());
         routes.insert(route.clone(), entry.clone());
         Some(entry)
     }
@@ -248,11 +252,32 @@ impl DispatcherState {
             async move {
                 tracing::debug!("batch dispatched");
                 let batch_id = Arc::<str>::from(batch.id);
+                let control = ctx.batches.start(
+                    batch_id.clone(),
+                    route.route.clone(),
+                    priority,
+                    batch
+                        .tasks
+                        .iter()
+                        .map(|a| (a.task.task_id.clone(), a.attempts_before)),
+                );
                 let work = batch.tasks.into_iter().map(|a| {
                     let task_span = tracing::info_span!("task", task_id = %a.task.task_id);
-                    run_task(ctx.clone(), route.clone(), batch_id.clone(), a).instrument(task_span)
+                    let (ctx, route, control) = (ctx.clone(), route.clone(), control.clone());
+                    async move {
+                        let task_id = a.task.task_id.clone();
+                        run_task(ctx, route, control.clone(), a).await;
+                        control.task_done(&task_id);
+                    }
+                    .instrument(task_span)
                 });
                 futures::future::join_all(work).await;
+                ctx.batches.end(&batch_id);
+                if control.was_checkpointed() {
+                    if let Err(e) = ctx.ports.checkpoints.delete(&batch_id).await {
+                        tracing::warn!(error = %e, "checkpoint of a completed batch not deleted");
+                    }
+                }
             }
             .instrument(span),
         );
@@ -309,9 +334,10 @@ enum Ending {
 async fn run_task(
     ctx: Arc<EngineContext>,
     route: Arc<RouteEntry>,
-    batch_id: Arc<str>,
+    batch: Arc<BatchControl>,
     mut a: Accepted,
 ) {
+    let batch_id = batch.id.clone();
     let task_id = a.task.task_id.clone();
     let Some(lease) = outcome::unless_done(&ctx, a.lease, &task_id, a.task.generation).await else {
         return;
@@ -335,9 +361,18 @@ async fn run_task(
     });
     let mut waited = Duration::ZERO;
     let ending = loop {
+        // A preempted batch launches no new call: its task waits here, its
+        // lease heartbeated, no attempt spent, until the batch resumes.
+        tokio::select! {
+            () = batch.until_running() => {}
+            () = sleep_until_opt(deadline) => break Ending::Expired,
+            () = ctx.stopping() => return,
+        }
         let mut place = Waiting::new(&route.waiting);
         let permit = tokio::select! {
             permit = route.gate.admit(a.task.priority, est_tokens) => permit,
+            // Preempted while waiting at the gate: leave its queue.
+            () = batch.until_paused() => continue,
             () = sleep_until_opt(deadline) => break Ending::Expired,
             // Shutting down: a task still waiting for its route is handed
             // back (its lease naks on drop) rather than held to the end.
@@ -356,6 +391,7 @@ async fn run_task(
             }
         };
         drop(place);
+        let _call = batch.call();
         waited += permit.waited();
         let probe = permit.is_probe();
         let call = start_call(&ctx, &a, model).await;

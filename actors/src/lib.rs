@@ -34,6 +34,10 @@
 //!   of the pipeline; [`retry_scheduler::classify`] says what a failed call means.
 //! - [`cost_accountant`]: the ledger of spend per day, tenant, model,
 //!   priority and route, each billed call counted once.
+//! - [`batch_control`]: the batches the Dispatcher drives, with their pause
+//!   flags and progress (what a checkpoint records).
+//! - [`preemption_monitor`]: preempts bulk batches while priority 1 waits at
+//!   their route, and resumes them in order once it is quiet.
 //! - [`supervisor`]: one-for-one restarts with an intensity limit.
 //! - [`engine`]: start, fault injection, shutdown.
 //! - [`outcome`]: making outcomes durable before acking.
@@ -45,6 +49,7 @@
 
 pub mod assembler;
 pub mod backoff;
+pub mod batch_control;
 pub mod batching;
 pub mod budgets;
 pub mod clock;
@@ -63,6 +68,7 @@ pub mod metrics;
 pub mod offpeak;
 pub mod outcome;
 pub mod ports;
+pub mod preemption_monitor;
 pub mod pricing;
 pub mod retry_scheduler;
 pub mod route;

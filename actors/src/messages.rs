@@ -25,16 +25,19 @@ pub enum ActorKind {
     RetryScheduler,
     /// Keeps the ledger of spend.
     CostAccountant,
+    /// Preempts bulk batches for priority 1.
+    PreemptionMonitor,
 }
 
 impl ActorKind {
     /// How many kinds there are.
-    pub const COUNT: usize = 5;
+    pub const COUNT: usize = 6;
 
     /// Every kind, in start order: each finds the ones it sends to running.
     pub const ALL: [ActorKind; ActorKind::COUNT] = [
         ActorKind::CostAccountant,
         ActorKind::Dispatcher,
+        ActorKind::PreemptionMonitor,
         ActorKind::RetryScheduler,
         ActorKind::Assembler,
         ActorKind::Intake,
@@ -48,6 +51,7 @@ impl ActorKind {
             ActorKind::Dispatcher => "dispatcher",
             ActorKind::RetryScheduler => "retry_scheduler",
             ActorKind::CostAccountant => "cost_accountant",
+            ActorKind::PreemptionMonitor => "preemption_monitor",
         }
     }
 
@@ -59,6 +63,7 @@ impl ActorKind {
             ActorKind::Assembler => 2,
             ActorKind::Intake => 3,
             ActorKind::CostAccountant => 4,
+            ActorKind::PreemptionMonitor => 5,
         }
     }
 }
@@ -170,6 +175,16 @@ pub enum CostMsg {
     Flush,
     /// Write it now and answer (shutdown, tests).
     FlushNow(RpcReplyPort<()>),
+    /// Chaos hook: panic in the handler.
+    InjectFault,
+}
+
+/// Messages to the PreemptionMonitor.
+#[derive(Debug)]
+pub enum PreemptionMsg {
+    /// Look at the routes and running batches, preempt or resume; answered
+    /// when done, so looks never pile up in the mailbox.
+    Look(RpcReplyPort<()>),
     /// Chaos hook: panic in the handler.
     InjectFault,
 }

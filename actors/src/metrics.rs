@@ -64,6 +64,8 @@ pub const TOKENS_TOTAL: &str = "batchd_tokens_total";
 pub const PREEMPTIONS_TOTAL: &str = "batchd_preemptions_total";
 /// Checkpoints written.
 pub const CHECKPOINTS_TOTAL: &str = "batchd_checkpoints_total";
+/// Batches preempted now, waiting to resume.
+pub const PREEMPTED_BATCHES: &str = "batchd_preempted_batches";
 /// Actor restarts, per actor.
 pub const ACTOR_RESTARTS_TOTAL: &str = "batchd_actor_restarts_total";
 /// Spend over budget per tenant and period (`daily`, `monthly`).
@@ -80,7 +82,7 @@ pub const SECONDS_HISTOGRAMS: [&str; 3] = [
 pub const HISTOGRAMS: [&str; 5] = concat(SECONDS_HISTOGRAMS, [BATCH_SIZE, BATCH_FILL_RATIO]);
 
 /// Every metric name above: rules and dashboards may use these and no others.
-pub const ALL: [&str; 24] = concat(
+pub const ALL: [&str; 25] = concat(
     HISTOGRAMS,
     [
         QUEUE_DEPTH,
@@ -100,6 +102,7 @@ pub const ALL: [&str; 24] = concat(
         TOKENS_TOTAL,
         PREEMPTIONS_TOTAL,
         CHECKPOINTS_TOTAL,
+        PREEMPTED_BATCHES,
         ACTOR_RESTARTS_TOTAL,
         BUDGET_USED_RATIO,
     ],
@@ -280,6 +283,21 @@ pub fn backlog(p: Priority, depth: u64, oldest_age: Option<Duration>) {
         .set(oldest_age.map_or(0.0, |a| a.as_secs_f64()));
 }
 
+/// A bulk batch of priority `p` preempted.
+pub fn preempted(p: Priority) {
+    counter!(PREEMPTIONS_TOTAL, "priority" => p.label()).increment(1);
+}
+
+/// A checkpoint written.
+pub fn checkpoint_written() {
+    counter!(CHECKPOINTS_TOTAL).increment(1);
+}
+
+/// Batches preempted now.
+pub fn preempted_batches(count: usize) {
+    gauge!(PREEMPTED_BATCHES).set(count as f64);
+}
+
 /// An actor restarted by the supervisor.
 pub fn actor_restarted(actor: &'static str) {
     counter!(ACTOR_RESTARTS_TOTAL, "actor" => actor).increment(1);
@@ -302,8 +320,11 @@ pub fn describe() {
         });
     }
     // Counters that only later work increments still show at zero.
-    counter!(PREEMPTIONS_TOTAL).absolute(0);
+    for p in [Priority::P2, Priority::P3] {
+        counter!(PREEMPTIONS_TOTAL, "priority" => p.label()).absolute(0);
+    }
     counter!(CHECKPOINTS_TOTAL).absolute(0);
+    gauge!(PREEMPTED_BATCHES).set(0.0);
 }
 
 /// The help text `/metrics` shows for `name`, for the metrics that have one.
@@ -331,6 +352,7 @@ fn help(name: &str) -> Option<&'static str> {
         TOKENS_TOTAL => "Tokens by kind",
         PREEMPTIONS_TOTAL => "Bulk batches preempted by priority-1 work",
         CHECKPOINTS_TOTAL => "Checkpoints written",
+        PREEMPTED_BATCHES => "Bulk batches preempted now, waiting to resume",
         ACTOR_RESTARTS_TOTAL => "Actor restarts by the supervisor",
         BUDGET_USED_RATIO => "Spend over budget per tenant and period (daily, monthly)",
         _ => return None,

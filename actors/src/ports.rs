@@ -377,3 +377,90 @@ pub trait Provider: Send + Sync + 'static {
     /// Sends one chat completion request (the body includes `model`).
     async fn complete(&self, request: &Value) -> Result<Completion, ProviderError>;
 }
+
+/// The version of the checkpoint layout this engine writes.
+pub const CHECKPOINT_VERSION: u32 = 1;
+
+/// Where a preempted batch stood: written when it is preempted, deleted when
+/// it completes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    /// The layout version ([`CHECKPOINT_VERSION`]).
+    pub version: u32,
+    /// The batch's id (`b_<ULID>`), also its key.
+    pub batch_id: String,
+    /// Its route's provider.
+    pub provider: String,
+    /// Its route's model.
+    pub model: String,
+    /// Its priority (2 or 3).
+    pub priority: u8,
+    /// Tasks the batch is done with: outcome published, or handed on to a
+    /// retry or a requeue.
+    pub finished: Vec<String>,
+    /// Tasks still to finish, their call in flight or not yet sent.
+    pub remaining: Vec<String>,
+    /// Attempts each remaining task had spent when the batch started.
+    pub attempts: std::collections::BTreeMap<String, u32>,
+    /// When it was preempted.
+    pub preempted_at: DateTime<Utc>,
+    /// Why (`p1_waiting`).
+    pub reason: String,
+}
+
+/// Errors from the checkpoint store.
+#[derive(Debug, thiserror::Error)]
+#[error("checkpoint store: {0}")]
+pub struct CheckpointError(pub String);
+
+/// Where checkpoints of preempted batches are kept, one per batch id.
+#[async_trait]
+pub trait CheckpointStore: Send + Sync + 'static {
+    /// Stores `checkpoint` under its batch id, replacing what was there.
+    async fn put(&self, checkpoint: &Checkpoint) -> Result<(), CheckpointError>;
+    /// Removes the checkpoint of `batch_id` (absent is fine).
+    async fn delete(&self, batch_id: &str) -> Result<(), CheckpointError>;
+    /// Every readable checkpoint, by batch id.
+    async fn list(&self) -> Result<Vec<Checkpoint>, CheckpointError>;
+}
+
+/// A [`CheckpointStore`] in memory: for tests and single-process tools.
+#[derive(Debug, Default)]
+pub struct MemoryCheckpoints {
+    stored: std::sync::Mutex<std::collections::BTreeMap<String, Checkpoint>>,
+    written: std::sync::atomic::AtomicUsize,
+}
+
+impl MemoryCheckpoints {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Checkpoint>> {
+        self.stored.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What is stored now, by batch id.
+    pub fn entries(&self) -> std::collections::BTreeMap<String, Checkpoint> {
+        self.map().clone()
+    }
+
+    /// How many checkpoints were ever written.
+    pub fn written(&self) -> usize {
+        self.written.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for MemoryCheckpoints {
+    async fn put(&self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+        self.map()
+            .insert(checkpoint.batch_id.clone(), checkpoint.clone());
+        self.written
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
+    }
+    async fn delete(&self, batch_id: &str) -> Result<(), CheckpointError> {
+        self.map().remove(batch_id);
+        Ok(())
+    }
+    async fn list(&self) -> Result<Vec<Checkpoint>, CheckpointError> {
+        Ok(self.map().values().cloned().collect())
+    }
+}

@@ -11,6 +11,7 @@ use crate::budgets::Budgets;
 use crate::clock::Clock;
 use crate::codec::ReplyPolicy;
 use crate::offpeak::OffPeak;
+use crate::preemption_monitor::PreemptionSettings;
 use crate::pricing::PriceTable;
 use crate::route::RouteSettings;
 use crate::routing::Catalog;
@@ -77,6 +78,8 @@ pub struct EngineSettings {
     pub offpeak: OffPeak,
     /// Wall-clock time for deadlines and windows (injectable for tests).
     pub clock: Clock,
+    /// When bulk batches are preempted for priority 1, and resumed.
+    pub preemption: PreemptionSettings,
 }
 
 /// How the CostAccountant keeps the ledger.

@@ -1,7 +1,7 @@
 //! # RootSupervisor
 //!
 //! Starts the children of [`ActorKind::ALL`] (CostAccountant, Dispatcher,
-//! RetryScheduler, Assembler, Intake: in that order, so each finds the ones it sends to
+//! PreemptionMonitor, RetryScheduler, Assembler, Intake: in that order, so each finds the ones it sends to
 //! running), restarts a child that fails or stops
 //! (one-for-one), counts restarts, and escalates to a clean shutdown when
 //! restarts exceed `max_restarts` within `within_secs`.
@@ -24,9 +24,11 @@ use crate::cost_accountant::CostAccountant;
 use crate::dispatcher::Dispatcher;
 use crate::intake::Intake;
 use crate::messages::{
-    ActorKind, AssemblerMsg, CostMsg, DispatcherMsg, IntakeMsg, RetryMsg, SupervisorMsg,
+    ActorKind, AssemblerMsg, CostMsg, DispatcherMsg, IntakeMsg, PreemptionMsg, RetryMsg,
+    SupervisorMsg,
 };
 use crate::metrics;
+use crate::preemption_monitor::PreemptionMonitor;
 use crate::retry_scheduler::RetryScheduler;
 
 /// The child table: how each kind is started. Adding an actor is one arm here
@@ -57,6 +59,12 @@ async fn start_child(
             .await?
             .0
             .get_cell(),
+        ActorKind::PreemptionMonitor => {
+            Actor::spawn_linked(None, PreemptionMonitor, ctx, supervisor)
+                .await?
+                .0
+                .get_cell()
+        }
     })
 }
 
@@ -77,6 +85,9 @@ fn inject_fault(kind: ActorKind, cell: ActorCell) -> bool {
             .is_ok(),
         ActorKind::CostAccountant => ActorRef::<CostMsg>::from(cell)
             .cast(CostMsg::InjectFault)
+            .is_ok(),
+        ActorKind::PreemptionMonitor => ActorRef::<PreemptionMsg>::from(cell)
+            .cast(PreemptionMsg::InjectFault)
             .is_ok(),
     }
 }

@@ -232,7 +232,10 @@ async fn invalid_tasks_get_an_outcome_and_a_dead_letter_while_good_ones_flow() {
 
 #[tokio::test(start_paused = true)]
 async fn a_panicking_actor_is_restarted_and_no_task_is_lost() {
-    let r = rig(settings(), healthy(Duration::from_millis(20))).await;
+    // One fault per actor, all within the restart window.
+    let mut s = settings();
+    s.restart.max_restarts = ActorKind::COUNT as u32;
+    let r = rig(s, healthy(Duration::from_millis(20))).await;
     for i in 0..60 {
         r.source
             .publish(Priority::ALL[i % 3], task(&format!("p{i}"), "x"));

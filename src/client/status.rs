@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv};
+use batchd_actors::ports::Checkpoint;
 use batchd_actors::route::{RouteCondition, RouteState};
 use batchd_actors::task::Priority;
 use chrono::{DateTime, Utc};
@@ -48,10 +49,36 @@ pub struct ReplicaStatus {
 /// One entry of the checkpoints bucket.
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckpointEntry {
-    /// Its key.
+    /// Its key (the batch id).
     pub key: String,
     /// Seconds since it was written.
     pub age_secs: f64,
+    /// What it records, when it is a checkpoint this batchd can read.
+    pub batch: Option<CheckpointSummary>,
+}
+
+/// A preempted batch as its checkpoint records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckpointSummary {
+    /// `provider/model`.
+    pub route: String,
+    /// 2 or 3.
+    pub priority: u8,
+    /// Tasks finished when it was preempted.
+    pub finished: usize,
+    /// Tasks in the batch.
+    pub tasks: usize,
+}
+
+impl From<&Checkpoint> for CheckpointSummary {
+    fn from(c: &Checkpoint) -> Self {
+        CheckpointSummary {
+            route: format!("{}/{}", c.provider, c.model),
+            priority: c.priority,
+            finished: c.finished.len(),
+            tasks: c.finished.len() + c.remaining.len(),
+        }
+    }
 }
 
 /// The checkpoints bucket: preempted batches (and provider jobs) to resume.
@@ -289,6 +316,9 @@ async fn checkpoints(js: &jetstream::Context, bucket: &str) -> Result<Checkpoint
         .into_iter()
         .map(|e| CheckpointEntry {
             age_secs: (now - e.created).as_seconds_f64().max(0.0),
+            batch: serde_json::from_slice::<Checkpoint>(&e.value)
+                .ok()
+                .map(|c| CheckpointSummary::from(&c)),
             key: e.key,
         })
         .collect();

@@ -123,9 +123,23 @@ fn checkpoints(out: &mut String, s: &Status) {
         out.push_str("  none\n");
         return;
     }
-    let mut t = Table::new(&["key", "age"]);
+    let mut t = Table::new(&["batch", "route", "priority", "progress", "age"]);
     for e in &c.entries {
-        t.row(vec![e.key.clone(), format!("{:.1} s", e.age_secs)]);
+        let (route, priority, progress) = match &e.batch {
+            Some(b) => (
+                b.route.clone(),
+                b.priority.to_string(),
+                format!("{}/{} done", b.finished, b.tasks),
+            ),
+            None => ("?".into(), "?".into(), "unreadable".into()),
+        };
+        t.row(vec![
+            e.key.clone(),
+            route,
+            priority,
+            progress,
+            format!("{:.1} s", e.age_secs),
+        ]);
     }
     out.push_str(&t.render());
     if c.count > c.entries.len() as u64 {
@@ -192,7 +206,7 @@ pub fn render(s: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::status::{replicas, CheckpointEntry, Checkpoints};
+    use crate::client::status::{replicas, CheckpointEntry, CheckpointSummary, Checkpoints};
     use batchd_actors::route::{CircuitReason, RouteState, RouteStatus};
     use chrono::{TimeDelta, TimeZone as _};
 
@@ -275,11 +289,19 @@ mod tests {
             vec![CheckpointEntry {
                 key: "batch-01".into(),
                 age_secs: 12.34,
+                batch: Some(CheckpointSummary {
+                    route: "openai/gpt-4.1-mini".into(),
+                    priority: 3,
+                    finished: 2,
+                    tasks: 20,
+                }),
             }],
         ));
         assert!(
-            text.lines()
-                .any(|l| l.contains("batch-01") && l.contains("12.3 s")),
+            text.lines().any(|l| l.contains("batch-01")
+                && l.contains("openai/gpt-4.1-mini")
+                && l.contains("2/20 done")
+                && l.contains("12.3 s")),
             "{text}"
         );
         assert!(text.contains("none has published a route yet"), "{text}");

@@ -8,6 +8,7 @@ mod actor_restart;
 mod bad_input;
 mod bench;
 mod chaos;
+mod checkpoints;
 mod cli;
 mod cost;
 mod demo;

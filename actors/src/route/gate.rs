@@ -209,6 +209,8 @@ struct State {
     /// p2 and p3 weights, at least 1 each.
     weights: [i64; 2],
     next_id: u64,
+    /// Told whenever a priority-1 call has to wait (the PreemptionMonitor).
+    p1_signal: Option<Arc<Notify>>,
 }
 
 #[derive(Debug)]
@@ -248,6 +250,7 @@ impl RouteGate {
                 i64::from(settings.p3_weight.max(1)),
             ],
             next_id: 0,
+            p1_signal: None,
         };
         RouteGate {
             shared: Arc::new(Shared {
@@ -257,6 +260,11 @@ impl RouteGate {
                 state: Mutex::new(state),
             }),
         }
+    }
+
+    /// Has `signal` notified whenever a priority-1 call has to wait here.
+    pub fn signal_priority_one_waiting(&self, signal: Arc<Notify>) {
+        self.shared.lock().p1_signal = Some(signal);
     }
 
     /// A gate resumed from a snapshot; the settings win over what was stored
@@ -302,6 +310,11 @@ impl RouteGate {
         loop {
             let now = Instant::now();
             let step = self.shared.try_admit(priority, id, est_tokens, now);
+            if priority == Priority::P1 && matches!(step, Step::Wait(_)) {
+                if let Some(signal) = &self.shared.lock().p1_signal {
+                    signal.notify_one();
+                }
+            }
             match step {
                 Step::Go { charge, probe } => {
                     queued.admitted = true;

@@ -18,8 +18,8 @@ use batchd_actors::lease::{AckError, Acker};
 use batchd_actors::memory_ledger::MemoryLedger;
 use batchd_actors::offpeak::OffPeak;
 use batchd_actors::ports::{
-    Backlog, Completion, Delivery, Encoded, MemoryAttempts, MemoryBoard, OutcomeSink, Provider,
-    ProviderError, Requeue, SinkError, SourceError, TaskSource,
+    Backlog, Completion, Delivery, Encoded, MemoryAttempts, MemoryBoard, MemoryCheckpoints,
+    OutcomeSink, Provider, ProviderError, Requeue, SinkError, SourceError, TaskSource,
 };
 use batchd_actors::pricing::{ModelPrice, PriceTable};
 use batchd_actors::route::{RateLimitInfo, RouteSettings};
@@ -486,6 +486,7 @@ pub fn settings() -> EngineSettings {
         ledger: Default::default(),
         offpeak: OffPeak::default(),
         clock: Clock::system(),
+        preemption: Default::default(),
     }
 }
 
@@ -494,6 +495,7 @@ pub struct Rig {
     pub attempts: Arc<MemoryAttempts>,
     pub ledger: Arc<MemoryLedger>,
     pub board: Arc<MemoryBoard>,
+    pub checkpoints: Arc<MemoryCheckpoints>,
     pub source: Arc<FakeSource>,
     pub sink: Arc<FakeSink>,
     pub provider: Arc<FakeProvider>,
@@ -513,6 +515,7 @@ pub async fn rig_with_ledger(
     let sink = Arc::new(FakeSink::default());
     let attempts = Arc::new(MemoryAttempts::default());
     let board = Arc::new(MemoryBoard::default());
+    let checkpoints = Arc::new(MemoryCheckpoints::default());
     let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
     providers.insert("fake".into(), provider.clone());
     let ports = Ports {
@@ -521,6 +524,7 @@ pub async fn rig_with_ledger(
         attempts: attempts.clone(),
         ledger: ledger.clone(),
         board: board.clone(),
+        checkpoints: checkpoints.clone(),
         providers,
     };
     let engine = Engine::start(settings, ports).await.unwrap();
@@ -529,6 +533,7 @@ pub async fn rig_with_ledger(
         attempts,
         ledger,
         board,
+        checkpoints,
         source,
         sink,
         provider,

@@ -1,0 +1,191 @@
+//! Preemption of bulk batches for priority 1, in memory under paused time.
+
+mod support;
+
+use std::time::Duration;
+
+use batchd_actors::messages::ActorKind;
+use batchd_actors::task::Priority;
+use support::*;
+use tokio::time::Instant;
+
+/// When the provider was first called for `id` (its text is its id).
+fn call_of(r: &Rig, id: &str) -> Option<Instant> {
+    r.provider
+        .calls()
+        .into_iter()
+        .find(|(text, _)| text == id)
+        .map(|(_, at)| at)
+}
+
+/// Test settings with `slots` calls at a time on the route.
+fn with_slots(slots: usize) -> batchd_actors::settings::EngineSettings {
+    let mut s = settings();
+    s.route.max_concurrency = slots;
+    s.route.initial_concurrency = slots;
+    s
+}
+
+/// Publishes `n` bulk tasks that travel in one batch (each names its text
+/// after its id); their ids.
+fn publish_bulk(r: &Rig, n: usize) -> Vec<String> {
+    let bulk: Vec<String> = (0..n).map(|i| format!("bulk{i}")).collect();
+    for (i, id) in bulk.iter().enumerate() {
+        let pending = (n - 1 - i) as u64;
+        r.source
+            .publish_with_pending(Priority::P3, task(id, id), Some(pending));
+    }
+    bulk
+}
+
+/// Publishes one priority-1 task named `id`, alone in its queue.
+fn publish_vip(r: &Rig, id: &str) {
+    r.source
+        .publish_with_pending(Priority::P1, task(id, id), Some(0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_bulk_batch_is_preempted_for_priority_one_then_resumes_under_its_id() {
+    // Two calls at a time, one second each; 20 bulk tasks in one batch.
+    let s = with_slots(2);
+    let resume_after = s.preemption.resume_after;
+    let r = rig(s, healthy(Duration::from_secs(1))).await;
+    let bulk = publish_bulk(&r, 20);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Three priority-1 tasks arrive while the route is full of bulk work.
+    let arrived = Instant::now();
+    let vips = ["vip0", "vip1", "vip2"];
+    for (i, id) in vips.iter().enumerate() {
+        r.source
+            .publish_with_pending(Priority::P1, task(id, id), Some((2 - i) as u64));
+    }
+    until(Duration::from_secs(5), || {
+        !r.checkpoints.entries().is_empty()
+    })
+    .await;
+    let (batch_id, cp) = r.checkpoints.entries().into_iter().next().unwrap();
+    assert_eq!(cp.priority, 3);
+    assert_eq!(cp.reason, "p1_waiting");
+    assert_eq!(cp.finished.len(), 2, "two calls had ended before p1 came");
+    assert_eq!(cp.remaining.len(), 18);
+    assert!(cp.attempts.values().all(|a| *a == 0));
+
+    // Priority 1 takes the slots as the bulk calls in flight end; no bulk
+    // call goes out meanwhile.
+    until(Duration::from_secs(10), || {
+        vips.iter().all(|id| call_of(&r, id).is_some())
+    })
+    .await;
+    let last_vip = vips.iter().filter_map(|id| call_of(&r, id)).max().unwrap();
+    let bulk_during: Vec<&String> = bulk
+        .iter()
+        .filter(|id| call_of(&r, id).is_some_and(|at| at >= arrived && at <= last_vip))
+        .collect();
+    assert!(
+        bulk_during.is_empty(),
+        "bulk calls went out while p1 waited: {bulk_during:?}"
+    );
+
+    // A priority-1 task arriving in the same burst finds a slot kept free.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let late = Instant::now();
+    publish_vip(&r, "vip-late");
+    until(Duration::from_secs(5), || call_of(&r, "vip-late").is_some()).await;
+    let waited = call_of(&r, "vip-late").unwrap() - late;
+    assert!(
+        waited < Duration::from_millis(100),
+        "the late p1 task waited {waited:?} for a slot"
+    );
+
+    // Priority 1 quiet: the batch resumes, completes under its id, and its
+    // checkpoint goes.
+    let all = bulk.len() + vips.len() + 1;
+    until(Duration::from_secs(60), || r.sink.outcome_count() == all).await;
+    let first_resumed = bulk
+        .iter()
+        .filter_map(|id| call_of(&r, id))
+        .filter(|at| *at > arrived)
+        .min()
+        .unwrap();
+    assert!(
+        first_resumed >= last_vip + resume_after,
+        "bulk resumed {:?} after the last p1 call",
+        first_resumed - last_vip
+    );
+    for id in &bulk {
+        let o = r.sink.outcome(id).unwrap();
+        assert_eq!(o["status"], "succeeded", "{id}");
+        assert_eq!(o["batch_id"], batch_id.as_str(), "{id} kept its batch id");
+        assert_eq!(o["attempts"], 1, "{id}: preemption spends no attempt");
+    }
+    for id in vips.iter().chain(["vip-late"].iter()) {
+        assert_eq!(r.sink.outcome(id).unwrap()["status"], "succeeded");
+    }
+    assert_eq!(r.sink.max_copies(), 1, "one outcome per task");
+    assert_eq!(r.provider.calls().len(), all, "one call per task");
+    until(Duration::from_secs(5), || r.source.acks().len() == all).await;
+    assert_eq!(r.source.naks(), 0, "no lease was given up");
+    until(Duration::from_secs(5), || {
+        r.checkpoints.entries().is_empty()
+    })
+    .await;
+    assert_eq!(r.checkpoints.written(), 1);
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_preemption_off_bulk_batches_are_never_paused() {
+    let mut s = with_slots(1);
+    s.preemption.enabled = false;
+    let r = rig(s, healthy(Duration::from_secs(1))).await;
+    publish_bulk(&r, 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    publish_vip(&r, "vip");
+    until(Duration::from_secs(30), || r.sink.outcome_count() == 5).await;
+    assert_eq!(r.checkpoints.written(), 0);
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_monitor_resumes_the_batches_its_predecessor_preempted() {
+    let r = rig(with_slots(1), healthy(Duration::from_secs(1))).await;
+    let bulk = publish_bulk(&r, 6);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    publish_vip(&r, "vip");
+    until(Duration::from_secs(5), || {
+        !r.checkpoints.entries().is_empty()
+    })
+    .await;
+    let batch_id = r.checkpoints.entries().into_keys().next().unwrap();
+    r.engine.inject_fault(ActorKind::PreemptionMonitor);
+
+    until(Duration::from_secs(60), || r.sink.outcome_count() == 7).await;
+    for id in &bulk {
+        let o = r.sink.outcome(id).unwrap();
+        assert_eq!(o["status"], "succeeded", "{id}");
+        assert_eq!(o["batch_id"], batch_id.as_str(), "{id} kept its batch id");
+        assert_eq!(o["attempts"], 1, "{id}");
+    }
+    until(Duration::from_secs(5), || {
+        r.checkpoints.entries().is_empty()
+    })
+    .await;
+    assert!(r.engine.is_running());
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_is_preempted_while_the_route_is_down() {
+    // The key is refused for three seconds: the circuit opens on the first
+    // call, and priority 1 then waits for the provider, not for bulk work.
+    let back = Instant::now() + Duration::from_secs(3);
+    let r = rig(with_slots(1), down_until(back, rejected(401, "bad key"))).await;
+    publish_bulk(&r, 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    publish_vip(&r, "vip");
+    until(Duration::from_secs(60), || r.sink.outcome_count() == 5).await;
+    assert_eq!(r.sink.outcome("vip").unwrap()["status"], "succeeded");
+    assert_eq!(r.checkpoints.written(), 0, "no batch was preempted");
+    r.engine.shutdown().await;
+}
