@@ -139,3 +139,104 @@ max_tokens = 64
         );
     }
 }
+
+/// POSTs a Messages body with the given headers to the simulator.
+async fn post_messages(
+    sim: &SimServer,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{}/v1/messages", sim.anthropic_base_url()))
+        .json(body);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, headers, resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn the_sim_answers_messages_with_anthropic_headers_errors_and_additive_cached_usage() {
+    let sim = common::start_sim(SimConfig::default()).await;
+    let auth = [
+        ("x-api-key", "sk-ant-test"),
+        ("anthropic-version", "2023-06-01"),
+    ];
+    let system = "Answer in the house style. ".repeat(200);
+    let body = json!({
+        "model": CLAUDE, "max_tokens": 500,
+        "system": [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": "Hello"}]
+    });
+
+    let (status, _, error) = post_messages(&sim, &auth[1..], &body).await;
+    assert_eq!(status, 401);
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["type"], "authentication_error");
+    let (status, _, error) = post_messages(&sim, &auth[..1], &body).await;
+    assert_eq!(
+        (status, &error["error"]["type"]),
+        (400, &json!("invalid_request_error"))
+    );
+    let (status, _, error) =
+        post_messages(&sim, &auth, &json!({"model": CLAUDE, "messages": []})).await;
+    assert_eq!(
+        (status, &error["error"]["type"]),
+        (400, &json!("invalid_request_error"))
+    );
+
+    // First use writes the marked prefix to the cache, the next reads it.
+    let (status, headers, first) = post_messages(&sim, &auth, &body).await;
+    assert_eq!(status, 200, "{first}");
+    assert!(headers.contains_key("request-id"));
+    assert_eq!(first["type"], "message");
+    assert_eq!(first["content"][0]["type"], "text");
+    assert_eq!(first["stop_reason"], "end_turn");
+    let written = first["usage"]["cache_creation_input_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(written >= 1024, "{first}");
+    assert_eq!(first["usage"]["cache_read_input_tokens"], 0);
+    let (_, _, second) = post_messages(&sim, &auth, &body).await;
+    assert_eq!(second["usage"]["cache_read_input_tokens"], written);
+    assert_eq!(second["usage"]["cache_creation_input_tokens"], 0);
+    assert_eq!(
+        second["usage"]["input_tokens"], first["usage"]["input_tokens"],
+        "input_tokens leaves the cached tokens out"
+    );
+    let bill = sim.bill()[CLAUDE];
+    assert_eq!(
+        (bill.requests, bill.cache_write_tokens, bill.cached_tokens),
+        (2, written, written)
+    );
+
+    sim.set_config(|c| c.error_rate = 1.0);
+    let (status, _, error) = post_messages(&sim, &auth, &body).await;
+    assert_eq!(status, 529);
+    assert_eq!(error["error"]["type"], "overloaded_error");
+
+    sim.set_config(|c| {
+        c.error_rate = 0.0;
+        c.rpm = 1;
+    });
+    let _ = post_messages(&sim, &auth, &body).await;
+    let (status, headers, error) = post_messages(&sim, &auth, &body).await;
+    assert_eq!(status, 429);
+    assert_eq!(error["error"]["type"], "rate_limit_error");
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(headers["anthropic-ratelimit-requests-limit"], "1");
+    assert_eq!(headers["anthropic-ratelimit-requests-remaining"], "0");
+    let reset = headers["anthropic-ratelimit-requests-reset"]
+        .to_str()
+        .unwrap();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(reset).is_ok(),
+        "{reset}"
+    );
+    let stats = sim.model_stats()[CLAUDE];
+    assert_eq!((stats.server_errors, stats.rate_limited), (1, 1));
+    sim.shutdown().await;
+}
