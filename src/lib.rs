@@ -2,8 +2,7 @@
 //!
 //! A self-hosted engine that takes LLM tasks from NATS JetStream subjects per
 //! priority, batches them, sends them to OpenAI-compatible and Anthropic
-//! providers, and
-//! publishes exactly one outcome per task. The engine itself (actors,
+//! providers, and publishes exactly one outcome per task. The engine itself (actors,
 //! policies) lives in the `batchd-actors` crate; this crate is the daemon
 //! around it.
 //!
