@@ -179,6 +179,10 @@ fn read_answer(answer: Answer, scrubber: &Scrubber) -> Result<Completion, Provid
     }
     let (_, message) = parse_error_body(&answer.body);
     let message = scrubber.scrub(&message);
+    // Anthropic answers an account out of credit with a 400: no retry helps.
+    if code == 400 && message.contains("credit balance is too low") {
+        return Err(ProviderError::QuotaExhausted { message });
+    }
     // 529 overloaded_error and 500 api_error are transient, as 5xx are.
     Err(status_error(code, answer.limits, message))
 }
@@ -405,6 +409,20 @@ mod tests {
                 message: "authentication_error: invalid x-api-key ***".into()
             }
         );
+    }
+
+    #[test]
+    fn an_account_out_of_credit_is_quota_exhausted() {
+        let e = read_answer(
+            answer(
+                400,
+                r#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the Anthropic API."}}"#,
+                RateLimitInfo::default(),
+            ),
+            &Scrubber::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, ProviderError::QuotaExhausted { .. }), "{e}");
     }
 
     #[test]

@@ -12,8 +12,10 @@ use serde_json::{json, Value};
 
 use super::api_error::ApiError;
 use super::completion::Generated;
+use super::fault::FaultKind;
 use super::rate_limit::Quota;
 use super::request::{self, count_tokens, ChatRequest};
+use super::service::Outcome;
 use crate::anthropic::{
     Content, ContentBlock, ContentBlockParam, Message, MessagesRequest, Role, SystemPrompt, Usage,
 };
@@ -80,6 +82,56 @@ pub(crate) fn overloaded() -> ApiError {
         StatusCode::from_u16(OVERLOADED).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
         "Overloaded".to_owned(),
     )
+}
+
+/// The message of a 400 for an account out of credit (Anthropic has no 429
+/// for it).
+pub const CREDIT_TOO_LOW: &str = "Your credit balance is too low to access the Anthropic API. \
+     Please go to Plans & Billing to upgrade or purchase credits.";
+
+/// A scripted fault's answer in Anthropic's words, where they differ from
+/// OpenAI's (`None`: the shared answer, or no answer).
+pub(crate) fn fault_error(kind: FaultKind, model: Option<&str>) -> Option<(Outcome, ApiError)> {
+    let error = |status: StatusCode, message: &str| status_error(status, message.to_owned());
+    Some(match kind {
+        FaultKind::Outage { status: 500 } => (
+            Outcome::Unavailable,
+            error(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error"),
+        ),
+        FaultKind::Outage { .. } => (Outcome::Unavailable, overloaded()),
+        FaultKind::Unauthorized => (
+            Outcome::AuthError,
+            error(StatusCode::UNAUTHORIZED, "invalid x-api-key"),
+        ),
+        FaultKind::Forbidden => (
+            Outcome::AuthError,
+            error(
+                StatusCode::FORBIDDEN,
+                "Your API key does not have permission to use the specified resource.",
+            ),
+        ),
+        FaultKind::ModelNotFound => (
+            Outcome::NotFound,
+            status_error(
+                StatusCode::NOT_FOUND,
+                format!("model: {}", model.unwrap_or_default()),
+            ),
+        ),
+        FaultKind::Quota => (
+            Outcome::QuotaError,
+            error(StatusCode::BAD_REQUEST, CREDIT_TOO_LOW),
+        ),
+        FaultKind::BadRequest => (
+            Outcome::BadRequest,
+            error(
+                StatusCode::BAD_REQUEST,
+                "Output blocked by content filtering policy",
+            ),
+        ),
+        FaultKind::RateLimitStorm { .. } | FaultKind::Refuse | FaultKind::Slow { .. } => {
+            return None
+        }
+    })
 }
 
 /// Reads a Messages body as the API validates it.

@@ -103,7 +103,7 @@ struct Counters {
 
 /// How a chat completion request was answered; each outcome has a counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+pub(crate) enum Outcome {
     Succeeded,
     RateLimited,
     ServerError,
@@ -640,11 +640,13 @@ fn fault_answer(
     api: Api,
 ) -> Option<Failure> {
     let fail = |outcome, error: &ApiError| Failure::new(outcome, error, api);
+    if api == Api::Anthropic {
+        if let Some((outcome, error)) = messages::fault_error(kind, model) {
+            return Some(fail(outcome, &error));
+        }
+    }
     let failure = match kind {
         FaultKind::Outage { status: 500 } => fail(Outcome::Unavailable, &ApiError::server_error()),
-        FaultKind::Outage { .. } if api == Api::Anthropic => {
-            fail(Outcome::Unavailable, &messages::overloaded())
-        }
         FaultKind::Outage { .. } => fail(Outcome::Unavailable, &ApiError::overloaded()),
         FaultKind::Unauthorized => fail(
             Outcome::AuthError,

@@ -238,5 +238,28 @@ async fn the_sim_answers_messages_with_anthropic_headers_errors_and_additive_cac
     );
     let stats = sim.model_stats()[CLAUDE];
     assert_eq!((stats.server_errors, stats.rate_limited), (1, 1));
+
+    // Scripted faults answer in Anthropic's words.
+    sim.set_config(|c| c.rpm = 0);
+    for (spec, status, kind) in [
+        ("quota@0s..1h:claude-broke", 400, "invalid_request_error"),
+        ("outage@0s..1h:claude-down", 529, "overloaded_error"),
+        (
+            "unauthorized@0s..1h:claude-locked",
+            401,
+            "authentication_error",
+        ),
+    ] {
+        sim.add_fault(spec.parse().unwrap()).unwrap();
+        let model = spec.rsplit(':').next().unwrap();
+        let mut body = body.clone();
+        body["model"] = json!(model);
+        let (got, _, error) = post_messages(&sim, &auth, &body).await;
+        assert_eq!(
+            (got, &error["error"]["type"]),
+            (status, &json!(kind)),
+            "{spec}"
+        );
+    }
     sim.shutdown().await;
 }
