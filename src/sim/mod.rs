@@ -224,10 +224,10 @@ pub struct SimBill {
     pub cache_write_tokens: u64,
 }
 
-/// What the simulator has answered so far (chat completion requests only).
+/// What the simulator has answered so far (chat completion and Messages requests only).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct SimStats {
-    /// Every chat completion request received (per model: answered).
+    /// Every chat completion or Messages request received (per model: answered).
     pub requests: u64,
     /// Answered with a 200.
     pub succeeded: u64,

@@ -1,5 +1,5 @@
 //! The HTTP side of the simulator: routes, the shared state behind them, and
-//! the path of one chat completion request.
+//! the path of one completion request (Chat Completions or Messages).
 //!
 //! A request goes: authorization → JSON → scripted faults (extra latency,
 //! or a fault's answer) → validation → answer (no lock) → one short lock
