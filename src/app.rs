@@ -17,7 +17,6 @@ use crate::ledger::KvLedger;
 use crate::nats::{
     connect, ensure_topology, JetSink, JetSource, KvAttempts, KvCheckpoints, KvRouteBoard,
 };
-use crate::provider::OpenAiProvider;
 
 /// What `/readyz` checks: the NATS connection, the streams, the actors.
 #[derive(Clone)]
@@ -72,9 +71,9 @@ pub fn http_providers(config: &Config) -> anyhow::Result<HashMap<String, Arc<dyn
     let timeout = Duration::from_secs(config.dispatch.request_timeout_secs);
     let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
     for (name, p) in &config.providers {
-        let client = OpenAiProvider::from_config(p, timeout)
-            .with_context(|| format!("building the HTTP client of provider {name}"))?;
-        providers.insert(name.clone(), Arc::new(client));
+        let client = crate::provider::from_config(p, timeout)
+            .with_context(|| format!("config key `providers.{name}`: building its HTTP client"))?;
+        providers.insert(name.clone(), client);
     }
     Ok(providers)
 }

@@ -70,7 +70,7 @@ pub struct Config {
     pub supervisor: RestartPolicy,
     /// Prometheus exporter.
     pub metrics: MetricsConfig,
-    /// OpenAI-compatible providers by name.
+    /// Providers by name (OpenAI-compatible or Anthropic).
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Tier → model.
     pub tiers: TierModels,
@@ -489,15 +489,21 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
-    /// Base URL including `/v1`.
+    /// The API it speaks.
+    #[serde(default)]
+    pub kind: ProviderKind,
+    /// Base URL: including `/v1` for `openai`; without it for `anthropic`
+    /// (`https://api.anthropic.com`, as the Anthropic SDK takes it).
     pub base_url: String,
-    /// Environment variable overriding `base_url`.
+    /// Environment variable overriding `base_url`; for `anthropic`,
+    /// `ANTHROPIC_BASE_URL` unless given.
     #[serde(default)]
     pub base_url_env: Option<String>,
     /// API key (prefer `api_key_env`).
     #[serde(default)]
     pub api_key: Option<String>,
-    /// Environment variable holding the API key.
+    /// Environment variable holding the API key; for `anthropic`,
+    /// `ANTHROPIC_API_KEY` unless given.
     #[serde(default)]
     pub api_key_env: Option<String>,
     /// Models this provider serves.
@@ -507,6 +513,28 @@ pub struct ProviderConfig {
     /// `max_tokens` (for servers that only know the older name).
     #[serde(default)]
     pub max_tokens_field: MaxTokensField,
+}
+
+/// See [`ProviderConfig::kind`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// OpenAI's Chat Completions (`{base_url}/chat/completions`, Bearer key).
+    #[default]
+    Openai,
+    /// Anthropic's Messages (`{base_url}/v1/messages`, `x-api-key`).
+    Anthropic,
+}
+
+impl ProviderKind {
+    /// The environment variables (base URL, key) the provider's SDK reads,
+    /// used when the section names none.
+    fn sdk_env(self) -> (Option<&'static str>, Option<&'static str>) {
+        match self {
+            ProviderKind::Openai => (None, None),
+            ProviderKind::Anthropic => (Some("ANTHROPIC_BASE_URL"), Some("ANTHROPIC_API_KEY")),
+        }
+    }
 }
 
 /// See [`ProviderConfig::max_tokens_field`].
@@ -526,6 +554,7 @@ impl ProviderConfig {
         let from_env = self
             .base_url_env
             .as_deref()
+            .or(self.kind.sdk_env().0)
             .and_then(|v| std::env::var(v).ok())
             .filter(|v| !v.trim().is_empty());
         from_env
@@ -538,6 +567,7 @@ impl ProviderConfig {
     pub fn resolved_api_key(&self) -> Option<String> {
         self.api_key_env
             .as_deref()
+            .or(self.kind.sdk_env().1)
             .and_then(|v| std::env::var(v).ok())
             .filter(|v| !v.trim().is_empty())
             .or_else(|| self.api_key.clone())
@@ -762,6 +792,13 @@ impl Config {
                 return bad(
                     &format!("providers.{name}.base_url"),
                     "must be an http(s) URL".into(),
+                );
+            }
+            if p.kind == ProviderKind::Anthropic && p.max_tokens_field != MaxTokensField::default()
+            {
+                return bad(
+                    &format!("providers.{name}.max_tokens_field"),
+                    "applies to kind = \"openai\" only (Anthropic always takes max_tokens)".into(),
                 );
             }
         }
@@ -1071,6 +1108,40 @@ mod tests {
         let c = Config::from_toml_str("[batching.p3]\nmax_size = 7\n", "t").unwrap();
         assert_eq!(c.batching.p3.max_size, 7);
         assert_eq!(c.batching.p3.max_wait_ms, 1000);
+    }
+
+    #[test]
+    fn claude_models_route_to_the_anthropic_provider_with_the_sdk_variables() {
+        let c = Config::defaults().unwrap();
+        let served = c.model_providers();
+        assert_eq!(served["claude-3-5-haiku-latest"], "anthropic");
+        assert_eq!(served["gpt-4.1-mini"], "openai");
+        let p = &c.providers["anthropic"];
+        assert_eq!(p.kind, ProviderKind::Anthropic);
+        assert_eq!(c.providers["openai"].kind, ProviderKind::Openai);
+        // A section of kind anthropic that names no variables reads the SDK's.
+        let c = Config::from_toml_str(
+            "[providers.claude]\nkind = \"anthropic\"\nbase_url = \"https://x\"\nmodels = []\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            c.providers["claude"].kind.sdk_env(),
+            (Some("ANTHROPIC_BASE_URL"), Some("ANTHROPIC_API_KEY"))
+        );
+        let e =
+            Config::from_toml_str("[providers.anthropic]\nkind = \"gemini\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("kind"), "{e}");
+        let e = Config::from_toml_str(
+            "[providers.anthropic]\nmax_tokens_field = \"max_tokens\"\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("providers.anthropic.max_tokens_field"),
+            "{e}"
+        );
     }
 
     #[test]

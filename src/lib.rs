@@ -1,8 +1,8 @@
 //! # batchd
 //!
 //! A self-hosted engine that takes LLM tasks from NATS JetStream subjects per
-//! priority, batches them, sends them to OpenAI-compatible providers, and
-//! publishes exactly one outcome per task. The engine itself (actors,
+//! priority, batches them, sends them to OpenAI-compatible and Anthropic
+//! providers, and publishes exactly one outcome per task. The engine itself (actors,
 //! policies) lives in the `batchd-actors` crate; this crate is the daemon
 //! around it.
 //!
@@ -12,7 +12,9 @@
 //! - [`nats`]: connection (version check), streams, consumers, buckets; the
 //!   engine's task source, outcome sink, attempt store and route board over
 //!   JetStream.
-//! - [`provider`]: OpenAI-compatible Chat Completions over HTTP; an instant provider.
+//! - [`provider`]: OpenAI-compatible Chat Completions and Anthropic Messages
+//!   over HTTP; an instant provider.
+//! - [`anthropic`]: the Anthropic Messages API's bodies, shared with the sim.
 //! - [`ledger`]: the cost ledger (call records, daily totals) over JetStream KV.
 //!
 //! Wiring: what starts and observes the engine.
@@ -32,6 +34,7 @@
 //! simulated OpenAI-compatible provider behind `batchd sim`, the demo and
 //! the tests.
 
+pub mod anthropic;
 pub mod app;
 pub mod client;
 pub mod cmd;

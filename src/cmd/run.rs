@@ -51,7 +51,7 @@ async fn serve(config: Config, metrics_addr: SocketAddr) -> anyhow::Result<()> {
         crate::telemetry::serve_metrics(metrics_addr, health.clone()).await?;
     let providers = app::http_providers(&config)?;
     for (name, p) in &config.providers {
-        tracing::info!(provider = %name, base_url = %redact_url(&p.resolved_base_url()), key = p.resolved_api_key().is_some(), "provider");
+        tracing::info!(provider = %name, kind = ?p.kind, base_url = %redact_url(&p.resolved_base_url()), key = p.resolved_api_key().is_some(), "provider");
     }
     let mut running = app::start(&config, providers).await?;
     health.set_ready(running.readiness(&config));

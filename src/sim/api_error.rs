@@ -280,6 +280,15 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The same error in Anthropic's shape, typed by its status.
+    pub(crate) fn to_anthropic_body(&self) -> Vec<u8> {
+        let body =
+            crate::anthropic::ErrorResponse::for_status(self.status.as_u16(), self.message.clone());
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
 /// A key as OpenAI echoes it: the first 8 and last 4 characters of a key
 /// of more than 16, stars for the rest; only stars for a shorter one.
 fn mask_key(key: &str) -> String {

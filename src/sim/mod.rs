@@ -16,6 +16,15 @@
 //!   requests wait the configured latency, then get a 200 or, at
 //!   `error_rate`, a 500. A present `Authorization` header must be
 //!   `Bearer <key>` (any key).
+//! - `POST /v1/messages`: Anthropic's Messages API, answered by the same
+//!   model. `x-api-key` and `anthropic-version` are required; errors have
+//!   Anthropic's shape (`{"type": "error", "error": {"type", "message"}}`),
+//!   `error_rate` failures are 529 `overloaded_error`, rate limits 429
+//!   `rate_limit_error` with `retry-after` and `anthropic-ratelimit-*`
+//!   headers, and usage is additive: a system block marked `cache_control`
+//!   of at least 1024 tokens is written to the prompt cache on first use
+//!   (`cache_creation_input_tokens`) and read from it after
+//!   (`cache_read_input_tokens`). Counted in the same stats and bill.
 //! - `GET /v1/models` and `GET /v1/models/{id}`: a fixed list of model ids.
 //! - Anything else: a 404 with OpenAI's `Invalid URL` error.
 //!
@@ -56,6 +65,7 @@
 //! - `rate_limit`: requests and tokens per minute budgets, header values.
 //! - `prompt_cache`: which prompt prefixes count as `cached_tokens`.
 //! - `api_error`: OpenAI's error body.
+//! - `messages`: Anthropic's Messages API: headers, request, answer.
 //! - `hash`: the stable hash behind answers and cache keys.
 
 mod admin;
@@ -64,6 +74,7 @@ mod completion;
 mod fault;
 mod hash;
 mod listener;
+mod messages;
 mod prompt_cache;
 mod rate_limit;
 mod request;
@@ -207,12 +218,16 @@ pub struct SimBill {
     pub cached_tokens: u64,
     /// Completion tokens.
     pub completion_tokens: u64,
+    /// Prompt tokens written to the prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`), included in `prompt_tokens`.
+    #[serde(default)]
+    pub cache_write_tokens: u64,
 }
 
-/// What the simulator has answered so far (chat completion requests only).
+/// What the simulator has answered so far (chat completion and Messages requests only).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct SimStats {
-    /// Every chat completion request received (per model: answered).
+    /// Every chat completion or Messages request received (per model: answered).
     pub requests: u64,
     /// Answered with a 200.
     pub succeeded: u64,
@@ -297,6 +312,11 @@ impl SimServer {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The `ANTHROPIC_BASE_URL` for clients: the server's root.
+    pub fn anthropic_base_url(&self) -> String {
+        self.base_url().trim_end_matches("/v1").to_owned()
     }
 
     /// The `OPENAI_BASE_URL` for clients, `/v1` included. A wildcard listen

@@ -1,5 +1,5 @@
 //! The HTTP side of the simulator: routes, the shared state behind them, and
-//! the path of one chat completion request.
+//! the path of one completion request (Chat Completions or Messages).
 //!
 //! A request goes: authorization → JSON → scripted faults (extra latency,
 //! or a fault's answer) → validation → answer (no lock) → one short lock
@@ -31,6 +31,7 @@ use super::api_error::ApiError;
 use super::completion::{self, ChatCompletion, Usage};
 use super::fault::{Fault, FaultClock, FaultError, FaultKind, ListenPlan};
 use super::hash::mix;
+use super::messages::{self, Api};
 use super::prompt_cache::{self, PromptCache};
 use super::rate_limit::{
     format_duration, Admission, BudgetState, LimitKind, Quota, RateLimiter, Refusal,
@@ -102,7 +103,7 @@ struct Counters {
 
 /// How a chat completion request was answered; each outcome has a counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+pub(crate) enum Outcome {
     Succeeded,
     RateLimited,
     ServerError,
@@ -225,7 +226,7 @@ impl Shared {
     }
 
     /// Adds one answered request's tokens to its model's bill.
-    fn charge(&self, model: &str, prompt: u64, cached: u64, completion: u64) {
+    fn charge(&self, model: &str, prompt: u64, cached: u64, written: u64, completion: u64) {
         let mut bill = lock(&self.bill);
         if !bill.contains_key(model) && bill.len() >= MAX_MODELS_TRACKED {
             return;
@@ -235,6 +236,7 @@ impl Shared {
         b.prompt_tokens += prompt;
         b.cached_tokens += cached;
         b.completion_tokens += completion;
+        b.cache_write_tokens += written;
     }
 
     pub(crate) fn count_dropped_connection(&self) {
@@ -342,6 +344,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             "/v1/chat/completions",
             post(chat_completions).fallback(invalid_url),
         )
+        .route(
+            "/v1/messages",
+            post(anthropic_messages).fallback(invalid_url),
+        )
         .route("/v1/models", get(list_models).fallback(invalid_url))
         .route(
             "/v1/models/{model}",
@@ -364,6 +370,7 @@ enum Decision {
         quota: Quota,
         delay: Duration,
         cached_tokens: u64,
+        written_tokens: u64,
         seed: u64,
     },
 }
@@ -373,15 +380,33 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    serve(&shared, &headers, body, Api::OpenAi).await
+}
+
+async fn anthropic_messages(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    serve(&shared, &headers, body, Api::Anthropic).await
+}
+
+/// One completion request through either API, counted and billed alike.
+async fn serve(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    api: Api,
+) -> Response {
     let started = Instant::now();
     let sequence = shared.next_sequence();
     shared.counters.requests.fetch_add(1, Ordering::Relaxed);
 
-    let (model, result) = match read_body(&shared, &headers, body) {
-        Err(error) => (None, Err(Failure::invalid(&error))),
+    let (model, result) = match read_body(shared, headers, body, api) {
+        Err(error) => (None, Err(Failure::invalid(&error, api))),
         Ok(body) => {
             let model = body.get("model").and_then(Value::as_str).map(str::to_owned);
-            let result = complete(&shared, sequence, &headers, &body, model.as_deref()).await;
+            let result = complete(shared, sequence, headers, &body, model.as_deref(), api).await;
             (model, result)
         }
     };
@@ -393,8 +418,13 @@ async fn chat_completions(
 
     let elapsed_ms = started.elapsed().as_millis().to_string();
     let headers = response.headers_mut();
-    insert(headers, "x-request-id", &shared.request_id(sequence));
-    insert(headers, "openai-processing-ms", &elapsed_ms);
+    match api {
+        Api::OpenAi => {
+            insert(headers, "x-request-id", &shared.request_id(sequence));
+            insert(headers, "openai-processing-ms", &elapsed_ms);
+        }
+        Api::Anthropic => insert(headers, "request-id", &shared.request_id(sequence)),
+    }
     response
 }
 
@@ -405,16 +435,24 @@ struct Failure {
 }
 
 impl Failure {
-    fn new(outcome: Outcome, error: &ApiError) -> Self {
+    fn new(outcome: Outcome, error: &ApiError, api: Api) -> Self {
         Failure {
             outcome,
-            response: error_response(error),
+            response: api_error_response(error, api),
         }
     }
 
     /// A request refused as invalid: 400, 401 or 413.
-    fn invalid(error: &ApiError) -> Self {
-        Failure::new(Outcome::BadRequest, error)
+    fn invalid(error: &ApiError, api: Api) -> Self {
+        Failure::new(Outcome::BadRequest, error, api)
+    }
+}
+
+/// An error in the shape of the API the request came through.
+fn api_error_response(error: &ApiError, api: Api) -> Response {
+    match api {
+        Api::OpenAi => error_response(error),
+        Api::Anthropic => bytes_response(error.status, error.to_anthropic_body()),
     }
 }
 
@@ -423,8 +461,12 @@ fn read_body(
     shared: &Shared,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
+    api: Api,
 ) -> Result<Value, ApiError> {
-    check_authorization(headers)?;
+    match api {
+        Api::OpenAi => check_authorization(headers)?,
+        Api::Anthropic => messages::check_headers(headers)?,
+    }
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::body_too_large(MAX_BODY_BYTES)
@@ -447,23 +489,41 @@ async fn complete(
     headers: &HeaderMap,
     body: &Value,
     model: Option<&str>,
+    api: Api,
 ) -> Result<Response, Failure> {
     let effects = lock(&shared.faults).effects(Instant::now(), model);
     sleep(effects.extra_latency).await;
     if let Some(failure) = effects
         .answer
-        .and_then(|kind| fault_answer(shared, kind, headers, model))
+        .and_then(|kind| fault_answer(shared, kind, headers, model, api))
     {
         return Err(failure);
     }
 
-    let request = request::parse(body).map_err(|error| Failure::invalid(&error))?;
+    let (request, cache_prefix) = match api {
+        Api::OpenAi => (request::parse(body), None),
+        Api::Anthropic => match messages::parse(body) {
+            Ok(parsed) => (Ok(parsed.chat), parsed.cache_prefix),
+            Err(e) => (Err(e), None),
+        },
+    };
+    let request = request.map_err(|error| Failure::invalid(&error, api))?;
 
     // The expensive parts happen before the lock.
     let generated = completion::generate(&request);
     let prompt_tokens = request.prompt.tokens;
-    let prefixes = if prompt_tokens >= prompt_cache::MIN_CACHED_TOKENS {
-        prompt_cache::prefix_hashes(&request.model, &request.prompt.text)
+    // OpenAI caches any long prompt's beginning; Anthropic only the prefix
+    // marked with cache_control, whole.
+    let (cacheable, cacheable_tokens) = match (api, &cache_prefix) {
+        (Api::OpenAi, _) => (request.prompt.text.as_str(), prompt_tokens),
+        (Api::Anthropic, Some(prefix)) => (
+            prefix.as_str(),
+            messages::prefix_tokens(prefix, prompt_tokens),
+        ),
+        (Api::Anthropic, None) => ("", 0),
+    };
+    let prefixes = if cacheable_tokens >= prompt_cache::MIN_CACHED_TOKENS {
+        prompt_cache::prefix_hashes(&request.model, cacheable)
     } else {
         Vec::new()
     };
@@ -489,11 +549,18 @@ async fn complete(
                     let cached_tokens =
                         state
                             .prompt_cache
-                            .lookup_and_insert(now, &prefixes, prompt_tokens);
+                            .lookup_and_insert(now, &prefixes, cacheable_tokens);
+                    let (cached_tokens, written_tokens) = match api {
+                        Api::OpenAi => (cached_tokens, 0),
+                        Api::Anthropic if prefixes.is_empty() => (0, 0),
+                        Api::Anthropic if cached_tokens > 0 => (cacheable_tokens, 0),
+                        Api::Anthropic => (0, cacheable_tokens),
+                    };
                     Decision::Answer {
                         quota,
                         delay,
                         cached_tokens,
+                        written_tokens,
                         seed: config.seed,
                     }
                 }
@@ -505,18 +572,23 @@ async fn complete(
         // Refused at the door: no model time spent.
         Decision::Limited(refusal) => Err(Failure {
             outcome: Outcome::RateLimited,
-            response: rate_limited_response(&request.model, &refusal),
+            response: rate_limited_response(&request.model, &refusal, api),
         }),
         Decision::Fail { quota, delay } => {
             sleep(delay).await;
-            let mut failure = Failure::new(Outcome::ServerError, &ApiError::server_error());
-            insert_quota(failure.response.headers_mut(), &quota);
+            let error = match api {
+                Api::OpenAi => ApiError::server_error(),
+                Api::Anthropic => messages::overloaded(),
+            };
+            let mut failure = Failure::new(Outcome::ServerError, &error, api);
+            insert_quota(failure.response.headers_mut(), &quota, api);
             Err(failure)
         }
         Decision::Answer {
             quota,
             delay,
             cached_tokens,
+            written_tokens,
             seed,
         } => {
             sleep(delay).await;
@@ -525,8 +597,22 @@ async fn complete(
                 &request.model,
                 prompt_tokens,
                 cached_tokens,
+                written_tokens,
                 generated.completion_tokens,
             );
+            if api == Api::Anthropic {
+                let message = messages::answer(
+                    format!("msg_{:024x}", mix(shared.id_salt ^ sequence)),
+                    &request.model,
+                    generated,
+                    prompt_tokens,
+                    cached_tokens,
+                    written_tokens,
+                );
+                let mut response = json_response(StatusCode::OK, &message);
+                insert_quota(response.headers_mut(), &quota, api);
+                return Ok(response);
+            }
             let completion = ChatCompletion {
                 id: completion_id(shared.id_salt ^ sequence),
                 object: "chat.completion",
@@ -538,7 +624,7 @@ async fn complete(
                 system_fingerprint: format!("fp_{:010x}", mix(seed) & 0xff_ffff_ffff),
             };
             let mut response = json_response(StatusCode::OK, &completion);
-            insert_quota(response.headers_mut(), &quota);
+            insert_quota(response.headers_mut(), &quota, api);
             Ok(response)
         }
     }
@@ -551,23 +637,28 @@ fn fault_answer(
     kind: FaultKind,
     headers: &HeaderMap,
     model: Option<&str>,
+    api: Api,
 ) -> Option<Failure> {
-    let failure = match kind {
-        FaultKind::Outage { status: 500 } => {
-            Failure::new(Outcome::Unavailable, &ApiError::server_error())
+    let fail = |outcome, error: &ApiError| Failure::new(outcome, error, api);
+    if api == Api::Anthropic {
+        if let Some((outcome, error)) = messages::fault_error(kind, model) {
+            return Some(fail(outcome, &error));
         }
-        FaultKind::Outage { .. } => Failure::new(Outcome::Unavailable, &ApiError::overloaded()),
-        FaultKind::Unauthorized => Failure::new(
+    }
+    let failure = match kind {
+        FaultKind::Outage { status: 500 } => fail(Outcome::Unavailable, &ApiError::server_error()),
+        FaultKind::Outage { .. } => fail(Outcome::Unavailable, &ApiError::overloaded()),
+        FaultKind::Unauthorized => fail(
             Outcome::AuthError,
             &ApiError::invalid_api_key(bearer_key(headers)),
         ),
-        FaultKind::Forbidden => Failure::new(Outcome::AuthError, &ApiError::forbidden()),
-        FaultKind::ModelNotFound => Failure::new(
+        FaultKind::Forbidden => fail(Outcome::AuthError, &ApiError::forbidden()),
+        FaultKind::ModelNotFound => fail(
             Outcome::NotFound,
             &ApiError::model_not_found(model.unwrap_or_default()),
         ),
-        FaultKind::Quota => Failure::new(Outcome::QuotaError, &ApiError::insufficient_quota()),
-        FaultKind::BadRequest => Failure::new(Outcome::BadRequest, &ApiError::rejected()),
+        FaultKind::Quota => fail(Outcome::QuotaError, &ApiError::insufficient_quota()),
+        FaultKind::BadRequest => fail(Outcome::BadRequest, &ApiError::rejected()),
         FaultKind::RateLimitStorm { retry_after } => {
             let rpm = match lock(&shared.state).config.rpm {
                 0 => STORM_NOMINAL_RPM,
@@ -591,7 +682,7 @@ fn fault_answer(
             };
             Failure {
                 outcome: Outcome::RateLimited,
-                response: rate_limited_response(model.unwrap_or("unknown"), &refusal),
+                response: rate_limited_response(model.unwrap_or("unknown"), &refusal, api),
             }
         }
         FaultKind::Refuse | FaultKind::Slow { .. } => return None,
@@ -625,7 +716,7 @@ fn bearer_key(headers: &HeaderMap) -> Option<&str> {
         .filter(|key| !key.is_empty())
 }
 
-fn rate_limited_response(model: &str, refusal: &Refusal) -> Response {
+fn rate_limited_response(model: &str, refusal: &Refusal, api: Api) -> Response {
     let (unit, abbreviation) = match refusal.kind {
         LimitKind::Requests => ("requests", "RPM"),
         LimitKind::Tokens => ("tokens", "TPM"),
@@ -655,16 +746,19 @@ fn rate_limited_response(model: &str, refusal: &Refusal) -> Response {
             Duration::from_secs(60),
         ),
     };
-    let mut response = error_response(&ApiError::rate_limited(refusal.kind.as_str(), message));
+    let mut response =
+        api_error_response(&ApiError::rate_limited(refusal.kind.as_str(), message), api);
     let headers = response.headers_mut();
     let millis = retry_after.as_micros().div_ceil(1000).max(1);
-    insert(headers, "retry-after-ms", &millis.to_string());
+    if api == Api::OpenAi {
+        insert(headers, "retry-after-ms", &millis.to_string());
+    }
     insert(
         headers,
         RETRY_AFTER.as_str(),
         &millis.div_ceil(1000).to_string(),
     );
-    insert_quota(headers, &refusal.quota);
+    insert_quota(headers, &refusal.quota, api);
     response
 }
 
@@ -754,8 +848,15 @@ fn bytes_response(status: StatusCode, body: Vec<u8>) -> Response {
     response
 }
 
-/// The `x-ratelimit-*` headers of the configured budgets.
-fn insert_quota(headers: &mut HeaderMap, quota: &Quota) {
+/// The `x-ratelimit-*` (or `anthropic-ratelimit-*`) headers of the
+/// configured budgets.
+fn insert_quota(headers: &mut HeaderMap, quota: &Quota, api: Api) {
+    if api == Api::Anthropic {
+        for (name, value) in messages::quota_headers(quota) {
+            insert(headers, &name, &value);
+        }
+        return;
+    }
     let budgets = [("requests", quota.requests), ("tokens", quota.tokens)];
     for (unit, budget) in budgets {
         let Some(budget) = budget else { continue };

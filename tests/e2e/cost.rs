@@ -16,30 +16,10 @@ use batchd::sim::{SimConfig, SimServer};
 use batchd_actors::ledger::{day_key, DayTotals, Row, Totals};
 use batchd_actors::ports::LedgerStore as _;
 use batchd_actors::pricing::Picousd;
-use batchd_actors::task::{RouteKind, Usage};
+use batchd_actors::task::RouteKind;
 use common::binary::Batchd;
 use common::nats::NatsServer;
 use serde_json::Value;
-
-/// The simulator's bill priced with the config's price table, in pico-dollars.
-fn bill(sim: &SimServer, config: &Config) -> (Picousd, u64) {
-    let mut total = 0;
-    let mut calls = 0;
-    for (model, b) in sim.bill() {
-        let usage = Usage {
-            input_tokens: b.prompt_tokens,
-            cached_input_tokens: b.cached_tokens,
-            output_tokens: b.completion_tokens,
-            ..Usage::default()
-        };
-        total += config
-            .prices
-            .cost_picousd(&model, &usage, RouteKind::Realtime, false)
-            .expect("every served model has a price");
-        calls += b.requests;
-    }
-    (total, calls)
-}
 
 /// The ledger's totals: (exact, estimated, calls).
 async fn ledger(js: &jetstream::Context, config: &Config) -> (Picousd, Picousd, u64) {
@@ -133,7 +113,7 @@ async fn the_ledger_equals_the_providers_bill_and_batchd_cost_reports_it() {
     let outcomes =
         common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(90)).await;
     common::assert_exactly_one_each(&outcomes, n);
-    let (billed, billed_calls) = bill(&sim, &config);
+    let (billed, billed_calls) = common::bill(&sim, &config);
     assert!(sim.stats().server_errors > 0, "some calls failed unbilled");
     let (exact, estimated, calls) = wait_for_ledger_calls(&js, &config, billed_calls).await;
     assert_eq!(calls, billed_calls);
@@ -204,7 +184,7 @@ async fn a_call_whose_outcome_is_dropped_as_a_duplicate_is_counted_once() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        bill(&sim, &config)
+        common::bill(&sim, &config)
     };
     assert_eq!(billed_calls, 1);
     // The same bill over the simulator's HTTP API.
@@ -256,7 +236,7 @@ async fn after_a_sigkill_the_ledger_is_within_the_estimate_of_the_calls_in_fligh
 
     // The killed run's started records are estimated once the request
     // timeout has passed; then the ledger stops moving.
-    let (billed, billed_calls) = bill(&sim, &config);
+    let (billed, billed_calls) = common::bill(&sim, &config);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut last = ledger(&js, &config).await;
     let mut still = 0;
@@ -385,7 +365,7 @@ async fn held_tasks_of_a_tenant_over_budget_finish_after_the_period() {
         assert_eq!(list[0]["attempts"], 1, "holding spent no attempt");
     }
     assert_eq!(common::stream_len(&js, "BATCHD_DLQ").await, 0);
-    let (_, calls) = bill(&sim, &config);
+    let (_, calls) = common::bill(&sim, &config);
     let t = wait_for_ledger_calls(&js, &config, 1 + calls).await;
     assert_eq!(t.2, 1 + calls, "the seeded call and the new day's");
 }

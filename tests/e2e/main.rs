@@ -5,6 +5,7 @@
 mod common;
 
 mod actor_restart;
+mod anthropic;
 mod bad_input;
 mod bench;
 mod chaos;

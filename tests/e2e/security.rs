@@ -8,8 +8,7 @@
 use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::Read as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -18,6 +17,7 @@ use batchd::nats::NatsError;
 use batchd::sim::{SimConfig, SimServer};
 use common::jwt;
 use common::nats::NatsServer;
+use common::process::LoggedBatchd;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -440,29 +440,7 @@ async fn canary_secrets_never_appear_in_logs_outcomes_dead_letters_or_metrics() 
     }
     common::publish_many(&js, &tasks).await;
 
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_batchd"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .args(["--metrics-addr", &metrics_addr])
-        .env("BATCHD_CANARY_KEY", API_KEY)
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
+    let batchd = LoggedBatchd::start(&path, &[("BATCHD_CANARY_KEY", API_KEY)]);
     let outcomes = common::wait_for_messages(
         &js,
         "BATCHD_RESULTS",
@@ -471,21 +449,8 @@ async fn canary_secrets_never_appear_in_logs_outcomes_dead_letters_or_metrics() 
     )
     .await;
     let dead = common::read_all(&js, "BATCHD_DLQ").await;
-    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let logs = err_reader.join().unwrap() + &out_reader.join().unwrap();
+    let metrics = batchd.metrics().await;
+    let logs = batchd.stop();
 
     assert!(
         outcomes.values().any(|o| o[0]["status"] == "failed"),
@@ -618,5 +583,7 @@ async fn ten_thousand_bogus_models_and_tenants_add_a_bounded_number_of_series() 
     );
     assert!(tenants.contains("other"), "{tenants:?}");
     let series = text.lines().filter(|l| !l.starts_with('#')).count();
-    assert!(series < 3_000, "{series} series for {n} tasks");
+    // The configured routes (OpenAI's and Anthropic's default models) are
+    // registered up front; the bound is theirs plus the tenant cap's.
+    assert!(series < 3_200, "{series} series for {n} tasks");
 }

@@ -127,6 +127,31 @@ pub fn task(id: &str, priority: u8) -> Value {
     })
 }
 
+/// The simulator's bill priced with the config's price table, in pico-dollars.
+pub fn bill(sim: &SimServer, config: &Config) -> (batchd_actors::pricing::Picousd, u64) {
+    let mut total = 0;
+    let mut calls = 0;
+    for (model, b) in sim.bill() {
+        let usage = batchd_actors::task::Usage {
+            input_tokens: b.prompt_tokens,
+            cached_input_tokens: b.cached_tokens,
+            output_tokens: b.completion_tokens,
+            cache_write_input_tokens: b.cache_write_tokens,
+        };
+        total += config
+            .prices
+            .cost_picousd(
+                &model,
+                &usage,
+                batchd_actors::task::RouteKind::Realtime,
+                false,
+            )
+            .expect("every served model has a price");
+        calls += b.requests;
+    }
+    (total, calls)
+}
+
 /// Publishes one body and waits for its PubAck.
 pub async fn publish(
     js: &jetstream::Context,

@@ -94,3 +94,85 @@ impl Drop for Batchd {
         let _ = self.child.wait();
     }
 }
+
+/// `batchd run` at debug level with its stdout and stderr kept, for tests
+/// that read its logs; killed on drop.
+pub struct LoggedBatchd {
+    child: Child,
+    /// The port of `/metrics`.
+    pub port: u16,
+    readers: Vec<std::thread::JoinHandle<String>>,
+}
+
+impl LoggedBatchd {
+    /// Starts `batchd run --config <config>` with `env` set (it does not
+    /// wait for `/healthz`: tasks may be waiting already).
+    pub fn start(config: &Path, env: &[(&str, &str)]) -> LoggedBatchd {
+        use std::io::Read as _;
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_batchd"))
+            .args(["run", "--config"])
+            .arg(config)
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "debug")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start batchd");
+        let pipes: Vec<Box<dyn std::io::Read + Send>> = vec![
+            Box::new(child.stderr.take().expect("stderr")),
+            Box::new(child.stdout.take().expect("stdout")),
+        ];
+        let readers = pipes
+            .into_iter()
+            .map(|mut pipe| {
+                std::thread::spawn(move || {
+                    let mut s = String::new();
+                    let _ = pipe.read_to_string(&mut s);
+                    s
+                })
+            })
+            .collect();
+        LoggedBatchd {
+            child,
+            port,
+            readers,
+        }
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.port))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// SIGTERM, at most 20 s for a graceful exit, then SIGKILL; returns
+    /// everything it wrote.
+    pub fn stop(mut self) -> String {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::take(&mut self.readers)
+            .into_iter()
+            .map(|r| r.join().unwrap_or_default())
+            .collect()
+    }
+}
+
+impl Drop for LoggedBatchd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
