@@ -113,7 +113,9 @@ async fn metrics_endpoint_serves_every_protocol_metric_with_histogram_buckets() 
         "batchd_tokens_total{",
         "# TYPE batchd_cost_usd_total counter",
         "# TYPE batchd_task_latency_seconds histogram",
-        "batchd_preemptions_total 0",
+        "batchd_preemptions_total{priority=\"3\"} 0",
+        "batchd_checkpoints_total 0",
+        "batchd_preempted_batches 0",
     ];
     // The exporter may lag the last outcome by a moment: poll until complete.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
