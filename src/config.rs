@@ -857,9 +857,6 @@ impl Config {
         if !(0.0..=1.0).contains(&p.batch_discount) {
             return bad("prices.batch_discount", "must be between 0 and 1".into());
         }
-        if !p.off_peak_multiplier.is_finite() || p.off_peak_multiplier <= 0.0 {
-            return bad("prices.off_peak_multiplier", "must be above 0".into());
-        }
         for (model, m) in &p.models {
             for (field, v) in [
                 ("input", Some(m.input)),

@@ -1,16 +1,18 @@
-//! The engine's [`LedgerStore`] over two JetStream KV buckets: call records
-//! in `nats.calls_bucket` (`call.<call id>`, kept two days: long enough to be
-//! counted after any restart) and daily totals in `nats.ledger_bucket`
-//! (`day.<YYYY-MM-DD>.<tenant, base64url>`, kept). Every write is a
-//! revision-checked `create` or `update`. `batchd cost` and `batchd status`
-//! read the totals through the same type.
+//! The engine's [`LedgerStore`] over two JetStream KV buckets: sheets of
+//! call records in `nats.calls_bucket` (`sheet.<ULID>`, each written once,
+//! kept two days: long enough to be counted after any restart) and daily
+//! totals in `nats.ledger_bucket` (`day.<YYYY-MM-DD>.<tenant, base64url>`,
+//! kept, every write a revision-checked `create` or `update`). `batchd cost`
+//! and `batchd status` read the totals through the same type.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
-use batchd_actors::ledger::{CallEvent, CallRecord, DayTotals, CALL_PREFIX, DAY_PREFIX};
-use batchd_actors::ports::{CallEvents, LedgerError, LedgerStore};
+use batchd_actors::ledger::{
+    new_sheet_key, CallRecord, CallSheet, DayTotals, DAY_PREFIX, SHEET_PREFIX,
+};
+use batchd_actors::ports::{LedgerError, LedgerStore, SheetStream};
 use batchd_actors::pricing::Picousd;
 use futures::{StreamExt as _, TryStreamExt as _};
 
@@ -61,65 +63,42 @@ fn decode_day(key: &str, value: &[u8]) -> Result<DayTotals, LedgerError> {
 
 #[async_trait]
 impl LedgerStore for KvLedger {
-    async fn create_call(&self, record: &CallRecord) -> Result<u64, LedgerError> {
-        let key = record.key();
-        let value = Self::encode(&key, record)?;
-        self.calls.create(&key, value).await.map_err(|e| {
-            if e.kind() == kv::CreateErrorKind::AlreadyExists {
-                LedgerError::Conflict(key)
-            } else {
-                LedgerError::Store(format!("creating {key}: {e}"))
-            }
-        })
-    }
-
-    async fn update_call(&self, record: &CallRecord, revision: u64) -> Result<u64, LedgerError> {
-        let key = record.key();
-        let value = Self::encode(&key, record)?;
+    async fn write_sheet(&self, records: &[CallRecord]) -> Result<u64, LedgerError> {
+        let key = new_sheet_key();
+        let value = Self::encode(&key, &records)?;
         self.calls
-            .update(&key, value, revision)
+            .put(&key, value)
             .await
-            .map_err(|e| update_err(&key, &e))
+            .map_err(|e| LedgerError::Store(format!("writing {key}: {e}")))
     }
 
-    async fn delete_call(&self, call_id: &str) -> Result<(), LedgerError> {
-        let key = format!("{CALL_PREFIX}{call_id}");
-        self.calls
-            .delete(&key)
-            .await
-            .map_err(|e| LedgerError::Store(format!("deleting {key}: {e}")))
-    }
-
-    async fn watch_calls(&self) -> Result<CallEvents, LedgerError> {
+    async fn watch_sheets(&self) -> Result<SheetStream, LedgerError> {
         let watch = self
             .calls
-            .watch_with_history(format!("{CALL_PREFIX}>"))
+            .watch_with_history(format!("{SHEET_PREFIX}>"))
             .await
-            .map_err(|e| LedgerError::Store(format!("watching call records: {e}")))?;
+            .map_err(|e| LedgerError::Store(format!("watching call sheets: {e}")))?;
         Ok(watch
             .filter_map(|entry| async move {
                 let entry = match entry {
                     Ok(entry) => entry,
                     Err(e) => {
                         return Some(Err(LedgerError::Store(format!(
-                            "watching call records: {e}"
+                            "watching call sheets: {e}"
                         ))))
                     }
                 };
-                let call_id = entry.key.strip_prefix(CALL_PREFIX)?.to_owned();
-                match entry.operation {
-                    kv::Operation::Put => match serde_json::from_slice(&entry.value) {
-                        Ok(record) => Some(Ok(CallEvent::Put {
-                            record,
-                            revision: entry.revision,
-                        })),
-                        Err(e) => {
-                            tracing::warn!(key = %entry.key, error = %e, "unreadable call record skipped");
-                            None
-                        }
-                    },
-                    kv::Operation::Delete | kv::Operation::Purge => {
-                        Some(Ok(CallEvent::Deleted { call_id }))
+                if entry.operation != kv::Operation::Put {
+                    return None;
+                }
+                match serde_json::from_slice(&entry.value) {
+                    Ok(records) => Some(Ok(CallSheet {
+                        records,
+                        revision: entry.revision,
+                    })),
+                    Err(e) => {
+                        tracing::warn!(key = %entry.key, error = %e, "unreadable call sheet skipped");
+                        None
                     }
                 }
             })

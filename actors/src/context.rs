@@ -12,6 +12,7 @@ use rand::SeedableRng;
 
 use crate::batch_control::RunningBatches;
 use crate::batching::QueueDepths;
+use crate::call_sheets::CallSheets;
 use crate::clock::Clock;
 use crate::dispatcher::Routes;
 use crate::lease::LeaseKeeper;
@@ -147,6 +148,8 @@ pub struct EngineContext {
     pub routes: Routes,
     /// Spend per tenant and day, for budgets (kept by the CostAccountant).
     pub spend: Spend,
+    /// Where the Dispatcher records its calls (grouped writes).
+    pub calls: CallSheets,
     /// The ledger's clock: which UTC day and month it is.
     pub clock: Clock,
     /// Each priority's last sampled queue depth (batch size follows it).
@@ -167,6 +170,7 @@ impl EngineContext {
             Clock::following_tokio(settings.ledger.clock_start.unwrap_or_else(chrono::Utc::now));
         Arc::new(EngineContext {
             spend: Spend::default(),
+            calls: CallSheets::new(ports.ledger.clone()),
             clock,
             settings,
             keeper: LeaseKeeper::default(),

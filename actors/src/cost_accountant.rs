@@ -5,18 +5,18 @@
 //! budgets are checked against. Pricing itself is the plain
 //! [`crate::pricing`] table the Dispatcher also uses for outcomes.
 //!
-//! Receives: [`CostMsg`]: every call record the Dispatchers write (through
-//! a watch of the store, in write order, replicas' included), and a flush
-//! tick. Sends: revision-checked updates of the daily totals, at most one
-//! per key and flush (every `ledger.flush_ms`); `started` records whose
-//! writer died are turned into `estimated` ones (see [`crate::ledger`] for
-//! how each call is counted once).
+//! Receives: [`CostMsg`]: every sheet of call records the Dispatchers write
+//! (through a watch of the store, in write order, replicas' included), and
+//! a flush tick. Sends: revision-checked updates of the daily totals, at
+//! most one per key and flush (every `ledger.flush_ms`); `started` records
+//! whose writer died are written again as `estimated` and `lapsed` (see
+//! [`crate::ledger`] for how each call is counted once).
 //!
 //! On restart: it reads this month's totals, watches the records from the
 //! start again and skips those its totals already include; records written
 //! while it was down are counted then. Nothing is lost with its memory.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 
 use crate::context::EngineContext;
-use crate::ledger::{month_of, CallEvent, CallRecord, CallState, DayTotals};
+use crate::ledger::{month_of, CallRecord, CallSheet, CallState, DayTotals};
 use crate::messages::CostMsg;
 use crate::metrics;
 use crate::ports::LedgerError;
@@ -43,8 +43,14 @@ pub struct AccountantState {
     loaded: bool,
     /// The highest record revision seen (a watch opened again replays older ones).
     seen_through: u64,
-    /// Requests in flight, by call id, with their record's revision.
-    started: HashMap<String, (CallRecord, u64)>,
+    /// Requests in flight, by call id.
+    started: HashMap<String, CallRecord>,
+    /// Requests in flight whose lapsed record this accountant has written
+    /// and not seen back yet.
+    lapsing: HashSet<String>,
+    /// Calls counted at their estimate because their writer stopped: a
+    /// final record of theirs seen later is not counted again.
+    lapsed: HashSet<String>,
     /// Final records not yet in the totals, by day key.
     pending: BTreeMap<String, Pending>,
     /// Totals as last read or written, by key, with their revision.
@@ -87,6 +93,8 @@ impl Actor for CostAccountant {
             loaded: false,
             seen_through: 0,
             started: HashMap::new(),
+            lapsing: HashSet::new(),
+            lapsed: HashSet::new(),
             pending: BTreeMap::new(),
             days: HashMap::new(),
             follower,
@@ -102,7 +110,7 @@ impl Actor for CostAccountant {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             CostMsg::Loaded(days) => state.load(days),
-            CostMsg::Call(event) => state.seen(event),
+            CostMsg::Sheet(sheet) => state.seen(sheet),
             CostMsg::Flush => state.flush().await,
             CostMsg::FlushNow(reply) => {
                 state.flush().await;
@@ -114,7 +122,7 @@ impl Actor for CostAccountant {
     }
 }
 
-/// Reads this month's totals, then follows the call records (opening the
+/// Reads this month's totals, then follows the call sheets (opening the
 /// watch again whenever it ends), casting both to the accountant in order.
 async fn follow(ctx: Arc<EngineContext>, myself: ActorRef<CostMsg>) {
     let mut wait = Duration::from_millis(100);
@@ -131,24 +139,24 @@ async fn follow(ctx: Arc<EngineContext>, myself: ActorRef<CostMsg>) {
         return;
     }
     loop {
-        match ctx.ports.ledger.watch_calls().await {
-            Ok(mut events) => {
+        match ctx.ports.ledger.watch_sheets().await {
+            Ok(mut sheets) => {
                 wait = Duration::from_millis(100);
-                while let Some(event) = events.next().await {
-                    match event {
-                        Ok(event) => {
-                            if myself.cast(CostMsg::Call(event)).is_err() {
+                while let Some(sheet) = sheets.next().await {
+                    match sheet {
+                        Ok(sheet) => {
+                            if myself.cast(CostMsg::Sheet(sheet)).is_err() {
                                 return;
                             }
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "the watch of call records ended; opening it again");
+                            tracing::warn!(error = %e, "the watch of call sheets ended; opening it again");
                             break;
                         }
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "watching call records; trying again"),
+            Err(e) => tracing::warn!(error = %e, "watching call sheets; trying again"),
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(max_wait);
@@ -165,24 +173,38 @@ impl AccountantState {
         self.loaded = true;
     }
 
-    fn seen(&mut self, event: CallEvent) {
-        let (record, revision) = match event {
-            CallEvent::Put { record, revision } => (record, revision),
-            CallEvent::Deleted { call_id } => {
-                self.started.remove(&call_id);
-                return;
-            }
-        };
-        if revision <= self.seen_through {
+    fn seen(&mut self, sheet: CallSheet) {
+        if sheet.revision <= self.seen_through {
             return; // a watch opened again replays what was seen
         }
-        self.seen_through = revision;
-        if record.state == CallState::Started {
-            self.started
-                .insert(record.call_id.clone(), (record, revision));
-            return;
+        self.seen_through = sheet.revision;
+        for record in sheet.records {
+            self.seen_record(record, sheet.revision);
         }
-        self.started.remove(&record.call_id);
+    }
+
+    fn seen_record(&mut self, record: CallRecord, revision: u64) {
+        match record.state {
+            CallState::Started => {
+                self.started.insert(record.call_id.clone(), record);
+                return;
+            }
+            CallState::Refused => {
+                self.started.remove(&record.call_id);
+                return;
+            }
+            CallState::Finished | CallState::Estimated => {}
+        }
+        let was_started = self.started.remove(&record.call_id).is_some();
+        if record.lapsed {
+            self.lapsing.remove(&record.call_id);
+            if !was_started {
+                return; // its final record came first, or another lapse did
+            }
+            self.lapsed.insert(record.call_id.clone());
+        } else if self.lapsed.contains(&record.call_id) {
+            return; // counted at its estimate already
+        }
         let key = record.day_key();
         if self
             .days
@@ -257,35 +279,38 @@ impl AccountantState {
     }
 
     /// Requests whose record says `started` for longer than the request
-    /// timeout will never be answered to anyone: their writer is gone. Each
-    /// becomes `estimated` (revision-checked: if its writer finished it
-    /// meanwhile, that write wins), and the watch brings it back to count.
+    /// timeout will never be answered to anyone: their writer is gone. They
+    /// are written again, in one sheet, as `estimated` and `lapsed`, and the
+    /// watch brings them back to count (unless a final record of theirs
+    /// came first).
     async fn estimate_stale(&mut self) {
         let s = &self.ctx.settings;
         let after = chrono::Duration::from_std(s.request_timeout + s.ledger.flush_every)
             .unwrap_or(chrono::Duration::MAX);
         let now = self.ctx.clock.now();
-        let stale: Vec<String> = self
+        let stale: Vec<CallRecord> = self
             .started
-            .iter()
-            .filter(|(_, (r, _))| now - r.started_at > after)
-            .map(|(id, _)| id.clone())
+            .values()
+            .filter(|r| now - r.started_at > after && !self.lapsing.contains(&r.call_id))
+            .take(crate::call_sheets::MAX_SHEET)
+            .map(|r| {
+                let mut r = r.clone();
+                r.lapse();
+                r
+            })
             .collect();
-        for id in stale {
-            let Some((mut record, revision)) = self.started.remove(&id) else {
-                continue;
-            };
-            record.estimate();
-            match self.ctx.ports.ledger.update_call(&record, revision).await {
-                Ok(_) => {
-                    tracing::info!(call_id = %id, estimate_usd = crate::pricing::usd(record.cost_picousd), "a request in flight when its writer stopped is counted at its estimate");
+        if stale.is_empty() {
+            return;
+        }
+        match self.ctx.ports.ledger.write_sheet(&stale).await {
+            Ok(_) => {
+                for r in stale {
+                    tracing::info!(call_id = %r.call_id, estimate_usd = crate::pricing::usd(r.cost_picousd), "a request in flight when its writer stopped is counted at its estimate");
+                    self.lapsing.insert(r.call_id);
                 }
-                Err(LedgerError::Conflict(_)) => {}
-                Err(e) => {
-                    tracing::warn!(call_id = %id, error = %e, "could not mark a stale request as estimated; trying at the next flush");
-                    record.state = CallState::Started;
-                    self.started.insert(id, (record, revision));
-                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, calls = stale.len(), "could not mark stale requests as estimated; trying at the next flush");
             }
         }
     }

@@ -18,8 +18,9 @@
 //! - its tenant over budget → `budget_exceeded` + dead letter, or held and
 //!   requeued until the period ends (per priority, no attempt spent);
 //! - every request is recorded in the ledger before it goes out (`started`,
-//!   with an estimate) and after its answer (`finished`, exact), see
-//!   [`crate::ledger`];
+//!   with an estimate) and after its answer (`finished`, exact), in sheets
+//!   shared with the calls going out at the same moment, see
+//!   [`crate::ledger`] and [`crate::call_sheets`];
 //! - success → outcome with usage and cost, then ack;
 //! - 429 → the route pauses and learns; the task waits at the route (no attempt);
 //! - 401/403, 404, 429 `insufficient_quota` → the route's circuit opens; the
@@ -52,7 +53,7 @@ use tracing::Instrument as _;
 use crate::batch_control::BatchControl;
 use crate::budgets::{OnExceeded, Verdict as BudgetVerdict};
 use crate::context::EngineContext;
-use crate::ledger::{day_of, new_call_id, CallRecord, CallState};
+use crate::ledger::{new_call_id, CallRecord, CallState};
 use crate::messages::{Accepted, Batch, DispatcherMsg, RetryMsg};
 use crate::metrics;
 use crate::outcome::{self, deliver, deliver_unless_done, elapsed_ms, Final};
@@ -60,7 +61,6 @@ use crate::ports::{Completion, Provider, ProviderError, Requeue};
 use crate::retry_scheduler::{classify, RouteFault, Verdict};
 use crate::route::{CallReport, CircuitReason, CircuitState, Report, RouteGate};
 use crate::routing::Route;
-use crate::task::Usage;
 use crate::task::{timestamp, ErrorKind, Outcome, RouteKind, Status, TaskError, Timings};
 
 /// The Dispatcher actor.
@@ -617,80 +617,67 @@ async fn within_budget(ctx: &EngineContext, a: Accepted) -> Option<Accepted> {
     }
 }
 
-/// A request's ledger record and its revision (`None`: not stored).
-type Call = (CallRecord, Option<u64>);
+/// A request's ledger record, and whether its start is stored.
+type Call = (CallRecord, bool);
 
 /// Records a request as started, with its estimated cost, before it goes
-/// out. A store that fails does not stop the call: its record is then
-/// created when the answer comes.
+/// out. A store that fails does not stop the call: its final record is
+/// written all the same.
 async fn start_call(ctx: &EngineContext, a: &Accepted, model: &str) -> Call {
     let now = ctx.clock.now();
     let (prompt, output) = bound_tokens(&a.plan.request);
-    let record = CallRecord {
-        call_id: new_call_id(
-            &a.task.task_id,
-            a.task.generation,
-            a.attempts_before.saturating_add(1),
-        ),
-        state: CallState::Started,
-        task_id: a.task.task_id.clone(),
-        tenant: a.task.tenant.clone(),
-        model: model.to_owned(),
-        priority: a.task.priority.number(),
-        route: RouteKind::Realtime,
-        started_at: now,
-        day: day_of(now),
-        estimate_picousd: ctx
-            .settings
-            .prices
-            .estimate_picousd(model, prompt, output)
-            .unwrap_or(0),
-        usage: Usage::default(),
-        cost_picousd: 0,
-    };
-    match ctx.ports.ledger.create_call(&record).await {
-        Ok(revision) => (record, Some(revision)),
+    let estimate = ctx
+        .settings
+        .prices
+        .estimate_picousd(model, prompt, output)
+        .unwrap_or(0);
+    let call_id = new_call_id(
+        &a.task.task_id,
+        a.task.generation,
+        a.attempts_before.saturating_add(1),
+    );
+    let record = CallRecord::started(
+        &a.task.task_id,
+        call_id,
+        &a.task.tenant,
+        model,
+        a.task.priority.number(),
+        now,
+        estimate,
+    );
+    match ctx.calls.record(record.clone()).await {
+        Ok(()) => (record, true),
         Err(e) => {
             tracing::warn!(call_id = %record.call_id, error = %e, "request not recorded as started; a crash now would leave it out of the ledger");
-            (record, None)
+            (record, false)
         }
     }
 }
 
 /// Records how a request ended: answered (exact usage and cost), no answer
 /// in time (counted at its estimate: the provider may have billed it), or
-/// refused (not billed: the record goes).
+/// refused (not billed).
 async fn finish_call(
     ctx: &EngineContext,
-    (mut record, revision): Call,
+    (mut record, started): Call,
     result: &Result<Completion, ProviderError>,
     price_multiplier: f64,
 ) {
-    let ledger = &ctx.ports.ledger;
     match result {
         Ok(c) => {
             let cost = ctx
                 .settings
                 .prices
-                .cost_picousd(&record.model, &c.usage, record.route, false)
+                .cost_picousd(&record.model, &c.usage, record.route)
                 .map_or(0, |cost| crate::pricing::scale(cost, price_multiplier));
             record.finish(c.usage, cost, ctx.clock.now());
         }
         Err(ProviderError::Timeout { .. }) => record.estimate(),
-        Err(_) => {
-            if revision.is_some() {
-                if let Err(e) = ledger.delete_call(&record.call_id).await {
-                    tracing::warn!(call_id = %record.call_id, error = %e, "record of a refused request not deleted; it will be counted at its estimate");
-                }
-            }
-            return;
-        }
+        // Not billed; nothing to say when its start was never stored.
+        Err(_) if !started => return,
+        Err(_) => record.state = CallState::Refused,
     }
-    let written = match revision {
-        Some(r) => ledger.update_call(&record, r).await,
-        None => ledger.create_call(&record).await,
-    };
-    if let Err(e) = written {
+    if let Err(e) = ctx.calls.record(record.clone()).await {
         tracing::warn!(call_id = %record.call_id, error = %e, "request not recorded as finished; it counts at its estimate");
     }
 }
@@ -797,7 +784,7 @@ fn succeeded(
     let cost_usd = ctx
         .settings
         .prices
-        .cost_picousd(model, &c.usage, RouteKind::Realtime, false)
+        .cost_picousd(model, &c.usage, RouteKind::Realtime)
         .map_or(0.0, |cost| {
             crate::pricing::usd(crate::pricing::scale(cost, a.price_multiplier))
         });

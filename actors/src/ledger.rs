@@ -1,26 +1,34 @@
 //! The cost ledger as plain values: the record of one billed call, the
 //! totals of one tenant's UTC day, their KV keys, the spend seen so far and
 //! the clock that says which day it is. The CostAccountant moves them
-//! through a [`crate::ports::LedgerStore`]; nothing here does I/O.
+//! through a [`crate::ports::LedgerStore`]; nothing here does I/O (the
+//! grouped writes are in [`crate::call_sheets`]).
 //!
 //! How a call is counted exactly once:
 //!
-//! 1. Before the request goes out, the Dispatcher creates `call.<call id>`
-//!    (`started`, with an estimate: every prompt token at the input rate and
-//!    the whole output limit). The call id is new for every request.
-//! 2. When the answer comes, it updates the record (revision-checked) to
-//!    `finished`, with the usage and the exact cost; a call the provider did
-//!    not bill (refused, rate limited) has its record deleted instead.
-//! 3. The CostAccountant reads every record in the order the store wrote
-//!    them (a watch from the start) and adds finished ones to the totals of
-//!    their tenant and day, `day.<YYYY-MM-DD>.<tenant>`, with one
+//! 1. Before the request goes out, the Dispatcher records it as `started`,
+//!    with an estimate (every prompt token at the input rate and the whole
+//!    output limit). The call id is new for every request.
+//! 2. When the answer comes, it records the call again: `finished`, with
+//!    the usage and the exact cost; `estimated` when no answer came in time
+//!    (the provider may have billed it); `refused` when the provider did not
+//!    bill it (refused, rate limited).
+//! 3. Records are written in **sheets**: one KV value `sheet.<ULID>` holds
+//!    every record the process had to write at that moment (calls going out
+//!    together share one write), written once and never updated. Each
+//!    record of a sheet carries the sheet's revision.
+//! 4. The CostAccountant reads every sheet in the order the store wrote
+//!    them (a watch from the start) and adds the final records to the totals
+//!    of their tenant and day, `day.<YYYY-MM-DD>.<tenant>`, with one
 //!    revision-checked update per key and flush. The totals remember the
-//!    highest record revision they include (`applied_through`): a record
-//!    seen again after a restart, or by a second accountant, is skipped.
-//! 4. A `started` record older than the request timeout (its writer died:
-//!    a SIGKILL) is turned into an `estimated` record, revision-checked so
-//!    that one accountant does it, and counted like a finished one, its
-//!    cost labelled estimated.
+//!    highest sheet revision they include (`applied_through`): a sheet seen
+//!    again after a restart, or by a second accountant, is skipped.
+//! 5. A `started` record with no final one after the request timeout (its
+//!    writer died: a SIGKILL) is written again as `estimated` and `lapsed`,
+//!    and counted at its estimate. Every accountant reads the sheets in the
+//!    same order, so they agree on which came first: a lapsed record after
+//!    the call's final one is ignored, and so is a final record after the
+//!    call lapsed (the call stays counted at its estimate).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -33,8 +41,8 @@ use serde::{Deserialize, Serialize};
 use crate::pricing::Picousd;
 use crate::task::{RouteKind, Usage};
 
-/// Key prefix of call records (in the calls bucket).
-pub const CALL_PREFIX: &str = "call.";
+/// Key prefix of call sheets (in the calls bucket).
+pub const SHEET_PREFIX: &str = "sheet.";
 /// Key prefix of daily totals (in the ledger bucket).
 pub const DAY_PREFIX: &str = "day.";
 
@@ -54,6 +62,8 @@ pub enum CallState {
     Finished,
     /// The answer was never seen (a crash, a timeout): counted at the estimate.
     Estimated,
+    /// The provider refused it and did not bill it: not counted.
+    Refused,
 }
 
 /// One billed (or about to be billed) provider call.
@@ -86,12 +96,37 @@ pub struct CallRecord {
     /// The cost counted: exact once finished, the estimate once estimated.
     #[serde(default)]
     pub cost_picousd: Picousd,
+    /// Estimated by an accountant because its writer stopped answering.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lapsed: bool,
 }
 
 impl CallRecord {
-    /// The KV key of this record.
-    pub fn key(&self) -> String {
-        format!("{CALL_PREFIX}{}", self.call_id)
+    /// A request about to go out, on `at`'s day, with its estimate.
+    pub fn started(
+        task_id: &str,
+        call_id: String,
+        tenant: &str,
+        model: &str,
+        priority: u8,
+        at: DateTime<Utc>,
+        estimate_picousd: Picousd,
+    ) -> CallRecord {
+        CallRecord {
+            call_id,
+            state: CallState::Started,
+            task_id: task_id.to_owned(),
+            tenant: tenant.to_owned(),
+            model: model.to_owned(),
+            priority,
+            route: RouteKind::Realtime,
+            started_at: at,
+            day: day_of(at),
+            estimate_picousd,
+            usage: Usage::default(),
+            cost_picousd: 0,
+            lapsed: false,
+        }
     }
 
     /// The key of the daily totals it is counted in.
@@ -115,27 +150,30 @@ impl CallRecord {
         self.day = day_of(self.started_at);
     }
 
+    /// Its writer is gone: counted at the estimate, marked lapsed.
+    pub fn lapse(&mut self) {
+        self.estimate();
+        self.lapsed = true;
+    }
+
     /// True once it is to be counted.
     pub fn is_final(&self) -> bool {
-        self.state != CallState::Started
+        matches!(self.state, CallState::Finished | CallState::Estimated)
     }
 }
 
-/// A record as the store holds it: its value and its revision.
+/// A fresh key for a call sheet.
+pub fn new_sheet_key() -> String {
+    format!("{SHEET_PREFIX}{}", ulid::Ulid::new())
+}
+
+/// A sheet of call records as the store holds it.
 #[derive(Debug, Clone, PartialEq)]
-pub enum CallEvent {
-    /// A record was written.
-    Put {
-        /// The record.
-        record: CallRecord,
-        /// Its revision in the store (increasing in write order).
-        revision: u64,
-    },
-    /// A record was deleted (a call the provider did not bill).
-    Deleted {
-        /// The call id.
-        call_id: String,
-    },
+pub struct CallSheet {
+    /// The records, in the order they were written.
+    pub records: Vec<CallRecord>,
+    /// The sheet's revision in the store (increasing in write order).
+    pub revision: u64,
 }
 
 /// The KV key of a tenant's totals for a day. The tenant is base64url
@@ -251,12 +289,14 @@ impl DayTotals {
         }
     }
 
-    /// Adds the records not counted yet (revision above `applied_through`);
-    /// `records` are in revision order. Returns the spend added.
+    /// Adds the records not counted yet (revision above `applied_through`;
+    /// the records of one sheet share its revision); `records` are in
+    /// revision order. Returns the spend added.
     pub fn apply(&mut self, records: &[(CallRecord, u64)]) -> Picousd {
         let mut added = 0;
+        let before = self.applied_through;
         for (r, revision) in records {
-            if *revision <= self.applied_through || !r.is_final() {
+            if *revision <= before || !r.is_final() {
                 continue;
             }
             let estimated = r.state == CallState::Estimated;
@@ -386,25 +426,16 @@ mod tests {
 
     fn record(id: &str, tenant: &str, cost: Picousd, state: CallState) -> CallRecord {
         let at = Utc.with_ymd_and_hms(2026, 12, 1, 10, 0, 0).unwrap();
-        CallRecord {
-            call_id: id.into(),
-            state,
-            task_id: "t".into(),
-            tenant: tenant.into(),
-            model: "m".into(),
-            priority: 2,
-            route: RouteKind::Realtime,
-            started_at: at,
-            day: day_of(at),
-            estimate_picousd: 100,
-            usage: Usage {
-                input_tokens: 10,
-                cached_input_tokens: 4,
-                output_tokens: 3,
-                ..Usage::default()
-            },
-            cost_picousd: cost,
-        }
+        let mut r = CallRecord::started("t", id.into(), tenant, "m", 2, at, 100);
+        r.state = state;
+        r.usage = Usage {
+            input_tokens: 10,
+            cached_input_tokens: 4,
+            output_tokens: 3,
+            ..Usage::default()
+        };
+        r.cost_picousd = cost;
+        r
     }
 
     #[test]
@@ -420,8 +451,24 @@ mod tests {
     }
 
     #[test]
-    fn started_records_are_not_counted() {
+    fn the_records_of_one_sheet_are_counted_together_and_once() {
         let mut d = DayTotals::new("2026-12-01", "acme");
+        let sheet = [
+            (record("a", "acme", 7, CallState::Finished), 10),
+            (record("b", "acme", 5, CallState::Finished), 10),
+        ];
+        assert_eq!(d.apply(&sheet), 12, "both records of the sheet count");
+        assert_eq!(d.apply(&sheet), 0, "the sheet seen again is skipped");
+        assert_eq!(d.rows[0].totals.calls, 2);
+    }
+
+    #[test]
+    fn started_and_refused_records_are_not_counted() {
+        let mut d = DayTotals::new("2026-12-01", "acme");
+        assert_eq!(
+            d.apply(&[(record("b", "acme", 7, CallState::Refused), 2)]),
+            0
+        );
         assert_eq!(
             d.apply(&[(record("a", "acme", 7, CallState::Started), 3)]),
             0

@@ -52,6 +52,7 @@ pub mod backoff;
 pub mod batch_control;
 pub mod batching;
 pub mod budgets;
+pub mod call_sheets;
 pub mod clock;
 pub mod codec;
 pub mod completion;

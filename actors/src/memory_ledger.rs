@@ -10,37 +10,24 @@ use async_trait::async_trait;
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
 
-use crate::ledger::{CallEvent, CallRecord, DayTotals};
-use crate::ports::{CallEvents, LedgerError, LedgerStore};
+use crate::ledger::{CallRecord, CallSheet, CallState, DayTotals};
+use crate::ports::{LedgerError, LedgerStore, SheetStream};
+
+type Watcher = mpsc::UnboundedSender<Result<CallSheet, LedgerError>>;
 
 #[derive(Default)]
 struct State {
     revision: u64,
-    calls: BTreeMap<String, (CallRecord, u64)>,
+    sheets: Vec<CallSheet>,
     days: HashMap<String, (DayTotals, u64)>,
-    watchers: Vec<mpsc::UnboundedSender<Result<CallEvent, LedgerError>>>,
-    fail_creates: bool,
+    watchers: Vec<Watcher>,
+    fail_writes: bool,
 }
 
 impl State {
     fn next(&mut self) -> u64 {
         self.revision += 1;
         self.revision
-    }
-
-    fn notify(&mut self, event: CallEvent) {
-        self.watchers.retain(|w| w.send(Ok(event.clone())).is_ok());
-    }
-
-    fn put_call(&mut self, record: &CallRecord) -> u64 {
-        let revision = self.next();
-        self.calls
-            .insert(record.call_id.clone(), (record.clone(), revision));
-        self.notify(CallEvent::Put {
-            record: record.clone(),
-            revision,
-        });
-        revision
     }
 }
 
@@ -53,13 +40,23 @@ impl MemoryLedger {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Every call record stored, by call id.
+    /// Every call the ledger counts or may count, as last recorded, by call
+    /// id (calls the provider refused are left out).
     pub fn calls(&self) -> Vec<CallRecord> {
-        self.state()
-            .calls
-            .values()
-            .map(|(r, _)| r.clone())
+        let mut last: BTreeMap<String, CallRecord> = BTreeMap::new();
+        for sheet in &self.state().sheets {
+            for r in &sheet.records {
+                last.insert(r.call_id.clone(), r.clone());
+            }
+        }
+        last.into_values()
+            .filter(|r| r.state != CallState::Refused)
             .collect()
+    }
+
+    /// How many sheets were written.
+    pub fn sheet_count(&self) -> usize {
+        self.state().sheets.len()
     }
 
     /// Every daily total stored.
@@ -67,9 +64,9 @@ impl MemoryLedger {
         self.state().days.values().map(|(d, _)| d.clone()).collect()
     }
 
-    /// Makes every `create_call` fail (a store that is down).
-    pub fn fail_creates(&self, fail: bool) {
-        self.state().fail_creates = fail;
+    /// Makes every sheet write fail (a store that is down).
+    pub fn fail_writes(&self, fail: bool) {
+        self.state().fail_writes = fail;
     }
 
     /// Ends every watch with an error (a store connection lost).
@@ -83,49 +80,31 @@ impl MemoryLedger {
 
 #[async_trait]
 impl LedgerStore for MemoryLedger {
-    async fn create_call(&self, record: &CallRecord) -> Result<u64, LedgerError> {
+    async fn write_sheet(&self, records: &[CallRecord]) -> Result<u64, LedgerError> {
+        // A write takes a moment, as over the network.
+        tokio::task::yield_now().await;
         let mut s = self.state();
-        if s.fail_creates {
+        if s.fail_writes {
             return Err(LedgerError::Store("the store is down".into()));
         }
-        if s.calls.contains_key(&record.call_id) {
-            return Err(LedgerError::Conflict(record.key()));
-        }
-        Ok(s.put_call(record))
+        let sheet = CallSheet {
+            records: records.to_vec(),
+            revision: s.next(),
+        };
+        s.watchers.retain(|w| w.send(Ok(sheet.clone())).is_ok());
+        let revision = sheet.revision;
+        s.sheets.push(sheet);
+        Ok(revision)
     }
 
-    async fn update_call(&self, record: &CallRecord, revision: u64) -> Result<u64, LedgerError> {
-        let mut s = self.state();
-        match s.calls.get(&record.call_id) {
-            Some((_, r)) if *r == revision => Ok(s.put_call(record)),
-            _ => Err(LedgerError::Conflict(record.key())),
-        }
-    }
-
-    async fn delete_call(&self, call_id: &str) -> Result<(), LedgerError> {
-        let mut s = self.state();
-        if s.calls.remove(call_id).is_some() {
-            s.next();
-            s.notify(CallEvent::Deleted {
-                call_id: call_id.to_owned(),
-            });
-        }
-        Ok(())
-    }
-
-    async fn watch_calls(&self) -> Result<CallEvents, LedgerError> {
+    async fn watch_sheets(&self) -> Result<SheetStream, LedgerError> {
         let mut s = self.state();
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut stored: Vec<&(CallRecord, u64)> = s.calls.values().collect();
-        stored.sort_by_key(|(_, r)| *r);
-        for (record, revision) in stored {
-            let _ = tx.send(Ok(CallEvent::Put {
-                record: record.clone(),
-                revision: *revision,
-            }));
+        for sheet in &s.sheets {
+            let _ = tx.send(Ok(sheet.clone()));
         }
         s.watchers.push(tx);
-        Ok(tokio_stream_of(rx))
+        Ok(stream_of(rx))
     }
 
     async fn read_day(&self, key: &str) -> Result<Option<(DayTotals, u64)>, LedgerError> {
@@ -159,6 +138,6 @@ impl LedgerStore for MemoryLedger {
     }
 }
 
-fn tokio_stream_of(mut rx: mpsc::UnboundedReceiver<Result<CallEvent, LedgerError>>) -> CallEvents {
+fn stream_of(mut rx: mpsc::UnboundedReceiver<Result<CallSheet, LedgerError>>) -> SheetStream {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
 }

@@ -7,7 +7,7 @@ use ractor::RpcReplyPort;
 use crate::batching::BatchKey;
 use crate::context::Claim;
 use crate::lease::Lease;
-use crate::ledger::{CallEvent, DayTotals};
+use crate::ledger::{CallSheet, DayTotals};
 use crate::ports::Delivery;
 use crate::routing::Plan;
 use crate::task::Task;
@@ -169,8 +169,8 @@ pub enum RetryMsg {
 pub enum CostMsg {
     /// This month's totals, read at start: (key, totals, revision).
     Loaded(Vec<(String, DayTotals, u64)>),
-    /// A call record was written or deleted (from the watch, in write order).
-    Call(CallEvent),
+    /// A sheet of call records was written (from the watch, in write order).
+    Sheet(CallSheet),
     /// Time to write what was counted since the last flush.
     Flush,
     /// Write it now and answer (shutdown, tests).

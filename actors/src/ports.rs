@@ -10,7 +10,7 @@ use futures::stream::BoxStream;
 use serde_json::Value;
 
 use crate::lease::{Acker, Lease, LeaseKeeper};
-use crate::ledger::{CallEvent, CallRecord, DayTotals};
+use crate::ledger::{CallRecord, CallSheet, DayTotals};
 use crate::route::limits::RateLimitInfo;
 use crate::route::RouteState;
 use crate::task::{Encoding, Priority, Usage};
@@ -243,23 +243,19 @@ pub enum LedgerError {
     Store(String),
 }
 
-/// A stream of call records in write order.
-pub type CallEvents = BoxStream<'static, Result<CallEvent, LedgerError>>;
+/// A stream of call sheets in write order.
+pub type SheetStream = BoxStream<'static, Result<CallSheet, LedgerError>>;
 
-/// Where calls and spend are recorded: call records (`call.<id>`, one per
-/// provider request) and daily totals per tenant (`day.<day>.<tenant>`).
-/// Every write of a record or totals is revision-checked.
+/// Where calls and spend are recorded: sheets of call records
+/// (`sheet.<ULID>`, each written once, see [`crate::ledger`]) and daily
+/// totals per tenant (`day.<day>.<tenant>`, revision-checked).
 #[async_trait]
 pub trait LedgerStore: Send + Sync + 'static {
-    /// Creates a call record; fails with `Conflict` when it exists. Its revision.
-    async fn create_call(&self, record: &CallRecord) -> Result<u64, LedgerError>;
-    /// Replaces a call record still at `revision`. Its new revision.
-    async fn update_call(&self, record: &CallRecord, revision: u64) -> Result<u64, LedgerError>;
-    /// Deletes a call record (a request the provider did not bill).
-    async fn delete_call(&self, call_id: &str) -> Result<(), LedgerError>;
-    /// Every call record, in write order: those stored now, then each write
-    /// as it happens.
-    async fn watch_calls(&self) -> Result<CallEvents, LedgerError>;
+    /// Stores one sheet of call records under a new key. Its revision.
+    async fn write_sheet(&self, records: &[CallRecord]) -> Result<u64, LedgerError>;
+    /// Every sheet, in write order: those stored now, then each write as it
+    /// happens.
+    async fn watch_sheets(&self) -> Result<SheetStream, LedgerError>;
     /// The totals at `key` and their revision.
     async fn read_day(&self, key: &str) -> Result<Option<(DayTotals, u64)>, LedgerError>;
     /// Writes the totals at `key` if still at `revision` (`None`: only if

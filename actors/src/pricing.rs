@@ -37,19 +37,12 @@ pub struct PriceTable {
     /// Discount for Batch API jobs, as a fraction (0.5 = half price).
     #[serde(default = "default_batch_discount")]
     pub batch_discount: f64,
-    /// Price multiplier in off-peak windows (1 = none).
-    #[serde(default = "default_off_peak_multiplier")]
-    pub off_peak_multiplier: f64,
     /// Prices by model name.
     pub models: BTreeMap<String, ModelPrice>,
 }
 
 fn default_batch_discount() -> f64 {
     0.5
-}
-
-fn default_off_peak_multiplier() -> f64 {
-    1.0
 }
 
 /// An amount in pico-dollars (10⁻¹² USD).
@@ -72,26 +65,18 @@ fn per_token(usd_per_million: f64) -> Picousd {
 impl PriceTable {
     /// The cost of `usage` on `model` in USD; `None` when the model has no price.
     pub fn cost(&self, model: &str, usage: &Usage, route: RouteKind) -> Option<f64> {
-        self.cost_picousd(model, usage, route, false).map(usd)
+        self.cost_picousd(model, usage, route).map(usd)
     }
 
-    /// The cost of `usage` on `model` in pico-dollars, off-peak or not;
-    /// `None` when the model has no price.
-    pub fn cost_picousd(
-        &self,
-        model: &str,
-        usage: &Usage,
-        route: RouteKind,
-        off_peak: bool,
-    ) -> Option<Picousd> {
+    /// The cost of `usage` on `model` in pico-dollars; `None` when the
+    /// model has no price. (Off-peak prices are `[offpeak] price_multiplier`,
+    /// applied per task with [`scale`].)
+    pub fn cost_picousd(&self, model: &str, usage: &Usage, route: RouteKind) -> Option<Picousd> {
         let p = self.models.get(model)?;
-        let mut factor = match route {
+        let factor = match route {
             RouteKind::Realtime => 1.0,
             RouteKind::BatchApi => 1.0 - self.batch_discount,
         };
-        if off_peak {
-            factor *= self.off_peak_multiplier;
-        }
         Some(scale(cost(p, usage), factor))
     }
 
@@ -147,7 +132,6 @@ mod tests {
         PriceTable {
             as_of: "2026-01-01".into(),
             batch_discount: 0.5,
-            off_peak_multiplier: 0.8,
             models: [("m".to_owned(), p)].into(),
         }
     }
@@ -175,17 +159,10 @@ mod tests {
         let expected: Picousd = 44 * 150_000 + 768 * 75_000 + 41 * 600_000;
         assert_eq!(cost(&MINI, &u), expected);
         let t = table(MINI);
+        assert_eq!(t.cost_picousd("m", &u, RouteKind::Realtime), Some(expected));
         assert_eq!(
-            t.cost_picousd("m", &u, RouteKind::Realtime, false),
-            Some(expected)
-        );
-        assert_eq!(
-            t.cost_picousd("m", &u, RouteKind::BatchApi, false),
+            t.cost_picousd("m", &u, RouteKind::BatchApi),
             Some(expected / 2)
-        );
-        assert_eq!(
-            t.cost_picousd("m", &u, RouteKind::Realtime, true),
-            Some((expected as f64 * 0.8).round() as Picousd)
         );
         assert_eq!(
             t.cost("m", &u, RouteKind::Realtime),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use batchd_actors::budgets::{Budget, Budgets, OnExceeded};
-use batchd_actors::ledger::{day_key, day_of, CallRecord, CallState, DayTotals, Spend};
+use batchd_actors::ledger::{day_key, CallRecord, CallState, DayTotals, Spend};
 use batchd_actors::memory_ledger::MemoryLedger;
 use batchd_actors::messages::ActorKind;
 use batchd_actors::ports::{LedgerStore, ProviderError};
@@ -70,6 +70,11 @@ async fn every_answered_call_is_in_the_ledger_once_even_across_accountant_restar
     let finished = r.ledger.calls();
     assert_eq!(finished.len(), 60);
     assert!(finished.iter().all(|c| c.state == CallState::Finished));
+    let sheets = r.ledger.sheet_count();
+    assert!(
+        sheets < 2 * 60,
+        "calls going out together share sheets: {sheets} sheets for 120 records"
+    );
     r.engine.shutdown().await;
 }
 
@@ -114,27 +119,17 @@ async fn a_request_in_flight_at_a_crash_is_counted_at_its_estimate_after_the_tim
     let clock = batchd_actors::clock::Clock::following_tokio(chrono::Utc::now());
     let started_at = clock.now();
     // What a killed process leaves: a started record and no answer.
-    let orphan = CallRecord {
-        call_id: "lost.g0.a1.01J".into(),
-        state: CallState::Started,
-        task_id: "lost".into(),
-        tenant: "acme".into(),
-        model: "m".into(),
-        priority: 3,
-        route: RouteKind::Realtime,
+    let orphan = CallRecord::started(
+        "lost",
+        "lost.g0.a1.01J".into(),
+        "acme",
+        "m",
+        3,
         started_at,
-        day: day_of(started_at),
-        estimate_picousd: 5_000,
-        usage: Usage::default(),
-        cost_picousd: 0,
-    };
-    ledger.create_call(&orphan).await.unwrap();
-    let r = rig_with_ledger(
-        settings(),
-        FakeProvider::new(Duration::ZERO, |_| ok()),
-        ledger.clone(),
-    )
-    .await;
+        5_000,
+    );
+    ledger.write_sheet(&[orphan]).await.unwrap();
+    let r = healthy_rig(&ledger).await;
     // Not before the request timeout (30 s): its writer might still answer.
     tokio::time::sleep(Duration::from_secs(20)).await;
     assert_eq!(ledger_total(&ledger), (0, 0, 0));
@@ -144,43 +139,82 @@ async fn a_request_in_flight_at_a_crash_is_counted_at_its_estimate_after_the_tim
     assert_eq!(days[0].tenant, "acme");
     assert!(days[0].rows[0].estimated);
     // A second start over the same ledger counts nothing again.
-    r.engine.shutdown().await;
-    let again = rig_with_ledger(
+    counts_again_after_a_restart(r, &ledger, Duration::from_secs(60), (0, 5_000, 1)).await;
+}
+
+/// An engine over `ledger` whose provider answers at once.
+async fn healthy_rig(ledger: &Arc<MemoryLedger>) -> support::Rig {
+    rig_with_ledger(
         settings(),
         FakeProvider::new(Duration::ZERO, |_| ok()),
         ledger.clone(),
     )
-    .await;
-    tokio::time::sleep(Duration::from_secs(60)).await;
-    assert_eq!(ledger_total(&ledger), (0, 5_000, 1));
+    .await
+}
+
+/// Stops `r`, starts a new engine over the same ledger and checks that
+/// after `wait` its totals are still `expected`.
+async fn counts_again_after_a_restart(
+    r: support::Rig,
+    ledger: &Arc<MemoryLedger>,
+    wait: Duration,
+    expected: (Picousd, Picousd, u64),
+) {
+    r.engine.shutdown().await;
+    let again = healthy_rig(ledger).await;
+    tokio::time::sleep(wait).await;
+    assert_eq!(ledger_total(ledger), expected);
     again.engine.shutdown().await;
+}
+
+fn started_call(id: &str, at: chrono::DateTime<Utc>) -> CallRecord {
+    CallRecord::started(id, id.into(), "acme", "m", 3, at, 5_000)
+}
+
+#[tokio::test(start_paused = true)]
+async fn whichever_of_a_lapse_and_a_late_answer_is_written_first_counts_and_only_it() {
+    let ledger = Arc::new(MemoryLedger::default());
+    let clock = batchd_actors::clock::Clock::following_tokio(chrono::Utc::now());
+    let at = clock.now();
+    // "slow" is answered after its accountant counted it at its estimate;
+    // "quick" was answered, then a second accountant, late, lapsed it too.
+    let slow = started_call("slow", at);
+    let quick = started_call("quick", at);
+    ledger
+        .write_sheet(&[slow.clone(), quick.clone()])
+        .await
+        .unwrap();
+    let mut answered = quick.clone();
+    answered.finish(Usage::default(), 700, at);
+    ledger.write_sheet(&[answered]).await.unwrap();
+    let r = healthy_rig(&ledger).await;
+    until(Duration::from_secs(60), || ledger_total(&ledger).1 == 5_000).await;
+    let mut late = slow.clone();
+    late.finish(Usage::default(), 900, at);
+    let mut lapsed_again = quick.clone();
+    lapsed_again.lapse();
+    ledger.write_sheet(&[late, lapsed_again]).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        ledger_total(&ledger),
+        (700, 5_000, 2),
+        "quick counted exactly, slow at its estimate, each once"
+    );
+    // A new accountant reading every sheet from the start agrees.
+    counts_again_after_a_restart(r, &ledger, Duration::from_secs(60), (700, 5_000, 2)).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_finished_call_counted_before_a_crash_is_not_counted_again_at_the_next_start() {
     let ledger = Arc::new(MemoryLedger::default());
-    let r = rig_with_ledger(
-        settings(),
-        FakeProvider::new(Duration::ZERO, |_| ok()),
-        ledger.clone(),
-    )
-    .await;
+    let r = healthy_rig(&ledger).await;
     for i in 0..10 {
         r.source.publish(Priority::P1, task(&format!("t{i}"), "x"));
     }
     until(Duration::from_secs(30), || ledger_total(&ledger).2 == 10).await;
-    r.engine.shutdown().await;
     // The records stay; the totals say they are counted.
     assert_eq!(ledger.calls().len(), 10);
-    let again = rig_with_ledger(
-        settings(),
-        FakeProvider::new(Duration::ZERO, |_| ok()),
-        ledger.clone(),
-    )
-    .await;
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    assert_eq!(ledger_total(&ledger), (10 * CALL, 0, 10));
-    again.engine.shutdown().await;
+    counts_again_after_a_restart(r, &ledger, Duration::from_secs(10), (10 * CALL, 0, 10)).await;
 }
 
 fn budgets(action: OnExceeded, daily_usd: f64) -> Budgets {

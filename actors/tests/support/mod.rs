@@ -458,7 +458,6 @@ pub fn settings() -> EngineSettings {
         prices: PriceTable {
             as_of: "2026-01-01".into(),
             batch_discount: 0.5,
-            off_peak_multiplier: 1.0,
             models,
         },
         max_payload_bytes: 10_000,

@@ -140,12 +140,7 @@ pub fn bill(sim: &SimServer, config: &Config) -> (batchd_actors::pricing::Picous
         };
         total += config
             .prices
-            .cost_picousd(
-                &model,
-                &usage,
-                batchd_actors::task::RouteKind::Realtime,
-                false,
-            )
+            .cost_picousd(&model, &usage, batchd_actors::task::RouteKind::Realtime)
             .expect("every served model has a price");
         calls += b.requests;
     }
