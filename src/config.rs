@@ -417,6 +417,12 @@ pub struct IntakeConfig {
     /// Subject patterns a task's `reply_to` may match (`{prefix}` is
     /// `nats.subject_prefix`).
     pub reply_to_allow: Vec<String>,
+    /// Tenant lanes pulled at once per priority (0: lanes off).
+    pub max_lanes: usize,
+    /// In-flight messages per tenant lane.
+    pub lane_max_ack_pending: i64,
+    /// How often the tasks stream's lane subjects are listed, ms.
+    pub lane_discover_ms: u64,
 }
 
 /// `[batching]`.
@@ -658,6 +664,12 @@ impl Config {
         }
         if self.intake.max_ack_pending < 1 {
             return bad("intake.max_ack_pending", "must be at least 1".into());
+        }
+        if self.intake.lane_max_ack_pending < 1 {
+            return bad("intake.lane_max_ack_pending", "must be at least 1".into());
+        }
+        if self.intake.lane_discover_ms < 10 {
+            return bad("intake.lane_discover_ms", "must be at least 10".into());
         }
         if self.intake.fetch_batch < 1 {
             return bad("intake.fetch_batch", "must be at least 1".into());

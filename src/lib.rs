@@ -16,6 +16,7 @@
 //!   over HTTP; an instant provider.
 //! - [`anthropic`]: the Anthropic Messages API's bodies, shared with the sim.
 //! - [`ledger`]: the cost ledger (call records, daily totals) over JetStream KV.
+//! - [`lanes`]: tenant lanes, pulled in turn beside each priority's subject.
 //!
 //! Wiring: what starts and observes the engine.
 //! - [`config`]: the typed configuration, defaults merged with the user's file.
@@ -39,6 +40,7 @@ pub mod app;
 pub mod client;
 pub mod cmd;
 pub mod config;
+pub mod lanes;
 pub mod ledger;
 pub mod local_nats;
 pub mod nats;

@@ -19,7 +19,7 @@ use batchd_actors::task::{Encoding, Priority};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt as _};
 
 use std::path::{Path, PathBuf};
 
@@ -295,7 +295,7 @@ pub async fn ensure_topology(
     let tasks = js
         .get_or_create_stream(stream::Config {
             name: n.tasks_stream.clone(),
-            subjects: subjects.tasks().to_vec(),
+            subjects: task_subjects(&subjects),
             retention: stream::RetentionPolicy::WorkQueue,
             discard: stream::DiscardPolicy::New,
             max_messages: n.tasks_max_msgs,
@@ -319,6 +319,7 @@ pub async fn ensure_topology(
             }
             setup_err(format!("stream {}", n.tasks_stream))(message)
         })?;
+    let tasks = ensure_lane_subjects(&js, tasks, task_subjects(&subjects)).await?;
     // One kept outcome and one dead letter per task: the last published
     // (a replay's outcome supersedes the failed one).
     let results = ensure_kept_last(
@@ -398,6 +399,46 @@ pub async fn ensure_topology(
         routes,
         checkpoints,
     })
+}
+
+/// The tasks stream's subjects: each priority's plain subject and its
+/// tenant lanes (`<subject>.<tenant>`, see [`crate::lanes`]).
+fn task_subjects(subjects: &crate::client::Subjects) -> Vec<String> {
+    subjects
+        .tasks()
+        .into_iter()
+        .flat_map(|s| [format!("{s}.*"), s])
+        .collect()
+}
+
+/// A tasks stream made by an older batchd has no lane subjects: add them.
+async fn ensure_lane_subjects(
+    js: &jetstream::Context,
+    tasks: stream::Stream,
+    wanted: Vec<String>,
+) -> Result<stream::Stream, NatsError> {
+    let mut tasks = tasks;
+    let name = tasks.cached_info().config.name.clone();
+    let info = tasks
+        .info()
+        .await
+        .map_err(|e| setup_err(format!("stream {name}"))(e.to_string()))?
+        .clone();
+    if wanted.iter().all(|s| info.config.subjects.contains(s)) {
+        return Ok(tasks);
+    }
+    let mut updated = info.config.clone();
+    for s in wanted {
+        if !updated.subjects.contains(&s) {
+            updated.subjects.push(s);
+        }
+    }
+    js.update_stream(updated).await.map_err(|e| {
+        setup_err(format!("stream {name} (adding tenant lane subjects)"))(e.to_string())
+    })?;
+    js.get_stream(&name)
+        .await
+        .map_err(|e| setup_err(format!("stream {name}"))(e.to_string()))
 }
 
 /// A KV bucket keeping one value per key for `max_age` (zero: kept), created
@@ -480,6 +521,8 @@ pub struct JetSource {
     subjects: [String; 3],
     names: [String; 3],
     fetch_batch: usize,
+    consumer_prefix: String,
+    lanes: crate::lanes::LaneSettings,
     js: jetstream::Context,
 }
 
@@ -492,15 +535,20 @@ impl JetSource {
             subjects: config.subjects().tasks(),
             names: Priority::ALL.map(|p| consumer_name(&config.nats, p)),
             fetch_batch: config.intake.fetch_batch,
+            consumer_prefix: config.nats.consumer_prefix.clone(),
+            lanes: crate::lanes::LaneSettings {
+                max_lanes: config.intake.max_lanes,
+                max_ack_pending: config.intake.lane_max_ack_pending,
+                discover_every: Duration::from_millis(config.intake.lane_discover_ms),
+                fetch_batch: config.intake.fetch_batch,
+                ack_wait: Duration::from_secs(config.intake.ack_wait_secs),
+            },
             js: t.js.clone(),
         }
     }
 }
 
-fn to_delivery(
-    p: Priority,
-    msg: jetstream::Message,
-) -> Result<Delivery<Box<dyn Acker>>, SourceError> {
+fn to_delivery(p: Priority, msg: jetstream::Message) -> crate::lanes::Item {
     let (delivered, stream_sequence, published_at, pending) = {
         let info = msg.info().map_err(|e| SourceError(e.to_string()))?;
         let published = DateTime::<Utc>::from_timestamp(
@@ -557,24 +605,44 @@ impl TaskSource for JetSource {
             .messages()
             .await
             .map_err(|e| SourceError(e.to_string()))?;
-        Ok(messages
+        let plain = messages
             .map(move |m| match m {
                 Ok(msg) => to_delivery(priority, msg),
                 Err(e) => Err(SourceError(e.to_string())),
             })
-            .boxed())
+            .boxed();
+        Ok(crate::lanes::merged(
+            self.tasks.clone(),
+            plain,
+            priority,
+            self.subjects[priority.index()].clone(),
+            self.consumer_prefix.clone(),
+            self.lanes.clone(),
+            to_delivery,
+        ))
     }
 
     async fn backlog(&self, priority: Priority) -> Result<Backlog, SourceError> {
-        let q = queue_state(
-            &self.tasks,
-            &self.names[priority.index()],
-            &self.subjects[priority.index()],
-        )
-        .await
-        .map_err(SourceError)?;
+        let subject = &self.subjects[priority.index()];
+        let q = queue_state(&self.tasks, &self.names[priority.index()], subject)
+            .await
+            .map_err(SourceError)?;
+        // Tasks on tenant lanes: every message stored there is waiting or
+        // in flight (the stream is a work queue).
+        let mut lanes = 0u64;
+        if self.lanes.max_lanes > 0 {
+            let counts: Vec<(String, usize)> = self
+                .tasks
+                .info_with_subjects(format!("{subject}.*"))
+                .await
+                .map_err(|e| SourceError(format!("listing lane subjects: {e}")))?
+                .try_collect()
+                .await
+                .map_err(|e| SourceError(format!("listing lane subjects: {e}")))?;
+            lanes = counts.iter().map(|(_, n)| *n as u64).sum();
+        }
         Ok(Backlog {
-            depth: q.waiting + q.in_flight,
+            depth: q.waiting + q.in_flight + lanes,
             oldest_age: q.oldest_age,
         })
     }

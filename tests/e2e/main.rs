@@ -18,6 +18,7 @@ mod e2e_flow;
 mod examples;
 mod faults;
 mod health;
+mod lanes;
 mod nats_harness;
 mod ops;
 mod route_control;
