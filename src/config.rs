@@ -99,6 +99,10 @@ pub struct PreemptionConfig {
     pub resume_after_ms: u64,
     /// Milliseconds between the monitor's looks when nothing signals it.
     pub interval_ms: u64,
+    /// After a restart, milliseconds a batch preempted by the earlier
+    /// process waits for the rest of its redelivered tasks once the first
+    /// is back.
+    pub recover_wait_ms: u64,
 }
 
 /// `[offpeak]`: daily UTC windows outside which some priorities' work waits
@@ -828,6 +832,12 @@ impl Config {
                 "must be at most 3600000 (an hour)".into(),
             );
         }
+        if !(1..=600_000).contains(&self.preemption.recover_wait_ms) {
+            return bad(
+                "preemption.recover_wait_ms",
+                "must be between 1 and 600000 (ten minutes)".into(),
+            );
+        }
         if !(1..=1000).contains(&self.ledger.flush_ms) {
             return bad("ledger.flush_ms", "must be between 1 and 1000".into());
         }
@@ -1031,6 +1041,7 @@ impl Config {
                 enabled: self.preemption.enabled,
                 resume_after: Duration::from_millis(self.preemption.resume_after_ms),
                 interval: Duration::from_millis(self.preemption.interval_ms),
+                recover_wait: Duration::from_millis(self.preemption.recover_wait_ms),
             },
         }
     }
@@ -1097,10 +1108,13 @@ mod tests {
         let p = c.engine_settings().preemption;
         assert!(p.enabled);
         assert_eq!(p.resume_after, Duration::from_millis(500));
+        assert_eq!(p.recover_wait, Duration::from_secs(2));
         let c = Config::from_toml_str("[preemption]\nenabled = false\n", "t").unwrap();
         assert!(!c.engine_settings().preemption.enabled);
         let e = Config::from_toml_str("[preemption]\ninterval_ms = 0\n", "t").unwrap_err();
         assert!(e.to_string().contains("preemption.interval_ms"), "{e}");
+        let e = Config::from_toml_str("[preemption]\nrecover_wait_ms = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("preemption.recover_wait_ms"), "{e}");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::messages::{ActorKind, AssemblerMsg, CostMsg, DispatcherMsg, IntakeMsg
 use crate::ports::{
     AttemptStore, CheckpointStore, LedgerStore, OutcomeSink, Provider, RouteBoard, TaskSource,
 };
+use crate::recovery::Recovery;
 use crate::settings::EngineSettings;
 
 /// The current actor cells, one slot per [`ActorKind`]; the supervisor
@@ -155,6 +156,8 @@ pub struct EngineContext {
     pub batches: RunningBatches,
     /// Notified whenever a priority-1 call has to wait at a route.
     pub p1_waiting: Arc<tokio::sync::Notify>,
+    /// Batches preempted by an earlier process, waiting for their tasks.
+    pub recovery: Recovery,
     stop: tokio::sync::watch::Sender<bool>,
     rng: Mutex<StdRng>,
 }
@@ -177,6 +180,7 @@ impl EngineContext {
             depths: QueueDepths::default(),
             batches: RunningBatches::default(),
             p1_waiting: Arc::default(),
+            recovery: Recovery::default(),
             stop: tokio::sync::watch::Sender::new(false),
             rng,
         })
