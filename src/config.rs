@@ -86,6 +86,21 @@ pub struct Config {
     pub offpeak: OffPeakConfig,
     /// Preemption of bulk batches for priority 1.
     pub preemption: PreemptionConfig,
+    /// Service targets per priority.
+    pub targets: TargetsConfig,
+}
+
+/// `[targets]`: the time each priority's tasks should take at most,
+/// publish to outcome (`batchd_priority_target_ratio` measures against it).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetsConfig {
+    /// Seconds, priority 1.
+    pub p1_secs: u64,
+    /// Seconds, priority 2.
+    pub p2_secs: u64,
+    /// Seconds, priority 3.
+    pub p3_secs: u64,
 }
 
 /// `[preemption]`: bulk batches paused while priority-1 calls wait at their route.
@@ -832,6 +847,15 @@ impl Config {
                 "must be at most 3600000 (an hour)".into(),
             );
         }
+        for (key, secs) in [
+            ("targets.p1_secs", self.targets.p1_secs),
+            ("targets.p2_secs", self.targets.p2_secs),
+            ("targets.p3_secs", self.targets.p3_secs),
+        ] {
+            if !(1..=2_592_000).contains(&secs) {
+                return bad(key, "must be between 1 and 2592000 (30 days)".into());
+            }
+        }
         if !(1..=600_000).contains(&self.preemption.recover_wait_ms) {
             return bad(
                 "preemption.recover_wait_ms",
@@ -1043,6 +1067,11 @@ impl Config {
                 interval: Duration::from_millis(self.preemption.interval_ms),
                 recover_wait: Duration::from_millis(self.preemption.recover_wait_ms),
             },
+            targets: batchd_actors::targets::ServiceTargets([
+                Duration::from_secs(self.targets.p1_secs),
+                Duration::from_secs(self.targets.p2_secs),
+                Duration::from_secs(self.targets.p3_secs),
+            ]),
         }
     }
 }
@@ -1113,6 +1142,13 @@ mod tests {
         assert!(!c.engine_settings().preemption.enabled);
         let e = Config::from_toml_str("[preemption]\ninterval_ms = 0\n", "t").unwrap_err();
         assert!(e.to_string().contains("preemption.interval_ms"), "{e}");
+        assert_eq!(
+            c.engine_settings().targets,
+            batchd_actors::targets::ServiceTargets::default(),
+            "the documented defaults"
+        );
+        let e = Config::from_toml_str("[targets]\np2_secs = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("targets.p2_secs"), "{e}");
         let e = Config::from_toml_str("[preemption]\nrecover_wait_ms = 0\n", "t").unwrap_err();
         assert!(e.to_string().contains("preemption.recover_wait_ms"), "{e}");
     }

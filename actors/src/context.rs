@@ -158,6 +158,8 @@ pub struct EngineContext {
     pub p1_waiting: Arc<tokio::sync::Notify>,
     /// Batches preempted by an earlier process, waiting for their tasks.
     pub recovery: Recovery,
+    /// What each priority has met against its service target.
+    pub targets: crate::targets::Targets,
     stop: tokio::sync::watch::Sender<bool>,
     rng: Mutex<StdRng>,
 }
@@ -166,6 +168,7 @@ impl EngineContext {
     /// A context for one engine.
     pub fn new(settings: EngineSettings, ports: Ports) -> Arc<EngineContext> {
         let rng = Mutex::new(StdRng::seed_from_u64(settings.seed));
+        let targets = settings.targets;
         let clock =
             Clock::following_tokio(settings.ledger.clock_start.unwrap_or_else(chrono::Utc::now));
         Arc::new(EngineContext {
@@ -181,6 +184,7 @@ impl EngineContext {
             batches: RunningBatches::default(),
             p1_waiting: Arc::default(),
             recovery: Recovery::default(),
+            targets: crate::targets::Targets::new(targets),
             stop: tokio::sync::watch::Sender::new(false),
             rng,
         })

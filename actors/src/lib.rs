@@ -40,6 +40,7 @@
 //!   their route, and resumes them in order once it is quiet.
 //! - [`recovery`]: checkpoints left by a process that died, read at start;
 //!   the redelivered tasks of a preempted batch rejoin it under its id.
+//! - [`targets`]: service targets per priority and how close each is to its own.
 //! - [`supervisor`]: one-for-one restarts with an intensity limit.
 //! - [`engine`]: start, fault injection, shutdown.
 //! - [`outcome`]: making outcomes durable before acking.
@@ -79,6 +80,7 @@ pub mod route_publisher;
 pub mod routing;
 pub mod settings;
 pub mod supervisor;
+pub mod targets;
 pub mod task;
 
 pub use engine::{Engine, EngineError};

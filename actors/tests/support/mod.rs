@@ -495,6 +495,7 @@ pub fn settings() -> EngineSettings {
         offpeak: OffPeak::default(),
         clock: Clock::system(),
         preemption: Default::default(),
+        targets: Default::default(),
     }
 }
 
