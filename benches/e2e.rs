@@ -47,6 +47,15 @@ fn main() {
             backlog: false,
             backlog_sizes: Vec::new(),
             backlog_secs: 30,
+            preemption: false,
+            preemption_sim: CapacitySetting {
+                rpm: 1200,
+                latency_ms: 300,
+            },
+            preemption_bulk: 50_000,
+            preemption_warmup_secs: 30,
+            preemption_secs: 60,
+            preemption_rate: 5.0,
         }))
         .unwrap_or_else(|e| panic!("the end-to-end benchmark failed: {e:#}"));
     runtime.shutdown_timeout(Duration::from_secs(5));

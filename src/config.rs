@@ -86,6 +86,21 @@ pub struct Config {
     pub offpeak: OffPeakConfig,
     /// Preemption of bulk batches for priority 1.
     pub preemption: PreemptionConfig,
+    /// Service targets per priority.
+    pub targets: TargetsConfig,
+}
+
+/// `[targets]`: the time each priority's tasks should take at most,
+/// publish to outcome (`batchd_priority_target_ratio` measures against it).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetsConfig {
+    /// Seconds, priority 1.
+    pub p1_secs: u64,
+    /// Seconds, priority 2.
+    pub p2_secs: u64,
+    /// Seconds, priority 3.
+    pub p3_secs: u64,
 }
 
 /// `[preemption]`: bulk batches paused while priority-1 calls wait at their route.
@@ -99,6 +114,10 @@ pub struct PreemptionConfig {
     pub resume_after_ms: u64,
     /// Milliseconds between the monitor's looks when nothing signals it.
     pub interval_ms: u64,
+    /// After a restart, milliseconds a batch preempted by the earlier
+    /// process waits for the rest of its redelivered tasks once the first
+    /// is back.
+    pub recover_wait_ms: u64,
 }
 
 /// `[offpeak]`: daily UTC windows outside which some priorities' work waits
@@ -840,6 +859,21 @@ impl Config {
                 "must be at most 3600000 (an hour)".into(),
             );
         }
+        for (key, secs) in [
+            ("targets.p1_secs", self.targets.p1_secs),
+            ("targets.p2_secs", self.targets.p2_secs),
+            ("targets.p3_secs", self.targets.p3_secs),
+        ] {
+            if !(1..=2_592_000).contains(&secs) {
+                return bad(key, "must be between 1 and 2592000 (30 days)".into());
+            }
+        }
+        if !(1..=600_000).contains(&self.preemption.recover_wait_ms) {
+            return bad(
+                "preemption.recover_wait_ms",
+                "must be between 1 and 600000 (ten minutes)".into(),
+            );
+        }
         if !(1..=1000).contains(&self.ledger.flush_ms) {
             return bad("ledger.flush_ms", "must be between 1 and 1000".into());
         }
@@ -1040,7 +1074,13 @@ impl Config {
                 enabled: self.preemption.enabled,
                 resume_after: Duration::from_millis(self.preemption.resume_after_ms),
                 interval: Duration::from_millis(self.preemption.interval_ms),
+                recover_wait: Duration::from_millis(self.preemption.recover_wait_ms),
             },
+            targets: batchd_actors::targets::ServiceTargets([
+                Duration::from_secs(self.targets.p1_secs),
+                Duration::from_secs(self.targets.p2_secs),
+                Duration::from_secs(self.targets.p3_secs),
+            ]),
         }
     }
 }
@@ -1106,10 +1146,20 @@ mod tests {
         let p = c.engine_settings().preemption;
         assert!(p.enabled);
         assert_eq!(p.resume_after, Duration::from_millis(500));
+        assert_eq!(p.recover_wait, Duration::from_secs(2));
         let c = Config::from_toml_str("[preemption]\nenabled = false\n", "t").unwrap();
         assert!(!c.engine_settings().preemption.enabled);
         let e = Config::from_toml_str("[preemption]\ninterval_ms = 0\n", "t").unwrap_err();
         assert!(e.to_string().contains("preemption.interval_ms"), "{e}");
+        assert_eq!(
+            c.engine_settings().targets,
+            batchd_actors::targets::ServiceTargets::default(),
+            "the documented defaults"
+        );
+        let e = Config::from_toml_str("[targets]\np2_secs = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("targets.p2_secs"), "{e}");
+        let e = Config::from_toml_str("[preemption]\nrecover_wait_ms = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("preemption.recover_wait_ms"), "{e}");
     }
 
     #[test]

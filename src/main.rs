@@ -73,6 +73,11 @@ async fn main() -> std::process::ExitCode {
                 .await
                 .map(|_| ())
         }
+        Command::Bench(args) if args.preemption => {
+            cmd::bench::preemption::run(args.nats_url.as_deref(), args.preemption_plan())
+                .await
+                .map(|_| ())
+        }
         Command::Bench(args) => cmd::bench::run(args).await.map(|_| ()),
         Command::Status(args) => cmd::status::run(args).await,
         Command::Cost(args) => cmd::cost::run(args).await,

@@ -888,6 +888,35 @@ impl CheckpointStore for KvCheckpoints {
     }
 
     async fn list(&self) -> Result<Vec<Checkpoint>, CheckpointError> {
+        let mut found = Vec::new();
+        for (key, entry) in self.entries().await? {
+            match entry {
+                Ok(c) => found.push(c),
+                // Another version's or a damaged entry: listed by `batchd
+                // status` by key, skipped here rather than failing the list.
+                Err(e) => tracing::warn!(key = %key, error = %e, "unreadable checkpoint skipped"),
+            }
+        }
+        Ok(found)
+    }
+
+    async fn drop_unreadable(&self) -> Result<Vec<String>, CheckpointError> {
+        let mut dropped = Vec::new();
+        for (key, entry) in self.entries().await? {
+            if entry.is_err() {
+                self.delete(&key).await?;
+                dropped.push(key);
+            }
+        }
+        Ok(dropped)
+    }
+}
+
+impl KvCheckpoints {
+    /// Every entry by key, decoded or not.
+    async fn entries(
+        &self,
+    ) -> Result<Vec<(String, Result<Checkpoint, serde_json::Error>)>, CheckpointError> {
         let mut keys = self
             .0
             .keys()
@@ -901,12 +930,8 @@ impl CheckpointStore for KvCheckpoints {
                     CheckpointError(format!("reading the checkpoint of {key}: {e}"))
                 })?;
             let Some(value) = value else { continue };
-            match serde_json::from_slice::<Checkpoint>(&value) {
-                Ok(c) => found.push(c),
-                // Another version's or a damaged entry: listed by `batchd
-                // status` by key, skipped here rather than failing the list.
-                Err(e) => tracing::warn!(key = %key, error = %e, "unreadable checkpoint skipped"),
-            }
+            let entry = serde_json::from_slice::<Checkpoint>(&value);
+            found.push((key, entry));
         }
         Ok(found)
     }

@@ -44,6 +44,9 @@ struct Progress {
     /// When it was preempted (both clocks), while it is.
     preempted_at: Option<(Instant, DateTime<Utc>)>,
     checkpointed: bool,
+    /// It was preempted and resumed (here or by an earlier process): its
+    /// tasks queue ahead of the other work of its priority at the route.
+    resumed: bool,
 }
 
 /// A call of a batch at the provider; counted until dropped.
@@ -110,9 +113,29 @@ impl BatchControl {
 
     /// Lets it launch calls again; false when it was not preempted.
     pub fn resume(&self) -> bool {
-        let was = self.progress().preempted_at.take().is_some();
+        let was = {
+            let mut p = self.progress();
+            let was = p.preempted_at.take().is_some();
+            p.resumed |= was;
+            was
+        };
         self.paused.send_replace(false);
         was
+    }
+
+    /// True once it has resumed from a preemption: its tasks go ahead of
+    /// the other work of its priority.
+    pub fn is_resumed(&self) -> bool {
+        self.progress().resumed
+    }
+
+    /// It resumes the checkpoint of an earlier process, which had finished
+    /// `finished`: that checkpoint is deleted when it completes.
+    pub fn adopt_checkpoint(&self, finished: Vec<String>) {
+        let mut p = self.progress();
+        p.finished = finished;
+        p.checkpointed = true;
+        p.resumed = true;
     }
 
     /// How the monitor sees it.

@@ -21,6 +21,7 @@ use crate::messages::{ActorKind, AssemblerMsg, CostMsg, DispatcherMsg, IntakeMsg
 use crate::ports::{
     AttemptStore, CheckpointStore, LedgerStore, OutcomeSink, Provider, RouteBoard, TaskSource,
 };
+use crate::recovery::Recovery;
 use crate::settings::EngineSettings;
 
 /// The current actor cells, one slot per [`ActorKind`]; the supervisor
@@ -158,6 +159,10 @@ pub struct EngineContext {
     pub batches: RunningBatches,
     /// Notified whenever a priority-1 call has to wait at a route.
     pub p1_waiting: Arc<tokio::sync::Notify>,
+    /// Batches preempted by an earlier process, waiting for their tasks.
+    pub recovery: Recovery,
+    /// What each priority has met against its service target.
+    pub targets: crate::targets::Targets,
     stop: tokio::sync::watch::Sender<bool>,
     rng: Mutex<StdRng>,
 }
@@ -166,6 +171,7 @@ impl EngineContext {
     /// A context for one engine.
     pub fn new(settings: EngineSettings, ports: Ports) -> Arc<EngineContext> {
         let rng = Mutex::new(StdRng::seed_from_u64(settings.seed));
+        let targets = settings.targets;
         let clock =
             Clock::following_tokio(settings.ledger.clock_start.unwrap_or_else(chrono::Utc::now));
         Arc::new(EngineContext {
@@ -181,6 +187,8 @@ impl EngineContext {
             depths: QueueDepths::default(),
             batches: RunningBatches::default(),
             p1_waiting: Arc::default(),
+            recovery: Recovery::default(),
+            targets: crate::targets::Targets::new(targets),
             stop: tokio::sync::watch::Sender::new(false),
             rng,
         })

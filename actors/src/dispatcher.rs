@@ -261,6 +261,9 @@ impl DispatcherState {
                         .iter()
                         .map(|a| (a.task.task_id.clone(), a.attempts_before)),
                 );
+                if let Some(resumed) = batch.resumed {
+                    control.adopt_checkpoint(resumed.finished);
+                }
                 let work = batch.tasks.into_iter().map(|a| {
                     let task_span = tracing::info_span!("task", task_id = %a.task.task_id);
                     let (ctx, route, control) = (ctx.clone(), route.clone(), control.clone());
@@ -370,7 +373,7 @@ async fn run_task(
         }
         let mut place = Waiting::new(&route.waiting);
         let permit = tokio::select! {
-            permit = route.gate.admit(a.task.priority, est_tokens) => permit,
+            permit = route.gate.admit_in_turn(a.task.priority, est_tokens, batch.is_resumed()) => permit,
             // Preempted while waiting at the gate: leave its queue.
             () = batch.until_paused() => continue,
             () = sleep_until_opt(deadline) => break Ending::Expired,

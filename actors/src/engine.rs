@@ -38,6 +38,9 @@ impl Engine {
     pub async fn start(settings: EngineSettings, ports: Ports) -> Result<Engine, EngineError> {
         let heartbeat = settings.lease_heartbeat;
         let ctx = EngineContext::new(settings, ports);
+        // Before anything is pulled, so redelivered tasks of a batch
+        // preempted by an earlier process find it.
+        crate::recovery::load(&ctx).await;
         let keeper = ctx.keeper.spawn(heartbeat);
         let publisher = route_publisher::spawn(ctx.clone());
         let args = SupervisorArgs {

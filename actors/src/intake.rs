@@ -134,6 +134,12 @@ async fn sample_backlog(ctx: Arc<EngineContext>) {
                 Ok(b) => {
                     ctx.depths.set(p, b.depth);
                     metrics::backlog(p, b.depth, b.oldest_age);
+                    let ratio = {
+                        let mut targets = ctx.targets.lock();
+                        targets.waiting(p, b.oldest_age);
+                        targets.ratio(p, tokio::time::Instant::now())
+                    };
+                    metrics::priority_target_ratio(p, ratio);
                 }
                 Err(e) => tracing::debug!(error = %e, "backlog sample failed"),
             }

@@ -38,6 +38,9 @@
 //!   flags and progress (what a checkpoint records).
 //! - [`preemption_monitor`]: preempts bulk batches while priority 1 waits at
 //!   their route, and resumes them in order once it is quiet.
+//! - [`recovery`]: checkpoints left by a process that died, read at start;
+//!   the redelivered tasks of a preempted batch rejoin it under its id.
+//! - [`targets`]: service targets per priority and how close each is to its own.
 //! - [`supervisor`]: one-for-one restarts with an intensity limit.
 //! - [`engine`]: start, fault injection, shutdown.
 //! - [`outcome`]: making outcomes durable before acking.
@@ -71,12 +74,14 @@ pub mod outcome;
 pub mod ports;
 pub mod preemption_monitor;
 pub mod pricing;
+pub mod recovery;
 pub mod retry_scheduler;
 pub mod route;
 pub mod route_publisher;
 pub mod routing;
 pub mod settings;
 pub mod supervisor;
+pub mod targets;
 pub mod task;
 
 pub use engine::{Engine, EngineError};

@@ -108,6 +108,15 @@ pub struct Batch {
     pub tasks: Vec<Accepted>,
     /// Size over the size it was opened for (which follows queue depth).
     pub fill_ratio: f64,
+    /// Set when it resumes a batch preempted by an earlier process.
+    pub resumed: Option<Resumed>,
+}
+
+/// A batch resumed from the checkpoint of an earlier process.
+#[derive(Debug)]
+pub struct Resumed {
+    /// Tasks it had finished before (carried into its next checkpoint).
+    pub finished: Vec<String>,
 }
 
 /// Messages to the Intake.
@@ -132,6 +141,12 @@ pub enum AssemblerMsg {
         key: BatchKey,
         /// Which incarnation of it (a later batch may reuse the key).
         generation: u64,
+    },
+    /// A batch resumed from a checkpoint has waited long enough for the
+    /// rest of its tasks to come back.
+    ResumedDue {
+        /// Its id.
+        batch: std::sync::Arc<str>,
     },
     /// Seal everything now (shutdown).
     Flush(RpcReplyPort<()>),

@@ -66,6 +66,8 @@ pub const PREEMPTIONS_TOTAL: &str = "batchd_preemptions_total";
 pub const CHECKPOINTS_TOTAL: &str = "batchd_checkpoints_total";
 /// Batches preempted now, waiting to resume.
 pub const PREEMPTED_BATCHES: &str = "batchd_preempted_batches";
+/// Per priority: the larger of its oldest wait and its recent p99, over its target.
+pub const PRIORITY_TARGET_RATIO: &str = "batchd_priority_target_ratio";
 /// Actor restarts, per actor.
 pub const ACTOR_RESTARTS_TOTAL: &str = "batchd_actor_restarts_total";
 /// Spend over budget per tenant and period (`daily`, `monthly`).
@@ -82,7 +84,7 @@ pub const SECONDS_HISTOGRAMS: [&str; 3] = [
 pub const HISTOGRAMS: [&str; 5] = concat(SECONDS_HISTOGRAMS, [BATCH_SIZE, BATCH_FILL_RATIO]);
 
 /// Every metric name above: rules and dashboards may use these and no others.
-pub const ALL: [&str; 25] = concat(
+pub const ALL: [&str; 26] = concat(
     HISTOGRAMS,
     [
         QUEUE_DEPTH,
@@ -103,6 +105,7 @@ pub const ALL: [&str; 25] = concat(
         PREEMPTIONS_TOTAL,
         CHECKPOINTS_TOTAL,
         PREEMPTED_BATCHES,
+        PRIORITY_TARGET_RATIO,
         ACTOR_RESTARTS_TOTAL,
         BUDGET_USED_RATIO,
     ],
@@ -298,6 +301,11 @@ pub fn preempted_batches(count: usize) {
     gauge!(PREEMPTED_BATCHES).set(count as f64);
 }
 
+/// How close priority `p` is to its service target (1: at it).
+pub fn priority_target_ratio(p: Priority, ratio: f64) {
+    gauge!(PRIORITY_TARGET_RATIO, "priority" => p.label()).set(ratio);
+}
+
 /// An actor restarted by the supervisor.
 pub fn actor_restarted(actor: &'static str) {
     counter!(ACTOR_RESTARTS_TOTAL, "actor" => actor).increment(1);
@@ -325,6 +333,9 @@ pub fn describe() {
     }
     counter!(CHECKPOINTS_TOTAL).absolute(0);
     gauge!(PREEMPTED_BATCHES).set(0.0);
+    for p in Priority::ALL {
+        gauge!(PRIORITY_TARGET_RATIO, "priority" => p.label()).set(0.0);
+    }
 }
 
 /// The help text `/metrics` shows for `name`, for the metrics that have one.
@@ -353,6 +364,7 @@ fn help(name: &str) -> Option<&'static str> {
         PREEMPTIONS_TOTAL => "Bulk batches preempted by priority-1 work",
         CHECKPOINTS_TOTAL => "Checkpoints written",
         PREEMPTED_BATCHES => "Bulk batches preempted now, waiting to resume",
+        PRIORITY_TARGET_RATIO => "Per priority: the larger of its oldest waiting task's age and its recent p99 publish-to-outcome time, over its service target (1: at the target)",
         ACTOR_RESTARTS_TOTAL => "Actor restarts by the supervisor",
         BUDGET_USED_RATIO => "Spend over budget per tenant and period (daily, monthly)",
         _ => return None,

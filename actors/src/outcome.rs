@@ -169,6 +169,9 @@ pub async fn deliver(ctx: &EngineContext, lease: Lease, f: Final, subject: &str)
                 .filter(|m| ctx.settings.catalog.model_providers.contains_key(*m))
                 .unwrap_or("");
             metrics::task_completed(p, f.outcome.status, model, latency);
+            ctx.targets
+                .lock()
+                .finished(p, latency, tokio::time::Instant::now());
             if let Some(e) = &f.outcome.error {
                 metrics::dead_lettered(e.kind.as_str());
             }

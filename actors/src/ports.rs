@@ -418,6 +418,10 @@ pub trait CheckpointStore: Send + Sync + 'static {
     async fn delete(&self, batch_id: &str) -> Result<(), CheckpointError>;
     /// Every readable checkpoint, by batch id.
     async fn list(&self) -> Result<Vec<Checkpoint>, CheckpointError>;
+    /// Deletes the entries it cannot read (another layout); their keys.
+    async fn drop_unreadable(&self) -> Result<Vec<String>, CheckpointError> {
+        Ok(Vec::new())
+    }
 }
 
 /// A [`CheckpointStore`] in memory: for tests and single-process tools.

@@ -54,6 +54,9 @@ pub struct PreemptionSettings {
     /// How often the monitor looks when nothing signals it (resumes are
     /// decided on this beat; preemptions at once on a priority-1 arrival).
     pub interval: Duration,
+    /// After a restart, how long a batch preempted by the earlier process
+    /// waits for the rest of its redelivered tasks once the first is back.
+    pub recover_wait: Duration,
 }
 
 impl Default for PreemptionSettings {
@@ -62,6 +65,7 @@ impl Default for PreemptionSettings {
             enabled: true,
             resume_after: Duration::from_millis(500),
             interval: Duration::from_millis(50),
+            recover_wait: Duration::from_secs(2),
         }
     }
 }

@@ -80,6 +80,8 @@ pub struct EngineSettings {
     pub clock: Clock,
     /// When bulk batches are preempted for priority 1, and resumed.
     pub preemption: PreemptionSettings,
+    /// Each priority's service target, publish to outcome.
+    pub targets: crate::targets::ServiceTargets,
 }
 
 /// How the CostAccountant keeps the ledger.

@@ -189,3 +189,135 @@ async fn nothing_is_preempted_while_the_route_is_down() {
     assert_eq!(r.checkpoints.written(), 0, "no batch was preempted");
     r.engine.shutdown().await;
 }
+
+/// A checkpoint as a killed process left it: `remaining` not done.
+fn left_checkpoint(
+    batch_id: &str,
+    provider: &str,
+    finished: &[&str],
+    remaining: &[&str],
+) -> batchd_actors::ports::Checkpoint {
+    let own = |ids: &[&str]| ids.iter().map(|id| (*id).to_owned()).collect::<Vec<_>>();
+    batchd_actors::ports::Checkpoint {
+        version: batchd_actors::ports::CHECKPOINT_VERSION,
+        batch_id: batch_id.into(),
+        provider: provider.into(),
+        model: "m".into(),
+        priority: 3,
+        finished: own(finished),
+        remaining: own(remaining),
+        attempts: remaining.iter().map(|id| ((*id).to_owned(), 0)).collect(),
+        preempted_at: chrono::Utc::now(),
+        reason: "p1_waiting".into(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_crash_a_preempted_batch_resumes_first_under_its_id_and_stale_checkpoints_go() {
+    use batchd_actors::ports::{CheckpointStore, MemoryCheckpoints};
+    use std::sync::Arc;
+
+    // What a killed process left: a preempted batch b_A that had finished
+    // a0 and a1 (their outcomes published) and a2 (its outcome published,
+    // its message not yet acked), with a3..a10 still to do; a checkpoint
+    // whose tasks all have outcomes; one of another layout version; one of
+    // a provider no longer configured.
+    let checkpoints = Arc::new(MemoryCheckpoints::default());
+    let sink = Arc::new(FakeSink::default());
+    let todo: Vec<String> = (3..=10).map(|i| format!("a{i}")).collect();
+    let mut remaining = vec!["a2"];
+    remaining.extend(todo.iter().map(String::as_str));
+    let mut old = left_checkpoint("b_OLD", "fake", &[], &["o0"]);
+    old.version += 1;
+    for cp in [
+        left_checkpoint("b_A", "fake", &["a0", "a1"], &remaining),
+        left_checkpoint("b_DONE", "fake", &[], &["d0"]),
+        old,
+        left_checkpoint("b_GONE", "nowhere", &[], &["g0"]),
+    ] {
+        checkpoints.put(&cp).await.unwrap();
+    }
+    for id in ["a0", "a1", "a2", "d0"] {
+        sink.record(
+            id,
+            serde_json::json!({"task_id": id, "status": "succeeded", "batch_id": "b_A"}),
+        );
+    }
+
+    let r = rig_after_crash(
+        with_slots(2),
+        healthy(Duration::from_secs(1)),
+        checkpoints.clone(),
+        sink.clone(),
+    )
+    .await;
+    let ids = |cps: &MemoryCheckpoints| cps.entries().into_keys().collect::<Vec<_>>();
+    assert_eq!(
+        ids(&checkpoints),
+        ["b_A"],
+        "stale checkpoints deleted at start"
+    );
+
+    // Newer bulk work arrives first and fills the route.
+    let fresh: Vec<String> = (0..10).map(|i| format!("new{i}")).collect();
+    for (i, id) in fresh.iter().enumerate() {
+        r.source
+            .publish_with_pending(Priority::P3, task(id, id), Some((9 - i) as u64));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // b_A's messages come back once ack_wait passes: a2 .. a9 (a10 later).
+    for id in std::iter::once("a2").chain(todo[..7].iter().map(String::as_str)) {
+        r.source.publish_redelivered(Priority::P3, task(id, id), 2);
+    }
+    let total = 4 + todo.len() + fresh.len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // a10 comes back after b_A was sealed (recover_wait): it is batched anew.
+    r.source
+        .publish_redelivered(Priority::P3, task("a10", "a10"), 2);
+    until(Duration::from_secs(60), || r.sink.outcome_count() == total).await;
+
+    let resumed = &todo[..7];
+    for id in resumed {
+        let o = r.sink.outcome(id).unwrap();
+        assert_eq!(o["status"], "succeeded", "{id}");
+        assert_eq!(o["batch_id"], "b_A", "{id} rejoined its batch");
+        assert_eq!(o["attempts"], 1, "{id}");
+    }
+    assert_ne!(r.sink.outcome("a10").unwrap()["batch_id"], "b_A");
+    assert_eq!(r.sink.outcome("a10").unwrap()["status"], "succeeded");
+    for id in ["a0", "a1", "a2"] {
+        assert!(
+            call_of(&r, id).is_none(),
+            "{id} was finished: not sent again"
+        );
+    }
+    assert_eq!(r.sink.max_copies(), 1, "one outcome per task");
+    assert_eq!(r.provider.calls().len(), resumed.len() + 1 + fresh.len());
+
+    // b_A went ahead of the newer bulk work waiting at the route: once its
+    // first call went out, no newer task's call went until its last.
+    let first = resumed
+        .iter()
+        .filter_map(|id| call_of(&r, id))
+        .min()
+        .unwrap();
+    let last = resumed
+        .iter()
+        .filter_map(|id| call_of(&r, id))
+        .max()
+        .unwrap();
+    let jumped: Vec<&String> = fresh
+        .iter()
+        .filter(|id| call_of(&r, id).is_some_and(|at| at > first && at < last))
+        .collect();
+    assert!(jumped.is_empty(), "newer work went between: {jumped:?}");
+    let fresh_after = fresh.iter().filter(|id| call_of(&r, id).unwrap() > last);
+    assert!(fresh_after.count() > 0, "newer work was still waiting");
+
+    until(Duration::from_secs(5), || checkpoints.entries().is_empty()).await;
+    until(Duration::from_secs(5), || {
+        r.source.acks().len() == total - 3
+    })
+    .await;
+    r.engine.shutdown().await;
+}

@@ -22,9 +22,14 @@
 //!
 //! With `--backlog`, [`backlog`] alone runs instead: the resident memory of
 //! `batchd run` with a small and a large backlog queued, and their ratio.
+//!
+//! With `--preemption`, [`preemption`] alone runs instead: priority-1
+//! latency while bulk work fills a rate-limited route, with preemption on
+//! and off.
 
 pub mod backlog;
 mod capacity;
+pub mod preemption;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -92,6 +97,38 @@ pub struct BenchArgs {
     /// Seconds `batchd run` runs over each backlog before its memory is read
     #[arg(long, default_value_t = 30)]
     pub backlog_secs: u64,
+    /// Instead of the phases: priority-1 latency from publish to outcome
+    /// while bulk work fills a rate-limited route, preemption on and off
+    #[arg(long)]
+    pub preemption: bool,
+    /// The simulated provider for --preemption
+    #[arg(long, value_name = "RPM:LATENCY_MS", default_value = "1200:300")]
+    pub preemption_sim: CapacitySetting,
+    /// Priority-3 tasks queued before each --preemption run
+    #[arg(long, default_value_t = 50_000)]
+    pub preemption_bulk: usize,
+    /// Seconds of bulk work alone before priority-1 tasks start
+    #[arg(long, default_value_t = 30)]
+    pub preemption_warmup_secs: u64,
+    /// Seconds priority-1 tasks are published
+    #[arg(long, default_value_t = 60)]
+    pub preemption_secs: u64,
+    /// Priority-1 tasks published per second
+    #[arg(long, default_value_t = 5.0)]
+    pub preemption_rate: f64,
+}
+
+impl BenchArgs {
+    /// What `--preemption` runs.
+    pub fn preemption_plan(&self) -> preemption::PreemptionPlan {
+        preemption::PreemptionPlan {
+            setting: self.preemption_sim,
+            bulk: self.preemption_bulk,
+            warmup_secs: self.preemption_warmup_secs,
+            secs: self.preemption_secs,
+            rate: self.preemption_rate,
+        }
+    }
 }
 
 /// One measured phase.

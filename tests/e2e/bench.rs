@@ -1,6 +1,6 @@
 //! `batchd bench` as an operator runs it: the floor table, and with
 //! `--capacity` the share of a rate-limited provider's limit used and the
-//! share of 429s, here on one short setting.
+//! share of 429s, here on one short setting; `--preemption` with tiny sizes.
 
 use std::process::Command;
 
@@ -39,4 +39,40 @@ fn bench_capacity_prints_the_share_of_the_limit_used_and_few_429s() {
         "{stdout}"
     );
     assert!(stdout.contains("learned rpm 1200"), "{stdout}");
+}
+
+#[test]
+fn bench_preemption_prints_p1_latency_and_the_limit_used_with_preemption_on_and_off() {
+    let out = Command::new(env!("CARGO_BIN_EXE_batchd"))
+        .args(["bench", "--preemption", "--preemption-bulk", "300"])
+        .args(["--preemption-warmup-secs", "1", "--preemption-secs", "2"])
+        .args(["--preemption-rate", "5", "--preemption-sim", "1200:100"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("preemption: 300 p3 tasks queued"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("p1 p50"), "{stdout}");
+    assert!(stdout.contains("p1 p99"), "{stdout}");
+    assert!(stdout.contains("limit used"), "{stdout}");
+    assert!(stdout.contains("preemption bar:"), "{stdout}");
+    for mode in ["on", "off"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(mode))
+            .unwrap_or_else(|| panic!("no {mode} row: {stdout}"));
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        // mode, p1 done, p50 (2 words), p99 (2), max (2), limit used, 429s, preempted.
+        assert_eq!(cells[1], "10/10", "every p1 task answered: {row}");
+        for at in [2, 4, 6] {
+            let ms: f64 = cells[at].parse().unwrap_or_else(|_| panic!("{row}"));
+            assert!(ms > 0.0, "{row}");
+            assert_eq!(cells[at + 1], "ms", "{row}");
+        }
+        assert!(cells[8].ends_with('%'), "{row}");
+    }
 }

@@ -42,28 +42,7 @@ async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
     assert_eq!(common::stream_len(&js, "BATCHD_RESULTS").await, n as u64);
     // A task whose outcome was stored before the kill was not sent again;
     // only tasks in flight at the kill (at most 3 × max_ack_pending) were.
-    let mut sent: std::collections::HashMap<String, usize> = Default::default();
-    for body in sim.recorded_requests() {
-        let text = body["messages"][1]["content"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let id = text
-            .rsplit("document ")
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        *sent.entry(id).or_default() += 1;
-    }
-    assert_eq!(sent.len(), n, "every task reached the provider");
-    for subject in done_at_kill.keys() {
-        let id = subject.trim_start_matches("batchd.results.");
-        assert_eq!(
-            sent[id], 1,
-            "{id} finished before the kill but was sent {} times",
-            sent[id]
-        );
-    }
+    let sent = common::assert_finished_sent_once(&sim, &done_at_kill, n);
     let repeated: usize = sent.values().map(|c| c - 1).sum();
     assert!(repeated <= 3 * 500, "{repeated} repeated requests");
 }

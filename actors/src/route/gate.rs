@@ -217,6 +217,7 @@ struct State {
 struct Waiter {
     id: u64,
     notify: Arc<Notify>,
+    ahead: bool,
 }
 
 /// The outcome of one look at the route by a waiter.
@@ -298,9 +299,19 @@ impl RouteGate {
     /// weight. Cancel-safe: dropping the future leaves no slot taken and no
     /// waiter behind.
     pub async fn admit(&self, priority: Priority, est_tokens: u64) -> Permit {
+        self.admit_in_turn(priority, est_tokens, false).await
+    }
+
+    /// [`RouteGate::admit`], queued `ahead` of the other waiters of its
+    /// priority (behind those queued ahead before it): for the tasks of a
+    /// batch that resumes after a preemption.
+    pub async fn admit_in_turn(&self, priority: Priority, est_tokens: u64, ahead: bool) -> Permit {
         let started = Instant::now();
         let notify = Arc::new(Notify::new());
-        let id = self.shared.lock().enqueue(priority, Arc::clone(&notify));
+        let id = self
+            .shared
+            .lock()
+            .enqueue(priority, Arc::clone(&notify), ahead);
         let mut queued = Queued {
             shared: &self.shared,
             priority,
@@ -503,10 +514,18 @@ impl Shared {
 }
 
 impl State {
-    fn enqueue(&mut self, priority: Priority, notify: Arc<Notify>) -> u64 {
+    fn enqueue(&mut self, priority: Priority, notify: Arc<Notify>, ahead: bool) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        self.queues[priority.index()].push_back(Waiter { id, notify });
+        let queue = &mut self.queues[priority.index()];
+        let at = if ahead {
+            queue.iter().position(|w| !w.ahead).unwrap_or(queue.len())
+        } else {
+            queue.len()
+        };
+        // A new head looks at the route at once; the one it displaced finds
+        // itself no longer the head when it wakes.
+        queue.insert(at, Waiter { id, notify, ahead });
         id
     }
 

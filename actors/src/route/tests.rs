@@ -100,6 +100,29 @@ async fn priority_1_goes_strictly_first_then_2_and_3_by_weight() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_resumed_batch_queues_ahead_of_its_priority_in_its_own_order() {
+    let gate = RouteGate::new(serial());
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let held = gate.admit(Priority::P3, 0).await;
+    let mut callers = Vec::new();
+    for name in ["new0", "ahead0", "new1", "ahead1"] {
+        let (gate, log) = (gate.clone(), Arc::clone(&log));
+        let ahead = name.starts_with("ahead");
+        callers.push(tokio::spawn(async move {
+            let permit = gate.admit_in_turn(Priority::P3, 0, ahead).await;
+            log.lock().unwrap().push(name);
+            gate.report(permit, success());
+        }));
+        settle().await;
+    }
+    drop(held);
+    for c in callers {
+        c.await.unwrap();
+    }
+    assert_eq!(*log.lock().unwrap(), ["ahead0", "ahead1", "new0", "new1"]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_dropped_admit_leaves_no_waiter_and_no_slot_behind() {
     let gate = RouteGate::new(serial());
     let held = gate.admit(Priority::P1, 0).await;

@@ -239,6 +239,14 @@ pub struct FakeSink {
 }
 
 impl FakeSink {
+    /// Records an outcome as an earlier process published it.
+    pub fn record(&self, id: &str, outcome: Value) {
+        let mut o = self.outcomes.lock().unwrap();
+        o.entry(id.to_owned()).or_default().push(outcome);
+    }
+    pub fn copies(&self, id: &str) -> usize {
+        self.outcomes.lock().unwrap().get(id).map_or(0, Vec::len)
+    }
     pub fn outcome(&self, id: &str) -> Option<Value> {
         self.outcomes
             .lock()
@@ -486,6 +494,7 @@ pub fn settings() -> EngineSettings {
         offpeak: OffPeak::default(),
         clock: Clock::system(),
         preemption: Default::default(),
+        targets: Default::default(),
     }
 }
 
@@ -510,11 +519,33 @@ pub async fn rig_with_ledger(
     provider: Arc<FakeProvider>,
     ledger: Arc<MemoryLedger>,
 ) -> Rig {
-    let source = FakeSource::new();
+    let checkpoints = Arc::new(MemoryCheckpoints::default());
     let sink = Arc::new(FakeSink::default());
+    rig_over(settings, provider, ledger, checkpoints, sink).await
+}
+
+/// A rig that starts where a killed process left off: over its checkpoints
+/// and the outcomes it had published.
+pub async fn rig_after_crash(
+    settings: EngineSettings,
+    provider: Arc<FakeProvider>,
+    checkpoints: Arc<MemoryCheckpoints>,
+    sink: Arc<FakeSink>,
+) -> Rig {
+    let ledger = Arc::new(MemoryLedger::default());
+    rig_over(settings, provider, ledger, checkpoints, sink).await
+}
+
+async fn rig_over(
+    settings: EngineSettings,
+    provider: Arc<FakeProvider>,
+    ledger: Arc<MemoryLedger>,
+    checkpoints: Arc<MemoryCheckpoints>,
+    sink: Arc<FakeSink>,
+) -> Rig {
+    let source = FakeSource::new();
     let attempts = Arc::new(MemoryAttempts::default());
     let board = Arc::new(MemoryBoard::default());
-    let checkpoints = Arc::new(MemoryCheckpoints::default());
     let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
     providers.insert("fake".into(), provider.clone());
     let ports = Ports {

@@ -382,20 +382,26 @@ fn task_bodies(n: usize) -> Vec<(String, Bytes)> {
     (0..n)
         .map(|i| {
             let id = format!("capacity-{i:08}");
-            let body = serde_json::json!({
-                "task_id": id,
-                "type": "classification",
-                "model": MODEL,
-                "payload": {
-                    "text": format!("Ticket {i}: the export finished but two columns were empty."),
-                    "options": {"labels": "bug,question,praise"},
-                },
-                "priority": 2,
-                "tenant": "bench",
-            });
-            (id, Bytes::from(body.to_string()))
+            let body = model_task(&id, i, Priority::P2);
+            (id, body)
         })
         .collect()
+}
+
+/// A small classification task `id` naming [`MODEL`], at `priority`.
+pub(super) fn model_task(id: &str, i: usize, priority: Priority) -> Bytes {
+    let body = serde_json::json!({
+        "task_id": id,
+        "type": "classification",
+        "model": MODEL,
+        "payload": {
+            "text": format!("Ticket {i}: the export finished but two columns were empty."),
+            "options": {"labels": "bug,question,praise"},
+        },
+        "priority": priority.number(),
+        "tenant": "bench",
+    });
+    Bytes::from(body.to_string())
 }
 
 /// The capacity table, under the floor's.

@@ -147,6 +147,39 @@ pub fn bill(sim: &SimServer, config: &Config) -> (batchd_actors::pricing::Picous
     (total, calls)
 }
 
+/// How many requests the simulator recorded for each task (seed-shaped
+/// tasks: the prompt ends with `document <task_id>`).
+pub fn requests_per_task(sim: &SimServer) -> HashMap<String, usize> {
+    let mut sent: HashMap<String, usize> = HashMap::new();
+    for body in sim.recorded_requests() {
+        let text = body["messages"][1]["content"].as_str().unwrap_or_default();
+        let id = text.rsplit("document ").next().unwrap_or_default();
+        *sent.entry(id.to_owned()).or_default() += 1;
+    }
+    sent
+}
+
+/// Asserts that each of the `n` tasks reached the provider and that each
+/// whose outcome was among `done_before` (outcomes by subject, read before
+/// a kill) reached it exactly once; returns the requests per task.
+pub fn assert_finished_sent_once(
+    sim: &SimServer,
+    done_before: &HashMap<String, Vec<Value>>,
+    n: usize,
+) -> HashMap<String, usize> {
+    let sent = requests_per_task(sim);
+    assert_eq!(sent.len(), n, "every task reached the provider");
+    for subject in done_before.keys() {
+        let id = subject.trim_start_matches("batchd.results.");
+        assert_eq!(
+            sent[id], 1,
+            "{id} finished before the kill but was sent {} times",
+            sent[id]
+        );
+    }
+    sent
+}
+
 /// Publishes one body and waits for its PubAck.
 pub async fn publish(
     js: &jetstream::Context,
