@@ -13,6 +13,8 @@
 //!   the `reply_to` allow-list.
 //! - [`completion`]: reading a provider's answer (fuzzed, like [`codec`]).
 //! - [`routing`]: task types, tiers, models; the request sent for a task.
+//! - [`route_policy`]: realtime or provider batch job, by priority, deadline
+//!   and the task's or its type's `route`.
 //! - [`batching`], [`backoff`], [`pricing`], [`offpeak`], [`budgets`]: policies
 //!   as plain functions (batch size by queue depth; off-peak windows; budgets).
 //! - [`clock`]: the injectable wall clock for deadlines and windows.
@@ -72,6 +74,7 @@ pub mod preemption_monitor;
 pub mod pricing;
 pub mod retry_scheduler;
 pub mod route;
+pub mod route_policy;
 pub mod route_publisher;
 pub mod routing;
 pub mod settings;

@@ -406,6 +406,7 @@ pub fn settings() -> EngineSettings {
             template: "{text}".into(),
             default_tier: Tier::Simple,
             max_tokens: 10,
+            route: None,
         },
     );
     let mut models = BTreeMap::new();
@@ -429,6 +430,8 @@ pub fn settings() -> EngineSettings {
                 auto_standard_max_chars: 1000,
             },
             model_providers: [("m".to_owned(), "fake".to_owned())].into_iter().collect(),
+            batch_providers: Default::default(),
+            route_policy: Default::default(),
         },
         batching: [
             BatchPolicy {
@@ -487,6 +490,7 @@ pub fn settings() -> EngineSettings {
         offpeak: OffPeak::default(),
         clock: Clock::system(),
         preemption: Default::default(),
+        batch_api: Default::default(),
     }
 }
 
