@@ -464,3 +464,55 @@ impl CheckpointStore for MemoryCheckpoints {
         Ok(self.map().values().cloned().collect())
     }
 }
+
+/// A provider batch job as the provider reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchJobStatus {
+    /// The provider's batch id.
+    pub id: String,
+    /// `validating`, `in_progress`, `finalizing`, `completed`, `failed`,
+    /// `expired`, `cancelling` or `cancelled`.
+    pub status: String,
+    /// The file of answered lines, once there is one.
+    pub output_file_id: Option<String>,
+    /// The file of failed lines, once there is one.
+    pub error_file_id: Option<String>,
+    /// The `metadata` given at creation.
+    pub metadata: Value,
+}
+
+impl BatchJobStatus {
+    /// True once the job will change no more.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self.status.as_str(),
+            "completed" | "failed" | "expired" | "cancelled"
+        )
+    }
+}
+
+/// A provider's batch job API: input files and batches (OpenAI's Files and
+/// Batches APIs). Failures read like a call's ([`ProviderError`]): transient
+/// ones are tried again later, a rejection fails the job's tasks.
+#[async_trait]
+pub trait BatchApi: Send + Sync + 'static {
+    /// Uploads a JSONL input file (`purpose=batch`); its file id.
+    async fn upload(&self, filename: &str, jsonl: Bytes) -> Result<String, ProviderError>;
+    /// Creates a batch from an uploaded file, tagged with `metadata`.
+    async fn create(
+        &self,
+        input_file_id: &str,
+        endpoint: &str,
+        completion_window: &str,
+        metadata: &Value,
+    ) -> Result<BatchJobStatus, ProviderError>;
+    /// The batches created most recently (newest first), to find one whose
+    /// creation was not recorded.
+    async fn recent(&self) -> Result<Vec<BatchJobStatus>, ProviderError>;
+    /// A batch's current status.
+    async fn retrieve(&self, batch_id: &str) -> Result<BatchJobStatus, ProviderError>;
+    /// A file's content.
+    async fn content(&self, file_id: &str) -> Result<Bytes, ProviderError>;
+    /// Deletes a file (absent is fine).
+    async fn delete_file(&self, file_id: &str) -> Result<(), ProviderError>;
+}

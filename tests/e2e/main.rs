@@ -24,6 +24,7 @@ mod route_control;
 mod scheduling;
 mod security;
 mod sim;
+mod sim_batches;
 mod stack;
 mod status;
 mod submit;
