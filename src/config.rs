@@ -183,6 +183,8 @@ pub struct NatsConfig {
     pub dlq_stream: String,
     /// Checkpoints KV bucket.
     pub checkpoints_bucket: String,
+    /// KV bucket of provider batch jobs in progress.
+    pub jobs_bucket: String,
     /// Ledger KV bucket (daily totals).
     pub ledger_bucket: String,
     /// KV bucket of call records.
@@ -673,6 +675,7 @@ impl Config {
             ("nats.results_stream", &self.nats.results_stream),
             ("nats.dlq_stream", &self.nats.dlq_stream),
             ("nats.checkpoints_bucket", &self.nats.checkpoints_bucket),
+            ("nats.jobs_bucket", &self.nats.jobs_bucket),
             ("nats.ledger_bucket", &self.nats.ledger_bucket),
             ("nats.calls_bucket", &self.nats.calls_bucket),
             ("nats.attempts_bucket", &self.nats.attempts_bucket),

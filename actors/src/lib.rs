@@ -43,6 +43,9 @@
 //! - [`supervisor`]: one-for-one restarts with an intensity limit.
 //! - [`engine`]: start, fault injection, shutdown.
 //! - [`outcome`]: making outcomes durable before acking.
+//! - [`provider_jobs`]: the `batch_api` route: provider batch jobs recorded
+//!   in the [`ports::JobStore`] before their tasks are acked, driven through
+//!   [`ports::BatchApi`], resumed after a restart.
 //! - [`metrics`]: every metric name, once, and the functions that record them.
 //!
 //! A task's path: consumer → Intake (decode, validate, route) → Assembler
@@ -72,6 +75,7 @@ pub mod outcome;
 pub mod ports;
 pub mod preemption_monitor;
 pub mod pricing;
+pub mod provider_jobs;
 pub mod retry_scheduler;
 pub mod route;
 pub mod route_policy;

@@ -516,3 +516,53 @@ pub trait BatchApi: Send + Sync + 'static {
     /// Deletes a file (absent is fine).
     async fn delete_file(&self, file_id: &str) -> Result<(), ProviderError>;
 }
+
+/// Errors from the job store.
+#[derive(Debug, thiserror::Error)]
+#[error("job store: {0}")]
+pub struct JobStoreError(pub String);
+
+/// Where provider batch jobs are recorded, one record per job id, from
+/// before their tasks' messages are acked until every task has its outcome
+/// or is back in its queue.
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Stores `job` under its id, replacing what was there.
+    async fn put(&self, job: &crate::provider_jobs::ProviderJob) -> Result<(), JobStoreError>;
+    /// Removes the record of `job_id` (absent is fine).
+    async fn delete(&self, job_id: &str) -> Result<(), JobStoreError>;
+    /// Every readable record.
+    async fn list(&self) -> Result<Vec<crate::provider_jobs::ProviderJob>, JobStoreError>;
+}
+
+/// A [`JobStore`] in memory: for tests and single-process tools.
+#[derive(Debug, Default)]
+pub struct MemoryJobs(
+    std::sync::Mutex<std::collections::BTreeMap<String, crate::provider_jobs::ProviderJob>>,
+);
+
+impl MemoryJobs {
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::BTreeMap<String, crate::provider_jobs::ProviderJob>,
+    > {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl JobStore for MemoryJobs {
+    async fn put(&self, job: &crate::provider_jobs::ProviderJob) -> Result<(), JobStoreError> {
+        self.map().insert(job.id.clone(), job.clone());
+        Ok(())
+    }
+    async fn delete(&self, job_id: &str) -> Result<(), JobStoreError> {
+        self.map().remove(job_id);
+        Ok(())
+    }
+    async fn list(&self) -> Result<Vec<crate::provider_jobs::ProviderJob>, JobStoreError> {
+        Ok(self.map().values().cloned().collect())
+    }
+}

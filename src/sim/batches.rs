@@ -21,7 +21,7 @@
 //! the batch rate in [`super::SimServer::batch_bill`]. The output file lists
 //! answered lines in an order of its own (clients must map by `custom_id`);
 //! the error file has lines the simulator failed (a 400 for an invalid
-//! body, a 500 for a `custom_id` in [`BatchFaults::failing_custom_ids`]) and
+//! body or a `custom_id` in [`BatchFaults::failing_custom_ids`]) and
 //! those left unanswered by expiry (`batch_expired`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -59,7 +59,7 @@ pub struct BatchFaults {
     /// lines answered; the rest are `batch_expired` in the error file.
     #[serde(default)]
     pub expire_after_lines: Option<usize>,
-    /// Lines with these `custom_id`s fail with a 500 in the error file.
+    /// Lines with these `custom_id`s fail with a 400 in the error file.
     #[serde(default)]
     pub failing_custom_ids: BTreeSet<String>,
 }
@@ -599,7 +599,11 @@ fn answer_lines(
             continue;
         }
         let failure = if b.faults.failing_custom_ids.contains(&line.custom_id) {
-            Some(ApiError::server_error())
+            Some(ApiError::invalid_request(
+                "The request was refused by the simulator (a failing custom_id).".into(),
+                None,
+                None,
+            ))
         } else {
             request::parse(&line.body).err()
         };

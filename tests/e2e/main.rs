@@ -7,6 +7,7 @@ mod common;
 mod actor_restart;
 mod anthropic;
 mod bad_input;
+mod batch_api;
 mod bench;
 mod chaos;
 mod checkpoints;

@@ -125,7 +125,7 @@ async fn a_batch_goes_validating_in_progress_finalizing_completed_with_lines_by_
     let errors = file_lines(&api, done.error_file_id.as_deref()).await;
     assert_eq!(errors.len(), 1);
     assert_eq!(errors[0]["custom_id"], "t3");
-    assert_eq!(errors[0]["response"]["status_code"], 500);
+    assert_eq!(errors[0]["response"]["status_code"], 400);
 
     // Counted once, billed at the batch rate apart from realtime calls.
     assert_eq!(sim.batch_creations(), 1);

@@ -530,6 +530,8 @@ pub async fn rig_with_ledger(
         board: board.clone(),
         checkpoints: checkpoints.clone(),
         providers,
+        jobs: Arc::new(batchd_actors::ports::MemoryJobs::default()),
+        batch_apis: Default::default(),
     };
     let engine = Engine::start(settings, ports).await.unwrap();
     Rig {

@@ -1,0 +1,246 @@
+//! The `batch_api` route end to end: priority-3 tasks go through the
+//! simulator's Batch API (Files + Batches over HTTP) with a real
+//! nats-server; each gets one outcome, priced at the batch discount, equal
+//! to the simulator's batch bill; a line error fails its task only; an
+//! expired job's tasks run again without spending an attempt; a SIGKILL
+//! mid-job neither loses a task nor submits the job twice.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use batchd::config::Config;
+use batchd::sim::{BatchFaults, SimConfig, SimServer};
+use batchd_actors::task::{RouteKind, Usage};
+use serde_json::Value;
+
+use crate::common;
+use common::binary::Batchd;
+use common::nats::NatsServer;
+
+/// Batch jobs on, assembled and polled fast enough for a test.
+pub const BATCH_ON: &str = r#"
+[providers.openai]
+batch = true
+[batching.batch_api]
+max_wait_ms = 300
+poll_initial_ms = 50
+poll_max_ms = 200
+"#;
+
+fn sim_config(batch: Duration) -> SimConfig {
+    SimConfig {
+        batch_duration: batch,
+        ..SimConfig::default()
+    }
+}
+
+/// `n` tasks `<prefix><i>` on `priority`.
+fn tasks_on(n: usize, prefix: &str, priority: u8) -> Vec<(String, Value)> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}{i}");
+            (
+                format!("batchd.tasks.p{priority}"),
+                common::task(&id, priority),
+            )
+        })
+        .collect()
+}
+
+/// The simulator's batch bill priced at the batch rate, in pico-dollars.
+fn batch_bill(sim: &SimServer, config: &Config) -> (u64, u64) {
+    let mut total = 0;
+    let mut lines = 0;
+    for (model, b) in sim.batch_bill() {
+        let usage = Usage {
+            input_tokens: b.prompt_tokens,
+            cached_input_tokens: b.cached_tokens,
+            output_tokens: b.completion_tokens,
+            cache_write_input_tokens: 0,
+        };
+        total += config
+            .prices
+            .cost_picousd(&model, &usage, RouteKind::BatchApi, false)
+            .expect("priced");
+        lines += b.requests;
+    }
+    (total, lines)
+}
+
+/// Batch lines the simulator billed, all models.
+fn billed_lines(sim: &SimServer) -> u64 {
+    sim.batch_bill().values().map(|b| b.requests).sum()
+}
+
+fn outcome_of<'a>(outcomes: &'a HashMap<String, Vec<Value>>, id: &str) -> &'a Value {
+    &outcomes[&format!("batchd.results.{id}")][0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p3_tasks_go_through_the_batch_api_with_one_discounted_outcome_each_equal_to_the_bill() {
+    let stack = common::stack(sim_config(Duration::from_millis(400)), BATCH_ON).await;
+    let js = &stack.js;
+    stack.sim.set_batch_faults(BatchFaults {
+        failing_custom_ids: ["bulk7".to_owned()].into(),
+        ..BatchFaults::default()
+    });
+    let mut all = tasks_on(40, "bulk", 3);
+    all.extend(tasks_on(6, "prem", 1));
+    common::publish_many(js, &all).await;
+    let outcomes = common::wait_for_one_outcome_each(js, 46, Duration::from_secs(60)).await;
+
+    let config = common::config_with("nats://127.0.0.1:1", &stack.sim.base_url(), BATCH_ON);
+    let mut cost = 0.0;
+    for i in 0..40 {
+        let o = outcome_of(&outcomes, &format!("bulk{i}"));
+        assert_eq!(o["route"], "batch_api", "{o}");
+        if i == 7 {
+            // A refused line fails its own task only, with a dead letter.
+            assert_eq!(o["status"], "failed", "{o}");
+            assert_eq!(o["error"]["kind"], "provider_rejected");
+            assert_eq!(o["error"]["status_code"], 400);
+            continue;
+        }
+        assert_eq!(o["status"], "succeeded", "{o}");
+        assert_eq!(o["attempts"], 1);
+        assert!(o["output"].is_string());
+        let usage: Usage = serde_json::from_value(o["usage"].clone()).unwrap();
+        let model = o["model"].as_str().unwrap();
+        let full = config
+            .prices
+            .cost(model, &usage, RouteKind::Realtime)
+            .unwrap();
+        let paid = o["cost_usd"].as_f64().unwrap();
+        assert!(
+            paid > 0.0 && (paid - full / 2.0).abs() < 1e-9,
+            "{paid} vs {full}"
+        );
+        cost += paid;
+    }
+    for i in 0..6 {
+        assert_eq!(
+            outcome_of(&outcomes, &format!("prem{i}"))["route"],
+            "realtime"
+        );
+    }
+    let dlq = common::read_all(js, "BATCHD_DLQ").await;
+    assert_eq!(
+        dlq.len(),
+        1,
+        "only the refused line's task is dead-lettered"
+    );
+    assert!(dlq.contains_key("batchd.dlq.bulk7"));
+
+    let (billed, lines) = batch_bill(&stack.sim, &config);
+    assert_eq!(lines, 39, "one billed line per succeeded task");
+    // Each line is priced on its own and rounded to a pico-dollar.
+    let diff = (cost - batchd_actors::pricing::usd(billed)).abs();
+    assert!(
+        diff <= 39e-12,
+        "outcomes {cost} vs bill {}",
+        batchd_actors::pricing::usd(billed)
+    );
+    assert!(stack.sim.batch_creations() >= 1);
+    assert_eq!(
+        stack.sim.stats().requests,
+        6,
+        "only priority 1 went realtime"
+    );
+    common::wait_until_empty(js, "BATCHD_TASKS", Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_jobs_unanswered_tasks_run_again_and_succeed_without_spending_an_attempt() {
+    let stack = common::stack(sim_config(Duration::from_millis(300)), BATCH_ON).await;
+    let js = &stack.js;
+    stack.sim.set_batch_faults(BatchFaults {
+        expire_after_lines: Some(3),
+        ..BatchFaults::default()
+    });
+    common::publish_many(js, &tasks_on(10, "late", 3)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stack.sim.batch_creations() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no batch created");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Later batches complete.
+    stack.sim.set_batch_faults(BatchFaults::default());
+    let outcomes = common::wait_for_one_outcome_each(js, 10, Duration::from_secs(60)).await;
+    for (subject, list) in &outcomes {
+        let o = &list[0];
+        assert_eq!(o["status"], "succeeded", "{subject}: {o}");
+        assert_eq!(o["route"], "batch_api");
+        assert_eq!(o["attempts"], 1, "{subject}: an expiry spends no attempt");
+    }
+    assert!(
+        stack.sim.batch_creations() >= 2,
+        "the expired tasks went in a new job"
+    );
+    assert_eq!(billed_lines(&stack.sim), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_mid_job_resumes_the_same_job_with_one_creation_and_one_outcome_each() {
+    let nats = NatsServer::start().await;
+    let sim = common::start_sim(sim_config(Duration::from_secs(4))).await;
+    let (_dir, path, js) = common::binary_setup_with(&nats, &sim, BATCH_ON).await;
+    let n = 25;
+    common::publish_many(&js, &tasks_on(n, "job", 3)).await;
+    let mut first = Batchd::start(&path);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sim.batch_creations() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no batch created");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The job is recorded and its tasks acked: nothing waits in JetStream.
+    common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(10)).await;
+    first.kill();
+    assert_eq!(
+        common::stream_len(&js, "BATCHD_RESULTS").await,
+        0,
+        "killed mid-job"
+    );
+
+    let _second = Batchd::start(&path);
+    let outcomes = common::wait_for_one_outcome_each(&js, n, Duration::from_secs(60)).await;
+    assert!(outcomes
+        .values()
+        .all(|l| l[0]["status"] == "succeeded" && l[0]["route"] == "batch_api"));
+    // One creation per job: every batch the simulator created carries a
+    // different job id.
+    let list: Value = reqwest::get(format!("{}/batches?limit=100", sim.base_url()))
+        .await
+        .expect("list batches")
+        .json()
+        .await
+        .expect("JSON");
+    let tags: Vec<&str> = list["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|b| b["metadata"]["batchd_job"].as_str())
+        .collect();
+    let distinct: std::collections::HashSet<&str> = tags.iter().copied().collect();
+    assert_eq!(tags.len() as u64, sim.batch_creations());
+    // Every job ended: its record is gone from the jobs bucket.
+    let jobs = js.get_key_value("batchd-jobs").await.expect("jobs bucket");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        use futures::StreamExt as _;
+        let left = jobs.keys().await.expect("keys").count().await;
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} job records left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        distinct.len(),
+        tags.len(),
+        "a job was submitted twice: {tags:?}"
+    );
+    assert_eq!(billed_lines(&sim), n as u64);
+}
