@@ -645,10 +645,12 @@ fn answer_lines(
     (output, errors, (completed, failed))
 }
 
+/// OpenAI's batch object; fields not reached yet are left out, as the
+/// spec has them optional (not nullable).
 fn batch_object(b: &SimBatch) -> Value {
     let total = b.lines.as_ref().map_or(0, Vec::len);
     let time = |k: &str| b.times.get(k).copied();
-    json!({
+    let mut object = json!({
         "id": b.id,
         "object": "batch",
         "endpoint": b.endpoint,
@@ -669,7 +671,11 @@ fn batch_object(b: &SimBatch) -> Value {
         "cancelled_at": time("cancelled_at"),
         "request_counts": {"total": total, "completed": b.counts.0, "failed": b.counts.1},
         "metadata": b.metadata,
-    })
+    });
+    if let Value::Object(fields) = &mut object {
+        fields.retain(|_, v| !v.is_null());
+    }
+    object
 }
 
 #[cfg(test)]

@@ -243,3 +243,40 @@ async fn a_cancelled_batch_answers_nothing_and_bad_requests_are_refused() {
     );
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_engines_input_lines_and_the_sims_batch_objects_follow_openais_spec() {
+    use batchd_actors::provider_jobs::{input_line, CHAT_ENDPOINT};
+    // What the engine renders for a task type and for a chat payload.
+    let requests = [
+        json!({"model": "gpt-4.1-nano", "messages": [{"role": "system", "content": "You summarize."}, {"role": "user", "content": "doc"}], "max_completion_tokens": 200}),
+        json!({"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.2, "max_tokens": 10}),
+    ];
+    let mut lines = Vec::new();
+    for (i, r) in requests.iter().enumerate() {
+        let line = input_line(&format!("t{i}"), r, CHAT_ENDPOINT);
+        let v: Value = serde_json::from_str(&line).expect("a JSON line");
+        crate::common::openapi::validate_batch_input_line(&v)
+            .unwrap_or_else(|e| panic!("{line}: {e:?}"));
+        lines.push(line);
+    }
+    assert!(crate::common::openapi::validate_batch_input_line(
+        &json!({"custom_id": "x", "method": "GET", "url": "/v1/chat/completions", "body": {}})
+    )
+    .is_err());
+
+    let (sim, api) = sim_and_client(Duration::from_millis(100)).await;
+    let (_, created) = submit(&api, &lines).await;
+    let create = json!({"input_file_id": "file-x", "endpoint": CHAT_ENDPOINT, "completion_window": "24h", "metadata": {"batchd_job": "j_1"}});
+    crate::common::openapi::validate_schema("CreateBatchRequest", &create).expect("create body");
+    until_terminal(&api, &created.id).await;
+    let object =
+        json_of(reqwest::Client::new().get(format!("{}/batches/{}", sim.base_url(), created.id)))
+            .await;
+    crate::common::openapi::validate_schema("Batch", &object)
+        .unwrap_or_else(|e| panic!("{object}: {e:?}"));
+    let list = json_of(reqwest::Client::new().get(format!("{}/batches", sim.base_url()))).await;
+    crate::common::openapi::validate_schema("ListBatchesResponse", &list)
+        .unwrap_or_else(|e| panic!("{list}: {e:?}"));
+    sim.shutdown().await;
+}
