@@ -326,3 +326,56 @@ async fn submit_without_streams_says_to_start_the_engine() {
     assert!(stderr.contains("BATCHD_TASKS is not on"), "{stderr}");
     assert!(stderr.contains("batchd run"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_file_at_priority_three_goes_through_the_batch_api_and_gets_an_openai_output_file()
+{
+    let e = common::stack(
+        SimConfig {
+            batch_duration: Duration::from_millis(300),
+            ..SimConfig::default()
+        },
+        crate::batch_api::BATCH_ON,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<String> = (0..20).map(|i| format!("bulk-{i}")).collect();
+    let lines: Vec<String> = ids
+        .iter()
+        .map(|id| batch_line(id, "gpt-4.1-mini").to_string())
+        .collect();
+    let input = write_lines(dir.path(), "requests.jsonl", &lines);
+    let out = dir.path().join("out.jsonl");
+    let url = e.nats.url();
+    let run = submit(&[
+        input.to_str().unwrap(),
+        "--priority",
+        "3",
+        "--wait",
+        "--nats-url",
+        &url,
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .await;
+    assert!(
+        run.status.success(),
+        "stdout:\n{}\nstderr:\n{}",
+        text(&run.stdout),
+        text(&run.stderr)
+    );
+    let output = read_jsonl(&out);
+    assert_eq!(output.len(), ids.len());
+    for (line, id) in output.iter().zip(&ids) {
+        assert_eq!(line["custom_id"], id.as_str(), "input order is kept");
+        assert_eq!(line["response"]["status_code"], 200, "{line}");
+        assert_eq!(line["response"]["body"]["object"], "chat.completion");
+        assert_eq!(line["batchd"]["route"], "batch_api", "{line}");
+        assert_eq!(line["batchd"]["priority"], 3);
+        assert!(line["batchd"]["cost_usd"].as_f64().unwrap() > 0.0);
+    }
+    assert!(e.sim.batch_creations() >= 1, "a provider batch was created");
+    assert_eq!(e.sim.stats().requests, 0, "no line went realtime");
+    let billed: u64 = e.sim.batch_bill().values().map(|b| b.requests).sum();
+    assert_eq!(billed, 20);
+}

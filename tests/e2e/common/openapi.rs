@@ -66,7 +66,7 @@ pub fn validate_schema(name: &str, body: &Value) -> Result<(), Vec<String>> {
 /// `CreateChatCompletionRequest` (the spec has no schema for the line itself).
 pub fn validate_batch_input_line(line: &Value) -> Result<(), Vec<String>> {
     let mut errors = Vec::new();
-    if !line["custom_id"].as_str().is_some_and(|id| !id.is_empty()) {
+    if line["custom_id"].as_str().is_none_or(str::is_empty) {
         errors.push("custom_id: a non-empty string is required".to_owned());
     }
     if line["method"] != "POST" {
