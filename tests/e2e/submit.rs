@@ -31,6 +31,21 @@ async fn submit(args: &[&str]) -> Output {
         .expect("run batchd submit")
 }
 
+/// `batchd submit INPUT --wait --out OUT` plus `extra`, which must succeed; its stdout.
+async fn submit_waiting(input: &Path, out: &Path, nats_url: &str, extra: &[&str]) -> String {
+    let (input, out) = (input.to_str().unwrap(), out.to_str().unwrap());
+    let mut args = vec![input, "--wait", "--nats-url", nats_url, "--out", out];
+    args.extend_from_slice(extra);
+    let run = submit(&args).await;
+    let stdout = text(&run.stdout);
+    assert!(
+        run.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        text(&run.stderr)
+    );
+    stdout
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -127,21 +142,7 @@ async fn a_batch_file_gets_an_openai_output_file_in_input_order_and_a_rerun_resu
     let input = write_lines(dir.path(), "batch.jsonl", &lines);
     let out = dir.path().join("out.jsonl");
     let url = e.nats.url();
-    let run = submit(&[
-        input.to_str().unwrap(),
-        "--wait",
-        "--nats-url",
-        &url,
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .await;
-    let stdout = text(&run.stdout);
-    assert!(
-        run.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{}",
-        text(&run.stderr)
-    );
+    let stdout = submit_waiting(&input, &out, &url, &[]).await;
     assert!(stdout.contains("succeeded"), "{stdout}");
     assert!(stdout.contains("invalid_request: 1"), "{stdout}");
     assert!(stdout.contains("cost"), "{stdout}");
@@ -347,23 +348,7 @@ async fn a_batch_file_at_priority_three_goes_through_the_batch_api_and_gets_an_o
     let input = write_lines(dir.path(), "requests.jsonl", &lines);
     let out = dir.path().join("out.jsonl");
     let url = e.nats.url();
-    let run = submit(&[
-        input.to_str().unwrap(),
-        "--priority",
-        "3",
-        "--wait",
-        "--nats-url",
-        &url,
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .await;
-    assert!(
-        run.status.success(),
-        "stdout:\n{}\nstderr:\n{}",
-        text(&run.stdout),
-        text(&run.stderr)
-    );
+    submit_waiting(&input, &out, &url, &["--priority", "3"]).await;
     let output = read_jsonl(&out);
     assert_eq!(output.len(), ids.len());
     for (line, id) in output.iter().zip(&ids) {
