@@ -1268,4 +1268,55 @@ mod tests {
         let e = Config::from_toml_str("[retry]\nmax_attempts = \"x\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("max_attempts"), "{e}");
     }
+
+    #[test]
+    fn batch_api_keys_are_validated_by_name_and_reach_the_engine() {
+        for (toml, key) in [
+            (
+                "[providers.anthropic]\nbatch = true\n",
+                "providers.anthropic.batch",
+            ),
+            (
+                "[batching.batch_api]\nmax_requests_per_file = 50001\n",
+                "batching.batch_api.max_requests_per_file",
+            ),
+            (
+                "[batching.batch_api]\nmax_file_bytes = 300_000_000\n",
+                "batching.batch_api.max_file_bytes",
+            ),
+            (
+                "[batching.batch_api]\ncompletion_window_secs = 3600\n",
+                "batching.batch_api.completion_window_secs",
+            ),
+            (
+                "[batching.batch_api]\nmax_size = 0\n",
+                "batching.batch_api.max_size",
+            ),
+            (
+                "[batching.batch_api]\npoll_initial_ms = 900_000\n",
+                "batching.batch_api.poll_initial_ms",
+            ),
+        ] {
+            let e = Config::from_toml_str(toml, "t").unwrap_err();
+            assert!(e.to_string().contains(key), "{toml}: {e}");
+        }
+        let c = Config::defaults().unwrap();
+        assert!(
+            !c.providers["openai"].batch,
+            "batch jobs are off by default"
+        );
+        let c = Config::from_toml_str(
+            "[providers.openai]\nbatch = true\n[batching.batch_api]\ndeadline_margin_secs = 60\n",
+            "t",
+        )
+        .unwrap();
+        let s = c.engine_settings();
+        assert!(s.catalog.batch_providers.contains("openai"));
+        assert_eq!(
+            s.catalog.route_policy.deadline_margin,
+            Duration::from_secs(60)
+        );
+        assert_eq!(s.batch_api.max_requests_per_file, 50_000);
+        assert_eq!(s.batch_api.batching.max_size, 5_000);
+    }
 }
