@@ -140,6 +140,33 @@ async fn p3_tasks_go_through_the_batch_api_with_one_discounted_outcome_each_equa
         "outcomes {cost} vs bill {}",
         batchd_actors::pricing::usd(billed)
     );
+    // The ledger's call records of batch lines add up to the same bill.
+    let calls = js
+        .get_key_value("batchd-calls")
+        .await
+        .expect("calls bucket");
+    let mut ledger: u64 = 0;
+    let mut recorded = 0;
+    {
+        use futures::StreamExt as _;
+        let mut keys = calls.keys().await.expect("keys");
+        while let Some(key) = keys.next().await {
+            let value = calls.get(key.expect("key")).await.expect("get");
+            let Some(value) = value else { continue };
+            let record: Value = serde_json::from_slice(&value).expect("a call record");
+            if record["route"] == "batch_api" {
+                assert_eq!(record["state"], "finished", "{record}");
+                ledger += record["cost_picousd"].as_u64().expect("cost");
+                recorded += 1;
+            }
+        }
+    }
+    assert_eq!(recorded, 39, "one ledger record per answered line");
+    assert!(
+        ledger.abs_diff(billed) <= 39,
+        "ledger {ledger} vs bill {billed} pico-USD"
+    );
+    assert!((batchd_actors::pricing::usd(ledger) - cost).abs() < 1e-9);
     assert!(stack.sim.batch_creations() >= 1);
     assert_eq!(
         stack.sim.stats().requests,
