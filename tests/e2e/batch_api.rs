@@ -271,3 +271,90 @@ async fn a_sigkill_mid_job_resumes_the_same_job_with_one_creation_and_one_outcom
     );
     assert_eq!(billed_lines(&sim), n as u64);
 }
+
+/// A recorded job's task as the engine writes it, for task `id`.
+fn recorded_task(id: &str) -> batchd_actors::provider_jobs::JobTask {
+    use base64::Engine as _;
+    let body = common::task(id, 3);
+    let now = chrono::Utc::now();
+    batchd_actors::provider_jobs::JobTask {
+        task_id: id.to_owned(),
+        request: serde_json::json!({"model": "gpt-4.1-nano", "messages": [{"role": "user", "content": format!("document {id}")}], "max_completion_tokens": 20}),
+        priority: 3,
+        tenant: "acme".into(),
+        reply_to: None,
+        metadata: None,
+        attempts: 0,
+        retry_count: 0,
+        generation: 0,
+        created_at: now,
+        published_at: now,
+        subject: "batchd.tasks.p3".into(),
+        content_type: Some("application/json".into()),
+        body_base64: base64::engine::general_purpose::STANDARD
+            .encode(serde_json::to_vec(&body).expect("json")),
+        original: body,
+        msgpack: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_between_upload_and_create_leaves_no_task_behind_and_creates_each_job_once() {
+    use batchd_actors::ports::{BatchApi, JobStore};
+    use batchd_actors::provider_jobs::{JobStep, ProviderJob, CHAT_ENDPOINT, JOB_VERSION};
+    let nats = NatsServer::start().await;
+    let sim = common::start_sim(sim_config(Duration::from_millis(300))).await;
+    let (_dir, path, js) = common::binary_setup_with(&nats, &sim, BATCH_ON).await;
+    let api = batchd::provider::OpenAiBatchApi::new(&sim.base_url(), None, Duration::from_secs(5))
+        .expect("client");
+    let store = batchd::nats::KvJobs(js.get_key_value("batchd-jobs").await.expect("bucket"));
+    // Three runs killed at three points: before the upload, between upload
+    // and create, and after create but before the creation was recorded.
+    for (name, point) in [("before", 0), ("between", 1), ("after", 2)] {
+        let mut job = ProviderJob {
+            version: JOB_VERSION,
+            id: format!("j_{name}"),
+            provider: "openai".into(),
+            model: "gpt-4.1-nano".into(),
+            endpoint: CHAT_ENDPOINT.into(),
+            batch_id: format!("b_{name}"),
+            recorded_at: chrono::Utc::now(),
+            step: JobStep::Recorded,
+            tasks: (0..3)
+                .map(|i| recorded_task(&format!("{name}{i}")))
+                .collect(),
+        };
+        if point >= 1 {
+            let input_file_id = api
+                .upload("x.jsonl", job.input_file())
+                .await
+                .expect("upload");
+            if point == 2 {
+                api.create(
+                    &input_file_id,
+                    CHAT_ENDPOINT,
+                    "24h",
+                    &serde_json::json!({"batchd_job": job.id}),
+                )
+                .await
+                .expect("create");
+            }
+            job.step = JobStep::Uploaded { input_file_id };
+        }
+        store.put(&job).await.expect("record the job");
+    }
+    assert_eq!(store.list().await.expect("list").len(), 3);
+    assert_eq!(sim.batch_creations(), 1);
+
+    let _batchd = Batchd::start(&path);
+    let outcomes = common::wait_for_one_outcome_each(&js, 9, Duration::from_secs(60)).await;
+    assert!(outcomes
+        .values()
+        .all(|l| l[0]["status"] == "succeeded" && l[0]["route"] == "batch_api"));
+    assert_eq!(
+        sim.batch_creations(),
+        3,
+        "one creation per job: the one created before the kill was found, not repeated"
+    );
+    assert_eq!(billed_lines(&sim), 9);
+}
