@@ -93,10 +93,10 @@ fn routing(c: &mut Criterion) {
     let chat = decode_task(inbound(&line_body, None)).expect("a valid line");
     let mut g = c.benchmark_group("routing");
     g.bench_function("plan, text payload", |b| {
-        b.iter(|| plan(black_box(&task), black_box(&catalog)))
+        b.iter(|| plan(black_box(&task), black_box(&catalog), chrono::Utc::now()))
     });
     g.bench_function("plan, chat payload", |b| {
-        b.iter(|| plan(black_box(&chat), black_box(&catalog)))
+        b.iter(|| plan(black_box(&chat), black_box(&catalog), chrono::Utc::now()))
     });
     let options = json!({"language": "en", "max_words": 50, "labels": "a,b,c"});
     let options = options.as_object().expect("an object").clone();

@@ -9,13 +9,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use batchd_actors::context::Ports;
 use batchd_actors::engine::EngineProbe;
-use batchd_actors::ports::Provider;
+use batchd_actors::ports::{BatchApi, Provider};
 use batchd_actors::Engine;
 
 use crate::config::Config;
 use crate::ledger::KvLedger;
 use crate::nats::{
-    connect, ensure_topology, JetSink, JetSource, KvAttempts, KvCheckpoints, KvRouteBoard,
+    connect, ensure_topology, JetSink, JetSource, KvAttempts, KvCheckpoints, KvJobs, KvRouteBoard,
 };
 
 /// What `/readyz` checks: the NATS connection, the streams, the actors.
@@ -78,6 +78,19 @@ pub fn http_providers(config: &Config) -> anyhow::Result<HashMap<String, Arc<dyn
     Ok(providers)
 }
 
+/// The batch job APIs of the providers with `batch = true`, over HTTP.
+pub fn batch_apis(config: &Config) -> anyhow::Result<HashMap<String, Arc<dyn BatchApi>>> {
+    let timeout = Duration::from_secs(config.dispatch.request_timeout_secs);
+    let mut apis: HashMap<String, Arc<dyn BatchApi>> = HashMap::new();
+    for (name, p) in config.providers.iter().filter(|(_, p)| p.batch) {
+        let api = crate::provider::OpenAiBatchApi::from_config(p, timeout).with_context(|| {
+            format!("config key `providers.{name}`: building its batch API client")
+        })?;
+        apis.insert(name.clone(), Arc::new(api));
+    }
+    Ok(apis)
+}
+
 /// Connects, creates what is missing and starts the engine with `providers`.
 pub async fn start(
     config: &Config,
@@ -97,6 +110,8 @@ pub async fn start(
         board: Arc::new(KvRouteBoard(topology.routes.clone())),
         checkpoints: Arc::new(KvCheckpoints(topology.checkpoints.clone())),
         providers,
+        jobs: Arc::new(KvJobs(topology.jobs.clone())),
+        batch_apis: batch_apis(config)?,
     };
     let engine = Engine::start(config.engine_settings(), ports).await?;
     Ok(Running { engine, client })

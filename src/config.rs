@@ -15,8 +15,11 @@ use batchd_actors::offpeak::{OffPeak, Window};
 use batchd_actors::preemption_monitor::PreemptionSettings;
 use batchd_actors::pricing::PriceTable;
 use batchd_actors::route::{CircuitSettings, RouteSettings};
+use batchd_actors::route_policy::RoutePolicy;
 use batchd_actors::routing::{Catalog, TaskType, TierModels};
-use batchd_actors::settings::{EngineSettings, LedgerSettings, RestartPolicy, RouteLimits};
+use batchd_actors::settings::{
+    BatchApiSettings, EngineSettings, LedgerSettings, RestartPolicy, RouteLimits,
+};
 use batchd_actors::task::Priority;
 use serde::Deserialize;
 
@@ -199,6 +202,8 @@ pub struct NatsConfig {
     pub dlq_stream: String,
     /// Checkpoints KV bucket.
     pub checkpoints_bucket: String,
+    /// KV bucket of provider batch jobs in progress.
+    pub jobs_bucket: String,
     /// Ledger KV bucket (daily totals).
     pub ledger_bucket: String,
     /// KV bucket of call records.
@@ -454,6 +459,38 @@ pub struct BatchingConfig {
     pub p2: BatchPolicy,
     /// Bulk.
     pub p3: BatchPolicy,
+    /// Tasks that go by provider batch job.
+    pub batch_api: BatchApiConfig,
+}
+
+/// `[batching.batch_api]`: provider batch jobs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchApiConfig {
+    /// Tasks per job (before the file limits split it).
+    pub max_size: usize,
+    /// Longest a task waits for company before its job is submitted.
+    pub max_wait_ms: u64,
+    /// Submit at once when the queue has nothing more waiting.
+    #[serde(default = "yes")]
+    pub seal_when_drained: bool,
+    /// The provider's completion window, seconds (OpenAI: 24 h).
+    pub completion_window_secs: u64,
+    /// An `auto` p3 task goes realtime when its deadline falls before now +
+    /// completion window + this margin.
+    pub deadline_margin_secs: u64,
+    /// Requests per input file (OpenAI: at most 50,000).
+    pub max_requests_per_file: usize,
+    /// Bytes per input file (OpenAI: at most 200 MB).
+    pub max_file_bytes: usize,
+    /// First wait between two looks at a job, milliseconds.
+    pub poll_initial_ms: u64,
+    /// Longest wait between two looks, milliseconds (the wait doubles).
+    pub poll_max_ms: u64,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `[dispatch]`.
@@ -538,6 +575,10 @@ pub struct ProviderConfig {
     /// `max_tokens` (for servers that only know the older name).
     #[serde(default)]
     pub max_tokens_field: MaxTokensField,
+    /// Whether bulk work may go to this provider's Batch API (kind
+    /// `openai` only).
+    #[serde(default)]
+    pub batch: bool,
 }
 
 /// See [`ProviderConfig::kind`].
@@ -659,6 +700,7 @@ impl Config {
             ("nats.results_stream", &self.nats.results_stream),
             ("nats.dlq_stream", &self.nats.dlq_stream),
             ("nats.checkpoints_bucket", &self.nats.checkpoints_bucket),
+            ("nats.jobs_bucket", &self.nats.jobs_bucket),
             ("nats.ledger_bucket", &self.nats.ledger_bucket),
             ("nats.calls_bucket", &self.nats.calls_bucket),
             ("nats.attempts_bucket", &self.nats.attempts_bucket),
@@ -743,6 +785,34 @@ impl Config {
                 );
             }
         }
+        let ba = &self.batching.batch_api;
+        if ba.max_size < 1 {
+            return bad("batching.batch_api.max_size", "must be at least 1".into());
+        }
+        if !(1..=50_000).contains(&ba.max_requests_per_file) {
+            return bad(
+                "batching.batch_api.max_requests_per_file",
+                "must be 1 to 50000 (the Batch API's limit)".into(),
+            );
+        }
+        if !(1024..=200 * 1024 * 1024).contains(&ba.max_file_bytes) {
+            return bad(
+                "batching.batch_api.max_file_bytes",
+                "must be 1024 to 209715200 (200 MB, the Batch API's limit)".into(),
+            );
+        }
+        if ba.completion_window_secs != 24 * 3600 {
+            return bad(
+                "batching.batch_api.completion_window_secs",
+                "must be 86400: the Batch API offers only a 24h window".into(),
+            );
+        }
+        if ba.poll_initial_ms < 1 || ba.poll_initial_ms > ba.poll_max_ms {
+            return bad(
+                "batching.batch_api.poll_initial_ms",
+                "must be at least 1 and at most batching.batch_api.poll_max_ms".into(),
+            );
+        }
         if let Err((key, message)) = self.offpeak.settings() {
             return bad(&key, message);
         }
@@ -823,6 +893,12 @@ impl Config {
                 return bad(
                     &format!("providers.{name}.base_url"),
                     "must be an http(s) URL".into(),
+                );
+            }
+            if p.kind == ProviderKind::Anthropic && p.batch {
+                return bad(
+                    &format!("providers.{name}.batch"),
+                    "batch jobs are built for kind = \"openai\" only".into(),
                 );
             }
             if p.kind == ProviderKind::Anthropic && p.max_tokens_field != MaxTokensField::default()
@@ -1033,6 +1109,20 @@ impl Config {
                 task_types: self.task_types.clone(),
                 tiers: self.tiers.clone(),
                 model_providers: self.model_providers(),
+                batch_providers: self
+                    .providers
+                    .iter()
+                    .filter(|(_, p)| p.batch)
+                    .map(|(name, _)| name.clone())
+                    .collect(),
+                route_policy: RoutePolicy {
+                    batch_window: Duration::from_secs(
+                        self.batching.batch_api.completion_window_secs,
+                    ),
+                    deadline_margin: Duration::from_secs(
+                        self.batching.batch_api.deadline_margin_secs,
+                    ),
+                },
             },
             batching: [
                 self.batching.p1.clone(),
@@ -1081,6 +1171,25 @@ impl Config {
                 Duration::from_secs(self.targets.p2_secs),
                 Duration::from_secs(self.targets.p3_secs),
             ]),
+            batch_api: self.batch_api_settings(),
+        }
+    }
+
+    /// How provider batch jobs are assembled, split and polled.
+    pub fn batch_api_settings(&self) -> BatchApiSettings {
+        let b = &self.batching.batch_api;
+        BatchApiSettings {
+            batching: BatchPolicy {
+                max_size: b.max_size,
+                max_wait_ms: b.max_wait_ms,
+                seal_when_drained: b.seal_when_drained,
+                depth_steps: Vec::new(),
+            },
+            max_requests_per_file: b.max_requests_per_file,
+            max_file_bytes: b.max_file_bytes,
+            completion_window: "24h".into(),
+            poll_initial: Duration::from_millis(b.poll_initial_ms),
+            poll_max: Duration::from_millis(b.poll_max_ms),
         }
     }
 }
@@ -1217,5 +1326,56 @@ mod tests {
         assert!(e.to_string().contains("offpeak.priorities"), "{e}");
         let e = Config::from_toml_str("[retry]\nmax_attempts = \"x\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("max_attempts"), "{e}");
+    }
+
+    #[test]
+    fn batch_api_keys_are_validated_by_name_and_reach_the_engine() {
+        for (toml, key) in [
+            (
+                "[providers.anthropic]\nbatch = true\n",
+                "providers.anthropic.batch",
+            ),
+            (
+                "[batching.batch_api]\nmax_requests_per_file = 50001\n",
+                "batching.batch_api.max_requests_per_file",
+            ),
+            (
+                "[batching.batch_api]\nmax_file_bytes = 300_000_000\n",
+                "batching.batch_api.max_file_bytes",
+            ),
+            (
+                "[batching.batch_api]\ncompletion_window_secs = 3600\n",
+                "batching.batch_api.completion_window_secs",
+            ),
+            (
+                "[batching.batch_api]\nmax_size = 0\n",
+                "batching.batch_api.max_size",
+            ),
+            (
+                "[batching.batch_api]\npoll_initial_ms = 900_000\n",
+                "batching.batch_api.poll_initial_ms",
+            ),
+        ] {
+            let e = Config::from_toml_str(toml, "t").unwrap_err();
+            assert!(e.to_string().contains(key), "{toml}: {e}");
+        }
+        let c = Config::defaults().unwrap();
+        assert!(
+            !c.providers["openai"].batch,
+            "batch jobs are off by default"
+        );
+        let c = Config::from_toml_str(
+            "[providers.openai]\nbatch = true\n[batching.batch_api]\ndeadline_margin_secs = 60\n",
+            "t",
+        )
+        .unwrap();
+        let s = c.engine_settings();
+        assert!(s.catalog.batch_providers.contains("openai"));
+        assert_eq!(
+            s.catalog.route_policy.deadline_margin,
+            Duration::from_secs(60)
+        );
+        assert_eq!(s.batch_api.max_requests_per_file, 50_000);
+        assert_eq!(s.batch_api.batching.max_size, 5_000);
     }
 }

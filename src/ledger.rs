@@ -72,6 +72,17 @@ impl LedgerStore for KvLedger {
             .map_err(|e| LedgerError::Store(format!("writing {key}: {e}")))
     }
 
+    async fn create_sheet(&self, key: &str, records: &[CallRecord]) -> Result<u64, LedgerError> {
+        let value = Self::encode(key, &records)?;
+        self.calls.create(key, value).await.map_err(|e| {
+            if e.kind() == kv::CreateErrorKind::AlreadyExists {
+                LedgerError::Conflict(key.to_owned())
+            } else {
+                LedgerError::Store(format!("creating {key}: {e}"))
+            }
+        })
+    }
+
     async fn watch_sheets(&self) -> Result<SheetStream, LedgerError> {
         let watch = self
             .calls

@@ -11,9 +11,10 @@ use async_trait::async_trait;
 use batchd_actors::lease::{AckError, Acker};
 use batchd_actors::ports::{
     AttemptStore, Backlog, BoardError, Checkpoint, CheckpointError, CheckpointStore, Delivery,
-    Encoded, OutcomeSink, Requeue, RouteBoard, SinkError, SourceError, StoreError, TaskSource,
-    GENERATION_HEADER, PUBLISHED_AT_HEADER,
+    Encoded, JobStore, JobStoreError, OutcomeSink, Requeue, RouteBoard, SinkError, SourceError,
+    StoreError, TaskSource, GENERATION_HEADER, PUBLISHED_AT_HEADER,
 };
+use batchd_actors::provider_jobs::ProviderJob;
 use batchd_actors::route::RouteState;
 use batchd_actors::task::{Encoding, Priority};
 use bytes::Bytes;
@@ -275,6 +276,8 @@ pub struct Topology {
     pub routes: jetstream::kv::Store,
     /// Checkpoints of preempted batches.
     pub checkpoints: jetstream::kv::Store,
+    /// Provider batch jobs in progress.
+    pub jobs: jetstream::kv::Store,
 }
 
 fn setup_err(what: impl Into<String>) -> impl FnOnce(String) -> NatsError {
@@ -351,6 +354,7 @@ pub async fn ensure_topology(
     )
     .await?;
     let checkpoints = ensure_bucket(&js, &n.checkpoints_bucket, Duration::ZERO).await?;
+    let jobs = ensure_bucket(&js, &n.jobs_bucket, Duration::ZERO).await?;
     let ledger = ensure_bucket(&js, &n.ledger_bucket, Duration::ZERO).await?;
     let calls = ensure_bucket(&js, &n.calls_bucket, crate::ledger::CALLS_MAX_AGE).await?;
     let attempts = ensure_bucket(
@@ -398,6 +402,7 @@ pub async fn ensure_topology(
         calls,
         routes,
         checkpoints,
+        jobs,
     })
 }
 
@@ -932,6 +937,142 @@ impl KvCheckpoints {
             let Some(value) = value else { continue };
             let entry = serde_json::from_slice::<Checkpoint>(&value);
             found.push((key, entry));
+        }
+        Ok(found)
+    }
+}
+
+/// Provider batch jobs in a JetStream KV bucket, as JSON. A job's tasks
+/// may exceed one message, so they are written first, in chunks under
+/// `<job id>.tasks.<n>`, and the job itself last under `<job id>` with the
+/// chunk count: a job is listed only once all its tasks are stored.
+pub struct KvJobs(pub jetstream::kv::Store);
+
+/// Bytes of tasks per chunk: well under the 1 MB message limit.
+const JOB_CHUNK_BYTES: usize = 512 * 1024;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct JobHead {
+    #[serde(flatten)]
+    job: serde_json::Map<String, serde_json::Value>,
+    task_chunks: usize,
+}
+
+#[async_trait]
+impl JobStore for KvJobs {
+    async fn put(&self, job: &ProviderJob) -> Result<(), JobStoreError> {
+        let err = |what: &str, e: &dyn std::fmt::Display| {
+            JobStoreError(format!("{what} job {}: {e}", job.id))
+        };
+        let mut chunks: Vec<Vec<u8>> = Vec::new();
+        let mut current: Vec<&batchd_actors::provider_jobs::JobTask> = Vec::new();
+        let mut size = 0;
+        for t in &job.tasks {
+            let n = serde_json::to_vec(t)
+                .map_err(|e| err("encoding", &e))?
+                .len();
+            if !current.is_empty() && size + n > JOB_CHUNK_BYTES {
+                chunks.push(serde_json::to_vec(&current).map_err(|e| err("encoding", &e))?);
+                current.clear();
+                size = 0;
+            }
+            size += n;
+            current.push(t);
+        }
+        if !current.is_empty() {
+            chunks.push(serde_json::to_vec(&current).map_err(|e| err("encoding", &e))?);
+        }
+        // The tasks only change when the job is recorded; later steps
+        // rewrite the head alone.
+        let head_key = job.id.as_str();
+        let written = self.0.get(head_key).await.map_err(|e| err("reading", &e))?;
+        if written.is_none() {
+            for (i, chunk) in chunks.iter().enumerate() {
+                self.0
+                    .put(format!("{head_key}.tasks.{i}"), chunk.clone().into())
+                    .await
+                    .map_err(|e| err("writing the tasks of", &e))?;
+            }
+        }
+        let task_chunks = match written {
+            Some(v) => serde_json::from_slice::<JobHead>(&v)
+                .map(|h| h.task_chunks)
+                .unwrap_or(chunks.len()),
+            None => chunks.len(),
+        };
+        let mut fields = match serde_json::to_value(job).map_err(|e| err("encoding", &e))? {
+            serde_json::Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        };
+        fields.remove("tasks");
+        let head = serde_json::to_vec(&JobHead {
+            job: fields,
+            task_chunks,
+        })
+        .map_err(|e| err("encoding", &e))?;
+        self.0
+            .put(head_key, head.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| err("writing", &e))
+    }
+
+    async fn delete(&self, job_id: &str) -> Result<(), JobStoreError> {
+        let err = |e: &dyn std::fmt::Display| JobStoreError(format!("deleting job {job_id}: {e}"));
+        let chunks = match self.0.get(job_id).await.map_err(|e| err(&e))? {
+            Some(v) => serde_json::from_slice::<JobHead>(&v).map_or(0, |h| h.task_chunks),
+            None => 0,
+        };
+        self.0.purge(job_id).await.map_err(|e| err(&e))?;
+        for i in 0..chunks {
+            self.0
+                .purge(format!("{job_id}.tasks.{i}"))
+                .await
+                .map_err(|e| err(&e))?;
+        }
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<ProviderJob>, JobStoreError> {
+        let err = |e: &dyn std::fmt::Display| JobStoreError(format!("listing jobs: {e}"));
+        let mut keys = self.0.keys().await.map_err(|e| err(&e))?;
+        let mut heads = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| err(&e))?;
+            if !key.contains('.') {
+                heads.push(key);
+            }
+        }
+        let mut found = Vec::new();
+        'jobs: for key in heads {
+            let Some(value) = self.0.get(&key).await.map_err(|e| err(&e))? else {
+                continue;
+            };
+            let Ok(head) = serde_json::from_slice::<JobHead>(&value) else {
+                tracing::warn!(key = %key, "unreadable job record skipped");
+                continue;
+            };
+            let mut tasks = Vec::new();
+            for i in 0..head.task_chunks {
+                let chunk = self
+                    .0
+                    .get(format!("{key}.tasks.{i}"))
+                    .await
+                    .map_err(|e| err(&e))?;
+                let Some(Ok(mut part)) =
+                    chunk.map(|c| serde_json::from_slice::<Vec<serde_json::Value>>(&c))
+                else {
+                    tracing::warn!(key = %key, chunk = i, "job record with a missing task chunk skipped");
+                    continue 'jobs;
+                };
+                tasks.append(&mut part);
+            }
+            let mut job = head.job;
+            job.insert("tasks".into(), serde_json::Value::Array(tasks));
+            match serde_json::from_value::<ProviderJob>(serde_json::Value::Object(job)) {
+                Ok(j) => found.push(j),
+                Err(e) => tracing::warn!(key = %key, error = %e, "unreadable job record skipped"),
+            }
         }
         Ok(found)
     }

@@ -115,13 +115,14 @@ impl AssemblerState {
     fn add(&mut self, myself: &ActorRef<AssemblerMsg>, accepted: Accepted) {
         let key = BatchKey {
             priority: accepted.task.priority,
+            kind: accepted.plan.kind,
             route: accepted.plan.route.clone(),
             prefix: accepted.plan.prefix,
         };
         let Some(accepted) = self.rejoin(myself, key.clone(), accepted) else {
             return;
         };
-        let policy = self.ctx.settings.batch_policy(key.priority);
+        let policy = self.ctx.settings.batch_policy(key.priority, key.kind);
         let batch = match self.open.get_mut(&key) {
             Some(b) => b,
             None => {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::routing::Route;
-use crate::task::Priority;
+use crate::task::{Priority, RouteKind};
 
 /// How one priority's batches are sealed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +69,9 @@ impl BatchPolicy {
 pub struct BatchKey {
     /// Priority class.
     pub priority: Priority,
+    /// Realtime or provider batch job: batch-job tasks are assembled apart,
+    /// under `[batching.batch_api]`.
+    pub kind: RouteKind,
     /// Provider and model.
     pub route: Route,
     /// Shared prompt prefix hash.

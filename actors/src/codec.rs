@@ -10,6 +10,7 @@ use serde::de::{self, DeserializeSeed, Visitor};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::route_policy::RoutePreference;
 use crate::task::{Encoding, Payload, Priority, Task, Tier};
 
 /// The longest allowed task id.
@@ -535,6 +536,16 @@ fn build_task(
             })
         })
         .transpose()?;
+    let route = optional_str(map, "route")?
+        .map(|s| {
+            RoutePreference::parse(s).ok_or_else(|| {
+                format!(
+                    "field `route` must be realtime, batch_api or auto, got {}",
+                    quote(s)
+                )
+            })
+        })
+        .transpose()?;
     let tenant = optional_str(map, "tenant")?.unwrap_or("default");
     if tenant.is_empty() || tenant.len() > MAX_TENANT_LEN {
         return Err(format!(
@@ -553,6 +564,7 @@ fn build_task(
         created_at,
         model,
         tier,
+        route,
         tenant: tenant.to_owned(),
         reply_to,
         deadline,
@@ -901,6 +913,7 @@ mod tests {
             {"task_id":"a","type":"a","payload":{"text":1}} => `payload.text` must be a string
             {"task_id":"a","type":"a","payload":{"text":"x"},"priority":1} => arrived on the p2 subject
             {"task_id":"a","type":"a","payload":{"text":"x"},"tier":"huge"} => field `tier`
+            {"task_id":"a","type":"a","payload":{"text":"x"},"route":"batch"} => field `route` must be realtime, batch_api or auto
             {"task_id":"a","type":"a","payload":{"text":"x"},"deadline":"soon"} => RFC 3339
             {"task_id":"a","payload":{"messages":[]}} => must not be empty
             {"task_id":"a","payload":{"messages":[{"role":"wizard"}]}} => not a chat role
@@ -929,7 +942,7 @@ mod tests {
             );
             checked += 1;
         }
-        assert_eq!(checked, 14, "every case was read");
+        assert_eq!(checked, 15, "every case was read");
     }
 
     #[test]

@@ -131,6 +131,10 @@ pub struct Ports {
     pub checkpoints: Arc<dyn CheckpointStore>,
     /// Providers by name.
     pub providers: HashMap<String, Arc<dyn Provider>>,
+    /// Recorded provider batch jobs.
+    pub jobs: Arc<dyn crate::ports::JobStore>,
+    /// Batch job APIs by provider name (providers with `batch = true`).
+    pub batch_apis: HashMap<String, Arc<dyn crate::ports::BatchApi>>,
 }
 
 /// Shared by all actors of one engine.

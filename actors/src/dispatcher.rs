@@ -229,10 +229,14 @@ impl DispatcherState {
         let priority = batch.key.priority;
         metrics::batch_sealed(
             priority,
-            RouteKind::Realtime,
+            batch.key.kind,
             batch.tasks.len(),
             batch.fill_ratio,
         );
+        if batch.key.kind == RouteKind::BatchApi {
+            crate::provider_jobs::submit(self.ctx.clone(), batch);
+            return;
+        }
         let Some(route) = self.ctx.routes.get_or_create(&self.ctx, &batch.key.route) else {
             // Routing only produces configured providers; reaching here is a wiring bug.
             tracing::error!(provider = %batch.key.route.provider, "no such provider; tasks handed back");

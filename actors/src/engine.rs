@@ -50,6 +50,8 @@ impl Engine {
         let (supervisor, join) = Actor::spawn(None, RootSupervisor, args)
             .await
             .map_err(|e| EngineError::Start(e.to_string()))?;
+        // Provider jobs recorded by an earlier run go on from their step.
+        tokio::spawn(crate::provider_jobs::resume(ctx.clone()));
         Ok(Engine {
             supervisor,
             join,

@@ -170,7 +170,7 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
             return;
         }
     };
-    let plan = match plan(&task, &ctx.settings.catalog) {
+    let plan = match plan(&task, &ctx.settings.catalog, ctx.settings.clock.now()) {
         Ok(plan) => plan,
         Err(message) => {
             // A task that can't be routed now may have been routed and

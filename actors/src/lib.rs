@@ -13,6 +13,8 @@
 //!   the `reply_to` allow-list.
 //! - [`completion`]: reading a provider's answer (fuzzed, like [`codec`]).
 //! - [`routing`]: task types, tiers, models; the request sent for a task.
+//! - [`route_policy`]: realtime or provider batch job, by priority, deadline
+//!   and the task's or its type's `route`.
 //! - [`batching`], [`backoff`], [`pricing`], [`offpeak`], [`budgets`]: policies
 //!   as plain functions (batch size by queue depth; off-peak windows; budgets).
 //! - [`clock`]: the injectable wall clock for deadlines and windows.
@@ -44,6 +46,9 @@
 //! - [`supervisor`]: one-for-one restarts with an intensity limit.
 //! - [`engine`]: start, fault injection, shutdown.
 //! - [`outcome`]: making outcomes durable before acking.
+//! - [`provider_jobs`]: the `batch_api` route: provider batch jobs recorded
+//!   in the [`ports::JobStore`] before their tasks are acked, driven through
+//!   [`ports::BatchApi`], resumed after a restart.
 //! - [`metrics`]: every metric name, once, and the functions that record them.
 //!
 //! A task's path: consumer → Intake (decode, validate, route) → Assembler
@@ -74,9 +79,11 @@ pub mod outcome;
 pub mod ports;
 pub mod preemption_monitor;
 pub mod pricing;
+pub mod provider_jobs;
 pub mod recovery;
 pub mod retry_scheduler;
 pub mod route;
+pub mod route_policy;
 pub mod route_publisher;
 pub mod routing;
 pub mod settings;

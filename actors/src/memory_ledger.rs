@@ -19,6 +19,7 @@ type Watcher = mpsc::UnboundedSender<Result<CallSheet, LedgerError>>;
 struct State {
     revision: u64,
     sheets: Vec<CallSheet>,
+    keys: std::collections::HashSet<String>,
     days: HashMap<String, (DayTotals, u64)>,
     watchers: Vec<Watcher>,
     fail_writes: bool,
@@ -81,11 +82,19 @@ impl MemoryLedger {
 #[async_trait]
 impl LedgerStore for MemoryLedger {
     async fn write_sheet(&self, records: &[CallRecord]) -> Result<u64, LedgerError> {
+        self.create_sheet(&crate::ledger::new_sheet_key(), records)
+            .await
+    }
+
+    async fn create_sheet(&self, key: &str, records: &[CallRecord]) -> Result<u64, LedgerError> {
         // A write takes a moment, as over the network.
         tokio::task::yield_now().await;
         let mut s = self.state();
         if s.fail_writes {
             return Err(LedgerError::Store("the store is down".into()));
+        }
+        if !s.keys.insert(key.to_owned()) {
+            return Err(LedgerError::Conflict(key.to_owned()));
         }
         let sheet = CallSheet {
             records: records.to_vec(),

@@ -155,30 +155,61 @@ pub async fn deliver(ctx: &EngineContext, lease: Lease, f: Final, subject: &str)
             if let Err(e) = lease.ack().await {
                 tracing::warn!(task_id = %f.outcome.task_id, error = %e, "ack failed; the redelivery will find the outcome and skip");
             }
-            if duplicate {
-                return;
-            }
-            let p = Priority::from_number(i64::from(f.outcome.priority)).unwrap_or(Priority::P3);
-            let latency = Duration::from_millis(elapsed_ms(f.created_at, Utc::now()));
-            // A label value only from the catalog: a producer's model name
-            // never becomes a series.
-            let model = f
-                .outcome
-                .model
-                .as_deref()
-                .filter(|m| ctx.settings.catalog.model_providers.contains_key(*m))
-                .unwrap_or("");
-            metrics::task_completed(p, f.outcome.status, model, latency);
-            ctx.targets
-                .lock()
-                .finished(p, latency, tokio::time::Instant::now());
-            if let Some(e) = &f.outcome.error {
-                metrics::dead_lettered(e.kind.as_str());
+            if !duplicate {
+                count_completed(ctx, &f);
             }
         }
         Err(e) => {
             tracing::error!(task_id = %f.outcome.task_id, error = %e, "outcome not durable; task handed back for redelivery");
             lease.abandon();
+        }
+    }
+}
+
+/// Counts a task finished now in the completion metrics.
+fn count_completed(ctx: &EngineContext, f: &Final) {
+    let p = Priority::from_number(i64::from(f.outcome.priority)).unwrap_or(Priority::P3);
+    let latency = Duration::from_millis(elapsed_ms(f.created_at, Utc::now()));
+    // A label value only from the catalog: a producer's model name never
+    // becomes a series.
+    let model = f
+        .outcome
+        .model
+        .as_deref()
+        .filter(|m| ctx.settings.catalog.model_providers.contains_key(*m))
+        .unwrap_or("");
+    metrics::task_completed(p, f.outcome.status, model, latency);
+    ctx.targets
+        .lock()
+        .finished(p, latency, tokio::time::Instant::now());
+    if let Some(e) = &f.outcome.error {
+        metrics::dead_lettered(e.kind.as_str());
+    }
+}
+
+/// Publishes the outcome (and dead letter) of a task whose message was
+/// acked already (a provider job's task): no lease to settle. An outcome
+/// already kept for the task (of its generation or later) is left alone.
+/// True when the outcome is durable (published now or before).
+pub async fn deliver_detached(ctx: &EngineContext, f: Final, subject: &str) -> bool {
+    let (task_id, generation) = (f.outcome.task_id.as_str(), f.outcome.generation);
+    match ctx.ports.sink.outcome_exists(task_id, generation).await {
+        Ok(true) => return true,
+        Ok(false) => {}
+        Err(e) => {
+            tracing::debug!(task_id = %task_id, error = %e, "outcome lookup failed; publishing (a duplicate is dropped by its id)")
+        }
+    }
+    match publish(ctx, &f, subject).await {
+        Ok(duplicate) => {
+            if !duplicate {
+                count_completed(ctx, &f);
+            }
+            true
+        }
+        Err(e) => {
+            tracing::error!(task_id = %f.outcome.task_id, error = %e, "outcome of a provider job's task not durable; the job stays recorded and is settled again at the next start");
+            false
         }
     }
 }

@@ -253,6 +253,10 @@ pub type SheetStream = BoxStream<'static, Result<CallSheet, LedgerError>>;
 pub trait LedgerStore: Send + Sync + 'static {
     /// Stores one sheet of call records under a new key. Its revision.
     async fn write_sheet(&self, records: &[CallRecord]) -> Result<u64, LedgerError>;
+    /// Stores a sheet under `key` (`sheet.<...>`) unless that key exists
+    /// (`Conflict`): for records that may be written again after a restart
+    /// (a provider job's lines), so that they are stored once. Its revision.
+    async fn create_sheet(&self, key: &str, records: &[CallRecord]) -> Result<u64, LedgerError>;
     /// Every sheet, in write order: those stored now, then each write as it
     /// happens.
     async fn watch_sheets(&self) -> Result<SheetStream, LedgerError>;
@@ -461,6 +465,108 @@ impl CheckpointStore for MemoryCheckpoints {
         Ok(())
     }
     async fn list(&self) -> Result<Vec<Checkpoint>, CheckpointError> {
+        Ok(self.map().values().cloned().collect())
+    }
+}
+
+/// A provider batch job as the provider reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchJobStatus {
+    /// The provider's batch id.
+    pub id: String,
+    /// `validating`, `in_progress`, `finalizing`, `completed`, `failed`,
+    /// `expired`, `cancelling` or `cancelled`.
+    pub status: String,
+    /// The file of answered lines, once there is one.
+    pub output_file_id: Option<String>,
+    /// The file of failed lines, once there is one.
+    pub error_file_id: Option<String>,
+    /// The `metadata` given at creation.
+    pub metadata: Value,
+}
+
+impl BatchJobStatus {
+    /// True once the job will change no more.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self.status.as_str(),
+            "completed" | "failed" | "expired" | "cancelled"
+        )
+    }
+}
+
+/// A provider's batch job API: input files and batches (OpenAI's Files and
+/// Batches APIs). Failures read like a call's ([`ProviderError`]): transient
+/// ones are tried again later, a rejection fails the job's tasks.
+#[async_trait]
+pub trait BatchApi: Send + Sync + 'static {
+    /// Uploads a JSONL input file (`purpose=batch`); its file id.
+    async fn upload(&self, filename: &str, jsonl: Bytes) -> Result<String, ProviderError>;
+    /// Creates a batch from an uploaded file, tagged with `metadata`.
+    async fn create(
+        &self,
+        input_file_id: &str,
+        endpoint: &str,
+        completion_window: &str,
+        metadata: &Value,
+    ) -> Result<BatchJobStatus, ProviderError>;
+    /// The batches created most recently (newest first), to find one whose
+    /// creation was not recorded.
+    async fn recent(&self) -> Result<Vec<BatchJobStatus>, ProviderError>;
+    /// A batch's current status.
+    async fn retrieve(&self, batch_id: &str) -> Result<BatchJobStatus, ProviderError>;
+    /// A file's content.
+    async fn content(&self, file_id: &str) -> Result<Bytes, ProviderError>;
+    /// Deletes a file (absent is fine).
+    async fn delete_file(&self, file_id: &str) -> Result<(), ProviderError>;
+}
+
+/// Errors from the job store.
+#[derive(Debug, thiserror::Error)]
+#[error("job store: {0}")]
+pub struct JobStoreError(pub String);
+
+/// Where provider batch jobs are recorded, one record per job id, from
+/// before their tasks' messages are acked until every task has its outcome
+/// or is back in its queue.
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Stores `job` under its id, replacing what was there.
+    async fn put(&self, job: &crate::provider_jobs::ProviderJob) -> Result<(), JobStoreError>;
+    /// Removes the record of `job_id` (absent is fine).
+    async fn delete(&self, job_id: &str) -> Result<(), JobStoreError>;
+    /// Every readable record.
+    async fn list(&self) -> Result<Vec<crate::provider_jobs::ProviderJob>, JobStoreError>;
+}
+
+/// A [`JobStore`] in memory: for tests and single-process tools.
+#[derive(Debug, Default)]
+pub struct MemoryJobs(
+    std::sync::Mutex<std::collections::BTreeMap<String, crate::provider_jobs::ProviderJob>>,
+);
+
+impl MemoryJobs {
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::BTreeMap<String, crate::provider_jobs::ProviderJob>,
+    > {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl JobStore for MemoryJobs {
+    async fn put(&self, job: &crate::provider_jobs::ProviderJob) -> Result<(), JobStoreError> {
+        self.map().insert(job.id.clone(), job.clone());
+        Ok(())
+    }
+    async fn delete(&self, job_id: &str) -> Result<(), JobStoreError> {
+        self.map().remove(job_id);
+        Ok(())
+    }
+    async fn list(&self) -> Result<Vec<crate::provider_jobs::ProviderJob>, JobStoreError> {
         Ok(self.map().values().cloned().collect())
     }
 }

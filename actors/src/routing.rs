@@ -3,14 +3,16 @@
 //! prompt template; chat payloads pass through. Pure functions over a
 //! [`Catalog`] built from the config.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::codec::quote;
-use crate::task::{Payload, Task, Tier};
+use crate::route_policy::{RouteAsk, RoutePolicy, RoutePreference};
+use crate::task::{Payload, RouteKind, Task, Tier};
 
 /// A task type from the config: how to turn `{"text","options"}` into a prompt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,6 +27,10 @@ pub struct TaskType {
     pub default_tier: Tier,
     /// `max_completion_tokens` sent with the request.
     pub max_tokens: u32,
+    /// How tasks of this type are sent (`realtime`, `batch_api`, `auto`);
+    /// a task's own `route` outranks it.
+    #[serde(default)]
+    pub route: Option<RoutePreference>,
 }
 
 fn default_tier() -> Tier {
@@ -96,6 +102,10 @@ pub struct Catalog {
     pub tiers: TierModels,
     /// Model → provider name, for every model some provider serves.
     pub model_providers: HashMap<String, String>,
+    /// Providers that allow batch jobs (`[providers.NAME] batch = true`).
+    pub batch_providers: HashSet<String>,
+    /// When a task goes by batch job.
+    pub route_policy: RoutePolicy,
 }
 
 /// A routed task: the route, the request body and the batching key.
@@ -103,6 +113,8 @@ pub struct Catalog {
 pub struct Plan {
     /// Provider and model.
     pub route: Route,
+    /// Realtime or by batch job ([`RoutePolicy::decide`]).
+    pub kind: RouteKind,
     /// The OpenAI chat completion body, `model` included.
     pub request: Value,
     /// Hash of the shared prompt prefix (the system message), for grouping.
@@ -112,8 +124,9 @@ pub struct Plan {
 /// The task type a `{"text"}` payload without a `type` is rendered through.
 pub const DEFAULT_TASK_TYPE: &str = "default";
 
-/// Routes a task; an `Err` is an `invalid_request` message.
-pub fn plan(task: &Task, catalog: &Catalog) -> Result<Plan, String> {
+/// Routes a task at `now` (its deadline decides the route kind); an `Err`
+/// is an `invalid_request` message.
+pub fn plan(task: &Task, catalog: &Catalog, now: DateTime<Utc>) -> Result<Plan, String> {
     let named = match (&task.task_type, &task.payload) {
         (Some(name), _) => Some(name.as_str()),
         (None, Payload::Text { .. }) => Some(DEFAULT_TASK_TYPE),
@@ -190,7 +203,18 @@ pub fn plan(task: &Task, catalog: &Catalog) -> Result<Plan, String> {
     })?;
     body.insert("model".into(), Value::String(model.clone()));
     let prefix = prefix_hash(&body);
+    let kind = catalog.route_policy.decide(
+        RouteAsk {
+            priority: task.priority,
+            task: task.route,
+            task_type: task_type.and_then(|t| t.route),
+            provider_allows_batch: catalog.batch_providers.contains(provider),
+            deadline: task.deadline,
+        },
+        now,
+    );
     Ok(Plan {
+        kind,
         route: Route {
             provider: provider.clone(),
             model,
@@ -279,6 +303,7 @@ mod tests {
                 template: "Summarize in {options.language}: {text}".into(),
                 default_tier: Tier::Simple,
                 max_tokens: 200,
+                route: None,
             },
         );
         Catalog {
@@ -294,6 +319,8 @@ mod tests {
                 .into_iter()
                 .map(|(m, p)| (m.to_owned(), p.to_owned()))
                 .collect(),
+            batch_providers: HashSet::from(["p".to_owned()]),
+            route_policy: RoutePolicy::default(),
         }
     }
 
@@ -336,6 +363,7 @@ mod tests {
                 options: opts,
             }),
             &catalog(),
+            Utc::now(),
         )
         .unwrap();
         assert_eq!(p.route.model, "small");
@@ -353,9 +381,15 @@ mod tests {
                 .clone(),
         ));
         t.task_type = None;
-        assert_eq!(plan(&t, &catalog()).unwrap().route.model, "medium");
+        assert_eq!(
+            plan(&t, &catalog(), Utc::now()).unwrap().route.model,
+            "medium"
+        );
         t.tier = Some(Tier::Complex);
-        assert_eq!(plan(&t, &catalog()).unwrap().route.model, "large");
+        assert_eq!(
+            plan(&t, &catalog(), Utc::now()).unwrap().route.model,
+            "large"
+        );
     }
 
     #[test]
@@ -365,12 +399,12 @@ mod tests {
             options: Map::new(),
         });
         t.task_type = Some("poetry".into());
-        assert!(plan(&t, &catalog())
+        assert!(plan(&t, &catalog(), Utc::now())
             .unwrap_err()
             .contains("unknown task type \"poetry\""));
         t.task_type = Some("summarization".into());
         t.model = Some("gpt-99".into());
-        assert!(plan(&t, &catalog())
+        assert!(plan(&t, &catalog(), Utc::now())
             .unwrap_err()
             .contains("\"gpt-99\" is not served"));
     }
@@ -382,7 +416,7 @@ mod tests {
             options: Map::new(),
         });
         t.task_type = None;
-        let e = plan(&t, &catalog()).unwrap_err();
+        let e = plan(&t, &catalog(), Utc::now()).unwrap_err();
         assert!(e.contains("`type` is required"), "{e}");
         let mut c = catalog();
         c.task_types.insert(
@@ -392,12 +426,33 @@ mod tests {
                 template: "{text}".into(),
                 default_tier: Tier::Standard,
                 max_tokens: 99,
+                route: None,
             },
         );
-        let p = plan(&t, &c).unwrap();
+        let p = plan(&t, &c, Utc::now()).unwrap();
         assert_eq!(p.request["messages"][1]["content"], "hello");
         assert_eq!(p.request["max_completion_tokens"], 99);
         assert_eq!(p.route.model, "medium");
+    }
+
+    #[test]
+    fn the_plan_carries_the_route_kind_from_priority_type_task_and_provider() {
+        let mut c = catalog();
+        let mut t = task(Payload::Text {
+            text: "x".into(),
+            options: Map::new(),
+        });
+        assert_eq!(plan(&t, &c, Utc::now()).unwrap().kind, RouteKind::Realtime);
+        t.priority = crate::task::Priority::P3;
+        assert_eq!(plan(&t, &c, Utc::now()).unwrap().kind, RouteKind::BatchApi);
+        if let Some(tt) = c.task_types.get_mut("summarization") {
+            tt.route = Some(RoutePreference::Realtime);
+        }
+        assert_eq!(plan(&t, &c, Utc::now()).unwrap().kind, RouteKind::Realtime);
+        t.route = Some(RoutePreference::BatchApi);
+        assert_eq!(plan(&t, &c, Utc::now()).unwrap().kind, RouteKind::BatchApi);
+        c.batch_providers.clear();
+        assert_eq!(plan(&t, &c, Utc::now()).unwrap().kind, RouteKind::Realtime);
     }
 
     #[test]
@@ -409,6 +464,7 @@ mod tests {
                 options: Map::new(),
             }),
             &c,
+            Utc::now(),
         )
         .unwrap();
         let b = plan(
@@ -417,6 +473,7 @@ mod tests {
                 options: Map::new(),
             }),
             &c,
+            Utc::now(),
         )
         .unwrap();
         assert_eq!(a.prefix, b.prefix);

@@ -15,7 +15,7 @@ use crate::preemption_monitor::PreemptionSettings;
 use crate::pricing::PriceTable;
 use crate::route::RouteSettings;
 use crate::routing::Catalog;
-use crate::task::Priority;
+use crate::task::{Priority, RouteKind};
 
 /// One-for-one restart limits.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -82,6 +82,43 @@ pub struct EngineSettings {
     pub preemption: PreemptionSettings,
     /// Each priority's service target, publish to outcome.
     pub targets: crate::targets::ServiceTargets,
+    /// Provider batch jobs: assembly, file limits, polling.
+    pub batch_api: BatchApiSettings,
+}
+
+/// How provider batch jobs are assembled, split and polled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchApiSettings {
+    /// Size and wait of the batches that become jobs.
+    pub batching: BatchPolicy,
+    /// Most requests in one job's input file (OpenAI: 50,000).
+    pub max_requests_per_file: usize,
+    /// Most bytes in one job's input file (OpenAI: 200 MB).
+    pub max_file_bytes: usize,
+    /// The `completion_window` asked for (`24h`).
+    pub completion_window: String,
+    /// First wait between two looks at a job.
+    pub poll_initial: Duration,
+    /// Longest wait between two looks (the wait doubles up to it).
+    pub poll_max: Duration,
+}
+
+impl Default for BatchApiSettings {
+    fn default() -> Self {
+        BatchApiSettings {
+            batching: BatchPolicy {
+                max_size: 1_000,
+                max_wait_ms: 60_000,
+                seal_when_drained: true,
+                depth_steps: Vec::new(),
+            },
+            max_requests_per_file: 50_000,
+            max_file_bytes: 200 * 1024 * 1024,
+            completion_window: "24h".into(),
+            poll_initial: Duration::from_secs(5),
+            poll_max: Duration::from_secs(300),
+        }
+    }
 }
 
 /// How the CostAccountant keeps the ledger.
@@ -124,8 +161,12 @@ impl EngineSettings {
         s
     }
 
-    /// The batch policy of one priority.
-    pub fn batch_policy(&self, p: Priority) -> &BatchPolicy {
-        &self.batching[p.index()]
+    /// The batch policy of one priority and route kind: batch-job tasks
+    /// are assembled under `[batching.batch_api]` whatever their priority.
+    pub fn batch_policy(&self, p: Priority, kind: RouteKind) -> &BatchPolicy {
+        match kind {
+            RouteKind::Realtime => &self.batching[p.index()],
+            RouteKind::BatchApi => &self.batch_api.batching,
+        }
     }
 }

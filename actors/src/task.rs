@@ -153,6 +153,8 @@ pub struct Task {
     pub model: Option<String>,
     /// The requested tier, if any.
     pub tier: Option<Tier>,
+    /// How it asks to be sent (`route`: realtime, batch_api or auto), if it says.
+    pub route: Option<crate::route_policy::RoutePreference>,
     /// Cost attribution.
     pub tenant: String,
     /// Extra core-NATS subject for the outcome.
@@ -191,6 +193,7 @@ impl Task {
             created_at,
             model: None,
             tier: None,
+            route: None,
             tenant: "default".into(),
             reply_to: None,
             deadline: None,
@@ -312,7 +315,7 @@ impl Status {
 }
 
 /// How a task was sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RouteKind {
     /// One provider request per task.

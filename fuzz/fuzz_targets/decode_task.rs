@@ -20,6 +20,7 @@ static CATALOG: LazyLock<Catalog> = LazyLock::new(|| {
         template: template.into(),
         default_tier: Tier::Auto,
         max_tokens: 64,
+        route: None,
     };
     let mut task_types = BTreeMap::new();
     task_types.insert("default".to_owned(), task_type("{text}"));
@@ -41,6 +42,8 @@ static CATALOG: LazyLock<Catalog> = LazyLock::new(|| {
             .iter()
             .map(|m| (m.to_string(), "p".to_owned()))
             .collect::<HashMap<_, _>>(),
+        batch_providers: Default::default(),
+        route_policy: Default::default(),
     }
 });
 
@@ -66,7 +69,7 @@ fuzz_target!(|data: &[u8]| {
     };
     match decode_task(inbound) {
         Ok(task) => {
-            if let Ok(p) = plan(&task, &CATALOG) {
+            if let Ok(p) = plan(&task, &CATALOG, chrono::DateTime::<chrono::Utc>::UNIX_EPOCH) {
                 assert!(p.request.get("model").is_some());
             }
             let _ = encode(&task.original, task.encoding);

@@ -46,6 +46,7 @@ impl Namespace {
         nats.results_stream = self.stream("RESULTS");
         nats.dlq_stream = self.stream("DLQ");
         nats.checkpoints_bucket = self.bucket("checkpoints");
+        nats.jobs_bucket = self.bucket("jobs");
         nats.ledger_bucket = self.bucket("ledger");
         nats.calls_bucket = self.bucket("calls");
         nats.attempts_bucket = self.bucket("attempts");
@@ -69,6 +70,7 @@ pub async fn remove(js: &jetstream::Context, nats: &NatsConfig) -> Result<(), Cl
     }
     for bucket in [
         &nats.checkpoints_bucket,
+        &nats.jobs_bucket,
         &nats.ledger_bucket,
         &nats.calls_bucket,
         &nats.attempts_bucket,

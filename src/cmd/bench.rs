@@ -769,7 +769,7 @@ mod tests {
             })
             .unwrap();
             assert_eq!(&task.task_id, id);
-            batchd_actors::routing::plan(&task, &catalog).unwrap();
+            batchd_actors::routing::plan(&task, &catalog, chrono::Utc::now()).unwrap();
             types.insert(task.task_type.unwrap());
         }
         assert_eq!(types.len(), config.task_types.len());

@@ -9,6 +9,7 @@
 
 mod anthropic;
 mod openai;
+mod openai_batch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,7 @@ use serde_json::Value;
 
 pub use anthropic::{AnthropicProvider, ANTHROPIC_VERSION, DEFAULT_MAX_TOKENS};
 pub use openai::OpenAiProvider;
+pub use openai_batch::OpenAiBatchApi;
 
 use crate::config::{ProviderConfig, ProviderKind};
 use crate::secrets::{percent_decode, redact_url, url_secrets, Scrubber};
@@ -132,6 +134,15 @@ impl Http {
 
     /// Sends `req` and reads the answer; a transport failure is transient.
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<Answer, ProviderError> {
+        self.send_capped(req, MAX_RESPONSE_BYTES).await
+    }
+
+    /// [`Http::send`] with a body cap of `cap` bytes.
+    async fn send_capped(
+        &self,
+        req: reqwest::RequestBuilder,
+        cap: usize,
+    ) -> Result<Answer, ProviderError> {
         let resp = req.send().await.map_err(|e| {
             if e.is_timeout() {
                 ProviderError::Timeout {
@@ -153,7 +164,7 @@ impl Http {
             chrono::Utc::now(),
             MAX_RETRY_AFTER,
         );
-        let body = self.read_body(resp).await?;
+        let body = self.read_body(resp, cap).await?;
         Ok(Answer {
             status,
             limits,
@@ -177,22 +188,26 @@ impl Http {
         truncate(&self.scrubber.scrub(&message), MAX_PROVIDER_MESSAGE_CHARS)
     }
 
-    /// Reads the body, at most [`MAX_RESPONSE_BYTES`] of it.
-    async fn read_body(&self, mut resp: reqwest::Response) -> Result<Vec<u8>, ProviderError> {
+    /// Reads the body, at most `cap` bytes of it.
+    async fn read_body(
+        &self,
+        mut resp: reqwest::Response,
+        cap: usize,
+    ) -> Result<Vec<u8>, ProviderError> {
         let status = Some(resp.status().as_u16());
         let too_big = || ProviderError::Transient {
             status,
-            message: format!("the response body exceeds {MAX_RESPONSE_BYTES} bytes"),
+            message: format!("the response body exceeds {cap} bytes"),
         };
         let declared = resp.content_length().unwrap_or(0);
-        if declared > MAX_RESPONSE_BYTES as u64 {
+        if declared > cap as u64 {
             return Err(too_big());
         }
         let mut body = Vec::with_capacity(usize::try_from(declared).unwrap_or(0));
         loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                    if body.len() + chunk.len() > cap {
                         return Err(too_big());
                     }
                     body.extend_from_slice(&chunk);

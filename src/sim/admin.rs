@@ -8,6 +8,11 @@
 //!   counters per model.
 //! - `GET /sim/bill`: billed tokens per model (requests answered with a 200).
 //! - `POST /sim/clock/reset`: the faults' clock starts again at zero.
+//! - `GET /sim/batches`: `{"created": n, "bill": {...}, "faults": {...}}`:
+//!   batches created, the batch part of the bill (tokens per model, priced
+//!   at the batch rate) and the batch faults in force.
+//! - `POST /sim/batches/faults`: sets the batch faults for batches created
+//!   from now on (`{"expire_after_lines": 2, "failing_custom_ids": ["t1"]}`).
 //!
 //! Errors use OpenAI's error body with status 400.
 
@@ -41,6 +46,11 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/sim/stats", get(stats).fallback(invalid_url))
         .route("/sim/bill", get(bill).fallback(invalid_url))
         .route("/sim/clock/reset", post(reset_clock).fallback(invalid_url))
+        .route("/sim/batches", get(batches).fallback(invalid_url))
+        .route(
+            "/sim/batches/faults",
+            post(set_batch_faults).fallback(invalid_url),
+        )
 }
 
 #[derive(Serialize)]
@@ -109,6 +119,36 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn bill(State(shared): State<Arc<Shared>>) -> Response {
     json_response(StatusCode::OK, &shared.bill())
+}
+
+fn batch_report(shared: &Shared) -> Response {
+    let faults = super::service::lock(&shared.batches).faults();
+    let report = serde_json::json!({
+        "created": shared.batch_creations(),
+        "bill": shared.batch_bill(),
+        "faults": faults,
+    });
+    json_response(StatusCode::OK, &report)
+}
+
+async fn batches(State(shared): State<Arc<Shared>>) -> Response {
+    batch_report(&shared)
+}
+
+async fn set_batch_faults(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Ok(body) = body else {
+        return error_response(&ApiError::unparsable_json());
+    };
+    match serde_json::from_slice::<super::BatchFaults>(&body) {
+        Ok(faults) => {
+            super::service::lock(&shared.batches).set_faults(faults);
+            batch_report(&shared)
+        }
+        Err(error) => bad_request(format!("invalid batch faults: {error}")),
+    }
 }
 
 async fn reset_clock(State(shared): State<Arc<Shared>>) -> Response {

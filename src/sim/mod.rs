@@ -70,6 +70,7 @@
 
 mod admin;
 mod api_error;
+mod batches;
 mod completion;
 mod fault;
 mod hash;
@@ -90,6 +91,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use batches::{BatchFaults, MAX_BATCH_FILE_BYTES, MAX_BATCH_REQUESTS};
 pub use fault::{
     load_faults, parse_duration, Fault, FaultError, FaultKind, FaultsFileError, MAX_FAULTS,
 };
@@ -137,6 +139,10 @@ pub struct SimArgs {
     /// Scripted faults from a JSON or TOML file (see the README)
     #[arg(long = "faults", value_name = "FILE")]
     pub faults_file: Option<PathBuf>,
+    /// Seconds a Batch API batch takes from creation to `completed`
+    /// (validating, in_progress and finalizing on the way)
+    #[arg(long, default_value_t = 30.0)]
+    pub batch_secs: f64,
 }
 
 /// A command-line fraction in `0.0..=1.0` (error rates).
@@ -171,6 +177,8 @@ pub struct SimConfig {
     /// most recent [`DEFAULT_RECORD_LIMIT`] unless
     /// [`SimServer::set_record_limit`] says otherwise (meant for tests).
     pub record_requests: bool,
+    /// How long a Batch API batch takes from creation to its end.
+    pub batch_duration: Duration,
 }
 
 impl Default for SimConfig {
@@ -184,6 +192,7 @@ impl Default for SimConfig {
             tpm: 0,
             seed: 42,
             record_requests: false,
+            batch_duration: Duration::from_secs(1),
         }
     }
 }
@@ -202,6 +211,8 @@ impl From<&SimArgs> for SimConfig {
             tpm: args.tpm,
             seed: args.seed,
             record_requests: false,
+            batch_duration: Duration::try_from_secs_f64(args.batch_secs.max(0.0))
+                .unwrap_or(Duration::from_secs(30)),
         }
     }
 }
@@ -344,6 +355,23 @@ impl SimServer {
     /// Priced with a price table, it is what a provider would charge.
     pub fn bill(&self) -> BTreeMap<String, SimBill> {
         self.shared.bill()
+    }
+
+    /// The batch part of the bill: tokens of the Batch API lines answered,
+    /// per model, to be priced at the batch rate (the price table's
+    /// `batch_discount` off).
+    pub fn batch_bill(&self) -> BTreeMap<String, SimBill> {
+        self.shared.batch_bill()
+    }
+
+    /// How many batches were created (`POST /v1/batches` answered 200).
+    pub fn batch_creations(&self) -> u64 {
+        self.shared.batch_creations()
+    }
+
+    /// What batches created from now on do: expire, fail some lines.
+    pub fn set_batch_faults(&self, faults: BatchFaults) {
+        service::lock(&self.shared.batches).set_faults(faults);
     }
 
     /// Request bodies received while `record_requests` was on, oldest first.

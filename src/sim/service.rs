@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::api_error::ApiError;
+use super::batches::BatchStore;
 use super::completion::{self, ChatCompletion, Usage};
 use super::fault::{Fault, FaultClock, FaultError, FaultKind, ListenPlan};
 use super::hash::mix;
@@ -77,6 +78,12 @@ pub(crate) struct Shared {
     sequence: AtomicU64,
     /// Makes ids differ between runs; answers do not depend on it.
     id_salt: u64,
+    /// Files and batches of the Batch API.
+    pub(crate) batches: Mutex<BatchStore>,
+    /// Tokens of answered batch lines, per model (billed at the batch rate).
+    batch_bill: Mutex<HashMap<String, SimBill>>,
+    /// Batches created.
+    batch_creations: AtomicU64,
 }
 
 /// Everything a request changes, behind one lock.
@@ -148,7 +155,7 @@ impl SimStats {
 
 /// A mutex poisoned by a panicking holder still guards consistent data here
 /// (every update is a single assignment), so keep serving.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -179,6 +186,9 @@ impl Shared {
             record_limit: AtomicUsize::new(DEFAULT_RECORD_LIMIT),
             sequence: AtomicU64::new(0),
             id_salt,
+            batches: Mutex::new(BatchStore::default()),
+            batch_bill: Mutex::new(HashMap::new()),
+            batch_creations: AtomicU64::new(0),
         }
     }
 
@@ -237,6 +247,41 @@ impl Shared {
         b.cached_tokens += cached;
         b.completion_tokens += completion;
         b.cache_write_tokens += written;
+    }
+
+    pub(crate) fn batch_bill(&self) -> BTreeMap<String, SimBill> {
+        lock(&self.batch_bill)
+            .iter()
+            .map(|(model, bill)| (model.clone(), *bill))
+            .collect()
+    }
+
+    /// Adds one answered batch line's tokens to its model's batch bill.
+    pub(crate) fn charge_batch(&self, model: &str, prompt: u64, completion: u64) {
+        let mut bill = lock(&self.batch_bill);
+        if !bill.contains_key(model) && bill.len() >= MAX_MODELS_TRACKED {
+            return;
+        }
+        let b = bill.entry(model.to_owned()).or_default();
+        b.requests += 1;
+        b.prompt_tokens += prompt;
+        b.completion_tokens += completion;
+    }
+
+    pub(crate) fn batch_created(&self) {
+        self.batch_creations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn batch_creations(&self) -> u64 {
+        self.batch_creations.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn batch_duration(&self) -> Duration {
+        lock(&self.state).config.batch_duration
+    }
+
+    pub(crate) fn id_salt(&self) -> u64 {
+        self.id_salt
     }
 
     pub(crate) fn count_dropped_connection(&self) {
@@ -353,6 +398,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             "/v1/models/{model}",
             get(retrieve_model).fallback(invalid_url),
         )
+        .merge(super::batches::routes())
         .merge(super::admin::routes())
         .fallback(invalid_url)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -889,7 +935,7 @@ fn insert(headers: &mut HeaderMap, name: &str, value: &str) {
 }
 
 /// `chatcmpl-` and 29 base-62 characters, like OpenAI's ids.
-fn completion_id(seed: u64) -> String {
+pub(crate) fn completion_id(seed: u64) -> String {
     const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
     let mut id = String::with_capacity(38);
     id.push_str("chatcmpl-");
@@ -901,7 +947,7 @@ fn completion_id(seed: u64) -> String {
     id
 }
 
-fn unix_seconds() -> u64 {
+pub(crate) fn unix_seconds() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_secs())

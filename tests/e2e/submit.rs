@@ -31,6 +31,21 @@ async fn submit(args: &[&str]) -> Output {
         .expect("run batchd submit")
 }
 
+/// `batchd submit INPUT --wait --out OUT` plus `extra`, which must succeed; its stdout.
+async fn submit_waiting(input: &Path, out: &Path, nats_url: &str, extra: &[&str]) -> String {
+    let (input, out) = (input.to_str().unwrap(), out.to_str().unwrap());
+    let mut args = vec![input, "--wait", "--nats-url", nats_url, "--out", out];
+    args.extend_from_slice(extra);
+    let run = submit(&args).await;
+    let stdout = text(&run.stdout);
+    assert!(
+        run.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        text(&run.stderr)
+    );
+    stdout
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -127,21 +142,7 @@ async fn a_batch_file_gets_an_openai_output_file_in_input_order_and_a_rerun_resu
     let input = write_lines(dir.path(), "batch.jsonl", &lines);
     let out = dir.path().join("out.jsonl");
     let url = e.nats.url();
-    let run = submit(&[
-        input.to_str().unwrap(),
-        "--wait",
-        "--nats-url",
-        &url,
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .await;
-    let stdout = text(&run.stdout);
-    assert!(
-        run.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{}",
-        text(&run.stderr)
-    );
+    let stdout = submit_waiting(&input, &out, &url, &[]).await;
     assert!(stdout.contains("succeeded"), "{stdout}");
     assert!(stdout.contains("invalid_request: 1"), "{stdout}");
     assert!(stdout.contains("cost"), "{stdout}");
@@ -325,4 +326,41 @@ async fn submit_without_streams_says_to_start_the_engine() {
     assert!(!run.status.success());
     assert!(stderr.contains("BATCHD_TASKS is not on"), "{stderr}");
     assert!(stderr.contains("batchd run"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_file_at_priority_three_goes_through_the_batch_api_and_gets_an_openai_output_file()
+{
+    let e = common::stack(
+        SimConfig {
+            batch_duration: Duration::from_millis(300),
+            ..SimConfig::default()
+        },
+        crate::batch_api::BATCH_ON,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<String> = (0..20).map(|i| format!("bulk-{i}")).collect();
+    let lines: Vec<String> = ids
+        .iter()
+        .map(|id| batch_line(id, "gpt-4.1-mini").to_string())
+        .collect();
+    let input = write_lines(dir.path(), "requests.jsonl", &lines);
+    let out = dir.path().join("out.jsonl");
+    let url = e.nats.url();
+    submit_waiting(&input, &out, &url, &["--priority", "3"]).await;
+    let output = read_jsonl(&out);
+    assert_eq!(output.len(), ids.len());
+    for (line, id) in output.iter().zip(&ids) {
+        assert_eq!(line["custom_id"], id.as_str(), "input order is kept");
+        assert_eq!(line["response"]["status_code"], 200, "{line}");
+        assert_eq!(line["response"]["body"]["object"], "chat.completion");
+        assert_eq!(line["batchd"]["route"], "batch_api", "{line}");
+        assert_eq!(line["batchd"]["priority"], 3);
+        assert!(line["batchd"]["cost_usd"].as_f64().unwrap() > 0.0);
+    }
+    assert!(e.sim.batch_creations() >= 1, "a provider batch was created");
+    assert_eq!(e.sim.stats().requests, 0, "no line went realtime");
+    let billed: u64 = e.sim.batch_bill().values().map(|b| b.requests).sum();
+    assert_eq!(billed, 20);
 }

@@ -414,6 +414,7 @@ pub fn settings() -> EngineSettings {
             template: "{text}".into(),
             default_tier: Tier::Simple,
             max_tokens: 10,
+            route: None,
         },
     );
     let mut models = BTreeMap::new();
@@ -437,6 +438,8 @@ pub fn settings() -> EngineSettings {
                 auto_standard_max_chars: 1000,
             },
             model_providers: [("m".to_owned(), "fake".to_owned())].into_iter().collect(),
+            batch_providers: Default::default(),
+            route_policy: Default::default(),
         },
         batching: [
             BatchPolicy {
@@ -495,6 +498,7 @@ pub fn settings() -> EngineSettings {
         clock: Clock::system(),
         preemption: Default::default(),
         targets: Default::default(),
+        batch_api: Default::default(),
     }
 }
 
@@ -556,6 +560,8 @@ async fn rig_over(
         board: board.clone(),
         checkpoints: checkpoints.clone(),
         providers,
+        jobs: Arc::new(batchd_actors::ports::MemoryJobs::default()),
+        batch_apis: Default::default(),
     };
     let engine = Engine::start(settings, ports).await.unwrap();
     Rig {

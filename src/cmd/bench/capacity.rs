@@ -598,7 +598,7 @@ mod tests {
             })
             .unwrap();
             assert_eq!(task.task_id, id);
-            let plan = batchd_actors::routing::plan(&task, &catalog).unwrap();
+            let plan = batchd_actors::routing::plan(&task, &catalog, chrono::Utc::now()).unwrap();
             assert_eq!(plan.route.model, MODEL);
         }
     }

@@ -103,6 +103,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             tpm: 0,
             seed: args.seed,
             record_requests: false,
+            batch_duration: Duration::from_secs(1),
         },
     )
     .await

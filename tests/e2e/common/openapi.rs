@@ -55,6 +55,45 @@ pub fn validate_chat_response(body: &Value) -> Result<(), Vec<String>> {
     )
 }
 
+/// Checks `body` against the spec's schema `name` (compiled each call:
+/// for the few checks outside the hot test paths).
+pub fn validate_schema(name: &str, body: &Value) -> Result<(), Vec<String>> {
+    validate(&compile(name), body)
+}
+
+/// Checks one line of a Batch API input file: `custom_id`, `method` POST,
+/// `url` `/v1/chat/completions`, and a `body` that is a
+/// `CreateChatCompletionRequest` (the spec has no schema for the line itself).
+pub fn validate_batch_input_line(line: &Value) -> Result<(), Vec<String>> {
+    let mut errors = Vec::new();
+    if line["custom_id"].as_str().is_none_or(str::is_empty) {
+        errors.push("custom_id: a non-empty string is required".to_owned());
+    }
+    if line["method"] != "POST" {
+        errors.push(format!("method: POST required, got {}", line["method"]));
+    }
+    if line["url"] != "/v1/chat/completions" {
+        errors.push(format!(
+            "url: /v1/chat/completions required, got {}",
+            line["url"]
+        ));
+    }
+    if let Some(extra) = line.as_object().and_then(|m| {
+        m.keys()
+            .find(|k| !["custom_id", "method", "url", "body"].contains(&k.as_str()))
+    }) {
+        errors.push(format!("unknown field {extra}"));
+    }
+    if let Err(mut e) = validate_chat_request(&line["body"]) {
+        errors.append(&mut e);
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
 fn validate(validator: &jsonschema::Validator, body: &Value) -> Result<(), Vec<String>> {
     let errors: Vec<String> = validator
         .iter_errors(body)

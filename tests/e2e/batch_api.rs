@@ -1,0 +1,360 @@
+//! The `batch_api` route end to end: priority-3 tasks go through the
+//! simulator's Batch API (Files + Batches over HTTP) with a real
+//! nats-server; each gets one outcome, priced at the batch discount, equal
+//! to the simulator's batch bill; a line error fails its task only; an
+//! expired job's tasks run again without spending an attempt; a SIGKILL
+//! mid-job neither loses a task nor submits the job twice.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use batchd::config::Config;
+use batchd::sim::{BatchFaults, SimConfig, SimServer};
+use batchd_actors::task::{RouteKind, Usage};
+use serde_json::Value;
+
+use crate::common;
+use common::binary::Batchd;
+use common::nats::NatsServer;
+
+/// Batch jobs on, assembled and polled fast enough for a test.
+pub const BATCH_ON: &str = r#"
+[providers.openai]
+batch = true
+[batching.batch_api]
+max_wait_ms = 300
+poll_initial_ms = 50
+poll_max_ms = 200
+"#;
+
+fn sim_config(batch: Duration) -> SimConfig {
+    SimConfig {
+        batch_duration: batch,
+        ..SimConfig::default()
+    }
+}
+
+/// `n` tasks `<prefix><i>` on `priority`.
+fn tasks_on(n: usize, prefix: &str, priority: u8) -> Vec<(String, Value)> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}{i}");
+            (
+                format!("batchd.tasks.p{priority}"),
+                common::task(&id, priority),
+            )
+        })
+        .collect()
+}
+
+/// The simulator's batch bill priced at the batch rate, in pico-dollars.
+fn batch_bill(sim: &SimServer, config: &Config) -> (u64, u64) {
+    let mut total = 0;
+    let mut lines = 0;
+    for (model, b) in sim.batch_bill() {
+        let usage = Usage {
+            input_tokens: b.prompt_tokens,
+            cached_input_tokens: b.cached_tokens,
+            output_tokens: b.completion_tokens,
+            cache_write_input_tokens: 0,
+        };
+        total += config
+            .prices
+            .cost_picousd(&model, &usage, RouteKind::BatchApi)
+            .expect("priced");
+        lines += b.requests;
+    }
+    (total, lines)
+}
+
+/// Batch lines the simulator billed, all models.
+fn billed_lines(sim: &SimServer) -> u64 {
+    sim.batch_bill().values().map(|b| b.requests).sum()
+}
+
+fn outcome_of<'a>(outcomes: &'a HashMap<String, Vec<Value>>, id: &str) -> &'a Value {
+    &outcomes[&format!("batchd.results.{id}")][0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p3_tasks_go_through_the_batch_api_with_one_discounted_outcome_each_equal_to_the_bill() {
+    let stack = common::stack(sim_config(Duration::from_millis(400)), BATCH_ON).await;
+    let js = &stack.js;
+    stack.sim.set_batch_faults(BatchFaults {
+        failing_custom_ids: ["bulk7".to_owned()].into(),
+        ..BatchFaults::default()
+    });
+    let mut all = tasks_on(40, "bulk", 3);
+    all.extend(tasks_on(6, "prem", 1));
+    common::publish_many(js, &all).await;
+    let outcomes = common::wait_for_one_outcome_each(js, 46, Duration::from_secs(60)).await;
+
+    let config = common::config_with("nats://127.0.0.1:1", &stack.sim.base_url(), BATCH_ON);
+    let mut cost = 0.0;
+    for i in 0..40 {
+        let o = outcome_of(&outcomes, &format!("bulk{i}"));
+        assert_eq!(o["route"], "batch_api", "{o}");
+        if i == 7 {
+            // A refused line fails its own task only, with a dead letter.
+            assert_eq!(o["status"], "failed", "{o}");
+            assert_eq!(o["error"]["kind"], "provider_rejected");
+            assert_eq!(o["error"]["status_code"], 400);
+            continue;
+        }
+        assert_eq!(o["status"], "succeeded", "{o}");
+        assert_eq!(o["attempts"], 1);
+        assert!(o["output"].is_string());
+        let usage: Usage = serde_json::from_value(o["usage"].clone()).unwrap();
+        let model = o["model"].as_str().unwrap();
+        let full = config
+            .prices
+            .cost(model, &usage, RouteKind::Realtime)
+            .unwrap();
+        let paid = o["cost_usd"].as_f64().unwrap();
+        assert!(
+            paid > 0.0 && (paid - full / 2.0).abs() < 1e-9,
+            "{paid} vs {full}"
+        );
+        cost += paid;
+    }
+    for i in 0..6 {
+        assert_eq!(
+            outcome_of(&outcomes, &format!("prem{i}"))["route"],
+            "realtime"
+        );
+    }
+    let dlq = common::read_all(js, "BATCHD_DLQ").await;
+    assert_eq!(
+        dlq.len(),
+        1,
+        "only the refused line's task is dead-lettered"
+    );
+    assert!(dlq.contains_key("batchd.dlq.bulk7"));
+
+    let (billed, lines) = batch_bill(&stack.sim, &config);
+    assert_eq!(lines, 39, "one billed line per succeeded task");
+    // Each line is priced on its own and rounded to a pico-dollar.
+    let diff = (cost - batchd_actors::pricing::usd(billed)).abs();
+    assert!(
+        diff <= 39e-12,
+        "outcomes {cost} vs bill {}",
+        batchd_actors::pricing::usd(billed)
+    );
+    // The ledger's call records of batch lines add up to the same bill.
+    let calls = js
+        .get_key_value("batchd-calls")
+        .await
+        .expect("calls bucket");
+    let mut ledger: u64 = 0;
+    let mut recorded = 0;
+    {
+        use futures::StreamExt as _;
+        let mut keys = calls.keys().await.expect("keys");
+        while let Some(key) = keys.next().await {
+            let value = calls.get(key.expect("key")).await.expect("get");
+            let Some(value) = value else { continue };
+            let record: Value = serde_json::from_slice(&value).expect("a call record");
+            if record["route"] == "batch_api" {
+                assert_eq!(record["state"], "finished", "{record}");
+                ledger += record["cost_picousd"].as_u64().expect("cost");
+                recorded += 1;
+            }
+        }
+    }
+    assert_eq!(recorded, 39, "one ledger record per answered line");
+    assert!(
+        ledger.abs_diff(billed) <= 39,
+        "ledger {ledger} vs bill {billed} pico-USD"
+    );
+    assert!((batchd_actors::pricing::usd(ledger) - cost).abs() < 1e-9);
+    assert!(stack.sim.batch_creations() >= 1);
+    assert_eq!(
+        stack.sim.stats().requests,
+        6,
+        "only priority 1 went realtime"
+    );
+    common::wait_until_empty(js, "BATCHD_TASKS", Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_jobs_unanswered_tasks_run_again_and_succeed_without_spending_an_attempt() {
+    let stack = common::stack(sim_config(Duration::from_millis(300)), BATCH_ON).await;
+    let js = &stack.js;
+    stack.sim.set_batch_faults(BatchFaults {
+        expire_after_lines: Some(3),
+        ..BatchFaults::default()
+    });
+    common::publish_many(js, &tasks_on(10, "late", 3)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stack.sim.batch_creations() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no batch created");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Later batches complete.
+    stack.sim.set_batch_faults(BatchFaults::default());
+    let outcomes = common::wait_for_one_outcome_each(js, 10, Duration::from_secs(60)).await;
+    for (subject, list) in &outcomes {
+        let o = &list[0];
+        assert_eq!(o["status"], "succeeded", "{subject}: {o}");
+        assert_eq!(o["route"], "batch_api");
+        assert_eq!(o["attempts"], 1, "{subject}: an expiry spends no attempt");
+    }
+    assert!(
+        stack.sim.batch_creations() >= 2,
+        "the expired tasks went in a new job"
+    );
+    assert_eq!(billed_lines(&stack.sim), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_mid_job_resumes_the_same_job_with_one_creation_and_one_outcome_each() {
+    let nats = NatsServer::start().await;
+    let sim = common::start_sim(sim_config(Duration::from_secs(4))).await;
+    let (_dir, path, js) = common::binary_setup_with(&nats, &sim, BATCH_ON).await;
+    let n = 25;
+    common::publish_many(&js, &tasks_on(n, "job", 3)).await;
+    let mut first = Batchd::start(&path);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sim.batch_creations() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no batch created");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The job is recorded and its tasks acked: nothing waits in JetStream.
+    common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(10)).await;
+    first.kill();
+    assert_eq!(
+        common::stream_len(&js, "BATCHD_RESULTS").await,
+        0,
+        "killed mid-job"
+    );
+
+    let _second = Batchd::start(&path);
+    let outcomes = common::wait_for_one_outcome_each(&js, n, Duration::from_secs(60)).await;
+    assert!(outcomes
+        .values()
+        .all(|l| l[0]["status"] == "succeeded" && l[0]["route"] == "batch_api"));
+    // One creation per job: every batch the simulator created carries a
+    // different job id.
+    let list: Value = reqwest::get(format!("{}/batches?limit=100", sim.base_url()))
+        .await
+        .expect("list batches")
+        .json()
+        .await
+        .expect("JSON");
+    let tags: Vec<&str> = list["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|b| b["metadata"]["batchd_job"].as_str())
+        .collect();
+    let distinct: std::collections::HashSet<&str> = tags.iter().copied().collect();
+    assert_eq!(tags.len() as u64, sim.batch_creations());
+    // Every job ended: its record is gone from the jobs bucket.
+    let jobs = js.get_key_value("batchd-jobs").await.expect("jobs bucket");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        use futures::StreamExt as _;
+        let left = jobs.keys().await.expect("keys").count().await;
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} job records left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        distinct.len(),
+        tags.len(),
+        "a job was submitted twice: {tags:?}"
+    );
+    assert_eq!(billed_lines(&sim), n as u64);
+}
+
+/// A recorded job's task as the engine writes it, for task `id`.
+fn recorded_task(id: &str) -> batchd_actors::provider_jobs::JobTask {
+    use base64::Engine as _;
+    let body = common::task(id, 3);
+    let now = chrono::Utc::now();
+    batchd_actors::provider_jobs::JobTask {
+        task_id: id.to_owned(),
+        request: serde_json::json!({"model": "gpt-4.1-nano", "messages": [{"role": "user", "content": format!("document {id}")}], "max_completion_tokens": 20}),
+        priority: 3,
+        tenant: "acme".into(),
+        reply_to: None,
+        metadata: None,
+        attempts: 0,
+        retry_count: 0,
+        generation: 0,
+        created_at: now,
+        published_at: now,
+        subject: "batchd.tasks.p3".into(),
+        content_type: Some("application/json".into()),
+        body_base64: base64::engine::general_purpose::STANDARD
+            .encode(serde_json::to_vec(&body).expect("json")),
+        original: body,
+        msgpack: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_between_upload_and_create_leaves_no_task_behind_and_creates_each_job_once() {
+    use batchd_actors::ports::{BatchApi, JobStore};
+    use batchd_actors::provider_jobs::{JobStep, ProviderJob, CHAT_ENDPOINT, JOB_VERSION};
+    let nats = NatsServer::start().await;
+    let sim = common::start_sim(sim_config(Duration::from_millis(300))).await;
+    let (_dir, path, js) = common::binary_setup_with(&nats, &sim, BATCH_ON).await;
+    let api = batchd::provider::OpenAiBatchApi::new(&sim.base_url(), None, Duration::from_secs(5))
+        .expect("client");
+    let store = batchd::nats::KvJobs(js.get_key_value("batchd-jobs").await.expect("bucket"));
+    // Three runs killed at three points: before the upload, between upload
+    // and create, and after create but before the creation was recorded.
+    for (name, point) in [("before", 0), ("between", 1), ("after", 2)] {
+        let mut job = ProviderJob {
+            version: JOB_VERSION,
+            id: format!("j_{name}"),
+            provider: "openai".into(),
+            model: "gpt-4.1-nano".into(),
+            endpoint: CHAT_ENDPOINT.into(),
+            batch_id: format!("b_{name}"),
+            recorded_at: chrono::Utc::now(),
+            step: JobStep::Recorded,
+            tasks: (0..3)
+                .map(|i| recorded_task(&format!("{name}{i}")))
+                .collect(),
+        };
+        if point >= 1 {
+            let input_file_id = api
+                .upload("x.jsonl", job.input_file())
+                .await
+                .expect("upload");
+            if point == 2 {
+                api.create(
+                    &input_file_id,
+                    CHAT_ENDPOINT,
+                    "24h",
+                    &serde_json::json!({"batchd_job": job.id}),
+                )
+                .await
+                .expect("create");
+            }
+            job.step = JobStep::Uploaded { input_file_id };
+        }
+        store.put(&job).await.expect("record the job");
+    }
+    assert_eq!(store.list().await.expect("list").len(), 3);
+    assert_eq!(sim.batch_creations(), 1);
+
+    let _batchd = Batchd::start(&path);
+    let outcomes = common::wait_for_one_outcome_each(&js, 9, Duration::from_secs(60)).await;
+    assert!(outcomes
+        .values()
+        .all(|l| l[0]["status"] == "succeeded" && l[0]["route"] == "batch_api"));
+    assert_eq!(
+        sim.batch_creations(),
+        3,
+        "one creation per job: the one created before the kill was found, not repeated"
+    );
+    assert_eq!(billed_lines(&sim), 9);
+}
