@@ -205,6 +205,9 @@ pub struct NatsConfig {
     pub dlq_max_age_days: u64,
     /// Durable consumer name prefix.
     pub consumer_prefix: String,
+    /// Copies of every stream and KV bucket batchd creates (1 on a single
+    /// server, 3 on a cluster).
+    pub replicas: usize,
     /// `[nats.auth]`: how batchd proves who it is.
     #[serde(default)]
     pub auth: NatsAuth,
@@ -653,6 +656,15 @@ impl Config {
         if self.nats.routes_refresh_secs < 1 {
             return bad("nats.routes_refresh_secs", "must be at least 1".into());
         }
+        if !(1..=5).contains(&self.nats.replicas) {
+            return bad(
+                "nats.replicas",
+                format!(
+                    "is {}; JetStream keeps 1 to 5 copies (3 on a 3-node cluster)",
+                    self.nats.replicas
+                ),
+            );
+        }
         if self.nats.duplicate_window_secs < 1 {
             return bad("nats.duplicate_window_secs", "must be at least 1".into());
         }
@@ -1089,6 +1101,19 @@ mod tests {
             err.to_string().contains("nats.routes_refresh_secs"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn one_copy_by_default_and_more_than_five_is_refused_naming_the_key() {
+        let c = Config::defaults().unwrap();
+        assert_eq!(c.nats.replicas, 1);
+        let three = Config::from_toml_str("[nats]\nreplicas = 3\n", "t").unwrap();
+        assert_eq!(three.nats.replicas, 3);
+        for bad in [0, 6] {
+            let err =
+                Config::from_toml_str(&format!("[nats]\nreplicas = {bad}\n"), "t").unwrap_err();
+            assert!(err.to_string().contains("nats.replicas"), "{err}");
+        }
     }
 
     #[test]

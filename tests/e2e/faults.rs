@@ -15,13 +15,7 @@ use serde_json::Value;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
     let nats = NatsServer::start().await;
-    let sim = common::start_sim(SimConfig {
-        latency: Duration::from_millis(20),
-        jitter: Duration::from_millis(20),
-        record_requests: true,
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = common::recording_sim().await;
     let (_dir, path, js) = common::binary_setup(&nats, &sim).await;
     let n = 3000;
     common::publish_many(&js, &common::tasks(n, "k")).await;
@@ -42,19 +36,7 @@ async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
     assert_eq!(common::stream_len(&js, "BATCHD_RESULTS").await, n as u64);
     // A task whose outcome was stored before the kill was not sent again;
     // only tasks in flight at the kill (at most 3 × max_ack_pending) were.
-    let mut sent: std::collections::HashMap<String, usize> = Default::default();
-    for body in sim.recorded_requests() {
-        let text = body["messages"][1]["content"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let id = text
-            .rsplit("document ")
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        *sent.entry(id).or_default() += 1;
-    }
+    let sent = common::sent_per_task(&sim.recorded_requests());
     assert_eq!(sent.len(), n, "every task reached the provider");
     for subject in done_at_kill.keys() {
         let id = subject.trim_start_matches("batchd.results.");

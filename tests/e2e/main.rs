@@ -20,6 +20,7 @@ mod faults;
 mod health;
 mod nats_harness;
 mod ops;
+mod replicas;
 mod route_control;
 mod scheduling;
 mod security;
