@@ -96,6 +96,7 @@ pub async fn start(
         )),
         board: Arc::new(KvRouteBoard(topology.routes.clone())),
         checkpoints: Arc::new(KvCheckpoints(topology.checkpoints.clone())),
+        owners: Arc::new(crate::ownership::KvOwnership(topology.owners.clone())),
         providers,
     };
     let engine = Engine::start(config.engine_settings(), ports).await?;

@@ -188,6 +188,8 @@ pub struct NatsConfig {
     pub attempts_bucket: String,
     /// KV bucket where each replica publishes the state of its routes.
     pub routes_bucket: String,
+    /// KV bucket of ownership records (claims on calls in flight).
+    pub owners_bucket: String,
     /// This replica's name in the routes bucket; empty: `<hostname>-<pid>`.
     pub replica: String,
     /// Seconds between writes of an unchanged route's state (a change is
@@ -462,6 +464,8 @@ pub struct DispatchConfig {
     pub limits: std::collections::BTreeMap<String, RouteLimits>,
     /// Outcome publish retry budget, seconds.
     pub publish_retry_secs: u64,
+    /// Life of a replica's claim on a call in flight unless renewed, seconds.
+    pub claim_ttl_secs: u64,
 }
 
 /// `[dispatch.circuit]`.
@@ -641,6 +645,7 @@ impl Config {
             ("nats.calls_bucket", &self.nats.calls_bucket),
             ("nats.attempts_bucket", &self.nats.attempts_bucket),
             ("nats.routes_bucket", &self.nats.routes_bucket),
+            ("nats.owners_bucket", &self.nats.owners_bucket),
             ("nats.consumer_prefix", &self.nats.consumer_prefix),
         ] {
             if !token_ok(name) {
@@ -771,6 +776,15 @@ impl Config {
                     "rpm and tpm must be at least 1 when given".into(),
                 );
             }
+        }
+        if self.dispatch.claim_ttl_secs < 3 {
+            return bad(
+                "dispatch.claim_ttl_secs",
+                format!(
+                    "is {}; it must be at least 3 (a claim is renewed every third of it)",
+                    self.dispatch.claim_ttl_secs
+                ),
+            );
         }
         if self.dispatch.request_timeout_secs < 1 {
             return bad("dispatch.request_timeout_secs", "must be at least 1".into());
@@ -1022,6 +1036,7 @@ impl Config {
                 .map(|(m, l)| (m.clone(), *l))
                 .collect(),
             request_timeout: Duration::from_secs(self.dispatch.request_timeout_secs),
+            claim_ttl: Duration::from_secs(self.dispatch.claim_ttl_secs),
             park_after: Duration::from_secs(self.dispatch.park_after_secs.max(1)),
             park_keep: self.dispatch.park_keep,
             publish_retry: Duration::from_secs(self.dispatch.publish_retry_secs),

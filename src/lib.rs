@@ -42,6 +42,7 @@ pub mod config;
 pub mod ledger;
 pub mod local_nats;
 pub mod nats;
+pub mod ownership;
 pub mod provider;
 pub mod report;
 pub mod secrets;

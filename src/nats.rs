@@ -282,6 +282,8 @@ pub struct Topology {
     pub routes: jetstream::kv::Store,
     /// Checkpoints of preempted batches.
     pub checkpoints: jetstream::kv::Store,
+    /// Ownership records shared by replicas.
+    pub owners: jetstream::kv::Store,
 }
 
 fn setup_err(what: impl Into<String>) -> impl FnOnce(String) -> NatsError {
@@ -377,6 +379,13 @@ pub async fn ensure_topology(
     )
     .await?;
     let routes = ensure_bucket(&js, &n.routes_bucket, n.routes_max_age(), n.replicas).await?;
+    let owners = ensure_bucket(
+        &js,
+        &n.owners_bucket,
+        crate::ownership::OWNERS_MAX_AGE,
+        n.replicas,
+    )
+    .await?;
     let mut consumers = Vec::with_capacity(3);
     for p in Priority::ALL {
         let name = consumer_name(n, p);
@@ -415,6 +424,7 @@ pub async fn ensure_topology(
         calls,
         routes,
         checkpoints,
+        owners,
     })
 }
 

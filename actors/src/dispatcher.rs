@@ -20,6 +20,9 @@
 //! - every request is recorded in the ledger before it goes out (`started`,
 //!   with an estimate) and after its answer (`finished`, exact), see
 //!   [`crate::ledger`];
+//! - its call claimed by another replica ([`crate::call_claim`], taken beside
+//!   the ledger record) → handed back to JetStream until that claim lapses
+//!   (no call, no attempt);
 //! - success → outcome with usage and cost, then ack;
 //! - 429 → the route pauses and learns; the task waits at the route (no attempt);
 //! - 401/403, 404, 429 `insufficient_quota` → the route's circuit opens; the
@@ -51,6 +54,7 @@ use tracing::Instrument as _;
 
 use crate::batch_control::BatchControl;
 use crate::budgets::{OnExceeded, Verdict as BudgetVerdict};
+use crate::call_claim::{self, ClaimCheck, ClaimGuard};
 use crate::context::EngineContext;
 use crate::ledger::{day_of, new_call_id, CallRecord, CallState};
 use crate::messages::{Accepted, Batch, DispatcherMsg, RetryMsg};
@@ -360,6 +364,9 @@ async fn run_task(
         Instant::now().checked_add(left)
     });
     let mut waited = Duration::ZERO;
+    // Renews this replica's claim on its call until the task is done
+    // here (its outcome durable, or handed on); dropped on every return.
+    let mut _claim_guard: Option<ClaimGuard> = None;
     let ending = loop {
         // A preempted batch launches no new call: its task waits here, its
         // lease heartbeated, no attempt spent, until the batch resumes.
@@ -394,7 +401,31 @@ async fn run_task(
         let _call = batch.call();
         waited += permit.waited();
         let probe = permit.is_probe();
-        let call = start_call(&ctx, &a, model).await;
+        // The claim across replicas and the ledger record, side by side.
+        let (call, claim) = tokio::join!(
+            start_call(&ctx, &a, model),
+            call_claim::claim(&ctx, &task_id, a.task.generation)
+        );
+        let wait = match claim {
+            ClaimCheck::Ours(held) => {
+                _claim_guard = Some(ClaimGuard::keep(ctx.clone(), held));
+                None
+            }
+            ClaimCheck::Elsewhere { owner, wait } => {
+                tracing::debug!(task_id = %task_id, %owner, ?wait, "call claimed by another replica; handed back");
+                metrics::claimed_elsewhere();
+                Some(wait)
+            }
+            ClaimCheck::Unknown { wait } => Some(wait),
+        };
+        if let Some(wait) = wait {
+            // Another replica is calling for this task, or nobody can say:
+            // no call, no attempt; back to JetStream for a while.
+            discard_call(&ctx, call).await;
+            drop(permit);
+            let _ = a.lease.nak(Some(wait)).await;
+            return;
+        }
         let started = Instant::now();
         let result = tokio::time::timeout(
             ctx.settings.request_timeout,
@@ -657,6 +688,15 @@ async fn start_call(ctx: &EngineContext, a: &Accepted, model: &str) -> Call {
     }
 }
 
+/// Deletes the record of a request that did not go out.
+async fn discard_call(ctx: &EngineContext, (record, revision): Call) {
+    if revision.is_some() {
+        if let Err(e) = ctx.ports.ledger.delete_call(&record.call_id).await {
+            tracing::warn!(call_id = %record.call_id, error = %e, "record of a request that did not go out not deleted; it will be counted at its estimate");
+        }
+    }
+}
+
 /// Records how a request ended: answered (exact usage and cost), no answer
 /// in time (counted at its estimate: the provider may have billed it), or
 /// refused (not billed: the record goes).
@@ -677,14 +717,7 @@ async fn finish_call(
             record.finish(c.usage, cost, ctx.clock.now());
         }
         Err(ProviderError::Timeout { .. }) => record.estimate(),
-        Err(_) => {
-            if revision.is_some() {
-                if let Err(e) = ledger.delete_call(&record.call_id).await {
-                    tracing::warn!(call_id = %record.call_id, error = %e, "record of a refused request not deleted; it will be counted at its estimate");
-                }
-            }
-            return;
-        }
+        Err(_) => return discard_call(ctx, (record, revision)).await,
     }
     let written = match revision {
         Some(r) => ledger.update_call(&record, r).await,

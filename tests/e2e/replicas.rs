@@ -9,8 +9,13 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use batchd::config::Config;
+use batchd::ownership::KvOwnership;
+use batchd_actors::clock::Clock;
+use batchd_actors::ownership::{Acquired, Ownership, OwnershipError};
 use common::binary::Batchd;
 use common::cluster::NatsCluster;
+use common::nats::NatsServer;
+use std::sync::Arc;
 
 /// The test config on `cluster` with three copies of everything, written to
 /// a temporary directory, and the topology created through it.
@@ -23,7 +28,10 @@ async fn cluster_setup(
     let extra = format!("[nats]\nreplicas = 3\n{extra}");
     let path = common::config_file(dir.path(), &cluster.urls(), base_url, &extra);
     let config = Config::load(&path).expect("load the test config");
-    let client = cluster.client().await;
+    // The test's own client stays on node 0 (the test kills another).
+    let client = async_nats::connect(cluster.url_of(0))
+        .await
+        .expect("connect to node 0");
     batchd::nats::ensure_topology(&client, &config)
         .await
         .expect("create the topology on the cluster");
@@ -101,6 +109,9 @@ async fn three_replicas_share_the_work_and_survive_a_sigkill_and_a_nats_node_kil
         .into_keys()
         .collect();
     assert!(done_at_kill.len() < n, "killed mid-run");
+    cluster
+        .wait_for_leaders(&js, &["BATCHD_TASKS", "BATCHD_RESULTS"])
+        .await;
 
     common::wait_for_one_outcome_each(&js, n, Duration::from_secs(90)).await;
     common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(30)).await;
@@ -126,4 +137,65 @@ async fn three_replicas_share_the_work_and_survive_a_sigkill_and_a_nats_node_kil
         repeated <= in_flight,
         "{repeated} repeats, {in_flight} in flight"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ownership_records_in_kv_have_one_owner_and_are_taken_over_when_it_dies() {
+    let nats = NatsServer::start().await;
+    let config = common::config(&nats.url(), "http://127.0.0.1:9");
+    let client = nats.client().await;
+    let topology = batchd::nats::ensure_topology(&client, &config)
+        .await
+        .expect("create the topology");
+    let store = Arc::new(KvOwnership(topology.owners.clone()));
+    let ttl = Duration::from_secs(3);
+    let owner = |name: &str| Ownership::new(store.clone(), name, ttl, Clock::system());
+
+    // Eight replicas race for one free key: exactly one gets it.
+    let racers: Vec<Ownership> = (0..8).map(|i| owner(&format!("r{i}"))).collect();
+    let results = futures::future::join_all(racers.iter().map(|o| o.acquire("ck.b_1"))).await;
+    let winners: Vec<usize> = (0..8)
+        .filter(|&i| matches!(results[i], Ok(Acquired::Taken(_))))
+        .collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    let (a, mut held) = match &results[winners[0]] {
+        Ok(Acquired::Taken(h)) => (&racers[winners[0]], h.clone()),
+        _ => unreachable!(),
+    };
+    let b = owner("b");
+    // While the owner renews, nobody else takes it.
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < 2 * ttl {
+        held = a.renew(&held).await.expect("renew");
+        assert!(
+            matches!(b.acquire("ck.b_1").await, Ok(Acquired::HeldBy(ref r)) if r.owner == a.owner()),
+            "taken from a live owner"
+        );
+        tokio::time::sleep(a.renew_every()).await;
+    }
+    // The owner dies (stops renewing): b takes over once its record expires.
+    let died = tokio::time::Instant::now();
+    let taken = loop {
+        if let Ok(Acquired::Taken(h)) = b.acquire("ck.b_1").await {
+            break h;
+        }
+        assert!(died.elapsed() < 3 * ttl, "never taken over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let after = died.elapsed();
+    assert!(
+        after + a.renew_every() >= ttl && after <= ttl + Duration::from_secs(1),
+        "taken over {after:?} after the last renewal"
+    );
+    // The old owner's renewal and release leave the new owner alone.
+    assert!(matches!(
+        a.renew(&held).await,
+        Err(OwnershipError::Conflict(_))
+    ));
+    a.release(held).await.expect("a stale release is no error");
+    b.release(taken).await.expect("release");
+    assert!(matches!(
+        owner("c").acquire("ck.b_1").await,
+        Ok(Acquired::Taken(_))
+    ));
 }

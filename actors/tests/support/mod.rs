@@ -17,6 +17,7 @@ use batchd_actors::context::Ports;
 use batchd_actors::lease::{AckError, Acker};
 use batchd_actors::memory_ledger::MemoryLedger;
 use batchd_actors::offpeak::OffPeak;
+pub use batchd_actors::ownership::MemoryOwnership;
 use batchd_actors::ports::{
     Backlog, Completion, Delivery, Encoded, MemoryAttempts, MemoryBoard, MemoryCheckpoints,
     OutcomeSink, Provider, ProviderError, Requeue, SinkError, SourceError, TaskSource,
@@ -470,6 +471,7 @@ pub fn settings() -> EngineSettings {
         },
         route_limits: HashMap::new(),
         request_timeout: Duration::from_secs(30),
+        claim_ttl: Duration::from_secs(15),
         park_after: Duration::from_secs(5),
         park_keep: 2,
         publish_retry: Duration::from_secs(5),
@@ -496,6 +498,7 @@ pub struct Rig {
     pub ledger: Arc<MemoryLedger>,
     pub board: Arc<MemoryBoard>,
     pub checkpoints: Arc<MemoryCheckpoints>,
+    pub owners: Arc<MemoryOwnership>,
     pub source: Arc<FakeSource>,
     pub sink: Arc<FakeSink>,
     pub provider: Arc<FakeProvider>,
@@ -516,6 +519,7 @@ pub async fn rig_with_ledger(
     let attempts = Arc::new(MemoryAttempts::default());
     let board = Arc::new(MemoryBoard::default());
     let checkpoints = Arc::new(MemoryCheckpoints::default());
+    let owners = Arc::new(MemoryOwnership::default());
     let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
     providers.insert("fake".into(), provider.clone());
     let ports = Ports {
@@ -525,6 +529,7 @@ pub async fn rig_with_ledger(
         ledger: ledger.clone(),
         board: board.clone(),
         checkpoints: checkpoints.clone(),
+        owners: owners.clone(),
         providers,
     };
     let engine = Engine::start(settings, ports).await.unwrap();
@@ -534,6 +539,7 @@ pub async fn rig_with_ledger(
         ledger,
         board,
         checkpoints,
+        owners,
         source,
         sink,
         provider,

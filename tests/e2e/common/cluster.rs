@@ -118,6 +118,36 @@ impl NatsCluster {
         node.child = Some(spawn(&node.config, &node.log));
     }
 
+    /// Waits until each of `streams` answers through `js` again (a stream
+    /// whose leader was on a killed node elects another).
+    pub async fn wait_for_leaders(&self, js: &jetstream::Context, streams: &[&str]) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        for name in streams {
+            loop {
+                let answered = timeout(PROBE_TIMEOUT, async {
+                    js.get_stream(*name)
+                        .await
+                        .ok()?
+                        .info()
+                        .await
+                        .ok()
+                        .map(|_| ())
+                })
+                .await;
+                if matches!(answered, Ok(Some(()))) {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    panic!(
+                        "stream {name} has no leader after {READY_TIMEOUT:?}\n{}",
+                        self.logs()
+                    );
+                }
+                sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
     /// The last lines of every node's log.
     pub fn logs(&self) -> String {
         self.nodes
