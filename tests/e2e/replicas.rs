@@ -65,6 +65,7 @@ async fn every_stream_and_bucket_gets_three_copies_and_an_existing_one_is_scaled
         n.calls_bucket,
         n.attempts_bucket,
         n.routes_bucket,
+        n.owners_bucket,
     ] {
         names.push(format!("KV_{bucket}"));
     }
