@@ -47,6 +47,8 @@ fn main() {
             backlog: false,
             backlog_sizes: Vec::new(),
             backlog_secs: 30,
+            replicas: false,
+            replica_counts: Vec::new(),
         }))
         .unwrap_or_else(|e| panic!("the end-to-end benchmark failed: {e:#}"));
     runtime.shutdown_timeout(Duration::from_secs(5));

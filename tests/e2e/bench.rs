@@ -40,3 +40,41 @@ fn bench_capacity_prints_the_share_of_the_limit_used_and_few_429s() {
     );
     assert!(stdout.contains("learned rpm 1200"), "{stdout}");
 }
+
+#[test]
+fn bench_replicas_prints_a_row_per_topology_and_replica_count() {
+    let out = Command::new(env!("CARGO_BIN_EXE_batchd"))
+        .args([
+            "bench",
+            "--replicas",
+            "--tasks",
+            "300",
+            "--replica-counts",
+            "1,2",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for (topology, replicas) in [
+        ("1 server, R1", "1"),
+        ("1 server, R1", "2"),
+        ("3-node cluster, R3", "1"),
+        ("3-node cluster, R3", "2"),
+    ] {
+        let row = stdout
+            .lines()
+            .find(|l| {
+                l.starts_with(topology)
+                    && l[topology.len()..].split_whitespace().next() == Some(replicas)
+            })
+            .unwrap_or_else(|| panic!("no row for {topology} x{replicas}: {stdout}"));
+        let cells: Vec<&str> = row[topology.len()..].split_whitespace().collect();
+        assert_eq!(cells[1], "300", "{row}");
+        let rate: f64 = cells[3].parse().unwrap_or_else(|_| panic!("{row}"));
+        assert!(rate > 0.0, "{row}");
+        let nats_cpu: f64 = cells[5].parse().unwrap_or_else(|_| panic!("{row}"));
+        assert!(nats_cpu > 0.0, "nats-server CPU measured: {row}");
+    }
+}

@@ -10,7 +10,6 @@
 #![allow(dead_code)] // not every helper is used by every module
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -46,25 +45,13 @@ impl NatsCluster {
             .prefix("batchd-cluster-")
             .tempdir()
             .expect("create a temporary dir for the cluster");
-        let client_ports = free_ports(NODES);
-        let cluster_ports = free_ports(NODES);
-        let routes = cluster_ports
-            .iter()
-            .map(|p| format!("nats-route://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let client_ports = batchd::local_nats::free_ports(NODES).expect("free ports");
+        let cluster_ports = batchd::local_nats::free_ports(NODES).expect("free ports");
         let mut nodes = Vec::with_capacity(NODES);
         for i in 0..NODES {
             let store = dir.path().join(format!("n{i}-store"));
-            let conf = format!(
-                "server_name: n{i}\nlisten: \"127.0.0.1:{client}\"\n\
-                 jetstream {{ store_dir: {store:?} }}\n\
-                 cluster {{\n  name: batchd-test\n  listen: \"127.0.0.1:{cluster}\"\n  \
-                 routes: [{routes}]\n}}\n",
-                client = client_ports[i],
-                cluster = cluster_ports[i],
-                store = store.display().to_string(),
-            );
+            let conf =
+                batchd::local_nats::cluster_node_conf(i, &client_ports, &cluster_ports, &store);
             let config = dir.path().join(format!("n{i}.conf"));
             fs::write(&config, conf).expect("write a node's config");
             let log = dir.path().join(format!("n{i}.log"));
@@ -250,17 +237,6 @@ impl Drop for NatsCluster {
             self.kill(i);
         }
     }
-}
-
-/// `n` distinct ports free on 127.0.0.1 a moment ago (all held at once, so
-/// they differ; nats-server binds them right after).
-fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
 }
 
 fn spawn(config: &Path, log: &Path) -> Child {
