@@ -14,7 +14,7 @@ use batchd_actors::ports::{
     Encoded, OutcomeSink, Requeue, RouteBoard, SinkError, SourceError, StoreError, TaskSource,
     GENERATION_HEADER, PUBLISHED_AT_HEADER,
 };
-use batchd_actors::route::RouteState;
+use batchd_actors::route::{heartbeat_key, ReplicaHeartbeat, RouteState};
 use batchd_actors::task::{Encoding, Priority};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -843,6 +843,17 @@ impl RouteBoard for KvRouteBoard {
             .delete(key)
             .await
             .map_err(|e| BoardError(format!("removing the state of {key}: {e}")))
+    }
+
+    async fn beat(&self, beat: &ReplicaHeartbeat) -> Result<(), BoardError> {
+        let key = heartbeat_key(&beat.replica);
+        let body = serde_json::to_vec(beat)
+            .map_err(|e| BoardError(format!("encoding the heartbeat {key}: {e}")))?;
+        self.0
+            .put(&key, body.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| BoardError(format!("writing the heartbeat {key}: {e}")))
     }
 }
 
