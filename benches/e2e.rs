@@ -56,6 +56,8 @@ fn main() {
             preemption_warmup_secs: 30,
             preemption_secs: 60,
             preemption_rate: 5.0,
+            replicas: false,
+            replica_counts: Vec::new(),
         }))
         .unwrap_or_else(|e| panic!("the end-to-end benchmark failed: {e:#}"));
     runtime.shutdown_timeout(Duration::from_secs(5));

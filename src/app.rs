@@ -109,6 +109,7 @@ pub async fn start(
         )),
         board: Arc::new(KvRouteBoard(topology.routes.clone())),
         checkpoints: Arc::new(KvCheckpoints(topology.checkpoints.clone())),
+        owners: Arc::new(crate::ownership::KvOwnership(topology.owners.clone())),
         providers,
         jobs: Arc::new(KvJobs(topology.jobs.clone())),
         batch_apis: batch_apis(config)?,

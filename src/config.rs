@@ -212,6 +212,8 @@ pub struct NatsConfig {
     pub attempts_bucket: String,
     /// KV bucket where each replica publishes the state of its routes.
     pub routes_bucket: String,
+    /// KV bucket of ownership records (claims on calls in flight).
+    pub owners_bucket: String,
     /// This replica's name in the routes bucket; empty: `<hostname>-<pid>`.
     pub replica: String,
     /// Seconds between writes of an unchanged route's state (a change is
@@ -229,6 +231,9 @@ pub struct NatsConfig {
     pub dlq_max_age_days: u64,
     /// Durable consumer name prefix.
     pub consumer_prefix: String,
+    /// Copies of every stream and KV bucket batchd creates (1 on a single
+    /// server, 3 on a cluster).
+    pub replicas: usize,
     /// `[nats.auth]`: how batchd proves who it is.
     #[serde(default)]
     pub auth: NatsAuth,
@@ -521,6 +526,8 @@ pub struct DispatchConfig {
     pub limits: std::collections::BTreeMap<String, RouteLimits>,
     /// Outcome publish retry budget, seconds.
     pub publish_retry_secs: u64,
+    /// Life of a replica's claim on a call in flight unless renewed, seconds.
+    pub claim_ttl_secs: u64,
 }
 
 /// `[dispatch.circuit]`.
@@ -705,6 +712,7 @@ impl Config {
             ("nats.calls_bucket", &self.nats.calls_bucket),
             ("nats.attempts_bucket", &self.nats.attempts_bucket),
             ("nats.routes_bucket", &self.nats.routes_bucket),
+            ("nats.owners_bucket", &self.nats.owners_bucket),
             ("nats.consumer_prefix", &self.nats.consumer_prefix),
         ] {
             if !token_ok(name) {
@@ -719,6 +727,15 @@ impl Config {
         }
         if self.nats.routes_refresh_secs < 1 {
             return bad("nats.routes_refresh_secs", "must be at least 1".into());
+        }
+        if !(1..=5).contains(&self.nats.replicas) {
+            return bad(
+                "nats.replicas",
+                format!(
+                    "is {}; JetStream keeps 1 to 5 copies (3 on a 3-node cluster)",
+                    self.nats.replicas
+                ),
+            );
         }
         if self.nats.duplicate_window_secs < 1 {
             return bad("nats.duplicate_window_secs", "must be at least 1".into());
@@ -860,6 +877,15 @@ impl Config {
                     "rpm and tpm must be at least 1 when given".into(),
                 );
             }
+        }
+        if self.dispatch.claim_ttl_secs < 3 {
+            return bad(
+                "dispatch.claim_ttl_secs",
+                format!(
+                    "is {}; it must be at least 3 (a claim is renewed every third of it)",
+                    self.dispatch.claim_ttl_secs
+                ),
+            );
         }
         if self.dispatch.request_timeout_secs < 1 {
             return bad("dispatch.request_timeout_secs", "must be at least 1".into());
@@ -1143,6 +1169,7 @@ impl Config {
                 .map(|(m, l)| (m.clone(), *l))
                 .collect(),
             request_timeout: Duration::from_secs(self.dispatch.request_timeout_secs),
+            claim_ttl: Duration::from_secs(self.dispatch.claim_ttl_secs),
             park_after: Duration::from_secs(self.dispatch.park_after_secs.max(1)),
             park_keep: self.dispatch.park_keep,
             publish_retry: Duration::from_secs(self.dispatch.publish_retry_secs),
@@ -1247,6 +1274,19 @@ mod tests {
             err.to_string().contains("nats.routes_refresh_secs"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn one_copy_by_default_and_more_than_five_is_refused_naming_the_key() {
+        let c = Config::defaults().unwrap();
+        assert_eq!(c.nats.replicas, 1);
+        let three = Config::from_toml_str("[nats]\nreplicas = 3\n", "t").unwrap();
+        assert_eq!(three.nats.replicas, 3);
+        for bad in [0, 6] {
+            let err =
+                Config::from_toml_str(&format!("[nats]\nreplicas = {bad}\n"), "t").unwrap_err();
+            assert!(err.to_string().contains("nats.replicas"), "{err}");
+        }
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub mod lanes;
 pub mod ledger;
 pub mod local_nats;
 pub mod nats;
+pub mod ownership;
 pub mod provider;
 pub mod report;
 pub mod secrets;

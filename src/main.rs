@@ -78,6 +78,13 @@ async fn main() -> std::process::ExitCode {
                 .await
                 .map(|_| ())
         }
+        Command::Bench(args) if args.replicas => cmd::bench::replicas::run(
+            args.tasks,
+            &args.replica_counts,
+            std::time::Duration::from_secs(args.timeout),
+        )
+        .await
+        .map(|_| ()),
         Command::Bench(args) => cmd::bench::run(args).await.map(|_| ()),
         Command::Status(args) => cmd::status::run(args).await,
         Command::Cost(args) => cmd::cost::run(args).await,

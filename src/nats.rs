@@ -15,7 +15,7 @@ use batchd_actors::ports::{
     StoreError, TaskSource, GENERATION_HEADER, PUBLISHED_AT_HEADER,
 };
 use batchd_actors::provider_jobs::ProviderJob;
-use batchd_actors::route::RouteState;
+use batchd_actors::route::{heartbeat_key, ReplicaHeartbeat, RouteState};
 use batchd_actors::task::{Encoding, Priority};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -122,15 +122,22 @@ pub async fn connect(nats: &NatsConfig) -> Result<async_nats::Client, NatsError>
         method: method.clone(),
         message,
     };
-    let connected = tokio::time::timeout(
-        Duration::from_secs(5),
-        options.connect(strip_userinfo(&nats.url).as_str()),
-    )
-    .await
-    .map_err(|_| NatsError::Unreachable {
-        url: shown.clone(),
-        message: "no answer within 5s".into(),
-    })?;
+    // A comma-separated list names several servers of one cluster: the
+    // client tries them in turn and moves to another when one goes away.
+    let servers = strip_userinfo(&nats.url)
+        .split(',')
+        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| NatsError::Unreachable {
+            url: shown.clone(),
+            message: format!("not a NATS URL (or a comma-separated list of them): {e}"),
+        })?;
+    let connected = tokio::time::timeout(Duration::from_secs(5), options.connect(servers))
+        .await
+        .map_err(|_| NatsError::Unreachable {
+            url: shown.clone(),
+            message: "no answer within 5s".into(),
+        })?;
     let client = connected.map_err(|e| {
         let message = e.to_string();
         match e.kind() {
@@ -278,6 +285,8 @@ pub struct Topology {
     pub checkpoints: jetstream::kv::Store,
     /// Provider batch jobs in progress.
     pub jobs: jetstream::kv::Store,
+    /// Ownership records shared by replicas.
+    pub owners: jetstream::kv::Store,
 }
 
 fn setup_err(what: impl Into<String>) -> impl FnOnce(String) -> NatsError {
@@ -307,6 +316,7 @@ pub async fn ensure_topology(
                 .unwrap_or(i32::MAX),
             duplicate_window: window,
             allow_direct: true,
+            num_replicas: n.replicas,
             ..Default::default()
         })
         .await
@@ -322,6 +332,7 @@ pub async fn ensure_topology(
             }
             setup_err(format!("stream {}", n.tasks_stream))(message)
         })?;
+    let tasks = conform(&js, tasks, |c| c.num_replicas = n.replicas).await?;
     let tasks = ensure_lane_subjects(&js, tasks, task_subjects(&subjects)).await?;
     // One kept outcome and one dead letter per task: the last published
     // (a replay's outcome supersedes the failed one).
@@ -335,6 +346,7 @@ pub async fn ensure_topology(
             max_messages_per_subject: 1,
             duplicate_window: window,
             allow_direct: true,
+            num_replicas: n.replicas,
             ..Default::default()
         },
     )
@@ -349,21 +361,36 @@ pub async fn ensure_topology(
             max_messages_per_subject: 1,
             duplicate_window: window,
             allow_direct: true,
+            num_replicas: n.replicas,
             ..Default::default()
         },
     )
     .await?;
-    let checkpoints = ensure_bucket(&js, &n.checkpoints_bucket, Duration::ZERO).await?;
-    let jobs = ensure_bucket(&js, &n.jobs_bucket, Duration::ZERO).await?;
-    let ledger = ensure_bucket(&js, &n.ledger_bucket, Duration::ZERO).await?;
-    let calls = ensure_bucket(&js, &n.calls_bucket, crate::ledger::CALLS_MAX_AGE).await?;
+    let checkpoints = ensure_bucket(&js, &n.checkpoints_bucket, Duration::ZERO, n.replicas).await?;
+    let jobs = ensure_bucket(&js, &n.jobs_bucket, Duration::ZERO, n.replicas).await?;
+    let ledger = ensure_bucket(&js, &n.ledger_bucket, Duration::ZERO, n.replicas).await?;
+    let calls = ensure_bucket(
+        &js,
+        &n.calls_bucket,
+        crate::ledger::CALLS_MAX_AGE,
+        n.replicas,
+    )
+    .await?;
     let attempts = ensure_bucket(
         &js,
         &n.attempts_bucket,
         day * u32::try_from(n.results_max_age_days).unwrap_or(u32::MAX),
+        n.replicas,
     )
     .await?;
-    let routes = ensure_bucket(&js, &n.routes_bucket, n.routes_max_age()).await?;
+    let routes = ensure_bucket(&js, &n.routes_bucket, n.routes_max_age(), n.replicas).await?;
+    let owners = ensure_bucket(
+        &js,
+        &n.owners_bucket,
+        crate::ownership::OWNERS_MAX_AGE,
+        n.replicas,
+    )
+    .await?;
     let mut consumers = Vec::with_capacity(3);
     for p in Priority::ALL {
         let name = consumer_name(n, p);
@@ -403,6 +430,7 @@ pub async fn ensure_topology(
         routes,
         checkpoints,
         jobs,
+        owners,
     })
 }
 
@@ -452,14 +480,22 @@ async fn ensure_bucket(
     js: &jetstream::Context,
     bucket: &str,
     max_age: Duration,
+    replicas: usize,
 ) -> Result<jetstream::kv::Store, NatsError> {
     if let Ok(kv) = js.get_key_value(bucket).await {
+        // A bucket is the stream `KV_<bucket>`: scaled like the others.
+        let s = js
+            .get_stream(format!("KV_{bucket}"))
+            .await
+            .map_err(|e| setup_err(format!("KV bucket {bucket}"))(e.to_string()))?;
+        conform(js, s, |c| c.num_replicas = replicas).await?;
         return Ok(kv);
     }
     js.create_key_value(jetstream::kv::Config {
         bucket: bucket.to_owned(),
         history: 1,
         max_age,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await
@@ -472,22 +508,37 @@ async fn ensure_kept_last(
     js: &jetstream::Context,
     config: stream::Config,
 ) -> Result<stream::Stream, NatsError> {
-    let name = config.name.clone();
-    let err = |e: String| NatsError::Setup {
-        what: format!("stream {name}"),
-        message: e,
-    };
-    let mut s = js
+    let s = js
         .get_or_create_stream(config.clone())
         .await
-        .map_err(|e| err(e.to_string()))?;
-    let info = s.info().await.map_err(|e| err(e.to_string()))?;
-    if info.config.max_messages_per_subject != config.max_messages_per_subject {
-        let mut updated = info.config.clone();
-        updated.max_messages_per_subject = config.max_messages_per_subject;
-        js.update_stream(updated)
+        .map_err(|e| setup_err(format!("stream {}", config.name))(e.to_string()))?;
+    conform(js, s, |c| {
+        c.max_messages_per_subject = config.max_messages_per_subject;
+        c.num_replicas = config.num_replicas;
+    })
+    .await
+}
+
+/// Brings an existing stream to the settings `set` gives (an older batchd
+/// made it, or `nats.replicas` changed): JetStream updates a stream's
+/// per-subject limit and scales its replicas in place.
+async fn conform(
+    js: &jetstream::Context,
+    mut s: stream::Stream,
+    set: impl FnOnce(&mut stream::Config),
+) -> Result<stream::Stream, NatsError> {
+    let info = s
+        .info()
+        .await
+        .map_err(|e| setup_err("a stream".to_owned())(e.to_string()))?;
+    let name = info.config.name.clone();
+    let err = setup_err(format!("stream {name}"));
+    let mut wanted = info.config.clone();
+    set(&mut wanted);
+    if wanted != info.config {
+        js.update_stream(wanted)
             .await
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| setup_err(format!("stream {name}"))(e.to_string()))?;
         s = js.get_stream(&name).await.map_err(|e| err(e.to_string()))?;
     }
     Ok(s)
@@ -865,6 +916,17 @@ impl RouteBoard for KvRouteBoard {
             .delete(key)
             .await
             .map_err(|e| BoardError(format!("removing the state of {key}: {e}")))
+    }
+
+    async fn beat(&self, beat: &ReplicaHeartbeat) -> Result<(), BoardError> {
+        let key = heartbeat_key(&beat.replica);
+        let body = serde_json::to_vec(beat)
+            .map_err(|e| BoardError(format!("encoding the heartbeat {key}: {e}")))?;
+        self.0
+            .put(&key, body.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| BoardError(format!("writing the heartbeat {key}: {e}")))
     }
 }
 

@@ -18,6 +18,7 @@ use crate::dispatcher::Routes;
 use crate::lease::LeaseKeeper;
 use crate::ledger::Spend;
 use crate::messages::{ActorKind, AssemblerMsg, CostMsg, DispatcherMsg, IntakeMsg, RetryMsg};
+use crate::ownership::{Ownership, OwnershipStore};
 use crate::ports::{
     AttemptStore, CheckpointStore, LedgerStore, OutcomeSink, Provider, RouteBoard, TaskSource,
 };
@@ -129,6 +130,8 @@ pub struct Ports {
     pub board: Arc<dyn RouteBoard>,
     /// Checkpoints of preempted batches.
     pub checkpoints: Arc<dyn CheckpointStore>,
+    /// Ownership records shared by replicas (claims on calls in flight).
+    pub owners: Arc<dyn OwnershipStore>,
     /// Providers by name.
     pub providers: HashMap<String, Arc<dyn Provider>>,
     /// Recorded provider batch jobs.
@@ -149,6 +152,8 @@ pub struct EngineContext {
     pub directory: Directory,
     /// Task ids in flight.
     pub claims: Claims,
+    /// This replica's claims, across replicas, on the calls it makes.
+    pub call_owners: Ownership,
     /// Provider routes, kept across Dispatcher restarts.
     pub routes: Routes,
     /// Spend per tenant and day, for budgets (kept by the CostAccountant).
@@ -178,6 +183,14 @@ impl EngineContext {
         let targets = settings.targets;
         let clock =
             Clock::following_tokio(settings.ledger.clock_start.unwrap_or_else(chrono::Utc::now));
+        // Claims are compared across replicas: dated by the wall clock they
+        // share, not by the ledger's (which may start at a configured day).
+        let call_owners = Ownership::new(
+            ports.owners.clone(),
+            &settings.replica,
+            settings.claim_ttl,
+            settings.clock.clone(),
+        );
         Arc::new(EngineContext {
             spend: Spend::default(),
             calls: CallSheets::new(ports.ledger.clone()),
@@ -187,6 +200,7 @@ impl EngineContext {
             ports,
             directory: Directory::default(),
             claims: Claims::default(),
+            call_owners,
             routes: Routes::default(),
             depths: QueueDepths::default(),
             batches: RunningBatches::default(),

@@ -21,6 +21,9 @@
 //!   with an estimate) and after its answer (`finished`, exact), in sheets
 //!   shared with the calls going out at the same moment, see
 //!   [`crate::ledger`] and [`crate::call_sheets`];
+//! - its call claimed by another replica ([`crate::call_claim`], taken beside
+//!   the ledger record) → handed back to JetStream until that claim lapses
+//!   (no call, no attempt);
 //! - success → outcome with usage and cost, then ack;
 //! - 429 → the route pauses and learns; the task waits at the route (no attempt);
 //! - 401/403, 404, 429 `insufficient_quota` → the route's circuit opens; the
@@ -52,6 +55,7 @@ use tracing::Instrument as _;
 
 use crate::batch_control::BatchControl;
 use crate::budgets::{OnExceeded, Verdict as BudgetVerdict};
+use crate::call_claim::{self, ClaimCheck, ClaimGuard};
 use crate::context::EngineContext;
 use crate::ledger::{new_call_id, CallRecord, CallState};
 use crate::messages::{Accepted, Batch, DispatcherMsg, RetryMsg};
@@ -367,6 +371,9 @@ async fn run_task(
         Instant::now().checked_add(left)
     });
     let mut waited = Duration::ZERO;
+    // Renews this replica's claim on its call until the task is done
+    // here (its outcome durable, or handed on); dropped on every return.
+    let mut _claim_guard: Option<ClaimGuard> = None;
     let ending = loop {
         // A preempted batch launches no new call: its task waits here, its
         // lease heartbeated, no attempt spent, until the batch resumes.
@@ -401,7 +408,31 @@ async fn run_task(
         let _call = batch.call();
         waited += permit.waited();
         let probe = permit.is_probe();
-        let call = start_call(&ctx, &a, model).await;
+        // The claim across replicas and the ledger record, side by side.
+        let (call, claim) = tokio::join!(
+            start_call(&ctx, &a, model),
+            call_claim::claim(&ctx, &task_id, a.task.generation)
+        );
+        let wait = match claim {
+            ClaimCheck::Ours(held) => {
+                _claim_guard = Some(ClaimGuard::keep(ctx.clone(), held));
+                None
+            }
+            ClaimCheck::Elsewhere { owner, wait } => {
+                tracing::debug!(task_id = %task_id, %owner, ?wait, "call claimed by another replica; handed back");
+                metrics::claimed_elsewhere();
+                Some(wait)
+            }
+            ClaimCheck::Unknown { wait } => Some(wait),
+        };
+        if let Some(wait) = wait {
+            // Another replica is calling for this task, or nobody can say:
+            // no call, no attempt; back to JetStream for a while.
+            discard_call(&ctx, call).await;
+            drop(permit);
+            let _ = a.lease.nak(Some(wait)).await;
+            return;
+        }
         let started = Instant::now();
         let result = tokio::time::timeout(
             ctx.settings.request_timeout,
@@ -661,6 +692,18 @@ async fn start_call(ctx: &EngineContext, a: &Accepted, model: &str) -> Call {
     }
 }
 
+/// Records a request that did not go out, or that the provider refused,
+/// as not billed (nothing to say when its start was never stored).
+async fn discard_call(ctx: &EngineContext, (mut record, started): Call) {
+    if !started {
+        return;
+    }
+    record.state = CallState::Refused;
+    if let Err(e) = ctx.calls.record(record.clone()).await {
+        tracing::warn!(call_id = %record.call_id, error = %e, "request that was not billed not recorded as such; it will be counted at its estimate");
+    }
+}
+
 /// Records how a request ended: answered (exact usage and cost), no answer
 /// in time (counted at its estimate: the provider may have billed it), or
 /// refused (not billed).
@@ -680,9 +723,7 @@ async fn finish_call(
             record.finish(c.usage, cost, ctx.clock.now());
         }
         Err(ProviderError::Timeout { .. }) => record.estimate(),
-        // Not billed; nothing to say when its start was never stored.
-        Err(_) if !started => return,
-        Err(_) => record.state = CallState::Refused,
+        Err(_) => return discard_call(ctx, (record, started)).await,
     }
     if let Err(e) = ctx.calls.record(record.clone()).await {
         tracing::warn!(call_id = %record.call_id, error = %e, "request not recorded as finished; it counts at its estimate");

@@ -24,6 +24,10 @@
 //!   the provider's headers, circuit breaker, and the [`route::RouteGate`] that admits calls by priority.
 //! - [`route_publisher`]: publishes this replica's route state (paused,
 //!   circuit open, limits) through [`ports::RouteBoard`], for `batchd status`.
+//! - [`call_claim`]: the claim across replicas on a task's provider call.
+//! - [`ownership`]: ownership records with a TTL (take, renew, take over
+//!   when expired) that make exactly one replica hold a key: a task's call,
+//!   a checkpoint to resume, a provider job to poll.
 //! - [`lease`]: the hold on a JetStream message; nak on drop, heartbeats.
 //!   A source delivers an [`lease::Acker`]; the engine builds the lease.
 //! - [`ports`]: the I/O traits ([`ports::TaskSource`], [`ports::OutcomeSink`],
@@ -60,6 +64,7 @@ pub mod backoff;
 pub mod batch_control;
 pub mod batching;
 pub mod budgets;
+pub mod call_claim;
 pub mod call_sheets;
 pub mod clock;
 pub mod codec;
@@ -76,6 +81,7 @@ pub mod messages;
 pub mod metrics;
 pub mod offpeak;
 pub mod outcome;
+pub mod ownership;
 pub mod ports;
 pub mod preemption_monitor;
 pub mod pricing;

@@ -27,6 +27,8 @@ pub const CIRCUIT_REASONS: [&str; 4] = [
 
 /// Tasks of a route whose circuit is open, requeued at the back of their queue.
 pub const TASKS_PARKED_TOTAL: &str = "batchd_tasks_parked_total";
+/// Tasks handed back because another replica holds the claim on their call.
+pub const CALLS_CLAIMED_ELSEWHERE_TOTAL: &str = "batchd_calls_claimed_elsewhere_total";
 
 /// Tasks waiting or in flight, per priority.
 pub const QUEUE_DEPTH: &str = "batchd_queue_depth";
@@ -84,7 +86,7 @@ pub const SECONDS_HISTOGRAMS: [&str; 3] = [
 pub const HISTOGRAMS: [&str; 5] = concat(SECONDS_HISTOGRAMS, [BATCH_SIZE, BATCH_FILL_RATIO]);
 
 /// Every metric name above: rules and dashboards may use these and no others.
-pub const ALL: [&str; 26] = concat(
+pub const ALL: [&str; 27] = concat(
     HISTOGRAMS,
     [
         QUEUE_DEPTH,
@@ -100,6 +102,7 @@ pub const ALL: [&str; 26] = concat(
         RETRIES_TOTAL,
         DEAD_LETTERS_TOTAL,
         TASKS_PARKED_TOTAL,
+        CALLS_CLAIMED_ELSEWHERE_TOTAL,
         COST_USD_TOTAL,
         TOKENS_TOTAL,
         PREEMPTIONS_TOTAL,
@@ -249,6 +252,11 @@ pub fn route_status(provider: &str, model: &str, g: &RouteGauges) {
 /// A task of a route that is down, requeued at the back of its queue.
 pub fn parked() {
     counter!(TASKS_PARKED_TOTAL).increment(1);
+}
+
+/// A task handed back because another replica holds the claim on its call.
+pub fn claimed_elsewhere() {
+    counter!(CALLS_CLAIMED_ELSEWHERE_TOTAL).increment(1);
 }
 
 /// A task sent back for another attempt.
@@ -468,6 +476,7 @@ pub fn init(known: &KnownLabels) {
         }
     }
     counter!(TASKS_PARKED_TOTAL).absolute(0);
+    counter!(CALLS_CLAIMED_ELSEWHERE_TOTAL).absolute(0);
     for reason in RETRY_REASONS {
         counter!(RETRIES_TOTAL, "reason" => reason).increment(0);
     }

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::lease::{Acker, Lease, LeaseKeeper};
 use crate::ledger::{CallRecord, CallSheet, DayTotals};
 use crate::route::limits::RateLimitInfo;
-use crate::route::RouteState;
+use crate::route::{ReplicaHeartbeat, RouteState};
 use crate::task::{Encoding, Priority, Usage};
 
 /// One delivered task message. A source hands it over with its [`Acker`];
@@ -288,31 +288,56 @@ pub trait RouteBoard: Send + Sync + 'static {
     /// Stores `state` under `key` (see [`crate::route::route_key`]),
     /// replacing what was there.
     async fn put(&self, key: &str, state: &RouteState) -> Result<(), BoardError>;
-    /// Removes `key`: the replica no longer drives that route.
+    /// Removes `key`: the replica no longer drives that route (or, for a
+    /// heartbeat key, has stopped).
     async fn remove(&self, key: &str) -> Result<(), BoardError>;
+    /// Stores this replica's heartbeat under [`crate::route::heartbeat_key`].
+    async fn beat(&self, beat: &ReplicaHeartbeat) -> Result<(), BoardError>;
 }
 
 /// A [`RouteBoard`] in memory: for tests and single-process tools.
 #[derive(Debug, Default)]
-pub struct MemoryBoard(std::sync::Mutex<std::collections::BTreeMap<String, RouteState>>);
+pub struct MemoryBoard {
+    routes: std::sync::Mutex<std::collections::BTreeMap<String, RouteState>>,
+    beats: std::sync::Mutex<std::collections::BTreeMap<String, ReplicaHeartbeat>>,
+}
 
 impl MemoryBoard {
-    /// What is stored, by key.
+    /// The route states stored, by key.
     pub fn entries(&self) -> std::collections::BTreeMap<String, RouteState> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The heartbeats stored, by key.
+    pub fn heartbeats(&self) -> std::collections::BTreeMap<String, ReplicaHeartbeat> {
+        self.beats.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
 #[async_trait]
 impl RouteBoard for MemoryBoard {
     async fn put(&self, key: &str, state: &RouteState) -> Result<(), BoardError> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(key.to_owned(), state.clone());
         Ok(())
     }
     async fn remove(&self, key: &str) -> Result<(), BoardError> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(key);
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        self.beats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        Ok(())
+    }
+    async fn beat(&self, beat: &ReplicaHeartbeat) -> Result<(), BoardError> {
+        let mut map = self.beats.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(crate::route::heartbeat_key(&beat.replica), beat.clone());
         Ok(())
     }
 }

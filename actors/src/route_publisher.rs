@@ -2,7 +2,9 @@
 //!
 //! A task beside the actors, like the lease keeper: it publishes the state
 //! of this replica's routes (paused, circuit open, limits learned) to the
-//! [`crate::ports::RouteBoard`], so `batchd status` on any machine sees them.
+//! [`crate::ports::RouteBoard`], so `batchd status` on any machine sees them,
+//! and every `route_refresh` this replica's heartbeat: that it is alive and
+//! what it holds (messages, calls in flight and waiting, batches).
 //!
 //! Owns: when each route was last written ([`BoardSchedule`]). Reads: the
 //! routes in the engine context, every quarter second; a route whose
@@ -22,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::context::EngineContext;
 use crate::dispatcher::RouteEntry;
-use crate::route::{route_key, BoardSchedule, RouteState};
+use crate::route::{heartbeat_key, route_key, BoardSchedule, ReplicaHeartbeat, RouteState};
 
 /// How often the routes are looked at: the delay before a change shows.
 const LOOK_EVERY: Duration = Duration::from_millis(250);
@@ -44,13 +46,43 @@ fn key_and_state(ctx: &EngineContext, r: &RouteEntry) -> (String, RouteState) {
     )
 }
 
+/// This replica's heartbeat as of now.
+fn heartbeat(ctx: &EngineContext, started_at: chrono::DateTime<chrono::Utc>) -> ReplicaHeartbeat {
+    let routes = ctx.routes.all();
+    let (mut in_flight, mut waiting) = (0, 0);
+    for r in &routes {
+        let s = r.gate.status();
+        in_flight += s.in_flight;
+        waiting += s.waiting.iter().sum::<usize>();
+    }
+    ReplicaHeartbeat {
+        replica: ctx.settings.replica.clone(),
+        started_at,
+        messages_held: ctx.keeper.held(),
+        calls_in_flight: in_flight,
+        calls_waiting: waiting,
+        batches: ctx.batches.all().len(),
+        preempted_batches: ctx.batches.preempted(),
+        routes: routes.len(),
+        updated_at: chrono::Utc::now(),
+    }
+}
+
 async fn publish(ctx: Arc<EngineContext>) {
     let mut schedule = BoardSchedule::new(ctx.settings.route_refresh);
     let mut failing = false;
     let mut tick = tokio::time::interval(LOOK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started_at = chrono::Utc::now();
+    let mut beat_due = Instant::now();
     loop {
         tick.tick().await;
+        if Instant::now() >= beat_due {
+            beat_due = Instant::now() + ctx.settings.route_refresh;
+            if let Err(e) = ctx.ports.board.beat(&heartbeat(&ctx, started_at)).await {
+                tracing::debug!(error = %e, "heartbeat not written; the next one follows");
+            }
+        }
         for r in ctx.routes.all() {
             let (key, state) = key_and_state(&ctx, &r);
             let now = Instant::now();
@@ -81,6 +113,10 @@ async fn publish(ctx: Arc<EngineContext>) {
 /// left ages out of the bucket.
 pub async fn withdraw(ctx: &EngineContext) {
     let work = async {
+        let beat = heartbeat_key(&ctx.settings.replica);
+        if let Err(e) = ctx.ports.board.remove(&beat).await {
+            tracing::debug!(key = beat, error = %e, "heartbeat not withdrawn; it ages out");
+        }
         for r in ctx.routes.all() {
             let (key, _) = key_and_state(ctx, &r);
             if let Err(e) = ctx.ports.board.remove(&key).await {

@@ -50,6 +50,10 @@ pub struct EngineSettings {
     pub route_limits: HashMap<String, RouteLimits>,
     /// Provider request timeout.
     pub request_timeout: Duration,
+    /// How long this replica's claim on a task's call lives unless renewed
+    /// (it is renewed every third of it while the call lasts); a replica
+    /// that dies blocks that task elsewhere for at most this long.
+    pub claim_ttl: Duration,
     /// How long a task waits at a route whose circuit is open before it may
     /// be requeued at the back of its queue.
     pub park_after: Duration,

@@ -51,6 +51,7 @@ impl Namespace {
         nats.calls_bucket = self.bucket("calls");
         nats.attempts_bucket = self.bucket("attempts");
         nats.routes_bucket = self.bucket("routes");
+        nats.owners_bucket = self.bucket("owners");
         nats.consumer_prefix = self.prefix.clone();
     }
 }
@@ -75,6 +76,7 @@ pub async fn remove(js: &jetstream::Context, nats: &NatsConfig) -> Result<(), Cl
         &nats.calls_bucket,
         &nats.attempts_bucket,
         &nats.routes_bucket,
+        &nats.owners_bucket,
     ] {
         if let Err(e) = js.delete_key_value(bucket).await {
             failed.push(format!("bucket {bucket}: {e}"));
@@ -103,6 +105,7 @@ mod tests {
         assert_eq!(nats.ledger_bucket, "bench01abc-ledger");
         assert_eq!(nats.attempts_bucket, "bench01abc-attempts");
         assert_eq!(nats.routes_bucket, "bench01abc-routes");
+        assert_eq!(nats.owners_bucket, "bench01abc-owners");
         assert_eq!(nats.consumer_prefix, "bench01abc");
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv};
 use batchd_actors::ports::Checkpoint;
-use batchd_actors::route::{RouteCondition, RouteState};
+use batchd_actors::route::{ReplicaHeartbeat, RouteCondition, RouteState};
 use batchd_actors::task::Priority;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt as _;
@@ -33,7 +33,7 @@ pub struct PriorityStatus {
     pub error: Option<String>,
 }
 
-/// A replica seen in the routes bucket.
+/// A replica seen in the routes bucket: by its heartbeat, its routes, or both.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReplicaStatus {
     /// Its name (`nats.replica`, or `<hostname>-<pid>`).
@@ -44,6 +44,8 @@ pub struct ReplicaStatus {
     pub routes_down: usize,
     /// Its latest write.
     pub updated_at: DateTime<Utc>,
+    /// What it holds, from its heartbeat (`None`: no heartbeat seen).
+    pub holds: Option<ReplicaHeartbeat>,
 }
 
 /// One entry of the checkpoints bucket.
@@ -174,11 +176,11 @@ pub async fn read(client: &async_nats::Client, config: &Config) -> Status {
             Some(stream.info().await.ok()?.state.messages)
         }
     };
-    let (routes, routes_error) = match route_states(&js, &n.routes_bucket).await {
-        Ok(r) => (Some(r), None),
-        Err(e) => (None, Some(e)),
+    let (routes, beats, routes_error) = match route_states(&js, &n.routes_bucket).await {
+        Ok((r, b)) => (Some(r), b, None),
+        Err(e) => (None, Vec::new(), Some(e)),
     };
-    let replicas = replicas(routes.as_deref().unwrap_or_default());
+    let replicas = replicas(routes.as_deref().unwrap_or_default(), beats);
     Status {
         at: Utc::now(),
         nats_url: n.url.clone(),
@@ -278,8 +280,18 @@ async fn entries(
 
 /// Every route state in `bucket`, by provider, model and replica; an entry
 /// that is not a route state is skipped.
-async fn route_states(js: &jetstream::Context, bucket: &str) -> Result<Vec<RouteState>, String> {
+async fn route_states(
+    js: &jetstream::Context,
+    bucket: &str,
+) -> Result<(Vec<RouteState>, Vec<ReplicaHeartbeat>), String> {
     let (_, found) = entries(js, bucket, ROUTES_READ).await?;
+    let (beats, found): (Vec<_>, Vec<_>) = found
+        .into_iter()
+        .partition(|e| e.key.starts_with("replica.") && e.key.split('.').count() == 2);
+    let beats = beats
+        .iter()
+        .filter_map(|e| serde_json::from_slice(&e.value).ok())
+        .collect();
     let mut routes: Vec<RouteState> = found
         .iter()
         .filter_map(|e| serde_json::from_slice(&e.value).ok())
@@ -287,21 +299,31 @@ async fn route_states(js: &jetstream::Context, bucket: &str) -> Result<Vec<Route
     routes.sort_by(|a, b| {
         (&a.provider, &a.model, &a.replica).cmp(&(&b.provider, &b.model, &b.replica))
     });
-    Ok(routes)
+    Ok((routes, beats))
 }
 
-/// The replicas that publish `routes`, by name.
-pub fn replicas(routes: &[RouteState]) -> Vec<ReplicaStatus> {
-    let mut by_name: std::collections::BTreeMap<&str, ReplicaStatus> = Default::default();
+/// The replicas seen in the routes bucket, by name: those with a heartbeat
+/// and those publishing `routes`.
+pub fn replicas(routes: &[RouteState], beats: Vec<ReplicaHeartbeat>) -> Vec<ReplicaStatus> {
+    let mut by_name: std::collections::BTreeMap<String, ReplicaStatus> = Default::default();
+    let empty = |replica: &str, updated_at| ReplicaStatus {
+        replica: replica.to_owned(),
+        routes: 0,
+        routes_down: 0,
+        updated_at,
+        holds: None,
+    };
+    for b in beats {
+        let seen = by_name
+            .entry(b.replica.clone())
+            .or_insert_with(|| empty(&b.replica, b.updated_at));
+        seen.updated_at = seen.updated_at.max(b.updated_at);
+        seen.holds = Some(b);
+    }
     for r in routes {
         let seen = by_name
-            .entry(r.replica.as_str())
-            .or_insert_with(|| ReplicaStatus {
-                replica: r.replica.clone(),
-                routes: 0,
-                routes_down: 0,
-                updated_at: r.updated_at,
-            });
+            .entry(r.replica.clone())
+            .or_insert_with(|| empty(&r.replica, r.updated_at));
         seen.routes += 1;
         seen.routes_down += usize::from(r.state != RouteCondition::Open);
         seen.updated_at = seen.updated_at.max(r.updated_at);
@@ -354,7 +376,7 @@ mod tests {
             route("a", "m1", true, 1),
             route("a", "m2", false, 9),
         ];
-        let seen = replicas(&routes);
+        let seen = replicas(&routes, Vec::new());
         assert_eq!(seen.len(), 2);
         assert_eq!(
             (
@@ -366,5 +388,34 @@ mod tests {
         );
         assert_eq!(seen[0].updated_at, routes[2].updated_at, "the latest write");
         assert_eq!((seen[1].routes, seen[1].routes_down), (1, 0));
+    }
+
+    fn beat(replica: &str, held: usize) -> ReplicaHeartbeat {
+        let at = Utc.timestamp_opt(1_800_000_000, 0).unwrap();
+        ReplicaHeartbeat {
+            replica: replica.into(),
+            started_at: at,
+            messages_held: held,
+            calls_in_flight: 3,
+            calls_waiting: 1,
+            batches: 2,
+            preempted_batches: 0,
+            routes: 1,
+            updated_at: at,
+        }
+    }
+
+    #[test]
+    fn a_replica_with_a_heartbeat_and_no_route_is_listed_with_what_it_holds() {
+        let seen = replicas(
+            &[route("a", "m1", false, 5)],
+            vec![beat("a", 40), beat("idle", 0)],
+        );
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0].routes, 1);
+        assert_eq!(seen[0].holds.as_ref().unwrap().messages_held, 40);
+        assert_eq!(seen[1].replica, "idle");
+        assert_eq!(seen[1].routes, 0);
+        assert!(seen[1].holds.is_some());
     }
 }

@@ -25,11 +25,14 @@
 //!
 //! With `--preemption`, [`preemption`] alone runs instead: priority-1
 //! latency while bulk work fills a rate-limited route, with preemption on
-//! and off.
+//! and off. With `--replicas`, [`replicas`] alone runs instead: the
+//! throughput of 1, 2 and 3 replicas on a single server and on a 3-node
+//! cluster.
 
 pub mod backlog;
 mod capacity;
 pub mod preemption;
+pub mod replicas;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -116,6 +119,14 @@ pub struct BenchArgs {
     /// Priority-1 tasks published per second
     #[arg(long, default_value_t = 5.0)]
     pub preemption_rate: f64,
+    /// Instead of the phases: the throughput of --replica-counts replicas
+    /// with the instant provider, on a private server and on a private
+    /// 3-node cluster (R3)
+    #[arg(long)]
+    pub replicas: bool,
+    /// Replica counts for --replicas, comma-separated
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 3])]
+    pub replica_counts: Vec<usize>,
 }
 
 impl BenchArgs {
@@ -621,12 +632,8 @@ async fn engine_phase(
     let n = bodies.len();
     let mut config = base.clone();
     config.nats = server.nats.clone();
-    let providers: HashMap<String, Arc<dyn Provider>> = match &backend {
-        Backend::Instant => config
-            .providers
-            .keys()
-            .map(|k| (k.clone(), Arc::new(InstantProvider) as Arc<dyn Provider>))
-            .collect(),
+    let providers = match &backend {
+        Backend::Instant => instant_providers(&config),
         Backend::Http(url) => http_providers(&mut config, url)?,
     };
     let topology = crate::nats::ensure_topology(&server.client, &config).await?;
@@ -648,25 +655,9 @@ async fn engine_phase(
     let started = Instant::now();
     let running = crate::app::start(&config, providers).await?;
     let mut results = topology.results.clone();
-    let deadline = started + timeout;
-    let outcome = loop {
-        let stored = results
-            .info()
-            .await
-            .context("counting the results")?
-            .state
-            .messages;
-        pb.set_position(stored);
-        if stored >= n as u64 {
-            break Ok((started.elapsed(), cpu_since(cpu_before)));
-        }
-        if Instant::now() > deadline {
-            break Err(anyhow::anyhow!(
-                "{label} {stored} of {n} outcomes within {timeout:?}"
-            ));
-        }
-        tokio::time::sleep(POLL).await;
-    };
+    let outcome = until_stored(&mut results, n, started, timeout, &pb, label)
+        .await
+        .map(|()| (started.elapsed(), cpu_since(cpu_before)));
     pb.finish_and_clear();
     running.engine.shutdown().await;
     let _ = running.client.drain().await;
@@ -683,6 +674,43 @@ async fn engine_phase(
         seconds: elapsed.as_secs_f64(),
         cpu_seconds,
     })
+}
+
+/// Polls `results` until it holds `n` outcomes, or fails once `timeout`
+/// has passed since `started` (`label` names the phase).
+async fn until_stored(
+    results: &mut stream::Stream,
+    n: usize,
+    started: Instant,
+    timeout: Duration,
+    pb: &indicatif::ProgressBar,
+    label: &str,
+) -> anyhow::Result<()> {
+    loop {
+        let stored = results
+            .info()
+            .await
+            .context("counting the results")?
+            .state
+            .messages;
+        pb.set_position(stored);
+        if stored >= n as u64 {
+            return Ok(());
+        }
+        if Instant::now() > started + timeout {
+            bail!("{label} {stored} of {n} outcomes within {timeout:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The instant in-process provider under every provider name of `config`.
+fn instant_providers(config: &Config) -> HashMap<String, Arc<dyn Provider>> {
+    config
+        .providers
+        .keys()
+        .map(|k| (k.clone(), Arc::new(InstantProvider) as Arc<dyn Provider>))
+        .collect()
 }
 
 /// Points every provider of `config` at `url` (the simulated provider) and
@@ -703,7 +731,12 @@ fn http_providers(
 /// CPU time (user + system) of this process so far, from `/proc/self/stat`
 /// (Linux reports it in USER_HZ = 100 ticks per second); `None` elsewhere.
 fn process_cpu() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_of("/proc/self/stat")
+}
+
+/// CPU time (user + system) of the process whose `stat` file is `path`.
+fn cpu_of(path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = stat.get(stat.rfind(')')? + 1..)?;
     let fields: Vec<&str> = rest.split_whitespace().collect();

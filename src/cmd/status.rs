@@ -95,15 +95,29 @@ fn routes(out: &mut String, s: &Status) {
     }
     section(out, "Replicas");
     if s.replicas.is_empty() {
-        out.push_str(
-            "  none has published a route yet (a route shows once a replica has used it)\n",
-        );
+        out.push_str("  none is running (no heartbeat and no route in the routes bucket)\n");
         return;
     }
-    let mut t = Table::new(&["replica", "routes", "paused or down", "last update"]).text_column(3);
+    let mut t = Table::new(&[
+        "replica",
+        "messages held",
+        "calls in flight",
+        "waiting",
+        "batches",
+        "routes",
+        "paused or down",
+        "last update",
+    ])
+    .text_column(7);
+    let count = |n: Option<usize>| n.map_or_else(|| "-".to_owned(), |n| group(n as u64));
     for r in &s.replicas {
+        let h = r.holds.as_ref();
         t.row(vec![
             r.replica.clone(),
+            count(h.map(|h| h.messages_held)),
+            count(h.map(|h| h.calls_in_flight)),
+            count(h.map(|h| h.calls_waiting)),
+            count(h.map(|h| h.batches)),
             group(r.routes as u64),
             group(r.routes_down as u64),
             when(r.updated_at, s.at),
@@ -223,7 +237,7 @@ mod tests {
                 entries: checkpoints,
             }),
             tasks_with_attempts: Some(0),
-            replicas: replicas(&routes),
+            replicas: replicas(&routes, Vec::new()),
             routes: Some(routes),
             routes_error: None,
             spend_today_usd: Some((1.25, 0.0)),
@@ -304,6 +318,6 @@ mod tests {
                 && l.contains("12.3 s")),
             "{text}"
         );
-        assert!(text.contains("none has published a route yet"), "{text}");
+        assert!(text.contains("none is running (no heartbeat"), "{text}");
     }
 }

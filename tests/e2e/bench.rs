@@ -1,6 +1,6 @@
 //! `batchd bench` as an operator runs it: the floor table, and with
 //! `--capacity` the share of a rate-limited provider's limit used and the
-//! share of 429s, here on one short setting; `--preemption` with tiny sizes.
+//! share of 429s, here on one short setting; `--preemption` and `--replicas` with tiny sizes.
 
 use std::process::Command;
 
@@ -74,5 +74,43 @@ fn bench_preemption_prints_p1_latency_and_the_limit_used_with_preemption_on_and_
             assert_eq!(cells[at + 1], "ms", "{row}");
         }
         assert!(cells[8].ends_with('%'), "{row}");
+    }
+}
+
+#[test]
+fn bench_replicas_prints_a_row_per_topology_and_replica_count() {
+    let out = Command::new(env!("CARGO_BIN_EXE_batchd"))
+        .args([
+            "bench",
+            "--replicas",
+            "--tasks",
+            "300",
+            "--replica-counts",
+            "1,2",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for (topology, replicas) in [
+        ("1 server, R1", "1"),
+        ("1 server, R1", "2"),
+        ("3-node cluster, R3", "1"),
+        ("3-node cluster, R3", "2"),
+    ] {
+        let row = stdout
+            .lines()
+            .find(|l| {
+                l.starts_with(topology)
+                    && l[topology.len()..].split_whitespace().next() == Some(replicas)
+            })
+            .unwrap_or_else(|| panic!("no row for {topology} x{replicas}: {stdout}"));
+        let cells: Vec<&str> = row[topology.len()..].split_whitespace().collect();
+        assert_eq!(cells[1], "300", "{row}");
+        let rate: f64 = cells[3].parse().unwrap_or_else(|_| panic!("{row}"));
+        assert!(rate > 0.0, "{row}");
+        let nats_cpu: f64 = cells[5].parse().unwrap_or_else(|_| panic!("{row}"));
+        assert!(nats_cpu > 0.0, "nats-server CPU measured: {row}");
     }
 }

@@ -15,13 +15,7 @@ use serde_json::Value;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
     let nats = NatsServer::start().await;
-    let sim = common::start_sim(SimConfig {
-        latency: Duration::from_millis(20),
-        jitter: Duration::from_millis(20),
-        record_requests: true,
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = common::recording_sim().await;
     let (_dir, path, js) = common::binary_setup(&nats, &sim).await;
     let n = 3000;
     common::publish_many(&js, &common::tasks(n, "k")).await;

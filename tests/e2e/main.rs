@@ -22,6 +22,7 @@ mod health;
 mod lanes;
 mod nats_harness;
 mod ops;
+mod replicas;
 mod route_control;
 mod scheduling;
 mod security;

@@ -184,6 +184,22 @@ async fn a_route_whose_provider_is_down_shows_in_status_until_it_serves_again() 
         .find(|r| r["replica"] == "replica-a")
         .unwrap_or_else(|| panic!("replica-a not among the replicas: {down}"));
     assert!(replica["routes_down"].as_u64().unwrap() >= 1, "{down}");
+    // Its heartbeat (every routes_refresh_secs) says what it holds: the
+    // tasks waiting at the down route.
+    let held = poll_status(
+        &url,
+        Duration::from_secs(30),
+        "a heartbeat holding tasks",
+        |s| {
+            s["replicas"].as_array().unwrap().iter().any(|r| {
+                r["replica"] == "replica-a" && r["holds"]["messages_held"].as_u64() >= Some(1)
+            })
+        },
+    )
+    .await;
+    let holds = &held["replicas"][0]["holds"];
+    assert!(holds["routes"].as_u64().unwrap() >= 1, "{held}");
+    assert!(holds["calls_waiting"].as_u64().is_some(), "{held}");
     assert_eq!(down["checkpoints"]["count"], 0, "{down}");
     assert_eq!(down["checkpoints"]["entries"], serde_json::json!([]));
 
@@ -240,8 +256,19 @@ async fn a_dead_replicas_routes_age_out_of_status() {
     drop(batchd);
     let after_kill = status_from_nats(&url);
     assert_eq!(routes_of(&after_kill, "replica-k").len(), 1, "{after_kill}");
-    poll_status(&url, Duration::from_secs(30), "the route aged out", |s| {
-        routes_of(s, "replica-k").is_empty()
-    })
+    assert!(
+        after_kill["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["replica"] == "replica-k" && r["holds"].is_object()),
+        "its heartbeat outlives it for a moment: {after_kill}"
+    );
+    poll_status(
+        &url,
+        Duration::from_secs(30),
+        "the route and heartbeat aged out",
+        |s| routes_of(s, "replica-k").is_empty() && s["replicas"] == serde_json::json!([]),
+    )
     .await;
 }

@@ -134,6 +134,36 @@ type Fingerprint = (
     Option<u64>,
 );
 
+/// A replica's heartbeat: that it is alive and what it holds, written every
+/// `route_refresh` beside its routes (JSON, key [`heartbeat_key`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaHeartbeat {
+    /// The replica.
+    pub replica: String,
+    /// When its engine started.
+    pub started_at: DateTime<Utc>,
+    /// Task messages it holds (delivered to it, not yet acked).
+    pub messages_held: usize,
+    /// Provider calls in flight, over all its routes.
+    pub calls_in_flight: usize,
+    /// Calls waiting for admission at its routes.
+    pub calls_waiting: usize,
+    /// Batches it is driving, and of those, preempted.
+    pub batches: usize,
+    /// See `batches`.
+    pub preempted_batches: usize,
+    /// Routes it has used.
+    pub routes: usize,
+    /// When it wrote this.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The key of a replica's heartbeat: `replica.<replica>` (two tokens, where
+/// a route's key has three).
+pub fn heartbeat_key(replica: &str) -> String {
+    format!("replica.{}", key_token(replica))
+}
+
 /// The key of one replica's route: `<replica>.<provider>.<model>`, each part
 /// escaped to the characters a KV key allows (`[-/_=A-Za-z0-9]`; any other
 /// byte, `.` included, becomes `=XX` in hex), so keys never collide and a

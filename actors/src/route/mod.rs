@@ -21,7 +21,9 @@ pub mod limits;
 #[cfg(test)]
 mod tests;
 
-pub use board::{route_key, BoardSchedule, RouteCondition, RouteState};
+pub use board::{
+    heartbeat_key, route_key, BoardSchedule, ReplicaHeartbeat, RouteCondition, RouteState,
+};
 pub use budget::{Charge, RateBudget};
 pub use circuit::{
     CircuitAdmission, CircuitBreaker, CircuitReason, CircuitSettings, CircuitSnapshot, CircuitState,

@@ -17,6 +17,7 @@ use batchd_actors::context::Ports;
 use batchd_actors::lease::{AckError, Acker};
 use batchd_actors::memory_ledger::MemoryLedger;
 use batchd_actors::offpeak::OffPeak;
+pub use batchd_actors::ownership::MemoryOwnership;
 use batchd_actors::ports::{
     Backlog, Completion, Delivery, Encoded, MemoryAttempts, MemoryBoard, MemoryCheckpoints,
     OutcomeSink, Provider, ProviderError, Requeue, SinkError, SourceError, TaskSource,
@@ -480,6 +481,7 @@ pub fn settings() -> EngineSettings {
         },
         route_limits: HashMap::new(),
         request_timeout: Duration::from_secs(30),
+        claim_ttl: Duration::from_secs(15),
         park_after: Duration::from_secs(5),
         park_keep: 2,
         publish_retry: Duration::from_secs(5),
@@ -508,6 +510,7 @@ pub struct Rig {
     pub ledger: Arc<MemoryLedger>,
     pub board: Arc<MemoryBoard>,
     pub checkpoints: Arc<MemoryCheckpoints>,
+    pub owners: Arc<MemoryOwnership>,
     pub source: Arc<FakeSource>,
     pub sink: Arc<FakeSink>,
     pub provider: Arc<FakeProvider>,
@@ -550,6 +553,7 @@ async fn rig_over(
     let source = FakeSource::new();
     let attempts = Arc::new(MemoryAttempts::default());
     let board = Arc::new(MemoryBoard::default());
+    let owners = Arc::new(MemoryOwnership::default());
     let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
     providers.insert("fake".into(), provider.clone());
     let ports = Ports {
@@ -559,6 +563,7 @@ async fn rig_over(
         ledger: ledger.clone(),
         board: board.clone(),
         checkpoints: checkpoints.clone(),
+        owners: owners.clone(),
         providers,
         jobs: Arc::new(batchd_actors::ports::MemoryJobs::default()),
         batch_apis: Default::default(),
@@ -570,6 +575,7 @@ async fn rig_over(
         ledger,
         board,
         checkpoints,
+        owners,
         source,
         sink,
         provider,

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod cluster;
 pub mod jwt;
 pub mod nats;
 pub mod openapi;
@@ -318,6 +319,34 @@ pub fn sim_latency(latency: Duration) -> SimConfig {
         latency,
         ..SimConfig::default()
     }
+}
+
+/// A simulator answering in 20–40 ms that records every request body.
+pub async fn recording_sim() -> SimServer {
+    start_sim(SimConfig {
+        latency: Duration::from_millis(20),
+        jitter: Duration::from_millis(20),
+        record_requests: true,
+        ..SimConfig::default()
+    })
+    .await
+}
+
+/// Requests per task id in recorded request bodies (the seed-shaped task's
+/// text ends with `document <id>`).
+pub fn sent_per_task(bodies: &[Value]) -> HashMap<String, usize> {
+    let mut sent: HashMap<String, usize> = HashMap::new();
+    for body in bodies {
+        let id = body["messages"][1]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .rsplit("document ")
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        *sent.entry(id).or_default() += 1;
+    }
+    sent
 }
 
 /// Starts the simulated provider configured by `config` on a free port.

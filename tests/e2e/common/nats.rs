@@ -223,11 +223,6 @@ fn spawn_with(
     config: Option<&Path>,
     env: &[(&str, &str)],
 ) -> Child {
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_path(dir))
-        .expect("open the nats-server log");
     let port = port.map_or_else(|| "-1".to_string(), |port| port.to_string());
     let mut command = Command::new(BINARY);
     match config {
@@ -247,7 +242,19 @@ fn spawn_with(
     command
         .envs(env.iter().copied())
         .arg("--ports_file_dir")
-        .arg(dir.join("ports"))
+        .arg(dir.join("ports"));
+    spawn_logged(command, &log_path(dir))
+}
+
+/// Spawns a nats-server `command` with its stdout and stderr appended to
+/// `log` (a missing binary named as such).
+pub fn spawn_logged(mut command: Command, log: &Path) -> Child {
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("open the nats-server log");
+    command
         .stdin(Stdio::null())
         .stdout(clone(&log))
         .stderr(log)
