@@ -73,6 +73,9 @@ pub struct DemoArgs {
     /// through the Batch API in the demo)
     #[arg(long, default_value_t = 3.0)]
     pub batch_secs: f64,
+    /// Send everything realtime (no Batch API), to compare cost and latency
+    #[arg(long)]
+    pub realtime_only: bool,
     /// Give up when outcomes are still missing after this many seconds
     #[arg(long, default_value_t = 300)]
     pub timeout_secs: u64,
@@ -118,7 +121,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         Broker::Private(_) => None,
         Broker::Shared { id, .. } => Some(id.as_str()),
     };
-    let config = demo_config(broker.url(), isolation, &sim.base_url(), args.tasks)?;
+    let mut config = demo_config(broker.url(), isolation, &sim.base_url(), args.tasks)?;
+    if args.realtime_only {
+        for p in config.providers.values_mut() {
+            p.batch = false;
+        }
+    }
     let health = crate::telemetry::Health::default();
     let (metrics_addr, metrics_task) =
         crate::telemetry::serve_metrics(args.metrics_addr, health.clone()).await?;
