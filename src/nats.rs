@@ -1013,11 +1013,17 @@ pub struct KvJobs(pub jetstream::kv::Store);
 /// Bytes of tasks per chunk: well under the 1 MB message limit.
 const JOB_CHUNK_BYTES: usize = 512 * 1024;
 
+/// What `<job id>` holds: the job without its tasks.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct JobHead {
+pub struct JobHead {
+    /// The job's fields but its tasks.
     #[serde(flatten)]
-    job: serde_json::Map<String, serde_json::Value>,
-    task_chunks: usize,
+    pub job: serde_json::Map<String, serde_json::Value>,
+    /// How many `<id>.tasks.<n>` chunks hold its tasks.
+    pub task_chunks: usize,
+    /// How many tasks it has.
+    #[serde(default)]
+    pub task_count: usize,
 }
 
 #[async_trait]
@@ -1070,6 +1076,7 @@ impl JobStore for KvJobs {
         let head = serde_json::to_vec(&JobHead {
             job: fields,
             task_chunks,
+            task_count: job.tasks.len(),
         })
         .map_err(|e| err("encoding", &e))?;
         self.0

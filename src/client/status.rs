@@ -92,6 +92,23 @@ pub struct Checkpoints {
     pub entries: Vec<CheckpointEntry>,
 }
 
+/// A provider batch job in progress, as its record in the jobs bucket says.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobSummary {
+    /// The job id.
+    pub id: String,
+    /// `provider/model`.
+    pub route: String,
+    /// `recorded`, `uploaded` or `created`.
+    pub step: String,
+    /// The provider's batch id, once created.
+    pub provider_batch_id: Option<String>,
+    /// Tasks in the job.
+    pub tasks: usize,
+    /// Seconds since its record was last written.
+    pub age_secs: f64,
+}
+
 /// How many checkpoints are listed (all are counted).
 pub const CHECKPOINTS_LISTED: usize = 50;
 
@@ -116,6 +133,8 @@ pub struct Status {
     /// The checkpoint bucket (preempted batches and provider jobs in
     /// progress, once batchd writes them).
     pub checkpoints: Option<Checkpoints>,
+    /// Provider batch jobs in progress (the jobs bucket), the oldest first.
+    pub provider_jobs: Option<Vec<JobSummary>>,
     /// Tasks that have spent attempts on transient failures.
     pub tasks_with_attempts: Option<u64>,
     /// Every route state the replicas publish, by provider, model, replica;
@@ -190,6 +209,7 @@ pub async fn read(client: &async_nats::Client, config: &Config) -> Status {
         dead_letters_total: messages(n.dlq_stream.clone()).await,
         outcomes_total: messages(n.results_stream.clone()).await,
         checkpoints: checkpoints(&js, &n.checkpoints_bucket).await.ok(),
+        provider_jobs: provider_jobs(&js, &n.jobs_bucket).await.ok(),
         tasks_with_attempts: bucket_keys(&js, &n.attempts_bucket).await,
         routes,
         routes_error,
@@ -329,6 +349,32 @@ pub fn replicas(routes: &[RouteState], beats: Vec<ReplicaHeartbeat>) -> Vec<Repl
         seen.updated_at = seen.updated_at.max(r.updated_at);
     }
     by_name.into_values().collect()
+}
+
+/// How many keys of the jobs bucket are read (heads and task chunks).
+const JOB_KEYS_READ: usize = 2_000;
+
+async fn provider_jobs(js: &jetstream::Context, bucket: &str) -> Result<Vec<JobSummary>, String> {
+    let (_, found) = entries(js, bucket, JOB_KEYS_READ).await?;
+    let now = time::OffsetDateTime::now_utc();
+    let mut jobs: Vec<JobSummary> = found
+        .into_iter()
+        .filter(|e| !e.key.contains('.'))
+        .filter_map(|e| {
+            let head: crate::nats::JobHead = serde_json::from_slice(&e.value).ok()?;
+            let text = |k: &str| head.job.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+            Some(JobSummary {
+                id: e.key.clone(),
+                route: format!("{}/{}", text("provider")?, text("model")?),
+                step: text("step")?,
+                provider_batch_id: text("provider_batch_id"),
+                tasks: head.task_count,
+                age_secs: (now - e.created).as_seconds_f64().max(0.0),
+            })
+        })
+        .collect();
+    jobs.sort_by(|a, b| b.age_secs.total_cmp(&a.age_secs));
+    Ok(jobs)
 }
 
 async fn checkpoints(js: &jetstream::Context, bucket: &str) -> Result<Checkpoints, String> {

@@ -165,6 +165,31 @@ fn checkpoints(out: &mut String, s: &Status) {
     }
 }
 
+/// Provider batch jobs in progress, from the jobs bucket.
+fn provider_jobs(out: &mut String, s: &Status) {
+    section(out, "Provider batch jobs in progress");
+    let Some(jobs) = &s.provider_jobs else {
+        out.push_str("  unknown: the jobs bucket could not be read\n");
+        return;
+    };
+    if jobs.is_empty() {
+        out.push_str("  none\n");
+        return;
+    }
+    let mut t = Table::new(&["job", "route", "step", "provider batch", "tasks", "age"]);
+    for j in jobs {
+        t.row(vec![
+            j.id.clone(),
+            j.route.clone(),
+            j.step.clone(),
+            j.provider_batch_id.clone().unwrap_or_else(|| "-".into()),
+            group(j.tasks as u64),
+            format!("{:.1} s", j.age_secs),
+        ]);
+    }
+    out.push_str(&t.render());
+}
+
 fn opt(n: Option<u64>) -> String {
     n.map_or_else(|| "-".to_owned(), group)
 }
@@ -207,6 +232,7 @@ pub fn render(s: &Status) -> String {
     out.push_str(&t.render());
     routes(&mut out, s);
     checkpoints(&mut out, s);
+    provider_jobs(&mut out, s);
     section(&mut out, "Spend today");
     match s.spend_today_usd {
         Some((exact, estimated)) => {
@@ -220,7 +246,9 @@ pub fn render(s: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::status::{replicas, CheckpointEntry, CheckpointSummary, Checkpoints};
+    use crate::client::status::{
+        replicas, CheckpointEntry, CheckpointSummary, Checkpoints, JobSummary,
+    };
     use batchd_actors::route::{CircuitReason, RouteState, RouteStatus};
     use chrono::{TimeDelta, TimeZone as _};
 
@@ -236,6 +264,14 @@ mod tests {
                 count: checkpoints.len() as u64,
                 entries: checkpoints,
             }),
+            provider_jobs: Some(vec![JobSummary {
+                id: "j_01".into(),
+                route: "openai/gpt-4.1-nano".into(),
+                step: "created".into(),
+                provider_batch_id: Some("batch_abc".into()),
+                tasks: 5000,
+                age_secs: 61.0,
+            }]),
             tasks_with_attempts: Some(0),
             replicas: replicas(&routes, Vec::new()),
             routes: Some(routes),
@@ -285,6 +321,19 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Preempted batches (checkpoints)\n"), "{text}");
+        let job = text
+            .lines()
+            .find(|l| l.contains("j_01"))
+            .unwrap_or_else(|| panic!("no job line in:\n{text}"));
+        for part in [
+            "openai/gpt-4.1-nano",
+            "created",
+            "batch_abc",
+            "5,000",
+            "61.0 s",
+        ] {
+            assert!(job.contains(part), "{part:?} not in {job:?}");
+        }
     }
 
     #[test]

@@ -29,7 +29,8 @@ pub struct Report {
     by_priority: BTreeMap<u8, PriorityStats>,
     by_status: BTreeMap<(String, String), u64>,
     by_model: BTreeMap<String, ModelStats>,
-    by_route: BTreeMap<String, u64>,
+    /// Tasks and their cost (USD) per route.
+    by_route: BTreeMap<String, (u64, f64)>,
     retries: u64,
     retried_tasks: u64,
     failures: Vec<Failure>,
@@ -109,7 +110,9 @@ impl Report {
             .entry((outcome.status.as_str().to_owned(), kind.clone()))
             .or_default() += 1;
         if let Some(route) = outcome.route {
-            *self.by_route.entry(route.as_str().to_owned()).or_default() += 1;
+            let r = self.by_route.entry(route.as_str().to_owned()).or_default();
+            r.0 += 1;
+            r.1 += outcome.cost_usd;
         }
 
         let attempts = u64::from(outcome.attempts);
@@ -321,7 +324,7 @@ impl Report {
             let routes: Vec<String> = self
                 .by_route
                 .iter()
-                .map(|(r, n)| format!("{r} {}", group(*n)))
+                .map(|(r, (n, cost))| format!("{r} {} ({})", group(*n), usd(*cost)))
                 .collect();
             facts.push(("routes".into(), routes.join(", ")));
         }
@@ -565,7 +568,7 @@ Latency by priority (ms, publish to outcome)
 
   retries       1 extra attempts; 1 tasks (1.0%) needed more than one
   dead letters  1
-  routes        realtime 101
+  routes        realtime 101 ($0.014140)
 ";
         assert!(text.contains(expected_outcomes), "{text}");
 

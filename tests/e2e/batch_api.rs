@@ -345,6 +345,24 @@ async fn a_kill_between_upload_and_create_leaves_no_task_behind_and_creates_each
     }
     assert_eq!(store.list().await.expect("list").len(), 3);
     assert_eq!(sim.batch_creations(), 1);
+    // `batchd status` lists them from the jobs bucket.
+    let config = Config::load(&path).expect("config");
+    let status = batchd::client::status::read(&nats.client().await, &config).await;
+    let mut steps: Vec<(String, String, usize)> = status
+        .provider_jobs
+        .expect("jobs bucket read")
+        .into_iter()
+        .map(|j| (j.id, j.step, j.tasks))
+        .collect();
+    steps.sort();
+    assert_eq!(
+        steps,
+        [
+            ("j_after".into(), "uploaded".into(), 3),
+            ("j_before".into(), "recorded".into(), 3),
+            ("j_between".into(), "uploaded".into(), 3)
+        ]
+    );
 
     let _batchd = Batchd::start(&path);
     let outcomes = common::wait_for_one_outcome_each(&js, 9, Duration::from_secs(60)).await;

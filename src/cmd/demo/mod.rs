@@ -69,6 +69,13 @@ pub struct DemoArgs {
     /// Seed of the workload and of the simulated provider
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Simulated provider: seconds a Batch API batch takes (priority 3 goes
+    /// through the Batch API in the demo)
+    #[arg(long, default_value_t = 3.0)]
+    pub batch_secs: f64,
+    /// Send everything realtime (no Batch API), to compare cost and latency
+    #[arg(long)]
+    pub realtime_only: bool,
     /// Give up when outcomes are still missing after this many seconds
     #[arg(long, default_value_t = 300)]
     pub timeout_secs: u64,
@@ -103,7 +110,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             tpm: 0,
             seed: args.seed,
             record_requests: false,
-            batch_duration: Duration::from_secs(1),
+            batch_duration: Duration::try_from_secs_f64(args.batch_secs.max(0.0))
+                .unwrap_or(Duration::from_secs(3)),
         },
     )
     .await
@@ -113,7 +121,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         Broker::Private(_) => None,
         Broker::Shared { id, .. } => Some(id.as_str()),
     };
-    let config = demo_config(broker.url(), isolation, &sim.base_url(), args.tasks)?;
+    let mut config = demo_config(broker.url(), isolation, &sim.base_url(), args.tasks)?;
+    if args.realtime_only {
+        for p in config.providers.values_mut() {
+            p.batch = false;
+        }
+    }
     let health = crate::telemetry::Health::default();
     let (metrics_addr, metrics_task) =
         crate::telemetry::serve_metrics(args.metrics_addr, health.clone()).await?;
@@ -289,6 +302,13 @@ fn demo_config(
     provider.base_url_env = None;
     provider.api_key_env = None;
     provider.api_key = None;
+    // Priority 3 goes through the simulator's Batch API at half price:
+    // jobs assembled for up to two seconds and looked at often.
+    provider.batch = true;
+    let b = &mut config.batching.batch_api;
+    b.max_wait_ms = 2_000;
+    b.poll_initial_ms = 250;
+    b.poll_max_ms = 1_000;
     config.validate()?;
     Ok(config)
 }
