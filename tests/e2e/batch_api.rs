@@ -153,8 +153,8 @@ async fn p3_tasks_go_through_the_batch_api_with_one_discounted_outcome_each_equa
         while let Some(key) = keys.next().await {
             let value = calls.get(key.expect("key")).await.expect("get");
             let Some(value) = value else { continue };
-            let record: Value = serde_json::from_slice(&value).expect("a call record");
-            if record["route"] == "batch_api" {
+            let sheet: Vec<Value> = serde_json::from_slice(&value).expect("a call sheet");
+            for record in sheet.iter().filter(|r| r["route"] == "batch_api") {
                 assert_eq!(record["state"], "finished", "{record}");
                 ledger += record["cost_picousd"].as_u64().expect("cost");
                 recorded += 1;
