@@ -24,7 +24,7 @@ use batchd_actors::ports::{Delivery, SourceError};
 use batchd_actors::task::Priority;
 use futures::stream::BoxStream;
 use futures::{StreamExt as _, TryStreamExt as _};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 /// One message from a lane or the plain consumer.
@@ -66,8 +66,9 @@ pub fn lane_consumer(consumer_prefix: &str, p: Priority, token: &str) -> String 
 }
 
 /// Merges the plain consumer's messages with those of every lane of `p`
-/// that has work, each served in turn. Ends when the returned stream is
-/// dropped.
+/// that has work, each served in turn. Ends when the plain consumer's
+/// stream ends (the intake then opens it again); lanes and their listing
+/// stop when the returned stream is dropped.
 pub fn merged(
     tasks: stream::Stream,
     plain: BoxStream<'static, Item>,
@@ -79,7 +80,18 @@ pub fn merged(
 ) -> BoxStream<'static, Item> {
     // A small queue: each lane waits its turn to put one message in it.
     let (tx, rx) = mpsc::channel::<Item>(1);
-    let forwarders = vec![forward(plain, tx.clone())];
+    let (plain_done, done) = oneshot::channel::<()>();
+    let plain_tx = tx.clone();
+    let plain_forwarder = tokio::spawn(async move {
+        let mut plain = plain;
+        while let Some(m) = plain.next().await {
+            if plain_tx.send(m).await.is_err() {
+                return;
+            }
+        }
+        let _ = plain_done.send(());
+    });
+    let forwarders = vec![plain_forwarder];
     if settings.max_lanes > 0 {
         tokio::spawn(discover(
             tasks,
@@ -99,7 +111,15 @@ pub fn merged(
             }
         });
     }
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) }).boxed()
+    futures::stream::unfold((rx, done), |(mut rx, mut done)| async move {
+        tokio::select! {
+            biased;
+            m = rx.recv() => m.map(|m| (m, (rx, done))),
+            // The plain stream ended (or its forwarder is gone): end too.
+            _ = &mut done => None,
+        }
+    })
+    .boxed()
 }
 
 fn forward(mut messages: BoxStream<'static, Item>, tx: mpsc::Sender<Item>) -> JoinHandle<()> {
