@@ -1,10 +1,12 @@
 //! Call records written in groups. Every provider call is recorded twice
 //! (before it goes out, and when it ends); one write per record would cost
 //! a store round trip each. [`CallSheets`] groups them: a caller queues its
-//! record and waits; whoever finds no write in progress takes everything
-//! queued (up to [`MAX_SHEET`] records) and writes it as one sheet. While a
-//! sheet is being written the next one fills, so under load a write carries
-//! many records, and a lone call still waits only for its own write.
+//! record and waits; whoever gets one of [`WRITERS`] turns to write takes
+//! everything queued (up to [`MAX_SHEET`] records) and writes it as one
+//! sheet. While sheets are being written the next one fills, so under load
+//! a write carries many records; a lone call waits only for its own write,
+//! and a few writes overlap, so the store's round trip never paces the
+//! calls one sheet at a time.
 
 use std::sync::{Arc, Mutex};
 
@@ -17,13 +19,16 @@ use crate::ports::{LedgerError, LedgerStore};
 /// size limit: a record is a few hundred bytes).
 pub const MAX_SHEET: usize = 256;
 
+/// The most sheet writes in progress at once.
+pub const WRITERS: usize = 8;
+
 type Waiter = oneshot::Sender<Result<(), String>>;
 
 /// Writes call records to the ledger store in sheets.
 pub struct CallSheets {
     store: Arc<dyn LedgerStore>,
     queue: Mutex<Vec<(CallRecord, Waiter)>>,
-    writing: tokio::sync::Mutex<()>,
+    writing: tokio::sync::Semaphore,
 }
 
 impl CallSheets {
@@ -32,21 +37,42 @@ impl CallSheets {
         CallSheets {
             store,
             queue: Mutex::default(),
-            writing: tokio::sync::Mutex::new(()),
+            writing: tokio::sync::Semaphore::new(WRITERS),
         }
     }
 
     /// Records `record`; resolves once the sheet holding it is stored.
+    ///
+    /// A caller waits for its record's result and, meanwhile, for its turn
+    /// to write: whichever comes first. A record written by another
+    /// caller's sheet releases its caller at once (it does not take a turn
+    /// to write nothing).
     pub async fn record(&self, record: CallRecord) -> Result<(), LedgerError> {
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         self.lock_queue().push((record, tx));
-        {
-            let _writer = self.writing.lock().await;
-            // Another caller may have written this record meanwhile; then
-            // this writes what queued since, or nothing.
-            self.write_queued().await;
+        loop {
+            tokio::select! {
+                biased;
+                result = &mut rx => return Self::outcome(result),
+                turn = self.writing.acquire() => {
+                    // Writes what is queued: this record among it, unless
+                    // more than a sheet queued ahead of it (then the loop
+                    // waits for the next turn). Nothing queued: another
+                    // write in progress carries this record.
+                    let wrote = self.write_queued().await;
+                    drop(turn);
+                    if !wrote {
+                        return Self::outcome(rx.await);
+                    }
+                }
+            }
         }
-        match rx.await {
+    }
+
+    fn outcome(
+        result: Result<Result<(), String>, oneshot::error::RecvError>,
+    ) -> Result<(), LedgerError> {
+        match result {
             Ok(result) => result.map_err(LedgerError::Store),
             Err(_) => Err(LedgerError::Store(
                 "the write of its call sheet was abandoned".into(),
@@ -58,14 +84,15 @@ impl CallSheets {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn write_queued(&self) {
+    /// Writes up to a sheet of what is queued; false when nothing was.
+    async fn write_queued(&self) -> bool {
         let taken: Vec<(CallRecord, Waiter)> = {
             let mut q = self.lock_queue();
             let n = q.len().min(MAX_SHEET);
             q.drain(..n).collect()
         };
         if taken.is_empty() {
-            return;
+            return false;
         }
         let (records, waiters): (Vec<CallRecord>, Vec<Waiter>) = taken.into_iter().unzip();
         let result = self
@@ -77,6 +104,7 @@ impl CallSheets {
         for w in waiters {
             let _ = w.send(result.clone());
         }
+        true
     }
 }
 
@@ -107,6 +135,36 @@ mod tests {
         assert!(
             (3..600).contains(&n),
             "600 concurrent records in fewer sheets, none over {MAX_SHEET}: {n}"
+        );
+    }
+
+    /// A store with a round trip: writes overlap (the round trip does not
+    /// pace the calls one sheet at a time), at most [`WRITERS`] at once, and
+    /// records queued meanwhile share sheets.
+    #[tokio::test(start_paused = true)]
+    async fn writes_overlap_up_to_the_writers_and_group_what_queues_meanwhile() {
+        let store = Arc::new(MemoryLedger::default());
+        store.delay_writes(std::time::Duration::from_millis(5));
+        let sheets = Arc::new(CallSheets::new(store.clone()));
+        let calls: Vec<_> = (0..2000)
+            .map(|i| {
+                let sheets = sheets.clone();
+                tokio::spawn(async move { sheets.record(record(&format!("c{i}"))).await })
+            })
+            .collect();
+        for c in calls {
+            c.await.unwrap().unwrap();
+        }
+        assert_eq!(store.calls().len(), 2000, "every record stored once");
+        assert_eq!(
+            store.most_writes_in_flight(),
+            WRITERS,
+            "writes overlap up to the limit"
+        );
+        let n = store.sheet_count();
+        assert!(
+            n <= 2000 / 100,
+            "2000 records queued together fill sheets: {n} sheets"
         );
     }
 

@@ -23,6 +23,9 @@ struct State {
     days: HashMap<String, (DayTotals, u64)>,
     watchers: Vec<Watcher>,
     fail_writes: bool,
+    write_delay: std::time::Duration,
+    in_flight: usize,
+    most_in_flight: usize,
 }
 
 impl State {
@@ -70,6 +73,16 @@ impl MemoryLedger {
         self.state().fail_writes = fail;
     }
 
+    /// Makes every sheet write take `delay` (a store across a network).
+    pub fn delay_writes(&self, delay: std::time::Duration) {
+        self.state().write_delay = delay;
+    }
+
+    /// The most sheet writes that were in progress at once.
+    pub fn most_writes_in_flight(&self) -> usize {
+        self.state().most_in_flight
+    }
+
     /// Ends every watch with an error (a store connection lost).
     pub fn break_watches(&self) {
         let mut s = self.state();
@@ -88,8 +101,19 @@ impl LedgerStore for MemoryLedger {
 
     async fn create_sheet(&self, key: &str, records: &[CallRecord]) -> Result<u64, LedgerError> {
         // A write takes a moment, as over the network.
-        tokio::task::yield_now().await;
+        let delay = {
+            let mut s = self.state();
+            s.in_flight += 1;
+            s.most_in_flight = s.most_in_flight.max(s.in_flight);
+            s.write_delay
+        };
+        if delay.is_zero() {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(delay).await;
+        }
         let mut s = self.state();
+        s.in_flight -= 1;
         if s.fail_writes {
             return Err(LedgerError::Store("the store is down".into()));
         }
