@@ -528,6 +528,10 @@ pub struct DispatchConfig {
     pub publish_retry_secs: u64,
     /// Life of a replica's claim on a call in flight unless renewed, seconds.
     pub claim_ttl_secs: u64,
+    /// When calls are claimed across replicas: `auto` (while another
+    /// replica's heartbeat is seen) or `always`.
+    #[serde(default)]
+    pub claims: batchd_actors::peers::ClaimMode,
 }
 
 /// `[dispatch.circuit]`.
@@ -1170,6 +1174,7 @@ impl Config {
                 .collect(),
             request_timeout: Duration::from_secs(self.dispatch.request_timeout_secs),
             claim_ttl: Duration::from_secs(self.dispatch.claim_ttl_secs),
+            claims: self.dispatch.claims,
             park_after: Duration::from_secs(self.dispatch.park_after_secs.max(1)),
             park_keep: self.dispatch.park_keep,
             publish_retry: Duration::from_secs(self.dispatch.publish_retry_secs),

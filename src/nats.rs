@@ -9,10 +9,11 @@ use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_nats::HeaderMap;
 use async_trait::async_trait;
 use batchd_actors::lease::{AckError, Acker};
+use batchd_actors::peers::ReplicaEvent;
 use batchd_actors::ports::{
     AttemptStore, Backlog, BoardError, Checkpoint, CheckpointError, CheckpointStore, Delivery,
-    Encoded, JobStore, JobStoreError, OutcomeSink, Requeue, RouteBoard, SinkError, SourceError,
-    StoreError, TaskSource, GENERATION_HEADER, PUBLISHED_AT_HEADER,
+    Encoded, JobStore, JobStoreError, OutcomeSink, ReplicaStream, Requeue, RouteBoard, SinkError,
+    SourceError, StoreError, TaskSource, GENERATION_HEADER, PUBLISHED_AT_HEADER,
 };
 use batchd_actors::provider_jobs::ProviderJob;
 use batchd_actors::route::{heartbeat_key, ReplicaHeartbeat, RouteState};
@@ -927,6 +928,64 @@ impl RouteBoard for KvRouteBoard {
             .await
             .map(|_| ())
             .map_err(|e| BoardError(format!("writing the heartbeat {key}: {e}")))
+    }
+
+    async fn watch_replicas(&self) -> Result<ReplicaStream, BoardError> {
+        // The watch first, then the listing: a heartbeat written between
+        // the two is reported twice rather than missed.
+        let watch = self
+            .0
+            .watch("replica.*")
+            .await
+            .map_err(|e| BoardError(format!("watching the heartbeats: {e}")))?;
+        let keys: Vec<String> = self
+            .0
+            .keys()
+            .await
+            .map_err(|e| BoardError(format!("listing the heartbeats: {e}")))?
+            .try_collect()
+            .await
+            .map_err(|e| BoardError(format!("listing the heartbeats: {e}")))?;
+        let mut now = Vec::new();
+        for key in keys.iter().filter(|k| is_heartbeat_key(k)) {
+            let entry = self
+                .0
+                .entry(key.as_str())
+                .await
+                .map_err(|e| BoardError(format!("reading the heartbeat {key}: {e}")))?;
+            if let Some(event) = entry.and_then(replica_event) {
+                now.push(Ok(event));
+            }
+        }
+        now.push(Ok(ReplicaEvent::Loaded));
+        let then = watch.filter_map(|entry| {
+            std::future::ready(match entry {
+                Ok(entry) => replica_event(entry).map(Ok),
+                Err(e) => Some(Err(BoardError(format!("watching the heartbeats: {e}")))),
+            })
+        });
+        Ok(futures::stream::iter(now).chain(then).boxed())
+    }
+}
+
+/// True for a heartbeat's key (`replica.<name>`), not a route's.
+fn is_heartbeat_key(key: &str) -> bool {
+    key.starts_with("replica.") && key.split('.').count() == 2
+}
+
+/// What a routes-bucket entry says about a replica: a heartbeat written
+/// (one that does not parse is skipped), or one removed.
+fn replica_event(entry: jetstream::kv::Entry) -> Option<ReplicaEvent> {
+    if !is_heartbeat_key(&entry.key) {
+        return None;
+    }
+    match entry.operation {
+        jetstream::kv::Operation::Put => serde_json::from_slice(&entry.value)
+            .ok()
+            .map(ReplicaEvent::Beat),
+        jetstream::kv::Operation::Delete | jetstream::kv::Operation::Purge => {
+            Some(ReplicaEvent::Gone(entry.key))
+        }
     }
 }
 

@@ -154,6 +154,10 @@ pub struct EngineContext {
     pub claims: Claims,
     /// This replica's claims, across replicas, on the calls it makes.
     pub call_owners: Ownership,
+    /// The other replicas seen: whether calls are claimed.
+    pub peers: crate::peers::Peers,
+    /// Calls in flight made unclaimed (no other replica ran).
+    pub unclaimed: crate::call_claim::UnclaimedCalls,
     /// Provider routes, kept across Dispatcher restarts.
     pub routes: Routes,
     /// Spend per tenant and day, for budgets (kept by the CostAccountant).
@@ -191,6 +195,8 @@ impl EngineContext {
             settings.claim_ttl,
             settings.clock.clone(),
         );
+        let peers =
+            crate::peers::Peers::new(&settings.replica, settings.claims, settings.route_refresh);
         Arc::new(EngineContext {
             spend: Spend::default(),
             calls: CallSheets::new(ports.ledger.clone()),
@@ -201,6 +207,8 @@ impl EngineContext {
             directory: Directory::default(),
             claims: Claims::default(),
             call_owners,
+            peers,
+            unclaimed: Default::default(),
             routes: Routes::default(),
             depths: QueueDepths::default(),
             batches: RunningBatches::default(),

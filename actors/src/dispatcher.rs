@@ -414,8 +414,8 @@ async fn run_task(
             call_claim::claim(&ctx, &task_id, a.task.generation)
         );
         let wait = match claim {
-            ClaimCheck::Ours(held) => {
-                _claim_guard = Some(ClaimGuard::keep(ctx.clone(), held));
+            ClaimCheck::Ours(guard) => {
+                _claim_guard = Some(guard);
                 None
             }
             ClaimCheck::Elsewhere { owner, wait } => {

@@ -31,6 +31,7 @@ pub struct Engine {
     ctx: Arc<EngineContext>,
     keeper: JoinHandle<()>,
     publisher: JoinHandle<()>,
+    peers: JoinHandle<()>,
 }
 
 impl Engine {
@@ -43,6 +44,7 @@ impl Engine {
         crate::recovery::load(&ctx).await;
         let keeper = ctx.keeper.spawn(heartbeat);
         let publisher = route_publisher::spawn(ctx.clone());
+        let peers = crate::peers::spawn(ctx.clone());
         let args = SupervisorArgs {
             ctx: ctx.clone(),
             drain_timeout: Duration::from_secs(30),
@@ -58,6 +60,7 @@ impl Engine {
             ctx,
             keeper,
             publisher,
+            peers,
         })
     }
 
@@ -94,6 +97,7 @@ impl Engine {
         let _ = self.join.await;
         self.keeper.abort();
         self.publisher.abort();
+        self.peers.abort();
         route_publisher::withdraw(&self.ctx).await;
     }
 
@@ -104,6 +108,7 @@ impl Engine {
             .map_err(|e| EngineError::Start(e.to_string()))?;
         self.keeper.abort();
         self.publisher.abort();
+        self.peers.abort();
         route_publisher::withdraw(&self.ctx).await;
         Err(EngineError::Escalated)
     }

@@ -25,6 +25,7 @@
 //! - [`route_publisher`]: publishes this replica's route state (paused,
 //!   circuit open, limits) through [`ports::RouteBoard`], for `batchd status`.
 //! - [`call_claim`]: the claim across replicas on a task's provider call.
+//! - [`peers`]: the other replicas seen, from their heartbeats.
 //! - [`ownership`]: ownership records with a TTL (take, renew, take over
 //!   when expired) that make exactly one replica hold a key: a task's call,
 //!   a checkpoint to resume, a provider job to poll.
@@ -82,6 +83,7 @@ pub mod metrics;
 pub mod offpeak;
 pub mod outcome;
 pub mod ownership;
+pub mod peers;
 pub mod ports;
 pub mod preemption_monitor;
 pub mod pricing;

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::lease::{Acker, Lease, LeaseKeeper};
 use crate::ledger::{CallRecord, CallSheet, DayTotals};
+use crate::peers::ReplicaEvent;
 use crate::route::limits::RateLimitInfo;
 use crate::route::{ReplicaHeartbeat, RouteState};
 use crate::task::{Encoding, Priority, Usage};
@@ -293,14 +294,23 @@ pub trait RouteBoard: Send + Sync + 'static {
     async fn remove(&self, key: &str) -> Result<(), BoardError>;
     /// Stores this replica's heartbeat under [`crate::route::heartbeat_key`].
     async fn beat(&self, beat: &ReplicaHeartbeat) -> Result<(), BoardError>;
+    /// Every replica's heartbeat: those stored now, then
+    /// [`ReplicaEvent::Loaded`], then each write and removal as it happens.
+    async fn watch_replicas(&self) -> Result<ReplicaStream, BoardError>;
 }
+
+/// What [`RouteBoard::watch_replicas`] yields.
+pub type ReplicaStream = BoxStream<'static, Result<ReplicaEvent, BoardError>>;
 
 /// A [`RouteBoard`] in memory: for tests and single-process tools.
 #[derive(Debug, Default)]
 pub struct MemoryBoard {
     routes: std::sync::Mutex<std::collections::BTreeMap<String, RouteState>>,
     beats: std::sync::Mutex<std::collections::BTreeMap<String, ReplicaHeartbeat>>,
+    watchers: std::sync::Mutex<Vec<ReplicaWatcher>>,
 }
+
+type ReplicaWatcher = tokio::sync::mpsc::UnboundedSender<Result<ReplicaEvent, BoardError>>;
 
 impl MemoryBoard {
     /// The route states stored, by key.
@@ -314,6 +324,13 @@ impl MemoryBoard {
     /// The heartbeats stored, by key.
     pub fn heartbeats(&self) -> std::collections::BTreeMap<String, ReplicaHeartbeat> {
         self.beats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn tell(&self, event: ReplicaEvent) {
+        self.watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|w| w.send(Ok(event.clone())).is_ok());
     }
 }
 
@@ -329,16 +346,37 @@ impl RouteBoard for MemoryBoard {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
-        self.beats
+        let gone = self
+            .beats
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
+        if gone.is_some() {
+            self.tell(ReplicaEvent::Gone(key.to_owned()));
+        }
         Ok(())
     }
     async fn beat(&self, beat: &ReplicaHeartbeat) -> Result<(), BoardError> {
-        let mut map = self.beats.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(crate::route::heartbeat_key(&beat.replica), beat.clone());
+        self.beats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(crate::route::heartbeat_key(&beat.replica), beat.clone());
+        self.tell(ReplicaEvent::Beat(beat.clone()));
         Ok(())
+    }
+    async fn watch_replicas(&self) -> Result<ReplicaStream, BoardError> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // Under the watchers' lock, so no beat falls between the two.
+        let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        for beat in self.heartbeats().into_values() {
+            let _ = tx.send(Ok(ReplicaEvent::Beat(beat)));
+        }
+        let _ = tx.send(Ok(ReplicaEvent::Loaded));
+        watchers.push(tx);
+        let mut rx = rx;
+        Ok(Box::pin(futures::stream::poll_fn(move |cx| {
+            rx.poll_recv(cx)
+        })))
     }
 }
 

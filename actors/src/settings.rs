@@ -54,6 +54,9 @@ pub struct EngineSettings {
     /// (it is renewed every third of it while the call lasts); a replica
     /// that dies blocks that task elsewhere for at most this long.
     pub claim_ttl: Duration,
+    /// When calls are claimed across replicas: while another replica is
+    /// seen (`Auto`), or always.
+    pub claims: crate::peers::ClaimMode,
     /// How long a task waits at a route whose circuit is open before it may
     /// be requeued at the back of its queue.
     pub park_after: Duration,

@@ -70,11 +70,6 @@ async fn every_answered_call_is_in_the_ledger_once_even_across_accountant_restar
     let finished = r.ledger.calls();
     assert_eq!(finished.len(), 60);
     assert!(finished.iter().all(|c| c.state == CallState::Finished));
-    let sheets = r.ledger.sheet_count();
-    assert!(
-        sheets < 2 * 60,
-        "calls going out together share sheets: {sheets} sheets for 120 records"
-    );
     r.engine.shutdown().await;
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use batchd_actors::clock::Clock;
 use batchd_actors::ownership::{Acquired, Ownership, OwnershipRecord, OwnershipStore};
+use batchd_actors::route::ReplicaHeartbeat;
 use batchd_actors::settings::EngineSettings;
 use batchd_actors::task::Priority;
 use support::{healthy, rig, settings, task, until};
@@ -104,5 +105,76 @@ async fn no_call_goes_out_unclaimed_while_the_claim_store_fails() {
     until(Duration::from_secs(10), || r.source.acks().len() == 1).await;
     assert_eq!(r.provider.calls().len(), 1);
     assert_eq!(r.sink.max_copies(), 1);
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn alone_calls_take_no_claim_and_another_replica_appearing_claims_those_in_flight() {
+    use batchd_actors::ports::RouteBoard;
+    let mut s = replica_settings();
+    s.claims = batchd_actors::peers::ClaimMode::Auto;
+    let clock = s.clock.clone();
+    let r = rig(s, healthy(Duration::from_secs(20))).await;
+    // Alone (its own heartbeat only): 4 calls (the route's limit), no
+    // ownership write.
+    until(Duration::from_secs(5), || !r.board.heartbeats().is_empty()).await;
+    for i in 0..4 {
+        r.source
+            .publish(Priority::P2, task(&format!("a{i}"), &format!("a{i}")));
+    }
+    until(Duration::from_secs(5), || r.provider.calls().len() == 4).await;
+    assert_eq!(r.owners.writes(), 0, "a lone replica claims nothing");
+
+    // replica-b starts while those 4 calls are in flight: each is claimed
+    // at once, and kept (replica-b cannot take one over).
+    r.board
+        .beat(&ReplicaHeartbeat::idle("replica-b", clock.now()))
+        .await
+        .unwrap();
+    until(Duration::from_secs(2), || r.owners.writes() >= 4).await;
+    let b = Ownership::new(
+        r.owners.clone() as Arc<dyn OwnershipStore>,
+        "replica-b",
+        Duration::from_secs(15),
+        clock.clone(),
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for i in 0..4 {
+        match b.acquire(&format!("call.a{i}.g0")).await.unwrap() {
+            Acquired::HeldBy(record) => assert_eq!(record.owner, "test-replica"),
+            Acquired::Taken(_) => panic!("replica-b took a call in flight at test-replica"),
+        }
+    }
+    // A new call while replica-b lives is claimed before it goes out.
+    r.board
+        .beat(&ReplicaHeartbeat::idle("replica-b", clock.now()))
+        .await
+        .unwrap();
+    r.source.publish(Priority::P2, task("n", "n"));
+    until(Duration::from_secs(60), || r.source.acks().len() == 5).await;
+    assert_eq!(
+        r.owners.get("call.n.g0").map(|rec| rec.owner),
+        Some("test-replica".to_owned())
+    );
+    assert_eq!(r.provider.calls().len(), 5, "one call each");
+    assert_eq!(r.sink.max_copies(), 1);
+
+    // replica-b stops cleanly (its heartbeat removed): alone again.
+    let writes = r.owners.writes();
+    r.board
+        .remove(&batchd_actors::route::heartbeat_key("replica-b"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    r.source.publish(Priority::P2, task("m", "m"));
+    until(Duration::from_secs(60), || r.source.acks().len() == 6).await;
+    assert!(
+        r.owners.get("call.m.g0").is_none(),
+        "alone again: no claim for m"
+    );
+    assert!(
+        r.owners.writes() <= writes + 1,
+        "no new claim once replica-b is gone"
+    );
     r.engine.shutdown().await;
 }

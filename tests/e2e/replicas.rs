@@ -140,14 +140,20 @@ async fn three_replicas_share_the_work_and_survive_a_sigkill_and_a_nats_node_kil
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ownership_records_in_kv_have_one_owner_and_are_taken_over_when_it_dies() {
+/// A private nats-server with batchd's streams and buckets on it.
+async fn private_topology() -> (NatsServer, batchd::nats::Topology) {
     let nats = NatsServer::start().await;
     let config = common::config(&nats.url(), "http://127.0.0.1:9");
     let client = nats.client().await;
     let topology = batchd::nats::ensure_topology(&client, &config)
         .await
         .expect("create the topology");
+    (nats, topology)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ownership_records_in_kv_have_one_owner_and_are_taken_over_when_it_dies() {
+    let (_nats, topology) = private_topology().await;
     let store = Arc::new(KvOwnership(topology.owners.clone()));
     let ttl = Duration::from_secs(3);
     let owner = |name: &str| Ownership::new(store.clone(), name, ttl, Clock::system());
@@ -199,4 +205,68 @@ async fn ownership_records_in_kv_have_one_owner_and_are_taken_over_when_it_dies(
         owner("c").acquire("ck.b_1").await,
         Ok(Acquired::Taken(_))
     ));
+}
+
+/// The next event of a heartbeat watch, within 10 s.
+async fn next(
+    events: &mut batchd_actors::ports::ReplicaStream,
+) -> batchd_actors::peers::ReplicaEvent {
+    use futures::StreamExt;
+    tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("the watch goes on")
+        .expect("no error")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_heartbeats_in_kv_are_watched_as_they_come_and_go() {
+    use batchd_actors::peers::ReplicaEvent;
+    use batchd_actors::ports::RouteBoard;
+    use batchd_actors::route::{heartbeat_key, ReplicaHeartbeat, RouteState};
+
+    let (_nats, topology) = private_topology().await;
+    let board = batchd::nats::KvRouteBoard(topology.routes.clone());
+    let beat = |replica: &str| ReplicaHeartbeat {
+        calls_in_flight: 2,
+        ..ReplicaHeartbeat::idle(replica, chrono::Utc::now())
+    };
+    let a = beat("a.host-1");
+    board.beat(&a).await.expect("a's heartbeat");
+    // A route entry beside it is not a heartbeat.
+    let route = RouteState::new(
+        "a.host-1",
+        "openai",
+        "gpt-4.1",
+        &batchd_actors::route::RouteStatus {
+            at: chrono::Utc::now(),
+            concurrency_limit: 4,
+            in_flight: 0,
+            rpm_limit: None,
+            tpm_limit: None,
+            paused_until: None,
+            circuit: None,
+            circuit_until: None,
+            waiting: [0; 3],
+        },
+    );
+    board
+        .put(
+            &batchd_actors::route::route_key("a.host-1", "openai", "gpt-4.1"),
+            &route,
+        )
+        .await
+        .expect("a's route");
+
+    let mut events = board.watch_replicas().await.expect("watch");
+    assert_eq!(next(&mut events).await, ReplicaEvent::Beat(a.clone()));
+    assert_eq!(next(&mut events).await, ReplicaEvent::Loaded);
+    let b = beat("b");
+    board.beat(&b).await.expect("b's heartbeat");
+    assert_eq!(next(&mut events).await, ReplicaEvent::Beat(b));
+    board.remove(&heartbeat_key("b")).await.expect("b stops");
+    assert_eq!(
+        next(&mut events).await,
+        ReplicaEvent::Gone(heartbeat_key("b"))
+    );
 }

@@ -158,6 +158,24 @@ pub struct ReplicaHeartbeat {
     pub updated_at: DateTime<Utc>,
 }
 
+impl ReplicaHeartbeat {
+    /// The heartbeat of `replica`, started and written at `at`, holding
+    /// nothing.
+    pub fn idle(replica: &str, at: DateTime<Utc>) -> ReplicaHeartbeat {
+        ReplicaHeartbeat {
+            replica: replica.to_owned(),
+            started_at: at,
+            messages_held: 0,
+            calls_in_flight: 0,
+            calls_waiting: 0,
+            batches: 0,
+            preempted_batches: 0,
+            routes: 0,
+            updated_at: at,
+        }
+    }
+}
+
 /// The key of a replica's heartbeat: `replica.<replica>` (two tokens, where
 /// a route's key has three).
 pub fn heartbeat_key(replica: &str) -> String {

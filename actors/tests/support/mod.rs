@@ -482,6 +482,7 @@ pub fn settings() -> EngineSettings {
         route_limits: HashMap::new(),
         request_timeout: Duration::from_secs(30),
         claim_ttl: Duration::from_secs(15),
+        claims: batchd_actors::peers::ClaimMode::Always,
         park_after: Duration::from_secs(5),
         park_keep: 2,
         publish_retry: Duration::from_secs(5),
