@@ -930,12 +930,12 @@ impl RouteBoard for KvRouteBoard {
             .map_err(|e| BoardError(format!("writing the heartbeat {key}: {e}")))
     }
 
-    async fn watch_replicas(&self) -> Result<ReplicaStream, BoardError> {
+    async fn watch_board(&self) -> Result<ReplicaStream, BoardError> {
         // The watch first, then the listing: a heartbeat written between
         // the two is reported twice rather than missed.
         let watch = self
             .0
-            .watch("replica.*")
+            .watch_all()
             .await
             .map_err(|e| BoardError(format!("watching the heartbeats: {e}")))?;
         let keys: Vec<String> = self
@@ -947,7 +947,7 @@ impl RouteBoard for KvRouteBoard {
             .await
             .map_err(|e| BoardError(format!("listing the heartbeats: {e}")))?;
         let mut now = Vec::new();
-        for key in keys.iter().filter(|k| is_heartbeat_key(k)) {
+        for key in &keys {
             let entry = self
                 .0
                 .entry(key.as_str())
@@ -973,19 +973,22 @@ fn is_heartbeat_key(key: &str) -> bool {
     key.starts_with("replica.") && key.split('.').count() == 2
 }
 
-/// What a routes-bucket entry says about a replica: a heartbeat written
-/// (one that does not parse is skipped), or one removed.
+/// What a routes-bucket entry says about a replica: a heartbeat or a route
+/// state written (one that does not parse is skipped), or a heartbeat
+/// removed.
 fn replica_event(entry: jetstream::kv::Entry) -> Option<ReplicaEvent> {
-    if !is_heartbeat_key(&entry.key) {
-        return None;
-    }
+    let heartbeat = is_heartbeat_key(&entry.key);
     match entry.operation {
-        jetstream::kv::Operation::Put => serde_json::from_slice(&entry.value)
+        jetstream::kv::Operation::Put if heartbeat => serde_json::from_slice(&entry.value)
             .ok()
             .map(ReplicaEvent::Beat),
-        jetstream::kv::Operation::Delete | jetstream::kv::Operation::Purge => {
+        jetstream::kv::Operation::Put => serde_json::from_slice(&entry.value)
+            .ok()
+            .map(ReplicaEvent::Route),
+        jetstream::kv::Operation::Delete | jetstream::kv::Operation::Purge if heartbeat => {
             Some(ReplicaEvent::Gone(entry.key))
         }
+        jetstream::kv::Operation::Delete | jetstream::kv::Operation::Purge => None,
     }
 }
 

@@ -139,6 +139,10 @@ impl Routes {
         entry
             .gate
             .signal_priority_one_waiting(ctx.p1_waiting.clone());
+        // Other replicas driving this route already: its part from the start.
+        entry
+            .gate
+            .set_sharing(ctx.peers.sharing(&route.label(), ctx.settings.clock.now()));
         routes.insert(route.clone(), entry.clone());
         Some(entry)
     }

@@ -9,8 +9,16 @@
 //! watch lost), claims every call, and claims its calls already in flight
 //! the moment another replica appears.
 //!
+//! And the split of each route's rate limits: a route driven by several
+//! replicas at once (each has calls in flight or waiting there, as its route
+//! state on the board says) is split among them in equal parts
+//! ([`crate::route::RouteGate::set_sharing`]), so together they stay within
+//! the provider's limit with no KV write beyond the route states and
+//! heartbeats each replica writes anyway.
+//!
 //! A replica is live while its last heartbeat is younger than three
-//! heartbeat periods; a clean stop removes its heartbeat at once.
+//! heartbeat periods; a clean stop removes its heartbeat at once. A route
+//! state counts while younger than three periods too.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +30,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::context::EngineContext;
-use crate::route::{heartbeat_key, ReplicaHeartbeat};
+use crate::route::{heartbeat_key, ReplicaHeartbeat, RouteState};
 
 /// When calls are claimed across replicas.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +51,8 @@ pub enum ReplicaEvent {
     /// A replica's heartbeat was removed (a clean stop), by its key
     /// ([`crate::route::heartbeat_key`]).
     Gone(String),
+    /// A route state was written (or was there when the watch began).
+    Route(RouteState),
     /// Every heartbeat stored when the watch began has been reported.
     Loaded,
 }
@@ -71,6 +81,9 @@ struct View {
     loaded: bool,
     /// By heartbeat key: the replica's name and its latest heartbeat.
     seen: HashMap<String, (String, DateTime<Utc>)>,
+    /// By route (`provider/model`), by replica name: its calls in flight and
+    /// waiting there, and when it said so.
+    routes: HashMap<String, HashMap<String, (usize, DateTime<Utc>)>>,
 }
 
 impl Peers {
@@ -109,6 +122,29 @@ impl Peers {
         live
     }
 
+    /// How many replicas drive `route` (`provider/model`) at `now`: this one
+    /// and every other live one whose latest state there shows calls in
+    /// flight or waiting.
+    pub fn sharing(&self, route: &str, now: DateTime<Utc>) -> u32 {
+        let view = self.lock();
+        let Some(replicas) = view.routes.get(route) else {
+            return 1;
+        };
+        let live = |name: &str| {
+            let key = heartbeat_key(name);
+            key != self.me
+                && view
+                    .seen
+                    .get(&key)
+                    .is_some_and(|(_, at)| now - *at < self.live_for)
+        };
+        let others = replicas
+            .iter()
+            .filter(|(name, (demand, at))| *demand > 0 && now - *at < self.live_for && live(name))
+            .count();
+        u32::try_from(others).unwrap_or(u32::MAX).saturating_add(1)
+    }
+
     /// Takes in one event; true when calls became claimed by it (they were not).
     pub fn apply(&self, event: ReplicaEvent, now: DateTime<Utc>) -> bool {
         {
@@ -123,6 +159,18 @@ impl Peers {
                 }
                 ReplicaEvent::Gone(key) => {
                     view.seen.remove(&key);
+                }
+                ReplicaEvent::Route(state) => {
+                    let demand = state.in_flight.saturating_add(state.waiting);
+                    let seen = view
+                        .routes
+                        .entry(state.route)
+                        .or_default()
+                        .entry(state.replica)
+                        .or_insert((demand, state.updated_at));
+                    if state.updated_at >= seen.1 {
+                        *seen = (demand, state.updated_at);
+                    }
                 }
                 ReplicaEvent::Loaded => view.loaded = true,
             }
@@ -153,13 +201,10 @@ pub fn spawn(ctx: Arc<EngineContext>) -> tokio::task::JoinHandle<()> {
 }
 
 async fn watch(ctx: Arc<EngineContext>) {
-    if ctx.peers.mode == ClaimMode::Always {
-        return;
-    }
     let mut look = tokio::time::interval(LOOK_EVERY);
     look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut events = match ctx.ports.board.watch_replicas().await {
+        let mut events = match ctx.ports.board.watch_board().await {
             Ok(events) => events,
             Err(e) => {
                 tracing::debug!(error = %e, "replicas' heartbeats not watched; calls are claimed meanwhile");
@@ -181,7 +226,10 @@ async fn watch(ctx: Arc<EngineContext>) {
                         break;
                     }
                 },
-                _ = look.tick() => ctx.peers.refresh(ctx.settings.clock.now()),
+                _ = look.tick() => {
+                    split_routes(&ctx);
+                    ctx.peers.refresh(ctx.settings.clock.now())
+                }
             };
             if became {
                 let others = ctx.peers.others(ctx.settings.clock.now());
@@ -190,6 +238,14 @@ async fn watch(ctx: Arc<EngineContext>) {
             }
         }
         tokio::time::sleep(REWATCH_AFTER).await;
+    }
+}
+
+/// Splits each of this replica's routes among the replicas driving it.
+fn split_routes(ctx: &EngineContext) {
+    let now = ctx.settings.clock.now();
+    for r in ctx.routes.all() {
+        r.gate.set_sharing(ctx.peers.sharing(&r.route.label(), now));
     }
 }
 
@@ -230,6 +286,61 @@ mod tests {
 
         assert!(peers.lost(), "watch lost: claim until it is back");
         assert!(peers.claims_needed());
+    }
+
+    fn route(replica: &str, busy: usize, at: DateTime<Utc>) -> ReplicaEvent {
+        ReplicaEvent::Route(RouteState {
+            replica: replica.into(),
+            route: "openai/m".into(),
+            provider: "openai".into(),
+            model: "m".into(),
+            state: crate::route::RouteCondition::Open,
+            reason: None,
+            paused_until: None,
+            circuit_until: None,
+            concurrency_limit: 8,
+            in_flight: busy,
+            waiting: 0,
+            rpm_limit: Some(1200),
+            tpm_limit: None,
+            sharing: 1,
+            updated_at: at,
+        })
+    }
+
+    #[test]
+    fn a_route_is_split_among_the_live_replicas_with_calls_there() {
+        let t0 = Utc::now();
+        let s = |n| t0 + chrono::Duration::seconds(n);
+        let peers = Peers::new("a", ClaimMode::Auto, Duration::from_secs(5));
+        for event in [
+            ReplicaEvent::Loaded,
+            beat("a", t0),
+            beat("b", t0),
+            beat("c", t0),
+            route("a", 3, t0),
+            route("b", 3, t0),
+            route("c", 0, t0),
+            // d's route state, but no heartbeat: not running.
+            route("d", 5, t0),
+        ] {
+            peers.apply(event, t0);
+        }
+        assert_eq!(
+            peers.sharing("openai/m", t0),
+            2,
+            "a and b (c is idle there)"
+        );
+        assert_eq!(peers.sharing("openai/other", t0), 1);
+        peers.apply(route("c", 1, s(1)), s(1));
+        assert_eq!(peers.sharing("openai/m", s(1)), 3);
+        // An older state arriving late changes nothing.
+        peers.apply(route("c", 0, t0), s(1));
+        assert_eq!(peers.sharing("openai/m", s(1)), 3);
+        // b stops cleanly; c's heartbeat ages out at 15 s.
+        peers.apply(ReplicaEvent::Gone(heartbeat_key("b")), s(2));
+        assert_eq!(peers.sharing("openai/m", s(2)), 2);
+        assert_eq!(peers.sharing("openai/m", s(16)), 1);
     }
 
     #[test]

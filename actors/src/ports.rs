@@ -294,12 +294,13 @@ pub trait RouteBoard: Send + Sync + 'static {
     async fn remove(&self, key: &str) -> Result<(), BoardError>;
     /// Stores this replica's heartbeat under [`crate::route::heartbeat_key`].
     async fn beat(&self, beat: &ReplicaHeartbeat) -> Result<(), BoardError>;
-    /// Every replica's heartbeat: those stored now, then
-    /// [`ReplicaEvent::Loaded`], then each write and removal as it happens.
-    async fn watch_replicas(&self) -> Result<ReplicaStream, BoardError>;
+    /// Every replica's heartbeat and route state: those stored now, then
+    /// [`ReplicaEvent::Loaded`], then each write (and each heartbeat's
+    /// removal) as it happens.
+    async fn watch_board(&self) -> Result<ReplicaStream, BoardError>;
 }
 
-/// What [`RouteBoard::watch_replicas`] yields.
+/// What [`RouteBoard::watch_board`] yields.
 pub type ReplicaStream = BoxStream<'static, Result<ReplicaEvent, BoardError>>;
 
 /// A [`RouteBoard`] in memory: for tests and single-process tools.
@@ -337,8 +338,11 @@ impl MemoryBoard {
 #[async_trait]
 impl RouteBoard for MemoryBoard {
     async fn put(&self, key: &str, state: &RouteState) -> Result<(), BoardError> {
-        let mut map = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(key.to_owned(), state.clone());
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_owned(), state.clone());
+        self.tell(ReplicaEvent::Route(state.clone()));
         Ok(())
     }
     async fn remove(&self, key: &str) -> Result<(), BoardError> {
@@ -364,12 +368,15 @@ impl RouteBoard for MemoryBoard {
         self.tell(ReplicaEvent::Beat(beat.clone()));
         Ok(())
     }
-    async fn watch_replicas(&self) -> Result<ReplicaStream, BoardError> {
+    async fn watch_board(&self) -> Result<ReplicaStream, BoardError> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         // Under the watchers' lock, so no beat falls between the two.
         let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
         for beat in self.heartbeats().into_values() {
             let _ = tx.send(Ok(ReplicaEvent::Beat(beat)));
+        }
+        for state in self.entries().into_values() {
+            let _ = tx.send(Ok(ReplicaEvent::Route(state)));
         }
         let _ = tx.send(Ok(ReplicaEvent::Loaded));
         watchers.push(tx);

@@ -93,6 +93,13 @@ pub struct Route {
     pub model: String,
 }
 
+impl Route {
+    /// `<provider>/<model>`, as the route board and metrics name it.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.provider, self.model)
+    }
+}
+
 /// Everything the engine needs to route tasks.
 #[derive(Debug, Clone)]
 pub struct Catalog {

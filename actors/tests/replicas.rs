@@ -178,3 +178,82 @@ async fn alone_calls_take_no_claim_and_another_replica_appearing_claims_those_in
     );
     r.engine.shutdown().await;
 }
+
+/// replica-b's route state on `fake/m`, with calls waiting there, and its
+/// heartbeat, written now and every 5 s while the test runs.
+fn replica_b_drives_route_m(r: &support::Rig, clock: Clock) -> tokio::task::JoinHandle<()> {
+    use batchd_actors::ports::RouteBoard;
+    let board = r.board.clone();
+    tokio::spawn(async move {
+        loop {
+            let now = clock.now();
+            let status = batchd_actors::route::RouteStatus {
+                at: now,
+                concurrency_limit: 4,
+                in_flight: 4,
+                rpm_limit: Some(600),
+                tpm_limit: None,
+                sharing: 2,
+                paused_until: None,
+                circuit: None,
+                circuit_until: None,
+                waiting: [0, 10, 0],
+            };
+            let state = batchd_actors::route::RouteState::new("replica-b", "fake", "m", &status);
+            let key = batchd_actors::route::route_key("replica-b", "fake", "m");
+            board.put(&key, &state).await.unwrap();
+            board
+                .beat(&ReplicaHeartbeat::idle("replica-b", now))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_another_replica_drives_too_gets_half_its_rate_limit() {
+    let mut s = replica_settings();
+    s.route_limits.insert(
+        "m".into(),
+        batchd_actors::settings::RouteLimits {
+            rpm: Some(600),
+            tpm: None,
+        },
+    );
+    let clock = s.clock.clone();
+    let r = rig(s, healthy(Duration::from_millis(5))).await;
+    let b = replica_b_drives_route_m(&r, clock);
+    until(Duration::from_secs(5), || r.board.heartbeats().len() == 2).await;
+    for i in 0..1000 {
+        r.source
+            .publish(Priority::P2, task(&format!("t{i}"), &format!("t{i}")));
+    }
+    // Half the bucket at once (less the 1% reserve), then half the rate:
+    // 297 + 150 in 30 s (alone: 594 + 300).
+    let start = Instant::now();
+    until(Duration::from_secs(5), || !r.provider.calls().is_empty()).await;
+    tokio::time::sleep_until(start + Duration::from_secs(30)).await;
+    let calls = r.provider.calls().len();
+    assert!((430..=460).contains(&calls), "{calls} calls in 30 s");
+    let route = r.engine.context().routes.all()[0].gate.status();
+    assert_eq!(route.sharing, 2);
+    assert_eq!(route.rpm_limit, Some(600));
+
+    // replica-b stops: the whole limit again (its 300 a minute back).
+    b.abort();
+    {
+        use batchd_actors::ports::RouteBoard;
+        r.board
+            .remove(&batchd_actors::route::heartbeat_key("replica-b"))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = r.provider.calls().len();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let after = r.provider.calls().len() - before;
+    assert!((295..=320).contains(&after), "{after} calls in 30 s alone");
+    assert_eq!(r.engine.context().routes.all()[0].gate.status().sharing, 1);
+    r.engine.shutdown().await;
+}

@@ -407,6 +407,7 @@ mod tests {
             in_flight: 0,
             rpm_limit: None,
             tpm_limit: None,
+            sharing: 1,
             paused_until: paused.then(|| at + chrono::TimeDelta::seconds(3)),
             circuit: None,
             circuit_until: None,

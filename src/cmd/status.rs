@@ -288,6 +288,7 @@ mod tests {
             in_flight: 0,
             rpm_limit: None,
             tpm_limit: None,
+            sharing: 1,
             paused_until: None,
             circuit: circuit_in.map(|_| CircuitReason::Unavailable),
             circuit_until: circuit_in.map(|s| at + TimeDelta::seconds(s)),

@@ -220,7 +220,7 @@ async fn next(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicas_heartbeats_in_kv_are_watched_as_they_come_and_go() {
+async fn replicas_heartbeats_and_route_states_in_kv_are_watched_as_they_come_and_go() {
     use batchd_actors::peers::ReplicaEvent;
     use batchd_actors::ports::RouteBoard;
     use batchd_actors::route::{heartbeat_key, ReplicaHeartbeat, RouteState};
@@ -244,6 +244,7 @@ async fn replicas_heartbeats_in_kv_are_watched_as_they_come_and_go() {
             in_flight: 0,
             rpm_limit: None,
             tpm_limit: None,
+            sharing: 1,
             paused_until: None,
             circuit: None,
             circuit_until: None,
@@ -258,9 +259,38 @@ async fn replicas_heartbeats_in_kv_are_watched_as_they_come_and_go() {
         .await
         .expect("a's route");
 
-    let mut events = board.watch_replicas().await.expect("watch");
-    assert_eq!(next(&mut events).await, ReplicaEvent::Beat(a.clone()));
-    assert_eq!(next(&mut events).await, ReplicaEvent::Loaded);
+    let mut events = board.watch_board().await.expect("watch");
+    // What is stored, in any order, then Loaded.
+    let mut stored = Vec::new();
+    loop {
+        match next(&mut events).await {
+            ReplicaEvent::Loaded => break,
+            event => stored.push(event),
+        }
+    }
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert!(
+        stored.contains(&ReplicaEvent::Beat(a.clone())),
+        "{stored:?}"
+    );
+    assert!(
+        stored.contains(&ReplicaEvent::Route(route.clone())),
+        "{stored:?}"
+    );
+    // A route state written is reported (its removal is not: a replica
+    // gone is told by its heartbeat).
+    let busier = RouteState {
+        in_flight: 7,
+        ..route.clone()
+    };
+    board
+        .put(
+            &batchd_actors::route::route_key("a.host-1", "openai", "gpt-4.1"),
+            &busier,
+        )
+        .await
+        .expect("a's route again");
+    assert_eq!(next(&mut events).await, ReplicaEvent::Route(busier));
     let b = beat("b");
     board.beat(&b).await.expect("b's heartbeat");
     assert_eq!(next(&mut events).await, ReplicaEvent::Beat(b));

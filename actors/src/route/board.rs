@@ -86,8 +86,17 @@ pub struct RouteState {
     pub rpm_limit: Option<u64>,
     /// Tokens per minute, configured or learned; `None` while unknown.
     pub tpm_limit: Option<u64>,
+    /// How many replicas the limits are split among (this one included):
+    /// this replica sends its equal part.
+    #[serde(default = "alone")]
+    pub sharing: u32,
     /// When this was written.
     pub updated_at: DateTime<Utc>,
+}
+
+/// A route state written before replicas split limits: driven alone.
+fn alone() -> u32 {
+    1
 }
 
 impl RouteState {
@@ -107,6 +116,7 @@ impl RouteState {
             waiting: status.waiting.iter().sum(),
             rpm_limit: status.rpm_limit,
             tpm_limit: status.tpm_limit,
+            sharing: status.sharing,
             updated_at: status.at.round_subsecs(3),
         }
     }
@@ -123,7 +133,13 @@ impl RouteState {
 
     /// What a change of must be written at once.
     fn fingerprint(&self) -> Fingerprint {
-        (self.state, self.reason, self.rpm_limit, self.tpm_limit)
+        (
+            self.state,
+            self.reason,
+            self.rpm_limit,
+            self.tpm_limit,
+            self.sharing,
+        )
     }
 }
 
@@ -132,6 +148,7 @@ type Fingerprint = (
     Option<CircuitReason>,
     Option<u64>,
     Option<u64>,
+    u32,
 );
 
 /// A replica's heartbeat: that it is alive and what it holds, written every
@@ -256,6 +273,7 @@ mod tests {
             in_flight: 3,
             rpm_limit: Some(500),
             tpm_limit: None,
+            sharing: 1,
             paused_until: None,
             circuit: None,
             circuit_until: None,
@@ -302,6 +320,7 @@ mod tests {
                 "waiting": 5,
                 "rpm_limit": 500,
                 "tpm_limit": null,
+                "sharing": 1,
                 "updated_at": "2027-01-15T08:00:00Z",
             })
         );

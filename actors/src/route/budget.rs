@@ -51,6 +51,10 @@ pub struct RateBudget {
 struct Bucket {
     /// Per minute; `None` while unknown (nothing held back).
     limit: Option<u64>,
+    /// This replica's share of `limit` (1 when it drives the route alone):
+    /// its bucket holds and refills that share.
+    #[serde(default = "whole")]
+    share: f64,
     /// From the config: headers may lower the estimate, not change the limit.
     configured: bool,
     /// Estimated units in the provider's bucket; negative when overdrawn.
@@ -69,14 +73,32 @@ pub struct Charge {
     at: DateTime<Utc>,
 }
 
+/// The share of a route driven alone.
+fn whole() -> f64 {
+    1.0
+}
+
 impl Bucket {
     fn new(limit: Option<u64>) -> Self {
         let limit = limit.filter(|&l| l > 0);
         Bucket {
             limit,
+            share: 1.0,
             configured: limit.is_some(),
             available: limit.map_or(0.0, |l| l as f64),
             sent: 0.0,
+        }
+    }
+
+    /// This replica's part of the limit, per minute.
+    fn slice(&self) -> Option<f64> {
+        self.limit.map(|l| l as f64 * self.share)
+    }
+
+    fn set_share(&mut self, share: f64) {
+        self.share = share;
+        if let Some(slice) = self.slice() {
+            self.available = self.available.min(slice);
         }
     }
 
@@ -85,7 +107,7 @@ impl Bucket {
             Some(limit) => {
                 self.limit = Some(limit);
                 self.configured = true;
-                self.available = self.available.min(limit as f64);
+                self.available = self.available.min(limit as f64 * self.share);
             }
             None if self.configured => {
                 self.limit = None;
@@ -96,18 +118,16 @@ impl Bucket {
     }
 
     fn refill(&mut self, seconds: f64) {
-        if let Some(limit) = self.limit {
-            let limit = limit as f64;
+        if let Some(limit) = self.slice() {
             self.available = (self.available + seconds * limit / WINDOW_SECS).min(limit);
         }
     }
 
     /// Time until `need` units (plus the reserve) are in the bucket.
     fn wait_for(&self, need: f64) -> Duration {
-        let Some(limit) = self.limit else {
+        let Some(limit) = self.slice() else {
             return Duration::ZERO;
         };
-        let limit = limit as f64;
         // More than the whole budget goes when the bucket is full: the
         // provider will say what it thinks of it.
         let target = (need + limit * RESERVE).min(limit);
@@ -122,8 +142,7 @@ impl Bucket {
     /// Takes `units` (gives back if negative). A debt beyond a whole bucket
     /// only comes from a garbage count, and must not hold the route for hours.
     fn spend(&mut self, units: f64) {
-        if let Some(limit) = self.limit {
-            let limit = limit as f64;
+        if let Some(limit) = self.slice() {
             self.available = (self.available - units).clamp(-limit, limit);
         }
     }
@@ -141,7 +160,7 @@ impl Bucket {
             .min(provider_limit);
         if !self.configured && self.limit != Some(reading.limit) {
             self.limit = Some(reading.limit);
-            self.available = fresh;
+            self.available = fresh.min(provider_limit * self.share);
             return true;
         }
         // Only ever lower: a reading may be staler than what we know (other
@@ -174,6 +193,24 @@ impl RateBudget {
     pub fn configure(&mut self, rpm: Option<u64>, tpm: Option<u64>) {
         self.requests.configure(rpm);
         self.tokens.configure(tpm);
+    }
+
+    /// Sets this replica's share of the route's limits (in `(0, 1]`: other
+    /// replicas drive the same route and take the rest): its buckets hold
+    /// and refill that share. Anything else is read as 1 (the route alone).
+    pub fn set_share(&mut self, share: f64) {
+        let share = if share > 0.0 && share <= 1.0 {
+            share
+        } else {
+            1.0
+        };
+        self.requests.set_share(share);
+        self.tokens.set_share(share);
+    }
+
+    /// This replica's share of the route's limits.
+    pub fn share(&self) -> f64 {
+        self.requests.share
     }
 
     /// Requests per minute, configured or learned.
@@ -209,7 +246,10 @@ impl RateBudget {
             return Err((until - now).to_std().unwrap_or(Duration::ZERO));
         }
         // A call never costs more than a whole bucket, whatever its estimate.
-        let est_tokens = self.tokens.limit.map_or(est_tokens, |l| est_tokens.min(l));
+        let est_tokens = self
+            .tokens
+            .slice()
+            .map_or(est_tokens, |l| est_tokens.min(l.max(1.0) as u64));
         let est = est_tokens as f64;
         let wait = self.requests.wait_for(1.0).max(self.tokens.wait_for(est));
         if !wait.is_zero() {
@@ -358,6 +398,53 @@ mod tests {
         assert!(b.try_take(0, at(101)).is_ok());
         assert!(b.try_take(0, at(101)).is_err());
         assert!(b.try_take(0, at(201)).is_ok());
+    }
+
+    /// Takes every request the budget lets go, one look per 10 ms, from
+    /// `from` ms for `ms` ms.
+    fn taken_over(b: &mut RateBudget, from: i64, ms: i64) -> usize {
+        (from..from + ms)
+            .step_by(10)
+            .map(|t| {
+                (0..1000)
+                    .take_while(|_| b.try_take(0, at(t)).is_ok())
+                    .count()
+            })
+            .sum()
+    }
+
+    #[test]
+    fn a_share_holds_and_refills_that_part_of_the_limit() {
+        let mut b = RateBudget::new(Some(600), None, t0());
+        b.set_share(1.0 / 3.0);
+        assert!((b.share() - 1.0 / 3.0).abs() < 1e-9);
+        assert_eq!(b.rpm(), Some(600), "the provider's limit is shown whole");
+        // A third of the bucket at once (less the reserve), then a third of
+        // the rate: 200 a minute.
+        let burst = taken_over(&mut b, 0, 1);
+        assert_eq!(burst, 198);
+        let minute = taken_over(&mut b, 10, 60_000);
+        assert!((195..=201).contains(&minute), "{minute} in a minute");
+        // The whole route again: the full rate.
+        b.set_share(1.0);
+        let minute = taken_over(&mut b, 60_010, 60_000);
+        assert!((590..=606).contains(&minute), "{minute} in a minute");
+        // Nonsense shares are the whole route.
+        for bad in [0.0, -1.0, 2.0, f64::NAN, f64::INFINITY] {
+            b.set_share(bad);
+            assert_eq!(b.share(), 1.0, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_limit_learned_under_a_share_fills_only_that_part() {
+        let mut b = RateBudget::new(None, None, t0());
+        b.set_share(0.5);
+        let charge = b.try_take(0, t0()).unwrap();
+        assert!(b.on_answer(&charge, None, &requests(1200, 1199), t0()));
+        assert_eq!(b.rpm(), Some(1200));
+        let burst = taken_over(&mut b, 0, 1);
+        assert!((590..=600).contains(&burst), "{burst}");
     }
 
     #[test]

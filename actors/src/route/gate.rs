@@ -130,6 +130,8 @@ pub struct RouteStatus {
     /// Configured or learned; `None` while unknown.
     pub rpm_limit: Option<u64>,
     pub tpm_limit: Option<u64>,
+    /// How many replicas the limits are split among (1: this one alone).
+    pub sharing: u32,
     /// The end of the pause after a 429, while it lasts (it ends by itself).
     pub paused_until: Option<DateTime<Utc>>,
     /// Why the circuit is not closed; `None` when it is.
@@ -209,6 +211,8 @@ struct State {
     /// p2 and p3 weights, at least 1 each.
     weights: [i64; 2],
     next_id: u64,
+    /// How many replicas the rate limits are split among.
+    sharing: u32,
     /// Told whenever a priority-1 call has to wait (the PreemptionMonitor).
     p1_signal: Option<Arc<Notify>>,
 }
@@ -251,6 +255,7 @@ impl RouteGate {
                 i64::from(settings.p3_weight.max(1)),
             ],
             next_id: 0,
+            sharing: 1,
             p1_signal: None,
         };
         RouteGate {
@@ -288,6 +293,8 @@ impl RouteGate {
                 AdaptiveConcurrency::resume(settings.concurrency(), snap.concurrency_limit);
             state.budget = snap.budget.clone();
             state.budget.configure(settings.rpm, settings.tpm);
+            // Until the other replicas are seen again, the split stored.
+            state.sharing = (1.0 / state.budget.share()).round().max(1.0) as u32;
             state.circuit = CircuitBreaker::restore(settings.circuit, &snap.circuit, now, wall);
         }
         gate
@@ -355,6 +362,21 @@ impl RouteGate {
         permit.shared.finish(&permit, report)
     }
 
+    /// Splits the route's rate limits among `replicas` replicas driving it
+    /// (1: this one alone): this replica's budget holds and refills its
+    /// equal part.
+    pub fn set_sharing(&self, replicas: u32) {
+        let replicas = replicas.max(1);
+        let mut state = self.shared.lock();
+        if state.sharing == replicas {
+            return;
+        }
+        state.sharing = replicas;
+        state.budget.set_share(1.0 / f64::from(replicas));
+        // A larger part may let the head go now.
+        state.wake_head();
+    }
+
     /// The route's state as a plain value, to be stored.
     pub fn snapshot(&self) -> RouteSnapshot {
         let now = Instant::now();
@@ -382,6 +404,7 @@ impl RouteGate {
             in_flight: state.in_flight,
             rpm_limit: state.budget.rpm(),
             tpm_limit: state.budget.tpm(),
+            sharing: state.sharing,
             paused_until: state.budget.paused_until(wall),
             circuit: state.circuit.reason(),
             circuit_until,
