@@ -44,6 +44,7 @@ fn main() {
             capacity: false,
             capacity_secs: 180,
             capacity_sims: CapacitySetting::BAR.to_vec(),
+            capacity_replicas: 1,
             backlog: false,
             backlog_sizes: Vec::new(),
             backlog_secs: 30,

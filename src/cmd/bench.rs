@@ -90,6 +90,10 @@ pub struct BenchArgs {
         default_values_t = CapacitySetting::BAR
     )]
     pub capacity_sims: Vec<CapacitySetting>,
+    /// Replicas sharing each --capacity provider's limit (engines of their
+    /// own in this process, each with its own NATS connection and name)
+    #[arg(long, default_value_t = 1)]
+    pub capacity_replicas: usize,
     /// Instead of the phases: the resident memory of `batchd run` with each
     /// --backlog-sizes backlog queued in JetStream, and the ratio
     #[arg(long)]
@@ -343,7 +347,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     if args.capacity {
         for setting in &args.capacity_sims {
             let server = Server::open(args.nats_url.as_deref(), &base).await?;
-            let result = capacity::measure(&server, &base, *setting, args.capacity_secs).await;
+            let result = capacity::measure(
+                &server,
+                &base,
+                *setting,
+                args.capacity_secs,
+                args.capacity_replicas,
+            )
+            .await;
             server.close().await;
             capacity.push(result?);
         }
