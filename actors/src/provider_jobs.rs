@@ -50,7 +50,7 @@ use crate::ledger::{day_of, CallRecord, CallState};
 use crate::messages::{Accepted, Batch};
 use crate::metrics;
 use crate::outcome::{self, elapsed_ms, Final};
-use crate::ports::{BatchApi, BatchJobStatus, ProviderError, Requeue};
+use crate::ports::{BatchApi, BatchJobStatus, Completion, ProviderError, Requeue};
 use crate::task::{
     timestamp, DeadLetter, Encoding, ErrorKind, Outcome, Priority, RouteKind, Status, TaskError,
     Timings, Usage,
@@ -194,9 +194,10 @@ pub fn split<T>(
 /// How one line of a finished job ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LineResult {
-    /// Answered with a 2xx and this body.
-    Answered(Value),
-    /// Refused or failed: the status (when the line had a response) and why.
+    /// Answered with a usable completion.
+    Answered(Completion),
+    /// Refused or failed: the status (when the line had a response) and
+    /// why. An answer without a usable completion reads as a 500.
     Failed {
         /// HTTP status of the line's response, if any.
         status: Option<u16>,
@@ -205,9 +206,23 @@ pub enum LineResult {
     },
 }
 
-/// Reads output and error files into results by `custom_id`. Lines that
-/// cannot be read, or that report an expiry, are left out: their tasks
-/// count as unanswered.
+impl LineResult {
+    /// A 2xx answer's completion, or the transient failure it is when it
+    /// has none (as on the realtime route).
+    pub fn from_answer(parsed: Result<Completion, String>) -> LineResult {
+        match parsed {
+            Ok(c) => LineResult::Answered(c),
+            Err(message) => LineResult::Failed {
+                status: Some(500),
+                message,
+            },
+        }
+    }
+}
+
+/// Reads OpenAI's output and error files into results by `custom_id`.
+/// Lines that cannot be read, or that report an expiry, are left out:
+/// their tasks count as unanswered.
 pub fn read_results(files: &[&[u8]]) -> HashMap<String, LineResult> {
     let mut out = HashMap::new();
     for file in files {
@@ -225,7 +240,8 @@ pub fn read_results(files: &[&[u8]]) -> HashMap<String, LineResult> {
                 .and_then(|s| u16::try_from(s).ok());
             let result = match (status, response) {
                 (Some(s), Some(r)) if (200..300).contains(&s) => {
-                    LineResult::Answered(r.get("body").cloned().unwrap_or(Value::Null))
+                    let body = r.get("body").map(Value::to_string).unwrap_or_default();
+                    LineResult::from_answer(parse_chat_completion(body.as_bytes()))
                 }
                 (Some(s), Some(r)) => {
                     let body = r.get("body").map(Value::to_string).unwrap_or_default();
@@ -473,6 +489,7 @@ async fn find_or_create(
     let b = api
         .create(
             input_file_id,
+            &job.input_file(),
             &job.endpoint,
             window,
             &json!({ JOB_TAG: job.id }),
@@ -482,35 +499,23 @@ async fn find_or_create(
     Ok(b)
 }
 
-/// Reads the ended job's files and settles each task.
+/// Reads the ended job's results and settles each task.
 async fn finish(ctx: &EngineContext, api: &dyn BatchApi, job: ProviderJob, status: BatchJobStatus) {
-    let mut files = Vec::new();
-    for id in [&status.output_file_id, &status.error_file_id]
-        .into_iter()
-        .flatten()
-    {
-        loop {
-            match api.content(id).await {
-                Ok(bytes) => {
-                    files.push(bytes);
-                    break;
-                }
-                Err(ProviderError::Rejected { status: 404, .. }) => break,
-                Err(e) => {
-                    tracing::warn!(job_id = %job.id, file_id = %id, error = %e, "result file not read; trying again");
-                    if !pause(ctx, ctx.settings.batch_api.poll_initial).await {
-                        return;
-                    }
+    let results = loop {
+        match api.results(&status).await {
+            Ok(results) => break results,
+            Err(e) => {
+                tracing::warn!(job_id = %job.id, error = %e, "results of an ended job not read; trying again");
+                if !pause(ctx, ctx.settings.batch_api.poll_initial).await {
+                    return;
                 }
             }
         }
-    }
-    let slices: Vec<&[u8]> = files.iter().map(|b| b.as_ref()).collect();
-    let results = read_results(&slices);
+    };
     tracing::info!(job_id = %job.id, status = %status.status, answered = results.len(), tasks = job.tasks.len(), "provider job ended");
     for t in &job.tasks {
-        match results.get(&t.task_id) {
-            Some(LineResult::Answered(body)) => answered(ctx, &job, t, body).await,
+        match results.get(&api.custom_id(&t.task_id)) {
+            Some(LineResult::Answered(completion)) => answered(ctx, &job, t, completion).await,
             Some(LineResult::Failed { status, message }) => {
                 line_failed(ctx, &job, t, *status, message).await;
             }
@@ -562,15 +567,8 @@ fn call_id(job: &ProviderJob, t: &JobTask) -> String {
     )
 }
 
-async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, body: &Value) {
-    let completion = match parse_chat_completion(body.to_string().as_bytes()) {
-        Ok(c) => c,
-        Err(message) => {
-            // A 200 without a usable answer: transient, as on the realtime route.
-            line_failed(ctx, job, t, Some(500), &message).await;
-            return;
-        }
-    };
+async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, completion: &Completion) {
+    let completion = completion.clone();
     let now = ctx.clock.now();
     let cost = ctx
         .settings
@@ -786,21 +784,44 @@ mod tests {
 
     #[test]
     fn results_are_mapped_by_custom_id_whatever_their_order() {
-        let output = br#"{"id":"r2","custom_id":"b","response":{"status_code":200,"body":{"x":2}},"error":null}
-{"id":"r1","custom_id":"a","response":{"status_code":200,"body":{"x":1}},"error":null}
-"#;
+        let answer = |text: &str| {
+            json!({"custom_id": text, "response": {"status_code": 200, "body": {
+                "choices": [{"message": {"content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1}}}, "error": null})
+            .to_string()
+        };
+        let output = format!(
+            "{}\n{}\n{}\n",
+            answer("b"),
+            answer("a"),
+            r#"{"custom_id":"e","response":{"status_code":200,"body":{"choices":[]}},"error":null}"#
+        );
         let errors = br#"{"id":"r3","custom_id":"c","response":{"status_code":400,"body":{"error":{"message":"bad","type":"invalid_request_error"}}},"error":null}
 {"id":"r4","custom_id":"d","response":null,"error":{"code":"batch_expired","message":"late"}}
 not json
 "#;
-        let r = read_results(&[output, errors]);
-        assert_eq!(r["a"], LineResult::Answered(json!({"x": 1})));
-        assert_eq!(r["b"], LineResult::Answered(json!({"x": 2})));
+        let r = read_results(&[output.as_bytes(), errors]);
+        let text = |id: &str| match &r[id] {
+            LineResult::Answered(c) => c.output.clone(),
+            other => panic!("{id}: {other:?}"),
+        };
+        assert_eq!(text("a").as_deref(), Some("a"));
+        assert_eq!(text("b").as_deref(), Some("b"));
         assert!(
             matches!(&r["c"], LineResult::Failed { status: Some(400), message } if message.contains("bad"))
         );
+        assert!(
+            matches!(
+                &r["e"],
+                LineResult::Failed {
+                    status: Some(500),
+                    ..
+                }
+            ),
+            "a 200 without a usable answer is a transient failure"
+        );
         assert!(!r.contains_key("d"), "an expired line is unanswered");
-        assert_eq!(r.len(), 3);
+        assert_eq!(r.len(), 4);
     }
 
     #[test]

@@ -66,6 +66,7 @@
 //! - `prompt_cache`: which prompt prefixes count as `cached_tokens`.
 //! - `api_error`: OpenAI's error body.
 //! - `messages`: Anthropic's Messages API: headers, request, answer.
+//! - `message_batches`: Anthropic's Message Batches API.
 //! - `hash`: the stable hash behind answers and cache keys.
 
 mod admin;
@@ -75,6 +76,7 @@ mod completion;
 mod fault;
 mod hash;
 mod listener;
+mod message_batches;
 mod messages;
 mod prompt_cache;
 mod rate_limit;

@@ -332,6 +332,7 @@ async fn a_kill_between_upload_and_create_leaves_no_task_behind_and_creates_each
             if point == 2 {
                 api.create(
                     &input_file_id,
+                    &bytes::Bytes::new(),
                     CHAT_ENDPOINT,
                     "24h",
                     &serde_json::json!({"batchd_job": job.id}),

@@ -28,6 +28,7 @@ mod scheduling;
 mod security;
 mod sim;
 mod sim_batches;
+mod sim_message_batches;
 mod stack;
 mod status;
 mod submit;

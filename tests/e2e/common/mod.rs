@@ -350,6 +350,30 @@ pub fn sent_per_task(bodies: &[Value]) -> HashMap<String, usize> {
 }
 
 /// Starts the simulated provider configured by `config` on a free port.
+/// Polls a provider batch until it ends (20 s at most): its last status
+/// and the statuses seen, in order.
+pub async fn until_batch_ends(
+    api: &dyn batchd_actors::ports::BatchApi,
+    id: &str,
+) -> (batchd_actors::ports::BatchJobStatus, Vec<String>) {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let b = api.retrieve(id).await.expect("retrieve");
+        if seen.last() != Some(&b.status) {
+            seen.push(b.status.clone());
+        }
+        if b.is_terminal() {
+            return (b, seen);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "batch never ended: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn start_sim(config: SimConfig) -> SimServer {
     SimServer::start("127.0.0.1:0".parse().expect("addr"), config)
         .await
