@@ -6,6 +6,7 @@ mod common;
 
 mod actor_restart;
 mod anthropic;
+mod anthropic_batches;
 mod bad_input;
 mod batch_api;
 mod bench;

@@ -388,9 +388,20 @@ pub async fn stack(sim: SimConfig, extra: &str) -> Stack {
 
 /// [`stack`] with the provider named `provider` (see [`config_toml_as`]).
 pub async fn stack_as(provider: &str, sim: SimConfig, extra: &str) -> Stack {
+    stack_for(provider, sim, |_| extra.to_owned()).await
+}
+
+/// [`stack_as`] with the extra TOML made from the started simulator (for
+/// its addresses).
+pub async fn stack_for(
+    provider: &str,
+    sim: SimConfig,
+    extra: impl FnOnce(&SimServer) -> String,
+) -> Stack {
     let nats = nats::NatsServer::start().await;
     let sim = start_sim(sim).await;
-    let toml = config_toml_as(provider, &nats.url(), &sim.base_url(), extra);
+    let extra = extra(&sim);
+    let toml = config_toml_as(provider, &nats.url(), &sim.base_url(), &extra);
     let config = Config::from_toml_str(&toml, "test").expect("test config is valid");
     let providers = batchd::app::http_providers(&config).expect("providers");
     let running = batchd::app::start(&config, providers)
