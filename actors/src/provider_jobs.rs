@@ -2,9 +2,10 @@
 //!
 //! The `batch_api` route: a sealed batch of tasks whose route kind is
 //! `batch_api` ([`crate::route_policy`]) becomes one or more provider batch
-//! jobs (OpenAI's Batch API, through [`BatchApi`]), each a JSONL input file
-//! per (model, endpoint) with `custom_id` = task id, split at the file
-//! limits (50,000 requests, 200 MB by default).
+//! jobs (OpenAI's Batch API or Anthropic's Message Batches, through
+//! [`BatchApi`]), each a JSONL input file per (model, endpoint) with
+//! `custom_id` = task id, split at the file limits (50,000 requests, 200 MB
+//! by default).
 //!
 //! A job is **recorded** in the [`JobStore`] (KV `batchd-jobs`) with what
 //! each task's outcome needs and its original message, *before* the tasks'

@@ -119,3 +119,61 @@ async fn a_sigkill_mid_message_batch_resumes_the_recorded_batch_with_one_creatio
     );
     assert_eq!(billed_lines(&sim), n as u64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_between_creation_and_its_record_creates_the_batch_again_and_each_task_gets_one_outcome(
+) {
+    use batchd_actors::ports::{BatchApi, JobStore};
+    use batchd_actors::provider_jobs::{JobStep, ProviderJob, CHAT_ENDPOINT, JOB_VERSION};
+    let nats = NatsServer::start().await;
+    let sim = common::start_sim(sim_config(Duration::from_millis(300))).await;
+    let (_dir, path, js) = common::binary_setup_with(&nats, &sim, &claude_batches(&sim)).await;
+    let api = batchd::provider::AnthropicBatchApi::new(
+        &sim.anthropic_base_url(),
+        Some("sk-ant-test".into()),
+        Duration::from_secs(5),
+    )
+    .expect("client");
+    let store = batchd::nats::KvJobs(js.get_key_value("batchd-jobs").await.expect("bucket"));
+    // The job as a run killed right after its creation leaves it: at the
+    // `uploaded` step (Anthropic uploads nothing), its batch created.
+    let tasks = (0..3)
+        .map(|i| {
+            let mut t = crate::batch_api::recorded_task(&format!("cgap{i}"));
+            t.request["model"] = CLAUDE.into();
+            t
+        })
+        .collect();
+    let job = ProviderJob {
+        version: JOB_VERSION,
+        id: "j_gap".into(),
+        provider: "anthropic".into(),
+        model: CLAUDE.into(),
+        endpoint: CHAT_ENDPOINT.into(),
+        batch_id: "b_gap".into(),
+        recorded_at: chrono::Utc::now(),
+        step: JobStep::Uploaded {
+            input_file_id: "inline".into(),
+        },
+        tasks,
+    };
+    api.create(
+        "inline",
+        &job.input_file(),
+        CHAT_ENDPOINT,
+        "24h",
+        &serde_json::Value::Null,
+    )
+    .await
+    .expect("create");
+    store.put(&job).await.expect("record the job");
+
+    let _batchd = Batchd::start(&path);
+    let outcomes = common::wait_for_one_outcome_each(&js, 3, Duration::from_secs(60)).await;
+    assert!(outcomes
+        .values()
+        .all(|l| l[0]["status"] == "succeeded" && l[0]["route"] == "batch_api"));
+    // A Message Batch carries no tag to find it by: the job is created
+    // again, and the first batch is left unread.
+    assert_eq!(sim.batch_creations(), 2);
+}
