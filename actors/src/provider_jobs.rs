@@ -7,6 +7,11 @@
 //! `custom_id` = task id, split at the file limits (50,000 requests, 200 MB
 //! by default).
 //!
+//! Before that, each task passes the realtime route's budget check
+//! (`dispatcher::within_budget`): a tenant over its budget gets no new job;
+//! its tasks fail `budget_exceeded` or are held, by their priority's
+//! `on_exceeded`.
+//!
 //! A job is **recorded** in the [`JobStore`] (KV `batchd-jobs`) with what
 //! each task's outcome needs and its original message, *before* the tasks'
 //! JetStream messages are acked: a job that runs for hours holds no place
@@ -287,15 +292,29 @@ pub fn submit(ctx: Arc<EngineContext>, batch: Batch) {
 }
 
 async fn record_and_start(ctx: Arc<EngineContext>, batch: Batch) {
-    let mut open = Vec::new();
+    let mut unsettled = Vec::new();
     for mut a in batch.tasks {
         // A task whose outcome exists is acked and skipped, as on the realtime route.
         if let Some(lease) =
             outcome::unless_done(&ctx, a.lease, &a.task.task_id, a.task.generation).await
         {
             a.lease = lease;
-            open.push(a);
+            unsettled.push(a);
         }
+    }
+    // The realtime route's budget check, before any job is recorded: a
+    // tenant over its budget gets no new job (its tasks fail or are held).
+    let open: Vec<Accepted> = futures::future::join_all(
+        unsettled
+            .into_iter()
+            .map(|a| crate::dispatcher::within_budget(&ctx, a)),
+    )
+    .await
+    .into_iter()
+    .flatten()
+    .collect();
+    if open.is_empty() {
+        return;
     }
     let s = &ctx.settings.batch_api;
     let endpoint = CHAT_ENDPOINT;

@@ -423,3 +423,30 @@ async fn a_kill_between_upload_and_create_leaves_no_task_behind_and_creates_each
     );
     assert_eq!(billed_lines(&sim), 9);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_over_its_budget_gets_no_batch_job_and_its_tasks_fail_budget_exceeded() {
+    let extra = format!("{BATCH_ON}\n[budgets.tenants]\nbroke = {{ daily_usd = 0.0 }}\n");
+    let stack = common::stack(sim_config(Duration::from_millis(200)), &extra).await;
+    let js = &stack.js;
+    let mut all = tasks_on(5, "paid", 3);
+    all.extend(tasks_on(5, "broke", 3).into_iter().map(|(s, mut t)| {
+        t["tenant"] = "broke".into();
+        (s, t)
+    }));
+    common::publish_many(js, &all).await;
+    let outcomes = common::wait_for_one_outcome_each(js, 10, Duration::from_secs(60)).await;
+    for i in 0..5 {
+        let paid = outcome_of(&outcomes, &format!("paid{i}"));
+        assert_eq!(paid["status"], "succeeded", "{paid}");
+        assert_eq!(paid["route"], "batch_api");
+        let broke = outcome_of(&outcomes, &format!("broke{i}"));
+        assert_eq!(broke["status"], "failed", "{broke}");
+        assert_eq!(broke["error"]["kind"], "budget_exceeded", "{broke}");
+    }
+    assert_eq!(
+        billed_lines(&stack.sim),
+        5,
+        "only the tenant within its budget went in a job"
+    );
+}
