@@ -35,6 +35,11 @@
 //! `cancelled`) goes back to its queue without spending an attempt. Then
 //! the files and the record are deleted.
 //!
+//! A task whose `deadline` has passed when its job ends gets `expired`
+//! whatever its line says (an answered line is still recorded in the
+//! ledger, and its cost and usage go in the outcome): the deadline is the
+//! latest useful completion, and a job is not cancelled for one task.
+//!
 //! On start the engine resumes every recorded job from its step
 //! ([`resume`]). Outcomes carry `Nats-Msg-Id`, so a job whose results were
 //! being published when the process died publishes no duplicate.
@@ -484,7 +489,7 @@ async fn refused(ctx: &EngineContext, job: &ProviderJob, e: &ProviderError) -> O
     for t in &job.tasks {
         let mut error = TaskError::new(ErrorKind::ProviderRejected, message.clone());
         error.status_code = Some(*status);
-        publish_failure(ctx, job, t, error, t.attempts).await;
+        publish_failure(ctx, job, t, error, t.attempts, None).await;
     }
     forget(ctx, job).await;
     Some(())
@@ -533,8 +538,14 @@ async fn finish(ctx: &EngineContext, api: &dyn BatchApi, job: ProviderJob, statu
         }
     };
     tracing::info!(job_id = %job.id, status = %status.status, answered = results.len(), tasks = job.tasks.len(), "provider job ended");
+    let now = ctx.clock.now();
     for t in &job.tasks {
-        match results.get(&api.custom_id(&t.task_id)) {
+        let result = results.get(&api.custom_id(&t.task_id));
+        if let Some(deadline) = deadline_of(t).filter(|d| *d <= now) {
+            expired(ctx, &job, t, result, deadline).await;
+            continue;
+        }
+        match result {
             Some(LineResult::Answered(completion)) => answered(ctx, &job, t, completion).await,
             Some(LineResult::Failed { status, message }) => {
                 line_failed(ctx, &job, t, *status, message).await;
@@ -587,13 +598,54 @@ fn call_id(job: &ProviderJob, t: &JobTask) -> String {
     )
 }
 
-async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, completion: &Completion) {
-    let completion = completion.clone();
+/// The task's `deadline`, read from its body as received.
+fn deadline_of(t: &JobTask) -> Option<DateTime<Utc>> {
+    t.original
+        .get("deadline")
+        .and_then(Value::as_str)
+        .and_then(|d| DateTime::parse_from_rfc3339(d).ok())
+        .map(|d| d.with_timezone(&Utc))
+}
+
+/// A task whose deadline passed while its job ran: `expired`, whatever its
+/// line says. An answered line was billed: it is recorded in the ledger and
+/// its usage and cost go in the outcome, so outcomes still add up to the bill.
+async fn expired(
+    ctx: &EngineContext,
+    job: &ProviderJob,
+    t: &JobTask,
+    result: Option<&LineResult>,
+    deadline: DateTime<Utc>,
+) {
+    let (spent, attempts) = match result {
+        Some(LineResult::Answered(c)) => (
+            Some((c.usage, record_line(ctx, job, t, c.usage).await)),
+            t.attempts.saturating_add(1),
+        ),
+        _ => (None, t.attempts),
+    };
+    let error = TaskError::new(
+        ErrorKind::Expired,
+        format!(
+            "the task's deadline ({}) passed while its provider batch job ran",
+            timestamp(deadline)
+        ),
+    );
+    publish_failure(ctx, job, t, error, attempts, spent).await;
+}
+
+/// Records an answered line's call in the ledger at the batch price; its cost.
+async fn record_line(
+    ctx: &EngineContext,
+    job: &ProviderJob,
+    t: &JobTask,
+    usage: Usage,
+) -> crate::pricing::Picousd {
     let now = ctx.clock.now();
     let cost = ctx
         .settings
         .prices
-        .cost_picousd(&job.model, &completion.usage, RouteKind::BatchApi)
+        .cost_picousd(&job.model, &usage, RouteKind::BatchApi)
         .unwrap_or(0);
     let mut record = CallRecord {
         call_id: call_id(job, t),
@@ -610,7 +662,7 @@ async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, completio
         cost_picousd: 0,
         lapsed: false,
     };
-    record.finish(completion.usage, cost, now);
+    record.finish(usage, cost, now);
     // Keyed by the line's call id: a line read again after a restart is
     // stored (and counted) once.
     let key = format!("{}{}", crate::ledger::SHEET_PREFIX, record.call_id);
@@ -625,6 +677,12 @@ async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, completio
             tracing::warn!(call_id = %record.call_id, error = %e, "batch line not recorded in the ledger")
         }
     }
+    cost
+}
+
+async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, completion: &Completion) {
+    let completion = completion.clone();
+    let cost = record_line(ctx, job, t, completion.usage).await;
     let cost_usd = crate::pricing::usd(cost);
     let completed = Utc::now();
     let total_ms = elapsed_ms(t.created_at, completed);
@@ -684,7 +742,7 @@ async fn line_failed(
     if !transient {
         let mut error = TaskError::new(ErrorKind::ProviderRejected, message);
         error.status_code = status;
-        publish_failure(ctx, job, t, error, attempts).await;
+        publish_failure(ctx, job, t, error, attempts, None).await;
         return;
     }
     if let Err(e) = ctx.ports.attempts.set(&t.task_id, attempts).await {
@@ -696,19 +754,22 @@ async fn line_failed(
             format!("gave up after {attempts} attempts; last error: {message}"),
         );
         error.status_code = status;
-        publish_failure(ctx, job, t, error, attempts).await;
+        publish_failure(ctx, job, t, error, attempts, None).await;
         return;
     }
     metrics::retried("server_error");
     requeue(ctx, t, attempts).await;
 }
 
+/// Publishes a task's failure and dead letter; `spent` is the usage and
+/// cost of a line that was answered (and billed) all the same.
 async fn publish_failure(
     ctx: &EngineContext,
     job: &ProviderJob,
     t: &JobTask,
     error: TaskError,
     attempts: u32,
+    spent: Option<(Usage, crate::pricing::Picousd)>,
 ) {
     let now = Utc::now();
     let error = TaskError {
@@ -732,6 +793,8 @@ async fn publish_failure(
             batch_id: Some(job.batch_id.clone()),
             metadata: t.metadata.clone(),
             generation: t.generation,
+            usage: spent.map(|(u, _)| u).unwrap_or_default(),
+            cost_usd: spent.map_or(0.0, |(_, c)| crate::pricing::usd(c)),
             ..base
         },
         dead_letter: Some(DeadLetter {
@@ -747,6 +810,15 @@ async fn publish_failure(
         created_at: t.created_at,
     };
     if outcome::deliver_detached(ctx, f, &t.subject).await {
+        if let Some((usage, cost)) = spent {
+            metrics::spent(
+                &job.model,
+                &t.tenant,
+                priority(t),
+                crate::pricing::usd(cost),
+                &usage,
+            );
+        }
         clear_attempts(ctx, t).await;
     }
 }

@@ -450,3 +450,43 @@ async fn a_tenant_over_its_budget_gets_no_batch_job_and_its_tasks_fail_budget_ex
         "only the tenant within its budget went in a job"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_deadline_passes_while_its_job_runs_gets_expired_with_its_billed_cost() {
+    // The deadline leaves time to be assembled into a job, not for the job.
+    let stack = common::stack(sim_config(Duration::from_secs(5)), BATCH_ON).await;
+    let js = &stack.js;
+    let mut late = common::task("due0", 3);
+    late["route"] = "batch_api".into();
+    late["deadline"] = (chrono::Utc::now() + chrono::Duration::milliseconds(2_500))
+        .to_rfc3339()
+        .into();
+    let mut all = tasks_on(3, "free", 3);
+    all.push(("batchd.tasks.p3".to_owned(), late));
+    common::publish_many(js, &all).await;
+    let outcomes = common::wait_for_one_outcome_each(js, 4, Duration::from_secs(60)).await;
+    let o = outcome_of(&outcomes, "due0");
+    assert_eq!(o["status"], "failed", "{o}");
+    assert_eq!(o["error"]["kind"], "expired", "{o}");
+    assert_eq!(o["route"], "batch_api");
+    for i in 0..3 {
+        assert_eq!(
+            outcome_of(&outcomes, &format!("free{i}"))["status"],
+            "succeeded"
+        );
+    }
+    assert!(common::read_all(js, "BATCHD_DLQ")
+        .await
+        .contains_key("batchd.dlq.due0"));
+    // Its line was answered and billed: its cost is in its outcome, and the
+    // outcomes still add up to the bill.
+    assert!(o["cost_usd"].as_f64().unwrap() > 0.0, "{o}");
+    let config = common::config_with("nats://127.0.0.1:1", &stack.sim.base_url(), BATCH_ON);
+    let (billed, lines) = batch_bill(&stack.sim, &config);
+    assert_eq!(lines, 4);
+    let cost: f64 = outcomes
+        .values()
+        .map(|l| l[0]["cost_usd"].as_f64().unwrap())
+        .sum();
+    assert!((cost - batchd_actors::pricing::usd(billed)).abs() <= 4e-12);
+}
