@@ -200,6 +200,11 @@ pub fn parse_message(body: &[u8]) -> Result<Completion, String> {
             truncate(&e.to_string(), MAX_PROVIDER_MESSAGE_CHARS)
         )
     })?;
+    completion_of(&m)
+}
+
+/// A message as a completion; the `Err` says why it is not a usable answer.
+pub fn completion_of(m: &Message) -> Result<Completion, String> {
     let texts: Vec<&str> = m
         .content
         .iter()

@@ -21,10 +21,14 @@ use batchd_actors::completion::parse_error_body;
 use batchd_actors::ports::{BatchApi, BatchJobStatus, ProviderError};
 use batchd_actors::provider_jobs::LineResult;
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::anthropic::{messages_request, parse_message, sdk_base, ANTHROPIC_VERSION};
+use super::anthropic::{completion_of, messages_request, sdk_base, ANTHROPIC_VERSION};
 use super::{Answer, Endpoint, Http, ProviderBuildError};
+use crate::anthropic::{
+    MessageBatch, MessageBatchCreate, MessageBatchRequest, MessageBatchResult,
+    MessageBatchResultLine, ProcessingStatus,
+};
 use crate::config::ProviderConfig;
 
 /// The input id of a job whose requests travel with its creation.
@@ -91,32 +95,29 @@ impl AnthropicBatchApi {
     }
 
     fn batch(&self, answer: &Answer) -> Result<BatchJobStatus, ProviderError> {
-        serde_json::from_slice::<Value>(&answer.body)
-            .ok()
-            .as_ref()
-            .and_then(batch_status)
-            .ok_or_else(|| ProviderError::Transient {
+        serde_json::from_slice::<MessageBatch>(&answer.body)
+            .map(batch_status)
+            .map_err(|e| ProviderError::Transient {
                 status: Some(answer.status),
-                message: "an unreadable message_batch object".into(),
+                message: format!("an unreadable message_batch object: {e}"),
             })
     }
 }
 
-/// Reads Anthropic's `message_batch` object in the port's words.
-fn batch_status(v: &Value) -> Option<BatchJobStatus> {
-    let id = v.get("id")?.as_str()?.to_owned();
-    let status = match v.get("processing_status")?.as_str()? {
-        "canceling" => "cancelling",
-        other => other,
-    }
-    .to_owned();
-    Some(BatchJobStatus {
-        id,
-        status,
+/// Anthropic's `message_batch` object in the port's words.
+fn batch_status(b: MessageBatch) -> BatchJobStatus {
+    let status = match b.processing_status {
+        ProcessingStatus::InProgress => "in_progress",
+        ProcessingStatus::Canceling => "cancelling",
+        ProcessingStatus::Ended => "ended",
+    };
+    BatchJobStatus {
+        id: b.id,
+        status: status.to_owned(),
         output_file_id: None,
         error_file_id: None,
         metadata: Value::Null,
-    })
+    }
 }
 
 /// A task id as a `custom_id` Anthropic takes (1-64 of `[A-Za-z0-9_-]`):
@@ -141,7 +142,7 @@ pub fn custom_id(task_id: &str) -> String {
 
 /// The create body for a job's OpenAI batch input lines: one
 /// `{custom_id, params}` per line.
-pub fn create_body(jsonl: &[u8]) -> Result<Value, String> {
+pub fn create_body(jsonl: &[u8]) -> Result<MessageBatchCreate, String> {
     let mut requests = Vec::new();
     for (n, line) in String::from_utf8_lossy(jsonl)
         .lines()
@@ -159,9 +160,12 @@ pub fn create_body(jsonl: &[u8]) -> Result<Value, String> {
                 n + 1
             )
         })?;
-        requests.push(json!({"custom_id": custom_id(id), "params": params}));
+        requests.push(MessageBatchRequest {
+            custom_id: custom_id(id),
+            params,
+        });
     }
-    Ok(json!({ "requests": requests }))
+    Ok(MessageBatchCreate { requests })
 }
 
 /// The HTTP status an Anthropic error type stands for.
@@ -179,34 +183,48 @@ fn error_status(kind: &str) -> u16 {
 }
 
 /// Reads a results JSONL body by `custom_id`; `expired` and `canceled`
-/// requests, and lines that cannot be read, are left out.
+/// requests, and lines without a `custom_id`, are left out. A `succeeded`
+/// line without a usable message is a transient failure.
 pub fn read_results(body: &[u8]) -> HashMap<String, LineResult> {
     let mut out = HashMap::new();
     for line in String::from_utf8_lossy(body).lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        let Some(id) = v["custom_id"].as_str() else {
-            continue;
-        };
-        let result = &v["result"];
-        let read = match result["type"].as_str() {
-            Some("succeeded") => {
-                LineResult::from_answer(parse_message(result["message"].to_string().as_bytes()))
-            }
-            Some("errored") => {
-                let error = &result["error"];
-                let kind = error["error"]["type"].as_str().unwrap_or_default();
-                LineResult::Failed {
-                    status: Some(error_status(kind)),
-                    message: parse_error_body(error.to_string().as_bytes()).1,
+        let read = match serde_json::from_str::<MessageBatchResultLine>(line) {
+            Ok(l) => (l.custom_id, line_result(l.result)),
+            Err(e) => {
+                let Ok(v) = serde_json::from_str::<Value>(line) else {
+                    continue;
+                };
+                match (v["custom_id"].as_str(), v["result"]["type"].as_str()) {
+                    (Some(id), Some("succeeded")) => (
+                        id.to_owned(),
+                        Some(LineResult::from_answer(Err(format!(
+                            "an unreadable succeeded result: {e}"
+                        )))),
+                    ),
+                    _ => continue,
                 }
             }
-            _ => continue,
         };
-        out.insert(id.to_owned(), read);
+        if let (id, Some(result)) = read {
+            out.insert(id, result);
+        }
     }
     out
+}
+
+/// One request's result in the port's words (`None`: unanswered).
+fn line_result(result: MessageBatchResult) -> Option<LineResult> {
+    match result {
+        MessageBatchResult::Succeeded { message } => {
+            Some(LineResult::from_answer(completion_of(&message)))
+        }
+        MessageBatchResult::Errored { error } => Some(LineResult::Failed {
+            status: Some(error_status(&error.error.kind)),
+            message: parse_error_body(serde_json::to_string(&error).unwrap_or_default().as_bytes())
+                .1,
+        }),
+        MessageBatchResult::Canceled | MessageBatchResult::Expired => None,
+    }
 }
 
 #[async_trait]
@@ -257,8 +275,13 @@ impl BatchApi for AnthropicBatchApi {
             .http
             .client
             .get(self.url(&format!("/{}/results", batch.id)));
-        let answer = self.call(req, MAX_RESULTS_BYTES).await?;
-        Ok(read_results(&answer.body))
+        match self.call(req, MAX_RESULTS_BYTES).await {
+            Ok(answer) => Ok(read_results(&answer.body)),
+            // Results no longer kept (29 days after creation): every
+            // request counts as unanswered.
+            Err(ProviderError::Rejected { status: 404, .. }) => Ok(HashMap::new()),
+            Err(e) => Err(e),
+        }
     }
 
     async fn delete_file(&self, _file_id: &str) -> Result<(), ProviderError> {
@@ -269,6 +292,7 @@ impl BatchApi for AnthropicBatchApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn long_task_ids_get_distinct_custom_ids_anthropic_takes() {
@@ -324,6 +348,7 @@ not json
         };
         let body =
             create_body(format!("{}\n{}\n", line("t1"), line(&"x".repeat(80))).as_bytes()).unwrap();
+        let body = serde_json::to_value(body).unwrap();
         let requests = body["requests"].as_array().unwrap();
         assert_eq!(requests.len(), 2);
         assert_eq!(requests[0]["custom_id"], "t1");

@@ -126,7 +126,7 @@ pub(crate) struct BatchStore {
     faults: BatchFaults,
     next: u64,
     /// Anthropic's Message Batches ([`super::message_batches`]).
-    pub(super) message_batches: HashMap<String, super::message_batches::MessageBatch>,
+    pub(super) message_batches: HashMap<String, super::message_batches::SimMessageBatch>,
 }
 
 impl BatchStore {

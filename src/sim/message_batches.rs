@@ -23,7 +23,7 @@
 //! creations counter. Results come in an order of their own (clients must
 //! map them by `custom_id`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,28 +44,15 @@ use super::completion;
 use super::hash::mix;
 use super::messages::{self, status_error, Api};
 use super::service::{api_error_response, invalid_url, json_response, lock, Shared};
+use crate::anthropic::{
+    ErrorResponse, MessageBatch, MessageBatchResult, MessageBatchResultLine, ProcessingStatus,
+    RequestCounts,
+};
 
 /// Anthropic's limit on the requests of one batch.
 pub const MAX_MESSAGE_BATCH_REQUESTS: usize = 100_000;
 /// Anthropic's limit on a `custom_id`'s length.
 pub const MAX_CUSTOM_ID_LEN: usize = 64;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Processing {
-    InProgress,
-    Canceling,
-    Ended,
-}
-
-impl Processing {
-    fn name(self) -> &'static str {
-        match self {
-            Processing::InProgress => "in_progress",
-            Processing::Canceling => "canceling",
-            Processing::Ended => "ended",
-        }
-    }
-}
 
 /// One request of a batch.
 struct Request {
@@ -74,18 +61,18 @@ struct Request {
 }
 
 /// One Message Batch as the simulator keeps it.
-pub(crate) struct MessageBatch {
+pub(crate) struct SimMessageBatch {
     id: String,
     created: Instant,
     created_at: DateTime<Utc>,
     duration: Duration,
     faults: BatchFaults,
     requests: Vec<Request>,
-    status: Processing,
+    status: ProcessingStatus,
     cancel_initiated_at: Option<DateTime<Utc>>,
     ended_at: Option<DateTime<Utc>>,
     /// The result lines, once ended.
-    results: Vec<Value>,
+    results: Vec<MessageBatchResultLine>,
 }
 
 pub(crate) fn routes() -> Router<Arc<Shared>> {
@@ -192,14 +179,14 @@ async fn create(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
     let mut store = lock(&shared.batches);
     let id = store.id("msgbatch_", shared.id_salt());
     let faults = store.faults();
-    let batch = MessageBatch {
+    let batch = SimMessageBatch {
         id: id.clone(),
         created: Instant::now(),
         created_at: Utc::now(),
         duration,
         faults,
         requests,
-        status: Processing::InProgress,
+        status: ProcessingStatus::InProgress,
         cancel_initiated_at: None,
         ended_at: None,
         results: Vec::new(),
@@ -270,7 +257,7 @@ fn with_batch(
     shared: &Shared,
     headers: &HeaderMap,
     id: &str,
-    f: impl FnOnce(&mut MessageBatch) -> Response,
+    f: impl FnOnce(&mut SimMessageBatch) -> Response,
 ) -> Response {
     if let Err(e) = messages::check_headers(headers) {
         return api_error_response(&e, Api::Anthropic);
@@ -300,7 +287,7 @@ async fn results(
     Path(id): Path<String>,
 ) -> Response {
     with_batch(&shared, &headers, &id, |b| {
-        if b.status != Processing::Ended {
+        if b.status != ProcessingStatus::Ended {
             return error(
                 StatusCode::BAD_REQUEST,
                 format!("Message Batch '{id}' has not ended; its results are not available yet"),
@@ -308,8 +295,10 @@ async fn results(
         }
         let mut bytes = Vec::new();
         for line in &b.results {
-            bytes.extend_from_slice(line.to_string().as_bytes());
-            bytes.push(b'\n');
+            if let Ok(text) = serde_json::to_vec(line) {
+                bytes.extend_from_slice(&text);
+                bytes.push(b'\n');
+            }
         }
         let mut response = Response::new(axum::body::Body::from(bytes));
         response.headers_mut().insert(
@@ -327,8 +316,8 @@ async fn cancel(
 ) -> Response {
     let origin = origin(&headers);
     with_batch(&shared, &headers, &id, |b| {
-        if b.status == Processing::InProgress {
-            b.status = Processing::Canceling;
+        if b.status == ProcessingStatus::InProgress {
+            b.status = ProcessingStatus::Canceling;
             b.cancel_initiated_at = Some(Utc::now());
         }
         json_response(StatusCode::OK, &batch_object(b, &origin))
@@ -342,33 +331,36 @@ fn advance(shared: &Shared, store: &mut super::batches::BatchStore, id: &str, no
         return;
     };
     match b.status {
-        Processing::Ended => return,
-        Processing::Canceling => {
+        ProcessingStatus::Ended => return,
+        ProcessingStatus::Canceling => {
             b.results = b
                 .requests
                 .iter()
-                .map(|r| json!({"custom_id": r.custom_id, "result": {"type": "canceled"}}))
+                .map(|r| MessageBatchResultLine {
+                    custom_id: r.custom_id.clone(),
+                    result: MessageBatchResult::Canceled,
+                })
                 .collect();
         }
-        Processing::InProgress => {
+        ProcessingStatus::InProgress => {
             if now.saturating_duration_since(b.created) < b.duration {
                 return;
             }
             b.results = answer_requests(shared, b);
         }
     }
-    b.status = Processing::Ended;
+    b.status = ProcessingStatus::Ended;
     b.ended_at = Some(Utc::now());
 }
 
 /// One result per request, not in input order.
-fn answer_requests(shared: &Shared, b: &MessageBatch) -> Vec<Value> {
+fn answer_requests(shared: &Shared, b: &SimMessageBatch) -> Vec<MessageBatchResultLine> {
     let answered = b.faults.expire_after_lines.unwrap_or(usize::MAX);
     let salt = shared.id_salt();
     let mut out = Vec::with_capacity(b.requests.len());
     for (n, r) in b.requests.iter().enumerate() {
         let result = if n >= answered {
-            json!({"type": "expired"})
+            MessageBatchResult::Expired
         } else if b.faults.failing_custom_ids.contains(&r.custom_id) {
             errored(&status_error(
                 StatusCode::BAD_REQUEST,
@@ -391,11 +383,14 @@ fn answer_requests(shared: &Shared, b: &MessageBatch) -> Vec<Value> {
                         0,
                         0,
                     );
-                    json!({"type": "succeeded", "message": message})
+                    MessageBatchResult::Succeeded { message }
                 }
             }
         };
-        out.push(json!({"custom_id": r.custom_id, "result": result}));
+        out.push(MessageBatchResultLine {
+            custom_id: r.custom_id.clone(),
+            result,
+        });
     }
     // Not in input order: a client must map results by custom_id.
     out.reverse();
@@ -403,40 +398,40 @@ fn answer_requests(shared: &Shared, b: &MessageBatch) -> Vec<Value> {
 }
 
 /// An `errored` result with Anthropic's error body.
-fn errored(e: &ApiError) -> Value {
-    let body: Value = serde_json::from_slice(&e.to_anthropic_body()).unwrap_or(Value::Null);
-    json!({"type": "errored", "error": body})
+fn errored(e: &ApiError) -> MessageBatchResult {
+    MessageBatchResult::Errored {
+        error: ErrorResponse::for_status(e.status.as_u16(), e.message.clone()),
+    }
 }
 
 /// Anthropic's `message_batch` object.
-fn batch_object(b: &MessageBatch, origin: &str) -> Value {
-    let mut counts: HashMap<&str, usize> =
-        ["processing", "succeeded", "errored", "canceled", "expired"]
-            .into_iter()
-            .map(|k| (k, 0))
-            .collect();
-    if b.status == Processing::Ended {
+fn batch_object(b: &SimMessageBatch, origin: &str) -> MessageBatch {
+    let mut counts = RequestCounts::default();
+    if b.status == ProcessingStatus::Ended {
         for r in &b.results {
-            if let Some(kind) = r["result"]["type"].as_str() {
-                *counts.entry(kind).or_default() += 1;
+            match r.result {
+                MessageBatchResult::Succeeded { .. } => counts.succeeded += 1,
+                MessageBatchResult::Errored { .. } => counts.errored += 1,
+                MessageBatchResult::Canceled => counts.canceled += 1,
+                MessageBatchResult::Expired => counts.expired += 1,
             }
         }
     } else {
-        counts.insert("processing", b.requests.len());
+        counts.processing = b.requests.len() as u64;
     }
-    let ended = b.status == Processing::Ended;
-    json!({
-        "id": b.id,
-        "type": "message_batch",
-        "processing_status": b.status.name(),
-        "request_counts": counts,
-        "ended_at": b.ended_at.map(rfc3339),
-        "created_at": rfc3339(b.created_at),
-        "expires_at": rfc3339(b.created_at + chrono::Duration::hours(24)),
-        "archived_at": null,
-        "cancel_initiated_at": b.cancel_initiated_at.map(rfc3339),
-        "results_url": ended.then(|| format!("{origin}/v1/messages/batches/{}/results", b.id)),
-    })
+    MessageBatch {
+        id: b.id.clone(),
+        kind: "message_batch".to_owned(),
+        processing_status: b.status,
+        request_counts: counts,
+        ended_at: b.ended_at.map(rfc3339),
+        created_at: rfc3339(b.created_at),
+        expires_at: rfc3339(b.created_at + chrono::Duration::hours(24)),
+        archived_at: None,
+        cancel_initiated_at: b.cancel_initiated_at.map(rfc3339),
+        results_url: (b.status == ProcessingStatus::Ended)
+            .then(|| format!("{origin}/v1/messages/batches/{}/results", b.id)),
+    }
 }
 
 #[cfg(test)]
