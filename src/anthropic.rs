@@ -1,4 +1,5 @@
-//! The bodies of Anthropic's Messages API (`POST /v1/messages`), typed as
+//! The bodies of Anthropic's Messages API (`POST /v1/messages`) and Message
+//! Batches API (`/v1/messages/batches`), typed as
 //! its API reference defines them: what [`crate::provider::AnthropicProvider`]
 //! sends and reads, and what `batchd sim` reads and answers, so both sides
 //! share one definition. Fields batchd never uses are left out; a body that
@@ -215,6 +216,106 @@ impl ErrorResponse {
     }
 }
 
+/// A Message Batches create body (`POST /v1/messages/batches`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageBatchCreate {
+    /// The requests, each with its own `custom_id`.
+    pub requests: Vec<MessageBatchRequest>,
+}
+
+/// One request of a Message Batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageBatchRequest {
+    /// 1-64 characters of `[A-Za-z0-9_-]`, unique in the batch.
+    pub custom_id: String,
+    /// The Messages request.
+    pub params: MessagesRequest,
+}
+
+/// A `message_batch` object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageBatch {
+    /// `msgbatch_...`.
+    pub id: String,
+    /// Always `message_batch`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Where processing stands.
+    pub processing_status: ProcessingStatus,
+    /// Requests by state.
+    pub request_counts: RequestCounts,
+    /// RFC 3339, once ended.
+    pub ended_at: Option<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339: 24 hours after creation, when unfinished requests expire.
+    pub expires_at: String,
+    /// RFC 3339, once archived (results gone).
+    #[serde(default)]
+    pub archived_at: Option<String>,
+    /// RFC 3339, once a cancellation was asked for.
+    #[serde(default)]
+    pub cancel_initiated_at: Option<String>,
+    /// Where the results are, once ended.
+    pub results_url: Option<String>,
+}
+
+/// A Message Batch's `processing_status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessingStatus {
+    /// Requests are being answered.
+    InProgress,
+    /// A cancellation is under way.
+    Canceling,
+    /// Every request has its result.
+    Ended,
+}
+
+/// A Message Batch's `request_counts`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestCounts {
+    /// Not answered yet.
+    pub processing: u64,
+    /// Answered.
+    pub succeeded: u64,
+    /// Failed.
+    pub errored: u64,
+    /// Cancelled before they were answered.
+    pub canceled: u64,
+    /// Not answered within 24 hours.
+    pub expired: u64,
+}
+
+/// One line of a Message Batch's results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageBatchResultLine {
+    /// The request's `custom_id`.
+    pub custom_id: String,
+    /// How it ended.
+    pub result: MessageBatchResult,
+}
+
+/// How one request of a Message Batch ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MessageBatchResult {
+    /// Answered.
+    Succeeded {
+        /// The answer.
+        message: Message,
+    },
+    /// Failed, with the error body a Messages call would have had.
+    Errored {
+        /// The error.
+        error: ErrorResponse,
+    },
+    /// Cancelled before it was answered.
+    Canceled,
+    /// Not answered within 24 hours.
+    Expired,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,5 +381,56 @@ mod tests {
             ErrorResponse::for_status(400, String::new()).error.kind,
             "invalid_request_error"
         );
+    }
+
+    #[test]
+    fn reference_message_batch_objects_and_result_lines_parse() {
+        // The shape of the API reference's example of a retrieved batch.
+        let b: MessageBatch = serde_json::from_value(json!({
+            "id": "msgbatch_013Zva2CMHLNnXjNJJKqJ2EF",
+            "type": "message_batch",
+            "archived_at": null,
+            "cancel_initiated_at": null,
+            "created_at": "2024-08-20T18:37:24.100435Z",
+            "ended_at": "2024-08-20T18:37:24.100435Z",
+            "expires_at": "2024-08-21T18:37:24.100435Z",
+            "processing_status": "ended",
+            "request_counts": {"canceled": 10, "errored": 30, "expired": 10,
+                               "processing": 0, "succeeded": 50},
+            "results_url": "https://api.anthropic.com/v1/messages/batches/msgbatch_013Zva2CMHLNnXjNJJKqJ2EF/results"
+        }))
+        .unwrap();
+        assert_eq!(b.processing_status, ProcessingStatus::Ended);
+        assert_eq!(b.request_counts.errored, 30);
+        let lines = [
+            json!({"custom_id": "a", "result": {"type": "succeeded", "message": {
+                "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-0",
+                "content": [{"type": "text", "text": "Hi"}], "stop_reason": "end_turn",
+                "stop_sequence": null, "usage": {"input_tokens": 3, "output_tokens": 1}}}}),
+            json!({"custom_id": "b", "result": {"type": "errored", "error": {"type": "error",
+                "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}}}}),
+            json!({"custom_id": "c", "result": {"type": "canceled"}}),
+            json!({"custom_id": "d", "result": {"type": "expired"}}),
+        ];
+        let read: Vec<MessageBatchResultLine> = lines
+            .iter()
+            .map(|l| serde_json::from_value(l.clone()).unwrap())
+            .collect();
+        assert!(matches!(
+            read[0].result,
+            MessageBatchResult::Succeeded { .. }
+        ));
+        assert!(
+            matches!(&read[1].result, MessageBatchResult::Errored { error } if error.error.kind == "invalid_request_error")
+        );
+        assert_eq!(read[2].result, MessageBatchResult::Canceled);
+        assert_eq!(read[3].result, MessageBatchResult::Expired);
+        // What the simulator writes reads back the same.
+        for (line, json) in read.iter().zip(&lines) {
+            assert_eq!(
+                &serde_json::to_value(line).unwrap()["result"]["type"],
+                &json["result"]["type"]
+            );
+        }
     }
 }

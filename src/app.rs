@@ -78,15 +78,16 @@ pub fn http_providers(config: &Config) -> anyhow::Result<HashMap<String, Arc<dyn
     Ok(providers)
 }
 
-/// The batch job APIs of the providers with `batch = true`, over HTTP.
+/// The batch job APIs of the providers with `batch = true`, over HTTP, each
+/// of its provider's kind.
 pub fn batch_apis(config: &Config) -> anyhow::Result<HashMap<String, Arc<dyn BatchApi>>> {
     let timeout = Duration::from_secs(config.dispatch.request_timeout_secs);
     let mut apis: HashMap<String, Arc<dyn BatchApi>> = HashMap::new();
     for (name, p) in config.providers.iter().filter(|(_, p)| p.batch) {
-        let api = crate::provider::OpenAiBatchApi::from_config(p, timeout).with_context(|| {
+        let api = crate::provider::batch_api_from_config(p, timeout).with_context(|| {
             format!("config key `providers.{name}`: building its batch API client")
         })?;
-        apis.insert(name.clone(), Arc::new(api));
+        apis.insert(name.clone(), api);
     }
     Ok(apis)
 }

@@ -586,8 +586,8 @@ pub struct ProviderConfig {
     /// `max_tokens` (for servers that only know the older name).
     #[serde(default)]
     pub max_tokens_field: MaxTokensField,
-    /// Whether bulk work may go to this provider's Batch API (kind
-    /// `openai` only).
+    /// Whether bulk work may go to this provider's batch API (OpenAI's
+    /// Batch API for kind `openai`, Message Batches for kind `anthropic`).
     #[serde(default)]
     pub batch: bool,
 }
@@ -923,12 +923,6 @@ impl Config {
                 return bad(
                     &format!("providers.{name}.base_url"),
                     "must be an http(s) URL".into(),
-                );
-            }
-            if p.kind == ProviderKind::Anthropic && p.batch {
-                return bad(
-                    &format!("providers.{name}.batch"),
-                    "batch jobs are built for kind = \"openai\" only".into(),
                 );
             }
             if p.kind == ProviderKind::Anthropic && p.max_tokens_field != MaxTokensField::default()
@@ -1376,10 +1370,6 @@ mod tests {
     #[test]
     fn batch_api_keys_are_validated_by_name_and_reach_the_engine() {
         for (toml, key) in [
-            (
-                "[providers.anthropic]\nbatch = true\n",
-                "providers.anthropic.batch",
-            ),
             (
                 "[batching.batch_api]\nmax_requests_per_file = 50001\n",
                 "batching.batch_api.max_requests_per_file",

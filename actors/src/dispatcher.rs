@@ -596,7 +596,7 @@ async fn run_task(
 /// letter, or a hold (the task waits up to `hold_recheck`, at most until the
 /// period ends, then is requeued at the back of its queue if still over;
 /// no attempt is spent). `None` when the task went no further.
-async fn within_budget(ctx: &EngineContext, a: Accepted) -> Option<Accepted> {
+pub(crate) async fn within_budget(ctx: &EngineContext, a: Accepted) -> Option<Accepted> {
     let budgets = &ctx.settings.budgets;
     if budgets.is_unlimited() {
         return Some(a);

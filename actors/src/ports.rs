@@ -544,14 +544,15 @@ impl CheckpointStore for MemoryCheckpoints {
 pub struct BatchJobStatus {
     /// The provider's batch id.
     pub id: String,
-    /// `validating`, `in_progress`, `finalizing`, `completed`, `failed`,
-    /// `expired`, `cancelling` or `cancelled`.
+    /// OpenAI's `validating`, `in_progress`, `finalizing`, `completed`,
+    /// `failed`, `expired`, `cancelling` or `cancelled`; Anthropic's
+    /// `in_progress`, `canceling` (reported as `cancelling`) or `ended`.
     pub status: String,
-    /// The file of answered lines, once there is one.
+    /// The file of answered lines, once there is one (OpenAI).
     pub output_file_id: Option<String>,
-    /// The file of failed lines, once there is one.
+    /// The file of failed lines, once there is one (OpenAI).
     pub error_file_id: Option<String>,
-    /// The `metadata` given at creation.
+    /// The `metadata` given at creation (`null` where the provider keeps none).
     pub metadata: Value,
 }
 
@@ -560,34 +561,53 @@ impl BatchJobStatus {
     pub fn is_terminal(&self) -> bool {
         matches!(
             self.status.as_str(),
-            "completed" | "failed" | "expired" | "cancelled"
+            "completed" | "failed" | "expired" | "cancelled" | "ended"
         )
     }
 }
 
-/// A provider's batch job API: input files and batches (OpenAI's Files and
-/// Batches APIs). Failures read like a call's ([`ProviderError`]): transient
-/// ones are tried again later, a rejection fails the job's tasks.
+/// A provider's batch job API: OpenAI's Files and Batches, or Anthropic's
+/// Message Batches. The engine hands it the job's lines as OpenAI batch
+/// input lines (`custom_id`, `body` = the chat request) and reads back one
+/// [`LineResult`](crate::provider_jobs::LineResult) per answered line;
+/// each adapter speaks its provider's wire format. Failures read like a
+/// call's ([`ProviderError`]): transient ones are tried again later, a
+/// rejection fails the job's tasks.
 #[async_trait]
 pub trait BatchApi: Send + Sync + 'static {
-    /// Uploads a JSONL input file (`purpose=batch`); its file id.
+    /// The `custom_id` a task's line carries at the provider, and the key
+    /// of its result (default: the task id itself).
+    fn custom_id(&self, task_id: &str) -> String {
+        task_id.to_owned()
+    }
+    /// Uploads a JSONL input file (`purpose=batch`); its file id. A
+    /// provider that takes the requests with the creation uploads nothing
+    /// and answers a fixed id.
     async fn upload(&self, filename: &str, jsonl: Bytes) -> Result<String, ProviderError>;
-    /// Creates a batch from an uploaded file, tagged with `metadata`.
+    /// Creates a batch from an uploaded file (or, for a provider without
+    /// files, from `jsonl`, the same lines), tagged with `metadata` where
+    /// the provider keeps it.
     async fn create(
         &self,
         input_file_id: &str,
+        jsonl: &Bytes,
         endpoint: &str,
         completion_window: &str,
         metadata: &Value,
     ) -> Result<BatchJobStatus, ProviderError>;
     /// The batches created most recently (newest first), to find one whose
-    /// creation was not recorded.
+    /// creation was not recorded by its `metadata` tag (empty where the
+    /// provider keeps no tag).
     async fn recent(&self) -> Result<Vec<BatchJobStatus>, ProviderError>;
     /// A batch's current status.
     async fn retrieve(&self, batch_id: &str) -> Result<BatchJobStatus, ProviderError>;
-    /// A file's content.
-    async fn content(&self, file_id: &str) -> Result<Bytes, ProviderError>;
-    /// Deletes a file (absent is fine).
+    /// The results of an ended batch by `custom_id`; a line left
+    /// unanswered (expired, cancelled) is absent.
+    async fn results(
+        &self,
+        batch: &BatchJobStatus,
+    ) -> Result<std::collections::HashMap<String, crate::provider_jobs::LineResult>, ProviderError>;
+    /// Deletes a file (absent is fine; nothing for a provider without files).
     async fn delete_file(&self, file_id: &str) -> Result<(), ProviderError>;
 }
 

@@ -2,9 +2,15 @@
 //!
 //! The `batch_api` route: a sealed batch of tasks whose route kind is
 //! `batch_api` ([`crate::route_policy`]) becomes one or more provider batch
-//! jobs (OpenAI's Batch API, through [`BatchApi`]), each a JSONL input file
-//! per (model, endpoint) with `custom_id` = task id, split at the file
-//! limits (50,000 requests, 200 MB by default).
+//! jobs (OpenAI's Batch API or Anthropic's Message Batches, through
+//! [`BatchApi`]), each a JSONL input file per (model, endpoint) with
+//! `custom_id` = task id, split at the file limits (50,000 requests, 200 MB
+//! by default).
+//!
+//! Before that, each task passes the realtime route's budget check
+//! (`dispatcher::within_budget`): a tenant over its budget gets no new job;
+//! its tasks fail `budget_exceeded` or are held, by their priority's
+//! `on_exceeded`.
 //!
 //! A job is **recorded** in the [`JobStore`] (KV `batchd-jobs`) with what
 //! each task's outcome needs and its original message, *before* the tasks'
@@ -29,6 +35,11 @@
 //! `cancelled`) goes back to its queue without spending an attempt. Then
 //! the files and the record are deleted.
 //!
+//! A task whose `deadline` has passed when its job ends gets `expired`
+//! whatever its line says (an answered line is still recorded in the
+//! ledger, and its cost and usage go in the outcome): the deadline is the
+//! latest useful completion, and a job is not cancelled for one task.
+//!
 //! On start the engine resumes every recorded job from its step
 //! ([`resume`]). Outcomes carry `Nats-Msg-Id`, so a job whose results were
 //! being published when the process died publishes no duplicate.
@@ -50,7 +61,7 @@ use crate::ledger::{day_of, CallRecord, CallState};
 use crate::messages::{Accepted, Batch};
 use crate::metrics;
 use crate::outcome::{self, elapsed_ms, Final};
-use crate::ports::{BatchApi, BatchJobStatus, ProviderError, Requeue};
+use crate::ports::{BatchApi, BatchJobStatus, Completion, ProviderError, Requeue};
 use crate::task::{
     timestamp, DeadLetter, Encoding, ErrorKind, Outcome, Priority, RouteKind, Status, TaskError,
     Timings, Usage,
@@ -194,9 +205,10 @@ pub fn split<T>(
 /// How one line of a finished job ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LineResult {
-    /// Answered with a 2xx and this body.
-    Answered(Value),
-    /// Refused or failed: the status (when the line had a response) and why.
+    /// Answered with a usable completion.
+    Answered(Completion),
+    /// Refused or failed: the status (when the line had a response) and
+    /// why. An answer without a usable completion reads as a 500.
     Failed {
         /// HTTP status of the line's response, if any.
         status: Option<u16>,
@@ -205,9 +217,23 @@ pub enum LineResult {
     },
 }
 
-/// Reads output and error files into results by `custom_id`. Lines that
-/// cannot be read, or that report an expiry, are left out: their tasks
-/// count as unanswered.
+impl LineResult {
+    /// A 2xx answer's completion, or the transient failure it is when it
+    /// has none (as on the realtime route).
+    pub fn from_answer(parsed: Result<Completion, String>) -> LineResult {
+        match parsed {
+            Ok(c) => LineResult::Answered(c),
+            Err(message) => LineResult::Failed {
+                status: Some(500),
+                message,
+            },
+        }
+    }
+}
+
+/// Reads OpenAI's output and error files into results by `custom_id`.
+/// Lines that cannot be read, or that report an expiry, are left out:
+/// their tasks count as unanswered.
 pub fn read_results(files: &[&[u8]]) -> HashMap<String, LineResult> {
     let mut out = HashMap::new();
     for file in files {
@@ -225,7 +251,8 @@ pub fn read_results(files: &[&[u8]]) -> HashMap<String, LineResult> {
                 .and_then(|s| u16::try_from(s).ok());
             let result = match (status, response) {
                 (Some(s), Some(r)) if (200..300).contains(&s) => {
-                    LineResult::Answered(r.get("body").cloned().unwrap_or(Value::Null))
+                    let body = r.get("body").map(Value::to_string).unwrap_or_default();
+                    LineResult::from_answer(parse_chat_completion(body.as_bytes()))
                 }
                 (Some(s), Some(r)) => {
                     let body = r.get("body").map(Value::to_string).unwrap_or_default();
@@ -270,15 +297,29 @@ pub fn submit(ctx: Arc<EngineContext>, batch: Batch) {
 }
 
 async fn record_and_start(ctx: Arc<EngineContext>, batch: Batch) {
-    let mut open = Vec::new();
+    let mut unsettled = Vec::new();
     for mut a in batch.tasks {
         // A task whose outcome exists is acked and skipped, as on the realtime route.
         if let Some(lease) =
             outcome::unless_done(&ctx, a.lease, &a.task.task_id, a.task.generation).await
         {
             a.lease = lease;
-            open.push(a);
+            unsettled.push(a);
         }
+    }
+    // The realtime route's budget check, before any job is recorded: a
+    // tenant over its budget gets no new job (its tasks fail or are held).
+    let open: Vec<Accepted> = futures::future::join_all(
+        unsettled
+            .into_iter()
+            .map(|a| crate::dispatcher::within_budget(&ctx, a)),
+    )
+    .await
+    .into_iter()
+    .flatten()
+    .collect();
+    if open.is_empty() {
+        return;
     }
     let s = &ctx.settings.batch_api;
     let endpoint = CHAT_ENDPOINT;
@@ -448,7 +489,7 @@ async fn refused(ctx: &EngineContext, job: &ProviderJob, e: &ProviderError) -> O
     for t in &job.tasks {
         let mut error = TaskError::new(ErrorKind::ProviderRejected, message.clone());
         error.status_code = Some(*status);
-        publish_failure(ctx, job, t, error, t.attempts).await;
+        publish_failure(ctx, job, t, error, t.attempts, None).await;
     }
     forget(ctx, job).await;
     Some(())
@@ -473,6 +514,7 @@ async fn find_or_create(
     let b = api
         .create(
             input_file_id,
+            &job.input_file(),
             &job.endpoint,
             window,
             &json!({ JOB_TAG: job.id }),
@@ -482,35 +524,29 @@ async fn find_or_create(
     Ok(b)
 }
 
-/// Reads the ended job's files and settles each task.
+/// Reads the ended job's results and settles each task.
 async fn finish(ctx: &EngineContext, api: &dyn BatchApi, job: ProviderJob, status: BatchJobStatus) {
-    let mut files = Vec::new();
-    for id in [&status.output_file_id, &status.error_file_id]
-        .into_iter()
-        .flatten()
-    {
-        loop {
-            match api.content(id).await {
-                Ok(bytes) => {
-                    files.push(bytes);
-                    break;
-                }
-                Err(ProviderError::Rejected { status: 404, .. }) => break,
-                Err(e) => {
-                    tracing::warn!(job_id = %job.id, file_id = %id, error = %e, "result file not read; trying again");
-                    if !pause(ctx, ctx.settings.batch_api.poll_initial).await {
-                        return;
-                    }
+    let results = loop {
+        match api.results(&status).await {
+            Ok(results) => break results,
+            Err(e) => {
+                tracing::warn!(job_id = %job.id, error = %e, "results of an ended job not read; trying again");
+                if !pause(ctx, ctx.settings.batch_api.poll_initial).await {
+                    return;
                 }
             }
         }
-    }
-    let slices: Vec<&[u8]> = files.iter().map(|b| b.as_ref()).collect();
-    let results = read_results(&slices);
+    };
     tracing::info!(job_id = %job.id, status = %status.status, answered = results.len(), tasks = job.tasks.len(), "provider job ended");
+    let now = ctx.clock.now();
     for t in &job.tasks {
-        match results.get(&t.task_id) {
-            Some(LineResult::Answered(body)) => answered(ctx, &job, t, body).await,
+        let result = results.get(&api.custom_id(&t.task_id));
+        if let Some(deadline) = deadline_of(t).filter(|d| *d <= now) {
+            expired(ctx, &job, t, result, deadline).await;
+            continue;
+        }
+        match result {
+            Some(LineResult::Answered(completion)) => answered(ctx, &job, t, completion).await,
             Some(LineResult::Failed { status, message }) => {
                 line_failed(ctx, &job, t, *status, message).await;
             }
@@ -562,20 +598,54 @@ fn call_id(job: &ProviderJob, t: &JobTask) -> String {
     )
 }
 
-async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, body: &Value) {
-    let completion = match parse_chat_completion(body.to_string().as_bytes()) {
-        Ok(c) => c,
-        Err(message) => {
-            // A 200 without a usable answer: transient, as on the realtime route.
-            line_failed(ctx, job, t, Some(500), &message).await;
-            return;
-        }
+/// The task's `deadline`, read from its body as received.
+fn deadline_of(t: &JobTask) -> Option<DateTime<Utc>> {
+    t.original
+        .get("deadline")
+        .and_then(Value::as_str)
+        .and_then(|d| DateTime::parse_from_rfc3339(d).ok())
+        .map(|d| d.with_timezone(&Utc))
+}
+
+/// A task whose deadline passed while its job ran: `expired`, whatever its
+/// line says. An answered line was billed: it is recorded in the ledger and
+/// its usage and cost go in the outcome, so outcomes still add up to the bill.
+async fn expired(
+    ctx: &EngineContext,
+    job: &ProviderJob,
+    t: &JobTask,
+    result: Option<&LineResult>,
+    deadline: DateTime<Utc>,
+) {
+    let (spent, attempts) = match result {
+        Some(LineResult::Answered(c)) => (
+            Some((c.usage, record_line(ctx, job, t, c.usage).await)),
+            t.attempts.saturating_add(1),
+        ),
+        _ => (None, t.attempts),
     };
+    let error = TaskError::new(
+        ErrorKind::Expired,
+        format!(
+            "the task's deadline ({}) passed while its provider batch job ran",
+            timestamp(deadline)
+        ),
+    );
+    publish_failure(ctx, job, t, error, attempts, spent).await;
+}
+
+/// Records an answered line's call in the ledger at the batch price; its cost.
+async fn record_line(
+    ctx: &EngineContext,
+    job: &ProviderJob,
+    t: &JobTask,
+    usage: Usage,
+) -> crate::pricing::Picousd {
     let now = ctx.clock.now();
     let cost = ctx
         .settings
         .prices
-        .cost_picousd(&job.model, &completion.usage, RouteKind::BatchApi)
+        .cost_picousd(&job.model, &usage, RouteKind::BatchApi)
         .unwrap_or(0);
     let mut record = CallRecord {
         call_id: call_id(job, t),
@@ -592,7 +662,7 @@ async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, body: &Va
         cost_picousd: 0,
         lapsed: false,
     };
-    record.finish(completion.usage, cost, now);
+    record.finish(usage, cost, now);
     // Keyed by the line's call id: a line read again after a restart is
     // stored (and counted) once.
     let key = format!("{}{}", crate::ledger::SHEET_PREFIX, record.call_id);
@@ -607,6 +677,12 @@ async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, body: &Va
             tracing::warn!(call_id = %record.call_id, error = %e, "batch line not recorded in the ledger")
         }
     }
+    cost
+}
+
+async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, completion: &Completion) {
+    let completion = completion.clone();
+    let cost = record_line(ctx, job, t, completion.usage).await;
     let cost_usd = crate::pricing::usd(cost);
     let completed = Utc::now();
     let total_ms = elapsed_ms(t.created_at, completed);
@@ -666,7 +742,7 @@ async fn line_failed(
     if !transient {
         let mut error = TaskError::new(ErrorKind::ProviderRejected, message);
         error.status_code = status;
-        publish_failure(ctx, job, t, error, attempts).await;
+        publish_failure(ctx, job, t, error, attempts, None).await;
         return;
     }
     if let Err(e) = ctx.ports.attempts.set(&t.task_id, attempts).await {
@@ -678,19 +754,22 @@ async fn line_failed(
             format!("gave up after {attempts} attempts; last error: {message}"),
         );
         error.status_code = status;
-        publish_failure(ctx, job, t, error, attempts).await;
+        publish_failure(ctx, job, t, error, attempts, None).await;
         return;
     }
     metrics::retried("server_error");
     requeue(ctx, t, attempts).await;
 }
 
+/// Publishes a task's failure and dead letter; `spent` is the usage and
+/// cost of a line that was answered (and billed) all the same.
 async fn publish_failure(
     ctx: &EngineContext,
     job: &ProviderJob,
     t: &JobTask,
     error: TaskError,
     attempts: u32,
+    spent: Option<(Usage, crate::pricing::Picousd)>,
 ) {
     let now = Utc::now();
     let error = TaskError {
@@ -714,6 +793,8 @@ async fn publish_failure(
             batch_id: Some(job.batch_id.clone()),
             metadata: t.metadata.clone(),
             generation: t.generation,
+            usage: spent.map(|(u, _)| u).unwrap_or_default(),
+            cost_usd: spent.map_or(0.0, |(_, c)| crate::pricing::usd(c)),
             ..base
         },
         dead_letter: Some(DeadLetter {
@@ -729,6 +810,15 @@ async fn publish_failure(
         created_at: t.created_at,
     };
     if outcome::deliver_detached(ctx, f, &t.subject).await {
+        if let Some((usage, cost)) = spent {
+            metrics::spent(
+                &job.model,
+                &t.tenant,
+                priority(t),
+                crate::pricing::usd(cost),
+                &usage,
+            );
+        }
         clear_attempts(ctx, t).await;
     }
 }
@@ -786,21 +876,44 @@ mod tests {
 
     #[test]
     fn results_are_mapped_by_custom_id_whatever_their_order() {
-        let output = br#"{"id":"r2","custom_id":"b","response":{"status_code":200,"body":{"x":2}},"error":null}
-{"id":"r1","custom_id":"a","response":{"status_code":200,"body":{"x":1}},"error":null}
-"#;
+        let answer = |text: &str| {
+            json!({"custom_id": text, "response": {"status_code": 200, "body": {
+                "choices": [{"message": {"content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1}}}, "error": null})
+            .to_string()
+        };
+        let output = format!(
+            "{}\n{}\n{}\n",
+            answer("b"),
+            answer("a"),
+            r#"{"custom_id":"e","response":{"status_code":200,"body":{"choices":[]}},"error":null}"#
+        );
         let errors = br#"{"id":"r3","custom_id":"c","response":{"status_code":400,"body":{"error":{"message":"bad","type":"invalid_request_error"}}},"error":null}
 {"id":"r4","custom_id":"d","response":null,"error":{"code":"batch_expired","message":"late"}}
 not json
 "#;
-        let r = read_results(&[output, errors]);
-        assert_eq!(r["a"], LineResult::Answered(json!({"x": 1})));
-        assert_eq!(r["b"], LineResult::Answered(json!({"x": 2})));
+        let r = read_results(&[output.as_bytes(), errors]);
+        let text = |id: &str| match &r[id] {
+            LineResult::Answered(c) => c.output.clone(),
+            other => panic!("{id}: {other:?}"),
+        };
+        assert_eq!(text("a").as_deref(), Some("a"));
+        assert_eq!(text("b").as_deref(), Some("b"));
         assert!(
             matches!(&r["c"], LineResult::Failed { status: Some(400), message } if message.contains("bad"))
         );
+        assert!(
+            matches!(
+                &r["e"],
+                LineResult::Failed {
+                    status: Some(500),
+                    ..
+                }
+            ),
+            "a 200 without a usable answer is a transient failure"
+        );
         assert!(!r.contains_key("d"), "an expired line is unanswered");
-        assert_eq!(r.len(), 3);
+        assert_eq!(r.len(), 4);
     }
 
     #[test]

@@ -44,11 +44,9 @@ impl AnthropicProvider {
         api_key: Option<String>,
         timeout: Duration,
     ) -> Result<Self, ProviderBuildError> {
-        let trimmed = base_url.trim_end_matches('/');
-        let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed);
         Ok(AnthropicProvider {
             http: Http::new(base_url, api_key.as_deref(), timeout)?,
-            endpoint: Endpoint::new(base, "/v1/messages")?,
+            endpoint: Endpoint::new(sdk_base(base_url), "/v1/messages")?,
             api_key,
         })
     }
@@ -78,6 +76,13 @@ impl Provider for AnthropicProvider {
         let answer = self.http.send(req).await?;
         read_answer(answer, &self.http.scrubber)
     }
+}
+
+/// The base URL as the Anthropic SDK takes it: without `/v1` (a trailing
+/// `/v1` or `/` is dropped).
+pub(super) fn sdk_base(base_url: &str) -> &str {
+    let trimmed = base_url.trim_end_matches('/');
+    trimmed.strip_suffix("/v1").unwrap_or(trimmed)
 }
 
 /// The Messages request for the engine's chat request.
@@ -195,6 +200,11 @@ pub fn parse_message(body: &[u8]) -> Result<Completion, String> {
             truncate(&e.to_string(), MAX_PROVIDER_MESSAGE_CHARS)
         )
     })?;
+    completion_of(&m)
+}
+
+/// A message as a completion; the `Err` says why it is not a usable answer.
+pub fn completion_of(m: &Message) -> Result<Completion, String> {
     let texts: Vec<&str> = m
         .content
         .iter()

@@ -8,6 +8,7 @@
 //! headers and the scrubbing of secrets out of every message.
 
 mod anthropic;
+mod anthropic_batch;
 mod openai;
 mod openai_batch;
 
@@ -23,6 +24,7 @@ use batchd_actors::task::Usage;
 use serde_json::Value;
 
 pub use anthropic::{AnthropicProvider, ANTHROPIC_VERSION, DEFAULT_MAX_TOKENS};
+pub use anthropic_batch::AnthropicBatchApi;
 pub use openai::OpenAiProvider;
 pub use openai_batch::OpenAiBatchApi;
 
@@ -60,6 +62,18 @@ pub fn from_config(
     Ok(match c.kind {
         ProviderKind::Openai => Arc::new(OpenAiProvider::from_config(c, timeout)?),
         ProviderKind::Anthropic => Arc::new(AnthropicProvider::from_config(c, timeout)?),
+    })
+}
+
+/// The batch job API a provider's `kind` names (OpenAI's Files and
+/// Batches, or Anthropic's Message Batches).
+pub fn batch_api_from_config(
+    c: &ProviderConfig,
+    timeout: Duration,
+) -> Result<Arc<dyn batchd_actors::ports::BatchApi>, ProviderBuildError> {
+    Ok(match c.kind {
+        ProviderKind::Openai => Arc::new(OpenAiBatchApi::from_config(c, timeout)?),
+        ProviderKind::Anthropic => Arc::new(AnthropicBatchApi::from_config(c, timeout)?),
     })
 }
 
@@ -170,6 +184,25 @@ impl Http {
             limits,
             body,
         })
+    }
+
+    /// [`Http::send_capped`] that reads a non-2xx answer as the error it
+    /// means (its message scrubbed).
+    async fn send_for_2xx(
+        &self,
+        req: reqwest::RequestBuilder,
+        cap: usize,
+    ) -> Result<Answer, ProviderError> {
+        let answer = self.send_capped(req, cap).await?;
+        if (200..300).contains(&answer.status) {
+            return Ok(answer);
+        }
+        let (_, message) = batchd_actors::completion::parse_error_body(&answer.body);
+        Err(status_error(
+            answer.status,
+            answer.limits,
+            self.scrubber.scrub(&message),
+        ))
     }
 
     /// A transport error as a message: what failed and why, never the URL.

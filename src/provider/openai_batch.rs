@@ -1,15 +1,16 @@
 //! OpenAI's Files and Batches APIs (`{base_url}/files`, `{base_url}/batches`):
 //! the [`BatchApi`] the engine's provider jobs go through.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use batchd_actors::completion::parse_error_body;
 use batchd_actors::ports::{BatchApi, BatchJobStatus, ProviderError};
+use batchd_actors::provider_jobs::{read_results, LineResult};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use super::{status_error, Answer, Endpoint, Http, ProviderBuildError};
+use super::{Answer, Endpoint, Http, ProviderBuildError};
 use crate::config::ProviderConfig;
 
 /// The largest output or error file read (a 50,000-line job's answers).
@@ -67,19 +68,9 @@ impl OpenAiBatchApi {
         endpoint: &Endpoint,
         cap: usize,
     ) -> Result<Answer, ProviderError> {
-        let answer = self
-            .http
-            .send_capped(self.authed(req, endpoint), cap)
-            .await?;
-        if (200..300).contains(&answer.status) {
-            return Ok(answer);
-        }
-        let (_, message) = parse_error_body(&answer.body);
-        Err(status_error(
-            answer.status,
-            answer.limits,
-            self.http.scrubber.scrub(&message),
-        ))
+        self.http
+            .send_for_2xx(self.authed(req, endpoint), cap)
+            .await
     }
 
     fn json(&self, answer: &Answer) -> Result<Value, ProviderError> {
@@ -94,6 +85,17 @@ impl OpenAiBatchApi {
             status: Some(answer.status),
             message: "a batch object without id or status".into(),
         })
+    }
+}
+
+impl OpenAiBatchApi {
+    /// A file's content.
+    pub async fn content(&self, file_id: &str) -> Result<Bytes, ProviderError> {
+        let url = Self::url(&self.files, &format!("/{file_id}/content"));
+        let answer = self
+            .call(self.http.client.get(url), &self.files, MAX_FILE_BYTES)
+            .await?;
+        Ok(Bytes::from(answer.body))
     }
 }
 
@@ -143,6 +145,7 @@ impl BatchApi for OpenAiBatchApi {
     async fn create(
         &self,
         input_file_id: &str,
+        _jsonl: &Bytes,
         endpoint: &str,
         completion_window: &str,
         metadata: &Value,
@@ -189,12 +192,24 @@ impl BatchApi for OpenAiBatchApi {
         self.batch(&answer)
     }
 
-    async fn content(&self, file_id: &str) -> Result<Bytes, ProviderError> {
-        let url = Self::url(&self.files, &format!("/{file_id}/content"));
-        let answer = self
-            .call(self.http.client.get(url), &self.files, MAX_FILE_BYTES)
-            .await?;
-        Ok(Bytes::from(answer.body))
+    async fn results(
+        &self,
+        batch: &BatchJobStatus,
+    ) -> Result<HashMap<String, LineResult>, ProviderError> {
+        let mut files = Vec::new();
+        for id in [&batch.output_file_id, &batch.error_file_id]
+            .into_iter()
+            .flatten()
+        {
+            match self.content(id).await {
+                Ok(bytes) => files.push(bytes),
+                // Deleted after an earlier reading: nothing left to settle from it.
+                Err(ProviderError::Rejected { status: 404, .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let slices: Vec<&[u8]> = files.iter().map(|b| b.as_ref()).collect();
+        Ok(read_results(&slices))
     }
 
     async fn delete_file(&self, file_id: &str) -> Result<(), ProviderError> {

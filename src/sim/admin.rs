@@ -9,10 +9,11 @@
 //! - `GET /sim/bill`: billed tokens per model (requests answered with a 200).
 //! - `POST /sim/clock/reset`: the faults' clock starts again at zero.
 //! - `GET /sim/batches`: `{"created": n, "bill": {...}, "faults": {...}}`:
-//!   batches created, the batch part of the bill (tokens per model, priced
-//!   at the batch rate) and the batch faults in force.
-//! - `POST /sim/batches/faults`: sets the batch faults for batches created
-//!   from now on (`{"expire_after_lines": 2, "failing_custom_ids": ["t1"]}`).
+//!   batches created (OpenAI Batches and Anthropic Message Batches), the
+//!   batch part of the bill (tokens per model, priced at the batch rate) and
+//!   the batch faults in force.
+//! - `POST /sim/batches/faults`: sets the batch faults for batches of
+//!   either API created from now on (`{"expire_after_lines": 2, "failing_custom_ids": ["t1"]}`).
 //!
 //! Errors use OpenAI's error body with status 400.
 

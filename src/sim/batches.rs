@@ -125,10 +125,12 @@ pub(crate) struct BatchStore {
     batches: HashMap<String, SimBatch>,
     faults: BatchFaults,
     next: u64,
+    /// Anthropic's Message Batches ([`super::message_batches`]).
+    pub(super) message_batches: HashMap<String, super::message_batches::SimMessageBatch>,
 }
 
 impl BatchStore {
-    fn id(&mut self, prefix: &str, salt: u64) -> String {
+    pub(super) fn id(&mut self, prefix: &str, salt: u64) -> String {
         self.next += 1;
         format!("{prefix}{:024x}", mix(salt ^ self.next) as u128 | 1 << 90)
     }

@@ -25,6 +25,9 @@
 //!   of at least 1024 tokens is written to the prompt cache on first use
 //!   (`cache_creation_input_tokens`) and read from it after
 //!   (`cache_read_input_tokens`). Counted in the same stats and bill.
+//! - OpenAI's Files and Batches (`batches`) and Anthropic's Message
+//!   Batches (`message_batches`), on one clock (`--batch-secs`), billed at
+//!   the batch rate apart from the realtime bill.
 //! - `GET /v1/models` and `GET /v1/models/{id}`: a fixed list of model ids.
 //! - Anything else: a 404 with OpenAI's `Invalid URL` error.
 //!
@@ -66,6 +69,7 @@
 //! - `prompt_cache`: which prompt prefixes count as `cached_tokens`.
 //! - `api_error`: OpenAI's error body.
 //! - `messages`: Anthropic's Messages API: headers, request, answer.
+//! - `message_batches`: Anthropic's Message Batches API.
 //! - `hash`: the stable hash behind answers and cache keys.
 
 mod admin;
@@ -75,6 +79,7 @@ mod completion;
 mod fault;
 mod hash;
 mod listener;
+mod message_batches;
 mod messages;
 mod prompt_cache;
 mod rate_limit;
@@ -140,7 +145,8 @@ pub struct SimArgs {
     #[arg(long = "faults", value_name = "FILE")]
     pub faults_file: Option<PathBuf>,
     /// Seconds a Batch API batch takes from creation to `completed`
-    /// (validating, in_progress and finalizing on the way)
+    /// (validating, in_progress and finalizing on the way), and a Message
+    /// Batch from creation to `ended`
     #[arg(long, default_value_t = 30.0)]
     pub batch_secs: f64,
 }
@@ -364,7 +370,8 @@ impl SimServer {
         self.shared.batch_bill()
     }
 
-    /// How many batches were created (`POST /v1/batches` answered 200).
+    /// How many batches were created (`POST /v1/batches` or `POST
+    /// /v1/messages/batches` answered 200).
     pub fn batch_creations(&self) -> u64 {
         self.shared.batch_creations()
     }

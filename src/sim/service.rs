@@ -399,6 +399,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             get(retrieve_model).fallback(invalid_url),
         )
         .merge(super::batches::routes())
+        .merge(super::message_batches::routes())
         .merge(super::admin::routes())
         .fallback(invalid_url)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -495,7 +496,7 @@ impl Failure {
 }
 
 /// An error in the shape of the API the request came through.
-fn api_error_response(error: &ApiError, api: Api) -> Response {
+pub(crate) fn api_error_response(error: &ApiError, api: Api) -> Response {
     match api {
         Api::OpenAi => error_response(error),
         Api::Anthropic => bytes_response(error.status, error.to_anthropic_body()),

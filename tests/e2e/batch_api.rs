@@ -27,7 +27,7 @@ poll_initial_ms = 50
 poll_max_ms = 200
 "#;
 
-fn sim_config(batch: Duration) -> SimConfig {
+pub(crate) fn sim_config(batch: Duration) -> SimConfig {
     SimConfig {
         batch_duration: batch,
         ..SimConfig::default()
@@ -35,7 +35,7 @@ fn sim_config(batch: Duration) -> SimConfig {
 }
 
 /// `n` tasks `<prefix><i>` on `priority`.
-fn tasks_on(n: usize, prefix: &str, priority: u8) -> Vec<(String, Value)> {
+pub(crate) fn tasks_on(n: usize, prefix: &str, priority: u8) -> Vec<(String, Value)> {
     (0..n)
         .map(|i| {
             let id = format!("{prefix}{i}");
@@ -48,7 +48,7 @@ fn tasks_on(n: usize, prefix: &str, priority: u8) -> Vec<(String, Value)> {
 }
 
 /// The simulator's batch bill priced at the batch rate, in pico-dollars.
-fn batch_bill(sim: &SimServer, config: &Config) -> (u64, u64) {
+pub(crate) fn batch_bill(sim: &SimServer, config: &Config) -> (u64, u64) {
     let mut total = 0;
     let mut lines = 0;
     for (model, b) in sim.batch_bill() {
@@ -68,32 +68,44 @@ fn batch_bill(sim: &SimServer, config: &Config) -> (u64, u64) {
 }
 
 /// Batch lines the simulator billed, all models.
-fn billed_lines(sim: &SimServer) -> u64 {
+pub(crate) fn billed_lines(sim: &SimServer) -> u64 {
     sim.batch_bill().values().map(|b| b.requests).sum()
 }
 
-fn outcome_of<'a>(outcomes: &'a HashMap<String, Vec<Value>>, id: &str) -> &'a Value {
+pub(crate) fn outcome_of<'a>(outcomes: &'a HashMap<String, Vec<Value>>, id: &str) -> &'a Value {
     &outcomes[&format!("batchd.results.{id}")][0]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p3_tasks_go_through_the_batch_api_with_one_discounted_outcome_each_equal_to_the_bill() {
-    let stack = common::stack(sim_config(Duration::from_millis(400)), BATCH_ON).await;
+/// Makes `n` tasks `<prefix><i>` on a priority.
+pub(crate) type MakeTasks = fn(usize, &str, u8) -> Vec<(String, Value)>;
+
+/// 40 priority-3 tasks (`bulk7` refused by the provider) and 6 priority-1
+/// tasks through `stack`, whose batch jobs go to `provider`: one outcome
+/// each, the bulk ones on the `batch_api` route at half the realtime price,
+/// their sum equal to the simulator's batch bill and to the ledger's batch
+/// records; only `bulk7` fails, with a dead letter; only priority 1 goes
+/// realtime.
+pub(crate) async fn bulk_goes_through_batches_at_the_discount(
+    stack: &common::Stack,
+    config: &Config,
+    make: MakeTasks,
+    provider: &str,
+) {
     let js = &stack.js;
     stack.sim.set_batch_faults(BatchFaults {
         failing_custom_ids: ["bulk7".to_owned()].into(),
         ..BatchFaults::default()
     });
-    let mut all = tasks_on(40, "bulk", 3);
-    all.extend(tasks_on(6, "prem", 1));
+    let mut all = make(40, "bulk", 3);
+    all.extend(make(6, "prem", 1));
     common::publish_many(js, &all).await;
     let outcomes = common::wait_for_one_outcome_each(js, 46, Duration::from_secs(60)).await;
 
-    let config = common::config_with("nats://127.0.0.1:1", &stack.sim.base_url(), BATCH_ON);
     let mut cost = 0.0;
     for i in 0..40 {
         let o = outcome_of(&outcomes, &format!("bulk{i}"));
         assert_eq!(o["route"], "batch_api", "{o}");
+        assert_eq!(o["provider"], provider, "{o}");
         if i == 7 {
             // A refused line fails its own task only, with a dead letter.
             assert_eq!(o["status"], "failed", "{o}");
@@ -131,7 +143,7 @@ async fn p3_tasks_go_through_the_batch_api_with_one_discounted_outcome_each_equa
     );
     assert!(dlq.contains_key("batchd.dlq.bulk7"));
 
-    let (billed, lines) = batch_bill(&stack.sim, &config);
+    let (billed, lines) = batch_bill(&stack.sim, config);
     assert_eq!(lines, 39, "one billed line per succeeded task");
     // Each line is priced on its own and rounded to a pico-dollar.
     let diff = (cost - batchd_actors::pricing::usd(billed)).abs();
@@ -141,26 +153,7 @@ async fn p3_tasks_go_through_the_batch_api_with_one_discounted_outcome_each_equa
         batchd_actors::pricing::usd(billed)
     );
     // The ledger's call records of batch lines add up to the same bill.
-    let calls = js
-        .get_key_value("batchd-calls")
-        .await
-        .expect("calls bucket");
-    let mut ledger: u64 = 0;
-    let mut recorded = 0;
-    {
-        use futures::StreamExt as _;
-        let mut keys = calls.keys().await.expect("keys");
-        while let Some(key) = keys.next().await {
-            let value = calls.get(key.expect("key")).await.expect("get");
-            let Some(value) = value else { continue };
-            let sheet: Vec<Value> = serde_json::from_slice(&value).expect("a call sheet");
-            for record in sheet.iter().filter(|r| r["route"] == "batch_api") {
-                assert_eq!(record["state"], "finished", "{record}");
-                ledger += record["cost_picousd"].as_u64().expect("cost");
-                recorded += 1;
-            }
-        }
-    }
+    let (ledger, recorded) = batch_ledger(js).await;
     assert_eq!(recorded, 39, "one ledger record per answered line");
     assert!(
         ledger.abs_diff(billed) <= 39,
@@ -176,15 +169,19 @@ async fn p3_tasks_go_through_the_batch_api_with_one_discounted_outcome_each_equa
     common::wait_until_empty(js, "BATCHD_TASKS", Duration::from_secs(10)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_jobs_unanswered_tasks_run_again_and_succeed_without_spending_an_attempt() {
-    let stack = common::stack(sim_config(Duration::from_millis(300)), BATCH_ON).await;
+/// 10 priority-3 tasks through `stack` while batches expire after 3 lines:
+/// the unanswered ones go in a new job and every task succeeds on its
+/// first attempt.
+pub(crate) async fn expired_tasks_run_again_without_an_attempt(
+    stack: &common::Stack,
+    make: MakeTasks,
+) {
     let js = &stack.js;
     stack.sim.set_batch_faults(BatchFaults {
         expire_after_lines: Some(3),
         ..BatchFaults::default()
     });
-    common::publish_many(js, &tasks_on(10, "late", 3)).await;
+    common::publish_many(js, &make(10, "late", 3)).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while stack.sim.batch_creations() == 0 {
         assert!(tokio::time::Instant::now() < deadline, "no batch created");
@@ -207,13 +204,26 @@ async fn an_expired_jobs_unanswered_tasks_run_again_and_succeed_without_spending
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p3_tasks_go_through_the_batch_api_with_one_discounted_outcome_each_equal_to_the_bill() {
+    let stack = common::stack(sim_config(Duration::from_millis(400)), BATCH_ON).await;
+    let config = common::config_with("nats://127.0.0.1:1", &stack.sim.base_url(), BATCH_ON);
+    bulk_goes_through_batches_at_the_discount(&stack, &config, tasks_on, "openai").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_jobs_unanswered_tasks_run_again_and_succeed_without_spending_an_attempt() {
+    let stack = common::stack(sim_config(Duration::from_millis(300)), BATCH_ON).await;
+    expired_tasks_run_again_without_an_attempt(&stack, tasks_on).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkill_mid_job_resumes_the_same_job_with_one_creation_and_one_outcome_each() {
     let nats = NatsServer::start().await;
     let sim = common::start_sim(sim_config(Duration::from_secs(4))).await;
     let (_dir, path, js) = common::binary_setup_with(&nats, &sim, BATCH_ON).await;
     let n = 25;
     common::publish_many(&js, &tasks_on(n, "job", 3)).await;
-    let mut first = Batchd::start(&path);
+    let first = Batchd::start(&path);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while sim.batch_creations() == 0 {
         assert!(tokio::time::Instant::now() < deadline, "no batch created");
@@ -221,18 +231,7 @@ async fn a_sigkill_mid_job_resumes_the_same_job_with_one_creation_and_one_outcom
     }
     // The job is recorded and its tasks acked: nothing waits in JetStream.
     common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(10)).await;
-    first.kill();
-    assert_eq!(
-        common::stream_len(&js, "BATCHD_RESULTS").await,
-        0,
-        "killed mid-job"
-    );
-
-    let _second = Batchd::start(&path);
-    let outcomes = common::wait_for_one_outcome_each(&js, n, Duration::from_secs(60)).await;
-    assert!(outcomes
-        .values()
-        .all(|l| l[0]["status"] == "succeeded" && l[0]["route"] == "batch_api"));
+    let _second = kill_and_restart(first, &js, &path, n).await;
     // One creation per job: every batch the simulator created carries a
     // different job id.
     let list: Value = reqwest::get(format!("{}/batches?limit=100", sim.base_url()))
@@ -272,8 +271,55 @@ async fn a_sigkill_mid_job_resumes_the_same_job_with_one_creation_and_one_outcom
     assert_eq!(billed_lines(&sim), n as u64);
 }
 
+/// The ledger's call records of batch lines: their cost in pico-dollars,
+/// and how many there are (each finished).
+pub(crate) async fn batch_ledger(js: &async_nats::jetstream::Context) -> (u64, usize) {
+    use futures::StreamExt as _;
+    let calls = js
+        .get_key_value("batchd-calls")
+        .await
+        .expect("calls bucket");
+    let (mut cost, mut recorded) = (0, 0);
+    let mut keys = calls.keys().await.expect("keys");
+    while let Some(key) = keys.next().await {
+        let Some(value) = calls.get(key.expect("key")).await.expect("get") else {
+            continue;
+        };
+        let sheet: Vec<Value> = serde_json::from_slice(&value).expect("a call sheet");
+        for record in sheet.iter().filter(|r| r["route"] == "batch_api") {
+            assert_eq!(record["state"], "finished", "{record}");
+            cost += record["cost_picousd"].as_u64().expect("cost");
+            recorded += 1;
+        }
+    }
+    (cost, recorded)
+}
+
+/// Kills `first` mid-job (no outcome published yet), starts batchd again on
+/// `path` and waits for the `n` tasks' outcomes: each succeeded on the
+/// `batch_api` route. The second batchd.
+pub(crate) async fn kill_and_restart(
+    mut first: Batchd,
+    js: &async_nats::jetstream::Context,
+    path: &std::path::Path,
+    n: usize,
+) -> Batchd {
+    first.kill();
+    assert_eq!(
+        common::stream_len(js, "BATCHD_RESULTS").await,
+        0,
+        "killed mid-job"
+    );
+    let second = Batchd::start(path);
+    let outcomes = common::wait_for_one_outcome_each(js, n, Duration::from_secs(60)).await;
+    assert!(outcomes
+        .values()
+        .all(|l| l[0]["status"] == "succeeded" && l[0]["route"] == "batch_api"));
+    second
+}
+
 /// A recorded job's task as the engine writes it, for task `id`.
-fn recorded_task(id: &str) -> batchd_actors::provider_jobs::JobTask {
+pub(crate) fn recorded_task(id: &str) -> batchd_actors::provider_jobs::JobTask {
     use base64::Engine as _;
     let body = common::task(id, 3);
     let now = chrono::Utc::now();
@@ -332,6 +378,7 @@ async fn a_kill_between_upload_and_create_leaves_no_task_behind_and_creates_each
             if point == 2 {
                 api.create(
                     &input_file_id,
+                    &bytes::Bytes::new(),
                     CHAT_ENDPOINT,
                     "24h",
                     &serde_json::json!({"batchd_job": job.id}),
@@ -375,4 +422,71 @@ async fn a_kill_between_upload_and_create_leaves_no_task_behind_and_creates_each
         "one creation per job: the one created before the kill was found, not repeated"
     );
     assert_eq!(billed_lines(&sim), 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_over_its_budget_gets_no_batch_job_and_its_tasks_fail_budget_exceeded() {
+    let extra = format!("{BATCH_ON}\n[budgets.tenants]\nbroke = {{ daily_usd = 0.0 }}\n");
+    let stack = common::stack(sim_config(Duration::from_millis(200)), &extra).await;
+    let js = &stack.js;
+    let mut all = tasks_on(5, "paid", 3);
+    all.extend(tasks_on(5, "broke", 3).into_iter().map(|(s, mut t)| {
+        t["tenant"] = "broke".into();
+        (s, t)
+    }));
+    common::publish_many(js, &all).await;
+    let outcomes = common::wait_for_one_outcome_each(js, 10, Duration::from_secs(60)).await;
+    for i in 0..5 {
+        let paid = outcome_of(&outcomes, &format!("paid{i}"));
+        assert_eq!(paid["status"], "succeeded", "{paid}");
+        assert_eq!(paid["route"], "batch_api");
+        let broke = outcome_of(&outcomes, &format!("broke{i}"));
+        assert_eq!(broke["status"], "failed", "{broke}");
+        assert_eq!(broke["error"]["kind"], "budget_exceeded", "{broke}");
+    }
+    assert_eq!(
+        billed_lines(&stack.sim),
+        5,
+        "only the tenant within its budget went in a job"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_deadline_passes_while_its_job_runs_gets_expired_with_its_billed_cost() {
+    // The deadline leaves time to be assembled into a job, not for the job.
+    let stack = common::stack(sim_config(Duration::from_secs(5)), BATCH_ON).await;
+    let js = &stack.js;
+    let mut late = common::task("due0", 3);
+    late["route"] = "batch_api".into();
+    late["deadline"] = (chrono::Utc::now() + chrono::Duration::milliseconds(2_500))
+        .to_rfc3339()
+        .into();
+    let mut all = tasks_on(3, "free", 3);
+    all.push(("batchd.tasks.p3".to_owned(), late));
+    common::publish_many(js, &all).await;
+    let outcomes = common::wait_for_one_outcome_each(js, 4, Duration::from_secs(60)).await;
+    let o = outcome_of(&outcomes, "due0");
+    assert_eq!(o["status"], "failed", "{o}");
+    assert_eq!(o["error"]["kind"], "expired", "{o}");
+    assert_eq!(o["route"], "batch_api");
+    for i in 0..3 {
+        assert_eq!(
+            outcome_of(&outcomes, &format!("free{i}"))["status"],
+            "succeeded"
+        );
+    }
+    assert!(common::read_all(js, "BATCHD_DLQ")
+        .await
+        .contains_key("batchd.dlq.due0"));
+    // Its line was answered and billed: its cost is in its outcome, and the
+    // outcomes still add up to the bill.
+    assert!(o["cost_usd"].as_f64().unwrap() > 0.0, "{o}");
+    let config = common::config_with("nats://127.0.0.1:1", &stack.sim.base_url(), BATCH_ON);
+    let (billed, lines) = batch_bill(&stack.sim, &config);
+    assert_eq!(lines, 4);
+    let cost: f64 = outcomes
+        .values()
+        .map(|l| l[0]["cost_usd"].as_f64().unwrap())
+        .sum();
+    assert!((cost - batchd_actors::pricing::usd(billed)).abs() <= 4e-12);
 }

@@ -6,6 +6,7 @@ mod common;
 
 mod actor_restart;
 mod anthropic;
+mod anthropic_batches;
 mod bad_input;
 mod batch_api;
 mod bench;
@@ -28,6 +29,7 @@ mod scheduling;
 mod security;
 mod sim;
 mod sim_batches;
+mod sim_message_batches;
 mod stack;
 mod status;
 mod submit;

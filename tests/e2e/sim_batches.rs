@@ -11,7 +11,7 @@ use batchd_actors::ports::{BatchApi, BatchJobStatus};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use crate::common::start_sim;
+use crate::common::{start_sim, until_batch_ends};
 
 fn line(id: &str, text: &str) -> String {
     json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions",
@@ -21,25 +21,6 @@ fn line(id: &str, text: &str) -> String {
 
 fn jsonl(lines: &[String]) -> Bytes {
     Bytes::from(lines.join("\n") + "\n")
-}
-
-async fn until_terminal(api: &OpenAiBatchApi, id: &str) -> (BatchJobStatus, Vec<String>) {
-    let mut seen = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let b = api.retrieve(id).await.expect("retrieve");
-        if seen.last() != Some(&b.status) {
-            seen.push(b.status.clone());
-        }
-        if b.is_terminal() {
-            return (b, seen);
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "batch never ended: {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The lines of a batch's output or error file.
@@ -86,6 +67,7 @@ async fn submit(api: &OpenAiBatchApi, lines: &[String]) -> (String, BatchJobStat
     let created = api
         .create(
             &file,
+            &Bytes::new(),
             "/v1/chat/completions",
             "24h",
             &json!({"batchd_job": "j1"}),
@@ -109,7 +91,7 @@ async fn a_batch_goes_validating_in_progress_finalizing_completed_with_lines_by_
     .await;
     assert_eq!(created.status, "validating");
     assert_eq!(created.metadata["batchd_job"], "j1");
-    let (done, seen) = until_terminal(&api, &created.id).await;
+    let (done, seen) = until_batch_ends(&api, &created.id).await;
     assert_eq!(
         seen,
         ["validating", "in_progress", "finalizing", "completed"]
@@ -173,7 +155,7 @@ async fn an_expiring_batch_answers_some_lines_and_reports_the_rest_batch_expired
         ..BatchFaults::default()
     });
     let (_, b) = submit(&api, &[line("a", "x"), line("b", "y"), line("c", "z")]).await;
-    let (done, _) = until_terminal(&api, &b.id).await;
+    let (done, _) = until_batch_ends(&api, &b.id).await;
     assert_eq!(done.status, "expired");
     let output = file_lines(&api, done.output_file_id.as_deref()).await;
     assert_eq!(output.len(), 1);
@@ -197,14 +179,20 @@ async fn a_cancelled_batch_answers_nothing_and_bad_requests_are_refused() {
     let cancel: Value =
         json_of(http.post(format!("{}/batches/{}/cancel", sim.base_url(), b.id))).await;
     assert_eq!(cancel["status"], "cancelling");
-    let (done, _) = until_terminal(&api, &b.id).await;
+    let (done, _) = until_batch_ends(&api, &b.id).await;
     assert_eq!(done.status, "cancelled");
     assert!(done.output_file_id.is_none());
     assert!(sim.batch_bill().is_empty());
 
     // Another window, an unknown file, a broken input file.
     let refused = api
-        .create(&file, "/v1/chat/completions", "1h", &Value::Null)
+        .create(
+            &file,
+            &Bytes::new(),
+            "/v1/chat/completions",
+            "1h",
+            &Value::Null,
+        )
         .await;
     assert!(
         matches!(
@@ -214,7 +202,13 @@ async fn a_cancelled_batch_answers_nothing_and_bad_requests_are_refused() {
         "{refused:?}"
     );
     let missing = api
-        .create("file-nope", "/v1/chat/completions", "24h", &Value::Null)
+        .create(
+            "file-nope",
+            &Bytes::new(),
+            "/v1/chat/completions",
+            "24h",
+            &Value::Null,
+        )
         .await;
     assert!(
         matches!(
@@ -229,10 +223,16 @@ async fn a_cancelled_batch_answers_nothing_and_bad_requests_are_refused() {
         .await
         .unwrap();
     let b = api
-        .create(&broken, "/v1/chat/completions", "24h", &Value::Null)
+        .create(
+            &broken,
+            &Bytes::new(),
+            "/v1/chat/completions",
+            "24h",
+            &Value::Null,
+        )
         .await
         .unwrap();
-    let (done, _) = until_terminal(&api, &b.id).await;
+    let (done, _) = until_batch_ends(&api, &b.id).await;
     assert_eq!(done.status, "failed");
     let object: Value = json_of(http.get(format!("{}/batches/{}", sim.base_url(), b.id))).await;
     assert_eq!(object["errors"]["data"][0]["code"], "duplicate_custom_id");
@@ -269,7 +269,7 @@ async fn the_engines_input_lines_and_the_sims_batch_objects_follow_openais_spec(
     let (_, created) = submit(&api, &lines).await;
     let create = json!({"input_file_id": "file-x", "endpoint": CHAT_ENDPOINT, "completion_window": "24h", "metadata": {"batchd_job": "j_1"}});
     crate::common::openapi::validate_schema("CreateBatchRequest", &create).expect("create body");
-    until_terminal(&api, &created.id).await;
+    until_batch_ends(&api, &created.id).await;
     let object =
         json_of(reqwest::Client::new().get(format!("{}/batches/{}", sim.base_url(), created.id)))
             .await;

@@ -350,6 +350,30 @@ pub fn sent_per_task(bodies: &[Value]) -> HashMap<String, usize> {
 }
 
 /// Starts the simulated provider configured by `config` on a free port.
+/// Polls a provider batch until it ends (20 s at most): its last status
+/// and the statuses seen, in order.
+pub async fn until_batch_ends(
+    api: &dyn batchd_actors::ports::BatchApi,
+    id: &str,
+) -> (batchd_actors::ports::BatchJobStatus, Vec<String>) {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let b = api.retrieve(id).await.expect("retrieve");
+        if seen.last() != Some(&b.status) {
+            seen.push(b.status.clone());
+        }
+        if b.is_terminal() {
+            return (b, seen);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "batch never ended: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn start_sim(config: SimConfig) -> SimServer {
     SimServer::start("127.0.0.1:0".parse().expect("addr"), config)
         .await
@@ -364,9 +388,20 @@ pub async fn stack(sim: SimConfig, extra: &str) -> Stack {
 
 /// [`stack`] with the provider named `provider` (see [`config_toml_as`]).
 pub async fn stack_as(provider: &str, sim: SimConfig, extra: &str) -> Stack {
+    stack_for(provider, sim, |_| extra.to_owned()).await
+}
+
+/// [`stack_as`] with the extra TOML made from the started simulator (for
+/// its addresses).
+pub async fn stack_for(
+    provider: &str,
+    sim: SimConfig,
+    extra: impl FnOnce(&SimServer) -> String,
+) -> Stack {
     let nats = nats::NatsServer::start().await;
     let sim = start_sim(sim).await;
-    let toml = config_toml_as(provider, &nats.url(), &sim.base_url(), extra);
+    let extra = extra(&sim);
+    let toml = config_toml_as(provider, &nats.url(), &sim.base_url(), &extra);
     let config = Config::from_toml_str(&toml, "test").expect("test config is valid");
     let providers = batchd::app::http_providers(&config).expect("providers");
     let running = batchd::app::start(&config, providers)
