@@ -20,7 +20,7 @@ use batchd_actors::routing::{Catalog, TaskType, TierModels};
 use batchd_actors::settings::{
     BatchApiSettings, EngineSettings, LedgerSettings, RestartPolicy, RouteLimits,
 };
-use batchd_actors::task::Priority;
+use batchd_actors::task::{Priority, Tier};
 use serde::Deserialize;
 
 /// The defaults, documented key by key.
@@ -906,6 +906,28 @@ impl Config {
                 );
             }
         }
+        for (i, rule) in self.tiers.rules.iter().enumerate() {
+            let key = |field: &str| format!("tiers.rules[{i}].{field}");
+            if rule.tier == Tier::Auto {
+                return bad(&key("tier"), "must be simple, standard or complex".into());
+            }
+            if let Some(t) = &rule.task_type {
+                if !self.task_types.contains_key(t) {
+                    return bad(
+                        &key("task_type"),
+                        format!("task type {t:?} is not in [task_types]"),
+                    );
+                }
+            }
+            if let (Some(min), Some(max)) = (rule.min_chars, rule.max_chars) {
+                if min > max {
+                    return bad(
+                        &key("min_chars"),
+                        format!("is {min}, above max_chars {max}"),
+                    );
+                }
+            }
+        }
         for model in served.keys() {
             if !self.prices.models.contains_key(model) {
                 return bad(
@@ -1356,6 +1378,21 @@ mod tests {
     fn errors_name_the_key() {
         let e = Config::from_toml_str("[tiers]\nsimple = \"nope\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("tiers.simple"), "{e}");
+        let e = Config::from_toml_str(
+            "[[tiers.rules]]\ntask_type = \"nope\"\ntier = \"complex\"\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("tiers.rules[0].task_type"), "{e}");
+        let e = Config::from_toml_str("[[tiers.rules]]\ntier = \"auto\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("tiers.rules[0].tier"), "{e}");
+        let e = Config::from_toml_str(
+            "[[tiers.rules]]\npattern = \"(\"\ntier = \"complex\"\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("invalid pattern"), "{e}");
+        assert!(e.to_string().contains("tiers.rules"), "{e}");
         let e = Config::from_toml_str("[intake]\nmax_ack_pending = 0\n", "t").unwrap_err();
         assert!(e.to_string().contains("intake.max_ack_pending"), "{e}");
         let e = Config::from_toml_str("[intake]\nbogus = 1\n", "t").unwrap_err();

@@ -53,7 +53,7 @@ use crate::outcome::{self, elapsed_ms, Final};
 use crate::ports::{BatchApi, BatchJobStatus, ProviderError, Requeue};
 use crate::task::{
     timestamp, DeadLetter, Encoding, ErrorKind, Outcome, Priority, RouteKind, Status, TaskError,
-    Timings, Usage,
+    Tier, Timings, Usage,
 };
 
 /// The version of the job record layout this engine writes.
@@ -120,6 +120,12 @@ pub struct JobTask {
     pub original: Value,
     /// True when its outcome is MessagePack.
     pub msgpack: bool,
+    /// The tier its model was picked from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<Tier>,
+    /// Why that tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier_reason: Option<String>,
 }
 
 /// A provider batch job, as recorded in the job store.
@@ -335,6 +341,8 @@ fn job_task(a: &Accepted) -> JobTask {
         body_base64: base64::engine::general_purpose::STANDARD.encode(&a.body),
         original: t.original.clone(),
         msgpack: t.encoding == Encoding::MessagePack,
+        tier: a.plan.tier.as_ref().map(|c| c.tier),
+        tier_reason: a.plan.tier.as_ref().map(|c| c.reason.clone()),
     }
 }
 
@@ -620,6 +628,10 @@ async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, body: &Va
         model: Some(job.model.clone()),
         provider: Some(job.provider.clone()),
         route: Some(RouteKind::BatchApi),
+        tier: t.tier,
+        tier_reason: t.tier_reason.clone(),
+        shared_call: false,
+        call_id: None,
         usage: completion.usage,
         cost_usd,
         attempts: t.attempts.saturating_add(1),
@@ -710,6 +722,8 @@ async fn publish_failure(
             model: Some(job.model.clone()),
             provider: Some(job.provider.clone()),
             route: Some(RouteKind::BatchApi),
+            tier: t.tier,
+            tier_reason: t.tier_reason.clone(),
             attempts,
             batch_id: Some(job.batch_id.clone()),
             metadata: t.metadata.clone(),

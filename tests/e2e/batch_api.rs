@@ -295,6 +295,8 @@ fn recorded_task(id: &str) -> batchd_actors::provider_jobs::JobTask {
             .encode(serde_json::to_vec(&body).expect("json")),
         original: body,
         msgpack: false,
+        tier: None,
+        tier_reason: None,
     }
 }
 
