@@ -91,6 +91,19 @@ pub struct Config {
     pub preemption: PreemptionConfig,
     /// Service targets per priority.
     pub targets: TargetsConfig,
+    /// Exact-duplicate requests answered by one call.
+    pub dedupe: DedupeConfig,
+}
+
+/// `[dedupe]`: identical requests (same route and rendered body) share one
+/// realtime call while it is in flight and for `window_ms` after its answer.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupeConfig {
+    /// Off by default.
+    pub enabled: bool,
+    /// Milliseconds an answered call keeps serving duplicates.
+    pub window_ms: u64,
 }
 
 /// `[targets]`: the time each priority's tasks should take at most,
@@ -890,6 +903,15 @@ impl Config {
         if self.dispatch.request_timeout_secs < 1 {
             return bad("dispatch.request_timeout_secs", "must be at least 1".into());
         }
+        if self.dedupe.window_ms > 3_600_000 {
+            return bad(
+                "dedupe.window_ms",
+                format!(
+                    "is {}; it must be at most 3600000 (an hour)",
+                    self.dedupe.window_ms
+                ),
+            );
+        }
         if self.providers.is_empty() {
             return bad("providers", "at least one provider is needed".into());
         }
@@ -1221,6 +1243,10 @@ impl Config {
                 Duration::from_secs(self.targets.p3_secs),
             ]),
             batch_api: self.batch_api_settings(),
+            dedupe_window: self
+                .dedupe
+                .enabled
+                .then(|| Duration::from_millis(self.dedupe.window_ms)),
         }
     }
 
@@ -1393,6 +1419,8 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("invalid pattern"), "{e}");
         assert!(e.to_string().contains("tiers.rules"), "{e}");
+        let e = Config::from_toml_str("[dedupe]\nwindow_ms = 3600001\n", "t").unwrap_err();
+        assert!(e.to_string().contains("dedupe.window_ms"), "{e}");
         let e = Config::from_toml_str("[intake]\nmax_ack_pending = 0\n", "t").unwrap_err();
         assert!(e.to_string().contains("intake.max_ack_pending"), "{e}");
         let e = Config::from_toml_str("[intake]\nbogus = 1\n", "t").unwrap_err();

@@ -502,6 +502,7 @@ pub fn settings() -> EngineSettings {
         preemption: Default::default(),
         targets: Default::default(),
         batch_api: Default::default(),
+        dedupe_window: None,
     }
 }
 
