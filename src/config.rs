@@ -96,7 +96,8 @@ pub struct Config {
 }
 
 /// `[dedupe]`: identical requests (same route and rendered body) share one
-/// realtime call while it is in flight and for `window_ms` after its answer.
+/// realtime call while it is in flight and for `window_ms` after its answer,
+/// and one line of a provider batch job.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DedupeConfig {

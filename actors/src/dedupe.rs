@@ -9,6 +9,7 @@
 //!
 //! The map lives in the engine's shared context, so it outlives a
 //! Dispatcher restart; entries are pruned as they age out of the window.
+//! Provider batch jobs share lines instead ([`crate::provider_jobs::mark_shared`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -50,7 +50,7 @@ use crate::ledger::{day_of, CallRecord, CallState};
 use crate::messages::{Accepted, Batch};
 use crate::metrics;
 use crate::outcome::{self, elapsed_ms, Final};
-use crate::ports::{BatchApi, BatchJobStatus, ProviderError, Requeue};
+use crate::ports::{BatchApi, BatchJobStatus, Completion, ProviderError, Requeue};
 use crate::task::{
     timestamp, DeadLetter, Encoding, ErrorKind, Outcome, Priority, RouteKind, Status, TaskError,
     Tier, Timings, Usage,
@@ -126,6 +126,10 @@ pub struct JobTask {
     /// Why that tier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier_reason: Option<String>,
+    /// With dedupe on: the task of the same job whose identical request
+    /// line this task shares (it has no line of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares: Option<String>,
 }
 
 /// A provider batch job, as recorded in the job store.
@@ -153,14 +157,30 @@ pub struct ProviderJob {
 }
 
 impl ProviderJob {
-    /// The JSONL input file: one request line per task, `custom_id` = task id.
+    /// The JSONL input file: one request line per task that shares no
+    /// other's line, `custom_id` = task id.
     pub fn input_file(&self) -> Bytes {
         let mut out = Vec::new();
-        for t in &self.tasks {
+        for t in self.tasks.iter().filter(|t| t.shares.is_none()) {
             out.extend_from_slice(input_line(&t.task_id, &t.request, &self.endpoint).as_bytes());
             out.push(b'\n');
         }
         Bytes::from(out)
+    }
+}
+
+/// Marks each task whose request repeats an earlier task's exactly as
+/// sharing that task's line.
+pub fn mark_shared(tasks: &mut [JobTask]) {
+    let mut first: HashMap<String, String> = HashMap::new();
+    for t in tasks {
+        let request = t.request.to_string();
+        match first.get(&request) {
+            Some(id) => t.shares = Some(id.clone()),
+            None => {
+                first.insert(request, t.task_id.clone());
+            }
+        }
     }
 }
 
@@ -295,7 +315,7 @@ async fn record_and_start(ctx: Arc<EngineContext>, batch: Batch) {
         s.max_file_bytes,
     );
     for tasks in files {
-        let job = ProviderJob {
+        let mut job = ProviderJob {
             version: JOB_VERSION,
             id: format!("j_{}", ulid::Ulid::new()),
             provider: batch.key.route.provider.clone(),
@@ -306,6 +326,9 @@ async fn record_and_start(ctx: Arc<EngineContext>, batch: Batch) {
             step: JobStep::Recorded,
             tasks: tasks.iter().map(job_task).collect(),
         };
+        if ctx.settings.dedupe_window.is_some() {
+            mark_shared(&mut job.tasks);
+        }
         if let Err(e) = ctx.ports.jobs.put(&job).await {
             // Not recorded: the leases nak on drop and the tasks come back.
             tracing::error!(job_id = %job.id, error = %e, "provider job not recorded; its tasks are handed back");
@@ -343,6 +366,7 @@ fn job_task(a: &Accepted) -> JobTask {
         msgpack: t.encoding == Encoding::MessagePack,
         tier: a.plan.tier.as_ref().map(|c| c.tier),
         tier_reason: a.plan.tier.as_ref().map(|c| c.reason.clone()),
+        shares: None,
     }
 }
 
@@ -517,8 +541,13 @@ async fn finish(ctx: &EngineContext, api: &dyn BatchApi, job: ProviderJob, statu
     let results = read_results(&slices);
     tracing::info!(job_id = %job.id, status = %status.status, answered = results.len(), tasks = job.tasks.len(), "provider job ended");
     for t in &job.tasks {
-        match results.get(&t.task_id) {
-            Some(LineResult::Answered(body)) => answered(ctx, &job, t, body).await,
+        let line = t.shares.as_deref().unwrap_or(&t.task_id);
+        let shared = t
+            .shares
+            .as_deref()
+            .and_then(|id| job.tasks.iter().find(|s| s.task_id == id));
+        match results.get(line) {
+            Some(LineResult::Answered(body)) => answered(ctx, &job, t, body, shared).await,
             Some(LineResult::Failed { status, message }) => {
                 line_failed(ctx, &job, t, *status, message).await;
             }
@@ -570,8 +599,16 @@ fn call_id(job: &ProviderJob, t: &JobTask) -> String {
     )
 }
 
-async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, body: &Value) {
-    let completion = match parse_chat_completion(body.to_string().as_bytes()) {
+/// Settles an answered line's task; `shared` is the task whose line it
+/// shares, if any (then the call is that task's: cost 0, nothing in the ledger).
+async fn answered(
+    ctx: &EngineContext,
+    job: &ProviderJob,
+    t: &JobTask,
+    body: &Value,
+    shared: Option<&JobTask>,
+) {
+    let mut completion = match parse_chat_completion(body.to_string().as_bytes()) {
         Ok(c) => c,
         Err(message) => {
             // A 200 without a usable answer: transient, as on the realtime route.
@@ -579,6 +616,12 @@ async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, body: &Va
             return;
         }
     };
+    if let Some(source) = shared {
+        completion.usage = Usage::default();
+        metrics::deduplicated();
+        let shared_call = call_id(job, source);
+        return settled(ctx, job, t, completion, 0, Some(shared_call)).await;
+    }
     let now = ctx.clock.now();
     let cost = ctx
         .settings
@@ -615,7 +658,21 @@ async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, body: &Va
             tracing::warn!(call_id = %record.call_id, error = %e, "batch line not recorded in the ledger")
         }
     }
+    settled(ctx, job, t, completion, cost, None).await;
+}
+
+/// Publishes an answered task's outcome; `shared_call` names the call of
+/// another task whose answer it is.
+async fn settled(
+    ctx: &EngineContext,
+    job: &ProviderJob,
+    t: &JobTask,
+    completion: Completion,
+    cost: crate::pricing::Picousd,
+    shared_call: Option<String>,
+) {
     let cost_usd = crate::pricing::usd(cost);
+    let is_shared = shared_call.is_some();
     let completed = Utc::now();
     let total_ms = elapsed_ms(t.created_at, completed);
     let processing_ms = elapsed_ms(job.recorded_at, completed).min(total_ms);
@@ -630,11 +687,11 @@ async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, body: &Va
         route: Some(RouteKind::BatchApi),
         tier: t.tier,
         tier_reason: t.tier_reason.clone(),
-        shared_call: false,
-        call_id: None,
+        shared_call: shared_call.is_some(),
+        call_id: shared_call,
         usage: completion.usage,
         cost_usd,
-        attempts: t.attempts.saturating_add(1),
+        attempts: t.attempts.saturating_add(u32::from(!is_shared)),
         batch_id: Some(job.batch_id.clone()),
         priority: t.priority,
         tenant: t.tenant.clone(),

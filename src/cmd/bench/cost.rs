@@ -251,7 +251,7 @@ pub struct WayResult {
     /// What the batch discount saved, from the outcomes' costs.
     pub batch_saved: Picousd,
     /// What the shared calls saved: each shared outcome at the mean cost
-    /// of a realtime call of its model.
+    /// of a call of its model and route.
     pub dedupe_saved: Picousd,
     /// Wall time.
     pub seconds: f64,
@@ -501,7 +501,13 @@ fn priced(
 /// Counts the outcomes and what the batch discount and dedupe saved.
 fn tally(config: &Config, way: Way, tasks: usize, outcomes: &[Value]) -> WayResult {
     let pico = |o: &Value| (o["cost_usd"].as_f64().unwrap_or(0.0) * 1e12).round() as Picousd;
-    let mut realtime_cost: HashMap<&str, (Picousd, u64)> = HashMap::new();
+    let key = |o: &Value| {
+        (
+            o["model"].as_str().unwrap_or("").to_owned(),
+            o["route"].as_str().unwrap_or("").to_owned(),
+        )
+    };
+    let mut call_cost: HashMap<(String, String), (Picousd, u64)> = HashMap::new();
     let mut r = WayResult {
         way,
         tasks,
@@ -524,17 +530,16 @@ fn tally(config: &Config, way: Way, tasks: usize, outcomes: &[Value]) -> WayResu
         if o["route"] == "batch_api" {
             r.batch_tasks += 1;
             r.batch_saved += (pico(o) as f64 * discount / (1.0 - discount)).round() as Picousd;
-        } else if o["shared_call"] != true {
-            let e = realtime_cost
-                .entry(o["model"].as_str().unwrap_or(""))
-                .or_default();
+        }
+        if o["shared_call"] != true && o["status"] == "succeeded" {
+            let e = call_cost.entry(key(o)).or_default();
             e.0 += pico(o);
             e.1 += 1;
         }
     }
     for o in outcomes.iter().filter(|o| o["shared_call"] == true) {
         r.shared += 1;
-        if let Some((cost, calls)) = realtime_cost.get(o["model"].as_str().unwrap_or("")) {
+        if let Some((cost, calls)) = call_cost.get(&key(o)) {
             r.dedupe_saved += cost / (*calls).max(1);
         }
     }
