@@ -453,11 +453,30 @@ async fn drive(
     let stored = until_stored(&mut results, n, started, timeout, &pb, label).await;
     let seconds = started.elapsed().as_secs_f64();
     pb.finish_and_clear();
+    if stored.is_ok() {
+        until_jobs_forgotten(&topology.jobs).await;
+    }
     running.engine.shutdown().await;
     let _ = running.client.drain().await;
     stored?;
     let outcomes = read_outcomes(&topology.results, n).await?;
     Ok((seconds, outcomes))
+}
+
+/// Waits (10 s at most) until every provider job's record is deleted, so
+/// the engine stops with no job left to settle again.
+async fn until_jobs_forgotten(jobs: &async_nats::jetstream::kv::Store) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let left = match jobs.keys().await {
+            Ok(keys) => keys.count().await,
+            Err(_) => return,
+        };
+        if left == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Every outcome in the results stream.
