@@ -38,7 +38,7 @@ fn main() {
         .expect("a tokio runtime");
     let report = runtime
         .block_on(batchd::cmd::bench::run(BenchArgs {
-            tasks,
+            tasks: Some(tasks),
             nats_url: None,
             timeout: 600,
             capacity: false,
@@ -59,6 +59,9 @@ fn main() {
             preemption_rate: 5.0,
             replicas: false,
             replica_counts: Vec::new(),
+            cost: false,
+            cost_seed: 42,
+            batch_secs: 5.0,
         }))
         .unwrap_or_else(|e| panic!("the end-to-end benchmark failed: {e:#}"));
     runtime.shutdown_timeout(Duration::from_secs(5));

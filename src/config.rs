@@ -20,7 +20,7 @@ use batchd_actors::routing::{Catalog, TaskType, TierModels};
 use batchd_actors::settings::{
     BatchApiSettings, EngineSettings, LedgerSettings, RestartPolicy, RouteLimits,
 };
-use batchd_actors::task::Priority;
+use batchd_actors::task::{Priority, Tier};
 use serde::Deserialize;
 
 /// The defaults, documented key by key.
@@ -91,6 +91,20 @@ pub struct Config {
     pub preemption: PreemptionConfig,
     /// Service targets per priority.
     pub targets: TargetsConfig,
+    /// Exact-duplicate requests answered by one call.
+    pub dedupe: DedupeConfig,
+}
+
+/// `[dedupe]`: identical requests (same route and rendered body) share one
+/// realtime call while it is in flight and for `window_ms` after its answer,
+/// and one line of a provider batch job.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupeConfig {
+    /// Off by default.
+    pub enabled: bool,
+    /// Milliseconds an answered call keeps serving duplicates.
+    pub window_ms: u64,
 }
 
 /// `[targets]`: the time each priority's tasks should take at most,
@@ -894,6 +908,15 @@ impl Config {
         if self.dispatch.request_timeout_secs < 1 {
             return bad("dispatch.request_timeout_secs", "must be at least 1".into());
         }
+        if self.dedupe.window_ms > 3_600_000 {
+            return bad(
+                "dedupe.window_ms",
+                format!(
+                    "is {}; it must be at most 3600000 (an hour)",
+                    self.dedupe.window_ms
+                ),
+            );
+        }
         if self.providers.is_empty() {
             return bad("providers", "at least one provider is needed".into());
         }
@@ -908,6 +931,28 @@ impl Config {
                     tier,
                     format!("model {model:?} is not in any provider's `models`"),
                 );
+            }
+        }
+        for (i, rule) in self.tiers.rules.iter().enumerate() {
+            let key = |field: &str| format!("tiers.rules[{i}].{field}");
+            if rule.tier == Tier::Auto {
+                return bad(&key("tier"), "must be simple, standard or complex".into());
+            }
+            if let Some(t) = &rule.task_type {
+                if !self.task_types.contains_key(t) {
+                    return bad(
+                        &key("task_type"),
+                        format!("task type {t:?} is not in [task_types]"),
+                    );
+                }
+            }
+            if let (Some(min), Some(max)) = (rule.min_chars, rule.max_chars) {
+                if min > max {
+                    return bad(
+                        &key("min_chars"),
+                        format!("is {min}, above max_chars {max}"),
+                    );
+                }
             }
         }
         for model in served.keys() {
@@ -1198,6 +1243,10 @@ impl Config {
                 Duration::from_secs(self.targets.p3_secs),
             ]),
             batch_api: self.batch_api_settings(),
+            dedupe_window: self
+                .dedupe
+                .enabled
+                .then(|| Duration::from_millis(self.dedupe.window_ms)),
         }
     }
 
@@ -1355,6 +1404,23 @@ mod tests {
     fn errors_name_the_key() {
         let e = Config::from_toml_str("[tiers]\nsimple = \"nope\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("tiers.simple"), "{e}");
+        let e = Config::from_toml_str(
+            "[[tiers.rules]]\ntask_type = \"nope\"\ntier = \"complex\"\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("tiers.rules[0].task_type"), "{e}");
+        let e = Config::from_toml_str("[[tiers.rules]]\ntier = \"auto\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("tiers.rules[0].tier"), "{e}");
+        let e = Config::from_toml_str(
+            "[[tiers.rules]]\npattern = \"(\"\ntier = \"complex\"\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("invalid pattern"), "{e}");
+        assert!(e.to_string().contains("tiers.rules"), "{e}");
+        let e = Config::from_toml_str("[dedupe]\nwindow_ms = 3600001\n", "t").unwrap_err();
+        assert!(e.to_string().contains("dedupe.window_ms"), "{e}");
         let e = Config::from_toml_str("[intake]\nmax_ack_pending = 0\n", "t").unwrap_err();
         assert!(e.to_string().contains("intake.max_ack_pending"), "{e}");
         let e = Config::from_toml_str("[intake]\nbogus = 1\n", "t").unwrap_err();

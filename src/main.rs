@@ -78,8 +78,11 @@ async fn main() -> std::process::ExitCode {
                 .await
                 .map(|_| ())
         }
+        Command::Bench(args) if args.cost => {
+            cmd::bench::cost::run(args.cost_plan()).await.map(|_| ())
+        }
         Command::Bench(args) if args.replicas => cmd::bench::replicas::run(
-            args.tasks,
+            args.task_count(),
             &args.replica_counts,
             std::time::Duration::from_secs(args.timeout),
         )

@@ -176,6 +176,8 @@ pub struct EngineContext {
     pub recovery: Recovery,
     /// What each priority has met against its service target.
     pub targets: crate::targets::Targets,
+    /// Calls shared by exact-duplicate requests.
+    pub dedupe: crate::dedupe::Dedupe,
     stop: tokio::sync::watch::Sender<bool>,
     rng: Mutex<StdRng>,
 }
@@ -185,6 +187,7 @@ impl EngineContext {
     pub fn new(settings: EngineSettings, ports: Ports) -> Arc<EngineContext> {
         let rng = Mutex::new(StdRng::seed_from_u64(settings.seed));
         let targets = settings.targets;
+        let dedupe_window = settings.dedupe_window;
         let clock =
             Clock::following_tokio(settings.ledger.clock_start.unwrap_or_else(chrono::Utc::now));
         // Claims are compared across replicas: dated by the wall clock they
@@ -215,6 +218,7 @@ impl EngineContext {
             p1_waiting: Arc::default(),
             recovery: Recovery::default(),
             targets: crate::targets::Targets::new(targets),
+            dedupe: crate::dedupe::Dedupe::new(dedupe_window),
             stop: tokio::sync::watch::Sender::new(false),
             rng,
         })

@@ -57,6 +57,7 @@ use crate::batch_control::BatchControl;
 use crate::budgets::{OnExceeded, Verdict as BudgetVerdict};
 use crate::call_claim::{self, ClaimCheck, ClaimGuard};
 use crate::context::EngineContext;
+use crate::dedupe::{self, Dedupe, Join, SharedAnswer};
 use crate::ledger::{new_call_id, CallRecord, CallState};
 use crate::messages::{Accepted, Batch, DispatcherMsg, RetryMsg};
 use crate::metrics;
@@ -341,6 +342,8 @@ pub fn bound_tokens(request: &Value) -> (u64, u64) {
 /// How one task's calls ended.
 enum Ending {
     Answered(Completion),
+    /// Answered by a call made for an identical request.
+    Shared(Arc<SharedAnswer>),
     /// The error and the attempts to report.
     Failed(TaskError, u32),
     Expired,
@@ -375,6 +378,10 @@ async fn run_task(
         Instant::now().checked_add(left)
     });
     let mut waited = Duration::ZERO;
+    let dedupe_key = ctx
+        .settings
+        .dedupe_window
+        .map(|_| Dedupe::key(provider, &a.plan.request));
     // Renews this replica's claim on its call until the task is done
     // here (its outcome durable, or handed on); dropped on every return.
     let mut _claim_guard: Option<ClaimGuard> = None;
@@ -385,6 +392,17 @@ async fn run_task(
             () = batch.until_running() => {}
             () = sleep_until_opt(deadline) => break Ending::Expired,
             () = ctx.stopping() => return,
+        }
+        // An identical request already called for: no place at the gate.
+        if let Some(rx) = dedupe_key
+            .as_deref()
+            .and_then(|k| ctx.dedupe.follow_existing(k))
+        {
+            match follow_shared(&ctx, rx, deadline).await {
+                Followed::Ended(ending) => break ending,
+                Followed::CallAlone => {}
+                Followed::Stopping => return,
+            }
         }
         let mut place = Waiting::new(&route.waiting);
         let permit = tokio::select! {
@@ -409,6 +427,18 @@ async fn run_task(
             }
         };
         drop(place);
+        let lead = match dedupe_key.clone().map(|k| ctx.dedupe.join(k)) {
+            None | Some(Join::Off) => None,
+            Some(Join::Lead(lead)) => Some(lead),
+            Some(Join::Follow(rx)) => {
+                drop(permit);
+                match follow_shared(&ctx, rx, deadline).await {
+                    Followed::Ended(ending) => break ending,
+                    Followed::CallAlone => continue,
+                    Followed::Stopping => return,
+                }
+            }
+        };
         let _call = batch.call();
         waited += permit.waited();
         let probe = permit.is_probe();
@@ -449,6 +479,12 @@ async fn run_task(
             })
         });
         let latency = started.elapsed();
+        if let (Some(lead), Ok(c)) = (lead, &result) {
+            lead.answer(SharedAnswer {
+                call_id: call.0.call_id.clone(),
+                completion: c.clone(),
+            });
+        }
         finish_call(&ctx, call, &result, a.price_multiplier).await;
         let error = match result {
             Ok(c) => {
@@ -563,6 +599,27 @@ async fn run_task(
     let spent_stored = a.attempts_before > a.task.retry_count;
     let f = match ending {
         Ending::Answered(c) => succeeded(&ctx, &a, c, provider, model, &batch_id, processing_ms),
+        Ending::Shared(s) => {
+            metrics::deduplicated();
+            // The call's cost is its own task's: this one spent nothing.
+            let completion = Completion {
+                usage: Default::default(),
+                ..s.completion.clone()
+            };
+            let mut f = succeeded(
+                &ctx,
+                &a,
+                completion,
+                provider,
+                model,
+                &batch_id,
+                processing_ms,
+            );
+            f.outcome.shared_call = true;
+            f.outcome.call_id = Some(s.call_id.clone());
+            f.outcome.attempts = a.attempts_before;
+            f
+        }
         Ending::Failed(error, attempts) => {
             // A failure never replaces an outcome that exists by now.
             let f = outcome::failed(
@@ -589,6 +646,30 @@ async fn run_task(
     };
     deliver(&ctx, a.lease, f, &a.subject).await;
     clear_attempts(&ctx, &task_id, spent_stored).await;
+}
+
+/// What a task that waited for a shared call does next.
+enum Followed {
+    Ended(Ending),
+    /// The call went without an answer: this task calls for itself.
+    CallAlone,
+    Stopping,
+}
+
+/// Waits for the answer of a call made for an identical request.
+async fn follow_shared(
+    ctx: &EngineContext,
+    rx: tokio::sync::watch::Receiver<Option<Arc<SharedAnswer>>>,
+    deadline: Option<Instant>,
+) -> Followed {
+    tokio::select! {
+        answer = dedupe::follow(rx) => match answer {
+            Some(s) => Followed::Ended(Ending::Shared(s)),
+            None => Followed::CallAlone,
+        },
+        () = sleep_until_opt(deadline) => Followed::Ended(Ending::Expired),
+        () = ctx.stopping() => Followed::Stopping,
+    }
 }
 
 /// Checks the task's tenant against its budget. Within it: the task goes on.
@@ -852,6 +933,10 @@ fn succeeded(
             model: Some(model.to_owned()),
             provider: Some(provider.to_owned()),
             route: Some(RouteKind::Realtime),
+            tier: a.plan.tier.as_ref().map(|c| c.tier),
+            tier_reason: a.plan.tier.as_ref().map(|c| c.reason.clone()),
+            shared_call: false,
+            call_id: None,
             usage: c.usage,
             cost_usd,
             attempts: a.attempts_before.saturating_add(1),

@@ -72,6 +72,7 @@ pub mod codec;
 pub mod completion;
 pub mod context;
 pub mod cost_accountant;
+pub mod dedupe;
 pub mod dispatcher;
 pub mod engine;
 pub mod intake;

@@ -29,6 +29,8 @@ pub const CIRCUIT_REASONS: [&str; 4] = [
 pub const TASKS_PARKED_TOTAL: &str = "batchd_tasks_parked_total";
 /// Tasks handed back because another replica holds the claim on their call.
 pub const CALLS_CLAIMED_ELSEWHERE_TOTAL: &str = "batchd_calls_claimed_elsewhere_total";
+/// Tasks answered from a call made for an identical request (dedupe).
+pub const TASKS_DEDUPLICATED_TOTAL: &str = "batchd_tasks_deduplicated_total";
 
 /// Tasks waiting or in flight, per priority.
 pub const QUEUE_DEPTH: &str = "batchd_queue_depth";
@@ -86,7 +88,7 @@ pub const SECONDS_HISTOGRAMS: [&str; 3] = [
 pub const HISTOGRAMS: [&str; 5] = concat(SECONDS_HISTOGRAMS, [BATCH_SIZE, BATCH_FILL_RATIO]);
 
 /// Every metric name above: rules and dashboards may use these and no others.
-pub const ALL: [&str; 27] = concat(
+pub const ALL: [&str; 28] = concat(
     HISTOGRAMS,
     [
         QUEUE_DEPTH,
@@ -103,6 +105,7 @@ pub const ALL: [&str; 27] = concat(
         DEAD_LETTERS_TOTAL,
         TASKS_PARKED_TOTAL,
         CALLS_CLAIMED_ELSEWHERE_TOTAL,
+        TASKS_DEDUPLICATED_TOTAL,
         COST_USD_TOTAL,
         TOKENS_TOTAL,
         PREEMPTIONS_TOTAL,
@@ -257,6 +260,11 @@ pub fn parked() {
 /// A task handed back because another replica holds the claim on its call.
 pub fn claimed_elsewhere() {
     counter!(CALLS_CLAIMED_ELSEWHERE_TOTAL).increment(1);
+}
+
+/// A task answered from a call made for an identical request.
+pub fn deduplicated() {
+    counter!(TASKS_DEDUPLICATED_TOTAL).increment(1);
 }
 
 /// A task sent back for another attempt.
@@ -477,6 +485,7 @@ pub fn init(known: &KnownLabels) {
     }
     counter!(TASKS_PARKED_TOTAL).absolute(0);
     counter!(CALLS_CLAIMED_ELSEWHERE_TOTAL).absolute(0);
+    counter!(TASKS_DEDUPLICATED_TOTAL).absolute(0);
     for reason in RETRY_REASONS {
         counter!(RETRIES_TOTAL, "reason" => reason).increment(0);
     }

@@ -64,7 +64,7 @@ use crate::outcome::{self, elapsed_ms, Final};
 use crate::ports::{BatchApi, BatchJobStatus, Completion, ProviderError, Requeue};
 use crate::task::{
     timestamp, DeadLetter, Encoding, ErrorKind, Outcome, Priority, RouteKind, Status, TaskError,
-    Timings, Usage,
+    Tier, Timings, Usage,
 };
 
 /// The version of the job record layout this engine writes.
@@ -131,6 +131,16 @@ pub struct JobTask {
     pub original: Value,
     /// True when its outcome is MessagePack.
     pub msgpack: bool,
+    /// The tier its model was picked from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<Tier>,
+    /// Why that tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier_reason: Option<String>,
+    /// With dedupe on: the task of the same job whose identical request
+    /// line this task shares (it has no line of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares: Option<String>,
 }
 
 /// A provider batch job, as recorded in the job store.
@@ -158,14 +168,30 @@ pub struct ProviderJob {
 }
 
 impl ProviderJob {
-    /// The JSONL input file: one request line per task, `custom_id` = task id.
+    /// The JSONL input file: one request line per task that shares no
+    /// other's line, `custom_id` = task id.
     pub fn input_file(&self) -> Bytes {
         let mut out = Vec::new();
-        for t in &self.tasks {
+        for t in self.tasks.iter().filter(|t| t.shares.is_none()) {
             out.extend_from_slice(input_line(&t.task_id, &t.request, &self.endpoint).as_bytes());
             out.push(b'\n');
         }
         Bytes::from(out)
+    }
+}
+
+/// Marks each task whose request repeats an earlier task's exactly as
+/// sharing that task's line.
+pub fn mark_shared(tasks: &mut [JobTask]) {
+    let mut first: HashMap<String, String> = HashMap::new();
+    for t in tasks {
+        let request = t.request.to_string();
+        match first.get(&request) {
+            Some(id) => t.shares = Some(id.clone()),
+            None => {
+                first.insert(request, t.task_id.clone());
+            }
+        }
     }
 }
 
@@ -330,7 +356,7 @@ async fn record_and_start(ctx: Arc<EngineContext>, batch: Batch) {
         s.max_file_bytes,
     );
     for tasks in files {
-        let job = ProviderJob {
+        let mut job = ProviderJob {
             version: JOB_VERSION,
             id: format!("j_{}", ulid::Ulid::new()),
             provider: batch.key.route.provider.clone(),
@@ -341,6 +367,9 @@ async fn record_and_start(ctx: Arc<EngineContext>, batch: Batch) {
             step: JobStep::Recorded,
             tasks: tasks.iter().map(job_task).collect(),
         };
+        if ctx.settings.dedupe_window.is_some() {
+            mark_shared(&mut job.tasks);
+        }
         if let Err(e) = ctx.ports.jobs.put(&job).await {
             // Not recorded: the leases nak on drop and the tasks come back.
             tracing::error!(job_id = %job.id, error = %e, "provider job not recorded; its tasks are handed back");
@@ -376,6 +405,9 @@ fn job_task(a: &Accepted) -> JobTask {
         body_base64: base64::engine::general_purpose::STANDARD.encode(&a.body),
         original: t.original.clone(),
         msgpack: t.encoding == Encoding::MessagePack,
+        tier: a.plan.tier.as_ref().map(|c| c.tier),
+        tier_reason: a.plan.tier.as_ref().map(|c| c.reason.clone()),
+        shares: None,
     }
 }
 
@@ -540,13 +572,22 @@ async fn finish(ctx: &EngineContext, api: &dyn BatchApi, job: ProviderJob, statu
     tracing::info!(job_id = %job.id, status = %status.status, answered = results.len(), tasks = job.tasks.len(), "provider job ended");
     let now = ctx.clock.now();
     for t in &job.tasks {
-        let result = results.get(&api.custom_id(&t.task_id));
+        // A line shared with another task of the job (dedupe) is read
+        // under that task's id, and billed to it.
+        let line = t.shares.as_deref().unwrap_or(&t.task_id);
+        let shared = t
+            .shares
+            .as_deref()
+            .and_then(|id| job.tasks.iter().find(|s| s.task_id == id));
+        let result = results.get(&api.custom_id(line));
         if let Some(deadline) = deadline_of(t).filter(|d| *d <= now) {
-            expired(ctx, &job, t, result, deadline).await;
+            expired(ctx, &job, t, result.filter(|_| shared.is_none()), deadline).await;
             continue;
         }
         match result {
-            Some(LineResult::Answered(completion)) => answered(ctx, &job, t, completion).await,
+            Some(LineResult::Answered(completion)) => {
+                answered(ctx, &job, t, completion, shared).await
+            }
             Some(LineResult::Failed { status, message }) => {
                 line_failed(ctx, &job, t, *status, message).await;
             }
@@ -680,10 +721,38 @@ async fn record_line(
     cost
 }
 
-async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, completion: &Completion) {
-    let completion = completion.clone();
+/// Settles an answered line's task; `shared` is the task whose line it
+/// shares, if any (then the call is that task's: cost 0, nothing in the ledger).
+async fn answered(
+    ctx: &EngineContext,
+    job: &ProviderJob,
+    t: &JobTask,
+    completion: &Completion,
+    shared: Option<&JobTask>,
+) {
+    let mut completion = completion.clone();
+    if let Some(source) = shared {
+        completion.usage = Usage::default();
+        metrics::deduplicated();
+        let shared_call = call_id(job, source);
+        return settled(ctx, job, t, completion, 0, Some(shared_call)).await;
+    }
     let cost = record_line(ctx, job, t, completion.usage).await;
+    settled(ctx, job, t, completion, cost, None).await;
+}
+
+/// Publishes an answered task's outcome; `shared_call` names the call of
+/// another task whose answer it is.
+async fn settled(
+    ctx: &EngineContext,
+    job: &ProviderJob,
+    t: &JobTask,
+    completion: Completion,
+    cost: crate::pricing::Picousd,
+    shared_call: Option<String>,
+) {
     let cost_usd = crate::pricing::usd(cost);
+    let is_shared = shared_call.is_some();
     let completed = Utc::now();
     let total_ms = elapsed_ms(t.created_at, completed);
     let processing_ms = elapsed_ms(job.recorded_at, completed).min(total_ms);
@@ -696,9 +765,13 @@ async fn answered(ctx: &EngineContext, job: &ProviderJob, t: &JobTask, completio
         model: Some(job.model.clone()),
         provider: Some(job.provider.clone()),
         route: Some(RouteKind::BatchApi),
+        tier: t.tier,
+        tier_reason: t.tier_reason.clone(),
+        shared_call: shared_call.is_some(),
+        call_id: shared_call,
         usage: completion.usage,
         cost_usd,
-        attempts: t.attempts.saturating_add(1),
+        attempts: t.attempts.saturating_add(u32::from(!is_shared)),
         batch_id: Some(job.batch_id.clone()),
         priority: t.priority,
         tenant: t.tenant.clone(),
@@ -789,6 +862,8 @@ async fn publish_failure(
             model: Some(job.model.clone()),
             provider: Some(job.provider.clone()),
             route: Some(RouteKind::BatchApi),
+            tier: t.tier,
+            tier_reason: t.tier_reason.clone(),
             attempts,
             batch_id: Some(job.batch_id.clone()),
             metadata: t.metadata.clone(),

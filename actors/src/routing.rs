@@ -37,7 +37,7 @@ fn default_tier() -> Tier {
     Tier::Auto
 }
 
-/// The models behind each tier.
+/// The models behind each tier, and how `auto` picks one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TierModels {
@@ -53,6 +53,9 @@ pub struct TierModels {
     /// ...`standard` up to this many, `complex` above.
     #[serde(default = "default_auto_standard")]
     pub auto_standard_max_chars: usize,
+    /// Rules `auto` tries first, in order; the first that matches decides.
+    #[serde(default)]
+    pub rules: Vec<TierRule>,
 }
 
 fn default_auto_simple() -> usize {
@@ -63,18 +66,143 @@ fn default_auto_standard() -> usize {
     32_000
 }
 
+/// `[[tiers.rules]]`: a tier for the `auto` tasks that match every
+/// condition given (a rule with none matches every task).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierRule {
+    /// Named in `tier_reason` (`rule:<name>`); the rule's index when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The task's type.
+    #[serde(default)]
+    pub task_type: Option<String>,
+    /// A regular expression found in the prompt (every message but the
+    /// system one).
+    #[serde(default)]
+    pub pattern: Option<Pattern>,
+    /// The prompt has at least this many characters.
+    #[serde(default)]
+    pub min_chars: Option<usize>,
+    /// The prompt has at most this many characters.
+    #[serde(default)]
+    pub max_chars: Option<usize>,
+    /// The tier chosen (not `auto`).
+    pub tier: Tier,
+}
+
+/// A compiled regular expression, read and written as its source text.
+#[derive(Debug, Clone)]
+pub struct Pattern(regex::Regex);
+
+impl Pattern {
+    /// Compiles `source`; the error names what is wrong with it.
+    pub fn new(source: &str) -> Result<Pattern, regex::Error> {
+        regex::Regex::new(source).map(Pattern)
+    }
+
+    /// The source text.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Pattern) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Serialize for Pattern {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Pattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Pattern, D::Error> {
+        let source = String::deserialize(d)?;
+        Pattern::new(&source)
+            .map_err(|e| serde::de::Error::custom(format!("invalid pattern {source:?}: {e}")))
+    }
+}
+
+/// What `auto` looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct Prompt<'a> {
+    /// The task's type, when it has one.
+    pub task_type: Option<&'a str>,
+    /// Every message's content but the system one, one per line.
+    pub text: &'a str,
+    /// Characters in every message, the system one included.
+    pub chars: usize,
+}
+
+/// The tier a task got and why: `task` (the task named it), `task_type`
+/// (its type's `default_tier`), `rule:<name or index>`, `prompt_size`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierChoice {
+    /// A concrete tier.
+    pub tier: Tier,
+    /// Why.
+    pub reason: String,
+}
+
 impl TierModels {
-    /// The model for a concrete tier.
-    pub fn model(&self, tier: Tier, prompt_chars: usize) -> &str {
-        match resolve_auto(tier, prompt_chars, self) {
+    /// The model for a concrete tier (`auto` reads as `standard`).
+    pub fn model(&self, tier: Tier) -> &str {
+        match tier {
             Tier::Simple => &self.simple,
             Tier::Standard | Tier::Auto => &self.standard,
             Tier::Complex => &self.complex,
         }
     }
+
+    /// Picks the tier of a task that names no model: the task's own tier,
+    /// else its type's default, else (`auto`) the first rule that matches,
+    /// else the cheapest prompt-size band that fits.
+    pub fn choose(
+        &self,
+        task: Option<Tier>,
+        type_default: Option<Tier>,
+        p: Prompt<'_>,
+    ) -> TierChoice {
+        let choice = |tier: Tier, reason: &str| TierChoice {
+            tier,
+            reason: reason.to_owned(),
+        };
+        match (task, type_default) {
+            (Some(t), _) if t != Tier::Auto => return choice(t, "task"),
+            (None, Some(t)) if t != Tier::Auto => return choice(t, "task_type"),
+            _ => {}
+        }
+        if let Some((i, rule)) = self.rules.iter().enumerate().find(|(_, r)| r.matches(p)) {
+            let reason = match &rule.name {
+                Some(name) => format!("rule:{name}"),
+                None => format!("rule:{i}"),
+            };
+            return TierChoice {
+                tier: rule.tier,
+                reason,
+            };
+        }
+        choice(resolve_auto(Tier::Auto, p.chars, self), "prompt_size")
+    }
 }
 
-/// `auto` routing: the cheapest tier whose prompt-size band fits.
+impl TierRule {
+    /// True when every condition the rule gives holds for `p`.
+    pub fn matches(&self, p: Prompt<'_>) -> bool {
+        self.task_type
+            .as_deref()
+            .is_none_or(|t| p.task_type == Some(t))
+            && self.min_chars.is_none_or(|n| p.chars >= n)
+            && self.max_chars.is_none_or(|n| p.chars <= n)
+            && self.pattern.as_ref().is_none_or(|re| re.0.is_match(p.text))
+    }
+}
+
+/// `auto` routing by size alone: the cheapest tier whose prompt-size band fits.
 pub fn resolve_auto(tier: Tier, prompt_chars: usize, tiers: &TierModels) -> Tier {
     match tier {
         Tier::Auto if prompt_chars <= tiers.auto_simple_max_chars => Tier::Simple,
@@ -126,6 +254,8 @@ pub struct Plan {
     pub request: Value,
     /// Hash of the shared prompt prefix (the system message), for grouping.
     pub prefix: u64,
+    /// The tier chosen and why; `None` when the task named its model.
+    pub tier: Option<TierChoice>,
 }
 
 /// The task type a `{"text"}` payload without a `type` is rendered through.
@@ -188,16 +318,26 @@ pub fn plan(task: &Task, catalog: &Catalog, now: DateTime<Utc>) -> Result<Plan, 
             m
         }
     };
-    let prompt_chars = prompt_chars(&body);
-    let model = match &task.model {
-        Some(m) => m.clone(),
+    let tier = match &task.model {
+        Some(_) => None,
         None => {
-            let tier = task
-                .tier
-                .or(task_type.map(|t| t.default_tier))
-                .unwrap_or(Tier::Auto);
-            catalog.tiers.model(tier, prompt_chars).to_owned()
+            let text = prompt_text(&body);
+            let prompt = Prompt {
+                task_type: named,
+                text: &text,
+                chars: prompt_chars(&body),
+            };
+            Some(
+                catalog
+                    .tiers
+                    .choose(task.tier, task_type.map(|t| t.default_tier), prompt),
+            )
         }
+    };
+    let model = match (&task.model, &tier) {
+        (Some(m), _) => m.clone(),
+        (None, Some(choice)) => catalog.tiers.model(choice.tier).to_owned(),
+        (None, None) => catalog.tiers.standard.clone(),
     };
     let provider = catalog.model_providers.get(&model).ok_or_else(|| {
         let mut known: Vec<&str> = catalog.model_providers.keys().map(String::as_str).collect();
@@ -228,6 +368,7 @@ pub fn plan(task: &Task, catalog: &Catalog, now: DateTime<Utc>) -> Result<Plan, 
         },
         request: Value::Object(body),
         prefix,
+        tier,
     })
 }
 
@@ -279,6 +420,25 @@ fn prompt_chars(body: &Map<String, Value>) -> usize {
         .unwrap_or(0)
 }
 
+/// Every message's content but a leading system (or developer) one, a line each.
+fn prompt_text(body: &Map<String, Value>) -> String {
+    let mut out = String::new();
+    let messages = body.get("messages").and_then(Value::as_array);
+    for (i, m) in messages.into_iter().flatten().enumerate() {
+        let role = m.get("role").and_then(Value::as_str);
+        if i == 0 && matches!(role, Some("system" | "developer")) {
+            continue;
+        }
+        match m.get("content") {
+            Some(Value::String(s)) => out.push_str(s),
+            Some(Value::Null) | None => {}
+            Some(other) => out.push_str(&other.to_string()),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 fn prefix_hash(body: &Map<String, Value>) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     if let Some(first) = body
@@ -321,6 +481,7 @@ mod tests {
                 complex: "large".into(),
                 auto_simple_max_chars: 10,
                 auto_standard_max_chars: 100,
+                rules: Vec::new(),
             },
             model_providers: [("small", "p"), ("medium", "p"), ("large", "p")]
                 .into_iter()
@@ -397,6 +558,113 @@ mod tests {
             plan(&t, &catalog(), Utc::now()).unwrap().route.model,
             "large"
         );
+    }
+
+    fn chat(content: &str) -> Task {
+        let mut t = task(Payload::Chat(
+            json!({"messages": [
+                {"role": "system", "content": "You are a lawyer."},
+                {"role": "user", "content": content},
+            ]})
+            .as_object()
+            .unwrap()
+            .clone(),
+        ));
+        t.task_type = None;
+        t
+    }
+
+    fn rule(tier: Tier) -> TierRule {
+        TierRule {
+            name: None,
+            task_type: None,
+            pattern: None,
+            min_chars: None,
+            max_chars: None,
+            tier,
+        }
+    }
+
+    fn choice(p: &Plan) -> (&str, Tier, &str) {
+        let c = p.tier.as_ref().unwrap();
+        (p.route.model.as_str(), c.tier, c.reason.as_str())
+    }
+
+    #[test]
+    fn auto_rules_match_in_order_on_pattern_type_and_size() {
+        let mut c = catalog();
+        c.tiers.rules = vec![
+            TierRule {
+                name: Some("legal".into()),
+                pattern: Some(Pattern::new("(?i)contract|clause").unwrap()),
+                ..rule(Tier::Complex)
+            },
+            TierRule {
+                task_type: Some("summarization".into()),
+                min_chars: Some(1),
+                ..rule(Tier::Standard)
+            },
+            TierRule {
+                max_chars: Some(30),
+                ..rule(Tier::Standard)
+            },
+        ];
+        let now = Utc::now();
+        // The pattern is looked for in the prompt, not the system message.
+        let p = plan(&chat("Review this Contract."), &c, now).unwrap();
+        assert_eq!(choice(&p), ("large", Tier::Complex, "rule:legal"));
+        // No rule matches: the size bands decide (the system prompt counts).
+        let p = plan(&chat(&"x".repeat(50)), &c, now).unwrap();
+        assert_eq!(choice(&p), ("medium", Tier::Standard, "prompt_size"));
+        let p = plan(&chat("hi"), &c, now).unwrap();
+        assert_eq!(choice(&p), ("medium", Tier::Standard, "rule:2"));
+        // By type, when the type leaves the tier to `auto`.
+        let mut t = task(Payload::Text {
+            text: "doc".into(),
+            options: Map::new(),
+        });
+        let p = plan(&t, &c, now).unwrap();
+        assert_eq!(choice(&p), ("small", Tier::Simple, "task_type"));
+        t.tier = Some(Tier::Auto);
+        let p = plan(&t, &c, now).unwrap();
+        assert_eq!(choice(&p), ("medium", Tier::Standard, "rule:1"));
+    }
+
+    #[test]
+    fn a_named_tier_or_model_outranks_the_rules() {
+        let mut c = catalog();
+        c.tiers.rules = vec![rule(Tier::Complex)];
+        let mut t = chat("anything");
+        t.tier = Some(Tier::Simple);
+        let p = plan(&t, &c, Utc::now()).unwrap();
+        assert_eq!(choice(&p), ("small", Tier::Simple, "task"));
+        t.model = Some("medium".into());
+        let p = plan(&t, &c, Utc::now()).unwrap();
+        assert_eq!(p.route.model, "medium");
+        assert_eq!(p.tier, None);
+        t.tier = None;
+        t.model = None;
+        let p = plan(&t, &c, Utc::now()).unwrap();
+        assert_eq!(choice(&p), ("large", Tier::Complex, "rule:0"));
+    }
+
+    #[test]
+    fn rules_deserialize_and_a_bad_pattern_is_refused() {
+        let tiers: TierModels = from_json(
+            r#"{"simple":"s","standard":"m","complex":"l",
+                "rules":[{"pattern":"^\\d+$","tier":"simple"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(tiers.rules[0].pattern.as_ref().unwrap().as_str(), "^\\d+$");
+        let e = from_json(
+            r#"{"simple":"s","standard":"m","complex":"l","rules":[{"pattern":"(","tier":"simple"}]}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("invalid pattern \"(\""), "{e}");
+    }
+
+    fn from_json(json: &str) -> Result<TierModels, serde_json::Error> {
+        serde_json::from_str(json)
     }
 
     #[test]

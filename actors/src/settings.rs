@@ -91,6 +91,9 @@ pub struct EngineSettings {
     pub targets: crate::targets::ServiceTargets,
     /// Provider batch jobs: assembly, file limits, polling.
     pub batch_api: BatchApiSettings,
+    /// How long after its answer a call still serves exact duplicates of
+    /// its request; `None`: dedupe is off.
+    pub dedupe_window: Option<Duration>,
 }
 
 /// How provider batch jobs are assembled, split and polled.

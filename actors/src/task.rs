@@ -367,6 +367,19 @@ pub struct Outcome {
     pub provider: Option<String>,
     /// How it was sent.
     pub route: Option<RouteKind>,
+    /// The tier its model was picked from (absent when the task named a model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<Tier>,
+    /// Why that tier: `task`, `task_type`, `rule:<name>` or `prompt_size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier_reason: Option<String>,
+    /// True when the answer came from one provider call shared by
+    /// identical requests (dedupe); `call_id` names that call.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared_call: bool,
+    /// The shared call's id (present when `shared_call`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<String>,
     /// Tokens used.
     pub usage: Usage,
     /// What it cost, from the price table.
@@ -411,6 +424,10 @@ impl Outcome {
             model: None,
             provider: None,
             route: None,
+            tier: None,
+            tier_reason: None,
+            shared_call: false,
+            call_id: None,
             usage: Usage::default(),
             cost_usd: 0.0,
             attempts: 0,
@@ -481,6 +498,10 @@ mod tests {
             model: None,
             provider: None,
             route: Some(RouteKind::Realtime),
+            tier: None,
+            tier_reason: None,
+            shared_call: false,
+            call_id: None,
             usage: Usage::default(),
             cost_usd: 0.0,
             attempts: 0,

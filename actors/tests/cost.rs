@@ -319,3 +319,121 @@ fn spend_is_read_per_tenant_and_day() {
     s.add("acme", "2026-12-01", 3);
     assert_eq!(s.of("acme", "2026-12-01"), (3, 3));
 }
+
+fn with_dedupe(window: Duration) -> batchd_actors::settings::EngineSettings {
+    let mut s = settings();
+    s.dedupe_window = Some(window);
+    s
+}
+
+fn shared_calls(r: &support::Rig, ids: &[&str]) -> Vec<Option<String>> {
+    ids.iter()
+        .map(|id| {
+            let o = r.sink.outcome(id).expect("an outcome");
+            assert_eq!(o["status"], "succeeded", "{o}");
+            (o["shared_call"] == true).then(|| o["call_id"].as_str().unwrap_or("").to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn identical_requests_share_one_call_each_with_its_own_outcome_and_the_cost_once() {
+    let r = rig(
+        with_dedupe(Duration::from_secs(1)),
+        FakeProvider::new(Duration::from_millis(50), |_| ok()),
+    )
+    .await;
+    let ids = ["d0", "d1", "d2", "d3", "d4"];
+    for id in ids {
+        r.source.publish(Priority::P2, task(id, "same text"));
+    }
+    r.source.publish(Priority::P2, task("other", "other text"));
+    until(Duration::from_secs(30), || r.source.acks().len() == 6).await;
+    assert_eq!(r.provider.calls().len(), 2, "one call per distinct request");
+    let shared = shared_calls(&r, &ids);
+    let followers: Vec<_> = shared.iter().flatten().collect();
+    assert_eq!(followers.len(), 4, "{shared:?}");
+    assert!(followers
+        .iter()
+        .all(|c| *c == followers[0] && !c.is_empty()));
+    let mut cost = 0.0;
+    for id in ids {
+        let o = r.sink.outcome(id).unwrap();
+        assert_eq!(o["output"], "answer");
+        cost += o["cost_usd"].as_f64().unwrap();
+    }
+    assert!(
+        (cost - batchd_actors::pricing::usd(CALL)).abs() < 1e-12,
+        "{cost}"
+    );
+    until(Duration::from_secs(30), || ledger_total(&r.ledger).2 == 2).await;
+    assert_eq!(ledger_total(&r.ledger), (2 * CALL, 0, 2));
+    // The call's own task holds its id in the ledger.
+    let leader = ids
+        .iter()
+        .zip(&shared)
+        .find(|(_, s)| s.is_none())
+        .map(|(id, _)| *id)
+        .unwrap();
+    assert!(r
+        .ledger
+        .calls()
+        .iter()
+        .any(|c| c.task_id == leader && Some(&c.call_id) == followers.first().copied()));
+
+    // Within the window a late duplicate is still served; after it, called again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    r.source.publish(Priority::P2, task("late", "same text"));
+    until(Duration::from_secs(30), || r.source.acks().len() == 7).await;
+    assert_eq!(r.provider.calls().len(), 2);
+    assert!(shared_calls(&r, &["late"])[0].is_some());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    r.source.publish(Priority::P2, task("later", "same text"));
+    until(Duration::from_secs(30), || r.source.acks().len() == 8).await;
+    assert_eq!(r.provider.calls().len(), 3);
+    assert_eq!(shared_calls(&r, &["later"]), vec![None]);
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_shared_call_lets_its_duplicates_call_and_off_means_one_call_each() {
+    let first = std::sync::atomic::AtomicBool::new(true);
+    let r = rig(
+        with_dedupe(Duration::from_secs(60)),
+        FakeProvider::new(Duration::from_millis(50), move |_| {
+            if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                Err(support::transient(503, "busy"))
+            } else {
+                ok()
+            }
+        }),
+    )
+    .await;
+    let ids = ["f0", "f1", "f2"];
+    for id in ids {
+        r.source.publish(Priority::P2, task(id, "same text"));
+    }
+    until(Duration::from_secs(60), || r.source.acks().len() == 3).await;
+    assert_eq!(
+        r.provider.calls().len(),
+        2,
+        "the failed call, then one shared"
+    );
+    assert_eq!(shared_calls(&r, &ids).iter().flatten().count(), 2);
+    until(Duration::from_secs(30), || ledger_total(&r.ledger).2 == 1).await;
+    assert_eq!(ledger_total(&r.ledger), (CALL, 0, 1));
+    r.engine.shutdown().await;
+
+    let r = rig(
+        settings(),
+        FakeProvider::new(Duration::from_millis(50), |_| ok()),
+    )
+    .await;
+    for id in ids {
+        r.source.publish(Priority::P2, task(id, "same text"));
+    }
+    until(Duration::from_secs(30), || r.source.acks().len() == 3).await;
+    assert_eq!(r.provider.calls().len(), 3);
+    assert_eq!(shared_calls(&r, &ids), vec![None, None, None]);
+    r.engine.shutdown().await;
+}

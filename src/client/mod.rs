@@ -37,6 +37,10 @@ pub(crate) mod fixtures {
             model: Some("gpt-4.1-nano".into()),
             provider: Some("openai".into()),
             route: Some(RouteKind::Realtime),
+            tier: None,
+            tier_reason: None,
+            shared_call: false,
+            call_id: None,
             usage: Usage {
                 input_tokens: 10,
                 cached_input_tokens: 4,

@@ -27,10 +27,13 @@
 //! latency while bulk work fills a rate-limited route, with preemption on
 //! and off. With `--replicas`, [`replicas`] alone runs instead: the
 //! throughput of 1, 2 and 3 replicas on a single server and on a 3-node
-//! cluster.
+//! cluster. With `--cost`, [`cost`] alone runs instead: the reference
+//! workload naive, with batchd's defaults and with every cost lever on,
+//! each priced from the simulated provider's bill.
 
 pub mod backlog;
 mod capacity;
+pub mod cost;
 pub mod preemption;
 pub mod replicas;
 
@@ -64,9 +67,9 @@ pub const BAR: f64 = 0.25;
 /// Arguments of `batchd bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Tasks per phase
-    #[arg(long, default_value_t = 20_000)]
-    pub tasks: usize,
+    /// Tasks per phase (default 20,000; 10,000 with --cost)
+    #[arg(long)]
+    pub tasks: Option<usize>,
     /// Use this NATS server instead of a private one per phase (each phase
     /// uses streams of its own, deleted afterwards)
     #[arg(long)]
@@ -131,9 +134,36 @@ pub struct BenchArgs {
     /// Replica counts for --replicas, comma-separated
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 3])]
     pub replica_counts: Vec<usize>,
+    /// Instead of the phases: the reference workload run naive, with
+    /// batchd's defaults and with every cost lever on, each priced from the
+    /// simulated provider's bill
+    #[arg(long)]
+    pub cost: bool,
+    /// Seed of the --cost workload
+    #[arg(long, default_value_t = 42)]
+    pub cost_seed: u64,
+    /// Seconds the simulated provider takes to finish a batch job (--cost)
+    #[arg(long, default_value_t = 5.0)]
+    pub batch_secs: f64,
 }
 
 impl BenchArgs {
+    /// Tasks per phase.
+    pub fn task_count(&self) -> usize {
+        self.tasks
+            .unwrap_or(if self.cost { 10_000 } else { 20_000 })
+    }
+
+    /// What `--cost` runs.
+    pub fn cost_plan(&self) -> cost::CostPlan {
+        cost::CostPlan {
+            tasks: self.task_count(),
+            seed: self.cost_seed,
+            batch_secs: self.batch_secs,
+            timeout: Duration::from_secs(self.timeout),
+        }
+    }
+
     /// What `--preemption` runs.
     pub fn preemption_plan(&self) -> preemption::PreemptionPlan {
         preemption::PreemptionPlan {
@@ -284,20 +314,21 @@ impl fmt::Display for BenchReport {
 
 /// Runs `batchd bench`, prints the table and returns the figures.
 pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
-    if args.tasks == 0 {
+    let tasks = args.task_count();
+    if tasks == 0 {
         bail!("--tasks must be at least 1");
     }
     let mut base = Config::defaults()?;
     // The phases' backlogs, not the production bound: a shared server may
     // not have that to reserve.
     base.nats
-        .size_tasks_for(u64::try_from(args.tasks.max(60_000)).unwrap_or(u64::MAX));
+        .size_tasks_for(u64::try_from(tasks.max(60_000)).unwrap_or(u64::MAX));
     let timeout = Duration::from_secs(args.timeout);
-    let bodies = task_bodies(&base, args.tasks);
+    let bodies = task_bodies(&base, tasks);
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     eprintln!(
         "batchd bench: {} tasks per phase, {cores} cores, {}",
-        args.tasks,
+        tasks,
         match &args.nats_url {
             Some(url) => format!("NATS at {url}"),
             None => "a private nats-server per phase".into(),
@@ -361,7 +392,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     }
 
     let report = BenchReport {
-        tasks: args.tasks,
+        tasks,
         publish,
         floor,
         instant,

@@ -241,6 +241,18 @@ pub struct SimBill {
     pub cache_write_tokens: u64,
 }
 
+impl SimBill {
+    /// The bill's tokens as an outcome's usage, to price with the table.
+    pub fn usage(&self) -> batchd_actors::task::Usage {
+        batchd_actors::task::Usage {
+            input_tokens: self.prompt_tokens,
+            cached_input_tokens: self.cached_tokens,
+            output_tokens: self.completion_tokens,
+            cache_write_input_tokens: self.cache_write_tokens,
+        }
+    }
+}
+
 /// What the simulator has answered so far (chat completion and Messages requests only).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct SimStats {

@@ -341,6 +341,9 @@ pub(crate) fn recorded_task(id: &str) -> batchd_actors::provider_jobs::JobTask {
             .encode(serde_json::to_vec(&body).expect("json")),
         original: body,
         msgpack: false,
+        tier: None,
+        tier_reason: None,
+        shares: None,
     }
 }
 
@@ -489,4 +492,50 @@ async fn a_task_whose_deadline_passes_while_its_job_runs_gets_expired_with_its_b
         .map(|l| l[0]["cost_usd"].as_f64().unwrap())
         .sum();
     assert!((cost - batchd_actors::pricing::usd(billed)).abs() <= 4e-12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_lines_of_a_job_are_sent_once_with_dedupe_on() {
+    // One job per model: the batch waits for all its tasks.
+    let extra = BATCH_ON.replace(
+        "max_wait_ms = 300",
+        "max_wait_ms = 1500\nseal_when_drained = false",
+    ) + "[dedupe]\nenabled = true\n";
+    let stack = common::stack(sim_config(Duration::from_millis(300)), &extra).await;
+    let js = &stack.js;
+    let mut all = tasks_on(8, "twin", 3);
+    for (_, body) in &mut all {
+        body["type"] = "summarization".into();
+        body["payload"]["text"] = "the same document".into();
+    }
+    all.extend(tasks_on(4, "solo", 3));
+    common::publish_many(js, &all).await;
+    let outcomes = common::wait_for_one_outcome_each(js, 12, Duration::from_secs(60)).await;
+    let config = common::config_with("nats://127.0.0.1:1", &stack.sim.base_url(), &extra);
+    let (billed, lines) = batch_bill(&stack.sim, &config);
+    assert_eq!(lines, 5, "one line for the eight twins, one per other task");
+    let mut cost = 0.0;
+    let mut shared = 0;
+    for id in (0..8)
+        .map(|i| format!("twin{i}"))
+        .chain((0..4).map(|i| format!("solo{i}")))
+    {
+        let o = outcome_of(&outcomes, &id);
+        assert_eq!(o["status"], "succeeded", "{o}");
+        assert_eq!(o["route"], "batch_api", "{o}");
+        if o["shared_call"] == true {
+            shared += 1;
+            assert!(id.starts_with("twin"), "{o}");
+            assert_eq!(o["cost_usd"], 0.0, "{o}");
+            assert_eq!(o["attempts"], 0, "{o}");
+            assert!(
+                o["call_id"].as_str().is_some_and(|c| c.starts_with("twin")),
+                "{o}"
+            );
+        }
+        cost += o["cost_usd"].as_f64().unwrap_or(0.0);
+    }
+    assert_eq!(shared, 7);
+    let diff = (cost - batchd_actors::pricing::usd(billed)).abs();
+    assert!(diff <= 5e-12, "outcomes {cost} vs bill {billed}");
 }

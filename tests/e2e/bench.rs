@@ -1,6 +1,7 @@
 //! `batchd bench` as an operator runs it: the floor table, and with
 //! `--capacity` the share of a rate-limited provider's limit used and the
-//! share of 429s, here on one short setting; `--preemption` and `--replicas` with tiny sizes.
+//! share of 429s, here on one short setting; `--preemption`, `--replicas`
+//! and `--cost` with tiny sizes.
 
 use std::process::Command;
 
@@ -113,4 +114,56 @@ fn bench_replicas_prints_a_row_per_topology_and_replica_count() {
         let nats_cpu: f64 = cells[5].parse().unwrap_or_else(|_| panic!("{row}"));
         assert!(nats_cpu > 0.0, "nats-server CPU measured: {row}");
     }
+}
+
+#[test]
+fn bench_cost_prints_each_way_priced_from_the_bill_and_what_each_lever_saved() {
+    let out = Command::new(env!("CARGO_BIN_EXE_batchd"))
+        .args(["bench", "--cost", "--tasks", "200", "--batch-secs", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let row = |prefix: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no row {prefix:?}: {stdout}"))
+            .to_owned()
+    };
+    let cost = |row: &str, words: usize| -> f64 {
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        // label words, tasks, succeeded, cost
+        assert_eq!(cells[words], "200", "{row}");
+        assert_eq!(cells[words + 1], "200", "every task succeeded: {row}");
+        cells[words + 2].parse().unwrap_or_else(|_| panic!("{row}"))
+    };
+    let naive = cost(&row("(a) naive"), 5);
+    let defaults = cost(&row("(b) batchd defaults"), 3);
+    let levers = cost(&row("(c) batchd, every lever on"), 5);
+    assert!(naive > 0.0, "{stdout}");
+    assert!(
+        defaults < naive * 0.5,
+        "tiering cuts the naive cost: {stdout}"
+    );
+    assert!(levers < defaults, "the levers cut it further: {stdout}");
+    // The Batch API carried (c)'s priority-3 tasks.
+    let c: Vec<String> = row("(c) batchd")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let batch_tasks: usize = c[9].parse().unwrap_or_else(|_| panic!("{c:?}"));
+    assert!(batch_tasks > 100, "{c:?}");
+    for lever in [
+        "tiering by task type",
+        "Batch API for priority 3",
+        "dedupe of exact duplicates",
+    ] {
+        assert!(stdout.contains(lever), "{stdout}");
+    }
+    assert!(
+        stdout.contains("bar: (b) >= 75% cheaper than (a), (c) >= 85%"),
+        "{stdout}"
+    );
 }

@@ -60,6 +60,17 @@ async fn wait_for_ledger_calls(
     }
 }
 
+/// A stack with `extra` config, and that config as the test reads it.
+async fn stack_with(sim: SimConfig, extra: &str) -> (common::Stack, Config) {
+    let stack = common::stack(sim, extra).await;
+    let config = Config::from_toml_str(
+        &common::config_toml(&stack.nats.url(), &stack.sim.base_url(), extra),
+        "test",
+    )
+    .expect("test config");
+    (stack, config)
+}
+
 fn tasks_for_tenants(n: usize, prefix: &str, tenants: &[&str]) -> Vec<(String, Value)> {
     common::tasks(n, prefix)
         .into_iter()
@@ -88,12 +99,15 @@ fn cost_json(nats_url: &str, config: &std::path::Path) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ledger_equals_the_providers_bill_and_batchd_cost_reports_it() {
     let extra = format!("{}[retry]\nmax_attempts = 8\n", common::CIRCUIT_OFF);
-    let common::Stack {
-        nats,
-        sim,
-        running,
-        js,
-    } = common::stack(
+    let (
+        common::Stack {
+            nats,
+            sim,
+            running,
+            js,
+        },
+        config,
+    ) = stack_with(
         SimConfig {
             latency: Duration::from_millis(10),
             error_rate: 0.05,
@@ -103,11 +117,6 @@ async fn the_ledger_equals_the_providers_bill_and_batchd_cost_reports_it() {
         &extra,
     )
     .await;
-    let config = Config::from_toml_str(
-        &common::config_toml(&nats.url(), &sim.base_url(), &extra),
-        "test",
-    )
-    .expect("test config");
     let n = 900;
     common::publish_many(&js, &tasks_for_tenants(n, "led", &["acme", "bob", "carol"])).await;
     let outcomes =
@@ -368,4 +377,59 @@ async fn held_tasks_of_a_tenant_over_budget_finish_after_the_period() {
     let (_, calls) = common::bill(&sim, &config);
     let t = wait_for_ledger_calls(&js, &config, 1 + calls).await;
     assert_eq!(t.2, 1 + calls, "the seeded call and the new day's");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_requests_are_sent_once_with_an_outcome_each_and_billed_once() {
+    let (stack, config) = stack_with(
+        SimConfig {
+            latency: Duration::from_millis(300),
+            ..SimConfig::default()
+        },
+        "[dedupe]\nenabled = true\nwindow_ms = 60000\n",
+    )
+    .await;
+    let (sim, running, js) = (stack.sim, stack.running, stack.js);
+    let n = 6;
+    let tasks: Vec<(String, Value)> = (0..n)
+        .map(|i| {
+            let mut body = common::task(&format!("same{i}"), 2);
+            body["type"] = "summarization".into();
+            body["payload"]["text"] = "one identical document".into();
+            ("batchd.tasks.p2".to_owned(), body)
+        })
+        .collect();
+    common::publish_many(&js, &tasks).await;
+    let outcomes =
+        common::wait_for_messages(&js, "BATCHD_RESULTS", n as u64, Duration::from_secs(60)).await;
+    common::assert_exactly_one_each(&outcomes, n);
+    assert_eq!(sim.stats().requests, 1, "one provider call for {n} tasks");
+    let (billed, billed_calls) = common::bill(&sim, &config);
+    assert_eq!(billed_calls, 1);
+    let all: Vec<&Value> = outcomes.values().flatten().collect();
+    let shared: Vec<&&Value> = all.iter().filter(|o| o["shared_call"] == true).collect();
+    assert_eq!(shared.len(), n - 1, "{all:?}");
+    let call_id = shared[0]["call_id"].as_str().expect("a call id");
+    for o in &all {
+        assert_eq!(o["status"], "succeeded", "{o}");
+        assert_eq!(o["output"], all[0]["output"], "{o}");
+        // The tier and why: summarization's default tier.
+        assert_eq!(o["tier"], "simple", "{o}");
+        assert_eq!(o["tier_reason"], "task_type", "{o}");
+    }
+    for o in &shared {
+        assert_eq!(o["call_id"], call_id, "{o}");
+        assert_eq!(o["cost_usd"], 0.0, "{o}");
+    }
+    let cost: f64 = all
+        .iter()
+        .map(|o| o["cost_usd"].as_f64().unwrap_or(0.0))
+        .sum();
+    assert!(
+        (cost - billed as f64 / 1e12).abs() < 1e-12,
+        "{cost} vs {billed}"
+    );
+    let t = wait_for_ledger_calls(&js, &config, 1).await;
+    assert_eq!(t, (billed, 0, 1), "the ledger equals the bill");
+    drop(running);
 }

@@ -437,6 +437,7 @@ pub fn settings() -> EngineSettings {
                 complex: "m".into(),
                 auto_simple_max_chars: 100,
                 auto_standard_max_chars: 1000,
+                rules: Vec::new(),
             },
             model_providers: [("m".to_owned(), "fake".to_owned())].into_iter().collect(),
             batch_providers: Default::default(),
@@ -502,6 +503,7 @@ pub fn settings() -> EngineSettings {
         preemption: Default::default(),
         targets: Default::default(),
         batch_api: Default::default(),
+        dedupe_window: None,
     }
 }
 

@@ -133,15 +133,9 @@ pub fn bill(sim: &SimServer, config: &Config) -> (batchd_actors::pricing::Picous
     let mut total = 0;
     let mut calls = 0;
     for (model, b) in sim.bill() {
-        let usage = batchd_actors::task::Usage {
-            input_tokens: b.prompt_tokens,
-            cached_input_tokens: b.cached_tokens,
-            output_tokens: b.completion_tokens,
-            cache_write_input_tokens: b.cache_write_tokens,
-        };
         total += config
             .prices
-            .cost_picousd(&model, &usage, batchd_actors::task::RouteKind::Realtime)
+            .cost_picousd(&model, &b.usage(), batchd_actors::task::RouteKind::Realtime)
             .expect("every served model has a price");
         calls += b.requests;
     }
