@@ -26,7 +26,10 @@ fn bench_capacity_prints_the_share_of_the_limit_used_and_few_429s() {
     assert!(stdout.contains("(a) JetStream floor"), "{stdout}");
     assert!(stdout.contains("capacity: one model"), "{stdout}");
     assert!(stdout.contains("in this process"), "{stdout}");
-    assert!(stdout.contains("capacity bar:"), "{stdout}");
+    assert!(
+        stdout.contains("capacity bar, --rpm 1200 --latency-ms 100:"),
+        "{stdout}"
+    );
     let row = stdout
         .lines()
         .find(|l| l.starts_with("--rpm 1200 --latency-ms 100 ") && l.contains("1200/min"))
@@ -40,6 +43,39 @@ fn bench_capacity_prints_the_share_of_the_limit_used_and_few_429s() {
         "{stdout}"
     );
     assert!(stdout.contains("learned rpm 1200"), "{stdout}");
+}
+
+#[test]
+fn three_replicas_share_one_limit_within_it_and_use_most_of_it() {
+    let out = Command::new(env!("CARGO_BIN_EXE_batchd"))
+        .args([
+            "bench",
+            "--tasks",
+            "100",
+            "--capacity",
+            "--capacity-replicas",
+            "3",
+        ])
+        .args(["--capacity-secs", "40", "--capacity-sim", "1200:800"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let row = stdout
+        .lines()
+        .find(|l| {
+            l.starts_with("--rpm 1200 --latency-ms 800, 3 replicas ") && l.contains("1200/min")
+        })
+        .unwrap_or_else(|| panic!("no capacity row: {stdout}"));
+    // sim setting (6 words), secs, limit, steady, from (2 words), whole run, 429s.
+    let (steady, rate_limited) = (percent(row, 8), percent(row, 12));
+    assert!(rate_limited < 0.5, "{row}");
+    assert!(steady >= 90.0, "{row}");
+    assert!(
+        stdout.contains("capacity bar, --rpm 1200 --latency-ms 800, 3 replicas: steady >= 90%"),
+        "{stdout}"
+    );
 }
 
 #[test]
