@@ -158,6 +158,8 @@ pub struct EngineContext {
     pub peers: crate::peers::Peers,
     /// Calls in flight made unclaimed (no other replica ran).
     pub unclaimed: crate::call_claim::UnclaimedCalls,
+    /// The provider jobs this replica drives.
+    pub driving_jobs: crate::provider_jobs::DrivingJobs,
     /// Provider routes, kept across Dispatcher restarts.
     pub routes: Routes,
     /// Spend per tenant and day, for budgets (kept by the CostAccountant).
@@ -212,6 +214,7 @@ impl EngineContext {
             call_owners,
             peers,
             unclaimed: Default::default(),
+            driving_jobs: Default::default(),
             routes: Routes::default(),
             depths: QueueDepths::default(),
             batches: RunningBatches::default(),

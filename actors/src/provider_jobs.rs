@@ -40,9 +40,16 @@
 //! ledger, and its cost and usage go in the outcome): the deadline is the
 //! latest useful completion, and a job is not cancelled for one task.
 //!
-//! On start the engine resumes every recorded job from its step
-//! ([`resume`]). Outcomes carry `Nats-Msg-Id`, so a job whose results were
-//! being published when the process died publishes no duplicate.
+//! On start, and every `dispatch.claim_ttl_secs` after, the engine looks at
+//! every recorded job ([`resume`]) and drives those nobody drives. Exactly
+//! one replica drives a job: it takes the ownership record `job.<job id>`
+//! (KV `batchd-owners`, see [`crate::ownership`]) first and renews it while
+//! it drives the job; the others leave the job alone until the record
+//! expires (its owner died), then one of them takes it over and resumes
+//! the job from its recorded step. A replica that finds its record taken
+//! over (its renewals failed for a whole TTL) stops driving the job.
+//! Outcomes carry `Nats-Msg-Id`, so a job whose results were being
+//! published when the process died publishes no duplicate.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,6 +68,7 @@ use crate::ledger::{day_of, CallRecord, CallState};
 use crate::messages::{Accepted, Batch};
 use crate::metrics;
 use crate::outcome::{self, elapsed_ms, Final};
+use crate::ownership::{Acquired, Held, OwnershipError};
 use crate::ports::{BatchApi, BatchJobStatus, Completion, ProviderError, Requeue};
 use crate::task::{
     timestamp, DeadLetter, Encoding, ErrorKind, Outcome, Priority, RouteKind, Status, TaskError,
@@ -382,7 +390,7 @@ async fn record_and_start(ctx: Arc<EngineContext>, batch: Batch) {
         }
         tracing::info!(job_id = %job.id, tasks = job.tasks.len(), "provider job recorded");
         let ctx = ctx.clone();
-        tokio::spawn(drive(ctx, job));
+        tokio::spawn(own_and_drive(ctx, job, false));
     }
 }
 
@@ -411,17 +419,105 @@ fn job_task(a: &Accepted) -> JobTask {
     }
 }
 
-/// Resumes every recorded job (at engine start).
+/// Drives every recorded job nobody drives: at engine start, then every
+/// `claim_ttl` (a job whose owner died is taken over once its ownership
+/// record expires). Returns when the engine stops.
 pub async fn resume(ctx: Arc<EngineContext>) {
-    match ctx.ports.jobs.list().await {
-        Ok(jobs) => {
-            for job in jobs {
-                tracing::info!(job_id = %job.id, step = ?job.step, tasks = job.tasks.len(), "resuming a recorded provider job");
-                tokio::spawn(drive(ctx.clone(), job));
+    loop {
+        match ctx.ports.jobs.list().await {
+            Ok(jobs) => {
+                for job in jobs {
+                    if !ctx.driving_jobs.is_driving(&job.id) {
+                        tokio::spawn(own_and_drive(ctx.clone(), job, true));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "recorded provider jobs not listed; looking again later")
             }
         }
+        if !pause(&ctx, ctx.settings.claim_ttl).await {
+            return;
+        }
+    }
+}
+
+/// The ownership key of a provider job.
+pub fn owner_key(job_id: &str) -> String {
+    format!("job.{job_id}")
+}
+
+/// The jobs this replica drives now.
+#[derive(Debug, Default)]
+pub struct DrivingJobs(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl DrivingJobs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True while this replica drives `job_id`.
+    pub fn is_driving(&self, job_id: &str) -> bool {
+        self.lock().contains(job_id)
+    }
+
+    /// Marks `job_id` driven; false when it already was.
+    fn start(&self, job_id: &str) -> bool {
+        self.lock().insert(job_id.to_owned())
+    }
+
+    fn end(&self, job_id: &str) {
+        self.lock().remove(job_id);
+    }
+}
+
+/// Drives `job` if this replica can take its ownership record, renewing it
+/// meanwhile; stops driving when the record is taken over. `found`: the job
+/// was found recorded (by an earlier run, or another replica).
+async fn own_and_drive(ctx: Arc<EngineContext>, job: ProviderJob, found: bool) {
+    let id = job.id.clone();
+    if !ctx.driving_jobs.start(&id) {
+        return;
+    }
+    match ctx.call_owners.acquire(&owner_key(&id)).await {
+        Ok(Acquired::Taken(held)) => {
+            if found {
+                tracing::info!(job_id = %id, step = ?job.step, tasks = job.tasks.len(), "resuming a recorded provider job");
+            }
+            let (lost_tx, lost) = tokio::sync::oneshot::channel();
+            let keeper = tokio::spawn(keep_job(ctx.clone(), held, lost_tx));
+            tokio::select! {
+                () = drive(ctx.clone(), job) => {}
+                Ok(()) = lost => {
+                    tracing::warn!(job_id = %id, "provider job taken over by another replica (this one's renewals failed for a whole TTL); no longer driven here");
+                }
+            }
+            keeper.abort();
+        }
+        Ok(Acquired::HeldBy(record)) => {
+            tracing::debug!(job_id = %id, owner = %record.owner, "provider job driven by another replica");
+        }
         Err(e) => {
-            tracing::error!(error = %e, "recorded provider jobs not listed; they resume at the next start")
+            tracing::warn!(job_id = %id, error = %e, "provider job's ownership not taken; looking again later");
+        }
+    }
+    ctx.driving_jobs.end(&id);
+}
+
+/// Renews a job's ownership record every third of its TTL; tells `lost`
+/// when another replica has taken it over.
+async fn keep_job(ctx: Arc<EngineContext>, mut held: Held, lost: tokio::sync::oneshot::Sender<()>) {
+    loop {
+        tokio::time::sleep(ctx.call_owners.renew_every()).await;
+        match ctx.call_owners.renew(&held).await {
+            Ok(h) => held = h,
+            Err(OwnershipError::Conflict(_)) => {
+                let _ = lost.send(());
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(key = %held.key, error = %e, "provider job's ownership not renewed; trying again");
+            }
         }
     }
 }

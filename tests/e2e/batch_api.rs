@@ -234,20 +234,7 @@ async fn a_sigkill_mid_job_resumes_the_same_job_with_one_creation_and_one_outcom
     let _second = kill_and_restart(first, &js, &path, n).await;
     // One creation per job: every batch the simulator created carries a
     // different job id.
-    let list: Value = reqwest::get(format!("{}/batches?limit=100", sim.base_url()))
-        .await
-        .expect("list batches")
-        .json()
-        .await
-        .expect("JSON");
-    let tags: Vec<&str> = list["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .filter_map(|b| b["metadata"]["batchd_job"].as_str())
-        .collect();
-    let distinct: std::collections::HashSet<&str> = tags.iter().copied().collect();
-    assert_eq!(tags.len() as u64, sim.batch_creations());
+    assert_each_job_created_once(&sim).await;
     // Every job ended: its record is gone from the jobs bucket.
     let jobs = js.get_key_value("batchd-jobs").await.expect("jobs bucket");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -263,12 +250,31 @@ async fn a_sigkill_mid_job_resumes_the_same_job_with_one_creation_and_one_outcom
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(billed_lines(&sim), n as u64);
+}
+
+/// Every batch the simulator created carries a different job id, and each
+/// creation is one of them: no job was submitted twice.
+async fn assert_each_job_created_once(sim: &SimServer) {
+    let list: Value = reqwest::get(format!("{}/batches?limit=100", sim.base_url()))
+        .await
+        .expect("list batches")
+        .json()
+        .await
+        .expect("JSON");
+    let tags: Vec<&str> = list["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|b| b["metadata"]["batchd_job"].as_str())
+        .collect();
+    let distinct: std::collections::HashSet<&str> = tags.iter().copied().collect();
     assert_eq!(
         distinct.len(),
         tags.len(),
         "a job was submitted twice: {tags:?}"
     );
-    assert_eq!(billed_lines(&sim), n as u64);
+    assert_eq!(tags.len() as u64, sim.batch_creations());
 }
 
 /// The ledger's call records of batch lines: their cost in pico-dollars,
@@ -538,4 +544,89 @@ async fn identical_lines_of_a_job_are_sent_once_with_dedupe_on() {
     assert_eq!(shared, 7);
     let diff = (cost - batchd_actors::pricing::usd(billed)).abs();
     assert!(diff <= 5e-12, "outcomes {cost} vs bill {billed}");
+}
+
+/// Who holds each provider job's ownership record, by job key.
+async fn job_owners(
+    js: &async_nats::jetstream::Context,
+) -> std::collections::BTreeMap<String, String> {
+    use futures::TryStreamExt as _;
+    let owners = js
+        .get_key_value("batchd-owners")
+        .await
+        .expect("owners bucket");
+    let keys: Vec<String> = owners
+        .keys()
+        .await
+        .expect("keys")
+        .try_collect()
+        .await
+        .expect("keys");
+    let mut out = std::collections::BTreeMap::new();
+    for key in keys.into_iter().filter(|k| k.starts_with("job.")) {
+        if let Some(value) = owners.get(&key).await.expect("get") {
+            let record: Value = serde_json::from_slice(&value).expect("record JSON");
+            out.insert(key, record["owner"].as_str().expect("owner").to_owned());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_drive_each_job_once_and_a_killed_owners_job_is_taken_over() {
+    let nats = NatsServer::start().await;
+    let sim = common::start_sim(sim_config(Duration::from_secs(5))).await;
+    let extra = |name: &str| {
+        format!("{BATCH_ON}\n[nats]\nreplica = \"{name}\"\n[dispatch]\nclaim_ttl_secs = 3\n")
+    };
+    let (_dir_a, path_a, js) = common::binary_setup_with(&nats, &sim, &extra("ra")).await;
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let path_b = common::config_file(dir_b.path(), &nats.url(), &sim.base_url(), &extra("rb"));
+    let n = 30;
+    common::publish_many(&js, &tasks_on(n, "own", 3)).await;
+    let mut replicas = [
+        ("ra", Batchd::start(&path_a)),
+        ("rb", Batchd::start(&path_b)),
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sim.batch_creations() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no batch created");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    common::wait_until_empty(&js, "BATCHD_TASKS", Duration::from_secs(10)).await;
+    // Each job has one owner; kill the owner of the first, mid-job.
+    let owners = job_owners(&js).await;
+    let victim = owners.values().next().expect("a job owner").clone();
+    assert!(
+        owners.values().all(|o| o == "ra" || o == "rb"),
+        "{owners:?}"
+    );
+    let (_, killed) = replicas
+        .iter_mut()
+        .find(|(name, _)| *name == victim)
+        .expect("the owner is one of the replicas");
+    killed.kill();
+    assert_eq!(
+        common::stream_len(&js, "BATCHD_RESULTS").await,
+        0,
+        "killed mid-job"
+    );
+    // The survivor takes the dead owner's jobs over once their records
+    // expire, and finishes them: one outcome each.
+    let outcomes = common::wait_for_one_outcome_each(&js, n, Duration::from_secs(60)).await;
+    assert!(outcomes
+        .values()
+        .all(|l| l[0]["status"] == "succeeded" && l[0]["route"] == "batch_api"));
+    let survivor = if victim == "ra" { "rb" } else { "ra" };
+    let after = job_owners(&js).await;
+    for key in owners.keys() {
+        assert_eq!(
+            after.get(key).map(String::as_str),
+            Some(survivor),
+            "{key}: taken over by the survivor"
+        );
+    }
+    // Every job created once, every line billed once.
+    assert_each_job_created_once(&sim).await;
+    assert_eq!(billed_lines(&sim), n as u64);
 }
