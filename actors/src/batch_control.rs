@@ -33,6 +33,8 @@ pub struct BatchControl {
     pub started_at: Instant,
     paused: watch::Sender<bool>,
     progress: Mutex<Progress>,
+    /// The ownership record of its checkpoint, renewed while it runs.
+    checkpoint_owner: Mutex<Option<crate::call_claim::ClaimGuard>>,
 }
 
 #[derive(Debug, Default)]
@@ -174,6 +176,14 @@ impl BatchControl {
         self.progress().checkpointed = true;
     }
 
+    /// Keeps its checkpoint's ownership record renewed until it ends.
+    pub fn hold_checkpoint(&self, guard: crate::call_claim::ClaimGuard) {
+        *self
+            .checkpoint_owner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(guard);
+    }
+
     /// True when a checkpoint of it was written.
     pub fn was_checkpointed(&self) -> bool {
         self.progress().checkpointed
@@ -207,6 +217,7 @@ impl RunningBatches {
                 remaining: tasks.into_iter().collect(),
                 ..Progress::default()
             }),
+            checkpoint_owner: Mutex::new(None),
         });
         self.map().insert(id, control.clone());
         control

@@ -398,6 +398,20 @@ impl MonitorState {
             Ok(()) => {
                 control.mark_checkpointed();
                 metrics::checkpoint_written();
+                // This replica resumes it: no other takes it up while the
+                // record is renewed (see `recovery`).
+                let key = crate::recovery::owner_key(batch);
+                match self.ctx.call_owners.acquire(&key).await {
+                    Ok(crate::ownership::Acquired::Taken(held)) => control.hold_checkpoint(
+                        crate::call_claim::ClaimGuard::keep(self.ctx.clone(), held),
+                    ),
+                    Ok(crate::ownership::Acquired::HeldBy(r)) => {
+                        tracing::warn!(batch_id = %batch, owner = %r.owner, "checkpoint's ownership held by another replica");
+                    }
+                    Err(e) => {
+                        tracing::warn!(batch_id = %batch, error = %e, "checkpoint's ownership not taken; another replica starting now may take it up");
+                    }
+                }
                 // It may have completed while its checkpoint was written.
                 if self.ctx.batches.get(batch).is_none() {
                     if let Err(e) = store.delete(batch).await {

@@ -3,8 +3,15 @@
 //! A preempted batch's tasks keep their leases, so when the process is
 //! killed their messages are redelivered once `ack_wait` passes, like any
 //! other message it held. Its checkpoint stays in the store. At start the
-//! engine reads every checkpoint ([`load`], before the Intake pulls) and
-//! judges each one ([`judge`], plain code):
+//! engine reads every checkpoint ([`load`], before the Intake pulls). The
+//! replica that preempted a batch holds the ownership record
+//! `checkpoint.<batch id>` (KV `batchd-owners`) while the batch runs; a
+//! checkpoint whose record another replica holds is left alone (that
+//! replica still runs it, or died less than a TTL ago: the checkpoint is
+//! looked at again when the record expires), so exactly one replica
+//! resumes each. A replica restarted under the same name (`nats.replica`)
+//! takes its own records back at once. A checkpoint whose record this
+//! replica takes is judged ([`judge`], plain code):
 //!
 //! - of another layout version: logged and deleted (its tasks come back as
 //!   ordinary tasks);
@@ -27,7 +34,11 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::time::Duration;
+
+use crate::call_claim::ClaimGuard;
 use crate::context::EngineContext;
+use crate::ownership::Acquired;
 use crate::ports::{Checkpoint, CheckpointStore, CHECKPOINT_VERSION};
 use crate::routing::Route;
 use crate::task::Priority;
@@ -106,6 +117,9 @@ pub struct Recovery(Mutex<Index>);
 struct Index {
     batches: HashMap<Arc<str>, RecoveredBatch>,
     by_task: HashMap<String, Arc<str>>,
+    /// The ownership record of each adopted batch's checkpoint, renewed
+    /// until the batch is sealed.
+    held: HashMap<Arc<str>, ClaimGuard>,
 }
 
 impl Recovery {
@@ -138,10 +152,18 @@ impl Recovery {
             .then(|| (batch.id.clone(), batch.expected.len()))
     }
 
+    /// [`Recovery::adopt`], keeping the checkpoint's ownership record
+    /// renewed until the batch is sealed.
+    pub fn adopt_held(&self, batch: RecoveredBatch, guard: ClaimGuard) {
+        self.index().held.insert(batch.id.clone(), guard);
+        self.adopt(batch);
+    }
+
     /// Takes an adopted batch out when it is sealed: tasks of it that come
     /// back later go into ordinary batches.
     pub fn take(&self, id: &str) -> Option<RecoveredBatch> {
         let mut index = self.index();
+        index.held.remove(id);
         let batch = index.batches.remove(id)?;
         for task in &batch.expected {
             index.by_task.remove(task);
@@ -159,7 +181,7 @@ impl Recovery {
 /// cannot or need not be resumed, and adopts the others. A store that
 /// cannot be read costs the recovery, not the start: the tasks then come
 /// back as ordinary tasks.
-pub async fn load(ctx: &EngineContext) {
+pub async fn load(ctx: &Arc<EngineContext>) {
     let store: &dyn CheckpointStore = &*ctx.ports.checkpoints;
     match store.drop_unreadable().await {
         Ok(dropped) => {
@@ -177,33 +199,82 @@ pub async fn load(ctx: &EngineContext) {
         }
     };
     for cp in checkpoints {
-        let done = outcomes_of(ctx, &cp.remaining).await;
-        let judgement = judge(
-            &cp,
-            |provider| ctx.ports.providers.contains_key(provider),
-            |task| done.contains(task),
-        );
-        match judgement {
-            Judgement::Adopt(batch) => {
-                tracing::info!(
-                    batch_id = %batch.id,
-                    route = %format_args!("{}/{}", batch.route.provider, batch.route.model),
-                    priority = batch.priority.number(),
-                    tasks = batch.expected.len(),
-                    "preempted batch of an earlier process adopted: its tasks rejoin it as they are redelivered"
-                );
-                ctx.recovery.adopt(batch);
-            }
-            Judgement::Done => {
-                tracing::info!(batch_id = %cp.batch_id, "checkpoint of a batch whose tasks all have outcomes deleted");
-                delete(store, &cp.batch_id).await;
-            }
-            Judgement::Drop(why) => {
-                tracing::warn!(batch_id = %cp.batch_id, version = cp.version, provider = %cp.provider, reason = why, "checkpoint dropped; its tasks are batched anew");
-                delete(store, &cp.batch_id).await;
-            }
+        if let Some(wait) = take_up(ctx, &cp).await {
+            tokio::spawn(take_up_later(ctx.clone(), cp, wait));
         }
     }
+}
+
+/// Looks at a checkpoint held by another replica again when its record
+/// expires, until this replica takes it up or it is gone.
+async fn take_up_later(ctx: Arc<EngineContext>, cp: Checkpoint, mut wait: Duration) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = ctx.stopping() => return,
+        }
+        match take_up(&ctx, &cp).await {
+            Some(next) => wait = next,
+            None => return,
+        }
+    }
+}
+
+/// The ownership key of a preempted batch's checkpoint.
+pub fn owner_key(batch_id: &str) -> String {
+    format!("checkpoint.{batch_id}")
+}
+
+/// Judges one checkpoint if this replica can take its ownership record.
+/// A record another replica holds is left to it: that replica preempted the
+/// batch and still runs (it renews the record), or died less than a TTL
+/// ago; the answer is then how long until its record expires.
+async fn take_up(ctx: &Arc<EngineContext>, cp: &Checkpoint) -> Option<Duration> {
+    let key = owner_key(&cp.batch_id);
+    let held = match ctx.call_owners.acquire(&key).await {
+        Ok(Acquired::Taken(held)) => held,
+        Ok(Acquired::HeldBy(record)) => {
+            let wait = (record.expires_at - ctx.settings.clock.now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .saturating_add(Duration::from_millis(100));
+            tracing::debug!(batch_id = %cp.batch_id, owner = %record.owner, ?wait, "checkpoint held by another replica; looked at again when its record expires");
+            return Some(wait);
+        }
+        Err(e) => {
+            tracing::warn!(batch_id = %cp.batch_id, error = %e, "checkpoint's ownership not taken; its tasks are batched anew");
+            return None;
+        }
+    };
+    let store: &dyn CheckpointStore = &*ctx.ports.checkpoints;
+    let done = outcomes_of(ctx, &cp.remaining).await;
+    let judgement = judge(
+        cp,
+        |provider| ctx.ports.providers.contains_key(provider),
+        |task| done.contains(task),
+    );
+    match judgement {
+        Judgement::Adopt(batch) => {
+            tracing::info!(
+                batch_id = %batch.id,
+                route = %format_args!("{}/{}", batch.route.provider, batch.route.model),
+                priority = batch.priority.number(),
+                tasks = batch.expected.len(),
+                "preempted batch of an earlier process adopted: its tasks rejoin it as they are redelivered"
+            );
+            let guard = ClaimGuard::keep(ctx.clone(), held);
+            ctx.recovery.adopt_held(batch, guard);
+        }
+        Judgement::Done => {
+            tracing::info!(batch_id = %cp.batch_id, "checkpoint of a batch whose tasks all have outcomes deleted");
+            delete(store, &cp.batch_id).await;
+        }
+        Judgement::Drop(why) => {
+            tracing::warn!(batch_id = %cp.batch_id, version = cp.version, provider = %cp.provider, reason = why, "checkpoint dropped; its tasks are batched anew");
+            delete(store, &cp.batch_id).await;
+        }
+    }
+    None
 }
 
 /// Which of `tasks` have an outcome (of any generation). A task whose check

@@ -321,3 +321,48 @@ async fn after_a_crash_a_preempted_batch_resumes_first_under_its_id_and_stale_ch
     .await;
     r.engine.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_checkpoint_another_replica_holds_is_left_to_it_until_its_record_expires() {
+    use batchd_actors::ownership::{MemoryOwnership, OwnershipRecord, OwnershipStore};
+    use batchd_actors::ports::{CheckpointStore, MemoryCheckpoints};
+    use std::sync::Arc;
+
+    // replica-b preempted b_B (of a provider this replica does not know)
+    // and holds its record for 10 more seconds.
+    let checkpoints = Arc::new(MemoryCheckpoints::default());
+    checkpoints
+        .put(&left_checkpoint("b_B", "nowhere", &[], &["x0"]))
+        .await
+        .unwrap();
+    let mut s = with_slots(2);
+    s.clock = batchd_actors::clock::Clock::following_tokio(chrono::Utc::now());
+    let owners = Arc::new(MemoryOwnership::default());
+    owners
+        .create(
+            "checkpoint.b_B",
+            &OwnershipRecord {
+                owner: "replica-b".into(),
+                expires_at: s.clock.now() + chrono::Duration::seconds(10),
+            },
+        )
+        .await
+        .unwrap();
+    let r = rig_after_crash_with_owners(
+        s,
+        healthy(Duration::from_millis(5)),
+        checkpoints.clone(),
+        Arc::new(FakeSink::default()),
+        owners.clone(),
+    )
+    .await;
+    // Left alone while replica-b's record lives: not judged, not deleted.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(checkpoints.entries().len(), 1, "left to its owner");
+    assert_eq!(owners.get("checkpoint.b_B").unwrap().owner, "replica-b");
+    // Its record expired (replica-b died): taken up here, and judged (its
+    // provider is unknown here: dropped).
+    until(Duration::from_secs(5), || checkpoints.entries().is_empty()).await;
+    assert_eq!(owners.get("checkpoint.b_B").unwrap().owner, "test-replica");
+    r.engine.shutdown().await;
+}

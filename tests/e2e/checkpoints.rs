@@ -89,10 +89,13 @@ async fn sigkill_while_preempted_then_restart_resumes_the_batch_under_its_id() {
     })
     .await;
     // Two calls at a time; the bulk tasks travel in one batch; a preempted
-    // batch stays preempted (priority 1 must stay quiet for a minute).
+    // batch stays preempted (priority 1 must stay quiet for a minute). The
+    // replica is restarted under its name, so it takes its checkpoint's
+    // ownership record back at once.
     let extra = "[dispatch]\nmax_concurrency = 2\ninitial_concurrency = 2\n\
                  [batching.p3]\nmax_size = 20\nmax_wait_ms = 500\n\
-                 [preemption]\nresume_after_ms = 60000\n";
+                 [preemption]\nresume_after_ms = 60000\n\
+                 [nats]\nreplica = \"preempting-replica\"\n";
     let (_dir, path, js) = common::binary_setup_with(&nats, &sim, extra).await;
     let config = batchd::config::Config::load(&path).expect("config");
     let topology = batchd::nats::ensure_topology(&nats.client().await, &config)
@@ -145,8 +148,17 @@ async fn sigkill_while_preempted_then_restart_resumes_the_batch_under_its_id() {
     // Which batch each task still to do belongs to, by the checkpoints the
     // killed process left.
     let mut batch_of = std::collections::HashMap::new();
+    let owners = js.get_key_value("batchd-owners").await.expect("owners");
     for cp in stored(&store).await {
         assert_eq!(cp.priority, 3);
+        // The replica that preempted it holds its ownership record.
+        let record = owners
+            .get(format!("checkpoint.{}", cp.batch_id))
+            .await
+            .expect("read the record")
+            .expect("the checkpoint's ownership record");
+        let record: Value = serde_json::from_slice(&record).expect("JSON");
+        assert_eq!(record["owner"], "preempting-replica");
         for id in cp.remaining {
             if !done_at_kill.contains_key(&format!("batchd.results.{id}")) {
                 batch_of.insert(id, cp.batch_id.clone());

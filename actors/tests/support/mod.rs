@@ -531,7 +531,8 @@ pub async fn rig_with_ledger(
 ) -> Rig {
     let checkpoints = Arc::new(MemoryCheckpoints::default());
     let sink = Arc::new(FakeSink::default());
-    rig_over(settings, provider, ledger, checkpoints, sink).await
+    let owners = Arc::new(MemoryOwnership::default());
+    rig_over(settings, provider, ledger, checkpoints, sink, owners).await
 }
 
 /// A rig that starts where a killed process left off: over its checkpoints
@@ -542,8 +543,20 @@ pub async fn rig_after_crash(
     checkpoints: Arc<MemoryCheckpoints>,
     sink: Arc<FakeSink>,
 ) -> Rig {
+    let owners = Arc::new(MemoryOwnership::default());
+    rig_after_crash_with_owners(settings, provider, checkpoints, sink, owners).await
+}
+
+/// [`rig_after_crash`] over an ownership store other replicas wrote to.
+pub async fn rig_after_crash_with_owners(
+    settings: EngineSettings,
+    provider: Arc<FakeProvider>,
+    checkpoints: Arc<MemoryCheckpoints>,
+    sink: Arc<FakeSink>,
+    owners: Arc<MemoryOwnership>,
+) -> Rig {
     let ledger = Arc::new(MemoryLedger::default());
-    rig_over(settings, provider, ledger, checkpoints, sink).await
+    rig_over(settings, provider, ledger, checkpoints, sink, owners).await
 }
 
 async fn rig_over(
@@ -552,11 +565,11 @@ async fn rig_over(
     ledger: Arc<MemoryLedger>,
     checkpoints: Arc<MemoryCheckpoints>,
     sink: Arc<FakeSink>,
+    owners: Arc<MemoryOwnership>,
 ) -> Rig {
     let source = FakeSource::new();
     let attempts = Arc::new(MemoryAttempts::default());
     let board = Arc::new(MemoryBoard::default());
-    let owners = Arc::new(MemoryOwnership::default());
     let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
     providers.insert("fake".into(), provider.clone());
     let ports = Ports {
