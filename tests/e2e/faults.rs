@@ -100,11 +100,21 @@ async fn a_flaky_provider_costs_retries_not_tasks() {
         "the provider failed {} times",
         stats.server_errors
     );
-    let retried = outcomes
+    let attempts: Vec<u64> = outcomes
         .values()
-        .filter(|v| v[0]["attempts"].as_u64().unwrap() > 1)
-        .count();
-    assert!(retried > 50, "{retried} tasks needed more than one attempt");
+        .map(|v| v[0]["attempts"].as_u64().unwrap())
+        .collect();
+    let retried = attempts.iter().filter(|&&a| a > 1).count();
+    assert!(retried > 0, "no task needed more than one attempt");
+    // An attempt is spent only on a failed call; failures that land while
+    // the route's circuit is open (a run of them in a row) spend none, so
+    // how many tasks retried depends on timing, but never exceeds this.
+    let extra: u64 = attempts.iter().map(|a| a.saturating_sub(1)).sum();
+    assert!(
+        extra <= stats.server_errors,
+        "{extra} attempts beyond the first for {} failed calls",
+        stats.server_errors
+    );
     // With 6 attempts at a 30% failure rate nearly all succeed; any that did not
     // are max_retries with a dead letter.
     let failed: Vec<&Value> = outcomes
