@@ -117,11 +117,10 @@ mod tests {
         CallRecord::started(id, id.into(), "acme", "m", 3, chrono::Utc::now(), 1)
     }
 
-    #[tokio::test]
-    async fn concurrent_records_share_sheets_and_each_is_stored_once() {
-        let store = Arc::new(MemoryLedger::default());
+    /// Records `n` calls, each from a task of its own, all at once.
+    async fn record_at_once(store: &Arc<MemoryLedger>, n: usize) {
         let sheets = Arc::new(CallSheets::new(store.clone()));
-        let calls: Vec<_> = (0..600)
+        let calls: Vec<_> = (0..n)
             .map(|i| {
                 let sheets = sheets.clone();
                 tokio::spawn(async move { sheets.record(record(&format!("c{i}"))).await })
@@ -130,6 +129,12 @@ mod tests {
         for c in calls {
             c.await.unwrap().unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn concurrent_records_share_sheets_and_each_is_stored_once() {
+        let store = Arc::new(MemoryLedger::default());
+        record_at_once(&store, 600).await;
         assert_eq!(store.calls().len(), 600, "every record stored once");
         let n = store.sheet_count();
         assert!(
@@ -145,16 +150,7 @@ mod tests {
     async fn writes_overlap_up_to_the_writers_and_group_what_queues_meanwhile() {
         let store = Arc::new(MemoryLedger::default());
         store.delay_writes(std::time::Duration::from_millis(5));
-        let sheets = Arc::new(CallSheets::new(store.clone()));
-        let calls: Vec<_> = (0..2000)
-            .map(|i| {
-                let sheets = sheets.clone();
-                tokio::spawn(async move { sheets.record(record(&format!("c{i}"))).await })
-            })
-            .collect();
-        for c in calls {
-            c.await.unwrap().unwrap();
-        }
+        record_at_once(&store, 2000).await;
         assert_eq!(store.calls().len(), 2000, "every record stored once");
         assert_eq!(
             store.most_writes_in_flight(),

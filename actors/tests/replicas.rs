@@ -188,16 +188,11 @@ fn replica_b_drives_route_m(r: &support::Rig, clock: Clock) -> tokio::task::Join
         loop {
             let now = clock.now();
             let status = batchd_actors::route::RouteStatus {
-                at: now,
-                concurrency_limit: 4,
                 in_flight: 4,
                 rpm_limit: Some(600),
-                tpm_limit: None,
                 sharing: 2,
-                paused_until: None,
-                circuit: None,
-                circuit_until: None,
                 waiting: [0, 10, 0],
+                ..batchd_actors::route::RouteStatus::open(now, 4)
             };
             let state = batchd_actors::route::RouteState::new("replica-b", "fake", "m", &status);
             let key = batchd_actors::route::route_key("replica-b", "fake", "m");

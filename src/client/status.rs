@@ -402,16 +402,8 @@ mod tests {
     fn route(replica: &str, model: &str, paused: bool, secs: i64) -> RouteState {
         let at = Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap();
         let status = RouteStatus {
-            at,
-            concurrency_limit: 8,
-            in_flight: 0,
-            rpm_limit: None,
-            tpm_limit: None,
-            sharing: 1,
             paused_until: paused.then(|| at + chrono::TimeDelta::seconds(3)),
-            circuit: None,
-            circuit_until: None,
-            waiting: [0; 3],
+            ..RouteStatus::open(at, 8)
         };
         RouteState::new(replica, "openai", model, &status)
     }

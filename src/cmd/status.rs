@@ -283,16 +283,10 @@ mod tests {
     fn route(model: &str, circuit_in: Option<i64>) -> RouteState {
         let at = Utc.timestamp_opt(1_800_000_000, 0).unwrap();
         let status = RouteStatus {
-            at,
-            concurrency_limit: 4,
-            in_flight: 0,
-            rpm_limit: None,
-            tpm_limit: None,
-            sharing: 1,
-            paused_until: None,
             circuit: circuit_in.map(|_| CircuitReason::Unavailable),
             circuit_until: circuit_in.map(|s| at + TimeDelta::seconds(s)),
             waiting: [0, 3, 0],
+            ..RouteStatus::open(at, 4)
         };
         RouteState::new("replica-a", "openai", model, &status)
     }

@@ -241,18 +241,7 @@ async fn replicas_heartbeats_and_route_states_in_kv_are_watched_as_they_come_and
         "a.host-1",
         "openai",
         "gpt-4.1",
-        &batchd_actors::route::RouteStatus {
-            at: chrono::Utc::now(),
-            concurrency_limit: 4,
-            in_flight: 0,
-            rpm_limit: None,
-            tpm_limit: None,
-            sharing: 1,
-            paused_until: None,
-            circuit: None,
-            circuit_until: None,
-            waiting: [0; 3],
-        },
+        &batchd_actors::route::RouteStatus::open(chrono::Utc::now(), 4),
     );
     board
         .put(

@@ -143,6 +143,25 @@ pub struct RouteStatus {
     pub waiting: [usize; 3],
 }
 
+impl RouteStatus {
+    /// A route at `at` that serves, driven by this replica alone, with
+    /// nothing in flight or waiting and its rate limits not known.
+    pub fn open(at: DateTime<Utc>, concurrency_limit: usize) -> RouteStatus {
+        RouteStatus {
+            at,
+            concurrency_limit,
+            in_flight: 0,
+            rpm_limit: None,
+            tpm_limit: None,
+            sharing: 1,
+            paused_until: None,
+            circuit: None,
+            circuit_until: None,
+            waiting: [0; 3],
+        }
+    }
+}
+
 /// The route's state as stored, so that a restart neither doubles the
 /// concurrency nor forgets a pause or an open circuit. Times are UTC.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
