@@ -16,7 +16,7 @@ use batchd_actors::preemption_monitor::PreemptionSettings;
 use batchd_actors::pricing::PriceTable;
 use batchd_actors::route::{CircuitSettings, RouteSettings};
 use batchd_actors::route_policy::RoutePolicy;
-use batchd_actors::routing::{Catalog, TaskType, TierModels};
+use batchd_actors::routing::{BatchProviders, Catalog, TaskType, TierModels};
 use batchd_actors::settings::{
     BatchApiSettings, EngineSettings, LedgerSettings, RestartPolicy, RouteLimits,
 };
@@ -603,7 +603,58 @@ pub struct ProviderConfig {
     /// Whether bulk work may go to this provider's batch API (OpenAI's
     /// Batch API for kind `openai`, Message Batches for kind `anthropic`).
     #[serde(default)]
-    pub batch: bool,
+    pub batch: BatchUse,
+}
+
+/// `[providers.NAME] batch`: `true`, `false` or `"auto"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "BatchUseValue")]
+pub enum BatchUse {
+    /// Ask the provider at start: on when it lists its batch jobs, off when
+    /// it has no such endpoint.
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
+}
+
+impl BatchUse {
+    /// Whether batch jobs may be used at all (on, or auto).
+    pub fn allowed(self) -> bool {
+        self != BatchUse::Off
+    }
+}
+
+impl From<bool> for BatchUse {
+    fn from(on: bool) -> Self {
+        if on {
+            BatchUse::On
+        } else {
+            BatchUse::Off
+        }
+    }
+}
+
+/// What the file may say for [`BatchUse`].
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum BatchUseValue {
+    Flag(bool),
+    Word(String),
+}
+
+impl TryFrom<BatchUseValue> for BatchUse {
+    type Error = String;
+
+    fn try_from(v: BatchUseValue) -> Result<Self, Self::Error> {
+        match v {
+            BatchUseValue::Flag(on) => Ok(on.into()),
+            BatchUseValue::Word(w) if w == "auto" => Ok(BatchUse::Auto),
+            BatchUseValue::Word(w) => Err(format!("expected true, false or \"auto\", found {w:?}")),
+        }
+    }
 }
 
 /// See [`ProviderConfig::kind`].
@@ -1171,6 +1222,14 @@ impl Config {
         }
     }
 
+    /// Turns every provider's batch jobs off: everything goes realtime
+    /// (benchmarks of the realtime path).
+    pub fn realtime_only(&mut self) {
+        for p in self.providers.values_mut() {
+            p.batch = BatchUse::Off;
+        }
+    }
+
     /// The part of the config the engine reads.
     pub fn engine_settings(&self) -> EngineSettings {
         EngineSettings {
@@ -1178,12 +1237,12 @@ impl Config {
                 task_types: self.task_types.clone(),
                 tiers: self.tiers.clone(),
                 model_providers: self.model_providers(),
-                batch_providers: self
-                    .providers
-                    .iter()
-                    .filter(|(_, p)| p.batch)
-                    .map(|(name, _)| name.clone())
-                    .collect(),
+                batch_providers: BatchProviders::new(
+                    self.providers
+                        .iter()
+                        .filter(|(_, p)| p.batch == BatchUse::On)
+                        .map(|(name, _)| name.clone()),
+                ),
                 route_policy: RoutePolicy {
                     batch_window: Duration::from_secs(
                         self.batching.batch_api.completion_window_secs,
@@ -1461,10 +1520,29 @@ mod tests {
             assert!(e.to_string().contains(key), "{toml}: {e}");
         }
         let c = Config::defaults().unwrap();
-        assert!(
-            !c.providers["openai"].batch,
-            "batch jobs are off by default"
+        assert_eq!(
+            c.providers["openai"].batch,
+            BatchUse::Auto,
+            "batch jobs are used where the provider has them"
         );
+        assert!(
+            !c.engine_settings()
+                .catalog
+                .batch_providers
+                .contains("openai"),
+            "auto providers take batch jobs only once their probe answered"
+        );
+        let e = Config::from_toml_str("[providers.openai]\nbatch = \"yes\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("batch"), "{e}");
+        for (text, want) in [
+            ("true", BatchUse::On),
+            ("false", BatchUse::Off),
+            ("\"auto\"", BatchUse::Auto),
+        ] {
+            let c = Config::from_toml_str(&format!("[providers.openai]\nbatch = {text}\n"), "t")
+                .unwrap();
+            assert_eq!(c.providers["openai"].batch, want, "{text}");
+        }
         let c = Config::from_toml_str(
             "[providers.openai]\nbatch = true\n[batching.batch_api]\ndeadline_margin_secs = 60\n",
             "t",

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -228,6 +229,37 @@ impl Route {
     }
 }
 
+/// The providers that take batch jobs now: those configured with
+/// `batch = true` from the start, and those with `batch = "auto"` once a
+/// probe found their batch API. Shared by every clone.
+#[derive(Debug, Clone, Default)]
+pub struct BatchProviders(Arc<RwLock<HashSet<String>>>);
+
+impl BatchProviders {
+    /// These providers, from the start.
+    pub fn new(names: impl IntoIterator<Item = String>) -> Self {
+        BatchProviders(Arc::new(RwLock::new(names.into_iter().collect())))
+    }
+
+    /// Whether `provider` takes batch jobs.
+    pub fn contains(&self, provider: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(provider)
+    }
+
+    /// From now on `provider` takes batch jobs, or not.
+    pub fn set(&self, provider: &str, on: bool) {
+        let mut names = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        if on {
+            names.insert(provider.to_owned());
+        } else {
+            names.remove(provider);
+        }
+    }
+}
+
 /// Everything the engine needs to route tasks.
 #[derive(Debug, Clone)]
 pub struct Catalog {
@@ -237,8 +269,8 @@ pub struct Catalog {
     pub tiers: TierModels,
     /// Model → provider name, for every model some provider serves.
     pub model_providers: HashMap<String, String>,
-    /// Providers that allow batch jobs (`[providers.NAME] batch = true`).
-    pub batch_providers: HashSet<String>,
+    /// Providers that take batch jobs now.
+    pub batch_providers: BatchProviders,
     /// When a task goes by batch job.
     pub route_policy: RoutePolicy,
 }
@@ -487,7 +519,7 @@ mod tests {
                 .into_iter()
                 .map(|(m, p)| (m.to_owned(), p.to_owned()))
                 .collect(),
-            batch_providers: HashSet::from(["p".to_owned()]),
+            batch_providers: BatchProviders::new(["p".to_owned()]),
             route_policy: RoutePolicy::default(),
         }
     }
@@ -726,7 +758,7 @@ mod tests {
         assert_eq!(plan(&t, &c, Utc::now()).unwrap().kind, RouteKind::Realtime);
         t.route = Some(RoutePreference::BatchApi);
         assert_eq!(plan(&t, &c, Utc::now()).unwrap().kind, RouteKind::BatchApi);
-        c.batch_providers.clear();
+        c.batch_providers.set("p", false);
         assert_eq!(plan(&t, &c, Utc::now()).unwrap().kind, RouteKind::Realtime);
     }
 

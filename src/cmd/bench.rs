@@ -319,6 +319,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         bail!("--tasks must be at least 1");
     }
     let mut base = Config::defaults()?;
+    base.realtime_only();
     // The phases' backlogs, not the production bound: a shared server may
     // not have that to reserve.
     base.nats

@@ -149,6 +149,10 @@ pub struct SimArgs {
     /// Batch from creation to `ended`
     #[arg(long, default_value_t = 30.0)]
     pub batch_secs: f64,
+    /// Serve no batch endpoints (files, batches, message batches answer 404),
+    /// like an OpenAI-compatible server without a Batch API
+    #[arg(long)]
+    pub no_batch_api: bool,
 }
 
 /// A command-line fraction in `0.0..=1.0` (error rates).
@@ -398,6 +402,12 @@ impl SimServer {
         self.shared.recorded_requests()
     }
 
+    /// Serves the batch endpoints (the default), or answers 404 on them like
+    /// an OpenAI-compatible server without a Batch API.
+    pub fn set_batch_api(&self, on: bool) {
+        self.shared.set_batch_api(on);
+    }
+
     /// Keeps at most the `limit` most recent recorded bodies (default
     /// [`DEFAULT_RECORD_LIMIT`]); 0 records nothing.
     pub fn set_record_limit(&self, limit: usize) {
@@ -460,6 +470,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     }
     let server = SimServer::start(args.addr, SimConfig::from(&args)).await?;
     server.shared.add_faults(faults)?;
+    server.set_batch_api(!args.no_batch_api);
     let base_url = server.base_url();
     println!("batchd sim: simulated OpenAI-compatible provider at {base_url}");
     println!(

@@ -17,6 +17,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware;
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
@@ -84,6 +85,9 @@ pub(crate) struct Shared {
     batch_bill: Mutex<HashMap<String, SimBill>>,
     /// Batches created.
     batch_creations: AtomicU64,
+    /// Whether the batch endpoints exist (files, batches, message batches);
+    /// off, they answer 404 like a server without them.
+    batch_api: AtomicBool,
 }
 
 /// Everything a request changes, behind one lock.
@@ -189,7 +193,13 @@ impl Shared {
             batches: Mutex::new(BatchStore::default()),
             batch_bill: Mutex::new(HashMap::new()),
             batch_creations: AtomicU64::new(0),
+            batch_api: AtomicBool::new(true),
         }
+    }
+
+    /// Serves the batch endpoints, or answers 404 on them.
+    pub(crate) fn set_batch_api(&self, on: bool) {
+        self.batch_api.store(on, Ordering::Relaxed);
     }
 
     pub(crate) fn stats(&self) -> SimStats {
@@ -398,8 +408,14 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             "/v1/models/{model}",
             get(retrieve_model).fallback(invalid_url),
         )
-        .merge(super::batches::routes())
-        .merge(super::message_batches::routes())
+        .merge(
+            super::batches::routes()
+                .merge(super::message_batches::routes())
+                .route_layer(middleware::from_fn_with_state(
+                    shared.clone(),
+                    batch_api_gate,
+                )),
+        )
         .merge(super::admin::routes())
         .fallback(invalid_url)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -858,6 +874,20 @@ async fn retrieve_model(
         (Ok(()), Some(entry)) => json_response(StatusCode::OK, &model_object(entry)),
     };
     with_request_id(&shared, response)
+}
+
+/// Lets batch endpoint requests through only while the batch API is served.
+async fn batch_api_gate(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    if shared.batch_api.load(Ordering::Relaxed) {
+        next.run(request).await
+    } else {
+        let (method, uri) = (request.method().clone(), request.uri().clone());
+        invalid_url(State(shared), method, uri).await
+    }
 }
 
 pub(crate) async fn invalid_url(

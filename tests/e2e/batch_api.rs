@@ -210,6 +210,49 @@ async fn p3_tasks_go_through_the_batch_api_with_one_discounted_outcome_each_equa
     bulk_goes_through_batches_at_the_discount(&stack, &config, tasks_on, "openai").await;
 }
 
+/// `batch = "auto"` (the default): a provider that lists batch jobs when
+/// asked at start takes priority 3's work by batch job; one without batch
+/// endpoints (404, like an OpenAI-compatible server without a Batch API)
+/// gets it realtime. Every task succeeds either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_sends_bulk_by_batch_job_where_the_provider_has_a_batch_api_and_realtime_where_not() {
+    let auto = BATCH_ON.replace("batch = true", "batch = \"auto\"");
+    for has_batch_api in [true, false] {
+        let mut stack =
+            common::stack_for("openai", sim_config(Duration::from_millis(300)), |sim| {
+                sim.set_batch_api(has_batch_api);
+                auto.clone()
+            })
+            .await;
+        // The probe ends once the provider answered either way.
+        tokio::time::timeout(Duration::from_secs(20), stack.running.probes.join_next())
+            .await
+            .expect("the probe answers")
+            .expect("one probe for the one provider")
+            .expect("the probe ran to its end");
+        let all = tasks_on(12, "auto", 3);
+        common::publish_many(&stack.js, &all).await;
+        let outcomes =
+            common::wait_for_one_outcome_each(&stack.js, 12, Duration::from_secs(60)).await;
+        let want = if has_batch_api {
+            "batch_api"
+        } else {
+            "realtime"
+        };
+        for i in 0..12 {
+            let o = outcome_of(&outcomes, &format!("auto{i}"));
+            assert_eq!(o["status"], "succeeded", "{o}");
+            assert_eq!(o["route"], want, "batch API served: {has_batch_api}: {o}");
+        }
+        assert_eq!(
+            billed_lines(&stack.sim),
+            if has_batch_api { 12 } else { 0 },
+            "batch lines billed"
+        );
+        assert_eq!(stack.sim.batch_creations() > 0, has_batch_api);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_jobs_unanswered_tasks_run_again_and_succeed_without_spending_an_attempt() {
     let stack = common::stack(sim_config(Duration::from_millis(300)), BATCH_ON).await;

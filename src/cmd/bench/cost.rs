@@ -10,7 +10,8 @@
 //!
 //! - (a) naive: every task realtime on the complex tier's model;
 //! - (b) batchd with its defaults (tiers from the task types; the Batch API
-//!   and dedupe are off by default);
+//!   for priority 3, `batch = "auto"` finding the simulator's; dedupe is off
+//!   by default);
 //! - (c) every lever on: `tier: "auto"` with `[[tiers.rules]]`, the Batch API
 //!   for priority 3 (`batch = true`), `[dedupe]`.
 //!
@@ -183,16 +184,18 @@ impl Way {
 
     /// The config of this way, from the defaults.
     pub fn configure(self, config: &mut Config) {
-        if self != Way::Levers {
-            return;
-        }
-        for p in config.providers.values_mut() {
-            p.batch = true;
-        }
+        // Batch jobs gather for 2 s instead of a minute and are polled
+        // often: time, not cost, shortened for a run of minutes.
         let b = &mut config.batching.batch_api;
         b.max_wait_ms = 2_000;
         b.poll_initial_ms = 500;
         b.poll_max_ms = 2_000;
+        if self != Way::Levers {
+            return;
+        }
+        for p in config.providers.values_mut() {
+            p.batch = crate::config::BatchUse::On;
+        }
         config.dedupe.enabled = true;
         config.dedupe.window_ms = 600_000;
         let rule = |task_type: &str, tier: Tier| TierRule {

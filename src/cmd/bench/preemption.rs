@@ -191,6 +191,7 @@ impl fmt::Display for PreemptionReport {
 pub async fn run(nats_url: Option<&str>, plan: PreemptionPlan) -> anyhow::Result<PreemptionReport> {
     plan.check()?;
     let mut base = Config::defaults()?;
+    base.realtime_only();
     base.nats
         .size_tasks_for(u64::try_from(plan.bulk + plan.p1_tasks()).unwrap_or(u64::MAX));
     let mut runs = Vec::new();

@@ -177,6 +177,7 @@ async fn measure(
 ) -> anyhow::Result<ReplicaRun> {
     let servers = Servers::start(topology).await?;
     let mut config = Config::defaults()?;
+    config.realtime_only();
     config.nats.url = servers.url();
     config.nats.replicas = if topology == Topology::Cluster3 { 3 } else { 1 };
     config

@@ -123,9 +123,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let mut config = demo_config(broker.url(), isolation, &sim.base_url(), args.tasks)?;
     if args.realtime_only {
-        for p in config.providers.values_mut() {
-            p.batch = false;
-        }
+        config.realtime_only();
     }
     let health = crate::telemetry::Health::default();
     let (metrics_addr, metrics_task) =
@@ -293,6 +291,8 @@ fn demo_config(
     // Room for the workload, not the production default: a shared server
     // may not have that to reserve.
     config.nats.size_tasks_for(tasks);
+    // Only the simulator's Batch API: no other provider is asked.
+    config.realtime_only();
     let provider = config
         .providers
         .get_mut("openai")
@@ -304,7 +304,7 @@ fn demo_config(
     provider.api_key = None;
     // Priority 3 goes through the simulator's Batch API at half price:
     // jobs assembled for up to two seconds and looked at often.
-    provider.batch = true;
+    provider.batch = crate::config::BatchUse::On;
     let b = &mut config.batching.batch_api;
     b.max_wait_ms = 2_000;
     b.poll_initial_ms = 250;

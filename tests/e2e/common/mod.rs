@@ -42,9 +42,15 @@ pub fn config_toml_as(provider: &str, nats_url: &str, base_url: &str, extra: &st
             .models
             .clone();
         (
-            "[providers.openai]\nmodels = []\n",
+            "[providers.openai]\nmodels = []\nbatch = false\n",
             format!("models = {all:?}"),
         )
+    };
+    // Batch jobs only where a test asks for them, whatever provider it names.
+    let anthropic_off = if provider == "anthropic" {
+        ""
+    } else {
+        "[providers.anthropic]\nbatch = false\n"
     };
     let base = format!(
         r#"
@@ -78,7 +84,8 @@ base_url = "{base_url}"
 base_url_env = "BATCHD_TEST_UNSET"
 api_key_env = "BATCHD_TEST_UNSET"
 api_key = "sk-test"
-"#
+batch = false
+{anthropic_off}"#
     );
     let mut table: toml::Table = base.parse().expect("base test config");
     batchd::config::merge(&mut table, extra.parse().expect("extra test config"));
