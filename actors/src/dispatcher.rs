@@ -62,7 +62,8 @@ use crate::ledger::{new_call_id, CallRecord, CallState};
 use crate::messages::{Accepted, Batch, DispatcherMsg, RetryMsg};
 use crate::metrics;
 use crate::outcome::{self, deliver, deliver_unless_done, elapsed_ms, Final};
-use crate::ports::{Completion, Provider, ProviderError, Requeue};
+use crate::ports::{CachedPrefix, Completion, Provider, ProviderError, Requeue};
+use crate::prompt_warmth::{self, WarmPrefixes, Warmup};
 use crate::retry_scheduler::{classify, RouteFault, Verdict};
 use crate::route::{CallReport, CircuitReason, CircuitState, Report, RouteGate};
 use crate::routing::Route;
@@ -80,6 +81,8 @@ pub struct RouteEntry {
     pub gate: RouteGate,
     /// Tasks waiting for admission on this route.
     waiting: AtomicUsize,
+    /// Prompt prefixes warmed, or being warmed, on this route.
+    warmth: Arc<WarmPrefixes>,
 }
 
 /// One task's place among a route's waiting tasks.
@@ -136,6 +139,7 @@ impl Routes {
             provider,
             gate: RouteGate::new(ctx.settings.route_settings(&route.model)),
             waiting: AtomicUsize::new(0),
+            warmth: Arc::default(),
         });
         entry
             .gate
@@ -277,12 +281,13 @@ impl DispatcherState {
                 if let Some(resumed) = batch.resumed {
                     control.adopt_checkpoint(resumed.finished);
                 }
-                let work = batch.tasks.into_iter().map(|a| {
+                let warmups = plan_warmups(&ctx, &route, priority, &batch.tasks);
+                let work = batch.tasks.into_iter().zip(warmups).map(|(a, warmup)| {
                     let task_span = tracing::info_span!("task", task_id = %a.task.task_id);
                     let (ctx, route, control) = (ctx.clone(), route.clone(), control.clone());
                     async move {
                         let task_id = a.task.task_id.clone();
-                        run_task(ctx, route, control.clone(), a).await;
+                        run_task(ctx, route, control.clone(), a, warmup).await;
                         control.task_done(&task_id);
                     }
                     .instrument(task_span)
@@ -298,6 +303,42 @@ impl DispatcherState {
             .instrument(span),
         );
     }
+}
+
+/// One [`Warmup`] per task of a realtime batch: tasks are grouped by
+/// shared prefix; a group whose prefix the route's provider can cache, and
+/// that the route has not warmed lately, sends one task ahead. Groups are
+/// planned apart, so none holds back another.
+fn plan_warmups(
+    ctx: &EngineContext,
+    route: &RouteEntry,
+    priority: crate::task::Priority,
+    tasks: &[Accepted],
+) -> Vec<Warmup> {
+    let caching = &ctx.settings.caching;
+    let scope = route.provider.cached_prefix();
+    let cacheable = |a: &Accepted| {
+        caching.worth_warming(match scope {
+            CachedPrefix::Any => a.plan.prefix_chars,
+            CachedPrefix::SystemPrompt => a.plan.system_chars,
+        })
+    };
+    // Prefix → the indices of its tasks, in batch order.
+    let mut groups: HashMap<u64, Vec<usize>> = HashMap::new();
+    for (i, a) in tasks.iter().enumerate() {
+        if cacheable(a) {
+            groups.entry(a.plan.prefix).or_default().push(i);
+        }
+    }
+    let mut warmups: Vec<Warmup> = tasks.iter().map(|_| Warmup::Now).collect();
+    let now = Instant::now();
+    for (prefix, members) in groups {
+        let plan = route.warmth.plan(prefix, priority, members.len(), now);
+        for (i, w) in members.into_iter().zip(plan) {
+            warmups[i] = w;
+        }
+    }
+    warmups
 }
 
 /// A rough count of the tokens a request will use (prompt text at about four
@@ -354,7 +395,14 @@ async fn run_task(
     route: Arc<RouteEntry>,
     batch: Arc<BatchControl>,
     mut a: Accepted,
+    warmup: Warmup,
 ) {
+    // Dropped on any return before the call: the followers go.
+    let (mut warm_lead, mut warm_follow) = match warmup {
+        Warmup::Now => (None, None),
+        Warmup::Lead(lead) => (Some(lead), None),
+        Warmup::Follow(done) => (None, Some(done)),
+    };
     let batch_id = batch.id.clone();
     let task_id = a.task.task_id.clone();
     let Some(lease) = outcome::unless_done(&ctx, a.lease, &task_id, a.task.generation).await else {
@@ -392,6 +440,14 @@ async fn run_task(
             () = batch.until_running() => {}
             () = sleep_until_opt(deadline) => break Ending::Expired,
             () = ctx.stopping() => return,
+        }
+        // The group's lead warms the provider's prompt cache first.
+        if let Some(done) = warm_follow.take() {
+            tokio::select! {
+                () = prompt_warmth::follow(done, ctx.settings.caching.warm_wait) => {}
+                () = sleep_until_opt(deadline) => break Ending::Expired,
+                () = ctx.stopping() => return,
+            }
         }
         // An identical request already called for: no place at the gate.
         if let Some(rx) = dedupe_key
@@ -479,6 +535,13 @@ async fn run_task(
             })
         });
         let latency = started.elapsed();
+        if let Some(warm) = warm_lead.take() {
+            warm.finish(
+                result.is_ok(),
+                Instant::now(),
+                ctx.settings.caching.warm_ttl,
+            );
+        }
         if let (Some(lead), Ok(c)) = (lead, &result) {
             lead.answer(SharedAnswer {
                 call_id: call.0.call_id.clone(),
