@@ -985,6 +985,16 @@ fn succeeded(
             crate::pricing::usd(crate::pricing::scale(cost, a.price_multiplier))
         });
     metrics::spent(model, &task.tenant, task.priority, cost_usd, &c.usage);
+    let saved = ctx
+        .settings
+        .prices
+        .cache_saving_picousd(model, &c.usage, RouteKind::Realtime);
+    metrics::prompt_cache(
+        provider,
+        model,
+        &c.usage,
+        crate::pricing::usd(crate::pricing::scale(saved, a.price_multiplier)),
+    );
     let total_ms = elapsed_ms(task.created_at, now);
     Final {
         outcome: Outcome {
