@@ -266,6 +266,13 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn the_engine_is_told_that_only_the_marked_system_prompt_is_cached() {
+        let p = AnthropicProvider::new("http://127.0.0.1:9", None, Duration::from_secs(1))
+            .expect("a provider");
+        assert_eq!(p.cached_prefix(), CachedPrefix::SystemPrompt);
+    }
+
+    #[test]
     fn the_system_prompt_goes_top_level_with_cache_control_and_max_tokens_is_always_set() {
         let r = messages_request(&json!({
             "model": "claude-3-5-haiku-latest",
