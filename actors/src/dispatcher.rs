@@ -21,6 +21,10 @@
 //!   with an estimate) and after its answer (`finished`, exact), in sheets
 //!   shared with the calls going out at the same moment, see
 //!   [`crate::ledger`] and [`crate::call_sheets`];
+//! - a task of a group sharing a prompt prefix long enough for the
+//!   provider's cache, not warm on its route, waits (holding no slot) for
+//!   the group's first call to be answered, so it reads the prefix from the
+//!   cache ([`crate::prompt_warmth`]);
 //! - its call claimed by another replica ([`crate::call_claim`], taken beside
 //!   the ledger record) → handed back to JetStream until that claim lapses
 //!   (no call, no attempt);
