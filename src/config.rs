@@ -93,6 +93,23 @@ pub struct Config {
     pub targets: TargetsConfig,
     /// Exact-duplicate requests answered by one call.
     pub dedupe: DedupeConfig,
+    /// Prompt-cache warm-up of realtime batches.
+    pub caching: CachingConfig,
+}
+
+/// `[caching]`: a group of tasks sharing a long prompt prefix sends one
+/// request ahead to warm the provider's prompt cache, then the rest.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CachingConfig {
+    /// On by default.
+    pub enabled: bool,
+    /// Seconds a prefix stays warm on its route after an answer.
+    pub warm_ttl_secs: u64,
+    /// Shortest shared prefix worth a warm-up, in tokens (four characters each).
+    pub min_prefix_tokens: u64,
+    /// Seconds the rest of a group waits for its first request at most.
+    pub warm_wait_secs: u64,
 }
 
 /// `[dedupe]`: identical requests (same route and rendered body) share one
@@ -968,6 +985,24 @@ impl Config {
                 ),
             );
         }
+        if !(1..=3600).contains(&self.caching.warm_ttl_secs) {
+            return bad(
+                "caching.warm_ttl_secs",
+                format!(
+                    "is {}; it must be 1 to 3600 (providers keep a prefix minutes, not hours)",
+                    self.caching.warm_ttl_secs
+                ),
+            );
+        }
+        if self.caching.min_prefix_tokens < 1 {
+            return bad("caching.min_prefix_tokens", "must be at least 1".into());
+        }
+        if !(1..=600).contains(&self.caching.warm_wait_secs) {
+            return bad(
+                "caching.warm_wait_secs",
+                format!("is {}; it must be 1 to 600", self.caching.warm_wait_secs),
+            );
+        }
         if self.providers.is_empty() {
             return bad("providers", "at least one provider is needed".into());
         }
@@ -1306,6 +1341,12 @@ impl Config {
                 .dedupe
                 .enabled
                 .then(|| Duration::from_millis(self.dedupe.window_ms)),
+            caching: batchd_actors::prompt_warmth::CachingSettings {
+                enabled: self.caching.enabled,
+                warm_ttl: Duration::from_secs(self.caching.warm_ttl_secs),
+                min_prefix_tokens: self.caching.min_prefix_tokens,
+                warm_wait: Duration::from_secs(self.caching.warm_wait_secs),
+            },
         }
     }
 
@@ -1480,6 +1521,20 @@ mod tests {
         assert!(e.to_string().contains("tiers.rules"), "{e}");
         let e = Config::from_toml_str("[dedupe]\nwindow_ms = 3600001\n", "t").unwrap_err();
         assert!(e.to_string().contains("dedupe.window_ms"), "{e}");
+        for (text, key) in [
+            ("[caching]\nwarm_ttl_secs = 0\n", "caching.warm_ttl_secs"),
+            (
+                "[caching]\nmin_prefix_tokens = 0\n",
+                "caching.min_prefix_tokens",
+            ),
+            (
+                "[caching]\nwarm_wait_secs = 601\n",
+                "caching.warm_wait_secs",
+            ),
+        ] {
+            let e = Config::from_toml_str(text, "t").unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
         let e = Config::from_toml_str("[intake]\nmax_ack_pending = 0\n", "t").unwrap_err();
         assert!(e.to_string().contains("intake.max_ack_pending"), "{e}");
         let e = Config::from_toml_str("[intake]\nbogus = 1\n", "t").unwrap_err();

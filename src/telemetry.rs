@@ -87,7 +87,28 @@ pub fn recorder() -> anyhow::Result<PrometheusHandle> {
 pub fn render(handle: &PrometheusHandle) -> String {
     let mut text = handle.render();
     text.push_str(&render_cost_totals(&m::cost_totals()));
+    text.push_str(&render_cache_savings(&m::cache_savings()));
     text
+}
+
+/// The USD saved by the prompt cache as a Prometheus counter family.
+fn render_cache_savings(savings: &[(String, String, f64)]) -> String {
+    let name = m::CACHE_SAVED_USD_TOTAL;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP {name} USD saved by cached prompt tokens (input price less cached price), per route"
+    );
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (provider, model, usd) in savings {
+        let _ = writeln!(
+            out,
+            "{name}{{provider=\"{}\",model=\"{}\"}} {usd}",
+            escape(provider),
+            escape(model),
+        );
+    }
+    out
 }
 
 /// The USD totals as a Prometheus counter family.
@@ -219,6 +240,12 @@ mod tests {
         assert!(text.contains("# TYPE batchd_cost_usd_total counter"));
         assert!(
             text.contains(r#"batchd_cost_usd_total{model="m\"x",tenant="t1",priority="2"} 0.75"#),
+            "{text}"
+        );
+        let text = render_cache_savings(&[("openai".into(), "gpt-4.1".into(), 0.5)]);
+        assert!(text.contains("# TYPE batchd_cache_saved_usd_total counter"));
+        assert!(
+            text.contains(r#"batchd_cache_saved_usd_total{provider="openai",model="gpt-4.1"} 0.5"#),
             "{text}"
         );
     }

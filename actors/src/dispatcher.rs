@@ -21,6 +21,10 @@
 //!   with an estimate) and after its answer (`finished`, exact), in sheets
 //!   shared with the calls going out at the same moment, see
 //!   [`crate::ledger`] and [`crate::call_sheets`];
+//! - a task of a group sharing a prompt prefix long enough for the
+//!   provider's cache, not warm on its route, waits (holding no slot) for
+//!   the group's first call to be answered, so it reads the prefix from the
+//!   cache ([`crate::prompt_warmth`]);
 //! - its call claimed by another replica ([`crate::call_claim`], taken beside
 //!   the ledger record) → handed back to JetStream until that claim lapses
 //!   (no call, no attempt);
@@ -62,7 +66,8 @@ use crate::ledger::{new_call_id, CallRecord, CallState};
 use crate::messages::{Accepted, Batch, DispatcherMsg, RetryMsg};
 use crate::metrics;
 use crate::outcome::{self, deliver, deliver_unless_done, elapsed_ms, Final};
-use crate::ports::{Completion, Provider, ProviderError, Requeue};
+use crate::ports::{CachedPrefix, Completion, Provider, ProviderError, Requeue};
+use crate::prompt_warmth::{self, WarmPrefixes, Warmup};
 use crate::retry_scheduler::{classify, RouteFault, Verdict};
 use crate::route::{CallReport, CircuitReason, CircuitState, Report, RouteGate};
 use crate::routing::Route;
@@ -80,6 +85,8 @@ pub struct RouteEntry {
     pub gate: RouteGate,
     /// Tasks waiting for admission on this route.
     waiting: AtomicUsize,
+    /// Prompt prefixes warmed, or being warmed, on this route.
+    warmth: Arc<WarmPrefixes>,
 }
 
 /// One task's place among a route's waiting tasks.
@@ -136,6 +143,7 @@ impl Routes {
             provider,
             gate: RouteGate::new(ctx.settings.route_settings(&route.model)),
             waiting: AtomicUsize::new(0),
+            warmth: Arc::default(),
         });
         entry
             .gate
@@ -277,12 +285,13 @@ impl DispatcherState {
                 if let Some(resumed) = batch.resumed {
                     control.adopt_checkpoint(resumed.finished);
                 }
-                let work = batch.tasks.into_iter().map(|a| {
+                let warmups = plan_warmups(&ctx, &route, priority, &batch.tasks);
+                let work = batch.tasks.into_iter().zip(warmups).map(|(a, warmup)| {
                     let task_span = tracing::info_span!("task", task_id = %a.task.task_id);
                     let (ctx, route, control) = (ctx.clone(), route.clone(), control.clone());
                     async move {
                         let task_id = a.task.task_id.clone();
-                        run_task(ctx, route, control.clone(), a).await;
+                        run_task(ctx, route, control.clone(), a, warmup).await;
                         control.task_done(&task_id);
                     }
                     .instrument(task_span)
@@ -298,6 +307,42 @@ impl DispatcherState {
             .instrument(span),
         );
     }
+}
+
+/// One [`Warmup`] per task of a realtime batch: tasks are grouped by
+/// shared prefix; a group whose prefix the route's provider can cache, and
+/// that the route has not warmed lately, sends one task ahead. Groups are
+/// planned apart, so none holds back another.
+fn plan_warmups(
+    ctx: &EngineContext,
+    route: &RouteEntry,
+    priority: crate::task::Priority,
+    tasks: &[Accepted],
+) -> Vec<Warmup> {
+    let caching = &ctx.settings.caching;
+    let scope = route.provider.cached_prefix();
+    let cacheable = |a: &Accepted| {
+        caching.worth_warming(match scope {
+            CachedPrefix::Any => a.plan.prefix_chars,
+            CachedPrefix::SystemPrompt => a.plan.system_chars,
+        })
+    };
+    // Prefix → the indices of its tasks, in batch order.
+    let mut groups: HashMap<u64, Vec<usize>> = HashMap::new();
+    for (i, a) in tasks.iter().enumerate() {
+        if cacheable(a) {
+            groups.entry(a.plan.prefix).or_default().push(i);
+        }
+    }
+    let mut warmups: Vec<Warmup> = tasks.iter().map(|_| Warmup::Now).collect();
+    let now = Instant::now();
+    for (prefix, members) in groups {
+        let plan = route.warmth.plan(prefix, priority, members.len(), now);
+        for (i, w) in members.into_iter().zip(plan) {
+            warmups[i] = w;
+        }
+    }
+    warmups
 }
 
 /// A rough count of the tokens a request will use (prompt text at about four
@@ -354,7 +399,14 @@ async fn run_task(
     route: Arc<RouteEntry>,
     batch: Arc<BatchControl>,
     mut a: Accepted,
+    warmup: Warmup,
 ) {
+    // Dropped on any return before the call: the followers go.
+    let (mut warm_lead, mut warm_follow) = match warmup {
+        Warmup::Now => (None, None),
+        Warmup::Lead(lead) => (Some(lead), None),
+        Warmup::Follow(done) => (None, Some(done)),
+    };
     let batch_id = batch.id.clone();
     let task_id = a.task.task_id.clone();
     let Some(lease) = outcome::unless_done(&ctx, a.lease, &task_id, a.task.generation).await else {
@@ -392,6 +444,14 @@ async fn run_task(
             () = batch.until_running() => {}
             () = sleep_until_opt(deadline) => break Ending::Expired,
             () = ctx.stopping() => return,
+        }
+        // The group's lead warms the provider's prompt cache first.
+        if let Some(done) = warm_follow.take() {
+            tokio::select! {
+                () = prompt_warmth::follow(done, ctx.settings.caching.warm_wait) => {}
+                () = sleep_until_opt(deadline) => break Ending::Expired,
+                () = ctx.stopping() => return,
+            }
         }
         // An identical request already called for: no place at the gate.
         if let Some(rx) = dedupe_key
@@ -479,6 +539,13 @@ async fn run_task(
             })
         });
         let latency = started.elapsed();
+        if let Some(warm) = warm_lead.take() {
+            warm.finish(
+                result.is_ok(),
+                Instant::now(),
+                ctx.settings.caching.warm_ttl,
+            );
+        }
         if let (Some(lead), Ok(c)) = (lead, &result) {
             lead.answer(SharedAnswer {
                 call_id: call.0.call_id.clone(),
@@ -922,6 +989,16 @@ fn succeeded(
             crate::pricing::usd(crate::pricing::scale(cost, a.price_multiplier))
         });
     metrics::spent(model, &task.tenant, task.priority, cost_usd, &c.usage);
+    let saved = ctx
+        .settings
+        .prices
+        .cache_saving_picousd(model, &c.usage, RouteKind::Realtime);
+    metrics::prompt_cache(
+        provider,
+        model,
+        &c.usage,
+        crate::pricing::usd(crate::pricing::scale(saved, a.price_multiplier)),
+    );
     let total_ms = elapsed_ms(task.created_at, now);
     Final {
         outcome: Outcome {

@@ -24,6 +24,8 @@
 //!   the provider's headers, circuit breaker, and the [`route::RouteGate`] that admits calls by priority.
 //! - [`route_publisher`]: publishes this replica's route state (paused,
 //!   circuit open, limits) through [`ports::RouteBoard`], for `batchd status`.
+//! - [`prompt_warmth`]: prompt-cache warm-up: per route, the prefixes
+//!   warmed, and which task of a group goes first.
 //! - [`call_claim`]: the claim across replicas on a task's provider call.
 //! - [`peers`]: the other replicas seen, from their heartbeats.
 //! - [`ownership`]: ownership records with a TTL (take, renew, take over
@@ -88,6 +90,7 @@ pub mod peers;
 pub mod ports;
 pub mod preemption_monitor;
 pub mod pricing;
+pub mod prompt_warmth;
 pub mod provider_jobs;
 pub mod recovery;
 pub mod retry_scheduler;

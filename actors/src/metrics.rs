@@ -76,6 +76,12 @@ pub const PRIORITY_TARGET_RATIO: &str = "batchd_priority_target_ratio";
 pub const ACTOR_RESTARTS_TOTAL: &str = "batchd_actor_restarts_total";
 /// Spend over budget per tenant and period (`daily`, `monthly`).
 pub const BUDGET_USED_RATIO: &str = "batchd_budget_used_ratio";
+/// Prompt tokens of answered realtime calls, per route (provider, model).
+pub const ROUTE_PROMPT_TOKENS_TOTAL: &str = "batchd_route_prompt_tokens_total";
+/// Of those, the tokens read from the provider's prompt cache, per route.
+pub const ROUTE_CACHED_TOKENS_TOTAL: &str = "batchd_route_cached_tokens_total";
+/// USD the cached tokens saved (input price less cached price), per route.
+pub const CACHE_SAVED_USD_TOTAL: &str = "batchd_cache_saved_usd_total";
 
 /// Histogram metrics measured in seconds (they share latency buckets).
 pub const SECONDS_HISTOGRAMS: [&str; 3] = [
@@ -88,7 +94,7 @@ pub const SECONDS_HISTOGRAMS: [&str; 3] = [
 pub const HISTOGRAMS: [&str; 5] = concat(SECONDS_HISTOGRAMS, [BATCH_SIZE, BATCH_FILL_RATIO]);
 
 /// Every metric name above: rules and dashboards may use these and no others.
-pub const ALL: [&str; 28] = concat(
+pub const ALL: [&str; 31] = concat(
     HISTOGRAMS,
     [
         QUEUE_DEPTH,
@@ -114,6 +120,9 @@ pub const ALL: [&str; 28] = concat(
         PRIORITY_TARGET_RATIO,
         ACTOR_RESTARTS_TOTAL,
         BUDGET_USED_RATIO,
+        ROUTE_PROMPT_TOKENS_TOTAL,
+        ROUTE_CACHED_TOKENS_TOTAL,
+        CACHE_SAVED_USD_TOTAL,
     ],
 );
 
@@ -290,6 +299,21 @@ pub fn spent(model: &str, tenant: &str, p: Priority, cost_usd: f64, usage: &Usag
         .increment(usage.output_tokens);
 }
 
+/// Prompt and cached tokens of one answered realtime call on a route, and
+/// what its cached tokens saved.
+pub fn prompt_cache(provider: &str, model: &str, usage: &Usage, saved_usd: f64) {
+    let model = model_label(model);
+    let cached = usage.cached_input_tokens.min(usage.input_tokens);
+    counter!(ROUTE_PROMPT_TOKENS_TOTAL, "provider" => provider.to_owned(), "model" => model.clone())
+        .increment(usage.input_tokens);
+    counter!(ROUTE_CACHED_TOKENS_TOTAL, "provider" => provider.to_owned(), "model" => model.clone())
+        .increment(cached);
+    if saved_usd.is_finite() && saved_usd > 0.0 {
+        let mut saved = SAVED.lock().unwrap_or_else(|e| e.into_inner());
+        *saved.entry((provider.to_owned(), model)).or_insert(0.0) += saved_usd;
+    }
+}
+
 /// Spend over budget of one tenant in one period.
 pub fn budget_used(tenant: &str, period: &'static str, ratio: f64) {
     gauge!(BUDGET_USED_RATIO, "tenant" => tenant_label(tenant), "period" => period).set(ratio);
@@ -383,6 +407,10 @@ fn help(name: &str) -> Option<&'static str> {
         PRIORITY_TARGET_RATIO => "Per priority: the larger of its oldest waiting task's age and its recent p99 publish-to-outcome time, over its service target (1: at the target)",
         ACTOR_RESTARTS_TOTAL => "Actor restarts by the supervisor",
         BUDGET_USED_RATIO => "Spend over budget per tenant and period (daily, monthly)",
+        ROUTE_PROMPT_TOKENS_TOTAL => "Prompt tokens of answered realtime calls, per route",
+        ROUTE_CACHED_TOKENS_TOTAL => {
+            "Prompt tokens read from the provider's prompt cache, per route"
+        }
         _ => return None,
     })
 }
@@ -525,6 +553,15 @@ pub fn init(known: &KnownLabels) {
         for kind in TOKEN_KINDS {
             counter!(TOKENS_TOTAL, "model" => mo.clone(), "kind" => kind).increment(0);
         }
+        counter!(ROUTE_PROMPT_TOKENS_TOTAL, "provider" => pr.clone(), "model" => mo.clone())
+            .increment(0);
+        counter!(ROUTE_CACHED_TOKENS_TOTAL, "provider" => pr.clone(), "model" => mo.clone())
+            .increment(0);
+        SAVED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((pr.clone(), mo.clone()))
+            .or_insert(0.0);
         for p in Priority::ALL {
             for status in Status::ALL {
                 counter!(TASKS_COMPLETED_TOTAL, "priority" => p.label(), "status" => status.as_str(), "model" => mo.clone())
@@ -566,6 +603,19 @@ pub struct CostTotal {
     pub priority: &'static str,
     /// USD so far.
     pub usd: f64,
+}
+
+/// USD saved by cached tokens per (provider, model), rendered by the
+/// exporter under [`CACHE_SAVED_USD_TOTAL`] like [`COST`].
+static SAVED: LazyLock<Mutex<BTreeMap<(String, String), f64>>> = LazyLock::new(Mutex::default);
+
+/// The cache savings so far per route: (provider, model, USD), ordered.
+pub fn cache_savings() -> Vec<(String, String, f64)> {
+    let saved = SAVED.lock().unwrap_or_else(|e| e.into_inner());
+    saved
+        .iter()
+        .map(|((provider, model), usd)| (provider.clone(), model.clone(), *usd))
+        .collect()
 }
 
 /// The spend totals so far, ordered by model, tenant and priority.

@@ -446,6 +446,21 @@ pub enum ProviderError {
 pub trait Provider: Send + Sync + 'static {
     /// Sends one chat completion request (the body includes `model`).
     async fn complete(&self, request: &Value) -> Result<Completion, ProviderError>;
+
+    /// Which part of a request the provider's prompt cache can serve.
+    fn cached_prefix(&self) -> CachedPrefix {
+        CachedPrefix::Any
+    }
+}
+
+/// What a provider's prompt cache keeps of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachedPrefix {
+    /// Any long prompt's beginning (OpenAI).
+    Any,
+    /// Only the system prompt, which the adapter marks (Anthropic's
+    /// `cache_control`).
+    SystemPrompt,
 }
 
 /// The version of the checkpoint layout this engine writes.

@@ -99,6 +99,23 @@ impl PriceTable {
     }
 }
 
+impl PriceTable {
+    /// What the cached tokens of `usage` saved on `model` in pico-dollars:
+    /// each at the input price less the cached price (0 without a price).
+    pub fn cache_saving_picousd(&self, model: &str, usage: &Usage, route: RouteKind) -> Picousd {
+        let Some(p) = self.models.get(model) else {
+            return 0;
+        };
+        let factor = match route {
+            RouteKind::Realtime => 1.0,
+            RouteKind::BatchApi => 1.0 - self.batch_discount,
+        };
+        let cached = usage.cached_input_tokens.min(usage.input_tokens);
+        let per_token_saved = per_token(p.input).saturating_sub(per_token(p.cached_input));
+        scale(cached.saturating_mul(per_token_saved), factor)
+    }
+}
+
 /// `amount` times `factor` (a discount or a multiplier), rounded.
 pub fn scale(amount: Picousd, factor: f64) -> Picousd {
     if factor == 1.0 {
@@ -127,6 +144,41 @@ pub fn cost(price: &ModelPrice, usage: &Usage) -> Picousd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_tokens_save_the_input_price_less_the_cached_price() {
+        let table = PriceTable {
+            as_of: "2026-01-01".into(),
+            batch_discount: 0.5,
+            models: [(
+                "m".to_owned(),
+                ModelPrice {
+                    input: 2.0,
+                    cached_input: 0.5,
+                    output: 8.0,
+                    cache_write: None,
+                },
+            )]
+            .into(),
+        };
+        let usage = Usage {
+            input_tokens: 3_000,
+            cached_input_tokens: 2_000,
+            output_tokens: 100,
+            ..Usage::default()
+        };
+        // 2000 tokens at 1.5 USD per million.
+        let saved = table.cache_saving_picousd("m", &usage, RouteKind::Realtime);
+        assert_eq!(usd(saved), 0.003);
+        assert_eq!(
+            table.cache_saving_picousd("m", &usage, RouteKind::BatchApi),
+            saved / 2
+        );
+        assert_eq!(
+            table.cache_saving_picousd("unpriced", &usage, RouteKind::Realtime),
+            0
+        );
+    }
 
     fn table(p: ModelPrice) -> PriceTable {
         PriceTable {

@@ -284,8 +284,13 @@ pub struct Plan {
     pub kind: RouteKind,
     /// The OpenAI chat completion body, `model` included.
     pub request: Value,
-    /// Hash of the shared prompt prefix (the system message), for grouping.
+    /// Hash of the shared prompt prefix (the system message and the task
+    /// type's template up to its first placeholder), for grouping.
     pub prefix: u64,
+    /// Characters of that shared prefix.
+    pub prefix_chars: usize,
+    /// Characters of its system message alone (what Anthropic caches).
+    pub system_chars: usize,
     /// The tier chosen and why; `None` when the task named its model.
     pub tier: Option<TierChoice>,
 }
@@ -381,7 +386,10 @@ pub fn plan(task: &Task, catalog: &Catalog, now: DateTime<Utc>) -> Result<Plan, 
         )
     })?;
     body.insert("model".into(), Value::String(model.clone()));
-    let prefix = prefix_hash(&body);
+    let head = task_type
+        .filter(|_| matches!(task.payload, Payload::Text { .. }))
+        .map_or("", |tt| template_head(&tt.template));
+    let (prefix, system_chars) = prefix_hash(&body, head);
     let kind = catalog.route_policy.decide(
         RouteAsk {
             priority: task.priority,
@@ -400,6 +408,8 @@ pub fn plan(task: &Task, catalog: &Catalog, now: DateTime<Utc>) -> Result<Plan, 
         },
         request: Value::Object(body),
         prefix,
+        prefix_chars: system_chars + head.len(),
+        system_chars,
         tier,
     })
 }
@@ -471,8 +481,17 @@ fn prompt_text(body: &Map<String, Value>) -> String {
     out
 }
 
-fn prefix_hash(body: &Map<String, Value>) -> u64 {
+/// The template's text before its first placeholder: the same for every
+/// task of the type.
+fn template_head(template: &str) -> &str {
+    template.find('{').map_or(template, |at| &template[..at])
+}
+
+/// The hash of the system message and `head` (what every request of the
+/// group starts with), and the system message's characters.
+fn prefix_hash(body: &Map<String, Value>, head: &str) -> (u64, usize) {
     let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut system_chars = 0;
     if let Some(first) = body
         .get("messages")
         .and_then(Value::as_array)
@@ -483,9 +502,15 @@ fn prefix_hash(body: &Map<String, Value>) -> u64 {
             Some("system" | "developer")
         ) {
             first.to_string().hash(&mut h);
+            system_chars = match first.get("content") {
+                Some(Value::String(s)) => s.len(),
+                Some(other) => other.to_string().len(),
+                None => 0,
+            };
         }
     }
-    h.finish()
+    head.hash(&mut h);
+    (h.finish(), system_chars)
 }
 
 #[cfg(test)]
@@ -784,5 +809,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.prefix, b.prefix);
+        // "You summarize." then "Summarize in ".
+        assert_eq!((a.system_chars, a.prefix_chars), (14, 14 + 13));
+        let mut chat = task(Payload::Chat(
+            json!({"messages": [{"role": "system", "content": "You summarize."},
+                                {"role": "user", "content": "Summarize in x"}]})
+            .as_object()
+            .unwrap()
+            .clone(),
+        ));
+        chat.model = a.request["model"].as_str().map(str::to_owned);
+        let chat = plan(&chat, &c, Utc::now()).unwrap();
+        assert_ne!(
+            chat.prefix, a.prefix,
+            "the template head is part of the key"
+        );
+        assert_eq!(
+            chat.prefix_chars, 14,
+            "a chat payload shares its system message"
+        );
     }
 }

@@ -94,6 +94,8 @@ pub struct EngineSettings {
     /// How long after its answer a call still serves exact duplicates of
     /// its request; `None`: dedupe is off.
     pub dedupe_window: Option<Duration>,
+    /// Prompt-cache warm-up of realtime batches.
+    pub caching: crate::prompt_warmth::CachingSettings,
 }
 
 /// How provider batch jobs are assembled, split and polled.

@@ -437,3 +437,156 @@ async fn a_failed_shared_call_lets_its_duplicates_call_and_off_means_one_call_ea
     assert_eq!(shared_calls(&r, &ids), vec![None, None, None]);
     r.engine.shutdown().await;
 }
+
+/// Settings whose `echo` type has a system prompt of about 1500 tokens,
+/// and room for every task of a batch at once at the route.
+fn with_long_prefix(caching: bool) -> batchd_actors::settings::EngineSettings {
+    let mut s = settings();
+    if let Some(echo) = s.catalog.task_types.get_mut("echo") {
+        echo.system_prompt = "Follow the house style guide for every answer. ".repeat(125);
+    }
+    s.route.max_concurrency = 16;
+    s.route.initial_concurrency = 16;
+    s.caching.enabled = caching;
+    s
+}
+
+/// When each call of the provider went out, relative to the first one.
+fn call_offsets(r: &support::Rig) -> Vec<Duration> {
+    let calls = r.provider.calls();
+    let first = calls.iter().map(|c| c.1).min().expect("a call");
+    let mut offsets: Vec<_> = calls.iter().map(|c| c.1 - first).collect();
+    offsets.sort();
+    offsets
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_with_a_long_shared_prefix_sends_one_request_first_then_the_rest() {
+    let answer = Duration::from_millis(200);
+    let r = rig(with_long_prefix(true), FakeProvider::new(answer, |_| ok())).await;
+    for i in 0..6 {
+        r.source
+            .publish(Priority::P2, task(&format!("w{i}"), &format!("ticket {i}")));
+    }
+    until(Duration::from_secs(30), || r.source.acks().len() == 6).await;
+    let offsets = call_offsets(&r);
+    assert_eq!(offsets.len(), 6);
+    assert_eq!(offsets[0], Duration::ZERO);
+    assert!(
+        offsets[1..].iter().all(|o| *o >= answer),
+        "the rest go once the first is answered: {offsets:?}"
+    );
+    assert!(
+        offsets[1..].iter().all(|o| *o == offsets[1]),
+        "then all together: {offsets:?}"
+    );
+
+    // Within the TTL the prefix is warm: the next batch goes all at once.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let before = r.provider.calls().len();
+    for i in 6..12 {
+        r.source
+            .publish(Priority::P2, task(&format!("w{i}"), &format!("ticket {i}")));
+    }
+    until(Duration::from_secs(30), || r.source.acks().len() == 12).await;
+    let calls = r.provider.calls();
+    let second: Vec<_> = calls[before..].iter().map(|c| c.1).collect();
+    assert_eq!(second.len(), 6);
+    assert!(
+        second.iter().all(|t| *t == second[0]),
+        "a warm prefix needs no warm-up"
+    );
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_caching_or_with_a_short_prefix_a_batch_goes_all_at_once() {
+    for (settings, what) in [
+        (with_long_prefix(false), "caching off"),
+        (
+            {
+                let mut s = with_long_prefix(true);
+                s.caching.min_prefix_tokens = 2000;
+                s
+            },
+            "prefix under min_prefix_tokens",
+        ),
+    ] {
+        let r = rig(settings, support::healthy(Duration::from_millis(200))).await;
+        for i in 0..6 {
+            r.source
+                .publish(Priority::P2, task(&format!("n{i}"), &format!("ticket {i}")));
+        }
+        until(Duration::from_secs(30), || r.source.acks().len() == 6).await;
+        assert!(
+            call_offsets(&r).iter().all(|o| o.is_zero()),
+            "{what}: {:?}",
+            call_offsets(&r)
+        );
+        r.engine.shutdown().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_first_request_releases_the_rest_of_its_group() {
+    let first = std::sync::atomic::AtomicBool::new(true);
+    let r = rig(
+        with_long_prefix(true),
+        FakeProvider::new(Duration::from_millis(200), move |_| {
+            if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                Err(support::rejected(400, "no"))
+            } else {
+                ok()
+            }
+        }),
+    )
+    .await;
+    for i in 0..4 {
+        r.source
+            .publish(Priority::P2, task(&format!("f{i}"), &format!("ticket {i}")));
+    }
+    until(Duration::from_secs(30), || r.source.acks().len() == 4).await;
+    let offsets = call_offsets(&r);
+    assert_eq!(offsets.len(), 4);
+    assert!(
+        offsets[1..]
+            .iter()
+            .all(|o| *o == Duration::from_millis(200)),
+        "released at the failed answer, not at warm_wait: {offsets:?}"
+    );
+    r.engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn priority_one_does_not_wait_on_a_bulk_warm_up_of_its_prefix() {
+    let answer = Duration::from_secs(2);
+    let r = rig(with_long_prefix(true), support::healthy(answer)).await;
+    for i in 0..4 {
+        r.source.publish(
+            Priority::P3,
+            task(&format!("bulk{i}"), &format!("bulk {i}")),
+        );
+    }
+    until(Duration::from_secs(5), || !r.provider.calls().is_empty()).await;
+    let lead_at = r.provider.calls()[0].1;
+    for i in 0..3 {
+        r.source.publish(
+            Priority::P1,
+            task(&format!("p1-{i}"), &format!("urgent {i}")),
+        );
+    }
+    until(Duration::from_secs(30), || r.source.acks().len() == 7).await;
+    let urgent: Vec<_> = r
+        .provider
+        .calls()
+        .into_iter()
+        .filter(|(text, _)| text.starts_with("urgent"))
+        .map(|(_, at)| at - lead_at)
+        .collect();
+    assert_eq!(urgent.len(), 3);
+    assert!(
+        urgent.iter().all(|d| *d < answer),
+        "p1 went before the bulk lead was answered: {urgent:?}"
+    );
+    r.engine.shutdown().await;
+}

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use batchd_actors::ledger::{day_of, DayTotals, Totals};
 use batchd_actors::ports::LedgerStore as _;
-use batchd_actors::pricing::{usd as to_usd, Picousd};
+use batchd_actors::pricing::{scale, usd as to_usd, Picousd, PriceTable};
+use batchd_actors::task::{RouteKind, Usage};
 use chrono::{Duration as Span, NaiveDate, Utc};
 use serde::Serialize;
 
@@ -118,6 +119,17 @@ pub struct CostReport {
     pub days: Vec<DaySpend>,
     /// Every row, by day, tenant, model, priority, route.
     pub rows: Vec<CostRow>,
+    /// What the levers the ledger can see saved over the days shown.
+    pub saved: LeverSavings,
+}
+
+/// Savings read from the ledger's own rows, at today's price table.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LeverSavings {
+    /// Cached prompt tokens at the input price less the cached price, USD.
+    pub caching_usd: f64,
+    /// The Batch API discount on the spend of batch jobs, USD.
+    pub batch_api_usd: f64,
 }
 
 /// Runs `batchd cost`.
@@ -136,7 +148,7 @@ pub async fn run(args: CostArgs) -> anyhow::Result<()> {
         .map(|(_, d, _)| d)
         .filter(|d| args.tenant.as_ref().is_none_or(|t| *t == d.tenant))
         .collect();
-    let report = build(&totals, today, args.days.max(1));
+    let report = build(&totals, today, args.days.max(1), &config.prices);
     if args.json {
         println!(
             "{}",
@@ -156,8 +168,36 @@ fn spend(t: &Totals) -> Picousd {
     t.cost_picousd
 }
 
-/// Builds the report of `days` days ending `today` from the daily totals.
-pub fn build(totals: &[DayTotals], today: NaiveDate, days: u32) -> CostReport {
+/// What the caching and Batch API levers saved on the rows shown.
+fn lever_savings(rows: &[CostRow], prices: &PriceTable) -> LeverSavings {
+    let (mut caching, mut batch_api): (Picousd, Picousd) = (0, 0);
+    for r in rows {
+        let route = if r.route == RouteKind::BatchApi.as_str() {
+            RouteKind::BatchApi
+        } else {
+            RouteKind::Realtime
+        };
+        let usage = Usage {
+            input_tokens: r.input_tokens,
+            cached_input_tokens: r.cached_input_tokens,
+            ..Usage::default()
+        };
+        caching += prices.cache_saving_picousd(&r.model, &usage, route);
+        if route == RouteKind::BatchApi && prices.batch_discount < 1.0 {
+            // Spend at (1 - d) of list price: the discount is d / (1 - d) of it.
+            let d = prices.batch_discount;
+            batch_api += scale(r.cost_picousd + r.estimated_picousd, d / (1.0 - d));
+        }
+    }
+    LeverSavings {
+        caching_usd: to_usd(caching),
+        batch_api_usd: to_usd(batch_api),
+    }
+}
+
+/// Builds the report of `days` days ending `today` from the daily totals,
+/// savings priced with `prices`.
+pub fn build(totals: &[DayTotals], today: NaiveDate, days: u32, prices: &PriceTable) -> CostReport {
     let from = today - Span::days(i64::from(days) - 1);
     let mut rows: BTreeMap<(String, String, String, u8, String), CostRow> = BTreeMap::new();
     let (mut this_week, mut last_week) = (0u64, 0u64);
@@ -219,6 +259,7 @@ pub fn build(totals: &[DayTotals], today: NaiveDate, days: u32) -> CostReport {
     let total: Picousd = rows.iter().map(|r| r.cost_picousd).sum();
     let estimated: Picousd = rows.iter().map(|r| r.estimated_picousd).sum();
     let calls: u64 = rows.iter().map(|r| r.calls).sum();
+    let saved = lever_savings(&rows, prices);
     CostReport {
         from: from.format("%Y-%m-%d").to_string(),
         to: day_of(today.and_time(chrono::NaiveTime::MIN).and_utc()),
@@ -244,6 +285,7 @@ pub fn build(totals: &[DayTotals], today: NaiveDate, days: u32) -> CostReport {
             })
             .collect(),
         rows,
+        saved,
     }
 }
 
@@ -272,6 +314,17 @@ pub fn render(r: &CostReport) -> String {
         "week over week".into(),
         w.change_pct
             .map_or_else(|| "-".into(), |p| format!("{p:+.1}%")),
+    ]);
+    out.push_str(&t.render());
+    section(&mut out, "Saved by levers (from the ledger)");
+    let mut t = Table::new(&["lever", "saved"]);
+    t.row(vec![
+        "prompt caching (cached tokens at input less cached price)".into(),
+        usd(r.saved.caching_usd),
+    ]);
+    t.row(vec![
+        "Batch API (the discount on batch job spend)".into(),
+        usd(r.saved.batch_api_usd),
     ]);
     out.push_str(&t.render());
     section(&mut out, "By day");
@@ -327,7 +380,13 @@ pub fn render(r: &CostReport) -> String {
 mod tests {
     use super::*;
     use batchd_actors::ledger::Row;
-    use batchd_actors::task::RouteKind;
+
+    fn prices() -> PriceTable {
+        toml::from_str(
+            "as_of = \"2026-01-01\"\n[models.m]\ninput = 2.0\ncached_input = 0.5\noutput = 8.0\n",
+        )
+        .expect("a price table")
+    }
 
     fn day(day: &str, tenant: &str, cost: Picousd, estimated: bool) -> DayTotals {
         DayTotals {
@@ -357,7 +416,7 @@ mod tests {
             day("2026-12-05", "acme", 2_000_000_000_000, false),
             day("2026-11-01", "acme", 9_000_000_000_000, false),
         ];
-        let r = build(&totals, today, 14);
+        let r = build(&totals, today, 14, &prices());
         assert_eq!(r.total_usd, 5.0);
         assert_eq!(r.estimated_usd, 1.0);
         assert_eq!(r.calls, 6);
@@ -372,5 +431,22 @@ mod tests {
         assert_eq!(r.cost_per_task_usd, Some(1.0));
         let text = render(&r);
         assert!(text.contains("+100.0%"), "{text}");
+    }
+
+    #[test]
+    fn caching_and_batch_api_savings_are_read_from_the_ledger_rows() {
+        let today = NaiveDate::from_ymd_opt(2026, 12, 14).unwrap();
+        let mut realtime = day("2026-12-14", "acme", 1_000_000_000_000, false);
+        realtime.rows[0].totals.input_tokens = 3_000_000;
+        realtime.rows[0].totals.cached_input_tokens = 2_000_000;
+        let mut batch = day("2026-12-14", "beta", 4_000_000_000_000, false);
+        batch.rows[0].route = RouteKind::BatchApi;
+        let r = build(&[realtime, batch], today, 14, &prices());
+        // 2M cached tokens at 2.0 - 0.5 USD per million.
+        assert_eq!(r.saved.caching_usd, 3.0);
+        // 4 USD at half price: 4 USD off.
+        assert_eq!(r.saved.batch_api_usd, 4.0);
+        let text = render(&r);
+        assert!(text.contains("prompt caching"), "{text}");
     }
 }

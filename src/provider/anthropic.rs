@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use batchd_actors::codec::truncate;
 use batchd_actors::completion::{parse_error_body, MAX_PROVIDER_MESSAGE_CHARS};
-use batchd_actors::ports::{Completion, Provider, ProviderError};
+use batchd_actors::ports::{CachedPrefix, Completion, Provider, ProviderError};
 use batchd_actors::task::Usage;
 use serde_json::Value;
 
@@ -59,6 +59,11 @@ impl AnthropicProvider {
 
 #[async_trait]
 impl Provider for AnthropicProvider {
+    fn cached_prefix(&self) -> CachedPrefix {
+        // `cache_control` marks the system prompt, nothing after it.
+        CachedPrefix::SystemPrompt
+    }
+
     async fn complete(&self, request: &Value) -> Result<Completion, ProviderError> {
         let body = messages_request(request).map_err(|message| ProviderError::Rejected {
             status: 400,
@@ -259,6 +264,13 @@ mod tests {
     use super::*;
     use batchd_actors::route::limits::RateLimitInfo;
     use serde_json::json;
+
+    #[test]
+    fn the_engine_is_told_that_only_the_marked_system_prompt_is_cached() {
+        let p = AnthropicProvider::new("http://127.0.0.1:9", None, Duration::from_secs(1))
+            .expect("a provider");
+        assert_eq!(p.cached_prefix(), CachedPrefix::SystemPrompt);
+    }
 
     #[test]
     fn the_system_prompt_goes_top_level_with_cache_control_and_max_tokens_is_always_set() {

@@ -66,7 +66,8 @@
 //! - `request`: validation of the request body and the prompt's token count.
 //! - `completion`: the deterministic answer and the response body.
 //! - `rate_limit`: requests and tokens per minute budgets, header values.
-//! - `prompt_cache`: which prompt prefixes count as `cached_tokens`.
+//! - `prompt_cache`: which prompt prefixes count as `cached_tokens`, and
+//!   from when (a prefix is written as its first request is read).
 //! - `api_error`: OpenAI's error body.
 //! - `messages`: Anthropic's Messages API: headers, request, answer.
 //! - `message_batches`: Anthropic's Message Batches API.
@@ -149,6 +150,10 @@ pub struct SimArgs {
     /// Batch from creation to `ended`
     #[arg(long, default_value_t = 30.0)]
     pub batch_secs: f64,
+    /// Share of a request's latency spent reading its prompt (0.0..=1.0): its
+    /// prefixes enter the prompt cache that long after it arrives
+    #[arg(long, default_value_t = 1.0, value_parser = parse_fraction)]
+    pub prefill_share: f64,
     /// Serve no batch endpoints (files, batches, message batches answer 404),
     /// like an OpenAI-compatible server without a Batch API
     #[arg(long)]
@@ -189,6 +194,10 @@ pub struct SimConfig {
     pub record_requests: bool,
     /// How long a Batch API batch takes from creation to its end.
     pub batch_duration: Duration,
+    /// Share of a request's delay spent reading its prompt: its prefixes
+    /// enter the prompt cache that long after it is admitted (`1.0`: when it
+    /// is answered; `0.0`: at once). Clamped to `0.0..=1.0`.
+    pub prefill_share: f64,
 }
 
 impl Default for SimConfig {
@@ -203,6 +212,7 @@ impl Default for SimConfig {
             seed: 42,
             record_requests: false,
             batch_duration: Duration::from_secs(1),
+            prefill_share: 1.0,
         }
     }
 }
@@ -223,6 +233,7 @@ impl From<&SimArgs> for SimConfig {
             record_requests: false,
             batch_duration: Duration::try_from_secs_f64(args.batch_secs.max(0.0))
                 .unwrap_or(Duration::from_secs(30)),
+            prefill_share: args.prefill_share,
         }
     }
 }

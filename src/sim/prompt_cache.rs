@@ -7,8 +7,14 @@
 //! whole prefix up to it. The cache keeps only those hashes, in two
 //! generations: entries live between one and two generations after their last
 //! use, and memory never exceeds two generations' worth of hashes.
+//!
+//! A provider writes its cache while it reads the prompt, so a prefix is
+//! found only from the moment the request that brought it has been read
+//! (its prefill done): requests that arrive together with one new shared
+//! prefix all miss, as they do at OpenAI. Each hash keeps the instant it
+//! becomes visible.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -54,8 +60,9 @@ pub(crate) fn prefix_hashes(model: &str, text: &str) -> Vec<u64> {
 /// Recently seen prompt prefixes, bounded in size and age.
 #[derive(Debug)]
 pub(crate) struct PromptCache {
-    current: HashSet<u64>,
-    previous: HashSet<u64>,
+    /// Block hash → the instant from which a request can find it.
+    current: HashMap<u64, Instant>,
+    previous: HashMap<u64, Instant>,
     generation_started: Instant,
     generation_capacity: usize,
     generation_age: Duration,
@@ -70,19 +77,21 @@ impl PromptCache {
 
     pub(crate) fn new(generation_capacity: usize, generation_age: Duration, now: Instant) -> Self {
         PromptCache {
-            current: HashSet::new(),
-            previous: HashSet::new(),
+            current: HashMap::new(),
+            previous: HashMap::new(),
             generation_started: now,
             generation_capacity: generation_capacity.max(1),
             generation_age,
         }
     }
 
-    /// The cached tokens of a prompt with these block hashes and token count,
-    /// and remembers its prefixes for the next requests.
+    /// The cached tokens at `now` of a prompt with these block hashes and
+    /// token count; its prefixes become visible to later requests from
+    /// `written_at` on (when its prefill is done).
     pub(crate) fn lookup_and_insert(
         &mut self,
         now: Instant,
+        written_at: Instant,
         prefixes: &[u64],
         prompt_tokens: u64,
     ) -> u64 {
@@ -92,7 +101,7 @@ impl PromptCache {
         self.expire(now);
         let matched = prefixes
             .iter()
-            .take_while(|hash| self.current.contains(hash) || self.previous.contains(hash))
+            .take_while(|hash| self.visible_from(**hash).is_some_and(|at| at <= now))
             .count() as u64;
 
         // A prompt longer than a whole generation keeps only its beginning.
@@ -100,7 +109,14 @@ impl PromptCache {
         if self.current.len() + kept > self.generation_capacity {
             self.rotate(now);
         }
-        self.current.extend(&prefixes[..kept]);
+        for &hash in &prefixes[..kept] {
+            // Written already, or about to be by an earlier request: the
+            // earlier instant holds.
+            let at = self
+                .visible_from(hash)
+                .map_or(written_at, |at| at.min(written_at));
+            self.current.insert(hash, at);
+        }
 
         let cached = matched * BLOCK_TOKENS;
         if cached < MIN_CACHED_TOKENS {
@@ -109,6 +125,14 @@ impl PromptCache {
         // Blocks are cut by characters and tokens counted per message, so cap
         // the two estimates against each other.
         cached.min(prompt_tokens / BLOCK_TOKENS * BLOCK_TOKENS)
+    }
+
+    /// When `hash` became (or becomes) visible, if it is cached.
+    fn visible_from(&self, hash: u64) -> Option<Instant> {
+        self.current
+            .get(&hash)
+            .or_else(|| self.previous.get(&hash))
+            .copied()
     }
 
     fn expire(&mut self, now: Instant) {
@@ -171,14 +195,39 @@ mod tests {
         let mut cache = cache(now);
         let prompt = prefix_hashes("m", &text('a', 10));
         assert_eq!(
-            cache.lookup_and_insert(now, &prompt, 1300),
+            cache.lookup_and_insert(now, now, &prompt, 1300),
             0,
             "first sight"
         );
-        assert_eq!(cache.lookup_and_insert(now, &prompt, 1300), 1280);
+        assert_eq!(cache.lookup_and_insert(now, now, &prompt, 1300), 1280);
         // Same prefix, new ending: only the shared blocks count.
         let extended = prefix_hashes("m", &(text('a', 9) + &text('z', 4)));
-        assert_eq!(cache.lookup_and_insert(now, &extended, 1700), 9 * 128);
+        assert_eq!(cache.lookup_and_insert(now, now, &extended, 1700), 9 * 128);
+    }
+
+    #[test]
+    fn a_prefix_is_found_only_once_its_first_request_is_read() {
+        let start = Instant::now();
+        let mut cache = cache(start);
+        let prompt = prefix_hashes("m", &text('a', 10));
+        let read = start + Duration::from_millis(400);
+        assert_eq!(cache.lookup_and_insert(start, read, &prompt, 1300), 0);
+        let meanwhile = start + Duration::from_millis(100);
+        assert_eq!(
+            cache.lookup_and_insert(
+                meanwhile,
+                meanwhile + Duration::from_millis(400),
+                &prompt,
+                1300
+            ),
+            0,
+            "still being read"
+        );
+        assert_eq!(
+            cache.lookup_and_insert(read, read, &prompt, 1300),
+            1280,
+            "the first request's write holds, not the later one's"
+        );
     }
 
     #[test]
@@ -186,17 +235,17 @@ mod tests {
         let now = Instant::now();
         let mut cache = cache(now);
         let short = prefix_hashes("m", &text('a', 7));
-        cache.lookup_and_insert(now, &short, 900);
+        cache.lookup_and_insert(now, now, &short, 900);
         assert_eq!(
-            cache.lookup_and_insert(now, &short, 900),
+            cache.lookup_and_insert(now, now, &short, 900),
             0,
             "under 1024 tokens"
         );
         let long = prefix_hashes("m", &(text('a', 7) + &text('b', 5)));
-        cache.lookup_and_insert(now, &long, 1600);
+        cache.lookup_and_insert(now, now, &long, 1600);
         let diverging = prefix_hashes("m", &(text('a', 7) + &text('c', 5)));
         assert_eq!(
-            cache.lookup_and_insert(now, &diverging, 1600),
+            cache.lookup_and_insert(now, now, &diverging, 1600),
             0,
             "shared 896 < 1024"
         );
@@ -207,8 +256,8 @@ mod tests {
         let now = Instant::now();
         let mut cache = cache(now);
         let prompt = prefix_hashes("m", &text('a', 10));
-        cache.lookup_and_insert(now, &prompt, 1100);
-        assert_eq!(cache.lookup_and_insert(now, &prompt, 1100), 1024);
+        cache.lookup_and_insert(now, now, &prompt, 1100);
+        assert_eq!(cache.lookup_and_insert(now, now, &prompt, 1100), 1024);
     }
 
     #[test]
@@ -216,15 +265,18 @@ mod tests {
         let start = Instant::now();
         let mut cache = cache(start);
         let prompt = prefix_hashes("m", &text('a', 10));
-        cache.lookup_and_insert(start, &prompt, 1300);
+        cache.lookup_and_insert(start, start, &prompt, 1300);
         let later = start + Duration::from_secs(301);
         assert_eq!(
-            cache.lookup_and_insert(later, &prompt, 1300),
+            cache.lookup_and_insert(later, later, &prompt, 1300),
             1280,
             "previous generation"
         );
         let much_later = later + Duration::from_secs(600);
-        assert_eq!(cache.lookup_and_insert(much_later, &prompt, 1300), 0);
+        assert_eq!(
+            cache.lookup_and_insert(much_later, much_later, &prompt, 1300),
+            0
+        );
     }
 
     #[test]
@@ -234,7 +286,7 @@ mod tests {
         for seed in 0..500u32 {
             let seed = char::from_u32(0x4e00 + seed).unwrap();
             let prompt = prefix_hashes("m", &text(seed, 10));
-            cache.lookup_and_insert(now, &prompt, 1300);
+            cache.lookup_and_insert(now, now, &prompt, 1300);
         }
         assert!(cache.len() <= 2000, "{} entries", cache.len());
     }

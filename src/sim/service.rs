@@ -609,10 +609,15 @@ async fn complete(
                 if fail {
                     Decision::Fail { quota, delay }
                 } else {
-                    let cached_tokens =
-                        state
-                            .prompt_cache
-                            .lookup_and_insert(now, &prefixes, cacheable_tokens);
+                    // The cache is written as the prompt is read: later
+                    // requests find these prefixes once that is done.
+                    let prefill = delay.mul_f64(prefill_share(config.prefill_share));
+                    let cached_tokens = state.prompt_cache.lookup_and_insert(
+                        now,
+                        now + prefill,
+                        &prefixes,
+                        cacheable_tokens,
+                    );
                     let (cached_tokens, written_tokens) = match api {
                         Api::OpenAi => (cached_tokens, 0),
                         Api::Anthropic if prefixes.is_empty() => (0, 0),
@@ -690,6 +695,15 @@ async fn complete(
             insert_quota(response.headers_mut(), &quota, api);
             Ok(response)
         }
+    }
+}
+
+/// A prefill share made safe to multiply a delay by.
+fn prefill_share(share: f64) -> f64 {
+    if share.is_nan() {
+        1.0
+    } else {
+        share.clamp(0.0, 1.0)
     }
 }
 
@@ -999,6 +1013,65 @@ mod tests {
             let error = check_authorization(&headers).unwrap_err();
             assert_eq!(error.status, StatusCode::UNAUTHORIZED, "{bad}");
         }
+    }
+
+    /// Sends one chat completion with `instructions` as its system prompt.
+    async fn chat(shared: &Shared, sequence: u64, instructions: &str, question: &str) {
+        let body = serde_json::json!({
+            "model": "gpt-4.1-mini",
+            "messages": [
+                {"role": "system", "content": instructions},
+                {"role": "user", "content": question}
+            ]
+        });
+        let answer = complete(
+            shared,
+            sequence,
+            &HeaderMap::new(),
+            &body,
+            Some("gpt-4.1-mini"),
+            Api::OpenAi,
+        )
+        .await;
+        assert!(answer.is_ok(), "request {sequence} answered");
+    }
+
+    fn cached_tokens(shared: &Shared) -> u64 {
+        lock(&shared.bill)
+            .get("gpt-4.1-mini")
+            .map_or(0, |b| b.cached_tokens)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_requests_with_a_new_prefix_miss_and_a_later_one_hits() {
+        let shared = Shared::new(SimConfig {
+            latency: Duration::from_secs(2),
+            prefill_share: 0.5,
+            ..SimConfig::default()
+        });
+        // About 1500 tokens of shared instructions.
+        let instructions = "Follow the house style guide for every answer. ".repeat(125);
+
+        // Both arrive before the first has been read: both miss.
+        let started = Instant::now();
+        tokio::join!(chat(&shared, 1, &instructions, "ticket 1"), async {
+            tokio::time::sleep(Duration::from_millis(900)).await;
+            chat(&shared, 2, &instructions, "ticket 2").await;
+        });
+        assert_eq!(cached_tokens(&shared), 0, "no request found the prefix");
+
+        // After the first one's prefill (1 s), the prefix is there.
+        assert!(started.elapsed() >= Duration::from_secs(2));
+        chat(&shared, 3, &instructions, "ticket 3").await;
+        assert!(cached_tokens(&shared) >= 1024, "the third request hit");
+    }
+
+    #[test]
+    fn prefill_shares_are_clamped() {
+        assert_eq!(prefill_share(f64::NAN), 1.0);
+        assert_eq!(prefill_share(-1.0), 0.0);
+        assert_eq!(prefill_share(2.0), 1.0);
+        assert_eq!(prefill_share(0.25), 0.25);
     }
 
     #[test]

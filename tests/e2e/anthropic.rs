@@ -112,6 +112,23 @@ max_tokens = 64
     let bill = sim.bill();
     assert_eq!(bill[CLAUDE].requests, 20);
     assert!(bill[CLAUDE].cache_write_tokens > 0 && bill[CLAUDE].cached_tokens > 0);
+    // The route's prompt cache, as /metrics reports it.
+    let series = |name: &str| -> f64 {
+        let prefix = format!("{name}{{provider=\"anthropic\",model=\"{CLAUDE}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in /metrics"))
+    };
+    assert_eq!(
+        series("batchd_route_cached_tokens_total"),
+        bill[CLAUDE].cached_tokens as f64
+    );
+    assert!(
+        series("batchd_route_prompt_tokens_total") > series("batchd_route_cached_tokens_total")
+    );
+    assert!(series("batchd_cache_saved_usd_total") > 0.0);
     let billed = common::bill(&sim, &config).0 as f64 / 1e12;
     assert!(
         (cost - billed).abs() < 1e-9,

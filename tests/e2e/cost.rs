@@ -433,3 +433,102 @@ async fn identical_requests_are_sent_once_with_an_outcome_each_and_billed_once()
     assert_eq!(t, (billed, 0, 1), "the ledger equals the bill");
     drop(running);
 }
+
+/// A task type whose system prompt (about 1,500 tokens) the provider caches.
+fn house_brief(caching: bool) -> String {
+    let system = "Follow the house style guide for every answer. ".repeat(125);
+    format!(
+        "[caching]\nenabled = {caching}\n\n[task_types.house_brief]\nsystem_prompt = \"{system}\"\ntemplate = \"Brief: {{text}}\"\ndefault_tier = \"simple\"\nmax_tokens = 64\n"
+    )
+}
+
+/// Runs `n` priority-2 `house_brief` tasks; the outcomes and the stack.
+async fn run_house_briefs(caching: bool, n: usize) -> (common::Stack, Config, Vec<Value>) {
+    let (stack, config) = stack_with(
+        SimConfig {
+            latency: Duration::from_millis(300),
+            ..SimConfig::default()
+        },
+        &house_brief(caching),
+    )
+    .await;
+    let tasks: Vec<(String, Value)> = (0..n)
+        .map(|i| {
+            let mut body = common::task(&format!("brief{i}"), 2);
+            body["type"] = "house_brief".into();
+            ("batchd.tasks.p2".to_owned(), body)
+        })
+        .collect();
+    common::publish_many(&stack.js, &tasks).await;
+    let outcomes = common::wait_for_messages(
+        &stack.js,
+        "BATCHD_RESULTS",
+        n as u64,
+        Duration::from_secs(60),
+    )
+    .await;
+    common::assert_exactly_one_each(&outcomes, n);
+    let all: Vec<Value> = outcomes.into_values().flatten().collect();
+    (stack, config, all)
+}
+
+fn cache_misses(outcomes: &[Value]) -> usize {
+    outcomes
+        .iter()
+        .filter(|o| {
+            assert_eq!(o["status"], "succeeded", "{o}");
+            o["usage"]["cached_input_tokens"].as_u64().unwrap_or(0) == 0
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_sharing_a_long_prompt_warms_the_cache_once_and_batchd_cost_reports_the_saving() {
+    let n = 12;
+    let (stack, config, outcomes) = run_house_briefs(true, n).await;
+    assert_eq!(
+        cache_misses(&outcomes),
+        1,
+        "only the first request pays for the prefix: {outcomes:?}"
+    );
+    for o in &outcomes {
+        let cached = o["usage"]["cached_input_tokens"].as_u64().unwrap_or(0);
+        assert!(cached == 0 || cached >= 1024, "{o}");
+    }
+    let bill = stack.sim.bill();
+    let saved: Picousd = bill
+        .iter()
+        .map(|(model, b)| {
+            config
+                .prices
+                .cache_saving_picousd(model, &b.usage(), RouteKind::Realtime)
+        })
+        .sum();
+    assert!(saved > 0);
+    let (_, billed_calls) = common::bill(&stack.sim, &config);
+    wait_for_ledger_calls(&stack.js, &config, billed_calls).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = common::config_file(
+        dir.path(),
+        &stack.nats.url(),
+        &stack.sim.base_url(),
+        &house_brief(true),
+    );
+    let report = cost_json(&stack.nats.url(), &path);
+    let reported = report["saved"]["caching_usd"]
+        .as_f64()
+        .expect("caching saved");
+    assert!(
+        (reported - saved as f64 / 1e12).abs() < 1e-12,
+        "batchd cost: {reported} USD saved by caching; the bill says {saved} pico-USD"
+    );
+    drop(stack.running);
+
+    // Without the warm-up, the requests sent together all miss.
+    let (stack, _, outcomes) = run_house_briefs(false, n).await;
+    assert!(
+        cache_misses(&outcomes) > 1,
+        "caching off: the first wave pays in full: {outcomes:?}"
+    );
+    drop(stack.running);
+}

@@ -504,6 +504,7 @@ pub fn settings() -> EngineSettings {
         targets: Default::default(),
         batch_api: Default::default(),
         dedupe_window: None,
+        caching: Default::default(),
     }
 }
 
