@@ -112,6 +112,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             record_requests: false,
             batch_duration: Duration::try_from_secs_f64(args.batch_secs.max(0.0))
                 .unwrap_or(Duration::from_secs(3)),
+            ..SimConfig::default()
         },
     )
     .await
