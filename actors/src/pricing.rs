@@ -123,9 +123,7 @@ impl PriceTable {
                 .saturating_add(max_output_tokens.saturating_mul(per_token(p.output))),
         )
     }
-}
 
-impl PriceTable {
     /// [`PriceTable::estimate_picousd`] for a call at `tier`.
     pub fn tier_estimate_picousd(
         &self,

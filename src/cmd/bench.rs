@@ -71,7 +71,7 @@ pub const BAR: f64 = 0.25;
 /// Arguments of `batchd bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Tasks per phase (default 20,000; 10,000 with --cost)
+    /// Tasks per phase (default 20,000; 10,000 with --cost; 5,000 with --routing)
     #[arg(long)]
     pub tasks: Option<usize>,
     /// Use this NATS server instead of a private one per phase (each phase
@@ -166,7 +166,7 @@ impl BenchArgs {
     /// Tasks per phase.
     pub fn task_count(&self) -> usize {
         self.tasks.unwrap_or(if self.routing {
-            2_000
+            5_000
         } else if self.cost {
             10_000
         } else {
