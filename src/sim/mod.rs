@@ -629,6 +629,48 @@ mod tests {
     }
 
     #[test]
+    fn cli_takes_the_service_tier_knobs_and_refuses_bad_ones() {
+        let args = Cli::try_parse_from(["sim"]).unwrap().sim;
+        let tiers = SimConfig::from(&args).tiers;
+        assert_eq!(
+            (
+                tiers.flex_latency_factor,
+                tiers.flex_unavailable_rate,
+                tiers.priority_latency_factor
+            ),
+            (3.0, 0.02, 0.5)
+        );
+        assert!(args.flex_models.is_empty());
+        let args = Cli::try_parse_from([
+            "sim",
+            "--flex-latency-factor",
+            "5",
+            "--flex-unavailable-rate",
+            "0.1",
+            "--flex-model",
+            "gpt-4.1-mini",
+            "--flex-model",
+            "gpt-5",
+        ])
+        .unwrap()
+        .sim;
+        assert_eq!(SimConfig::from(&args).tiers.flex_latency_factor, 5.0);
+        assert_eq!(SimConfig::from(&args).tiers.flex_unavailable_rate, 0.1);
+        assert_eq!(args.flex_models, ["gpt-4.1-mini", "gpt-5"]);
+        for bad in [
+            ["--flex-latency-factor", "-1"],
+            ["--flex-latency-factor", "inf"],
+            ["--flex-unavailable-rate", "2"],
+            ["--priority-latency-factor", "x"],
+        ] {
+            assert!(
+                Cli::try_parse_from(["sim", bad[0], bad[1]]).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
     fn cli_takes_repeated_faults_and_a_faults_file() {
         let args = Cli::try_parse_from([
             "sim",
