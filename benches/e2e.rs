@@ -62,6 +62,8 @@ fn main() {
             cost: false,
             cost_seed: 42,
             batch_secs: 5.0,
+            routing: false,
+            routing_near_share: 0.33,
         }))
         .unwrap_or_else(|e| panic!("the end-to-end benchmark failed: {e:#}"));
     runtime.shutdown_timeout(Duration::from_secs(5));

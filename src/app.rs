@@ -75,6 +75,13 @@ pub fn http_providers(config: &Config) -> anyhow::Result<HashMap<String, Arc<dyn
     let timeout = Duration::from_secs(config.dispatch.request_timeout_secs);
     let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
     for (name, p) in &config.providers {
+        // The engine times each call (flex calls at `flex_timeout_secs`);
+        // the client must not cut a flex call short.
+        let timeout = if p.flex {
+            timeout.max(Duration::from_secs(p.flex_timeout_secs))
+        } else {
+            timeout
+        };
         let client = crate::provider::from_config(p, timeout)
             .with_context(|| format!("config key `providers.{name}`: building its HTTP client"))?;
         providers.insert(name.clone(), client);

@@ -15,7 +15,7 @@ use batchd_actors::offpeak::{OffPeak, Window};
 use batchd_actors::preemption_monitor::PreemptionSettings;
 use batchd_actors::pricing::PriceTable;
 use batchd_actors::route::{CircuitSettings, RouteSettings};
-use batchd_actors::route_policy::RoutePolicy;
+use batchd_actors::route_policy::{FlexFallback, RoutePolicy, TierOptions};
 use batchd_actors::routing::{BatchProviders, Catalog, TaskType, TierModels};
 use batchd_actors::settings::{
     BatchApiSettings, EngineSettings, LedgerSettings, RestartPolicy, RouteLimits,
@@ -621,6 +621,41 @@ pub struct ProviderConfig {
     /// Batch API for kind `openai`, Message Batches for kind `anthropic`).
     #[serde(default)]
     pub batch: BatchUse,
+    /// Whether priority-3 realtime tasks ask for `service_tier: "flex"`
+    /// (kind `openai` only).
+    #[serde(default)]
+    pub flex: bool,
+    /// The models flex applies to (each one served by this provider);
+    /// empty: all of them.
+    #[serde(default)]
+    pub flex_models: Vec<String>,
+    /// Where a flex call refused with 429 `resource_unavailable` goes.
+    #[serde(default)]
+    pub flex_fallback: FlexFallback,
+    /// How long a flex call may take, seconds (flex answers slowly).
+    #[serde(default = "default_flex_timeout_secs")]
+    pub flex_timeout_secs: u64,
+    /// Whether priority-1 tasks ask for `service_tier: "priority"` (kind
+    /// `openai` only; the account must have priority processing).
+    #[serde(default)]
+    pub priority_tier_p1: bool,
+}
+
+fn default_flex_timeout_secs() -> u64 {
+    900
+}
+
+impl ProviderConfig {
+    /// The service tiers this provider offers, for the route policy.
+    pub fn tier_options(&self) -> TierOptions {
+        TierOptions {
+            flex: self.flex,
+            flex_models: self.flex_models.clone(),
+            flex_fallback: self.flex_fallback,
+            flex_timeout: Duration::from_secs(self.flex_timeout_secs),
+            priority_p1: self.priority_tier_p1,
+        }
+    }
 }
 
 /// `[providers.NAME] batch`: `true`, `false` or `"auto"`.
@@ -1056,6 +1091,28 @@ impl Config {
                     "must be an http(s) URL".into(),
                 );
             }
+            if p.kind == ProviderKind::Anthropic {
+                for (key, set) in [("flex", p.flex), ("priority_tier_p1", p.priority_tier_p1)] {
+                    if set {
+                        return bad(
+                            &format!("providers.{name}.{key}"),
+                            "applies to kind = \"openai\" only (OpenAI's service_tier)".into(),
+                        );
+                    }
+                }
+            }
+            if let Some(m) = p.flex_models.iter().find(|m| !p.models.contains(m)) {
+                return bad(
+                    &format!("providers.{name}.flex_models"),
+                    format!("\"{m}\" is not one of this provider's models"),
+                );
+            }
+            if p.flex && !(1..=86_400).contains(&p.flex_timeout_secs) {
+                return bad(
+                    &format!("providers.{name}.flex_timeout_secs"),
+                    "must be between 1 and 86400".into(),
+                );
+            }
             if p.kind == ProviderKind::Anthropic && p.max_tokens_field != MaxTokensField::default()
             {
                 return bad(
@@ -1133,6 +1190,12 @@ impl Config {
         let p = &self.prices;
         if !(0.0..=1.0).contains(&p.batch_discount) {
             return bad("prices.batch_discount", "must be between 0 and 1".into());
+        }
+        if !(p.priority_multiplier.is_finite() && p.priority_multiplier >= 1.0) {
+            return bad(
+                "prices.priority_multiplier",
+                "must be a finite number of at least 1".into(),
+            );
         }
         for (model, m) in &p.models {
             for (field, v) in [
@@ -1278,6 +1341,11 @@ impl Config {
                         .filter(|(_, p)| p.batch == BatchUse::On)
                         .map(|(name, _)| name.clone()),
                 ),
+                service_tiers: self
+                    .providers
+                    .iter()
+                    .map(|(name, p)| (name.clone(), p.tier_options()))
+                    .collect(),
                 route_policy: RoutePolicy {
                     batch_window: Duration::from_secs(
                         self.batching.batch_api.completion_window_secs,
@@ -1498,6 +1566,55 @@ mod tests {
                 .contains("providers.anthropic.max_tokens_field"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn service_tier_keys_are_validated_by_name_and_reach_the_route_policy() {
+        let c = Config::from_toml_str(
+            "[providers.openai]\nflex = true\nflex_models = [\"gpt-5-mini\"]\n\
+             flex_fallback = \"batch_api\"\nflex_timeout_secs = 1200\npriority_tier_p1 = true\n",
+            "t",
+        )
+        .unwrap();
+        let o = &c.engine_settings().catalog.service_tiers["openai"];
+        assert!(o.flex && o.priority_p1 && o.flex_for("gpt-5-mini") && !o.flex_for("gpt-5"));
+        assert_eq!(o.flex_fallback, FlexFallback::BatchApi);
+        assert_eq!(o.flex_timeout, Duration::from_secs(1200));
+        let defaults = &Config::defaults()
+            .unwrap()
+            .engine_settings()
+            .catalog
+            .service_tiers;
+        assert!(defaults.values().all(|o| !o.flex && !o.priority_p1));
+        for (toml, key) in [
+            (
+                "[providers.anthropic]\nflex = true\n",
+                "providers.anthropic.flex",
+            ),
+            (
+                "[providers.anthropic]\npriority_tier_p1 = true\n",
+                "providers.anthropic.priority_tier_p1",
+            ),
+            (
+                "[providers.openai]\nflex_models = [\"claude-opus-4-1\"]\n",
+                "providers.openai.flex_models",
+            ),
+            (
+                "[providers.openai]\nflex = true\nflex_timeout_secs = 0\n",
+                "providers.openai.flex_timeout_secs",
+            ),
+            (
+                "[providers.openai]\nflex_fallback = \"later\"\n",
+                "flex_fallback",
+            ),
+            (
+                "[prices]\npriority_multiplier = 0.5\n",
+                "prices.priority_multiplier",
+            ),
+        ] {
+            let e = Config::from_toml_str(toml, "t").unwrap_err();
+            assert!(format!("{e:#}").contains(key), "{toml}: {e:#}");
+        }
     }
 
     #[test]

@@ -78,6 +78,9 @@ async fn main() -> std::process::ExitCode {
                 .await
                 .map(|_| ())
         }
+        Command::Bench(args) if args.routing => cmd::bench::routing::run(args.routing_plan())
+            .await
+            .map(|_| ()),
         Command::Bench(args) if args.cost => {
             cmd::bench::cost::run(args.cost_plan()).await.map(|_| ())
         }

@@ -55,6 +55,10 @@ pub fn parse_chat_completion(body: &[u8]) -> Result<Completion, String> {
         finish_reason,
         usage: read_usage(u),
         limits: Default::default(),
+        service_tier: map
+            .get("service_tier")
+            .and_then(Value::as_str)
+            .and_then(crate::task::ServiceTier::from_answer),
     })
 }
 

@@ -176,6 +176,7 @@ mod tests {
                 finish_reason: Some("stop".into()),
                 usage: Usage::default(),
                 limits: RateLimitInfo::default(),
+                service_tier: None,
             },
         }
     }

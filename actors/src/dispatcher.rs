@@ -63,7 +63,7 @@ use crate::call_claim::{self, ClaimCheck, ClaimGuard};
 use crate::context::EngineContext;
 use crate::dedupe::{self, Dedupe, Join, SharedAnswer};
 use crate::ledger::{new_call_id, CallRecord, CallState};
-use crate::messages::{Accepted, Batch, DispatcherMsg, RetryMsg};
+use crate::messages::{Accepted, AssemblerMsg, Batch, DispatcherMsg, RetryMsg};
 use crate::metrics;
 use crate::outcome::{self, deliver, deliver_unless_done, elapsed_ms, Final};
 use crate::ports::{CachedPrefix, Completion, Provider, ProviderError, Requeue};
@@ -71,7 +71,9 @@ use crate::prompt_warmth::{self, WarmPrefixes, Warmup};
 use crate::retry_scheduler::{classify, RouteFault, Verdict};
 use crate::route::{CallReport, CircuitReason, CircuitState, Report, RouteGate};
 use crate::routing::Route;
-use crate::task::{timestamp, ErrorKind, Outcome, RouteKind, Status, TaskError, Timings};
+use crate::task::{
+    timestamp, ErrorKind, Outcome, RouteKind, ServiceTier, Status, TaskError, Timings,
+};
 
 /// The Dispatcher actor.
 pub struct Dispatcher;
@@ -430,10 +432,12 @@ async fn run_task(
         Instant::now().checked_add(left)
     });
     let mut waited = Duration::ZERO;
-    let dedupe_key = ctx
-        .settings
-        .dedupe_window
-        .map(|_| Dedupe::key(provider, &a.plan.request));
+    let dedupe_key_of = |request: &Value| {
+        ctx.settings
+            .dedupe_window
+            .map(|_| Dedupe::key(provider, request))
+    };
+    let mut dedupe_key = dedupe_key_of(&a.plan.request);
     // Renews this replica's claim on its call until the task is done
     // here (its outcome durable, or handed on); dropped on every return.
     let mut _claim_guard: Option<ClaimGuard> = None;
@@ -528,16 +532,14 @@ async fn run_task(
             return;
         }
         let started = Instant::now();
-        let result = tokio::time::timeout(
-            ctx.settings.request_timeout,
-            route.provider.complete(&a.plan.request),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(ProviderError::Timeout {
-                message: format!("no answer within {:?}", ctx.settings.request_timeout),
-            })
-        });
+        let timeout = call_timeout(&ctx, provider, a.plan.service_tier);
+        let result = tokio::time::timeout(timeout, route.provider.complete(&a.plan.request))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProviderError::Timeout {
+                    message: format!("no answer within {timeout:?}"),
+                })
+            });
         let latency = started.elapsed();
         if let Some(warm) = warm_lead.take() {
             warm.finish(
@@ -594,6 +596,32 @@ async fn run_task(
                 } else if opened(&report) {
                     tracing::debug!(provider, model, reason = reason.as_str(), %error, "probe failed; route circuit open again");
                 }
+            }
+            Verdict::FlexUnavailable => {
+                // Not the route's trouble: no pause, no attempt, no bill.
+                route.gate.report(permit, CallReport::Neutral);
+                let to = a.plan.on_flex_refusal;
+                metrics::flex_fallback(
+                    provider,
+                    model,
+                    match to {
+                        RouteKind::Realtime => "standard",
+                        RouteKind::BatchApi => "batch_api",
+                    },
+                );
+                tracing::debug!(task_id = %task_id, to = to.as_str(), "flex capacity unavailable; falling back");
+                a.plan.leave_flex(to);
+                if to == RouteKind::BatchApi {
+                    match ctx.directory.assembler() {
+                        Some(asm) => {
+                            let _ = asm.cast(AssemblerMsg::Task(Box::new(a)));
+                        }
+                        // No assembler: the lease naks on drop.
+                        None => drop(a),
+                    }
+                    return;
+                }
+                dedupe_key = dedupe_key_of(&a.plan.request);
             }
             Verdict::Permanent => {
                 route.gate.report(permit, CallReport::Neutral);
@@ -819,14 +847,14 @@ async fn start_call(ctx: &EngineContext, a: &Accepted, model: &str) -> Call {
     let estimate = ctx
         .settings
         .prices
-        .estimate_picousd(model, prompt, output)
+        .tier_estimate_picousd(model, prompt, output, a.plan.service_tier)
         .unwrap_or(0);
     let call_id = new_call_id(
         &a.task.task_id,
         a.task.generation,
         a.attempts_before.saturating_add(1),
     );
-    let record = CallRecord::started(
+    let mut record = CallRecord::started(
         &a.task.task_id,
         call_id,
         &a.task.tenant,
@@ -835,6 +863,7 @@ async fn start_call(ctx: &EngineContext, a: &Accepted, model: &str) -> Call {
         now,
         estimate,
     );
+    record.service_tier = a.plan.service_tier;
     match ctx.calls.record(record.clone()).await {
         Ok(()) => (record, true),
         Err(e) => {
@@ -867,10 +896,11 @@ async fn finish_call(
 ) {
     match result {
         Ok(c) => {
+            record.service_tier = c.service_tier.unwrap_or(record.service_tier);
             let cost = ctx
                 .settings
                 .prices
-                .cost_picousd(&record.model, &c.usage, record.route)
+                .tier_cost_picousd(&record.model, &c.usage, record.route, record.service_tier)
                 .map_or(0, |cost| crate::pricing::scale(cost, price_multiplier));
             record.finish(c.usage, cost, ctx.clock.now());
         }
@@ -966,6 +996,16 @@ fn verdict_label(v: Verdict) -> &'static str {
         Verdict::RouteDown(_) => "route_down",
         Verdict::Permanent => "rejected",
         Verdict::Retry | Verdict::Exhausted => "transient",
+        Verdict::FlexUnavailable => "flex_unavailable",
+    }
+}
+
+/// How long a call at `tier` may take: the provider's `flex_timeout_secs`
+/// for flex, else the request timeout.
+fn call_timeout(ctx: &EngineContext, provider: &str, tier: ServiceTier) -> Duration {
+    match (tier, ctx.settings.catalog.service_tiers.get(provider)) {
+        (ServiceTier::Flex, Some(o)) => o.flex_timeout,
+        _ => ctx.settings.request_timeout,
     }
 }
 
@@ -981,10 +1021,11 @@ fn succeeded(
     let now = Utc::now();
     let task = &a.task;
     // The same figure as the call's ledger record (see `finish_call`).
+    let service_tier = c.service_tier.unwrap_or(a.plan.service_tier);
     let cost_usd = ctx
         .settings
         .prices
-        .cost_picousd(model, &c.usage, RouteKind::Realtime)
+        .tier_cost_picousd(model, &c.usage, RouteKind::Realtime, service_tier)
         .map_or(0.0, |cost| {
             crate::pricing::usd(crate::pricing::scale(cost, a.price_multiplier))
         });
@@ -1010,6 +1051,7 @@ fn succeeded(
             model: Some(model.to_owned()),
             provider: Some(provider.to_owned()),
             route: Some(RouteKind::Realtime),
+            service_tier: Some(service_tier),
             tier: a.plan.tier.as_ref().map(|c| c.tier),
             tier_reason: a.plan.tier.as_ref().map(|c| c.reason.clone()),
             shared_call: false,

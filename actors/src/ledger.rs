@@ -39,7 +39,7 @@ use chrono::{DateTime, Datelike, Duration as Span, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::pricing::Picousd;
-use crate::task::{RouteKind, Usage};
+use crate::task::{RouteKind, ServiceTier, Usage};
 
 /// Key prefix of call sheets (in the calls bucket).
 pub const SHEET_PREFIX: &str = "sheet.";
@@ -83,6 +83,9 @@ pub struct CallRecord {
     pub priority: u8,
     /// How it was sent.
     pub route: RouteKind,
+    /// The service tier asked for, then the one that served it (priced so).
+    #[serde(default, skip_serializing_if = "ServiceTier::is_default")]
+    pub service_tier: ServiceTier,
     /// When the request went out (ledger clock).
     pub started_at: DateTime<Utc>,
     /// The UTC day it is counted on: the day it finished, or started when
@@ -120,6 +123,7 @@ impl CallRecord {
             model: model.to_owned(),
             priority,
             route: RouteKind::Realtime,
+            service_tier: ServiceTier::Default,
             started_at: at,
             day: day_of(at),
             estimate_picousd,

@@ -54,6 +54,8 @@ pub const PROVIDER_REQUESTS_TOTAL: &str = "batchd_provider_requests_total";
 pub const PROVIDER_REQUEST_SECONDS: &str = "batchd_provider_request_seconds";
 /// 429 answers seen.
 pub const RATE_LIMITED_TOTAL: &str = "batchd_rate_limited_total";
+/// Flex calls refused for want of flex capacity, by where the task went.
+pub const FLEX_FALLBACKS_TOTAL: &str = "batchd_flex_fallbacks_total";
 /// 1 while a route waits out a Retry-After.
 pub const ROUTE_PAUSED: &str = "batchd_route_paused";
 /// Tasks sent back for another attempt, by reason.
@@ -94,9 +96,10 @@ pub const SECONDS_HISTOGRAMS: [&str; 3] = [
 pub const HISTOGRAMS: [&str; 5] = concat(SECONDS_HISTOGRAMS, [BATCH_SIZE, BATCH_FILL_RATIO]);
 
 /// Every metric name above: rules and dashboards may use these and no others.
-pub const ALL: [&str; 31] = concat(
+pub const ALL: [&str; 32] = concat(
     HISTOGRAMS,
     [
+        FLEX_FALLBACKS_TOTAL,
         QUEUE_DEPTH,
         OLDEST_TASK_AGE_SECONDS,
         TASKS_RECEIVED_TOTAL,
@@ -160,8 +163,16 @@ pub fn is_exported(series: &str) -> bool {
 }
 
 /// Every `outcome` label of [`PROVIDER_REQUESTS_TOTAL`].
-pub const PROVIDER_OUTCOMES: [&str; 5] =
-    ["ok", "rate_limited", "route_down", "rejected", "transient"];
+pub const PROVIDER_OUTCOMES: [&str; 6] = [
+    "ok",
+    "rate_limited",
+    "route_down",
+    "rejected",
+    "transient",
+    "flex_unavailable",
+];
+/// Every `to` label of [`FLEX_FALLBACKS_TOTAL`].
+pub const FLEX_FALLBACK_TARGETS: [&str; 2] = ["standard", "batch_api"];
 /// Every `reason` label of [`RETRIES_TOTAL`].
 pub const RETRY_REASONS: [&str; 4] = ["server_error", "timeout", "conflict", "connection"];
 /// Every `kind` label of [`TOKENS_TOTAL`].
@@ -269,6 +280,13 @@ pub fn parked() {
 /// A task handed back because another replica holds the claim on its call.
 pub fn claimed_elsewhere() {
     counter!(CALLS_CLAIMED_ELSEWHERE_TOTAL).increment(1);
+}
+
+/// A flex call refused (429 resource unavailable); the task went `to`
+/// (`standard` or `batch_api`).
+pub fn flex_fallback(provider: &str, model: &str, to: &'static str) {
+    counter!(FLEX_FALLBACKS_TOTAL, "provider" => provider.to_owned(), "model" => model.to_owned(), "to" => to)
+        .increment(1);
 }
 
 /// A task answered from a call made for an identical request.
@@ -392,6 +410,7 @@ fn help(name: &str) -> Option<&'static str> {
         PROVIDER_REQUESTS_TOTAL => "Provider requests by outcome",
         PROVIDER_REQUEST_SECONDS => "Provider request duration",
         RATE_LIMITED_TOTAL => "429 answers from providers",
+        FLEX_FALLBACKS_TOTAL => "Flex calls refused for want of capacity (429 resource_unavailable), by where the task went",
         ROUTE_PAUSED => "1 while a route waits out a Retry-After",
         RETRIES_TOTAL => "Tasks sent back for another attempt, by reason",
         ROUTE_CONCURRENCY_LIMIT => "Adaptive concurrency limit per route",
@@ -545,6 +564,10 @@ pub fn init(known: &KnownLabels) {
         let _ =
             histogram!(PROVIDER_REQUEST_SECONDS, "provider" => pr.clone(), "model" => mo.clone());
         counter!(RATE_LIMITED_TOTAL, "provider" => pr.clone(), "model" => mo.clone()).increment(0);
+        for to in FLEX_FALLBACK_TARGETS {
+            counter!(FLEX_FALLBACKS_TOTAL, "provider" => pr.clone(), "model" => mo.clone(), "to" => to)
+                .increment(0);
+        }
         gauge!(ROUTE_PAUSED, "provider" => pr.clone(), "model" => mo.clone()).increment(0.0);
         for reason in CIRCUIT_REASONS {
             gauge!(ROUTE_CIRCUIT_OPEN, "provider" => pr.clone(), "model" => mo.clone(), "reason" => reason)

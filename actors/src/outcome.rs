@@ -62,6 +62,7 @@ pub fn failed(
             provider: provider.map(str::to_owned),
             // Only a task that reached a provider has a route.
             route: provider.map(|_| RouteKind::Realtime),
+            service_tier: None,
             attempts,
             batch_id: batch_id.map(str::to_owned),
             metadata: task.metadata.clone(),

@@ -398,6 +398,9 @@ pub struct Completion {
     pub usage: Usage,
     /// The rate-limit headers that came with it.
     pub limits: RateLimitInfo,
+    /// The service tier the answer says served it (`service_tier`), when
+    /// it says.
+    pub service_tier: Option<crate::task::ServiceTier>,
 }
 
 /// How a provider request failed, which decides what happens to the task.
@@ -414,6 +417,14 @@ pub enum ProviderError {
     /// 429 `insufficient_quota`: the account is out of credit; no wait helps.
     #[error("quota exhausted: {message}")]
     QuotaExhausted {
+        /// The provider's message.
+        message: String,
+    },
+    /// 429 `resource_unavailable` to a `service_tier: "flex"` call: flex
+    /// capacity is short right now. Not billed, not a rate limit and not
+    /// an attempt: the call falls back to the default tier or a batch job.
+    #[error("flex capacity unavailable: {message}")]
+    FlexUnavailable {
         /// The provider's message.
         message: String,
     },

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::task::{RouteKind, Usage};
+use crate::task::{RouteKind, ServiceTier, Usage};
 
 /// USD per million tokens for one model.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -37,12 +37,21 @@ pub struct PriceTable {
     /// Discount for Batch API jobs, as a fraction (0.5 = half price).
     #[serde(default = "default_batch_discount")]
     pub batch_discount: f64,
+    /// The price of the `priority` service tier as a multiple of the
+    /// standard price (OpenAI charges about 1.75x). The `flex` tier is
+    /// priced at the Batch API rate (`batch_discount` off).
+    #[serde(default = "default_priority_multiplier")]
+    pub priority_multiplier: f64,
     /// Prices by model name.
     pub models: BTreeMap<String, ModelPrice>,
 }
 
 fn default_batch_discount() -> f64 {
     0.5
+}
+
+fn default_priority_multiplier() -> f64 {
+    1.75
 }
 
 /// An amount in pico-dollars (10⁻¹² USD).
@@ -72,17 +81,34 @@ impl PriceTable {
     /// model has no price. (Off-peak prices are `[offpeak] price_multiplier`,
     /// applied per task with [`scale`].)
     pub fn cost_picousd(&self, model: &str, usage: &Usage, route: RouteKind) -> Option<Picousd> {
+        self.tier_cost_picousd(model, usage, route, ServiceTier::Default)
+    }
+
+    /// The cost of a call served at `tier`: flex at the batch rate,
+    /// priority at `priority_multiplier` times the standard price (a batch
+    /// job always at the batch rate).
+    pub fn tier_cost_picousd(
+        &self,
+        model: &str,
+        usage: &Usage,
+        route: RouteKind,
+        tier: ServiceTier,
+    ) -> Option<Picousd> {
         let p = self.models.get(model)?;
-        let factor = match route {
-            RouteKind::Realtime => 1.0,
-            RouteKind::BatchApi => 1.0 - self.batch_discount,
+        let factor = match (route, tier) {
+            (RouteKind::BatchApi, _) | (RouteKind::Realtime, ServiceTier::Flex) => {
+                1.0 - self.batch_discount
+            }
+            (RouteKind::Realtime, ServiceTier::Priority) => self.priority_multiplier,
+            (RouteKind::Realtime, ServiceTier::Default) => 1.0,
         };
         Some(scale(cost(p, usage), factor))
     }
 
     /// An upper bound of a call's cost before it is made: every prompt token
     /// at the uncached (or cache-write, if higher) rate and the whole output
-    /// limit at the output rate.
+    /// limit at the output rate (at the priority tier, times
+    /// `priority_multiplier`: [`PriceTable::tier_estimate_picousd`]).
     pub fn estimate_picousd(
         &self,
         model: &str,
@@ -96,6 +122,21 @@ impl PriceTable {
                 .saturating_mul(input)
                 .saturating_add(max_output_tokens.saturating_mul(per_token(p.output))),
         )
+    }
+
+    /// [`PriceTable::estimate_picousd`] for a call at `tier`.
+    pub fn tier_estimate_picousd(
+        &self,
+        model: &str,
+        prompt_tokens: u64,
+        max_output_tokens: u64,
+        tier: ServiceTier,
+    ) -> Option<Picousd> {
+        let e = self.estimate_picousd(model, prompt_tokens, max_output_tokens)?;
+        Some(match tier {
+            ServiceTier::Priority => scale(e, self.priority_multiplier.max(1.0)),
+            ServiceTier::Default | ServiceTier::Flex => e,
+        })
     }
 }
 
@@ -150,6 +191,7 @@ mod tests {
         let table = PriceTable {
             as_of: "2026-01-01".into(),
             batch_discount: 0.5,
+            priority_multiplier: 1.75,
             models: [(
                 "m".to_owned(),
                 ModelPrice {
@@ -184,6 +226,7 @@ mod tests {
         PriceTable {
             as_of: "2026-01-01".into(),
             batch_discount: 0.5,
+            priority_multiplier: 1.75,
             models: [("m".to_owned(), p)].into(),
         }
     }
@@ -285,5 +328,28 @@ mod tests {
         assert!(t
             .cost("x", &Usage::default(), RouteKind::Realtime)
             .is_none());
+    }
+
+    #[test]
+    fn flex_is_priced_at_the_batch_rate_and_priority_at_the_premium() {
+        let t = table(MINI);
+        let u = usage(812, 768, 41);
+        let full = cost(&MINI, &u);
+        let at = |tier| t.tier_cost_picousd("m", &u, RouteKind::Realtime, tier);
+        assert_eq!(at(ServiceTier::Default), Some(full));
+        assert_eq!(at(ServiceTier::Flex), Some(full / 2));
+        assert_eq!(
+            at(ServiceTier::Flex),
+            t.cost_picousd("m", &u, RouteKind::BatchApi)
+        );
+        assert_eq!(
+            at(ServiceTier::Priority),
+            Some((full as f64 * 1.75).round() as Picousd)
+        );
+        // A priority call's estimate still bounds its cost.
+        let est = t
+            .tier_estimate_picousd("m", 812, 41, ServiceTier::Priority)
+            .unwrap();
+        assert!(at(ServiceTier::Priority).unwrap() <= est);
     }
 }

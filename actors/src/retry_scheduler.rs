@@ -50,6 +50,9 @@ pub enum Verdict {
     RouteDown(RouteFault),
     /// The request itself is refused: `provider_rejected` and a dead letter.
     Permanent,
+    /// A flex call refused for want of flex capacity: no attempt, no pause;
+    /// the task falls back to the default tier or a batch job at once.
+    FlexUnavailable,
 }
 
 /// Classifies a failed call of a task that has spent `attempts` (this call
@@ -57,6 +60,7 @@ pub enum Verdict {
 pub fn classify(error: &ProviderError, attempts: u32, policy: &RetryPolicy) -> Verdict {
     match error {
         ProviderError::RateLimited { .. } => Verdict::RateLimited,
+        ProviderError::FlexUnavailable { .. } => Verdict::FlexUnavailable,
         ProviderError::QuotaExhausted { .. } => Verdict::RouteDown(RouteFault::QuotaExhausted),
         ProviderError::Rejected { status, .. } => match status {
             401 | 403 => Verdict::RouteDown(RouteFault::Unauthorized),

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::codec::quote;
-use crate::route_policy::{RouteAsk, RoutePolicy, RoutePreference};
-use crate::task::{Payload, RouteKind, Task, Tier};
+use crate::route_policy::{RouteAsk, RoutePolicy, RoutePreference, TierOptions};
+use crate::task::{Payload, RouteKind, ServiceTier, Task, Tier};
 
 /// A task type from the config: how to turn `{"text","options"}` into a prompt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -273,6 +273,9 @@ pub struct Catalog {
     pub batch_providers: BatchProviders,
     /// When a task goes by batch job.
     pub route_policy: RoutePolicy,
+    /// The service tiers each provider offers, by provider name (none: the
+    /// default tier only).
+    pub service_tiers: HashMap<String, TierOptions>,
 }
 
 /// A routed task: the route, the request body and the batching key.
@@ -293,6 +296,24 @@ pub struct Plan {
     pub system_chars: usize,
     /// The tier chosen and why; `None` when the task named its model.
     pub tier: Option<TierChoice>,
+    /// The service tier its realtime call asks for (sent as the body's
+    /// `service_tier` unless `default`).
+    pub service_tier: ServiceTier,
+    /// Where a refused flex call sends it: the default tier (`Realtime`)
+    /// or a batch job (`BatchApi`).
+    pub on_flex_refusal: RouteKind,
+}
+
+impl Plan {
+    /// Leaves the flex tier: the same request at the default tier, sent
+    /// `kind` (realtime again, or in a batch job).
+    pub fn leave_flex(&mut self, kind: RouteKind) {
+        self.service_tier = ServiceTier::Default;
+        self.kind = kind;
+        if let Some(body) = self.request.as_object_mut() {
+            body.remove("service_tier");
+        }
+    }
 }
 
 /// The task type a `{"text"}` payload without a `type` is rendered through.
@@ -390,27 +411,39 @@ pub fn plan(task: &Task, catalog: &Catalog, now: DateTime<Utc>) -> Result<Plan, 
         .filter(|_| matches!(task.payload, Payload::Text { .. }))
         .map_or("", |tt| template_head(&tt.template));
     let (prefix, system_chars) = prefix_hash(&body, head);
-    let kind = catalog.route_policy.decide(
-        RouteAsk {
-            priority: task.priority,
-            task: task.route,
-            task_type: task_type.and_then(|t| t.route),
-            provider_allows_batch: catalog.batch_providers.contains(provider),
-            deadline: task.deadline,
-        },
-        now,
-    );
+    let ask = RouteAsk {
+        priority: task.priority,
+        task: task.route,
+        task_type: task_type.and_then(|t| t.route),
+        provider_allows_batch: catalog.batch_providers.contains(provider),
+        deadline: task.deadline,
+    };
+    let kind = catalog.route_policy.decide(ask, now);
+    let service = catalog
+        .service_tiers
+        .get(provider)
+        .map(|o| o.decide(ask, kind, &model))
+        .unwrap_or(crate::route_policy::ServiceTierChoice {
+            tier: ServiceTier::Default,
+            on_refusal: RouteKind::Realtime,
+        });
+    let mut request = Value::Object(body);
+    if !service.tier.is_default() {
+        request["service_tier"] = Value::String(service.tier.as_str().to_owned());
+    }
     Ok(Plan {
         kind,
         route: Route {
             provider: provider.clone(),
             model,
         },
-        request: Value::Object(body),
+        request,
         prefix,
         prefix_chars: system_chars + head.len(),
         system_chars,
         tier,
+        service_tier: service.tier,
+        on_flex_refusal: service.on_refusal,
     })
 }
 
@@ -546,6 +579,7 @@ mod tests {
                 .collect(),
             batch_providers: BatchProviders::new(["p".to_owned()]),
             route_policy: RoutePolicy::default(),
+            service_tiers: HashMap::new(),
         }
     }
 
@@ -828,5 +862,42 @@ mod tests {
             chat.prefix_chars, 14,
             "a chat payload shares its system message"
         );
+    }
+
+    #[test]
+    fn a_flex_plan_sends_service_tier_and_leaving_flex_removes_it() {
+        let mut c = catalog();
+        c.service_tiers.insert(
+            "p".into(),
+            TierOptions {
+                flex: true,
+                flex_fallback: crate::route_policy::FlexFallback::BatchApi,
+                ..TierOptions::default()
+            },
+        );
+        let mut t = task(Payload::Text {
+            text: "x".into(),
+            options: Map::new(),
+        });
+        t.priority = crate::task::Priority::P3;
+        // A deadline inside the batch window: realtime, at the flex tier.
+        t.deadline = Some(Utc::now() + chrono::Duration::hours(1));
+        let mut p = plan(&t, &c, Utc::now()).unwrap();
+        assert_eq!(
+            (p.kind, p.service_tier, p.on_flex_refusal),
+            (RouteKind::Realtime, ServiceTier::Flex, RouteKind::BatchApi)
+        );
+        assert_eq!(p.request["service_tier"], "flex");
+        p.leave_flex(RouteKind::BatchApi);
+        assert_eq!(
+            (p.kind, p.service_tier),
+            (RouteKind::BatchApi, ServiceTier::Default)
+        );
+        assert!(p.request.get("service_tier").is_none());
+        // Far enough for a batch job: no tier at all.
+        t.deadline = None;
+        let p = plan(&t, &c, Utc::now()).unwrap();
+        assert_eq!(p.kind, RouteKind::BatchApi);
+        assert!(p.request.get("service_tier").is_none());
     }
 }

@@ -337,6 +337,50 @@ impl RouteKind {
     }
 }
 
+/// The service tier a realtime call asked for and was served at (OpenAI's
+/// `service_tier`): `flex` at Batch API rates, slower and sometimes refused;
+/// `priority` faster at a premium.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceTier {
+    /// The provider's standard processing (no `service_tier` sent).
+    #[default]
+    Default,
+    /// Flex processing.
+    Flex,
+    /// Priority processing.
+    Priority,
+}
+
+impl ServiceTier {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceTier::Default => "default",
+            ServiceTier::Flex => "flex",
+            ServiceTier::Priority => "priority",
+        }
+    }
+
+    /// The tier a provider's answer names (`service_tier` of a chat
+    /// completion); `None` for a name that is not one of these (`auto`).
+    pub fn from_answer(name: &str) -> Option<ServiceTier> {
+        match name {
+            "default" => Some(ServiceTier::Default),
+            "flex" => Some(ServiceTier::Flex),
+            "priority" | "fast" => Some(ServiceTier::Priority),
+            _ => None,
+        }
+    }
+
+    /// True for the default tier (skipped on the wire).
+    pub fn is_default(&self) -> bool {
+        *self == ServiceTier::Default
+    }
+}
+
 /// Time spent, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timings {
@@ -367,6 +411,10 @@ pub struct Outcome {
     pub provider: Option<String>,
     /// How it was sent.
     pub route: Option<RouteKind>,
+    /// The service tier that served a realtime call (`default`, `flex` or
+    /// `priority`); absent for batch jobs and tasks that made no call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_tier: Option<ServiceTier>,
     /// The tier its model was picked from (absent when the task named a model).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<Tier>,
@@ -424,6 +472,7 @@ impl Outcome {
             model: None,
             provider: None,
             route: None,
+            service_tier: None,
             tier: None,
             tier_reason: None,
             shared_call: false,
@@ -498,6 +547,7 @@ mod tests {
             model: None,
             provider: None,
             route: Some(RouteKind::Realtime),
+            service_tier: None,
             tier: None,
             tier_reason: None,
             shared_call: false,

@@ -37,6 +37,7 @@ pub(crate) mod fixtures {
             model: Some("gpt-4.1-nano".into()),
             provider: Some("openai".into()),
             route: Some(RouteKind::Realtime),
+            service_tier: None,
             tier: None,
             tier_reason: None,
             shared_call: false,

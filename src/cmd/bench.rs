@@ -29,13 +29,17 @@
 //! throughput of 1, 2 and 3 replicas on a single server and on a 3-node
 //! cluster. With `--cost`, [`cost`] alone runs instead: the reference
 //! workload naive, with batchd's defaults and with every cost lever on,
-//! each priced from the simulated provider's bill.
+//! each priced from the simulated provider's bill. With `--routing`,
+//! [`routing`] alone runs instead: the demo's workload realtime only, with
+//! the Batch API for priority 3, and with the Batch API and flex: cost from
+//! the simulator's bill and priority-3 latency.
 
 pub mod backlog;
 mod capacity;
 pub mod cost;
 pub mod preemption;
 pub mod replicas;
+pub mod routing;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -67,7 +71,7 @@ pub const BAR: f64 = 0.25;
 /// Arguments of `batchd bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Tasks per phase (default 20,000; 10,000 with --cost)
+    /// Tasks per phase (default 20,000; 10,000 with --cost; 5,000 with --routing)
     #[arg(long)]
     pub tasks: Option<usize>,
     /// Use this NATS server instead of a private one per phase (each phase
@@ -139,19 +143,46 @@ pub struct BenchArgs {
     /// simulated provider's bill
     #[arg(long)]
     pub cost: bool,
-    /// Seed of the --cost workload
+    /// Seed of the --cost and --routing workloads
     #[arg(long, default_value_t = 42)]
     pub cost_seed: u64,
-    /// Seconds the simulated provider takes to finish a batch job (--cost)
+    /// Seconds the simulated provider takes to finish a batch job (--cost,
+    /// --routing)
     #[arg(long, default_value_t = 5.0)]
     pub batch_secs: f64,
+    /// Instead of the phases: the demo's workload realtime only, with the
+    /// Batch API for priority 3, and with the Batch API and flex for the
+    /// priority-3 tasks whose deadline is too close for a batch window; cost
+    /// from the simulated provider's bill and priority-3 latency of each
+    #[arg(long)]
+    pub routing: bool,
+    /// Share of the --routing workload's priority-3 tasks given a deadline
+    /// two hours away (0.0..=1.0)
+    #[arg(long, default_value_t = 0.33, value_parser = crate::sim::parse_fraction)]
+    pub routing_near_share: f64,
 }
 
 impl BenchArgs {
     /// Tasks per phase.
     pub fn task_count(&self) -> usize {
-        self.tasks
-            .unwrap_or(if self.cost { 10_000 } else { 20_000 })
+        self.tasks.unwrap_or(if self.routing {
+            5_000
+        } else if self.cost {
+            10_000
+        } else {
+            20_000
+        })
+    }
+
+    /// What `--routing` runs.
+    pub fn routing_plan(&self) -> routing::RoutingPlan {
+        routing::RoutingPlan {
+            tasks: u64::try_from(self.task_count()).unwrap_or(u64::MAX),
+            seed: self.cost_seed,
+            batch_secs: self.batch_secs,
+            near_share: self.routing_near_share,
+            timeout: Duration::from_secs(self.timeout),
+        }
     }
 
     /// What `--cost` runs.

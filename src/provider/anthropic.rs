@@ -231,6 +231,7 @@ pub fn completion_of(m: &Message) -> Result<Completion, String> {
         finish_reason: m.stop_reason.as_deref().map(finish_reason),
         usage: inclusive_usage(&m.usage),
         limits: Default::default(),
+        service_tier: None,
     })
 }
 

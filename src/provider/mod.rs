@@ -290,6 +290,7 @@ impl Provider for InstantProvider {
                 ..Usage::default()
             },
             limits: Default::default(),
+            service_tier: None,
         })
     }
 }

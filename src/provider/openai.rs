@@ -77,8 +77,16 @@ impl Provider for OpenAiProvider {
         if code == 429 && kind.as_deref() == Some("insufficient_quota") {
             return Err(ProviderError::QuotaExhausted { message });
         }
+        if code == 429 && is_flex(request) && kind.as_deref() == Some("resource_unavailable") {
+            return Err(ProviderError::FlexUnavailable { message });
+        }
         Err(status_error(code, answer.limits, message))
     }
+}
+
+/// True for a request that asks for the flex service tier.
+fn is_flex(request: &Value) -> bool {
+    request.get("service_tier").and_then(Value::as_str) == Some("flex")
 }
 
 /// The request with `max_completion_tokens` renamed `max_tokens` (unless the

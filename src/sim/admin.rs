@@ -6,7 +6,12 @@
 //! - `DELETE /sim/faults`: removes every fault, `{"cleared": n}`.
 //! - `GET /sim/stats`: the totals of [`SimStats`] and `models`, the same
 //!   counters per model.
-//! - `GET /sim/bill`: billed tokens per model (requests answered with a 200).
+//! - `GET /sim/bill`: billed tokens per model (requests answered with a 200
+//!   at the default tier).
+//! - `GET /sim/tiers`: `{"flex": {...}, "priority": {...}, "flex_models": [...]}`:
+//!   the bills of the answers served at the flex tier (priced at the batch
+//!   rate) and at the priority tier (priced at the priority premium), and
+//!   the models that take flex.
 //! - `POST /sim/clock/reset`: the faults' clock starts again at zero.
 //! - `GET /sim/batches`: `{"created": n, "bill": {...}, "faults": {...}}`:
 //!   batches created (OpenAI Batches and Anthropic Message Batches), the
@@ -46,6 +51,7 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         )
         .route("/sim/stats", get(stats).fallback(invalid_url))
         .route("/sim/bill", get(bill).fallback(invalid_url))
+        .route("/sim/tiers", get(tier_bills).fallback(invalid_url))
         .route("/sim/clock/reset", post(reset_clock).fallback(invalid_url))
         .route("/sim/batches", get(batches).fallback(invalid_url))
         .route(
@@ -120,6 +126,15 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn bill(State(shared): State<Arc<Shared>>) -> Response {
     json_response(StatusCode::OK, &shared.bill())
+}
+
+async fn tier_bills(State(shared): State<Arc<Shared>>) -> Response {
+    let report = serde_json::json!({
+        "flex": shared.flex_bill(),
+        "priority": shared.priority_bill(),
+        "flex_models": shared.flex_models(),
+    });
+    json_response(StatusCode::OK, &report)
 }
 
 fn batch_report(shared: &Shared) -> Response {

@@ -86,6 +86,7 @@ mod prompt_cache;
 mod rate_limit;
 mod request;
 mod service;
+mod tiers;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -103,6 +104,7 @@ pub use fault::{
 };
 use listener::FaultListener;
 use service::Shared;
+pub use tiers::{TierConfig, DEFAULT_FLEX_MODELS};
 
 /// How long `shutdown` lets in-flight requests finish before cutting them off.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -158,6 +160,34 @@ pub struct SimArgs {
     /// like an OpenAI-compatible server without a Batch API
     #[arg(long)]
     pub no_batch_api: bool,
+    /// Latency of a `service_tier: "flex"` answer, as a multiple of the
+    /// default tier's
+    #[arg(long, default_value_t = 3.0, value_parser = parse_factor)]
+    pub flex_latency_factor: f64,
+    /// Fraction of flex requests refused with 429 `resource_unavailable`
+    /// (0.0..=1.0; seeded)
+    #[arg(long, default_value_t = 0.02, value_parser = parse_fraction)]
+    pub flex_unavailable_rate: f64,
+    /// Latency of a `service_tier: "priority"` answer, as a multiple of the
+    /// default tier's
+    #[arg(long, default_value_t = 0.5, value_parser = parse_factor)]
+    pub priority_latency_factor: f64,
+    /// A model that takes `service_tier: "flex"`, repeatable; others answer
+    /// at the default tier. Default: gpt-5, gpt-5-mini, gpt-5-nano, o3, o4-mini
+    #[arg(long = "flex-model", value_name = "MODEL")]
+    pub flex_models: Vec<String>,
+}
+
+/// A command-line latency factor: a finite number, at least 0.
+pub fn parse_factor(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number"))?;
+    if value.is_finite() && value >= 0.0 {
+        Ok(value)
+    } else {
+        Err(format!("{value} is not a finite number of at least 0"))
+    }
 }
 
 /// A command-line fraction in `0.0..=1.0` (error rates).
@@ -198,6 +228,8 @@ pub struct SimConfig {
     /// enter the prompt cache that long after it is admitted (`1.0`: when it
     /// is answered; `0.0`: at once). Clamped to `0.0..=1.0`.
     pub prefill_share: f64,
+    /// How the `flex` and `priority` service tiers behave.
+    pub tiers: TierConfig,
 }
 
 impl Default for SimConfig {
@@ -213,6 +245,7 @@ impl Default for SimConfig {
             record_requests: false,
             batch_duration: Duration::from_secs(1),
             prefill_share: 1.0,
+            tiers: TierConfig::default(),
         }
     }
 }
@@ -234,6 +267,11 @@ impl From<&SimArgs> for SimConfig {
             batch_duration: Duration::try_from_secs_f64(args.batch_secs.max(0.0))
                 .unwrap_or(Duration::from_secs(30)),
             prefill_share: args.prefill_share,
+            tiers: TierConfig {
+                flex_latency_factor: args.flex_latency_factor,
+                flex_unavailable_rate: args.flex_unavailable_rate,
+                priority_latency_factor: args.priority_latency_factor,
+            },
         }
     }
 }
@@ -291,6 +329,8 @@ pub struct SimStats {
     pub not_found: u64,
     /// Answered by a `quota` fault (429 `insufficient_quota`).
     pub quota_errors: u64,
+    /// Flex requests refused with a 429 `resource_unavailable` (not billed).
+    pub resource_unavailable: u64,
     /// Connections dropped because a `refuse` window opened (always 0 per
     /// model). Connections refused while closed never reach the simulator
     /// and are not counted.
@@ -397,6 +437,25 @@ impl SimServer {
         self.shared.batch_bill()
     }
 
+    /// The flex part of the bill: tokens of the answers served at the flex
+    /// tier, per model, to be priced at the batch rate (the price table's
+    /// `batch_discount` off), as OpenAI prices flex.
+    pub fn flex_bill(&self) -> BTreeMap<String, SimBill> {
+        self.shared.flex_bill()
+    }
+
+    /// The priority part of the bill: tokens of the answers served at the
+    /// priority tier, per model, to be priced at the priority premium.
+    pub fn priority_bill(&self) -> BTreeMap<String, SimBill> {
+        self.shared.priority_bill()
+    }
+
+    /// Models that take `service_tier: "flex"` from now on (default
+    /// [`DEFAULT_FLEX_MODELS`]).
+    pub fn set_flex_models(&self, models: Vec<String>) {
+        self.shared.set_flex_models(models);
+    }
+
     /// How many batches were created (`POST /v1/batches` or `POST
     /// /v1/messages/batches` answered 200).
     pub fn batch_creations(&self) -> u64 {
@@ -482,6 +541,9 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let server = SimServer::start(args.addr, SimConfig::from(&args)).await?;
     server.shared.add_faults(faults)?;
     server.set_batch_api(!args.no_batch_api);
+    if !args.flex_models.is_empty() {
+        server.set_flex_models(args.flex_models.clone());
+    }
     let base_url = server.base_url();
     println!("batchd sim: simulated OpenAI-compatible provider at {base_url}");
     println!(
@@ -492,6 +554,13 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         limit_text(args.rpm),
         limit_text(args.tpm),
         args.seed
+    );
+    println!(
+        "  flex for {} ({}x latency, {} refused), priority {}x latency",
+        server.shared.flex_models().join(", "),
+        args.flex_latency_factor,
+        args.flex_unavailable_rate,
+        args.priority_latency_factor
     );
     for fault in server.faults() {
         println!("  fault {fault}");
@@ -505,8 +574,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     server.shutdown().await;
     println!(
         "batchd sim: served {} requests: {} succeeded, {} rate limited, {} server errors, \
-         {} bad requests, {} unavailable, {} auth errors, {} not found, {} quota errors; \
-         {} connections dropped",
+         {} bad requests, {} unavailable, {} auth errors, {} not found, {} quota errors, \
+         {} flex refusals; {} connections dropped",
         stats.requests,
         stats.succeeded,
         stats.rate_limited,
@@ -516,6 +585,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         stats.auth_errors,
         stats.not_found,
         stats.quota_errors,
+        stats.resource_unavailable,
         stats.dropped_connections
     );
     Ok(())
@@ -578,6 +648,48 @@ mod tests {
             .sim;
         assert_eq!(SimConfig::from(&args).error_rate, 0.25);
         assert_eq!(SimConfig::from(&args).rpm, 600);
+    }
+
+    #[test]
+    fn cli_takes_the_service_tier_knobs_and_refuses_bad_ones() {
+        let args = Cli::try_parse_from(["sim"]).unwrap().sim;
+        let tiers = SimConfig::from(&args).tiers;
+        assert_eq!(
+            (
+                tiers.flex_latency_factor,
+                tiers.flex_unavailable_rate,
+                tiers.priority_latency_factor
+            ),
+            (3.0, 0.02, 0.5)
+        );
+        assert!(args.flex_models.is_empty());
+        let args = Cli::try_parse_from([
+            "sim",
+            "--flex-latency-factor",
+            "5",
+            "--flex-unavailable-rate",
+            "0.1",
+            "--flex-model",
+            "gpt-4.1-mini",
+            "--flex-model",
+            "gpt-5",
+        ])
+        .unwrap()
+        .sim;
+        assert_eq!(SimConfig::from(&args).tiers.flex_latency_factor, 5.0);
+        assert_eq!(SimConfig::from(&args).tiers.flex_unavailable_rate, 0.1);
+        assert_eq!(args.flex_models, ["gpt-4.1-mini", "gpt-5"]);
+        for bad in [
+            ["--flex-latency-factor", "-1"],
+            ["--flex-latency-factor", "inf"],
+            ["--flex-unavailable-rate", "2"],
+            ["--priority-latency-factor", "x"],
+        ] {
+            assert!(
+                Cli::try_parse_from(["sim", bad[0], bad[1]]).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub(crate) struct ChatRequest {
     pub choices: u32,
     /// `response_format` asks for JSON, so the answer is a JSON object.
     pub json_output: bool,
+    /// The `service_tier` asked for.
+    pub service_tier: super::tiers::ServiceTier,
 }
 
 /// The conversation as one text, ChatML-style, so that its hash does not
@@ -113,6 +115,7 @@ pub(crate) fn parse(body: &Value) -> Result<ChatRequest, ApiError> {
         (a, b) => a.or(b),
     };
     let choices = optional_count(fields, "n", 1, Some(MAX_CHOICES))?.unwrap_or(1);
+    let service_tier = super::tiers::ServiceTier::parse(fields.get("service_tier"))?;
 
     Ok(ChatRequest {
         model,
@@ -120,6 +123,7 @@ pub(crate) fn parse(body: &Value) -> Result<ChatRequest, ApiError> {
         max_output_tokens,
         choices: u32::try_from(choices).unwrap_or(1),
         json_output: wants_json(fields.get("response_format")),
+        service_tier,
     })
 }
 

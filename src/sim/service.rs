@@ -39,6 +39,7 @@ use super::rate_limit::{
     format_duration, Admission, BudgetState, LimitKind, Quota, RateLimiter, Refusal,
 };
 use super::request;
+use super::tiers::{self, ServiceTier, DEFAULT_FLEX_MODELS};
 use super::{SimBill, SimConfig, SimStats, DEFAULT_RECORD_LIMIT};
 
 /// Larger bodies get a 413; OpenAI's own limit is in this range.
@@ -88,6 +89,14 @@ pub(crate) struct Shared {
     /// Whether the batch endpoints exist (files, batches, message batches);
     /// off, they answer 404 like a server without them.
     batch_api: AtomicBool,
+    /// Tokens of answers served at the flex tier, per model (billed at the
+    /// batch rate).
+    flex_bill: Mutex<HashMap<String, SimBill>>,
+    /// Tokens of answers served at the priority tier, per model (billed at
+    /// the priority premium).
+    priority_bill: Mutex<HashMap<String, SimBill>>,
+    /// Models that take `service_tier: "flex"`.
+    flex_models: Mutex<Vec<String>>,
 }
 
 /// Everything a request changes, behind one lock.
@@ -109,6 +118,7 @@ struct Counters {
     auth_errors: AtomicU64,
     not_found: AtomicU64,
     quota_errors: AtomicU64,
+    resource_unavailable: AtomicU64,
     dropped_connections: AtomicU64,
 }
 
@@ -123,6 +133,7 @@ pub(crate) enum Outcome {
     AuthError,
     NotFound,
     QuotaError,
+    ResourceUnavailable,
 }
 
 impl Counters {
@@ -136,6 +147,7 @@ impl Counters {
             Outcome::AuthError => &self.auth_errors,
             Outcome::NotFound => &self.not_found,
             Outcome::QuotaError => &self.quota_errors,
+            Outcome::ResourceUnavailable => &self.resource_unavailable,
         }
     }
 }
@@ -152,6 +164,7 @@ impl SimStats {
             Outcome::AuthError => &mut self.auth_errors,
             Outcome::NotFound => &mut self.not_found,
             Outcome::QuotaError => &mut self.quota_errors,
+            Outcome::ResourceUnavailable => &mut self.resource_unavailable,
         };
         *counter += 1;
     }
@@ -194,6 +207,9 @@ impl Shared {
             batch_bill: Mutex::new(HashMap::new()),
             batch_creations: AtomicU64::new(0),
             batch_api: AtomicBool::new(true),
+            flex_bill: Mutex::new(HashMap::new()),
+            priority_bill: Mutex::new(HashMap::new()),
+            flex_models: Mutex::new(DEFAULT_FLEX_MODELS.map(str::to_owned).to_vec()),
         }
     }
 
@@ -214,6 +230,7 @@ impl Shared {
             auth_errors: read(&self.counters.auth_errors),
             not_found: read(&self.counters.not_found),
             quota_errors: read(&self.counters.quota_errors),
+            resource_unavailable: read(&self.counters.resource_unavailable),
             dropped_connections: read(&self.counters.dropped_connections),
         }
     }
@@ -238,44 +255,51 @@ impl Shared {
         }
     }
 
+    /// The default tier's bill.
     pub(crate) fn bill(&self) -> BTreeMap<String, SimBill> {
-        lock(&self.bill)
-            .iter()
-            .map(|(model, bill)| (model.clone(), *bill))
-            .collect()
+        snapshot(&self.bill)
     }
 
-    /// Adds one answered request's tokens to its model's bill.
-    fn charge(&self, model: &str, prompt: u64, cached: u64, written: u64, completion: u64) {
-        let mut bill = lock(&self.bill);
-        if !bill.contains_key(model) && bill.len() >= MAX_MODELS_TRACKED {
-            return;
-        }
-        let b = bill.entry(model.to_owned()).or_default();
-        b.requests += 1;
-        b.prompt_tokens += prompt;
-        b.cached_tokens += cached;
-        b.completion_tokens += completion;
-        b.cache_write_tokens += written;
+    /// The flex tier's bill.
+    pub(crate) fn flex_bill(&self) -> BTreeMap<String, SimBill> {
+        snapshot(&self.flex_bill)
+    }
+
+    /// The priority tier's bill.
+    pub(crate) fn priority_bill(&self) -> BTreeMap<String, SimBill> {
+        snapshot(&self.priority_bill)
+    }
+
+    /// Adds one answered request's tokens to its model's bill of `tier`.
+    fn charge(&self, tier: ServiceTier, model: &str, tokens: SimBill) {
+        let bill = match tier {
+            ServiceTier::Default => &self.bill,
+            ServiceTier::Flex => &self.flex_bill,
+            ServiceTier::Priority => &self.priority_bill,
+        };
+        add_to_bill(bill, model, tokens);
     }
 
     pub(crate) fn batch_bill(&self) -> BTreeMap<String, SimBill> {
-        lock(&self.batch_bill)
-            .iter()
-            .map(|(model, bill)| (model.clone(), *bill))
-            .collect()
+        snapshot(&self.batch_bill)
     }
 
     /// Adds one answered batch line's tokens to its model's batch bill.
     pub(crate) fn charge_batch(&self, model: &str, prompt: u64, completion: u64) {
-        let mut bill = lock(&self.batch_bill);
-        if !bill.contains_key(model) && bill.len() >= MAX_MODELS_TRACKED {
-            return;
-        }
-        let b = bill.entry(model.to_owned()).or_default();
-        b.requests += 1;
-        b.prompt_tokens += prompt;
-        b.completion_tokens += completion;
+        let tokens = SimBill {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            ..SimBill::default()
+        };
+        add_to_bill(&self.batch_bill, model, tokens);
+    }
+
+    pub(crate) fn flex_models(&self) -> Vec<String> {
+        lock(&self.flex_models).clone()
+    }
+
+    pub(crate) fn set_flex_models(&self, models: Vec<String>) {
+        *lock(&self.flex_models) = models;
     }
 
     pub(crate) fn batch_created(&self) {
@@ -393,6 +417,27 @@ impl Shared {
     }
 }
 
+fn snapshot(bill: &Mutex<HashMap<String, SimBill>>) -> BTreeMap<String, SimBill> {
+    lock(bill)
+        .iter()
+        .map(|(model, bill)| (model.clone(), *bill))
+        .collect()
+}
+
+/// Adds one answer's tokens (`requests` is counted here) to `model`'s line.
+fn add_to_bill(bill: &Mutex<HashMap<String, SimBill>>, model: &str, tokens: SimBill) {
+    let mut bill = lock(bill);
+    if !bill.contains_key(model) && bill.len() >= MAX_MODELS_TRACKED {
+        return;
+    }
+    let b = bill.entry(model.to_owned()).or_default();
+    b.requests += 1;
+    b.prompt_tokens += tokens.prompt_tokens;
+    b.cached_tokens += tokens.cached_tokens;
+    b.completion_tokens += tokens.completion_tokens;
+    b.cache_write_tokens += tokens.cache_write_tokens;
+}
+
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route(
@@ -425,6 +470,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 /// What the locked section decided for a valid request.
 enum Decision {
     Limited(Refusal),
+    /// Flex capacity short: a 429 `resource_unavailable`, not billed.
+    FlexUnavailable,
     Fail {
         quota: Quota,
         delay: Duration,
@@ -591,45 +638,61 @@ async fn complete(
         Vec::new()
     };
     let billed_tokens = prompt_tokens + generated.completion_tokens;
+    let tier = match api {
+        Api::OpenAi => request
+            .service_tier
+            .used_for(&request.model, &lock(&shared.flex_models)),
+        Api::Anthropic => ServiceTier::Default,
+    };
 
     let decision = {
         let mut state = lock(&shared.state);
         let now = Instant::now();
-        match state.limiter.admit(now, billed_tokens) {
-            Admission::Limited(refusal) => Decision::Limited(refusal),
-            Admission::Granted(quota) => {
-                let config = state.config;
-                let fail = state.rng.random::<f64>() < config.error_rate;
-                let jitter_us = u64::try_from(config.jitter.as_micros()).unwrap_or(u64::MAX);
-                let jitter = match jitter_us {
-                    0 => Duration::ZERO,
-                    max => Duration::from_micros(state.rng.random_range(0..=max)),
-                };
-                let delay = config.latency.saturating_add(jitter);
-                if fail {
-                    Decision::Fail { quota, delay }
-                } else {
-                    // The cache is written as the prompt is read: later
-                    // requests find these prefixes once that is done.
-                    let prefill = delay.mul_f64(prefill_share(config.prefill_share));
-                    let cached_tokens = state.prompt_cache.lookup_and_insert(
-                        now,
-                        now + prefill,
-                        &prefixes,
-                        cacheable_tokens,
-                    );
-                    let (cached_tokens, written_tokens) = match api {
-                        Api::OpenAi => (cached_tokens, 0),
-                        Api::Anthropic if prefixes.is_empty() => (0, 0),
-                        Api::Anthropic if cached_tokens > 0 => (cacheable_tokens, 0),
-                        Api::Anthropic => (0, cacheable_tokens),
+        let tiers = state.config.tiers;
+        let refused =
+            tier == ServiceTier::Flex && state.rng.random::<f64>() < tiers.flex_unavailable_rate;
+        if refused {
+            Decision::FlexUnavailable
+        } else {
+            match state.limiter.admit(now, billed_tokens) {
+                Admission::Limited(refusal) => Decision::Limited(refusal),
+                Admission::Granted(quota) => {
+                    let config = state.config;
+                    let fail = state.rng.random::<f64>() < config.error_rate;
+                    let jitter_us = u64::try_from(config.jitter.as_micros()).unwrap_or(u64::MAX);
+                    let jitter = match jitter_us {
+                        0 => Duration::ZERO,
+                        max => Duration::from_micros(state.rng.random_range(0..=max)),
                     };
-                    Decision::Answer {
-                        quota,
-                        delay,
-                        cached_tokens,
-                        written_tokens,
-                        seed: config.seed,
+                    let delay = config
+                        .latency
+                        .saturating_add(jitter)
+                        .mul_f64(tiers.latency_factor(tier));
+                    if fail {
+                        Decision::Fail { quota, delay }
+                    } else {
+                        // The cache is written as the prompt is read: later
+                        // requests find these prefixes once that is done.
+                        let prefill = delay.mul_f64(prefill_share(config.prefill_share));
+                        let cached_tokens = state.prompt_cache.lookup_and_insert(
+                            now,
+                            now + prefill,
+                            &prefixes,
+                            cacheable_tokens,
+                        );
+                        let (cached_tokens, written_tokens) = match api {
+                            Api::OpenAi => (cached_tokens, 0),
+                            Api::Anthropic if prefixes.is_empty() => (0, 0),
+                            Api::Anthropic if cached_tokens > 0 => (cacheable_tokens, 0),
+                            Api::Anthropic => (0, cacheable_tokens),
+                        };
+                        Decision::Answer {
+                            quota,
+                            delay,
+                            cached_tokens,
+                            written_tokens,
+                            seed: config.seed,
+                        }
                     }
                 }
             }
@@ -642,6 +705,11 @@ async fn complete(
             outcome: Outcome::RateLimited,
             response: rate_limited_response(&request.model, &refusal, api),
         }),
+        Decision::FlexUnavailable => Err(Failure::new(
+            Outcome::ResourceUnavailable,
+            &tiers::resource_unavailable(),
+            api,
+        )),
         Decision::Fail { quota, delay } => {
             sleep(delay).await;
             let error = match api {
@@ -662,11 +730,15 @@ async fn complete(
             sleep(delay).await;
             // Billed once the answer is ready, as `succeeded` counts it.
             shared.charge(
+                tier,
                 &request.model,
-                prompt_tokens,
-                cached_tokens,
-                written_tokens,
-                generated.completion_tokens,
+                SimBill {
+                    requests: 0,
+                    prompt_tokens,
+                    cached_tokens,
+                    completion_tokens: generated.completion_tokens,
+                    cache_write_tokens: written_tokens,
+                },
             );
             if api == Api::Anthropic {
                 let message = messages::answer(
@@ -688,7 +760,7 @@ async fn complete(
                 model: &request.model,
                 usage: Usage::new(prompt_tokens, cached_tokens, generated.completion_tokens),
                 choices: generated.into_choices(),
-                service_tier: "default",
+                service_tier: tier.as_str(),
                 system_fingerprint: format!("fp_{:010x}", mix(seed) & 0xff_ffff_ffff),
             };
             let mut response = json_response(StatusCode::OK, &completion);

@@ -1,7 +1,7 @@
 //! `batchd bench` as an operator runs it: the floor table, and with
 //! `--capacity` the share of a rate-limited provider's limit used and the
-//! share of 429s, here on one short setting; `--preemption`, `--replicas`
-//! and `--cost` with tiny sizes.
+//! share of 429s, here on one short setting; `--preemption`, `--replicas`,
+//! `--cost` and `--routing` with tiny sizes.
 
 use std::process::Command;
 
@@ -209,6 +209,68 @@ fn bench_cost_prints_each_way_priced_from_the_bill_and_what_each_lever_saved() {
     assert!(caching > 0.0, "prompt caching saved something: {stdout}");
     assert!(
         stdout.contains("bar: (b) >= 75% cheaper than (a), (c) >= 85%"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bench_routing_prints_each_way_priced_from_the_bill_with_p3_latency() {
+    let out = Command::new(env!("CARGO_BIN_EXE_batchd"))
+        .args(["bench", "--routing", "--tasks", "150", "--batch-secs", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // label, tasks, succeeded, cost, vs (a), p3 batch, p3 flex, refused,
+    // p3 p50, p99, realtime p3 p50, p99, seconds
+    let row = |prefix: &str| -> Vec<String> {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no row {prefix:?}: {stdout}"));
+        line[prefix.len()..]
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    let num = |cells: &[String], i: usize| -> f64 {
+        cells[i]
+            .trim_start_matches('-')
+            .trim_end_matches('%')
+            .parse()
+            .unwrap_or_else(|_| panic!("{cells:?}"))
+    };
+    let a = row("(a) realtime only");
+    let b = row("(b) Batch API for p3");
+    let c = row("(c) Batch API + flex");
+    for cells in [&a, &b, &c] {
+        assert_eq!(cells[0], "150", "{cells:?}");
+        assert_eq!(cells.len(), 12, "{cells:?}");
+        for p50 in [7, 9] {
+            assert!(num(cells, p50) > 0.0, "p50 measured: {cells:?}");
+            assert!(
+                num(cells, p50 + 1) >= num(cells, p50),
+                "p99 >= p50: {cells:?}"
+            );
+        }
+    }
+    // Every way gives the same tasks the same outcome (the bad inputs fail).
+    assert_eq!(a[1], b[1]);
+    assert_eq!(a[1], c[1]);
+    let (cost_a, cost_b, cost_c) = (num(&a, 2), num(&b, 2), num(&c, 2));
+    assert!(
+        cost_a > 0.0 && cost_b < cost_a && cost_c < cost_b,
+        "{stdout}"
+    );
+    assert_eq!(a[3], "-");
+    assert!(b[3].starts_with('-') && b[3].ends_with('%'), "{b:?}");
+    // (a) sends nothing by Batch API or flex; (b) no flex; (c) both.
+    assert_eq!((num(&a, 4), num(&a, 5)), (0.0, 0.0));
+    assert!(num(&b, 4) > 0.0 && num(&b, 5) == 0.0, "{b:?}");
+    assert!(num(&c, 4) > 0.0 && num(&c, 5) > 0.0, "{c:?}");
+    assert!(
+        stdout.contains("priority-3 tasks had a deadline 2 h away"),
         "{stdout}"
     );
 }

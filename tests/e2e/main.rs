@@ -27,6 +27,7 @@ mod replicas;
 mod route_control;
 mod scheduling;
 mod security;
+mod service_tiers;
 mod sim;
 mod sim_batches;
 mod sim_message_batches;

@@ -1172,3 +1172,92 @@ fn sim_command_refuses_bad_faults_with_a_clear_error() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn service_tiers_answer_as_openai_does_and_are_billed_apart() {
+    let sim = Sim::start(SimConfig {
+        latency: Duration::from_millis(100),
+        ..SimConfig::default()
+    })
+    .await;
+    sim.server.set_flex_models(vec!["gpt-5-mini".into()]);
+    let with_tier = |model: &str, tier: &str| {
+        let mut body = ask(model, "Rate this review");
+        body["service_tier"] = tier.into();
+        body
+    };
+
+    // Flex on a model of the flex list: flex, slower, billed apart.
+    let flex = with_tier("gpt-5-mini", "flex");
+    openapi::validate_chat_request(&flex).expect("a flex request is valid");
+    let started = Instant::now();
+    let reply = sim.chat(&flex).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["service_tier"], "flex");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    openapi::validate_chat_response(&reply.body).expect("a flex answer is valid");
+    // Flex on another model, `auto` and `default`: the default tier.
+    for (model, tier) in [
+        ("gpt-4.1-mini", "flex"),
+        ("gpt-5-mini", "auto"),
+        ("gpt-5-mini", "default"),
+    ] {
+        let reply = sim.chat(&with_tier(model, tier)).await;
+        assert_eq!(reply.body["service_tier"], "default", "{model} {tier}");
+    }
+    // Priority (and its alias fast): billed apart.
+    let reply = sim.chat(&with_tier("gpt-4.1-mini", "priority")).await;
+    assert_eq!(reply.body["service_tier"], "priority");
+    let reply = sim.chat(&with_tier("gpt-4.1-mini", "fast")).await;
+    assert_eq!(reply.body["service_tier"], "priority");
+    // An unknown tier is a 400 naming the field.
+    let reply = sim.chat(&with_tier("gpt-5-mini", "cheap")).await;
+    let error = reply.error(StatusCode::BAD_REQUEST, "invalid_request_error");
+    assert_eq!(error["param"], "service_tier");
+
+    let flex_bill = sim.server.flex_bill();
+    assert_eq!(flex_bill["gpt-5-mini"].requests, 1);
+    assert_eq!(
+        flex_bill["gpt-5-mini"].completion_tokens,
+        tokens(
+            sim.chat(&flex).await.content() // the same request, the same answer
+        )
+    );
+    assert_eq!(sim.server.priority_bill()["gpt-4.1-mini"].requests, 2);
+    let bill = sim.server.bill();
+    assert_eq!(bill["gpt-4.1-mini"].requests, 1);
+    assert_eq!(bill["gpt-5-mini"].requests, 2);
+    let tiers: Value = reqwest::get(sim.admin_url("/sim/tiers"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tiers["flex"]["gpt-5-mini"]["requests"], 2);
+    assert_eq!(tiers["priority"]["gpt-4.1-mini"]["requests"], 2);
+    assert_eq!(tiers["flex_models"], json!(["gpt-5-mini"]));
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn flex_requests_are_refused_at_the_unavailable_rate_and_not_billed() {
+    let sim = Sim::start(SimConfig {
+        tiers: batchd::sim::TierConfig {
+            flex_unavailable_rate: 1.0,
+            ..Default::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let mut body = ask("gpt-5-nano", "Enrich this record");
+    body["service_tier"] = "flex".into();
+    let reply = sim.chat(&body).await;
+    let error = reply.error(StatusCode::TOO_MANY_REQUESTS, "resource_unavailable");
+    assert_eq!(error["code"], "resource_unavailable");
+    // The default tier of the same model is served.
+    let reply = sim.chat(&ask("gpt-5-nano", "Enrich this record")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(sim.server.flex_bill().is_empty());
+    let stats = sim.stop().await;
+    assert_eq!((stats.resource_unavailable, stats.succeeded), (1, 1));
+}

@@ -327,6 +327,7 @@ pub fn ok() -> Result<Completion, ProviderError> {
             ..Usage::default()
         },
         limits: Default::default(),
+        service_tier: None,
     })
 }
 
@@ -442,6 +443,7 @@ pub fn settings() -> EngineSettings {
             model_providers: [("m".to_owned(), "fake".to_owned())].into_iter().collect(),
             batch_providers: Default::default(),
             route_policy: Default::default(),
+            service_tiers: Default::default(),
         },
         batching: [
             BatchPolicy {
@@ -471,6 +473,7 @@ pub fn settings() -> EngineSettings {
         prices: PriceTable {
             as_of: "2026-01-01".into(),
             batch_discount: 0.5,
+            priority_multiplier: 1.75,
             models,
         },
         max_payload_bytes: 10_000,

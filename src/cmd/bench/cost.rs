@@ -669,9 +669,23 @@ async fn drive(
         .publish_all(outgoing, |_| pb.inc(1))
         .await?;
     pb.finish_and_clear();
-    let pb = bar(n, label);
     let started = Instant::now();
     let running = crate::app::start(&config, providers).await?;
+    collect(&topology, running, n, started, timeout, label).await
+}
+
+/// Waits until `n` outcomes are stored (and every provider job is settled),
+/// stops the engine and reads them: the seconds from `started`, and the
+/// outcomes.
+pub(super) async fn collect(
+    topology: &crate::nats::Topology,
+    running: crate::app::Running,
+    n: usize,
+    started: Instant,
+    timeout: Duration,
+    label: &str,
+) -> anyhow::Result<(f64, Vec<Value>)> {
+    let pb = bar(n, label);
     let mut results = topology.results.clone();
     let stored = until_stored(&mut results, n, started, timeout, &pb, label).await;
     let seconds = started.elapsed().as_secs_f64();
@@ -702,7 +716,7 @@ async fn until_jobs_forgotten(jobs: &async_nats::jetstream::kv::Store) {
     }
 }
 
-/// Every outcome in the results stream.
+/// Every outcome in the results stream, as JSON values.
 async fn read_outcomes(
     results: &async_nats::jetstream::stream::Stream,
     n: usize,
@@ -719,7 +733,10 @@ async fn read_outcomes(
             .context("reading the outcomes: none for 10 s")?
             .context("the outcomes ended early")?
             .map_err(|e| anyhow::anyhow!("reading the outcomes: {e}"))?;
-        out.push(serde_json::from_slice(&m.payload).context("an outcome that is not JSON")?);
+        // In the task's encoding: JSON or MessagePack.
+        let outcome = crate::client::read::decode_message(&m)
+            .map_err(|e| anyhow::anyhow!("an outcome that cannot be read: {e}"))?;
+        out.push(outcome);
     }
     Ok(out)
 }

@@ -29,7 +29,7 @@ use crate::report::Report;
 use crate::sim::{SimConfig, SimServer};
 
 mod progress;
-mod workload;
+pub(crate) mod workload;
 
 use progress::Progress;
 use workload::{Message, Workload, TENANTS};
@@ -278,7 +278,7 @@ async fn has_jetstream(url: &str) -> bool {
 
 /// The default config pointed at `nats_url` and the simulator, isolated
 /// under `batchd_demo_<id>` when `isolation` is given.
-fn demo_config(
+pub(crate) fn demo_config(
     nats_url: &str,
     isolation: Option<&str>,
     sim_url: &str,

@@ -10,50 +10,50 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 /// Workloads at least this large include the deliberately bad inputs.
-pub(super) const MIN_TASKS_FOR_BAD_INPUTS: u64 = 100;
+pub(crate) const MIN_TASKS_FOR_BAD_INPUTS: u64 = 100;
 
 /// One message to publish.
 #[derive(Clone)]
-pub(super) struct Message {
-    pub(super) priority: Priority,
-    pub(super) msg_id: String,
-    pub(super) content_type: &'static str,
-    pub(super) body: Bytes,
+pub(crate) struct Message {
+    pub(crate) priority: Priority,
+    pub(crate) msg_id: String,
+    pub(crate) content_type: &'static str,
+    pub(crate) body: Bytes,
 }
 
 /// The demo's reproducible workload.
-pub(super) struct Workload {
-    pub(super) messages: Vec<Message>,
+pub(crate) struct Workload {
+    pub(crate) messages: Vec<Message>,
     /// Unique tasks per priority (what gets an outcome).
-    pub(super) per_priority: [u64; 3],
-    pub(super) msgpack: u64,
-    pub(super) chat: u64,
-    pub(super) batch_lines: u64,
-    pub(super) long_context: u64,
-    pub(super) bad: u64,
-    pub(super) duplicates: u64,
+    pub(crate) per_priority: [u64; 3],
+    pub(crate) msgpack: u64,
+    pub(crate) chat: u64,
+    pub(crate) batch_lines: u64,
+    pub(crate) long_context: u64,
+    pub(crate) bad: u64,
+    pub(crate) duplicates: u64,
 }
 
-pub(super) const TENANTS: [(&str, u32); 4] = [
+pub(crate) const TENANTS: [(&str, u32); 4] = [
     ("acme", 40),
     ("globex", 30),
     ("initech", 20),
     ("umbrella", 10),
 ];
-pub(super) const TYPES: [(&str, u32); 5] = [
+pub(crate) const TYPES: [(&str, u32); 5] = [
     ("content_analysis", 25),
     ("classification", 30),
     ("summarization", 20),
     ("data_enrichment", 17),
     ("report_generation", 8),
 ];
-pub(super) const LANGUAGES: [(&str, u32); 5] =
+pub(crate) const LANGUAGES: [(&str, u32); 5] =
     [("en", 70), ("de", 10), ("fr", 8), ("es", 8), ("ja", 4)];
 
 impl Workload {
     /// `n` unique tasks (bad inputs included) plus a few duplicate publishes,
     /// the same for the same `seed`.
-    pub(super) fn generate(n: u64, seed: u64) -> Workload {
+    pub(crate) fn generate(n: u64, seed: u64) -> Workload {
         let mut rng = StdRng::seed_from_u64(seed);
         let handbook = handbook();
         let mut w = Workload {
@@ -130,12 +130,12 @@ impl Workload {
     }
 
     /// Unique tasks: what gets an outcome.
-    pub(super) fn tasks(&self) -> u64 {
+    pub(crate) fn tasks(&self) -> u64 {
         self.per_priority.iter().sum()
     }
 }
 
-pub(super) fn pick<T: Copy>(rng: &mut StdRng, items: &[(T, u32)]) -> T {
+pub(crate) fn pick<T: Copy>(rng: &mut StdRng, items: &[(T, u32)]) -> T {
     let total: u32 = items.iter().map(|(_, w)| w).sum();
     let mut roll = rng.random_range(0..total.max(1));
     for (item, weight) in items {
@@ -147,12 +147,12 @@ pub(super) fn pick<T: Copy>(rng: &mut StdRng, items: &[(T, u32)]) -> T {
     items[items.len() - 1].0
 }
 
-pub(super) fn one<'a>(rng: &mut StdRng, items: &[&'a str]) -> &'a str {
+pub(crate) fn one<'a>(rng: &mut StdRng, items: &[&'a str]) -> &'a str {
     items[rng.random_range(0..items.len())]
 }
 
 /// `count` sentences from `pool`, with `{p}` replaced by a product.
-pub(super) fn sentences(rng: &mut StdRng, pool: &[&str], count: usize) -> String {
+pub(crate) fn sentences(rng: &mut StdRng, pool: &[&str], count: usize) -> String {
     let product = one(rng, PRODUCTS);
     (0..count)
         .map(|_| one(rng, pool).replace("{p}", product))
@@ -160,12 +160,12 @@ pub(super) fn sentences(rng: &mut StdRng, pool: &[&str], count: usize) -> String
         .join(" ")
 }
 
-pub(super) fn metadata(rng: &mut StdRng, i: u64) -> Value {
+pub(crate) fn metadata(rng: &mut StdRng, i: u64) -> Value {
     json!({"source": one(rng, &["crm", "helpdesk", "web", "mobile", "import"]), "seq": i})
 }
 
 /// A `{"text", "options"}` task of one of the five configured types.
-pub(super) fn typed_task(rng: &mut StdRng, i: u64, priority: Priority) -> (String, Value) {
+pub(crate) fn typed_task(rng: &mut StdRng, i: u64, priority: Priority) -> (String, Value) {
     let task_type = pick(rng, &TYPES);
     let language = pick(rng, &LANGUAGES);
     let (text, options) = match task_type {
@@ -237,7 +237,7 @@ pub(super) fn typed_task(rng: &mut StdRng, i: u64, priority: Priority) -> (Strin
 }
 
 /// A task whose payload is an OpenAI chat body.
-pub(super) fn chat_task(rng: &mut StdRng, i: u64, priority: Priority) -> (String, Value) {
+pub(crate) fn chat_task(rng: &mut StdRng, i: u64, priority: Priority) -> (String, Value) {
     let n = rng.random_range(1..=3);
     let review = sentences(rng, REVIEW_SENTENCES, n);
     let ask = one(
@@ -269,7 +269,7 @@ pub(super) fn chat_task(rng: &mut StdRng, i: u64, priority: Priority) -> (String
 }
 
 /// A line of an OpenAI Batch API input file, published as is.
-pub(super) fn batch_line(rng: &mut StdRng, i: u64) -> (String, Value) {
+pub(crate) fn batch_line(rng: &mut StdRng, i: u64) -> (String, Value) {
     let id = format!("req-{i:06}");
     let product = one(rng, PRODUCTS);
     let line = json!({
@@ -287,7 +287,7 @@ pub(super) fn batch_line(rng: &mut StdRng, i: u64) -> (String, Value) {
 
 /// A chat task whose long system message (a policy handbook) is shared by
 /// every such task, so the provider can serve it from its prompt cache.
-pub(super) fn handbook_task(
+pub(crate) fn handbook_task(
     rng: &mut StdRng,
     i: u64,
     priority: Priority,
@@ -316,7 +316,7 @@ pub(super) fn handbook_task(
 }
 
 /// The bad inputs: each one gets a failed outcome and a dead letter.
-pub(super) fn bad_inputs() -> Vec<Message> {
+pub(crate) fn bad_inputs() -> Vec<Message> {
     let json_msg = |id: &str, p: Priority, body: String| Message {
         priority: p,
         msg_id: id.to_owned(),
@@ -368,7 +368,7 @@ pub(super) fn bad_inputs() -> Vec<Message> {
     ]
 }
 
-pub(super) fn weekly_metrics(rng: &mut StdRng) -> String {
+pub(crate) fn weekly_metrics(rng: &mut StdRng) -> String {
     let week = rng.random_range(1..=52);
     let mut text = format!("Week {week} metrics, {}:\n", one(rng, COMPANY_WORDS));
     for metric in [
@@ -392,7 +392,7 @@ pub(super) fn weekly_metrics(rng: &mut StdRng) -> String {
 }
 
 /// A support policy of about 6,000 characters, the same every time.
-pub(super) fn handbook() -> String {
+pub(crate) fn handbook() -> String {
     let mut text = String::from(
         "You are the support assistant of ACME Corp. Answer the customer's question using only the policy below. \
          Quote the section number you rely on. If the policy does not cover the question, say so and offer a human agent.\n\n\
@@ -423,7 +423,7 @@ pub(super) fn handbook() -> String {
     text
 }
 
-pub(super) const PRODUCTS: &[&str] = &[
+pub(crate) const PRODUCTS: &[&str] = &[
     "the X200 headphones",
     "the Pro plan",
     "the mobile app",
@@ -434,7 +434,7 @@ pub(super) const PRODUCTS: &[&str] = &[
     "the trail running shoes",
 ];
 
-pub(super) const REVIEW_SENTENCES: &[&str] = &[
+pub(crate) const REVIEW_SENTENCES: &[&str] = &[
     "I have been using {p} for three weeks now.",
     "Setup of {p} took less than ten minutes.",
     "Battery life is noticeably worse than advertised.",
@@ -453,7 +453,7 @@ pub(super) const REVIEW_SENTENCES: &[&str] = &[
     "I had to contact support three times about the same issue.",
 ];
 
-pub(super) const TICKET_SUBJECTS: &[&str] = &[
+pub(crate) const TICKET_SUBJECTS: &[&str] = &[
     "Charged twice this month",
     "Cannot log in after password reset",
     "Feature request: export to CSV",
@@ -464,7 +464,7 @@ pub(super) const TICKET_SUBJECTS: &[&str] = &[
     "Please add dark mode",
 ];
 
-pub(super) const TICKET_SENTENCES: &[&str] = &[
+pub(crate) const TICKET_SENTENCES: &[&str] = &[
     "This happened again this morning.",
     "I attached a screenshot of the error message.",
     "Our team of twelve depends on this every day.",
@@ -477,7 +477,7 @@ pub(super) const TICKET_SENTENCES: &[&str] = &[
     "It works on the web but not on Android.",
 ];
 
-pub(super) const MEETING_SENTENCES: &[&str] = &[
+pub(crate) const MEETING_SENTENCES: &[&str] = &[
     "The team agreed to move the launch by one week to finish load testing.",
     "Revenue in the northern region grew eight percent quarter over quarter.",
     "Two enterprise customers asked for single sign-on before renewal.",
@@ -494,7 +494,7 @@ pub(super) const MEETING_SENTENCES: &[&str] = &[
     "Action item: finance to share the updated forecast by Friday.",
 ];
 
-pub(super) const COMPANY_WORDS: &[&str] = &[
+pub(crate) const COMPANY_WORDS: &[&str] = &[
     "Northwind",
     "Bluefin",
     "Copperleaf",
@@ -507,11 +507,11 @@ pub(super) const COMPANY_WORDS: &[&str] = &[
     "Vantage",
 ];
 
-pub(super) const CITIES: &[&str] = &[
+pub(crate) const CITIES: &[&str] = &[
     "Berlin", "Lyon", "Austin", "Osaka", "Porto", "Utrecht", "Leeds", "Denver",
 ];
 
-pub(super) const HANDBOOK_QUESTIONS: &[&str] = &[
+pub(crate) const HANDBOOK_QUESTIONS: &[&str] = &[
     "Can I still return my headphones? They arrived 20 days ago.",
     "I want all my data deleted. How long does it take?",
     "Nobody has answered my ticket for two days and I am a premium customer.",
