@@ -584,6 +584,7 @@ async fn ten_thousand_bogus_models_and_tenants_add_a_bounded_number_of_series() 
     assert!(tenants.contains("other"), "{tenants:?}");
     let series = text.lines().filter(|l| !l.starts_with('#')).count();
     // The configured routes (OpenAI's and Anthropic's default models) are
-    // registered up front; the bound is theirs plus the tenant cap's.
-    assert!(series < 3_200, "{series} series for {n} tasks");
+    // registered up front (with their prompt cache and flex fallback
+    // series); the bound is theirs plus the tenant cap's.
+    assert!(series < 3_600, "{series} series for {n} tasks");
 }
