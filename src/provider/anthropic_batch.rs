@@ -76,13 +76,10 @@ impl AnthropicBatchApi {
 
     fn headers(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         let req = req.header("anthropic-version", ANTHROPIC_VERSION);
-        if let Some(key) = &self.api_key {
-            req.header("x-api-key", key)
-        } else if let Some((user, password)) = &self.batches.basic {
-            req.basic_auth(user, Some(password))
-        } else {
-            req
-        }
+        self.batches
+            .authorize(req, self.api_key.as_deref(), |req, key| {
+                req.header("x-api-key", key)
+            })
     }
 
     /// Sends and reads a 2xx answer, or the error it means.

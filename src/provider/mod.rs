@@ -95,6 +95,21 @@ struct Endpoint {
 }
 
 impl Endpoint {
+    /// `req` carrying the API key as `with_key` sends it; without a key, the
+    /// base URL's userinfo as basic auth; without either, as it is.
+    fn authorize(
+        &self,
+        req: reqwest::RequestBuilder,
+        key: Option<&str>,
+        with_key: impl FnOnce(reqwest::RequestBuilder, &str) -> reqwest::RequestBuilder,
+    ) -> reqwest::RequestBuilder {
+        match (key, &self.basic) {
+            (Some(key), _) => with_key(req, key),
+            (None, Some((user, password))) => req.basic_auth(user, Some(password)),
+            (None, None) => req,
+        }
+    }
+
     /// `base_url` (a query string is kept) with `path` appended to its path.
     fn new(base_url: &str, path: &str) -> Result<Self, ProviderBuildError> {
         let mut url = reqwest::Url::parse(base_url).map_err(|e| ProviderBuildError::BadUrl {

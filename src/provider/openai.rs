@@ -53,12 +53,11 @@ impl Provider for OpenAiProvider {
                 &renamed
             }
         };
-        let mut req = self.http.client.post(self.endpoint.url.clone()).json(body);
-        if let Some(key) = &self.api_key {
-            req = req.bearer_auth(key);
-        } else if let Some((user, password)) = &self.endpoint.basic {
-            req = req.basic_auth(user, Some(password));
-        }
+        let req = self.endpoint.authorize(
+            self.http.client.post(self.endpoint.url.clone()).json(body),
+            self.api_key.as_deref(),
+            |req, key| req.bearer_auth(key),
+        );
         let answer = self.http.send(req).await?;
         let code = answer.status;
         if (200..300).contains(&code) {

@@ -52,13 +52,9 @@ impl OpenAiBatchApi {
     }
 
     fn authed(&self, req: reqwest::RequestBuilder, endpoint: &Endpoint) -> reqwest::RequestBuilder {
-        if let Some(key) = &self.api_key {
+        endpoint.authorize(req, self.api_key.as_deref(), |req, key| {
             req.bearer_auth(key)
-        } else if let Some((user, password)) = &endpoint.basic {
-            req.basic_auth(user, Some(password))
-        } else {
-            req
-        }
+        })
     }
 
     /// Sends and reads a 2xx answer, or the error it means.
