@@ -41,10 +41,12 @@ use tokio::time::Instant;
 use super::api_error::ApiError;
 use super::completion::{self, ChatCompletion, Usage};
 use super::hash::mix;
+use super::messages::Api;
 use super::request;
 use super::service::{
     completion_id, error_response, invalid_url, json_response, lock, unix_seconds, Shared,
 };
+use super::SimBill;
 
 /// The Batch API's limits on one input file.
 pub const MAX_BATCH_REQUESTS: usize = 50_000;
@@ -624,14 +626,24 @@ fn answer_lines(
         };
         let generated = completion::generate(&request);
         let prompt = request.prompt.tokens;
-        shared.charge_batch(&request.model, prompt, generated.completion_tokens);
+        let (cached, _) = shared.batch_line_cache(Api::OpenAi, &request, None);
+        shared.charge_batch(
+            &request.model,
+            SimBill {
+                requests: 0,
+                prompt_tokens: prompt,
+                cached_tokens: cached,
+                completion_tokens: generated.completion_tokens,
+                cache_write_tokens: 0,
+            },
+        );
         completed += 1;
         let body = ChatCompletion {
             id: completion_id(seq),
             object: "chat.completion",
             created: unix_seconds(),
             model: &request.model,
-            usage: Usage::new(prompt, 0, generated.completion_tokens),
+            usage: Usage::new(prompt, cached, generated.completion_tokens),
             choices: generated.into_choices(),
             service_tier: "default",
             system_fingerprint: format!("fp_{:010x}", mix(seq) & 0xff_ffff_ffff),

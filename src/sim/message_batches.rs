@@ -44,6 +44,7 @@ use super::completion;
 use super::hash::mix;
 use super::messages::{self, status_error, Api};
 use super::service::{api_error_response, invalid_url, json_response, lock, Shared};
+use super::SimBill;
 use crate::anthropic::{
     ErrorResponse, MessageBatch, MessageBatchResult, MessageBatchResultLine, ProcessingStatus,
     RequestCounts,
@@ -373,15 +374,29 @@ fn answer_requests(shared: &Shared, b: &SimMessageBatch) -> Vec<MessageBatchResu
                     let request = parsed.chat;
                     let generated = completion::generate(&request);
                     let prompt = request.prompt.tokens;
-                    shared.charge_batch(&request.model, prompt, generated.completion_tokens);
+                    let (cached, written) = shared.batch_line_cache(
+                        Api::Anthropic,
+                        &request,
+                        parsed.cache_prefix.as_deref(),
+                    );
+                    shared.charge_batch(
+                        &request.model,
+                        SimBill {
+                            requests: 0,
+                            prompt_tokens: prompt,
+                            cached_tokens: cached,
+                            completion_tokens: generated.completion_tokens,
+                            cache_write_tokens: written,
+                        },
+                    );
                     let seq = mix(salt ^ (n as u64) ^ mix(b.created_at.timestamp() as u64));
                     let message = messages::answer(
                         format!("msg_{:024x}", seq as u128 | 1 << 90),
                         &request.model,
                         generated,
                         prompt,
-                        0,
-                        0,
+                        cached,
+                        written,
                     );
                     MessageBatchResult::Succeeded { message }
                 }

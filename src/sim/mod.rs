@@ -160,6 +160,11 @@ pub struct SimArgs {
     /// like an OpenAI-compatible server without a Batch API
     #[arg(long)]
     pub no_batch_api: bool,
+    /// Answer batch lines without the prompt cache (no cached tokens in
+    /// batch jobs), like a provider whose batch and cache discounts do not
+    /// stack
+    #[arg(long)]
+    pub no_batch_cache: bool,
     /// Latency of a `service_tier: "flex"` answer, as a multiple of the
     /// default tier's
     #[arg(long, default_value_t = 3.0, value_parser = parse_factor)]
@@ -230,6 +235,10 @@ pub struct SimConfig {
     pub prefill_share: f64,
     /// How the `flex` and `priority` service tiers behave.
     pub tiers: TierConfig,
+    /// Whether batch lines are read through the prompt cache, their cached
+    /// tokens billed at the cached price with the batch discount (Anthropic
+    /// documents that the two discounts stack).
+    pub batch_cache: bool,
 }
 
 impl Default for SimConfig {
@@ -246,6 +255,7 @@ impl Default for SimConfig {
             batch_duration: Duration::from_secs(1),
             prefill_share: 1.0,
             tiers: TierConfig::default(),
+            batch_cache: true,
         }
     }
 }
@@ -272,6 +282,7 @@ impl From<&SimArgs> for SimConfig {
                 flex_unavailable_rate: args.flex_unavailable_rate,
                 priority_latency_factor: args.priority_latency_factor,
             },
+            batch_cache: !args.no_batch_cache,
         }
     }
 }

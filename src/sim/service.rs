@@ -38,7 +38,7 @@ use super::prompt_cache::{self, PromptCache};
 use super::rate_limit::{
     format_duration, Admission, BudgetState, LimitKind, Quota, RateLimiter, Refusal,
 };
-use super::request;
+use super::request::{self, ChatRequest};
 use super::tiers::{self, ServiceTier, DEFAULT_FLEX_MODELS};
 use super::{SimBill, SimConfig, SimStats, DEFAULT_RECORD_LIMIT};
 
@@ -285,13 +285,31 @@ impl Shared {
     }
 
     /// Adds one answered batch line's tokens to its model's batch bill.
-    pub(crate) fn charge_batch(&self, model: &str, prompt: u64, completion: u64) {
-        let tokens = SimBill {
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            ..SimBill::default()
-        };
+    pub(crate) fn charge_batch(&self, model: &str, tokens: SimBill) {
         add_to_bill(&self.batch_bill, model, tokens);
+    }
+
+    /// Reads one batch line's prompt through the prompt cache, as the batch
+    /// processor answers it: (cached tokens, tokens written to the cache).
+    /// Lines are read one after another, so a line finds the prefixes of
+    /// the lines before it and of recent realtime requests. With
+    /// [`SimConfig::batch_cache`] off, nothing is cached.
+    pub(crate) fn batch_line_cache(
+        &self,
+        api: Api,
+        request: &ChatRequest,
+        cache_prefix: Option<&str>,
+    ) -> (u64, u64) {
+        let (prefixes, cacheable_tokens) = cache_blocks(api, request, cache_prefix);
+        let mut state = lock(&self.state);
+        if !state.config.batch_cache {
+            return (0, 0);
+        }
+        let now = Instant::now();
+        let cached = state
+            .prompt_cache
+            .lookup_and_insert(now, now, &prefixes, cacheable_tokens);
+        cache_usage(api, prefixes.is_empty(), cached, cacheable_tokens)
     }
 
     pub(crate) fn flex_models(&self) -> Vec<String> {
@@ -622,21 +640,7 @@ async fn complete(
     // The expensive parts happen before the lock.
     let generated = completion::generate(&request);
     let prompt_tokens = request.prompt.tokens;
-    // OpenAI caches any long prompt's beginning; Anthropic only the prefix
-    // marked with cache_control, whole.
-    let (cacheable, cacheable_tokens) = match (api, &cache_prefix) {
-        (Api::OpenAi, _) => (request.prompt.text.as_str(), prompt_tokens),
-        (Api::Anthropic, Some(prefix)) => (
-            prefix.as_str(),
-            messages::prefix_tokens(prefix, prompt_tokens),
-        ),
-        (Api::Anthropic, None) => ("", 0),
-    };
-    let prefixes = if cacheable_tokens >= prompt_cache::MIN_CACHED_TOKENS {
-        prompt_cache::prefix_hashes(&request.model, cacheable)
-    } else {
-        Vec::new()
-    };
+    let (prefixes, cacheable_tokens) = cache_blocks(api, &request, cache_prefix.as_deref());
     let billed_tokens = prompt_tokens + generated.completion_tokens;
     let tier = match api {
         Api::OpenAi => request
@@ -680,12 +684,8 @@ async fn complete(
                             &prefixes,
                             cacheable_tokens,
                         );
-                        let (cached_tokens, written_tokens) = match api {
-                            Api::OpenAi => (cached_tokens, 0),
-                            Api::Anthropic if prefixes.is_empty() => (0, 0),
-                            Api::Anthropic if cached_tokens > 0 => (cacheable_tokens, 0),
-                            Api::Anthropic => (0, cacheable_tokens),
-                        };
+                        let (cached_tokens, written_tokens) =
+                            cache_usage(api, prefixes.is_empty(), cached_tokens, cacheable_tokens);
                         Decision::Answer {
                             quota,
                             delay,
@@ -767,6 +767,35 @@ async fn complete(
             insert_quota(response.headers_mut(), &quota, api);
             Ok(response)
         }
+    }
+}
+
+/// The block hashes of what the provider caches of `request`, and how many
+/// tokens that is. OpenAI caches any long prompt's beginning; Anthropic only
+/// the prefix marked with cache_control, whole.
+fn cache_blocks(api: Api, request: &ChatRequest, cache_prefix: Option<&str>) -> (Vec<u64>, u64) {
+    let prompt_tokens = request.prompt.tokens;
+    let (cacheable, cacheable_tokens) = match (api, cache_prefix) {
+        (Api::OpenAi, _) => (request.prompt.text.as_str(), prompt_tokens),
+        (Api::Anthropic, Some(prefix)) => (prefix, messages::prefix_tokens(prefix, prompt_tokens)),
+        (Api::Anthropic, None) => ("", 0),
+    };
+    let prefixes = if cacheable_tokens >= prompt_cache::MIN_CACHED_TOKENS {
+        prompt_cache::prefix_hashes(&request.model, cacheable)
+    } else {
+        Vec::new()
+    };
+    (prefixes, cacheable_tokens)
+}
+
+/// (cached, written) tokens as each API reports them: OpenAI the cached
+/// blocks; Anthropic the whole marked prefix, read when found, else written.
+fn cache_usage(api: Api, uncacheable: bool, cached: u64, cacheable_tokens: u64) -> (u64, u64) {
+    match api {
+        Api::OpenAi => (cached, 0),
+        Api::Anthropic if uncacheable => (0, 0),
+        Api::Anthropic if cached > 0 => (cacheable_tokens, 0),
+        Api::Anthropic => (0, cacheable_tokens),
     }
 }
 
@@ -1136,6 +1165,33 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_secs(2));
         chat(&shared, 3, &instructions, "ticket 3").await;
         assert!(cached_tokens(&shared) >= 1024, "the third request hit");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batch_lines_find_the_prefixes_of_the_lines_before_them_unless_batch_cache_is_off() {
+        let instructions = "Follow the house style guide for every answer. ".repeat(125);
+        let line = |text: &str| {
+            request::parse(&serde_json::json!({
+                "model": "gpt-4.1-mini",
+                "messages": [
+                    {"role": "system", "content": instructions},
+                    {"role": "user", "content": text},
+                ],
+            }))
+            .unwrap()
+        };
+        let on = Shared::new(SimConfig::default());
+        assert_eq!(on.batch_line_cache(Api::OpenAi, &line("a"), None), (0, 0));
+        let (cached, written) = on.batch_line_cache(Api::OpenAi, &line("b"), None);
+        assert!(cached >= 1024 && cached % 128 == 0, "cached {cached}");
+        assert_eq!(written, 0);
+
+        let off = Shared::new(SimConfig {
+            batch_cache: false,
+            ..SimConfig::default()
+        });
+        off.batch_line_cache(Api::OpenAi, &line("a"), None);
+        assert_eq!(off.batch_line_cache(Api::OpenAi, &line("b"), None), (0, 0));
     }
 
     #[test]
