@@ -629,13 +629,7 @@ fn answer_lines(
         let (cached, _) = shared.batch_line_cache(Api::OpenAi, &request, None);
         shared.charge_batch(
             &request.model,
-            SimBill {
-                requests: 0,
-                prompt_tokens: prompt,
-                cached_tokens: cached,
-                completion_tokens: generated.completion_tokens,
-                cache_write_tokens: 0,
-            },
+            SimBill::tokens(prompt, cached, generated.completion_tokens, 0),
         );
         completed += 1;
         let body = ChatCompletion {

@@ -381,13 +381,7 @@ fn answer_requests(shared: &Shared, b: &SimMessageBatch) -> Vec<MessageBatchResu
                     );
                     shared.charge_batch(
                         &request.model,
-                        SimBill {
-                            requests: 0,
-                            prompt_tokens: prompt,
-                            cached_tokens: cached,
-                            completion_tokens: generated.completion_tokens,
-                            cache_write_tokens: written,
-                        },
+                        SimBill::tokens(prompt, cached, generated.completion_tokens, written),
                     );
                     let seq = mix(salt ^ (n as u64) ^ mix(b.created_at.timestamp() as u64));
                     let message = messages::answer(

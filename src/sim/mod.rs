@@ -306,6 +306,17 @@ pub struct SimBill {
 }
 
 impl SimBill {
+    /// One answer's tokens (`requests` is counted when it is billed).
+    pub fn tokens(prompt: u64, cached: u64, completion: u64, cache_write: u64) -> SimBill {
+        SimBill {
+            requests: 0,
+            prompt_tokens: prompt,
+            cached_tokens: cached,
+            completion_tokens: completion,
+            cache_write_tokens: cache_write,
+        }
+    }
+
     /// The bill's tokens as an outcome's usage, to price with the table.
     pub fn usage(&self) -> batchd_actors::task::Usage {
         batchd_actors::task::Usage {
