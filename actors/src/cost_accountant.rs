@@ -193,7 +193,7 @@ impl AccountantState {
                 self.started.remove(&record.call_id);
                 return;
             }
-            CallState::Finished | CallState::Estimated => {}
+            CallState::Finished | CallState::Estimated | CallState::Shared => {}
         }
         let was_started = self.started.remove(&record.call_id).is_some();
         if record.lapsed {

@@ -554,7 +554,7 @@ async fn run_task(
                 completion: c.clone(),
             });
         }
-        finish_call(&ctx, call, &result, a.price_multiplier).await;
+        finish_call(&ctx, call, &result, a.price_multiplier, reference(&ctx, &a)).await;
         let error = match result {
             Ok(c) => {
                 metrics::provider_request(provider, model, "ok", latency);
@@ -696,6 +696,7 @@ async fn run_task(
         Ending::Answered(c) => succeeded(&ctx, &a, c, provider, model, &batch_id, processing_ms),
         Ending::Shared(s) => {
             metrics::deduplicated();
+            record_shared(&ctx, &a, model, &s.completion).await;
             // The call's cost is its own task's: this one spent nothing.
             let completion = Completion {
                 usage: Default::default(),
@@ -893,22 +894,68 @@ async fn finish_call(
     (mut record, started): Call,
     result: &Result<Completion, ProviderError>,
     price_multiplier: f64,
+    reference: Option<&str>,
 ) {
     match result {
         Ok(c) => {
             record.service_tier = c.service_tier.unwrap_or(record.service_tier);
-            let cost = ctx
-                .settings
-                .prices
-                .tier_cost_picousd(&record.model, &c.usage, record.route, record.service_tier)
-                .map_or(0, |cost| crate::pricing::scale(cost, price_multiplier));
+            let cost = call_cost(ctx, &record.model, &record, &c.usage, price_multiplier);
             record.finish(c.usage, cost, ctx.clock.now());
+            if let Some(reference) = reference.filter(|r| *r != record.model) {
+                let at_reference = call_cost(ctx, reference, &record, &c.usage, price_multiplier);
+                record.tiering_saved_picousd = at_reference.saturating_sub(cost);
+            }
         }
         Err(ProviderError::Timeout { .. }) => record.estimate(),
         Err(_) => return discard_call(ctx, (record, started)).await,
     }
     if let Err(e) = ctx.calls.record(record.clone()).await {
         tracing::warn!(call_id = %record.call_id, error = %e, "request not recorded as finished; it counts at its estimate");
+    }
+}
+
+/// The cost of a call's usage on `model`, sent and served as its record says.
+fn call_cost(
+    ctx: &EngineContext,
+    model: &str,
+    record: &CallRecord,
+    usage: &crate::task::Usage,
+    multiplier: f64,
+) -> crate::pricing::Picousd {
+    ctx.settings
+        .prices
+        .tier_cost_picousd(model, usage, record.route, record.service_tier)
+        .map_or(0, |cost| crate::pricing::scale(cost, multiplier))
+}
+
+/// The model tiering chose against (the complex tier's) when the task's
+/// model was picked by tier; `None` when the task named its model.
+fn reference<'a>(ctx: &'a EngineContext, a: &Accepted) -> Option<&'a str> {
+    a.plan
+        .tier
+        .as_ref()
+        .map(|_| ctx.settings.catalog.tiers.complex.as_str())
+}
+
+/// Records in the ledger a task answered from another task's call: no
+/// spend, that call's cost saved by dedupe.
+async fn record_shared(ctx: &EngineContext, a: &Accepted, model: &str, completion: &Completion) {
+    let now = ctx.clock.now();
+    let call_id = new_call_id(&a.task.task_id, a.task.generation, a.attempts_before);
+    let mut record = CallRecord::started(
+        &a.task.task_id,
+        call_id,
+        &a.task.tenant,
+        model,
+        a.task.priority.number(),
+        now,
+        0,
+    );
+    record.service_tier = completion.service_tier.unwrap_or(a.plan.service_tier);
+    let saved = call_cost(ctx, model, &record, &completion.usage, a.price_multiplier);
+    let record = record.shared(saved, now);
+    if let Err(e) = ctx.calls.record(record.clone()).await {
+        tracing::debug!(call_id = %record.call_id, error = %e, "shared answer not recorded in the ledger; its saving is not counted");
     }
 }
 

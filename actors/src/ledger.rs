@@ -64,6 +64,9 @@ pub enum CallState {
     Estimated,
     /// The provider refused it and did not bill it: not counted.
     Refused,
+    /// Not a call: a task answered from another task's call (dedupe),
+    /// counted as a shared task with what it saved, never as spend.
+    Shared,
 }
 
 /// One billed (or about to be billed) provider call.
@@ -102,6 +105,18 @@ pub struct CallRecord {
     /// Estimated by an accountant because its writer stopped answering.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub lapsed: bool,
+    /// What tiering saved on it: the same usage priced at the complex
+    /// tier's model, less its cost (0 when its task named its model or got
+    /// the complex tier).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tiering_saved_picousd: Picousd,
+    /// A `shared` record: what the call it was answered from cost, saved.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dedupe_saved_picousd: Picousd,
+}
+
+fn is_zero(n: &Picousd) -> bool {
+    *n == 0
 }
 
 impl CallRecord {
@@ -130,7 +145,22 @@ impl CallRecord {
             usage: Usage::default(),
             cost_picousd: 0,
             lapsed: false,
+            tiering_saved_picousd: 0,
+            dedupe_saved_picousd: 0,
         }
+    }
+
+    /// A task answered from another task's call at `at`: no spend, `saved`
+    /// (what that call cost) counted as dedupe's saving.
+    pub fn shared(mut self, saved: Picousd, at: DateTime<Utc>) -> CallRecord {
+        self.state = CallState::Shared;
+        self.usage = Usage::default();
+        self.cost_picousd = 0;
+        self.estimate_picousd = 0;
+        self.tiering_saved_picousd = 0;
+        self.dedupe_saved_picousd = saved;
+        self.day = day_of(at);
+        self
     }
 
     /// The key of the daily totals it is counted in.
@@ -162,7 +192,10 @@ impl CallRecord {
 
     /// True once it is to be counted.
     pub fn is_final(&self) -> bool {
-        matches!(self.state, CallState::Finished | CallState::Estimated)
+        matches!(
+            self.state,
+            CallState::Finished | CallState::Estimated | CallState::Shared
+        )
     }
 }
 
@@ -229,11 +262,26 @@ pub struct Totals {
     pub output_tokens: u64,
     /// Spend in pico-dollars (10⁻¹² USD).
     pub cost_picousd: Picousd,
+    /// What tiering saved on these calls (see [`CallRecord`]).
+    #[serde(default)]
+    pub tiering_saved_picousd: Picousd,
+    /// Tasks answered from another task's call (not calls).
+    #[serde(default)]
+    pub shared_tasks: u64,
+    /// What those shared answers saved.
+    #[serde(default)]
+    pub dedupe_saved_picousd: Picousd,
 }
 
 impl Totals {
     /// Adds one record.
     pub fn add(&mut self, r: &CallRecord) {
+        if r.state == CallState::Shared {
+            self.shared_tasks += 1;
+            self.dedupe_saved_picousd += r.dedupe_saved_picousd;
+            return;
+        }
+        self.tiering_saved_picousd += r.tiering_saved_picousd;
         self.calls += 1;
         self.input_tokens += r.usage.input_tokens;
         self.cached_input_tokens += r.usage.cached_input_tokens;
@@ -250,6 +298,9 @@ impl Totals {
         self.cache_write_input_tokens += o.cache_write_input_tokens;
         self.output_tokens += o.output_tokens;
         self.cost_picousd += o.cost_picousd;
+        self.tiering_saved_picousd += o.tiering_saved_picousd;
+        self.shared_tasks += o.shared_tasks;
+        self.dedupe_saved_picousd += o.dedupe_saved_picousd;
     }
 }
 
@@ -524,5 +575,25 @@ mod tests {
             next_month(t),
             Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap()
         );
+    }
+
+    #[test]
+    fn a_shared_answer_counts_its_saving_and_no_call_or_spend() {
+        let at = Utc::now();
+        let mut call = record("c1", "acme", 5, CallState::Started);
+        call.finish(Usage::default(), 5, at);
+        call.tiering_saved_picousd = 7;
+        let shared = CallRecord::started("t2", "c2".into(), "acme", "m", 2, at, 9).shared(5, at);
+        assert!(shared.is_final());
+        let mut d = DayTotals::new(&call.day, "acme");
+        let added = d.apply(&[(call, 1), (shared, 2)]);
+        assert_eq!(added, 5, "only the call is spend");
+        let t = d.rows.iter().fold(Totals::default(), |mut t, r| {
+            t.merge(&r.totals);
+            t
+        });
+        assert_eq!((t.calls, t.cost_picousd), (1, 5));
+        assert_eq!(t.tiering_saved_picousd, 7);
+        assert_eq!((t.shared_tasks, t.dedupe_saved_picousd), (1, 5));
     }
 }

@@ -45,7 +45,7 @@ impl MemoryLedger {
     }
 
     /// Every call the ledger counts or may count, as last recorded, by call
-    /// id (calls the provider refused are left out).
+    /// id (calls the provider refused, and shared answers, are left out).
     pub fn calls(&self) -> Vec<CallRecord> {
         let mut last: BTreeMap<String, CallRecord> = BTreeMap::new();
         for sheet in &self.state().sheets {
@@ -54,7 +54,7 @@ impl MemoryLedger {
             }
         }
         last.into_values()
-            .filter(|r| r.state != CallState::Refused)
+            .filter(|r| !matches!(r.state, CallState::Refused | CallState::Shared))
             .collect()
     }
 

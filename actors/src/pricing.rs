@@ -105,6 +105,23 @@ impl PriceTable {
         Some(scale(cost(p, usage), factor))
     }
 
+    /// What a call that cost `cost` on `model` saved against the same usage
+    /// on `reference` (the model tiering chose against), by `route`; 0 with
+    /// no reference, the same model, or a model without a price.
+    pub fn saving_against(
+        &self,
+        reference: Option<&str>,
+        model: &str,
+        usage: &Usage,
+        route: RouteKind,
+        cost: Picousd,
+    ) -> Picousd {
+        reference
+            .filter(|r| *r != model)
+            .and_then(|r| self.cost_picousd(r, usage, route))
+            .map_or(0, |at_reference| at_reference.saturating_sub(cost))
+    }
+
     /// An upper bound of a call's cost before it is made: every prompt token
     /// at the uncached (or cache-write, if higher) rate and the whole output
     /// limit at the output rate (at the priority tier, times

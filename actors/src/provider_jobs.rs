@@ -756,7 +756,7 @@ async fn expired(
 ) {
     let (spent, attempts) = match result {
         Some(LineResult::Answered(c)) => (
-            Some((c.usage, record_line(ctx, job, t, c.usage).await)),
+            Some((c.usage, record_line(ctx, job, t, c.usage, false).await)),
             t.attempts.saturating_add(1),
         ),
         _ => (None, t.attempts),
@@ -771,19 +771,24 @@ async fn expired(
     publish_failure(ctx, job, t, error, attempts, spent).await;
 }
 
-/// Records an answered line's call in the ledger at the batch price; its cost.
+/// Records an answered line's call in the ledger at the batch price; its
+/// cost. With `shared`, the line was another task's: recorded as a shared
+/// answer that saved the line's cost, and its own cost is 0.
 async fn record_line(
     ctx: &EngineContext,
     job: &ProviderJob,
     t: &JobTask,
     usage: Usage,
+    shared: bool,
 ) -> crate::pricing::Picousd {
     let now = ctx.clock.now();
-    let cost = ctx
-        .settings
-        .prices
+    let prices = &ctx.settings.prices;
+    let cost = prices
         .cost_picousd(&job.model, &usage, RouteKind::BatchApi)
         .unwrap_or(0);
+    let reference = t.tier.map(|_| ctx.settings.catalog.tiers.complex.as_str());
+    let tiering_saved =
+        prices.saving_against(reference, &job.model, &usage, RouteKind::BatchApi, cost);
     let mut record = CallRecord {
         call_id: call_id(job, t),
         state: CallState::Started,
@@ -799,8 +804,14 @@ async fn record_line(
         usage: Usage::default(),
         cost_picousd: 0,
         lapsed: false,
+        tiering_saved_picousd: 0,
+        dedupe_saved_picousd: 0,
     };
     record.finish(usage, cost, now);
+    record.tiering_saved_picousd = tiering_saved;
+    if shared {
+        record = record.shared(cost, now);
+    }
     // Keyed by the line's call id: a line read again after a restart is
     // stored (and counted) once.
     let key = format!("{}{}", crate::ledger::SHEET_PREFIX, record.call_id);
@@ -815,7 +826,11 @@ async fn record_line(
             tracing::warn!(call_id = %record.call_id, error = %e, "batch line not recorded in the ledger")
         }
     }
-    cost
+    if shared {
+        0
+    } else {
+        cost
+    }
 }
 
 /// Settles an answered line's task; `shared` is the task whose line it
@@ -829,12 +844,13 @@ async fn answered(
 ) {
     let mut completion = completion.clone();
     if let Some(source) = shared {
+        record_line(ctx, job, t, completion.usage, true).await;
         completion.usage = Usage::default();
         metrics::deduplicated();
         let shared_call = call_id(job, source);
         return settled(ctx, job, t, completion, 0, Some(shared_call)).await;
     }
-    let cost = record_line(ctx, job, t, completion.usage).await;
+    let cost = record_line(ctx, job, t, completion.usage, false).await;
     settled(ctx, job, t, completion, cost, None).await;
 }
 

@@ -67,6 +67,13 @@ pub struct CostRow {
     pub cost_picousd: Picousd,
     /// Estimated spend in pico-dollars.
     pub estimated_picousd: Picousd,
+    /// What tiering saved: these calls' usage at the complex tier's model,
+    /// less their cost, pico-dollars.
+    pub tiering_saved_picousd: Picousd,
+    /// Tasks answered from another task's call (dedupe), not calls.
+    pub shared_tasks: u64,
+    /// What those shared answers saved, pico-dollars.
+    pub dedupe_saved_picousd: Picousd,
 }
 
 /// Spend of one day.
@@ -130,6 +137,13 @@ pub struct LeverSavings {
     pub caching_usd: f64,
     /// The Batch API discount on the spend of batch jobs, USD.
     pub batch_api_usd: f64,
+    /// Tiering: each call's usage at the complex tier's model, less its
+    /// cost (recorded with the call), USD.
+    pub tiering_usd: f64,
+    /// Dedupe: what the calls that shared answers were answered from cost, USD.
+    pub dedupe_usd: f64,
+    /// Tasks answered from a shared call.
+    pub shared_tasks: u64,
 }
 
 /// Runs `batchd cost`.
@@ -171,7 +185,11 @@ fn spend(t: &Totals) -> Picousd {
 /// What the caching and Batch API levers saved on the rows shown.
 fn lever_savings(rows: &[CostRow], prices: &PriceTable) -> LeverSavings {
     let (mut caching, mut batch_api): (Picousd, Picousd) = (0, 0);
+    let (mut tiering, mut dedupe, mut shared) = (0, 0, 0);
     for r in rows {
+        tiering += r.tiering_saved_picousd;
+        dedupe += r.dedupe_saved_picousd;
+        shared += r.shared_tasks;
         let route = if r.route == RouteKind::BatchApi.as_str() {
             RouteKind::BatchApi
         } else {
@@ -192,6 +210,9 @@ fn lever_savings(rows: &[CostRow], prices: &PriceTable) -> LeverSavings {
     LeverSavings {
         caching_usd: to_usd(caching),
         batch_api_usd: to_usd(batch_api),
+        tiering_usd: to_usd(tiering),
+        dedupe_usd: to_usd(dedupe),
+        shared_tasks: shared,
     }
 }
 
@@ -234,11 +255,17 @@ pub fn build(totals: &[DayTotals], today: NaiveDate, days: u32, prices: &PriceTa
                 estimated_usd: 0.0,
                 cost_picousd: 0,
                 estimated_picousd: 0,
+                tiering_saved_picousd: 0,
+                shared_tasks: 0,
+                dedupe_saved_picousd: 0,
             });
             row.calls += r.totals.calls;
             row.input_tokens += r.totals.input_tokens;
             row.cached_input_tokens += r.totals.cached_input_tokens;
             row.output_tokens += r.totals.output_tokens;
+            row.tiering_saved_picousd += r.totals.tiering_saved_picousd;
+            row.shared_tasks += r.totals.shared_tasks;
+            row.dedupe_saved_picousd += r.totals.dedupe_saved_picousd;
             if r.estimated {
                 row.estimated_picousd += r.totals.cost_picousd;
             } else {
@@ -325,6 +352,17 @@ pub fn render(r: &CostReport) -> String {
     t.row(vec![
         "Batch API (the discount on batch job spend)".into(),
         usd(r.saved.batch_api_usd),
+    ]);
+    t.row(vec![
+        "tiering (each call's tokens at the complex tier's model, less its cost)".into(),
+        usd(r.saved.tiering_usd),
+    ]);
+    t.row(vec![
+        format!(
+            "dedupe ({} tasks answered from a shared call)",
+            group(r.saved.shared_tasks)
+        ),
+        usd(r.saved.dedupe_usd),
     ]);
     out.push_str(&t.render());
     section(&mut out, "By day");
@@ -448,5 +486,28 @@ mod tests {
         assert_eq!(r.saved.batch_api_usd, 4.0);
         let text = render(&r);
         assert!(text.contains("prompt caching"), "{text}");
+    }
+
+    #[test]
+    fn tiering_and_dedupe_savings_are_summed_from_the_ledger_rows() {
+        let today = NaiveDate::from_ymd_opt(2026, 12, 14).unwrap();
+        let mut a = day("2026-12-14", "acme", 1_000_000_000_000, false);
+        a.rows[0].totals.tiering_saved_picousd = 3_000_000_000_000;
+        a.rows[0].totals.shared_tasks = 2;
+        a.rows[0].totals.dedupe_saved_picousd = 500_000_000_000;
+        let mut b = day("2026-12-13", "beta", 1_000_000_000_000, false);
+        b.rows[0].totals.tiering_saved_picousd = 1_000_000_000_000;
+        b.rows[0].totals.shared_tasks = 1;
+        b.rows[0].totals.dedupe_saved_picousd = 250_000_000_000;
+        let r = build(&[a, b], today, 14, &prices());
+        assert_eq!(r.saved.tiering_usd, 4.0);
+        assert_eq!(r.saved.dedupe_usd, 0.75);
+        assert_eq!(r.saved.shared_tasks, 3);
+        assert_eq!(r.calls, 4, "shared answers are not calls");
+        let text = render(&r);
+        assert!(
+            text.contains("dedupe (3 tasks answered from a shared call)"),
+            "{text}"
+        );
     }
 }

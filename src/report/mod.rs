@@ -37,7 +37,21 @@ pub struct Report {
     dead_letters: Option<u64>,
     elapsed: Option<Duration>,
     prices: Option<PriceTable>,
+    /// The model tiering is measured against (the complex tier's).
+    reference_model: Option<String>,
+    levers: Levers,
     notes: Vec<String>,
+}
+
+/// What the cost levers saved over the outcomes seen, USD.
+#[derive(Debug, Clone, Default)]
+struct Levers {
+    /// The batch discount on Batch API outcomes.
+    batch_api: f64,
+    /// Tiered outcomes' tokens at the reference model, less their cost.
+    tiering: f64,
+    /// Outcomes answered from a shared call, per model.
+    shared: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -79,6 +93,13 @@ impl Report {
             prices: Some(prices),
             ..Report::default()
         }
+    }
+
+    /// Also shows what tiering saved: each outcome whose model was picked
+    /// by tier, its tokens priced at `model` (the complex tier's) less its cost.
+    pub fn with_reference_model(mut self, model: impl Into<String>) -> Report {
+        self.reference_model = Some(model.into());
+        self
     }
 
     /// Adds one outcome. Returns false (and counts nothing) when an outcome
@@ -149,6 +170,7 @@ impl Report {
             }
         }
 
+        self.count_levers(outcome);
         if !succeeded && self.failures.len() < FAILURE_SAMPLES {
             self.failures.push(Failure {
                 task_id: outcome.task_id.clone(),
@@ -394,6 +416,57 @@ impl Report {
                 );
             }
         }
+        if self.prices.is_some() {
+            let l = &self.levers;
+            let mut parts = vec![format!("Batch API {}", usd(l.batch_api))];
+            if let Some(reference) = &self.reference_model {
+                parts.push(format!("tiering {} (against {reference})", usd(l.tiering)));
+            }
+            let shared: u64 = l.shared.values().sum();
+            parts.push(format!(
+                "dedupe {} ({} tasks from a shared call)",
+                usd(self.dedupe_saved()),
+                group(shared)
+            ));
+            let _ = writeln!(out, "  saved by levers: {}", parts.join(", "));
+        }
+    }
+
+    fn count_levers(&mut self, o: &Outcome) {
+        let (Some(prices), Some(model)) = (&self.prices, o.model.as_deref()) else {
+            return;
+        };
+        if o.shared_call {
+            *self.levers.shared.entry(model.to_owned()).or_default() += 1;
+            return;
+        }
+        let route = o.route.unwrap_or(RouteKind::Realtime);
+        let d = prices.batch_discount;
+        if route == RouteKind::BatchApi && d < 1.0 {
+            // Spend at (1 - d) of list price: the discount is d / (1 - d) of it.
+            self.levers.batch_api += o.cost_usd * d / (1.0 - d);
+        }
+        let reference = self.reference_model.as_deref().filter(|r| *r != model);
+        if let (Some(reference), Some(_)) = (reference, o.tier) {
+            let tier = o.service_tier.unwrap_or_default();
+            if let Some(at) = prices.tier_cost_picousd(reference, &o.usage, route, tier) {
+                self.levers.tiering += (batchd_actors::pricing::usd(at) - o.cost_usd).max(0.0);
+            }
+        }
+    }
+
+    /// What dedupe saved: each shared outcome at the mean cost of a paid
+    /// outcome of its model.
+    fn dedupe_saved(&self) -> f64 {
+        self.levers
+            .shared
+            .iter()
+            .filter_map(|(model, n)| {
+                let m = self.by_model.get(model)?;
+                let paid = m.tasks.saturating_sub(*n);
+                (paid > 0).then(|| *n as f64 * m.cost_usd / paid as f64)
+            })
+            .sum()
     }
 
     /// What all recorded tokens would cost with no cached input; `None`
@@ -610,6 +683,45 @@ Latency by priority (ms, publish to outcome)
         let text = r.render();
         assert!(
             text.contains("without prompt caching: $0.000140 (caching saved $0.000060, 42.9%)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_levers_line_says_what_batch_tiering_and_dedupe_saved() {
+        let prices: PriceTable = serde_json::from_value(json!({
+            "as_of": "2025-08-07",
+            "batch_discount": 0.5,
+            "models": {
+                "gpt-4.1-nano": {"input": 0.10, "cached_input": 0.025, "output": 0.40},
+                "gpt-4.1": {"input": 2.00, "cached_input": 0.50, "output": 8.00},
+            }
+        }))
+        .unwrap();
+        let mut r = Report::with_prices(prices).with_reference_model("gpt-4.1");
+        // 1000 input and 100 output tokens on nano: 0.00014 realtime, 0.00007
+        // by batch; on gpt-4.1, 0.0028 realtime, 0.0014 by batch.
+        let tiered = |id: &str, route: RouteKind, cost: f64| {
+            let mut o = outcome(id, 3, 10, 1);
+            o.model = Some("gpt-4.1-nano".into());
+            o.tier = Some(batchd_actors::task::Tier::Simple);
+            o.route = Some(route);
+            o.cost_usd = cost;
+            o
+        };
+        r.record(&tiered("a", RouteKind::Realtime, 0.00014));
+        r.record(&tiered("b", RouteKind::BatchApi, 0.00007));
+        let mut shared = tiered("c", RouteKind::Realtime, 0.0);
+        shared.shared_call = true;
+        shared.usage = Usage::default();
+        r.record(&shared);
+        let text = r.render();
+        // Batch: 0.00007 off; tiering: (0.0028 - 0.00014) + (0.0014 - 0.00007);
+        // dedupe: the shared task at the mean of the two paid ones.
+        assert!(
+            text.contains(
+                "saved by levers: Batch API $0.000070, tiering $0.003990 (against gpt-4.1), dedupe $0.000105 (1 tasks from a shared call)"
+            ),
             "{text}"
         );
     }

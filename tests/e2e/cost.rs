@@ -431,6 +431,52 @@ async fn identical_requests_are_sent_once_with_an_outcome_each_and_billed_once()
     );
     let t = wait_for_ledger_calls(&js, &config, 1).await;
     assert_eq!(t, (billed, 0, 1), "the ledger equals the bill");
+
+    // `batchd cost` says what dedupe and tiering saved: each shared answer
+    // the call's cost; the call's tokens at the complex tier's model less
+    // what they cost on the simple tier's.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra = "[dedupe]\nenabled = true\nwindow_ms = 60000\n";
+    let path = common::config_file(dir.path(), &stack.nats.url(), &sim.base_url(), extra);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let report = cost_json(&stack.nats.url(), &path);
+        if report["saved"]["shared_tasks"].as_u64() == Some(n as u64 - 1) {
+            break report;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{report}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let dedupe = report["saved"]["dedupe_usd"]
+        .as_f64()
+        .expect("dedupe saved");
+    let expected = (n as f64 - 1.0) * billed as f64 / 1e12;
+    assert!((dedupe - expected).abs() < 1e-12, "{dedupe} vs {expected}");
+    let [(model, b)]: [(String, batchd::sim::SimBill); 1] = sim
+        .bill()
+        .into_iter()
+        .collect::<Vec<_>>()
+        .try_into()
+        .expect("one model billed");
+    assert_eq!(model, config.tiers.simple);
+    let at_complex = config
+        .prices
+        .cost_picousd(&config.tiers.complex, &b.usage(), RouteKind::Realtime)
+        .expect("the complex model's price");
+    let tiering = report["saved"]["tiering_usd"]
+        .as_f64()
+        .expect("tiering saved");
+    let expected = (at_complex - billed) as f64 / 1e12;
+    assert!(expected > 0.0);
+    assert!(
+        (tiering - expected).abs() < 1e-12,
+        "{tiering} vs {expected}"
+    );
+    assert_eq!(
+        report["calls"].as_u64(),
+        Some(1),
+        "shared answers are not calls"
+    );
     drop(running);
 }
 

@@ -475,7 +475,8 @@ async fn drive(
         progress.published.clone(),
     ));
 
-    let mut report = Report::with_prices(config.prices.clone());
+    let mut report = Report::with_prices(config.prices.clone())
+        .with_reference_model(config.tiers.complex.clone());
     let mut tally: Option<Tally> = None;
     let mut dlq_seen: HashSet<String> = HashSet::new();
     let mut undecodable = 0u64;
