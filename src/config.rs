@@ -523,6 +523,11 @@ pub struct BatchApiConfig {
     pub poll_initial_ms: u64,
     /// Longest wait between two looks, milliseconds (the wait doubles).
     pub poll_max_ms: u64,
+    /// 0: priority 2 is realtime. Otherwise `auto` priority-2 work goes by
+    /// batch job too, and a job of it still running after this many
+    /// seconds is cancelled, its unanswered tasks sent realtime.
+    #[serde(default)]
+    pub p2_patience_secs: u64,
 }
 
 fn yes() -> bool {
@@ -945,6 +950,15 @@ impl Config {
                 "must be 86400: the Batch API offers only a 24h window".into(),
             );
         }
+        if ba.p2_patience_secs >= self.targets.p2_secs {
+            return bad(
+                "batching.batch_api.p2_patience_secs",
+                format!(
+                    "must be below targets.p2_secs ({}): a cancelled job's tasks still go realtime after it",
+                    self.targets.p2_secs
+                ),
+            );
+        }
         if ba.poll_initial_ms < 1 || ba.poll_initial_ms > ba.poll_max_ms {
             return bad(
                 "batching.batch_api.poll_initial_ms",
@@ -1353,6 +1367,9 @@ impl Config {
                     deadline_margin: Duration::from_secs(
                         self.batching.batch_api.deadline_margin_secs,
                     ),
+                    p2_patience: Some(self.batching.batch_api.p2_patience_secs)
+                        .filter(|s| *s > 0)
+                        .map(Duration::from_secs),
                 },
             },
             batching: [
@@ -1686,6 +1703,10 @@ mod tests {
             (
                 "[batching.batch_api]\npoll_initial_ms = 900_000\n",
                 "batching.batch_api.poll_initial_ms",
+            ),
+            (
+                "[batching.batch_api]\np2_patience_secs = 3600\n",
+                "batching.batch_api.p2_patience_secs",
             ),
         ] {
             let e = Config::from_toml_str(toml, "t").unwrap_err();

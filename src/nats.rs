@@ -13,11 +13,11 @@ use batchd_actors::peers::ReplicaEvent;
 use batchd_actors::ports::{
     AttemptStore, Backlog, BoardError, Checkpoint, CheckpointError, CheckpointStore, Delivery,
     Encoded, JobStore, JobStoreError, OutcomeSink, ReplicaStream, Requeue, RouteBoard, SinkError,
-    SourceError, StoreError, TaskSource, GENERATION_HEADER, PUBLISHED_AT_HEADER,
+    SourceError, StoreError, TaskSource, GENERATION_HEADER, PUBLISHED_AT_HEADER, ROUTE_HEADER,
 };
 use batchd_actors::provider_jobs::ProviderJob;
 use batchd_actors::route::{heartbeat_key, ReplicaHeartbeat, RouteState};
-use batchd_actors::task::{Encoding, Priority};
+use batchd_actors::task::{Encoding, Priority, RouteKind};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
@@ -631,6 +631,10 @@ fn to_delivery(p: Priority, msg: jetstream::Message) -> crate::lanes::Item {
         .map(|t| t.with_timezone(&Utc));
     let requeued = first_published.is_some();
     let published_at = first_published.unwrap_or(published_at);
+    // Only the engine's own copies say which route they must take.
+    let route = read::header(m.headers.as_ref(), ROUTE_HEADER)
+        .filter(|_| requeued)
+        .and_then(|r| RouteKind::parse(r.trim()));
     Ok(Delivery {
         priority: p,
         subject: m.subject.to_string(),
@@ -641,6 +645,7 @@ fn to_delivery(p: Priority, msg: jetstream::Message) -> crate::lanes::Item {
         published_at,
         generation,
         requeued,
+        route,
         pending: Some(pending),
         hold: Box::new(JetAcker(acker)),
     })
@@ -718,6 +723,9 @@ impl TaskSource for JetSource {
                 .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
                 .as_str(),
         );
+        if let Some(route) = copy.route {
+            headers.insert(ROUTE_HEADER, route.as_str());
+        }
         self.js
             .publish_with_headers(copy.subject.clone(), headers, copy.body)
             .await

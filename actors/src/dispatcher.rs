@@ -1015,6 +1015,7 @@ async fn park(ctx: &EngineContext, a: &Accepted) -> Result<(), crate::ports::Sou
             content_type: a.content_type.clone(),
             generation: a.task.generation,
             published_at: a.published_at,
+            route: None,
         })
         .await?;
     tracing::debug!(task_id = %a.task.task_id, "route down: requeued at the back of its queue");

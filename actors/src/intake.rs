@@ -31,8 +31,9 @@ use crate::metrics;
 use crate::offpeak::Release;
 use crate::outcome::{self, deliver, Final};
 use crate::ports::Delivery;
+use crate::route_policy::RoutePreference;
 use crate::routing::plan;
-use crate::task::{ErrorKind, Priority, TaskError};
+use crate::task::{ErrorKind, Priority, RouteKind, TaskError};
 
 /// The Intake actor.
 pub struct Intake;
@@ -162,6 +163,12 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
         reply_to: &ctx.settings.reply_to,
     };
     let task = match decode_task(inbound) {
+        // A copy the engine requeued for realtime (its batch job outlasted
+        // its patience) goes realtime whatever the task asked.
+        Ok(mut t) if d.route == Some(RouteKind::Realtime) => {
+            t.route = Some(RoutePreference::Realtime);
+            t
+        }
         Ok(t) => t,
         Err(rejection) => {
             tracing::info!(subject = %d.subject, reason = %rejection.message, "invalid task");

@@ -56,6 +56,9 @@ pub const PROVIDER_REQUEST_SECONDS: &str = "batchd_provider_request_seconds";
 pub const RATE_LIMITED_TOTAL: &str = "batchd_rate_limited_total";
 /// Flex calls refused for want of flex capacity, by where the task went.
 pub const FLEX_FALLBACKS_TOTAL: &str = "batchd_flex_fallbacks_total";
+/// Provider batch jobs of priority-2 work cancelled for outlasting their
+/// patience (their unanswered tasks went realtime).
+pub const BATCH_JOBS_CANCELLED_TOTAL: &str = "batchd_batch_jobs_cancelled_total";
 /// 1 while a route waits out a Retry-After.
 pub const ROUTE_PAUSED: &str = "batchd_route_paused";
 /// Tasks sent back for another attempt, by reason.
@@ -96,10 +99,11 @@ pub const SECONDS_HISTOGRAMS: [&str; 3] = [
 pub const HISTOGRAMS: [&str; 5] = concat(SECONDS_HISTOGRAMS, [BATCH_SIZE, BATCH_FILL_RATIO]);
 
 /// Every metric name above: rules and dashboards may use these and no others.
-pub const ALL: [&str; 32] = concat(
+pub const ALL: [&str; 33] = concat(
     HISTOGRAMS,
     [
         FLEX_FALLBACKS_TOTAL,
+        BATCH_JOBS_CANCELLED_TOTAL,
         QUEUE_DEPTH,
         OLDEST_TASK_AGE_SECONDS,
         TASKS_RECEIVED_TOTAL,
@@ -289,6 +293,12 @@ pub fn flex_fallback(provider: &str, model: &str, to: &'static str) {
         .increment(1);
 }
 
+/// A priority-2 batch job cancelled for outlasting its patience.
+pub fn batch_job_cancelled(provider: &str, model: &str) {
+    counter!(BATCH_JOBS_CANCELLED_TOTAL, "provider" => provider.to_owned(), "model" => model.to_owned())
+        .increment(1);
+}
+
 /// A task answered from a call made for an identical request.
 pub fn deduplicated() {
     counter!(TASKS_DEDUPLICATED_TOTAL).increment(1);
@@ -411,6 +421,7 @@ fn help(name: &str) -> Option<&'static str> {
         PROVIDER_REQUEST_SECONDS => "Provider request duration",
         RATE_LIMITED_TOTAL => "429 answers from providers",
         FLEX_FALLBACKS_TOTAL => "Flex calls refused for want of capacity (429 resource_unavailable), by where the task went",
+        BATCH_JOBS_CANCELLED_TOTAL => "Provider batch jobs of priority-2 work cancelled for outlasting their patience",
         ROUTE_PAUSED => "1 while a route waits out a Retry-After",
         RETRIES_TOTAL => "Tasks sent back for another attempt, by reason",
         ROUTE_CONCURRENCY_LIMIT => "Adaptive concurrency limit per route",
@@ -568,6 +579,8 @@ pub fn init(known: &KnownLabels) {
             counter!(FLEX_FALLBACKS_TOTAL, "provider" => pr.clone(), "model" => mo.clone(), "to" => to)
                 .increment(0);
         }
+        counter!(BATCH_JOBS_CANCELLED_TOTAL, "provider" => pr.clone(), "model" => mo.clone())
+            .increment(0);
         gauge!(ROUTE_PAUSED, "provider" => pr.clone(), "model" => mo.clone()).increment(0.0);
         for reason in CIRCUIT_REASONS {
             gauge!(ROUTE_CIRCUIT_OPEN, "provider" => pr.clone(), "model" => mo.clone(), "reason" => reason)

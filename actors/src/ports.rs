@@ -14,7 +14,7 @@ use crate::ledger::{CallRecord, CallSheet, DayTotals};
 use crate::peers::ReplicaEvent;
 use crate::route::limits::RateLimitInfo;
 use crate::route::{ReplicaHeartbeat, RouteState};
-use crate::task::{Encoding, Priority, Usage};
+use crate::task::{Encoding, Priority, RouteKind, Usage};
 
 /// One delivered task message. A source hands it over with its [`Acker`];
 /// the engine takes it in with [`Delivery::lease`], so from then on it is
@@ -40,6 +40,8 @@ pub struct Delivery<H = Lease> {
     /// True for a copy the engine requeued (it carries `Batchd-Published-At`):
     /// not a new task, and the attempts its task spent are in the store.
     pub requeued: bool,
+    /// The route kind a requeued copy must take (`Batchd-Route`).
+    pub route: Option<RouteKind>,
     /// Messages still waiting for this consumer after this one, when known
     /// (0: the queue is drained, no point holding a batch open for more).
     pub pending: Option<u64>,
@@ -61,6 +63,7 @@ impl Delivery<Box<dyn Acker>> {
             published_at: self.published_at,
             generation: self.generation,
             requeued: self.requeued,
+            route: self.route,
             pending: self.pending,
             hold: Lease::new(self.hold, Some(keeper)),
         }
@@ -121,7 +124,14 @@ pub struct Requeue {
     pub generation: u32,
     /// When it was first published: the copy keeps the task's age.
     pub published_at: DateTime<Utc>,
+    /// The route kind the copy must take (sent as `Batchd-Route`), when the
+    /// engine decided it: `realtime` for the tasks of a batch job cancelled
+    /// when it outlasted its priority's patience.
+    pub route: Option<RouteKind>,
 }
+
+/// The header that carries the route kind a requeued copy must take.
+pub const ROUTE_HEADER: &str = "Batchd-Route";
 
 /// The header that carries a requeued task's first publish time (RFC 3339).
 pub const PUBLISHED_AT_HEADER: &str = "Batchd-Published-At";
@@ -627,6 +637,9 @@ pub trait BatchApi: Send + Sync + 'static {
     async fn recent(&self) -> Result<Vec<BatchJobStatus>, ProviderError>;
     /// A batch's current status.
     async fn retrieve(&self, batch_id: &str) -> Result<BatchJobStatus, ProviderError>;
+    /// Asks the provider to cancel a batch; it ends `cancelled` (OpenAI) or
+    /// `ended` (Anthropic) later, with the lines answered so far.
+    async fn cancel(&self, batch_id: &str) -> Result<BatchJobStatus, ProviderError>;
     /// The results of an ended batch by `custom_id`; a line left
     /// unanswered (expired, cancelled) is absent.
     async fn results(

@@ -173,6 +173,14 @@ pub struct ProviderJob {
     pub step: JobStep,
     /// Its tasks.
     pub tasks: Vec<JobTask>,
+    /// When a job of priority-2 work has waited long enough (its
+    /// priority's patience, `batching.batch_api.p2_patience_secs`): the
+    /// batch is then cancelled and its unanswered tasks go realtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_at: Option<DateTime<Utc>>,
+    /// True once that cancel was asked for.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancelled: bool,
 }
 
 impl ProviderJob {
@@ -374,6 +382,8 @@ async fn record_and_start(ctx: Arc<EngineContext>, batch: Batch) {
             recorded_at: ctx.clock.now(),
             step: JobStep::Recorded,
             tasks: tasks.iter().map(job_task).collect(),
+            cancel_at: patience_end(&ctx, &tasks),
+            cancelled: false,
         };
         if ctx.settings.dedupe_window.is_some() {
             mark_shared(&mut job.tasks);
@@ -392,6 +402,18 @@ async fn record_and_start(ctx: Arc<EngineContext>, batch: Batch) {
         let ctx = ctx.clone();
         tokio::spawn(own_and_drive(ctx, job, false));
     }
+}
+
+/// When a job of these tasks is cancelled for taking too long: for
+/// priority-2 work, its patience after now; `None` for priority 3, which
+/// waits for the provider's completion window.
+fn patience_end(ctx: &EngineContext, tasks: &[Accepted]) -> Option<DateTime<Utc>> {
+    let patience = ctx.settings.catalog.route_policy.p2_patience?;
+    if !tasks.iter().any(|a| a.task.priority == Priority::P2) {
+        return None;
+    }
+    let patience = chrono::Duration::from_std(patience).ok()?;
+    Some(ctx.clock.now() + patience)
 }
 
 fn job_task(a: &Accepted) -> JobTask {
@@ -584,14 +606,39 @@ async fn drive(ctx: Arc<EngineContext>, mut job: ProviderJob) {
             JobStep::Created {
                 provider_batch_id, ..
             } => {
-                match api.retrieve(provider_batch_id).await {
+                let provider_batch_id = provider_batch_id.clone();
+                let now = ctx.clock.now();
+                if !job.cancelled && job.cancel_at.is_some_and(|at| at <= now) {
+                    match api.cancel(&provider_batch_id).await {
+                        Ok(_) => {
+                            tracing::info!(job_id = %job.id, batch_id = %provider_batch_id, "provider job outlasted its patience: cancelled; its unanswered tasks go realtime");
+                            metrics::batch_job_cancelled(&job.provider, &job.model);
+                            job.cancelled = true;
+                            if let Err(e) = ctx.ports.jobs.put(&job).await {
+                                tracing::warn!(job_id = %job.id, error = %e, "job's cancel not recorded; a restart asks again");
+                            }
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(job_id = %job.id, error = %e, "batch not cancelled; trying again")
+                        }
+                    }
+                }
+                // Look again no later than the patience's end.
+                let until_cancel = job
+                    .cancel_at
+                    .filter(|_| !job.cancelled)
+                    .and_then(|at| (at - now).to_std().ok());
+                let wait_now =
+                    until_cancel.map_or(wait, |u| wait.min(u.max(Duration::from_millis(10))));
+                match api.retrieve(&provider_batch_id).await {
                     Ok(b) if b.is_terminal() => break b,
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(job_id = %job.id, error = %e, "batch status not read; trying again")
                     }
                 }
-                if !pause(&ctx, wait).await {
+                if !pause(&ctx, wait_now).await {
                     return;
                 }
                 wait = backoff(wait);
@@ -687,7 +734,12 @@ async fn finish(ctx: &EngineContext, api: &dyn BatchApi, job: ProviderJob, statu
             Some(LineResult::Failed { status, message }) => {
                 line_failed(ctx, &job, t, *status, message).await;
             }
-            None => requeue(ctx, t, t.attempts).await,
+            // Left unanswered: back to its queue; realtime when the job was
+            // cancelled for outlasting its patience.
+            None => {
+                let route = job.cancelled.then_some(RouteKind::Realtime);
+                requeue(ctx, t, t.attempts, route).await
+            }
         }
     }
     let mut leftovers: Vec<&String> = [&status.output_file_id, &status.error_file_id]
@@ -945,7 +997,7 @@ async fn line_failed(
         return;
     }
     metrics::retried("server_error");
-    requeue(ctx, t, attempts).await;
+    requeue(ctx, t, attempts, None).await;
 }
 
 /// Publishes a task's failure and dead letter; `spent` is the usage and
@@ -1020,7 +1072,7 @@ async fn clear_attempts(ctx: &EngineContext, t: &JobTask) {
 }
 
 /// Puts a task back in its queue (its original message, published again).
-async fn requeue(ctx: &EngineContext, t: &JobTask, attempts: u32) {
+async fn requeue(ctx: &EngineContext, t: &JobTask, attempts: u32, route: Option<RouteKind>) {
     let Ok(body) = base64::engine::general_purpose::STANDARD.decode(&t.body_base64) else {
         tracing::error!(task_id = %t.task_id, "a job task's message is unreadable; it cannot be requeued");
         return;
@@ -1031,6 +1083,7 @@ async fn requeue(ctx: &EngineContext, t: &JobTask, attempts: u32) {
         content_type: t.content_type.clone(),
         generation: t.generation,
         published_at: t.published_at,
+        route,
     };
     loop {
         match ctx.ports.source.requeue(copy.clone()).await {
@@ -1121,6 +1174,8 @@ not json
                 provider_batch_id: "batch_1".into(),
             },
             tasks: Vec::new(),
+            cancel_at: None,
+            cancelled: false,
         };
         let v = serde_json::to_value(&job).unwrap();
         assert_eq!(v["step"], "created");

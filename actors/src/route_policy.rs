@@ -52,6 +52,11 @@ pub struct RoutePolicy {
     /// Extra time a deadline must leave beyond the window (assembly,
     /// upload, reading the results).
     pub deadline_margin: Duration,
+    /// With a value, `auto` priority-2 work goes by batch job too, and a
+    /// job of it still running after this long is cancelled, its
+    /// unanswered tasks sent realtime (the provider usually ends small
+    /// jobs well inside priority 2's target). `None`: priority 2 is realtime.
+    pub p2_patience: Option<Duration>,
 }
 
 impl Default for RoutePolicy {
@@ -59,6 +64,7 @@ impl Default for RoutePolicy {
         RoutePolicy {
             batch_window: Duration::from_secs(24 * 3600),
             deadline_margin: Duration::from_secs(3600),
+            p2_patience: None,
         }
     }
 }
@@ -90,13 +96,25 @@ impl RoutePolicy {
         match ask.task.or(ask.task_type).unwrap_or(RoutePreference::Auto) {
             RoutePreference::Realtime => RouteKind::Realtime,
             RoutePreference::BatchApi => RouteKind::BatchApi,
-            RoutePreference::Auto if ask.priority != Priority::P3 => RouteKind::Realtime,
+            RoutePreference::Auto if ask.priority == Priority::P1 => RouteKind::Realtime,
+            RoutePreference::Auto if ask.priority == Priority::P2 => {
+                // The job may run its patience, then the task goes realtime.
+                let Some(patience) = self.p2_patience else {
+                    return RouteKind::Realtime;
+                };
+                if fits(
+                    ask.deadline,
+                    patience.saturating_add(self.deadline_margin),
+                    now,
+                ) {
+                    RouteKind::BatchApi
+                } else {
+                    RouteKind::Realtime
+                }
+            }
             RoutePreference::Auto => {
                 let needed = self.batch_window.saturating_add(self.deadline_margin);
-                let fits = ask.deadline.is_none_or(|dl| {
-                    chrono::Duration::from_std(needed).is_ok_and(|n| dl >= now + n)
-                });
-                if fits {
+                if fits(ask.deadline, needed, now) {
                     RouteKind::BatchApi
                 } else {
                     RouteKind::Realtime
@@ -104,6 +122,11 @@ impl RoutePolicy {
             }
         }
     }
+}
+
+/// Whether a deadline (if any) leaves `needed` after `now`.
+fn fits(deadline: Option<DateTime<Utc>>, needed: Duration, now: DateTime<Utc>) -> bool {
+    deadline.is_none_or(|dl| chrono::Duration::from_std(needed).is_ok_and(|n| dl >= now + n))
 }
 
 /// Where a task goes when its flex call is refused (429 resource unavailable).
@@ -194,7 +217,30 @@ mod tests {
         RoutePolicy {
             batch_window: Duration::from_secs(24 * 3600),
             deadline_margin: Duration::from_secs(3600),
+            p2_patience: None,
         }
+    }
+
+    #[test]
+    fn with_a_patience_priority_two_goes_by_batch_job_when_its_deadline_leaves_room() {
+        let p = RoutePolicy {
+            p2_patience: Some(Duration::from_secs(1800)),
+            ..policy()
+        };
+        assert_eq!(p.decide(ask(Priority::P2), now()), RouteKind::BatchApi);
+        assert_eq!(p.decide(ask(Priority::P1), now()), RouteKind::Realtime);
+        let mut a = ask(Priority::P2);
+        // Patience (30 min) plus the margin (1 h).
+        a.deadline = Some(now() + chrono::Duration::minutes(90));
+        assert_eq!(p.decide(a, now()), RouteKind::BatchApi);
+        a.deadline = Some(now() + chrono::Duration::minutes(89));
+        assert_eq!(p.decide(a, now()), RouteKind::Realtime);
+        let mut a = ask(Priority::P2);
+        a.task = Some(RoutePreference::Realtime);
+        assert_eq!(p.decide(a, now()), RouteKind::Realtime);
+        let mut a = ask(Priority::P2);
+        a.provider_allows_batch = false;
+        assert_eq!(p.decide(a, now()), RouteKind::Realtime);
     }
 
     fn ask(priority: Priority) -> RouteAsk {

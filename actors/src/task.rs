@@ -335,6 +335,11 @@ impl RouteKind {
             RouteKind::BatchApi => "batch_api",
         }
     }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<RouteKind> {
+        RouteKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
 }
 
 /// The service tier a realtime call asked for and was served at (OpenAI's

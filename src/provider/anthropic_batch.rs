@@ -262,6 +262,15 @@ impl BatchApi for AnthropicBatchApi {
         self.batch(&answer)
     }
 
+    async fn cancel(&self, batch_id: &str) -> Result<BatchJobStatus, ProviderError> {
+        let req = self
+            .http
+            .client
+            .post(self.url(&format!("/{batch_id}/cancel")));
+        let answer = self.call(req, super::MAX_RESPONSE_BYTES).await?;
+        self.batch(&answer)
+    }
+
     async fn results(
         &self,
         batch: &BatchJobStatus,

@@ -188,6 +188,18 @@ impl BatchApi for OpenAiBatchApi {
         self.batch(&answer)
     }
 
+    async fn cancel(&self, batch_id: &str) -> Result<BatchJobStatus, ProviderError> {
+        let url = Self::url(&self.batches, &format!("/{batch_id}/cancel"));
+        let answer = self
+            .call(
+                self.http.client.post(url),
+                &self.batches,
+                super::MAX_RESPONSE_BYTES,
+            )
+            .await?;
+        self.batch(&answer)
+    }
+
     async fn results(
         &self,
         batch: &BatchJobStatus,

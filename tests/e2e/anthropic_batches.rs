@@ -156,6 +156,8 @@ async fn a_kill_between_creation_and_its_record_creates_the_batch_again_and_each
             input_file_id: "inline".into(),
         },
         tasks,
+        cancel_at: None,
+        cancelled: false,
     };
     api.create(
         "inline",

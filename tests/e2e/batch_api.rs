@@ -253,6 +253,39 @@ async fn auto_sends_bulk_by_batch_job_where_the_provider_has_a_batch_api_and_rea
     }
 }
 
+/// Priority 2 by batch job with a patience: a job the provider ends in time
+/// answers at the discount; one still running when the patience ends is
+/// cancelled and its tasks go realtime, each with one outcome, no attempt
+/// spent, billed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_two_goes_by_batch_job_and_a_job_past_its_patience_is_cancelled_to_realtime() {
+    let patient = format!("{BATCH_ON}p2_patience_secs = 2\n");
+    let n = 8;
+    for (batch, want) in [
+        (Duration::from_millis(300), "batch_api"),
+        (Duration::from_secs(600), "realtime"),
+    ] {
+        let stack = common::stack(sim_config(batch), &patient).await;
+        common::publish_many(&stack.js, &tasks_on(n, "patient", 2)).await;
+        let outcomes =
+            common::wait_for_one_outcome_each(&stack.js, n, Duration::from_secs(60)).await;
+        for i in 0..n {
+            let o = outcome_of(&outcomes, &format!("patient{i}"));
+            assert_eq!(o["status"], "succeeded", "{o}");
+            assert_eq!(o["route"], want, "{o}");
+            assert_eq!(o["attempts"], 1, "{o}");
+        }
+        assert!(
+            stack.sim.batch_creations() >= 1,
+            "priority 2 went by batch job first"
+        );
+        let realtime: u64 = stack.sim.bill().values().map(|b| b.requests).sum();
+        let lines = billed_lines(&stack.sim);
+        let billed = if want == "batch_api" { (n, 0) } else { (0, n) };
+        assert_eq!((lines, realtime), (billed.0 as u64, billed.1 as u64));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_jobs_unanswered_tasks_run_again_and_succeed_without_spending_an_attempt() {
     let stack = common::stack(sim_config(Duration::from_millis(300)), BATCH_ON).await;
@@ -421,6 +454,8 @@ async fn a_kill_between_upload_and_create_leaves_no_task_behind_and_creates_each
             tasks: (0..3)
                 .map(|i| recorded_task(&format!("{name}{i}")))
                 .collect(),
+            cancel_at: None,
+            cancelled: false,
         };
         if point >= 1 {
             let input_file_id = api

@@ -118,6 +118,7 @@ fn delivery(
         published_at: chrono::Utc::now(),
         generation: 0,
         requeued: false,
+        route: None,
         pending: None,
         hold: Box::new(acker),
     }

@@ -16,7 +16,8 @@
 //!   warm-up, the Batch API for priority 3 with `batch = "auto"` finding the
 //!   simulator's; dedupe is off by default);
 //! - (c) every lever on: `tier: "auto"` with `[[tiers.rules]]`, the Batch API
-//!   for priority 3 (`batch = true`), `[dedupe]`, `[caching]`.
+//!   for priority 3 (`batch = true`) and for priority 2 with a patience of
+//!   10 minutes (`p2_patience_secs`), `[dedupe]`, `[caching]`.
 //!
 //! Each way's cost is the sim's bill (realtime tokens at list price, cached
 //! tokens at the cached price, Batch API lines at the batch discount)
@@ -370,6 +371,8 @@ impl Way {
         for p in config.providers.values_mut() {
             p.batch = crate::config::BatchUse::On;
         }
+        // Priority 2 by batch job too, cancelled to realtime after 10 min.
+        config.batching.batch_api.p2_patience_secs = 600;
         config.dedupe.enabled = true;
         config.dedupe.window_ms = 600_000;
         let rule = |task_type: &str, tier: Tier| TierRule {
@@ -536,7 +539,7 @@ impl fmt::Display for CostReport {
         writeln!(f, "what each lever saved in (c), as a share of (a):")?;
         for (name, p) in [
             ("prompt caching (cached tokens), in (c)", caching),
-            ("Batch API for priority 3, in (c)", batch),
+            ("Batch API (p3; p2 with patience), in (c)", batch),
             ("dedupe of exact duplicates, in (c)", dedupe),
             ("tiering, the rest: (a) - (c) - above", tiering),
             (
