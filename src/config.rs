@@ -1360,6 +1360,12 @@ impl Config {
                     .iter()
                     .map(|(name, p)| (name.clone(), p.tier_options()))
                     .collect(),
+                marks_cache_prefix: self
+                    .providers
+                    .iter()
+                    .filter(|(_, p)| p.kind == ProviderKind::Anthropic)
+                    .map(|(name, _)| name.clone())
+                    .collect(),
                 route_policy: RoutePolicy {
                     batch_window: Duration::from_secs(
                         self.batching.batch_api.completion_window_secs,

@@ -325,8 +325,7 @@ fn plan_warmups(
     let scope = route.provider.cached_prefix();
     let cacheable = |a: &Accepted| {
         caching.worth_warming(match scope {
-            CachedPrefix::Any => a.plan.prefix_chars,
-            CachedPrefix::SystemPrompt => a.plan.system_chars,
+            CachedPrefix::Any | CachedPrefix::Marked => a.plan.prefix_chars,
         })
     };
     // Prefix → the indices of its tasks, in batch order.

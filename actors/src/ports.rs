@@ -479,9 +479,12 @@ pub trait Provider: Send + Sync + 'static {
 pub enum CachedPrefix {
     /// Any long prompt's beginning (OpenAI).
     Any,
-    /// Only the system prompt, which the adapter marks (Anthropic's
-    /// `cache_control`).
-    SystemPrompt,
+    /// Only the shared prefix the adapter marks (Anthropic's
+    /// `cache_control`): the system prompt, and a typed task's template
+    /// head where the route's provider gets it as its own part
+    /// ([`crate::routing::Catalog::marks_cache_prefix`]); a chat payload's
+    /// system prompt alone.
+    Marked,
 }
 
 /// The version of the checkpoint layout this engine writes.

@@ -276,6 +276,11 @@ pub struct Catalog {
     /// The service tiers each provider offers, by provider name (none: the
     /// default tier only).
     pub service_tiers: HashMap<String, TierOptions>,
+    /// Providers whose adapter marks the shared prefix for its cache
+    /// (Anthropic's `cache_control`): a typed task's user message goes to
+    /// them as two text parts, the template head and the rest, so the
+    /// adapter can mark the end of the head.
+    pub marks_cache_prefix: HashSet<String>,
 }
 
 /// A routed task: the route, the request body and the batching key.
@@ -427,6 +432,9 @@ pub fn plan(task: &Task, catalog: &Catalog, now: DateTime<Utc>) -> Result<Plan, 
             tier: ServiceTier::Default,
             on_refusal: RouteKind::Realtime,
         });
+    if catalog.marks_cache_prefix.contains(provider) {
+        split_head(&mut body, head);
+    }
     let mut request = Value::Object(body);
     if !service.tier.is_default() {
         request["service_tier"] = Value::String(service.tier.as_str().to_owned());
@@ -514,6 +522,31 @@ fn prompt_text(body: &Map<String, Value>) -> String {
     out
 }
 
+/// Makes the first user message, when it begins with `head` (the
+/// template's shared start), two text parts: the head, then the rest.
+fn split_head(body: &mut Map<String, Value>, head: &str) {
+    if head.is_empty() {
+        return;
+    }
+    let Some(user) = body
+        .get_mut("messages")
+        .and_then(Value::as_array_mut)
+        .and_then(|ms| ms.iter_mut().find(|m| m["role"] == "user"))
+    else {
+        return;
+    };
+    let Some(rest) = user["content"].as_str().and_then(|c| c.strip_prefix(head)) else {
+        return;
+    };
+    if rest.is_empty() {
+        return;
+    }
+    user["content"] = json!([
+        {"type": "text", "text": head},
+        {"type": "text", "text": rest},
+    ]);
+}
+
 /// The template's text before its first placeholder: the same for every
 /// task of the type.
 fn template_head(template: &str) -> &str {
@@ -578,6 +611,7 @@ mod tests {
                 .map(|(m, p)| (m.to_owned(), p.to_owned()))
                 .collect(),
             batch_providers: BatchProviders::new(["p".to_owned()]),
+            marks_cache_prefix: HashSet::new(),
             route_policy: RoutePolicy::default(),
             service_tiers: HashMap::new(),
         }
@@ -629,6 +663,30 @@ mod tests {
         assert_eq!(p.request["messages"][1]["content"], "Summarize in en: doc");
         assert_eq!(p.request["max_completion_tokens"], 200);
         assert_eq!(p.request["model"], "small");
+    }
+
+    #[test]
+    fn a_provider_that_marks_its_cache_prefix_gets_the_template_head_as_its_own_part() {
+        let mut c = catalog();
+        c.marks_cache_prefix.insert("p".into());
+        let text = |text: &str| {
+            task(Payload::Text {
+                text: text.into(),
+                options: Map::new(),
+            })
+        };
+        let p = plan(&text("doc"), &c, Utc::now()).unwrap();
+        assert_eq!(
+            p.request["messages"][1]["content"],
+            json!([{"type": "text", "text": "Summarize in "},
+                   {"type": "text", "text": ": doc"}])
+        );
+        let unmarked = plan(&text("doc"), &catalog(), Utc::now()).unwrap();
+        assert_eq!(unmarked.prefix, p.prefix, "the same prefix group");
+        assert_eq!(
+            unmarked.request["messages"][1]["content"],
+            "Summarize in : doc"
+        );
     }
 
     #[test]

@@ -60,8 +60,9 @@ impl AnthropicProvider {
 #[async_trait]
 impl Provider for AnthropicProvider {
     fn cached_prefix(&self) -> CachedPrefix {
-        // `cache_control` marks the system prompt, nothing after it.
-        CachedPrefix::SystemPrompt
+        // `cache_control` marks the system prompt and the template head
+        // (the engine's first text part), nothing after them.
+        CachedPrefix::Marked
     }
 
     async fn complete(&self, request: &Value) -> Result<Completion, ProviderError> {
@@ -103,6 +104,17 @@ pub fn messages_request(chat: &Value) -> Result<MessagesRequest, String> {
     let mut messages = Vec::with_capacity(turns.len());
     for (i, turn) in turns.iter().enumerate() {
         let role = turn["role"].as_str().unwrap_or_default();
+        // The first message, a user's in text parts: the engine sent the
+        // template head as its first part, the end of the shared prefix.
+        if role == "user" && messages.is_empty() {
+            if let Some(blocks) = marked_head(&turn["content"]) {
+                messages.push(MessageParam {
+                    role: Role::User,
+                    content: Content::Blocks(blocks),
+                });
+                continue;
+            }
+        }
         let text = turn_text(&turn["content"])
             .ok_or_else(|| format!("messages[{i}].content is neither a string nor text parts"))?;
         let role = match role {
@@ -158,6 +170,26 @@ pub fn messages_request(chat: &Value) -> Result<MessagesRequest, String> {
         top_p: chat["top_p"].as_f64(),
         stream: None,
     })
+}
+
+/// Text parts (two or more, text only) as blocks, the first marked with
+/// `cache_control`: the prompt up to it is the prefix the provider caches.
+fn marked_head(content: &Value) -> Option<Vec<ContentBlockParam>> {
+    let parts = content.as_array().filter(|p| p.len() >= 2)?;
+    let texts = parts
+        .iter()
+        .map(|p| (p["type"] == "text").then(|| p["text"].as_str()).flatten())
+        .collect::<Option<Vec<_>>>()?;
+    Some(
+        texts
+            .into_iter()
+            .enumerate()
+            .map(|(i, text)| ContentBlockParam::Text {
+                text: text.to_owned(),
+                cache_control: (i == 0).then(CacheControl::ephemeral),
+            })
+            .collect(),
+    )
 }
 
 /// A chat message's content as one text: a string, or its text parts.
@@ -270,7 +302,7 @@ mod tests {
     fn the_engine_is_told_that_only_the_marked_system_prompt_is_cached() {
         let p = AnthropicProvider::new("http://127.0.0.1:9", None, Duration::from_secs(1))
             .expect("a provider");
-        assert_eq!(p.cached_prefix(), CachedPrefix::SystemPrompt);
+        assert_eq!(p.cached_prefix(), CachedPrefix::Marked);
     }
 
     #[test]
@@ -309,6 +341,33 @@ mod tests {
             "messages": [{"role": "user", "content": "hi"}]}))
         .unwrap();
         assert_eq!(r.max_tokens, 7);
+    }
+
+    #[test]
+    fn a_first_user_message_in_text_parts_marks_its_first_part_as_the_end_of_the_prefix() {
+        let r = messages_request(&json!({
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "Rules."},
+                {"role": "user", "content": [{"type": "text", "text": "Summarize: "},
+                                             {"type": "text", "text": "doc"}]},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": [{"type": "text", "text": "a"},
+                                             {"type": "text", "text": "b"}]},
+            ],
+        }))
+        .unwrap();
+        let body = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            body["messages"][0]["content"],
+            json!([{"type": "text", "text": "Summarize: ", "cache_control": {"type": "ephemeral"}},
+                   {"type": "text", "text": "doc"}])
+        );
+        assert_eq!(
+            body["messages"][2]["content"], "a\nb",
+            "later turns are one text"
+        );
+        assert_eq!(body["system"][0]["cache_control"]["type"], "ephemeral");
     }
 
     #[test]

@@ -176,22 +176,39 @@ pub(crate) fn parse(body: &Value) -> Result<Parsed, ApiError> {
         cache_prefix = cached;
         chat_messages.push(json!({"role": "system", "content": text}));
     }
+    // What comes before a marked block of the messages, for a cache
+    // prefix that runs past the system prompt.
+    let mut before = chat_messages
+        .first()
+        .and_then(|m| m["content"].as_str())
+        .map(str::to_owned)
+        .unwrap_or_default();
     for m in &r.messages {
         let role = match m.role {
             Role::User => "user",
             Role::Assistant => "assistant",
         };
+        before.push('\n');
         let text = match &m.content {
             Content::Text(text) => text.clone(),
-            Content::Blocks(blocks) => blocks
-                .iter()
-                .filter_map(|b| match b {
-                    ContentBlockParam::Text { text, .. } => Some(text.as_str()),
-                    ContentBlockParam::Other => None,
-                })
-                .collect::<Vec<_>>()
-                .join("\n"),
+            Content::Blocks(blocks) => {
+                let mut texts = Vec::with_capacity(blocks.len());
+                for b in blocks {
+                    if let ContentBlockParam::Text {
+                        text,
+                        cache_control,
+                    } = b
+                    {
+                        texts.push(text.as_str());
+                        if cache_control.is_some() {
+                            cache_prefix = Some(format!("{before}{}", texts.join("\n")));
+                        }
+                    }
+                }
+                texts.join("\n")
+            }
         };
+        before.push_str(&text);
         chat_messages.push(json!({"role": role, "content": text}));
     }
     let chat = request::parse(&json!({
@@ -290,6 +307,20 @@ mod tests {
         assert_eq!(p.cache_prefix.as_deref(), Some("A"));
         assert_eq!(p.chat.max_output_tokens, Some(5));
         assert_eq!(p.chat.prompt.last_user_text(), "hi");
+    }
+
+    #[test]
+    fn a_marked_block_of_the_first_message_extends_the_cached_prefix_past_the_system_prompt() {
+        let p = parse(&json!({
+            "model": "claude-3-5-haiku-latest", "max_tokens": 5,
+            "system": [{"type": "text", "text": "A", "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "Head: ", "cache_control": {"type": "ephemeral"}},
+                {"type": "text", "text": "doc"}]}]
+        }))
+        .unwrap();
+        assert_eq!(p.cache_prefix.as_deref(), Some("A\nHead: "));
+        assert_eq!(p.chat.prompt.last_user_text(), "Head: \ndoc");
     }
 
     #[test]

@@ -443,6 +443,7 @@ pub fn settings() -> EngineSettings {
             },
             model_providers: [("m".to_owned(), "fake".to_owned())].into_iter().collect(),
             batch_providers: Default::default(),
+            marks_cache_prefix: Default::default(),
             route_policy: Default::default(),
             service_tiers: Default::default(),
         },
