@@ -8,7 +8,10 @@
 //! outcome exists yet). Work of a priority that waits for off-peak windows
 //! ([`crate::offpeak`]) is handed back to JetStream, with a nak delayed
 //! until the next window opens, unless its deadline can't wait. A redelivered message reads the attempts its task
-//! spent from the attempt store; a first delivery never does. A copy of a
+//! spent from the attempt store; a first delivery never does. An `auto`
+//! task that only prompt size would tier is labelled by the tier classifier
+//! first, when it is enabled ([`crate::classifier`]); both wait in a task of
+//! their own, never in the actor. A copy of a
 //! task already in flight is handed back without a verdict of its own.
 //!
 //! Receives: [`IntakeMsg`]. Sends: tasks to the Assembler, outcomes to the sink.
@@ -24,6 +27,7 @@ use futures::StreamExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 
+use crate::classifier;
 use crate::codec::{decode_task, Inbound};
 use crate::context::EngineContext;
 use crate::messages::{Accepted, AssemblerMsg, IntakeMsg};
@@ -31,7 +35,7 @@ use crate::metrics;
 use crate::offpeak::Release;
 use crate::outcome::{self, deliver, Final};
 use crate::ports::Delivery;
-use crate::routing::plan;
+use crate::routing::{plan, plan_with, TierChoice, REASON_CLASSIFIER};
 use crate::task::{ErrorKind, Priority, TaskError};
 
 /// The Intake actor.
@@ -208,26 +212,69 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
         drained: d.pending == Some(0),
         price_multiplier: 1.0,
     };
-    if first {
+    if first && accepted.plan.classify.is_none() {
         admit(ctx, accepted);
         return;
     }
-    // A redelivered or requeued message: the attempts its task spent before
-    // are in the store.
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let mut accepted = accepted;
-        match ctx.ports.attempts.get(&accepted.task.task_id).await {
-            Ok(spent) => {
-                accepted.attempts_before = accepted.task.retry_count.saturating_add(spent);
-                admit(&ctx, accepted);
-            }
-            Err(e) => {
-                tracing::warn!(task_id = %accepted.task.task_id, error = %e, "attempts unreadable; handed back");
-                let _ = accepted.lease.nak(Some(Duration::from_secs(1))).await;
+        if !first {
+            // A redelivered or requeued message: the attempts its task
+            // spent before are in the store.
+            match ctx.ports.attempts.get(&accepted.task.task_id).await {
+                Ok(spent) => {
+                    accepted.attempts_before = accepted.task.retry_count.saturating_add(spent);
+                }
+                Err(e) => {
+                    tracing::warn!(task_id = %accepted.task.task_id, error = %e, "attempts unreadable; handed back");
+                    let _ = accepted.lease.nak(Some(Duration::from_secs(1))).await;
+                    return;
+                }
             }
         }
+        classify(&ctx, &mut accepted).await;
+        admit(&ctx, accepted);
     });
+}
+
+/// Asks the tier classifier for a task whose plan awaits it (unless it
+/// has no attempts left) and routes it to the tier named; with no
+/// verdict, the prompt-size plan stands. The call's cost is the task's.
+async fn classify(ctx: &EngineContext, a: &mut Accepted) {
+    let Some(prompt) = a.plan.classify.take() else {
+        return;
+    };
+    if ctx.settings.retry.exhausted(a.attempts_before) {
+        return;
+    }
+    let verdict = classifier::classify(ctx, &a.task, &prompt).await;
+    let replanned = verdict.tier.map(|tier| {
+        let decided = TierChoice {
+            tier,
+            reason: REASON_CLASSIFIER.to_owned(),
+            classifier_picousd: verdict.cost,
+        };
+        plan_with(
+            &a.task,
+            &ctx.settings.catalog,
+            ctx.settings.clock.now(),
+            Some(decided),
+        )
+    });
+    match replanned {
+        Some(Ok(plan)) => a.plan = plan,
+        other => {
+            if let Some(Err(message)) = other {
+                // The tier's model was routable at the first plan; should
+                // that change, prompt size keeps the task going.
+                tracing::warn!(task_id = %a.task.task_id, %message, "the classifier's tier cannot be routed; prompt size decides");
+            }
+            if let Some(choice) = a.plan.tier.as_mut() {
+                choice.classifier_picousd = verdict.cost;
+            }
+        }
+    }
 }
 
 /// Hands a valid task to the Assembler, or finishes it when it has no
