@@ -212,40 +212,38 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
         drained: d.pending == Some(0),
         price_multiplier: 1.0,
     };
-    if first && accepted.plan.classify.is_none() {
+    if first {
         admit(ctx, accepted);
         return;
     }
+    // A redelivered or requeued message: the attempts its task spent before
+    // are in the store.
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let mut accepted = accepted;
-        if !first {
-            // A redelivered or requeued message: the attempts its task
-            // spent before are in the store.
-            match ctx.ports.attempts.get(&accepted.task.task_id).await {
-                Ok(spent) => {
-                    accepted.attempts_before = accepted.task.retry_count.saturating_add(spent);
-                }
-                Err(e) => {
-                    tracing::warn!(task_id = %accepted.task.task_id, error = %e, "attempts unreadable; handed back");
-                    let _ = accepted.lease.nak(Some(Duration::from_secs(1))).await;
-                    return;
-                }
+        match ctx.ports.attempts.get(&accepted.task.task_id).await {
+            Ok(spent) => {
+                accepted.attempts_before = accepted.task.retry_count.saturating_add(spent);
+                admit(&ctx, accepted);
+            }
+            Err(e) => {
+                tracing::warn!(task_id = %accepted.task.task_id, error = %e, "attempts unreadable; handed back");
+                let _ = accepted.lease.nak(Some(Duration::from_secs(1))).await;
             }
         }
-        classify(&ctx, &mut accepted).await;
-        admit(&ctx, accepted);
     });
 }
 
-/// Asks the tier classifier for a task whose plan awaits it (unless it
-/// has no attempts left) and routes it to the tier named; with no
-/// verdict, the prompt-size plan stands. The call's cost is the task's.
+/// Asks the tier classifier for a task whose plan awaits it (unless its
+/// tenant's budget is spent: the Dispatcher holds or fails it) and routes
+/// it to the tier named; with no verdict, the prompt-size plan stands. The
+/// call's cost is the task's.
 async fn classify(ctx: &EngineContext, a: &mut Accepted) {
     let Some(prompt) = a.plan.classify.take() else {
         return;
     };
-    if ctx.settings.retry.exhausted(a.attempts_before) {
+    if over_budget(ctx, a).await {
+        tracing::debug!(task_id = %a.task.task_id, "budget spent: no classifier call; prompt size decides");
         return;
     }
     let verdict = classifier::classify(ctx, &a.task, &prompt).await;
@@ -277,9 +275,11 @@ async fn classify(ctx: &EngineContext, a: &mut Accepted) {
     }
 }
 
-/// Hands a valid task to the Assembler, or finishes it when it has no
-/// attempts left or its deadline has passed, or hands it back to JetStream
-/// until its off-peak window opens.
+/// Hands a valid task to the Assembler (an `auto` task awaiting the tier
+/// classifier once it is labelled, in a task of its own), or finishes it
+/// when it has no attempts left or its deadline has passed, or hands it back
+/// to JetStream until its off-peak window opens. Tasks that go no further
+/// make no classifier call.
 fn admit(ctx: &Arc<EngineContext>, mut a: Accepted) {
     let now = ctx.settings.clock.now();
     let verdict = if ctx.settings.retry.exhausted(a.attempts_before) {
@@ -319,6 +319,35 @@ fn admit(ctx: &Arc<EngineContext>, mut a: Accepted) {
             return;
         }
     }
+    if a.plan.classify.is_some() {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            classify(&ctx, &mut a).await;
+            hand_over(&ctx, a);
+        });
+        return;
+    }
+    hand_over(ctx, a);
+}
+
+/// True when the task's tenant has spent a budget (by the ledger's figures
+/// loaded so far).
+async fn over_budget(ctx: &EngineContext, a: &Accepted) -> bool {
+    let budgets = &ctx.settings.budgets;
+    if budgets.is_unlimited() {
+        return false;
+    }
+    tokio::select! {
+        () = ctx.spend.loaded() => {}
+        // Shutting down: no call; the task's lease naks on drop.
+        () = ctx.stopping() => return true,
+    }
+    let verdict = budgets.check(&a.task.tenant, a.task.priority, &ctx.spend, ctx.clock.now());
+    !matches!(verdict, crate::budgets::Verdict::Within)
+}
+
+/// Hands a task to the Assembler.
+fn hand_over(ctx: &EngineContext, a: Accepted) {
     match ctx.directory.assembler() {
         // On a failed send the message (and its lease) is dropped: naked, redelivered.
         Some(assembler) => {

@@ -181,3 +181,22 @@ async fn a_classifier_with_no_answer_in_time_leaves_the_task_to_prompt_size() {
     assert!(judge.cost_picousd > 0);
     r.engine.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_task_that_goes_no_further_makes_no_classifier_call() {
+    let judge_calls = Arc::new(AtomicU64::new(0));
+    let r = rig(
+        classifier_settings(10),
+        provider(Duration::from_millis(5), judge_calls.clone(), |_| "simple"),
+    )
+    .await;
+    let mut spent = auto_task("spent", "a proof");
+    spent["retry_count"] = json!(3);
+    r.source.publish(Priority::P2, spent);
+    until(Duration::from_secs(30), || r.source.acks().len() == 1).await;
+    let o = r.sink.outcome("spent").expect("an outcome");
+    assert_eq!(o["error"]["kind"], "max_retries", "{o}");
+    assert!(o.get("classifier_cost_usd").is_none(), "{o}");
+    assert!(r.provider.calls().is_empty(), "no call at all");
+    r.engine.shutdown().await;
+}
