@@ -2,8 +2,8 @@
 //! provider over HTTP: `auto` tasks no rule decides go to the tier the
 //! classifier names (the sim answers its `json_schema` request with a label
 //! fixed by the prompt), its call is billed to the task and the ledger, an
-//! identical prompt is not classified twice, and a classifier that fails
-//! leaves the tasks to prompt size.
+//! identical prompt is not classified twice, a classifier that fails leaves
+//! the tasks to prompt size, and the binary's `/metrics` counts verdicts.
 
 use crate::common;
 use crate::cost::{stack_with, wait_for_ledger_calls};
@@ -238,4 +238,48 @@ async fn identical_prompts_in_flight_share_one_classifier_call() {
     assert_eq!(payers, 1, "the call is paid by one task");
     let (billed, _) = common::bill(sim, &config);
     assert_outcomes_equal_the_bill(&outcomes, billed);
+}
+
+/// Polls `/metrics` until it shows every line of `expected` (10 s at most).
+async fn wait_for_metrics(batchd: &common::process::Batchd, expected: &[String]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = batchd.metrics().await;
+        if expected.iter().all(|line| text.contains(line.as_str())) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "missing some of {expected:?} in:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_counts_classifier_verdicts_by_result() {
+    let nats = common::nats::NatsServer::start().await;
+    let sim = common::start_sim(SimConfig::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = common::config_file(dir.path(), &nats.url(), &sim.base_url(), &extra(10));
+    let mut batchd = common::process::Batchd::start(&config, &[]).await;
+    let line =
+        |result: &str, n: u64| format!("batchd_tier_classifier_total{{result=\"{result}\"}} {n}");
+    wait_for_metrics(
+        &batchd,
+        &[line("ok", 0), line("cached", 0), line("failed", 0)],
+    )
+    .await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let text = "Shipping update: the parcel left the depot this morning.";
+    common::publish_many(&js, &[auto_task("m0", text)]).await;
+    common::wait_for_messages(&js, "BATCHD_RESULTS", 1, Duration::from_secs(30)).await;
+    common::publish_many(&js, &[auto_task("m1", text)]).await;
+    common::wait_for_messages(&js, "BATCHD_RESULTS", 2, Duration::from_secs(30)).await;
+    wait_for_metrics(
+        &batchd,
+        &[line("ok", 1), line("cached", 1), line("failed", 0)],
+    )
+    .await;
+    assert!(batchd.terminate().success(), "a clean exit");
 }
