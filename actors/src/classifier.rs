@@ -266,11 +266,6 @@ impl Classifier {
     fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    /// Verdicts kept in the cache.
-    pub fn cached(&self) -> usize {
-        self.cache().len()
-    }
 }
 
 /// Settles a call in flight however its leader ends (a dropped leader
