@@ -1090,6 +1090,49 @@ impl Config {
                 }
             }
         }
+        let classifier = &self.tiers.classifier;
+        if !classifier.model.is_empty() && !served.contains_key(&classifier.model) {
+            return bad(
+                "tiers.classifier.model",
+                format!(
+                    "model {:?} is not in any provider's `models`",
+                    classifier.model
+                ),
+            );
+        }
+        if classifier.instructions.trim().is_empty() {
+            return bad("tiers.classifier.instructions", "must not be empty".into());
+        }
+        if !(1..=1_000_000).contains(&classifier.max_prompt_chars) {
+            return bad(
+                "tiers.classifier.max_prompt_chars",
+                format!(
+                    "is {}; it must be 1 to 1000000",
+                    classifier.max_prompt_chars
+                ),
+            );
+        }
+        if !(1..=4096).contains(&classifier.max_completion_tokens) {
+            return bad(
+                "tiers.classifier.max_completion_tokens",
+                format!(
+                    "is {}; it must be 1 to 4096",
+                    classifier.max_completion_tokens
+                ),
+            );
+        }
+        if classifier.cache_entries > 10_000_000 {
+            return bad(
+                "tiers.classifier.cache_entries",
+                format!("is {}; it must be 0 to 10000000", classifier.cache_entries),
+            );
+        }
+        if !(1..=600).contains(&classifier.timeout_secs) {
+            return bad(
+                "tiers.classifier.timeout_secs",
+                format!("is {}; it must be 1 to 600", classifier.timeout_secs),
+            );
+        }
         for model in served.keys() {
             if !self.prices.models.contains_key(model) {
                 return bad(
@@ -1650,6 +1693,39 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("tiers.rules[0].task_type"), "{e}");
+        for (toml, key) in [
+            ("model = \"nope\"", "tiers.classifier.model"),
+            ("instructions = \" \"", "tiers.classifier.instructions"),
+            ("max_prompt_chars = 0", "tiers.classifier.max_prompt_chars"),
+            (
+                "max_completion_tokens = 0",
+                "tiers.classifier.max_completion_tokens",
+            ),
+            ("cache_entries = 20000000", "tiers.classifier.cache_entries"),
+            ("timeout_secs = 0", "tiers.classifier.timeout_secs"),
+        ] {
+            let e =
+                Config::from_toml_str(&format!("[tiers.classifier]\n{toml}\n"), "t").unwrap_err();
+            assert!(e.to_string().contains(key), "{toml}: {e}");
+        }
+        let e = Config::from_toml_str("[tiers.classifier]\nenable = true\n", "t").unwrap_err();
+        assert!(
+            e.to_string().contains("enable"),
+            "unknown keys are named: {e}"
+        );
+        assert_eq!(
+            Config::defaults().unwrap().tiers.classifier,
+            batchd_actors::classifier::ClassifierConfig::default(),
+            "config/batchd.toml gives the classifier's defaults"
+        );
+        let c = Config::from_toml_str("[tiers.classifier]\nenabled = true\n", "t").unwrap();
+        let tiers = &c.engine_settings().catalog.tiers;
+        assert!(tiers.classifier.enabled);
+        assert_eq!(
+            tiers.classifier.model(tiers),
+            tiers.simple,
+            "the simple tier's model by default"
+        );
         let e = Config::from_toml_str("[[tiers.rules]]\ntier = \"auto\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("tiers.rules[0].tier"), "{e}");
         let e = Config::from_toml_str(

@@ -180,6 +180,8 @@ pub struct EngineContext {
     pub targets: crate::targets::Targets,
     /// Calls shared by exact-duplicate requests.
     pub dedupe: crate::dedupe::Dedupe,
+    /// The tier classifier's verdict cache and calls in flight.
+    pub classifier: crate::classifier::Classifier,
     stop: tokio::sync::watch::Sender<bool>,
     rng: Mutex<StdRng>,
 }
@@ -190,6 +192,7 @@ impl EngineContext {
         let rng = Mutex::new(StdRng::seed_from_u64(settings.seed));
         let targets = settings.targets;
         let dedupe_window = settings.dedupe_window;
+        let classifier_cache = settings.catalog.tiers.classifier.cache_entries;
         let clock =
             Clock::following_tokio(settings.ledger.clock_start.unwrap_or_else(chrono::Utc::now));
         // Claims are compared across replicas: dated by the wall clock they
@@ -222,6 +225,7 @@ impl EngineContext {
             recovery: Recovery::default(),
             targets: crate::targets::Targets::new(targets),
             dedupe: crate::dedupe::Dedupe::new(dedupe_window),
+            classifier: crate::classifier::Classifier::new(classifier_cache),
             stop: tokio::sync::watch::Sender::new(false),
             rng,
         })

@@ -82,7 +82,7 @@ pub struct Dispatcher;
 pub struct RouteEntry {
     /// Provider and model.
     pub route: Route,
-    provider: Arc<dyn Provider>,
+    pub(crate) provider: Arc<dyn Provider>,
     /// Admission, budget and circuit.
     pub gate: RouteGate,
     /// Tasks waiting for admission on this route.
@@ -134,7 +134,11 @@ impl Drop for Waiting<'_> {
 pub struct Routes(Mutex<HashMap<Route, Arc<RouteEntry>>>);
 
 impl Routes {
-    fn get_or_create(&self, ctx: &EngineContext, route: &Route) -> Option<Arc<RouteEntry>> {
+    pub(crate) fn get_or_create(
+        &self,
+        ctx: &EngineContext,
+        route: &Route,
+    ) -> Option<Arc<RouteEntry>> {
         let mut routes = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = routes.get(route) {
             return Some(r.clone());
@@ -724,7 +728,8 @@ async fn run_task(
                 Some(model),
                 Some(provider),
                 Some(&batch_id),
-            );
+            )
+            .charge_classifier(&a);
             deliver_unless_done(&ctx, a.lease, f, &a.subject).await;
             clear_attempts(&ctx, &task_id, spent_stored).await;
             return;
@@ -734,7 +739,8 @@ async fn run_task(
                 ErrorKind::Expired,
                 "the task's deadline passed while it waited for its route",
             );
-            let f = outcome::failed(&a.task, error, a.attempts_before, None, None, None);
+            let f = outcome::failed(&a.task, error, a.attempts_before, None, None, None)
+                .charge_classifier(&a);
             deliver_unless_done(&ctx, a.lease, f, &a.subject).await;
             return;
         }
@@ -804,7 +810,8 @@ pub(crate) async fn within_budget(ctx: &EngineContext, a: Accepted) -> Option<Ac
                     timestamp(resets_at)
                 ),
             );
-            let f = outcome::failed(&a.task, error, a.attempts_before, None, None, None);
+            let f = outcome::failed(&a.task, error, a.attempts_before, None, None, None)
+                .charge_classifier(&a);
             deliver_unless_done(ctx, a.lease, f, &a.subject).await;
             None
         }
@@ -836,34 +843,55 @@ pub(crate) async fn within_budget(ctx: &EngineContext, a: Accepted) -> Option<Ac
 }
 
 /// A request's ledger record, and whether its start is stored.
-type Call = (CallRecord, bool);
+pub(crate) type Call = (CallRecord, bool);
 
 /// Records a request as started, with its estimated cost, before it goes
 /// out. A store that fails does not stop the call: its final record is
 /// written all the same.
 async fn start_call(ctx: &EngineContext, a: &Accepted, model: &str) -> Call {
-    let now = ctx.clock.now();
-    let (prompt, output) = bound_tokens(&a.plan.request);
-    let estimate = ctx
-        .settings
-        .prices
-        .tier_estimate_picousd(model, prompt, output, a.plan.service_tier)
-        .unwrap_or(0);
     let call_id = new_call_id(
         &a.task.task_id,
         a.task.generation,
         a.attempts_before.saturating_add(1),
     );
-    let mut record = CallRecord::started(
-        &a.task.task_id,
+    record_start(
+        ctx,
+        &a.task,
         call_id,
-        &a.task.tenant,
         model,
-        a.task.priority.number(),
+        &a.plan.request,
+        a.plan.service_tier,
+    )
+    .await
+}
+
+/// Records the request `request` of `task` as started under `call_id`
+/// (see [`start_call`]); also used for the tier classifier's calls.
+pub(crate) async fn record_start(
+    ctx: &EngineContext,
+    task: &crate::task::Task,
+    call_id: String,
+    model: &str,
+    request: &Value,
+    service_tier: ServiceTier,
+) -> Call {
+    let now = ctx.clock.now();
+    let (prompt, output) = bound_tokens(request);
+    let estimate = ctx
+        .settings
+        .prices
+        .tier_estimate_picousd(model, prompt, output, service_tier)
+        .unwrap_or(0);
+    let mut record = CallRecord::started(
+        &task.task_id,
+        call_id,
+        &task.tenant,
+        model,
+        task.priority.number(),
         now,
         estimate,
     );
-    record.service_tier = a.plan.service_tier;
+    record.service_tier = service_tier;
     match ctx.calls.record(record.clone()).await {
         Ok(()) => (record, true),
         Err(e) => {
@@ -887,14 +915,15 @@ async fn discard_call(ctx: &EngineContext, (mut record, started): Call) {
 
 /// Records how a request ended: answered (exact usage and cost), no answer
 /// in time (counted at its estimate: the provider may have billed it), or
-/// refused (not billed).
-async fn finish_call(
+/// refused (not billed). Returns the exact cost of an answered call (0
+/// for any other).
+pub(crate) async fn finish_call(
     ctx: &EngineContext,
     (mut record, started): Call,
     result: &Result<Completion, ProviderError>,
     price_multiplier: f64,
     reference: Option<&str>,
-) {
+) -> crate::pricing::Picousd {
     match result {
         Ok(c) => {
             record.service_tier = c.service_tier.unwrap_or(record.service_tier);
@@ -906,10 +935,17 @@ async fn finish_call(
             }
         }
         Err(ProviderError::Timeout { .. }) => record.estimate(),
-        Err(_) => return discard_call(ctx, (record, started)).await,
+        Err(_) => {
+            discard_call(ctx, (record, started)).await;
+            return 0;
+        }
     }
     if let Err(e) = ctx.calls.record(record.clone()).await {
         tracing::warn!(call_id = %record.call_id, error = %e, "request not recorded as finished; it counts at its estimate");
+    }
+    match record.state {
+        CallState::Finished => record.cost_picousd,
+        _ => 0,
     }
 }
 
@@ -1037,7 +1073,7 @@ fn circuit_reason(fault: RouteFault) -> CircuitReason {
     }
 }
 
-fn verdict_label(v: Verdict) -> &'static str {
+pub(crate) fn verdict_label(v: Verdict) -> &'static str {
     match v {
         Verdict::RateLimited => "rate_limited",
         Verdict::RouteDown(_) => "route_down",
@@ -1069,14 +1105,16 @@ fn succeeded(
     let task = &a.task;
     // The same figure as the call's ledger record (see `finish_call`).
     let service_tier = c.service_tier.unwrap_or(a.plan.service_tier);
-    let cost_usd = ctx
+    let cost = ctx
         .settings
         .prices
         .tier_cost_picousd(model, &c.usage, RouteKind::Realtime, service_tier)
-        .map_or(0.0, |cost| {
-            crate::pricing::usd(crate::pricing::scale(cost, a.price_multiplier))
-        });
-    metrics::spent(model, &task.tenant, task.priority, cost_usd, &c.usage);
+        .map_or(0, |cost| crate::pricing::scale(cost, a.price_multiplier));
+    let call_usd = crate::pricing::usd(cost);
+    metrics::spent(model, &task.tenant, task.priority, call_usd, &c.usage);
+    // The classifier's call for the task is the task's too.
+    let classifier = outcome::classifier_picousd(a.plan.tier.as_ref());
+    let cost_usd = crate::pricing::usd(cost.saturating_add(classifier));
     let saved = ctx
         .settings
         .prices
@@ -1101,6 +1139,7 @@ fn succeeded(
             service_tier: Some(service_tier),
             tier: a.plan.tier.as_ref().map(|c| c.tier),
             tier_reason: a.plan.tier.as_ref().map(|c| c.reason.clone()),
+            classifier_cost_usd: outcome::classifier_usd(classifier),
             shared_call: false,
             call_id: None,
             usage: c.usage,

@@ -8,7 +8,10 @@
 //! outcome exists yet). Work of a priority that waits for off-peak windows
 //! ([`crate::offpeak`]) is handed back to JetStream, with a nak delayed
 //! until the next window opens, unless its deadline can't wait. A redelivered message reads the attempts its task
-//! spent from the attempt store; a first delivery never does. A copy of a
+//! spent from the attempt store; a first delivery never does. An `auto`
+//! task that only prompt size would tier is labelled by the tier classifier
+//! first, when it is enabled ([`crate::classifier`]); both wait in a task of
+//! their own, never in the actor. A copy of a
 //! task already in flight is handed back without a verdict of its own.
 //!
 //! Receives: [`IntakeMsg`]. Sends: tasks to the Assembler, outcomes to the sink.
@@ -24,6 +27,7 @@ use futures::StreamExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 
+use crate::classifier;
 use crate::codec::{decode_task, Inbound};
 use crate::context::EngineContext;
 use crate::messages::{Accepted, AssemblerMsg, IntakeMsg};
@@ -32,7 +36,7 @@ use crate::offpeak::Release;
 use crate::outcome::{self, deliver, Final};
 use crate::ports::Delivery;
 use crate::route_policy::RoutePreference;
-use crate::routing::plan;
+use crate::routing::{plan, plan_with, TierChoice, REASON_CLASSIFIER};
 use crate::task::{ErrorKind, Priority, RouteKind, TaskError};
 
 /// The Intake actor.
@@ -237,9 +241,52 @@ fn take(ctx: &Arc<EngineContext>, d: Delivery) {
     });
 }
 
-/// Hands a valid task to the Assembler, or finishes it when it has no
-/// attempts left or its deadline has passed, or hands it back to JetStream
-/// until its off-peak window opens.
+/// Asks the tier classifier for a task whose plan awaits it (unless its
+/// tenant's budget is spent: the Dispatcher holds or fails it) and routes
+/// it to the tier named; with no verdict, the prompt-size plan stands. The
+/// call's cost is the task's.
+async fn classify(ctx: &EngineContext, a: &mut Accepted) {
+    let Some(prompt) = a.plan.classify.take() else {
+        return;
+    };
+    if over_budget(ctx, a).await {
+        tracing::debug!(task_id = %a.task.task_id, "budget spent: no classifier call; prompt size decides");
+        return;
+    }
+    let verdict = classifier::classify(ctx, &a.task, &prompt).await;
+    let replanned = verdict.tier.map(|tier| {
+        let decided = TierChoice {
+            tier,
+            reason: REASON_CLASSIFIER.to_owned(),
+            classifier_picousd: verdict.cost,
+        };
+        plan_with(
+            &a.task,
+            &ctx.settings.catalog,
+            ctx.settings.clock.now(),
+            Some(decided),
+        )
+    });
+    match replanned {
+        Some(Ok(plan)) => a.plan = plan,
+        other => {
+            if let Some(Err(message)) = other {
+                // The tier's model was routable at the first plan; should
+                // that change, prompt size keeps the task going.
+                tracing::warn!(task_id = %a.task.task_id, %message, "the classifier's tier cannot be routed; prompt size decides");
+            }
+            if let Some(choice) = a.plan.tier.as_mut() {
+                choice.classifier_picousd = verdict.cost;
+            }
+        }
+    }
+}
+
+/// Hands a valid task to the Assembler (an `auto` task awaiting the tier
+/// classifier once it is labelled, in a task of its own), or finishes it
+/// when it has no attempts left or its deadline has passed, or hands it back
+/// to JetStream until its off-peak window opens. Tasks that go no further
+/// make no classifier call.
 fn admit(ctx: &Arc<EngineContext>, mut a: Accepted) {
     let now = ctx.settings.clock.now();
     let verdict = if ctx.settings.retry.exhausted(a.attempts_before) {
@@ -279,6 +326,35 @@ fn admit(ctx: &Arc<EngineContext>, mut a: Accepted) {
             return;
         }
     }
+    if a.plan.classify.is_some() {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            classify(&ctx, &mut a).await;
+            hand_over(&ctx, a);
+        });
+        return;
+    }
+    hand_over(ctx, a);
+}
+
+/// True when the task's tenant has spent a budget (by the ledger's figures
+/// loaded so far).
+async fn over_budget(ctx: &EngineContext, a: &Accepted) -> bool {
+    let budgets = &ctx.settings.budgets;
+    if budgets.is_unlimited() {
+        return false;
+    }
+    tokio::select! {
+        () = ctx.spend.loaded() => {}
+        // Shutting down: no call; the task's lease naks on drop.
+        () = ctx.stopping() => return true,
+    }
+    let verdict = budgets.check(&a.task.tenant, a.task.priority, &ctx.spend, ctx.clock.now());
+    !matches!(verdict, crate::budgets::Verdict::Within)
+}
+
+/// Hands a task to the Assembler.
+fn hand_over(ctx: &EngineContext, a: Accepted) {
     match ctx.directory.assembler() {
         // On a failed send the message (and its lease) is dropped: naked, redelivered.
         Some(assembler) => {

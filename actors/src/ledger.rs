@@ -52,6 +52,12 @@ pub fn new_call_id(task_id: &str, generation: u32, attempt: u32) -> String {
     format!("{task_id}.g{generation}.a{attempt}.{}", ulid::Ulid::new())
 }
 
+/// A fresh call id for a tier classifier request made for a task: the task
+/// id, its generation, `classify` and a ULID.
+pub fn classifier_call_id(task_id: &str, generation: u32) -> String {
+    format!("{task_id}.g{generation}.classify.{}", ulid::Ulid::new())
+}
+
 /// Where a call stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -13,6 +13,8 @@
 //!   the `reply_to` allow-list.
 //! - [`completion`]: reading a provider's answer (fuzzed, like [`codec`]).
 //! - [`routing`]: task types, tiers, models; the request sent for a task.
+//! - [`classifier`]: the optional tier classifier for `auto` tasks (a cheap
+//!   model labels the prompt; verdicts cached; its call billed to the task).
 //! - [`route_policy`]: realtime or provider batch job, by priority, deadline
 //!   and the task's or its type's `route`.
 //! - [`batching`], [`backoff`], [`pricing`], [`offpeak`], [`budgets`]: policies
@@ -69,6 +71,7 @@ pub mod batching;
 pub mod budgets;
 pub mod call_claim;
 pub mod call_sheets;
+pub mod classifier;
 pub mod clock;
 pub mod codec;
 pub mod completion;

@@ -31,6 +31,13 @@ pub const TASKS_PARKED_TOTAL: &str = "batchd_tasks_parked_total";
 pub const CALLS_CLAIMED_ELSEWHERE_TOTAL: &str = "batchd_calls_claimed_elsewhere_total";
 /// Tasks answered from a call made for an identical request (dedupe).
 pub const TASKS_DEDUPLICATED_TOTAL: &str = "batchd_tasks_deduplicated_total";
+/// Tier classifier verdicts for `auto` tasks, by `result`.
+pub const TIER_CLASSIFIER_TOTAL: &str = "batchd_tier_classifier_total";
+/// Every `result` label of [`TIER_CLASSIFIER_TOTAL`]: a call answered with a
+/// tier, a verdict from the cache, one shared with an identical prompt's
+/// call in flight, and no verdict (failed, timed out or unparseable: the
+/// task falls back to prompt size).
+pub const TIER_CLASSIFIER_RESULTS: [&str; 4] = ["ok", "cached", "shared", "failed"];
 
 /// Tasks waiting or in flight, per priority.
 pub const QUEUE_DEPTH: &str = "batchd_queue_depth";
@@ -99,7 +106,7 @@ pub const SECONDS_HISTOGRAMS: [&str; 3] = [
 pub const HISTOGRAMS: [&str; 5] = concat(SECONDS_HISTOGRAMS, [BATCH_SIZE, BATCH_FILL_RATIO]);
 
 /// Every metric name above: rules and dashboards may use these and no others.
-pub const ALL: [&str; 33] = concat(
+pub const ALL: [&str; 34] = concat(
     HISTOGRAMS,
     [
         FLEX_FALLBACKS_TOTAL,
@@ -119,6 +126,7 @@ pub const ALL: [&str; 33] = concat(
         TASKS_PARKED_TOTAL,
         CALLS_CLAIMED_ELSEWHERE_TOTAL,
         TASKS_DEDUPLICATED_TOTAL,
+        TIER_CLASSIFIER_TOTAL,
         COST_USD_TOTAL,
         TOKENS_TOTAL,
         PREEMPTIONS_TOTAL,
@@ -304,6 +312,11 @@ pub fn deduplicated() {
     counter!(TASKS_DEDUPLICATED_TOTAL).increment(1);
 }
 
+/// A tier classifier verdict (one of [`TIER_CLASSIFIER_RESULTS`]).
+pub fn tier_classified(result: &'static str) {
+    counter!(TIER_CLASSIFIER_TOTAL, "result" => result).increment(1);
+}
+
 /// A task sent back for another attempt.
 pub fn retried(reason: &'static str) {
     counter!(RETRIES_TOTAL, "reason" => reason).increment(1);
@@ -438,6 +451,7 @@ fn help(name: &str) -> Option<&'static str> {
         ACTOR_RESTARTS_TOTAL => "Actor restarts by the supervisor",
         BUDGET_USED_RATIO => "Spend over budget per tenant and period (daily, monthly)",
         ROUTE_PROMPT_TOKENS_TOTAL => "Prompt tokens of answered realtime calls, per route",
+        TIER_CLASSIFIER_TOTAL => "Tier classifier verdicts for auto tasks, by result (ok, cached, shared, failed)",
         ROUTE_CACHED_TOKENS_TOTAL => {
             "Prompt tokens read from the provider's prompt cache, per route"
         }
@@ -544,6 +558,9 @@ pub fn init(known: &KnownLabels) {
     counter!(TASKS_PARKED_TOTAL).absolute(0);
     counter!(CALLS_CLAIMED_ELSEWHERE_TOTAL).absolute(0);
     counter!(TASKS_DEDUPLICATED_TOTAL).absolute(0);
+    for result in TIER_CLASSIFIER_RESULTS {
+        counter!(TIER_CLASSIFIER_TOTAL, "result" => result).increment(0);
+    }
     for reason in RETRY_REASONS {
         counter!(RETRIES_TOTAL, "reason" => reason).increment(0);
     }

@@ -12,8 +12,11 @@ use serde_json::Value;
 use crate::codec::{self, Rejection};
 use crate::context::EngineContext;
 use crate::lease::Lease;
+use crate::messages::Accepted;
 use crate::metrics;
 use crate::ports::{Delivery, Encoded, SinkError};
+use crate::pricing::Picousd;
+use crate::routing::TierChoice;
 use crate::task::{
     timestamp, DeadLetter, Encoding, ErrorKind, Outcome, Priority, RouteKind, Task, TaskError,
 };
@@ -308,17 +311,37 @@ where
     }
 }
 
+/// What the task paid the tier classifier, in its tier choice.
+pub fn classifier_picousd(tier: Option<&TierChoice>) -> Picousd {
+    tier.map_or(0, |c| c.classifier_picousd)
+}
+
+/// An outcome's `classifier_cost_usd`: present when the task paid for a
+/// classifier call.
+pub fn classifier_usd(picousd: Picousd) -> Option<f64> {
+    (picousd > 0).then(|| crate::pricing::usd(picousd))
+}
+
+impl Final {
+    /// Counts the tier classifier's call of `a` on a failed outcome (which
+    /// spent nothing else): its cost is the outcome's.
+    pub fn charge_classifier(mut self, a: &Accepted) -> Final {
+        let paid = classifier_picousd(a.plan.tier.as_ref());
+        if paid > 0 {
+            self.outcome.classifier_cost_usd = classifier_usd(paid);
+            self.outcome.cost_usd += crate::pricing::usd(paid);
+        }
+        self
+    }
+}
+
 /// Fails an accepted task that never reached a provider (out of attempts,
 /// past its deadline): its outcome is delivered unless one exists, then its
 /// claim is released.
-pub fn fail_accepted(
-    ctx: &std::sync::Arc<EngineContext>,
-    a: crate::messages::Accepted,
-    error: TaskError,
-) {
+pub fn fail_accepted(ctx: &std::sync::Arc<EngineContext>, a: Accepted, error: TaskError) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        let f = failed(&a.task, error, a.attempts_before, None, None, None);
+        let f = failed(&a.task, error, a.attempts_before, None, None, None).charge_classifier(&a);
         deliver_unless_done(&ctx, a.lease, f, &a.subject).await;
         drop(a.claim);
     });

@@ -70,6 +70,7 @@ use crate::metrics;
 use crate::outcome::{self, elapsed_ms, Final};
 use crate::ownership::{Acquired, Held, OwnershipError};
 use crate::ports::{BatchApi, BatchJobStatus, Completion, ProviderError, Requeue};
+use crate::pricing::Picousd;
 use crate::task::{
     timestamp, DeadLetter, Encoding, ErrorKind, Outcome, Priority, RouteKind, Status, TaskError,
     Tier, Timings, Usage,
@@ -145,6 +146,9 @@ pub struct JobTask {
     /// Why that tier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier_reason: Option<String>,
+    /// What the task paid the tier classifier (added to its outcome's cost).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub classifier_picousd: Picousd,
     /// With dedupe on: the task of the same job whose identical request
     /// line this task shares (it has no line of its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -437,6 +441,7 @@ fn job_task(a: &Accepted) -> JobTask {
         msgpack: t.encoding == Encoding::MessagePack,
         tier: a.plan.tier.as_ref().map(|c| c.tier),
         tier_reason: a.plan.tier.as_ref().map(|c| c.reason.clone()),
+        classifier_picousd: outcome::classifier_picousd(a.plan.tier.as_ref()),
         shares: None,
     }
 }
@@ -906,6 +911,10 @@ async fn answered(
     settled(ctx, job, t, completion, cost, None).await;
 }
 
+fn is_zero(n: &Picousd) -> bool {
+    *n == 0
+}
+
 /// Publishes an answered task's outcome; `shared_call` names the call of
 /// another task whose answer it is.
 async fn settled(
@@ -933,10 +942,11 @@ async fn settled(
         service_tier: None,
         tier: t.tier,
         tier_reason: t.tier_reason.clone(),
+        classifier_cost_usd: outcome::classifier_usd(t.classifier_picousd),
         shared_call: shared_call.is_some(),
         call_id: shared_call,
         usage: completion.usage,
-        cost_usd,
+        cost_usd: crate::pricing::usd(cost.saturating_add(t.classifier_picousd)),
         attempts: t.attempts.saturating_add(u32::from(!is_shared)),
         batch_id: Some(job.batch_id.clone()),
         priority: t.priority,
@@ -1031,12 +1041,17 @@ async fn publish_failure(
             service_tier: None,
             tier: t.tier,
             tier_reason: t.tier_reason.clone(),
+            classifier_cost_usd: outcome::classifier_usd(t.classifier_picousd),
             attempts,
             batch_id: Some(job.batch_id.clone()),
             metadata: t.metadata.clone(),
             generation: t.generation,
             usage: spent.map(|(u, _)| u).unwrap_or_default(),
-            cost_usd: spent.map_or(0.0, |(_, c)| crate::pricing::usd(c)),
+            cost_usd: crate::pricing::usd(
+                spent
+                    .map_or(0, |(_, c)| c)
+                    .saturating_add(t.classifier_picousd),
+            ),
             ..base
         },
         dead_letter: Some(DeadLetter {

@@ -11,7 +11,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::classifier::{cut, ClassifierConfig};
 use crate::codec::quote;
+use crate::pricing::Picousd;
 use crate::route_policy::{RouteAsk, RoutePolicy, RoutePreference, TierOptions};
 use crate::task::{Payload, RouteKind, ServiceTier, Task, Tier};
 
@@ -57,6 +59,9 @@ pub struct TierModels {
     /// Rules `auto` tries first, in order; the first that matches decides.
     #[serde(default)]
     pub rules: Vec<TierRule>,
+    /// `[tiers.classifier]`: asked, when enabled, in place of prompt size.
+    #[serde(default)]
+    pub classifier: ClassifierConfig,
 }
 
 fn default_auto_simple() -> usize {
@@ -139,14 +144,22 @@ pub struct Prompt<'a> {
     pub chars: usize,
 }
 
+/// `tier_reason` of a tier chosen by prompt size.
+pub const REASON_PROMPT_SIZE: &str = "prompt_size";
+/// `tier_reason` of a tier chosen by the classifier.
+pub const REASON_CLASSIFIER: &str = "classifier";
+
 /// The tier a task got and why: `task` (the task named it), `task_type`
-/// (its type's `default_tier`), `rule:<name or index>`, `prompt_size`.
+/// (its type's `default_tier`), `rule:<name or index>`, `classifier`,
+/// `prompt_size`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TierChoice {
     /// A concrete tier.
     pub tier: Tier,
     /// Why.
     pub reason: String,
+    /// What the task paid the classifier (0: no call of its own).
+    pub classifier_picousd: Picousd,
 }
 
 impl TierModels {
@@ -171,6 +184,7 @@ impl TierModels {
         let choice = |tier: Tier, reason: &str| TierChoice {
             tier,
             reason: reason.to_owned(),
+            classifier_picousd: 0,
         };
         match (task, type_default) {
             (Some(t), _) if t != Tier::Auto => return choice(t, "task"),
@@ -185,9 +199,10 @@ impl TierModels {
             return TierChoice {
                 tier: rule.tier,
                 reason,
+                classifier_picousd: 0,
             };
         }
-        choice(resolve_auto(Tier::Auto, p.chars, self), "prompt_size")
+        choice(resolve_auto(Tier::Auto, p.chars, self), REASON_PROMPT_SIZE)
     }
 }
 
@@ -307,6 +322,10 @@ pub struct Plan {
     /// Where a refused flex call sends it: the default tier (`Realtime`)
     /// or a batch job (`BatchApi`).
     pub on_flex_refusal: RouteKind,
+    /// The prompt text the tier classifier is to label (cut to its
+    /// `max_prompt_chars`), when it is enabled and only prompt size
+    /// decided the tier; the plan stands until it is classified.
+    pub classify: Option<String>,
 }
 
 impl Plan {
@@ -327,6 +346,17 @@ pub const DEFAULT_TASK_TYPE: &str = "default";
 /// Routes a task at `now` (its deadline decides the route kind); an `Err`
 /// is an `invalid_request` message.
 pub fn plan(task: &Task, catalog: &Catalog, now: DateTime<Utc>) -> Result<Plan, String> {
+    plan_with(task, catalog, now, None)
+}
+
+/// [`plan`] with the tier already `decided` (by the classifier), when the
+/// task names no model.
+pub fn plan_with(
+    task: &Task,
+    catalog: &Catalog,
+    now: DateTime<Utc>,
+    decided: Option<TierChoice>,
+) -> Result<Plan, String> {
     let named = match (&task.task_type, &task.payload) {
         (Some(name), _) => Some(name.as_str()),
         (None, Payload::Text { .. }) => Some(DEFAULT_TASK_TYPE),
@@ -381,20 +411,25 @@ pub fn plan(task: &Task, catalog: &Catalog, now: DateTime<Utc>) -> Result<Plan, 
             m
         }
     };
-    let tier = match &task.model {
-        Some(_) => None,
-        None => {
+    let mut classify = None;
+    let tier = match (&task.model, decided) {
+        (Some(_), _) => None,
+        (None, Some(choice)) => Some(choice),
+        (None, None) => {
             let text = prompt_text(&body);
             let prompt = Prompt {
                 task_type: named,
                 text: &text,
                 chars: prompt_chars(&body),
             };
-            Some(
-                catalog
-                    .tiers
-                    .choose(task.tier, task_type.map(|t| t.default_tier), prompt),
-            )
+            let choice = catalog
+                .tiers
+                .choose(task.tier, task_type.map(|t| t.default_tier), prompt);
+            let classifier = &catalog.tiers.classifier;
+            if classifier.enabled && choice.reason == REASON_PROMPT_SIZE {
+                classify = Some(cut(&text, classifier.max_prompt_chars).to_owned());
+            }
+            Some(choice)
         }
     };
     let model = match (&task.model, &tier) {
@@ -452,6 +487,7 @@ pub fn plan(task: &Task, catalog: &Catalog, now: DateTime<Utc>) -> Result<Plan, 
         tier,
         service_tier: service.tier,
         on_flex_refusal: service.on_refusal,
+        classify,
     })
 }
 
@@ -605,6 +641,7 @@ mod tests {
                 auto_simple_max_chars: 10,
                 auto_standard_max_chars: 100,
                 rules: Vec::new(),
+                classifier: ClassifierConfig::default(),
             },
             model_providers: [("small", "p"), ("medium", "p"), ("large", "p")]
                 .into_iter()
@@ -795,6 +832,53 @@ mod tests {
         t.model = None;
         let p = plan(&t, &c, Utc::now()).unwrap();
         assert_eq!(choice(&p), ("large", Tier::Complex, "rule:0"));
+    }
+
+    #[test]
+    fn the_classifier_is_asked_only_where_prompt_size_would_decide() {
+        let mut c = catalog();
+        c.tiers.rules = vec![TierRule {
+            pattern: Some(Pattern::new("(?i)contract").unwrap()),
+            ..rule(Tier::Complex)
+        }];
+        let now = Utc::now();
+        // Off: prompt size, nothing to classify.
+        let p = plan(&chat("hello there"), &c, now).unwrap();
+        assert_eq!(choice(&p), ("medium", Tier::Standard, "prompt_size"));
+        assert_eq!(p.classify, None);
+        c.tiers.classifier.enabled = true;
+        c.tiers.classifier.max_prompt_chars = 8;
+        // On: the prompt-size plan stands until classified, and the text
+        // the classifier sees is the prompt without its system message, cut.
+        let p = plan(&chat("hello there"), &c, now).unwrap();
+        assert_eq!(choice(&p), ("medium", Tier::Standard, "prompt_size"));
+        assert_eq!(p.classify.as_deref(), Some("hello th"));
+        // A rule, a named tier, a type's default tier or a named model decide
+        // without it.
+        let p = plan(&chat("a contract"), &c, now).unwrap();
+        assert_eq!((choice(&p).2, p.classify.as_deref()), ("rule:0", None));
+        let mut t = chat("hello");
+        t.tier = Some(Tier::Simple);
+        assert_eq!(plan(&t, &c, now).unwrap().classify, None);
+        t.tier = None;
+        t.model = Some("large".into());
+        assert_eq!(plan(&t, &c, now).unwrap().classify, None);
+        let typed = task(Payload::Text {
+            text: "doc".into(),
+            options: Map::new(),
+        });
+        assert_eq!(plan(&typed, &c, now).unwrap().classify, None);
+        // The verdict routes the task to its tier's model, the cost on it.
+        let decided = TierChoice {
+            tier: Tier::Complex,
+            reason: REASON_CLASSIFIER.into(),
+            classifier_picousd: 7,
+        };
+        let p = plan_with(&chat("hello there"), &c, now, Some(decided.clone())).unwrap();
+        assert_eq!(choice(&p), ("large", Tier::Complex, "classifier"));
+        assert_eq!(p.request["model"], "large");
+        assert_eq!(p.tier, Some(decided));
+        assert_eq!(p.classify, None, "classified once");
     }
 
     #[test]

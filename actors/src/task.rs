@@ -423,9 +423,14 @@ pub struct Outcome {
     /// The tier its model was picked from (absent when the task named a model).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<Tier>,
-    /// Why that tier: `task`, `task_type`, `rule:<name>` or `prompt_size`.
+    /// Why that tier: `task`, `task_type`, `rule:<name>`, `classifier` or
+    /// `prompt_size`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier_reason: Option<String>,
+    /// What the tier classifier's call for this task cost (included in
+    /// `cost_usd`); absent when the task made no classifier call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classifier_cost_usd: Option<f64>,
     /// True when the answer came from one provider call shared by
     /// identical requests (dedupe); `call_id` names that call.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -480,6 +485,7 @@ impl Outcome {
             service_tier: None,
             tier: None,
             tier_reason: None,
+            classifier_cost_usd: None,
             shared_call: false,
             call_id: None,
             usage: Usage::default(),
@@ -555,6 +561,7 @@ mod tests {
             service_tier: None,
             tier: None,
             tier_reason: None,
+            classifier_cost_usd: None,
             shared_call: false,
             call_id: None,
             usage: Usage::default(),

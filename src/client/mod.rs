@@ -40,6 +40,7 @@ pub(crate) mod fixtures {
             service_tier: None,
             tier: None,
             tier_reason: None,
+            classifier_cost_usd: None,
             shared_call: false,
             call_id: None,
             usage: Usage {

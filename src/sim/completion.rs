@@ -1,7 +1,13 @@
 //! The simulated model: a deterministic answer per (model, messages), its
 //! usage, and the `chat.completion` object in OpenAI's shape.
+//!
+//! A request whose `response_format` is a `json_schema` gets an object valid
+//! for a simple schema ([`schema_answer`]): each string property with an
+//! `enum` takes one of its values, picked by the hash of the model and
+//! prompt, so the same prompt always gets the same label.
 
 use serde::Serialize;
+use serde_json::{json, Map, Value};
 
 use super::hash::{mix, Fnv64};
 use super::request::{count_tokens, ChatRequest};
@@ -64,8 +70,10 @@ pub(crate) fn generate(request: &ChatRequest) -> Generated {
                 mix(request_hash ^ u64::from(index))
             };
             let mut content = answer_text(hash, &topic);
-            if request.json_output {
-                content = serde_json::json!({ "answer": content }).to_string();
+            if let Some(schema) = &request.json_schema {
+                content = schema_answer(schema, hash, &content).to_string();
+            } else if request.json_output {
+                content = json!({ "answer": content }).to_string();
             }
             let (content, finish_reason) = truncate(content, request.max_output_tokens);
             completion_tokens += count_tokens(&content);
@@ -79,6 +87,33 @@ pub(crate) fn generate(request: &ChatRequest) -> Generated {
         choices,
         completion_tokens,
     }
+}
+
+/// An object valid for `schema` (an object schema; anything else gets
+/// `{"answer": text}`): a string property with an `enum` takes the value
+/// the hash picks, a plain string the answer text, a number or integer a
+/// small count, a boolean a bit of the hash; other properties are null.
+pub(crate) fn schema_answer(schema: &Value, hash: u64, text: &str) -> Value {
+    let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
+        return json!({ "answer": text });
+    };
+    let mut out = Map::new();
+    for (i, (name, property)) in properties.iter().enumerate() {
+        let h = mix(hash ^ (i as u64));
+        let kind = property.get("type").and_then(Value::as_str);
+        let value = match (property.get("enum").and_then(Value::as_array), kind) {
+            (Some(values), _) if !values.is_empty() => {
+                let at = usize::try_from(h % values.len() as u64).unwrap_or(0);
+                values[at].clone()
+            }
+            (_, Some("string")) => Value::String(text.to_owned()),
+            (_, Some("integer" | "number")) => json!(h % 10),
+            (_, Some("boolean")) => Value::Bool(h & 1 == 1),
+            _ => Value::Null,
+        };
+        out.insert(name.clone(), value);
+    }
+    Value::Object(out)
 }
 
 /// The first words of the user's message, as a quoted subject.
@@ -295,6 +330,49 @@ mod tests {
             .as_str()
             .unwrap()
             .starts_with("Simulated answer"));
+    }
+
+    fn schema_request(user: &str) -> ChatRequest {
+        parse(&json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": user}],
+            "response_format": {"type": "json_schema", "json_schema": {
+                "name": "label",
+                "strict": true,
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "tier": {"type": "string", "enum": ["simple", "standard", "complex"]},
+                        "note": {"type": "string"},
+                        "n": {"type": "integer"}
+                    },
+                    "required": ["tier", "note", "n"],
+                    "additionalProperties": false
+                }
+            }}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn json_schema_answers_an_object_with_enum_values_fixed_by_the_prompt() {
+        let mut labels = std::collections::BTreeSet::new();
+        for i in 0..40 {
+            let prompt = format!("Label document {i}");
+            let answer = generate(&schema_request(&prompt));
+            let again = generate(&schema_request(&prompt));
+            assert_eq!(answer, again, "the same prompt, the same label");
+            let parsed: Value = serde_json::from_str(&answer.choices[0].content).unwrap();
+            let tier = parsed["tier"].as_str().unwrap().to_owned();
+            assert!(["simple", "standard", "complex"].contains(&tier.as_str()));
+            assert!(parsed["note"]
+                .as_str()
+                .unwrap()
+                .starts_with("Simulated answer"));
+            assert!(parsed["n"].as_u64().unwrap() < 10);
+            labels.insert(tier);
+        }
+        assert_eq!(labels.len(), 3, "every label is given to some prompt");
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! What it serves:
 //!
 //! - `POST /v1/chat/completions`. The answer is derived from a hash of the
-//!   model and messages: the same request always gets the same content.
+//!   model and messages: the same request always gets the same content. A
+//!   `json_schema` response format gets an object valid for a simple schema,
+//!   its `enum` strings picked by that hash (`completion::schema_answer`).
 //!   `n` up to 128 is answered with `n` different choices; `stream: true` is
 //!   refused with a 400. Invalid requests get a 400 before they count against
 //!   the rate limits; rate-limited requests get a 429 at once; admitted

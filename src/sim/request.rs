@@ -41,6 +41,9 @@ pub(crate) struct ChatRequest {
     pub choices: u32,
     /// `response_format` asks for JSON, so the answer is a JSON object.
     pub json_output: bool,
+    /// The `json_schema.schema` of a `response_format` of type
+    /// `json_schema`: the answer is an object valid for it.
+    pub json_schema: Option<Value>,
     /// The `service_tier` asked for.
     pub service_tier: super::tiers::ServiceTier,
 }
@@ -123,6 +126,7 @@ pub(crate) fn parse(body: &Value) -> Result<ChatRequest, ApiError> {
         max_output_tokens,
         choices: u32::try_from(choices).unwrap_or(1),
         json_output: wants_json(fields.get("response_format")),
+        json_schema: schema_of(fields.get("response_format")),
         service_tier,
     })
 }
@@ -157,6 +161,16 @@ fn wants_json(response_format: Option<&Value>) -> bool {
         .and_then(|format| format.get("type"))
         .and_then(Value::as_str);
     matches!(kind, Some("json_object" | "json_schema"))
+}
+
+/// The schema a `{"type": "json_schema", "json_schema": {"schema": ...}}`
+/// response format asks for.
+fn schema_of(response_format: Option<&Value>) -> Option<Value> {
+    let format = response_format?;
+    if format.get("type").and_then(Value::as_str) != Some("json_schema") {
+        return None;
+    }
+    format.get("json_schema")?.get("schema").cloned()
 }
 
 #[derive(Default)]

@@ -425,6 +425,7 @@ pub(crate) fn recorded_task(id: &str) -> batchd_actors::provider_jobs::JobTask {
         msgpack: false,
         tier: None,
         tier_reason: None,
+        classifier_picousd: 0,
         shares: None,
     }
 }

@@ -22,7 +22,7 @@ use common::nats::NatsServer;
 use serde_json::Value;
 
 /// The ledger's totals: (exact, estimated, calls).
-async fn ledger(js: &jetstream::Context, config: &Config) -> (Picousd, Picousd, u64) {
+pub(crate) async fn ledger(js: &jetstream::Context, config: &Config) -> (Picousd, Picousd, u64) {
     let ledger = KvLedger::open(js, config)
         .await
         .expect("the ledger buckets");
@@ -41,7 +41,7 @@ async fn ledger(js: &jetstream::Context, config: &Config) -> (Picousd, Picousd, 
 }
 
 /// Waits until the ledger holds `calls` calls (it is flushed every 500 ms).
-async fn wait_for_ledger_calls(
+pub(crate) async fn wait_for_ledger_calls(
     js: &jetstream::Context,
     config: &Config,
     calls: u64,
@@ -61,7 +61,7 @@ async fn wait_for_ledger_calls(
 }
 
 /// A stack with `extra` config, and that config as the test reads it.
-async fn stack_with(sim: SimConfig, extra: &str) -> (common::Stack, Config) {
+pub(crate) async fn stack_with(sim: SimConfig, extra: &str) -> (common::Stack, Config) {
     let stack = common::stack(sim, extra).await;
     let config = Config::from_toml_str(
         &common::config_toml(&stack.nats.url(), &stack.sim.base_url(), extra),

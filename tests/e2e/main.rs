@@ -34,3 +34,4 @@ mod sim_message_batches;
 mod stack;
 mod status;
 mod submit;
+mod tier_classifier;

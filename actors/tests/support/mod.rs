@@ -440,6 +440,7 @@ pub fn settings() -> EngineSettings {
                 auto_simple_max_chars: 100,
                 auto_standard_max_chars: 1000,
                 rules: Vec::new(),
+                classifier: Default::default(),
             },
             model_providers: [("m".to_owned(), "fake".to_owned())].into_iter().collect(),
             batch_providers: Default::default(),
