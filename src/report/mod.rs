@@ -466,7 +466,7 @@ impl Report {
                 let paid = m.tasks.saturating_sub(*n);
                 (paid > 0).then(|| *n as f64 * m.cost_usd / paid as f64)
             })
-            .sum()
+            .fold(0.0, |sum, saved| sum + saved)
     }
 
     /// What all recorded tokens would cost with no cached input; `None`
