@@ -37,6 +37,8 @@ static CATALOG: LazyLock<Catalog> = LazyLock::new(|| {
             complex: models[2].into(),
             auto_simple_max_chars: 100,
             auto_standard_max_chars: 1000,
+            rules: Vec::new(),
+            classifier: Default::default(),
         },
         model_providers: models
             .iter()
@@ -44,6 +46,8 @@ static CATALOG: LazyLock<Catalog> = LazyLock::new(|| {
             .collect::<HashMap<_, _>>(),
         batch_providers: Default::default(),
         route_policy: Default::default(),
+        service_tiers: Default::default(),
+        marks_cache_prefix: ["p".to_owned()].into_iter().collect(),
     }
 });
 
