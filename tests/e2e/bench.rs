@@ -215,7 +215,7 @@ fn bench_cost_prints_each_way_priced_from_the_bill_and_what_each_lever_saved() {
     }
     for lever in [
         "tiering, the rest",
-        "Batch API for priority 3",
+        "Batch API (p3; p2 with patience)",
         "dedupe of exact duplicates",
     ] {
         assert!(stdout.contains(lever), "{stdout}");
