@@ -3,6 +3,7 @@
 //! [`TaskSource`], [`OutcomeSink`], [`AttemptStore`], [`RouteBoard`] and
 //! [`CheckpointStore`] over them.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream, AckKind};
@@ -785,16 +786,109 @@ pub struct JetSink {
     js: jetstream::Context,
     results: stream::Stream,
     subjects: Subjects,
+    /// Whether the server answers a Direct Get of many subjects at once
+    /// (`multi_last`, nats-server 2.11 and later).
+    multi_get: bool,
+    /// Until when batch lookups are not tried, after one failed (an account
+    /// that does not allow the request gets no answer at all: one batch
+    /// waits [`MULTI_GET_TIMEOUT`], not every batch).
+    multi_get_off_until: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
+
+/// How long batch lookups rest after one failed.
+const MULTI_GET_REST: Duration = Duration::from_secs(60);
+
+/// The most subjects one `multi_last` Direct Get may name (the server's limit).
+pub const MULTI_LAST_MAX: usize = 1024;
+
+/// How long a `multi_last` Direct Get may take to end its batch.
+const MULTI_GET_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl JetSink {
     /// A sink publishing on the config's subjects.
     pub fn new(client: &async_nats::Client, t: &Topology, config: &Config) -> JetSink {
+        let multi_get = parse_version(&client.server_info().version) >= Some((2, 11));
         JetSink {
             client: client.clone(),
             js: t.js.clone(),
             results: t.results.clone(),
             subjects: config.subjects(),
+            multi_get,
+            multi_get_off_until: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn lock_multi_get(&self) -> std::sync::MutexGuard<'_, Option<tokio::time::Instant>> {
+        self.multi_get_off_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether to look a batch's outcomes up in one request now.
+    fn multi_get_on(&self) -> bool {
+        self.multi_get
+            && self
+                .lock_multi_get()
+                .is_none_or(|until| tokio::time::Instant::now() >= until)
+    }
+
+    /// The last outcome kept on each of `subjects` (at most
+    /// [`MULTI_LAST_MAX`]), by subject, in one Direct Get request. The
+    /// second value is true when the server ended the batch before
+    /// answering for every subject (those it left out are then unknown).
+    pub async fn last_outcomes(
+        &self,
+        subjects: &[String],
+    ) -> Result<(HashMap<String, async_nats::Message>, bool), SinkError> {
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            SinkError(format!(
+                "looking up {} outcomes: {what}: {e}",
+                subjects.len()
+            ))
+        };
+        let stream = &self.results.cached_info().config.name;
+        let body = serde_json::to_vec(&serde_json::json!({ "multi_last": subjects }))
+            .map_err(|e| failed("encoding the request", &e))?;
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| failed("subscribing to the replies", &e))?;
+        self.client
+            .publish_with_reply(format!("$JS.API.DIRECT.GET.{stream}"), inbox, body.into())
+            .await
+            .map_err(|e| failed("sending the request", &e))?;
+        let until = tokio::time::Instant::now() + MULTI_GET_TIMEOUT;
+        let mut kept = HashMap::with_capacity(subjects.len());
+        loop {
+            let reply = tokio::time::timeout_at(until, replies.next())
+                .await
+                .map_err(|_| failed("no end of batch", &format_args!("{MULTI_GET_TIMEOUT:?}")))?
+                .ok_or_else(|| failed("replies", &"subscription closed"))?;
+            match reply.status.map(|s| s.as_u16()) {
+                None | Some(200) => {
+                    let subject = read::header(reply.headers.as_ref(), "Nats-Subject")
+                        .ok_or_else(|| failed("a reply", &"no Nats-Subject header"))?
+                        .to_owned();
+                    kept.insert(subject, reply);
+                }
+                // The end of the batch: pending messages mean it was cut short.
+                Some(204) => {
+                    let pending = read::header(reply.headers.as_ref(), "Nats-Num-Pending")
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                        .unwrap_or(0);
+                    return Ok((kept, pending > 0));
+                }
+                // None of the subjects has an outcome.
+                Some(404) => return Ok((kept, false)),
+                Some(status) => {
+                    return Err(failed(
+                        "the server answered",
+                        &format_args!("{status} {}", reply.description.unwrap_or_default()),
+                    ))
+                }
+            }
         }
     }
 
@@ -844,32 +938,78 @@ impl OutcomeSink for JetSink {
 
     async fn outcome_exists(&self, task_id: &str, generation: u32) -> Result<bool, SinkError> {
         use async_nats::jetstream::stream::DirectGetErrorKind;
-        /// The one field a replay's check reads of the kept outcome.
-        #[derive(serde::Deserialize)]
-        struct Kept {
-            #[serde(default)]
-            generation: u32,
-        }
         match self
             .results
             .direct_get_last_for_subject(self.subjects.result(task_id))
             .await
         {
-            // Any outcome counts for a first run: no decoding on the hot path.
-            Ok(_) if generation == 0 => Ok(true),
-            Ok(m) => {
-                let kept: Kept = read::decode(read::content_type(Some(&m.headers)), &m.payload)
-                    .map_err(|e| {
-                        SinkError(format!("reading the kept outcome of {task_id}: {e}"))
-                    })?;
-                Ok(kept.generation >= generation)
-            }
+            Ok(m) => covers(task_id, generation, Some(&m.headers), &m.payload),
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(false),
             Err(e) => Err(SinkError(format!(
                 "looking up the outcome of {task_id}: {e}"
             ))),
         }
     }
+
+    /// One `multi_last` Direct Get per [`MULTI_LAST_MAX`] tasks; a task the
+    /// server left out of a batch it cut short, or every task of a request
+    /// that failed (or a server older than 2.11), is asked for alone.
+    async fn outcomes_exist(&self, tasks: &[(&str, u32)]) -> Vec<Result<bool, SinkError>> {
+        let mut answers = Vec::with_capacity(tasks.len());
+        for chunk in tasks.chunks(MULTI_LAST_MAX) {
+            let subjects: Vec<String> = chunk
+                .iter()
+                .map(|(task_id, _)| self.subjects.result(task_id))
+                .collect();
+            let found = if chunk.len() > 1 && self.multi_get_on() {
+                match self.last_outcomes(&subjects).await {
+                    Ok(found) => Some(found),
+                    Err(e) => {
+                        tracing::warn!(error = %e, rest = ?MULTI_GET_REST, "batch outcome lookup failed; asking one task at a time for a while");
+                        *self.lock_multi_get() = Some(tokio::time::Instant::now() + MULTI_GET_REST);
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            for ((task_id, generation), subject) in chunk.iter().zip(&subjects) {
+                let answer = match &found {
+                    Some((kept, cut_short)) => match kept.get(subject) {
+                        Some(m) => covers(task_id, *generation, m.headers.as_ref(), &m.payload),
+                        None if !cut_short => Ok(false),
+                        None => self.outcome_exists(task_id, *generation).await,
+                    },
+                    None => self.outcome_exists(task_id, *generation).await,
+                };
+                answers.push(answer);
+            }
+        }
+        answers
+    }
+}
+
+/// Whether the kept outcome of `task_id` (its headers and payload) is of
+/// `generation` or later. Any outcome counts for a first run: no decoding
+/// on the hot path.
+fn covers(
+    task_id: &str,
+    generation: u32,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+) -> Result<bool, SinkError> {
+    /// The one field a replay's check reads of the kept outcome.
+    #[derive(serde::Deserialize)]
+    struct Kept {
+        #[serde(default)]
+        generation: u32,
+    }
+    if generation == 0 {
+        return Ok(true);
+    }
+    let kept: Kept = read::decode(read::content_type(headers), payload)
+        .map_err(|e| SinkError(format!("reading the kept outcome of {task_id}: {e}")))?;
+    Ok(kept.generation >= generation)
 }
 
 /// Attempts per task in a JetStream KV bucket (key: the task id).

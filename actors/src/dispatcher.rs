@@ -292,16 +292,37 @@ impl DispatcherState {
                     control.adopt_checkpoint(resumed.finished);
                 }
                 let warmups = plan_warmups(&ctx, &route, priority, &batch.tasks);
-                let work = batch.tasks.into_iter().zip(warmups).map(|(a, warmup)| {
-                    let task_span = tracing::info_span!("task", task_id = %a.task.task_id);
-                    let (ctx, route, control) = (ctx.clone(), route.clone(), control.clone());
-                    async move {
-                        let task_id = a.task.task_id.clone();
-                        run_task(ctx, route, control.clone(), a, warmup).await;
-                        control.task_done(&task_id);
-                    }
-                    .instrument(task_span)
+                // Whether each task's outcome exists, asked for the whole
+                // batch at once: no round trip per task.
+                let known: Vec<(&str, u32)> = batch
+                    .tasks
+                    .iter()
+                    .map(|a| (a.task.task_id.as_str(), a.task.generation))
+                    .collect();
+                let mut done = ctx.ports.sink.outcomes_exist(&known).await;
+                done.resize_with(known.len(), || {
+                    Err(crate::ports::SinkError(
+                        "no answer in the batch's lookup".into(),
+                    ))
                 });
+                drop(known);
+                let work =
+                    batch
+                        .tasks
+                        .into_iter()
+                        .zip(warmups)
+                        .zip(done)
+                        .map(|((a, warmup), done)| {
+                            let task_span = tracing::info_span!("task", task_id = %a.task.task_id);
+                            let (ctx, route, control) =
+                                (ctx.clone(), route.clone(), control.clone());
+                            async move {
+                                let task_id = a.task.task_id.clone();
+                                run_task(ctx, route, control.clone(), a, warmup, done).await;
+                                control.task_done(&task_id);
+                            }
+                            .instrument(task_span)
+                        });
                 futures::future::join_all(work).await;
                 ctx.batches.end(&batch_id);
                 if control.was_checkpointed() {
@@ -405,6 +426,7 @@ async fn run_task(
     batch: Arc<BatchControl>,
     mut a: Accepted,
     warmup: Warmup,
+    done: Result<bool, crate::ports::SinkError>,
 ) {
     // Dropped on any return before the call: the followers go.
     let (mut warm_lead, mut warm_follow) = match warmup {
@@ -414,7 +436,7 @@ async fn run_task(
     };
     let batch_id = batch.id.clone();
     let task_id = a.task.task_id.clone();
-    let Some(lease) = outcome::unless_done(&ctx, a.lease, &task_id, a.task.generation).await else {
+    let Some(lease) = outcome::unless_known_done(a.lease, &task_id, done).await else {
         return;
     };
     a.lease = lease;

@@ -238,7 +238,18 @@ pub async fn unless_done(
     task_id: &str,
     generation: u32,
 ) -> Option<Lease> {
-    match ctx.ports.sink.outcome_exists(task_id, generation).await {
+    let answer = ctx.ports.sink.outcome_exists(task_id, generation).await;
+    unless_known_done(lease, task_id, answer).await
+}
+
+/// [`unless_done`] with the lookup's answer in hand (the Dispatcher looks up
+/// a whole batch in one request).
+pub async fn unless_known_done(
+    lease: Lease,
+    task_id: &str,
+    answer: Result<bool, SinkError>,
+) -> Option<Lease> {
+    match answer {
         Ok(false) => Some(lease),
         Ok(true) => {
             tracing::debug!(task_id = %task_id, "outcome already published; skipping");

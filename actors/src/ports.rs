@@ -183,6 +183,18 @@ pub trait OutcomeSink: Send + Sync + 'static {
     /// True when the kept outcome of `task_id` is of `generation` or later
     /// (any outcome counts for generation 0).
     async fn outcome_exists(&self, task_id: &str, generation: u32) -> Result<bool, SinkError>;
+
+    /// [`OutcomeSink::outcome_exists`] for each `(task_id, generation)` of
+    /// `tasks`: one answer each, in order. An adapter that can look many up
+    /// in one request (the Dispatcher asks for a whole batch) does; this
+    /// default asks one at a time.
+    async fn outcomes_exist(&self, tasks: &[(&str, u32)]) -> Vec<Result<bool, SinkError>> {
+        let mut answers = Vec::with_capacity(tasks.len());
+        for (task_id, generation) in tasks {
+            answers.push(self.outcome_exists(task_id, *generation).await);
+        }
+        answers
+    }
 }
 
 /// The header that marks a replayed task message with its generation.

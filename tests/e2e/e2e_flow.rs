@@ -178,3 +178,90 @@ async fn a_provider_configured_for_max_tokens_gets_max_tokens() {
     common::openapi::validate_chat_request(&sent[0]).unwrap();
     stack.running.engine.shutdown().await;
 }
+
+/// The Dispatcher asks whether a batch's outcomes exist in one request
+/// (`multi_last` Direct Get, split at the server's 1,024 subjects): each
+/// answer equals the one lookup per task it replaces, first runs and
+/// replays alike, and a batch with no outcome at all (the server's 404)
+/// answers false for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batchs_outcome_lookup_answers_as_one_lookup_per_task() {
+    use batchd_actors::ports::{Encoded, OutcomeSink};
+    use batchd_actors::task::Encoding;
+
+    let nats = common::nats::NatsServer::start().await;
+    let config = common::config(&nats.url(), "http://127.0.0.1:9");
+    let client = nats.client().await;
+    let topology = batchd::nats::ensure_topology(&client, &config)
+        .await
+        .expect("create the topology");
+    let sink = batchd::nats::JetSink::new(&client, &topology, &config);
+
+    let n = 1_200;
+    let id = |i: usize| format!("lookup-{i:05}");
+    // Every third task has a first-run outcome; every seventh of those a
+    // replay's (generation 2) kept after it.
+    for i in (0..n).step_by(3) {
+        let generations: &[u32] = if i % 7 == 0 { &[0, 2] } else { &[0] };
+        for &generation in generations {
+            let task_id = id(i);
+            let body = serde_json::json!({"task_id": task_id, "generation": generation});
+            sink.publish_outcome(&Encoded {
+                task_id: &task_id,
+                generation,
+                body: serde_json::to_vec(&body).unwrap().into(),
+                encoding: Encoding::Json,
+            })
+            .await
+            .expect("publish an outcome");
+        }
+    }
+    let ids: Vec<String> = (0..n).map(id).collect();
+    // Asked as a first run, as a replay of generation 1 and of generation 3.
+    let asked: Vec<(&str, u32)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), [0, 1, 3][i % 3]))
+        .collect();
+    let batch = sink.outcomes_exist(&asked).await;
+    assert_eq!(batch.len(), n, "one answer per task");
+    let mut exists = 0;
+    for ((task_id, generation), answer) in asked.iter().zip(batch) {
+        let alone = sink
+            .outcome_exists(task_id, *generation)
+            .await
+            .expect("one lookup");
+        let answer = answer.expect("the batch lookup answers every task");
+        assert_eq!(answer, alone, "{task_id} generation {generation}");
+        let i: usize = task_id["lookup-".len()..].parse().unwrap();
+        let kept = match (i % 3, i % 7) {
+            (0, 0) => Some(2),
+            (0, _) => Some(0),
+            _ => None,
+        };
+        assert_eq!(answer, kept.is_some_and(|k| k >= *generation), "{task_id}");
+        exists += usize::from(answer);
+    }
+    assert!(exists > 100, "the lookups found outcomes: {exists}");
+    // The answers came from batch requests, not from the fallback.
+    let subjects: Vec<String> = ids[..1_024]
+        .iter()
+        .map(|t| config.subjects().result(t))
+        .collect();
+    let (kept, cut_short) = sink.last_outcomes(&subjects).await.expect("multi_last");
+    assert_eq!(
+        kept.len(),
+        (0..1_024).step_by(3).count(),
+        "one kept outcome per subject that has one"
+    );
+    assert!(!cut_short);
+
+    let absent = ["absent-1", "absent-2", "absent-3"].map(|t| (t, 0));
+    let none = sink.outcomes_exist(&absent).await;
+    assert_eq!(
+        none.into_iter()
+            .map(|a| a.expect("a batch with no outcome answers"))
+            .collect::<Vec<_>>(),
+        vec![false; 3]
+    );
+}
