@@ -283,3 +283,16 @@ async fn the_binary_counts_classifier_verdicts_by_result() {
     .await;
     assert!(batchd.terminate().success(), "a clean exit");
 }
+
+/// What the classifier sends is a valid chat completion request by
+/// OpenAI's published spec, structured-output format included.
+#[test]
+fn the_classifier_request_is_valid_by_the_openai_spec() {
+    let config = batchd::config::Config::defaults().expect("the default config");
+    let classifier = &config.tiers.classifier;
+    let request = classifier.request(
+        classifier.model(&config.tiers),
+        "Summarise the attached quarterly report for the board.",
+    );
+    common::openapi::validate_chat_request(&request).unwrap_or_else(|e| panic!("{request}: {e:?}"));
+}
