@@ -4,7 +4,14 @@
 //! totals in `nats.ledger_bucket` (`day.<YYYY-MM-DD>.<tenant, base64url>`,
 //! kept, every write a revision-checked `create` or `update`). `batchd cost`
 //! and `batchd status` read the totals through the same type.
+//!
+//! A sheet this process wrote is kept in memory (a few at most) until its
+//! own watch reaches that revision: the watch hands back the records as
+//! written instead of decoding them again. The stored value is their
+//! encoding, so what the watch yields is the same either way.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
@@ -22,11 +29,46 @@ use crate::config::Config;
 /// after which it is still to be counted.
 pub const CALLS_MAX_AGE: Duration = Duration::from_secs(2 * 86_400);
 
+/// The most sheets kept for the watch: a watch that lags further decodes
+/// the older ones.
+const WRITTEN_MAX: usize = 64;
+
 /// The ledger over JetStream KV.
 #[derive(Clone)]
 pub struct KvLedger {
     calls: kv::Store,
     days: kv::Store,
+    written: Arc<Mutex<Written>>,
+}
+
+/// Sheets written here that the watch has not reached yet, by revision.
+#[derive(Default)]
+struct Written {
+    /// The highest revision the watch has passed.
+    through: u64,
+    sheets: BTreeMap<u64, Vec<CallRecord>>,
+}
+
+impl Written {
+    /// Keeps the records stored at `revision` unless the watch passed it.
+    fn keep(&mut self, revision: u64, records: Vec<CallRecord>) {
+        if revision <= self.through {
+            return;
+        }
+        self.sheets.insert(revision, records);
+        while self.sheets.len() > WRITTEN_MAX {
+            self.sheets.pop_first();
+        }
+    }
+
+    /// The watch is at `revision`: the records kept for it, if any; those
+    /// of earlier revisions are dropped (the watch went past them).
+    fn take(&mut self, revision: u64) -> Option<Vec<CallRecord>> {
+        self.through = self.through.max(revision);
+        let later = self.sheets.split_off(&(revision + 1));
+        let mut passed = std::mem::replace(&mut self.sheets, later);
+        passed.remove(&revision)
+    }
 }
 
 async fn open_bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, LedgerError> {
@@ -38,15 +80,23 @@ async fn open_bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, L
 impl KvLedger {
     /// Over two open buckets.
     pub fn new(calls: kv::Store, days: kv::Store) -> KvLedger {
-        KvLedger { calls, days }
+        KvLedger {
+            calls,
+            days,
+            written: Arc::default(),
+        }
+    }
+
+    fn written(&self) -> std::sync::MutexGuard<'_, Written> {
+        self.written.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Opens the buckets the config names (they exist once batchd has run).
     pub async fn open(js: &jetstream::Context, config: &Config) -> Result<KvLedger, LedgerError> {
-        Ok(KvLedger {
-            calls: open_bucket(js, &config.nats.calls_bucket).await?,
-            days: open_bucket(js, &config.nats.ledger_bucket).await?,
-        })
+        Ok(KvLedger::new(
+            open_bucket(js, &config.nats.calls_bucket).await?,
+            open_bucket(js, &config.nats.ledger_bucket).await?,
+        ))
     }
 
     fn encode<T: serde::Serialize>(what: &str, value: &T) -> Result<bytes::Bytes, LedgerError> {
@@ -61,6 +111,43 @@ fn decode_day(key: &str, value: &[u8]) -> Result<DayTotals, LedgerError> {
         .map_err(|e| LedgerError::Store(format!("reading the totals at {key}: {e}")))
 }
 
+/// The sheet a watch entry holds: the records kept when this process wrote
+/// it, or else its value decoded. `None` for a delete or an unreadable value.
+fn sheet_of(
+    written: &Mutex<Written>,
+    entry: Result<kv::Entry, kv::WatcherError>,
+) -> Option<Result<CallSheet, LedgerError>> {
+    let entry = match entry {
+        Ok(entry) => entry,
+        Err(e) => {
+            return Some(Err(LedgerError::Store(format!(
+                "watching call sheets: {e}"
+            ))))
+        }
+    };
+    let kept = written
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take(entry.revision);
+    if entry.operation != kv::Operation::Put {
+        return None;
+    }
+    let records = match kept {
+        Some(records) => records,
+        None => match serde_json::from_slice(&entry.value) {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::warn!(key = %entry.key, error = %e, "unreadable call sheet skipped");
+                return None;
+            }
+        },
+    };
+    Some(Ok(CallSheet {
+        records,
+        revision: entry.revision,
+    }))
+}
+
 #[async_trait]
 impl LedgerStore for KvLedger {
     async fn write_sheet(&self, records: &[CallRecord]) -> Result<u64, LedgerError> {
@@ -70,6 +157,12 @@ impl LedgerStore for KvLedger {
             .put(&key, value)
             .await
             .map_err(|e| LedgerError::Store(format!("writing {key}: {e}")))
+    }
+
+    async fn write_owned_sheet(&self, records: Vec<CallRecord>) -> Result<u64, LedgerError> {
+        let revision = self.write_sheet(&records).await?;
+        self.written().keep(revision, records);
+        Ok(revision)
     }
 
     async fn create_sheet(&self, key: &str, records: &[CallRecord]) -> Result<u64, LedgerError> {
@@ -89,30 +182,9 @@ impl LedgerStore for KvLedger {
             .watch_with_history(format!("{SHEET_PREFIX}>"))
             .await
             .map_err(|e| LedgerError::Store(format!("watching call sheets: {e}")))?;
+        let written = self.written.clone();
         Ok(watch
-            .filter_map(|entry| async move {
-                let entry = match entry {
-                    Ok(entry) => entry,
-                    Err(e) => {
-                        return Some(Err(LedgerError::Store(format!(
-                            "watching call sheets: {e}"
-                        ))))
-                    }
-                };
-                if entry.operation != kv::Operation::Put {
-                    return None;
-                }
-                match serde_json::from_slice(&entry.value) {
-                    Ok(records) => Some(Ok(CallSheet {
-                        records,
-                        revision: entry.revision,
-                    })),
-                    Err(e) => {
-                        tracing::warn!(key = %entry.key, error = %e, "unreadable call sheet skipped");
-                        None
-                    }
-                }
-            })
+            .filter_map(move |entry| futures::future::ready(sheet_of(&written, entry)))
             .boxed())
     }
 
@@ -198,5 +270,50 @@ fn update_err(key: &str, e: &kv::UpdateError) -> LedgerError {
         LedgerError::Conflict(key.to_owned())
     } else {
         LedgerError::Store(format!("updating {key}: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sheet(id: &str) -> Vec<CallRecord> {
+        let at = chrono::DateTime::UNIX_EPOCH;
+        vec![CallRecord::started(id, id.into(), "acme", "m", 2, at, 1)]
+    }
+
+    #[test]
+    fn the_watch_takes_a_kept_sheet_once_and_drops_those_it_passed() {
+        let mut w = Written::default();
+        w.keep(3, sheet("a"));
+        w.keep(5, sheet("b"));
+        w.keep(9, sheet("c"));
+        assert_eq!(w.take(3), Some(sheet("a")));
+        assert_eq!(w.take(3), None, "taken once");
+        // The watch at 7 went past 5 (another writer's sheet, or decoded).
+        assert_eq!(w.take(7), None);
+        assert_eq!(w.sheets.keys().copied().collect::<Vec<_>>(), vec![9]);
+        assert_eq!(w.take(9), Some(sheet("c")));
+        assert!(w.sheets.is_empty());
+    }
+
+    #[test]
+    fn a_sheet_the_watch_passed_already_is_not_kept() {
+        let mut w = Written::default();
+        assert_eq!(w.take(4), None, "the watch decoded it first");
+        w.keep(4, sheet("a"));
+        assert!(w.sheets.is_empty());
+        w.keep(5, sheet("b"));
+        assert_eq!(w.take(5), Some(sheet("b")));
+    }
+
+    #[test]
+    fn with_no_watch_at_most_a_few_sheets_are_kept() {
+        let mut w = Written::default();
+        for r in 1..=(WRITTEN_MAX as u64 + 10) {
+            w.keep(r, sheet("a"));
+        }
+        assert_eq!(w.sheets.len(), WRITTEN_MAX);
+        assert_eq!(w.sheets.keys().next(), Some(&11), "the oldest dropped");
     }
 }

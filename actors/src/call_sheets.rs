@@ -97,7 +97,7 @@ impl CallSheets {
         let (records, waiters): (Vec<CallRecord>, Vec<Waiter>) = taken.into_iter().unzip();
         let result = self
             .store
-            .write_sheet(&records)
+            .write_owned_sheet(records)
             .await
             .map(|_| ())
             .map_err(|e| e.to_string());

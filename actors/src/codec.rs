@@ -11,7 +11,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::route_policy::RoutePreference;
-use crate::task::{Encoding, Payload, Priority, Task, Tier};
+use crate::task::{Encoding, Original, Payload, Priority, Task, Tier};
+use bytes::Bytes;
 
 /// The longest allowed task id.
 pub const MAX_TASK_ID_LEN: usize = 128;
@@ -295,14 +296,14 @@ fn decode_unbounded(inbound: Inbound<'_>) -> Result<Task, Box<Rejection>> {
         }
         return Err(rejection);
     }
-    let value = match parse_body(inbound.body, encoding) {
+    let mut value = match parse_body(inbound.body, encoding) {
         Ok(v) => v,
         Err(message) => {
             rejection.message = message;
             return Err(rejection);
         }
     };
-    let Value::Object(map) = &value else {
+    let Value::Object(map) = &mut value else {
         rejection.message = format!(
             "task body must be an object, got {}",
             json_type_name(&value)
@@ -310,15 +311,20 @@ fn decode_unbounded(inbound: Inbound<'_>) -> Result<Task, Box<Rejection>> {
         rejection.original = Some(value);
         return Err(rejection);
     };
-    // The hot path: no copies of the body unless it is rejected.
+    // The hot path: the task takes its parts out of the tree (no copies),
+    // and keeps the body's bytes for a dead letter.
     match build_task(map, &inbound, encoding) {
         Ok(mut task) => {
-            task.original = value;
+            task.original = Original::new(Bytes::copy_from_slice(inbound.body), encoding);
             task.generation = inbound.generation;
             Ok(task)
         }
         Err(message) => {
-            salvage(map, inbound.reply_to, &mut rejection);
+            // Parts may have been taken: the body as received, again.
+            let value = parse_body(inbound.body, encoding).unwrap_or(value);
+            if let Value::Object(map) = &value {
+                salvage(map, inbound.reply_to, &mut rejection);
+            }
             rejection.message = message;
             rejection.original = Some(value);
             Err(rejection)
@@ -459,19 +465,20 @@ fn salvage(map: &Map<String, Value>, policy: &ReplyPolicy, r: &mut Rejection) {
 }
 
 fn build_task(
-    map: &Map<String, Value>,
+    map: &mut Map<String, Value>,
     inbound: &Inbound<'_>,
     encoding: Encoding,
 ) -> Result<Task, String> {
     // An OpenAI Batch API input line.
     if map.contains_key("custom_id") && !map.contains_key("task_id") {
-        return build_batch_line(map, inbound, encoding);
+        return build_batch_line(&*map, inbound, encoding);
     }
     let task_id = required_str(map, "task_id")?;
     check_task_id(task_id)?;
-    let payload = match map.get("payload") {
+    let task_id = task_id.to_owned();
+    let payload = match map.get_mut("payload") {
         None | Some(Value::Null) => return Err("missing required field `payload`".into()),
-        Some(Value::Object(p)) => parse_payload(p)?,
+        Some(Value::Object(p)) => take_payload(p)?,
         Some(other) => {
             return Err(format!(
                 "field `payload` must be an object, got {}",
@@ -556,7 +563,7 @@ fn build_task(
         .map(|s| inbound.reply_to.check(s).map(|()| s.to_owned()))
         .transpose()?;
     Ok(Task {
-        task_id: task_id.to_owned(),
+        task_id,
         task_type,
         payload,
         priority,
@@ -568,8 +575,8 @@ fn build_task(
         tenant: tenant.to_owned(),
         reply_to,
         deadline,
-        metadata: map.get("metadata").filter(|v| !v.is_null()).cloned(),
-        original: Value::Null,
+        metadata: map.remove("metadata").filter(|v| !v.is_null()),
+        original: Original::default(),
         encoding,
         generation: 0,
     })
@@ -621,7 +628,7 @@ fn build_batch_line(
     }
     let mut chat = body.clone();
     chat.remove("model");
-    let payload = parse_payload(&chat)?;
+    let payload = take_payload(&mut chat)?;
     let task = Task::new(
         task_id.to_owned(),
         payload,
@@ -632,7 +639,8 @@ fn build_batch_line(
     Ok(Task { model, ..task })
 }
 
-fn parse_payload(p: &Map<String, Value>) -> Result<Payload, String> {
+/// Checks a `payload` object: a chat (`messages`) or a text task.
+fn check_payload(p: &Map<String, Value>) -> Result<(), String> {
     if let Some(messages) = p.get("messages") {
         let Value::Array(list) = messages else {
             return Err("field `payload.messages` must be an array".into());
@@ -670,12 +678,10 @@ fn parse_payload(p: &Map<String, Value>) -> Result<Payload, String> {
                 ))
             }
         }
-        let mut chat = p.clone();
-        chat.remove("model");
-        return Ok(Payload::Chat(chat));
+        return Ok(());
     }
-    let text = match p.get("text") {
-        Some(Value::String(t)) => t.clone(),
+    match p.get("text") {
+        Some(Value::String(_)) => {}
         Some(other) => {
             return Err(format!(
                 "field `payload.text` must be a string, got {}",
@@ -688,16 +694,30 @@ fn parse_payload(p: &Map<String, Value>) -> Result<Payload, String> {
                     .into(),
             )
         }
+    }
+    match p.get("options") {
+        None | Some(Value::Null | Value::Object(_)) => Ok(()),
+        Some(other) => Err(format!(
+            "field `payload.options` must be an object, got {}",
+            json_type_name(other)
+        )),
+    }
+}
+
+/// A checked `payload`, taken out of the task's tree (no copy).
+fn take_payload(p: &mut Map<String, Value>) -> Result<Payload, String> {
+    check_payload(p)?;
+    if p.contains_key("messages") {
+        let mut chat = std::mem::take(p);
+        chat.remove("model");
+        return Ok(Payload::Chat(chat));
+    }
+    let Some(Value::String(text)) = p.remove("text") else {
+        return Err("field `payload.text` must be a string".into());
     };
-    let options = match p.get("options") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(o)) => o.clone(),
-        Some(other) => {
-            return Err(format!(
-                "field `payload.options` must be an object, got {}",
-                json_type_name(other)
-            ))
-        }
+    let options = match p.remove("options") {
+        Some(Value::Object(o)) => o,
+        _ => Map::new(),
     };
     Ok(Payload::Text { text, options })
 }
@@ -964,6 +984,38 @@ mod tests {
         let r = decode_json(json!({"task_id": "ok_2", "reply_to": "$JS.API.X", "payload": 3}))
             .unwrap_err();
         assert_eq!(r.reply_to, None);
+    }
+
+    #[test]
+    fn a_task_keeps_its_whole_body_for_its_dead_letter() {
+        let body = json!({
+            "task_id": "t_1", "type": "x", "tenant": "acme",
+            "payload": {"text": "hello", "options": {"lang": "en"}},
+            "metadata": {"n": 7},
+        });
+        let task = decode_json(body.clone()).unwrap();
+        assert_eq!(task.original.to_value(), body, "taken parts included");
+        assert_eq!(task.metadata, Some(json!({"n": 7})));
+        let Payload::Text { text, options } = &task.payload else {
+            panic!("a text payload")
+        };
+        assert_eq!((text.as_str(), &options["lang"]), ("hello", &json!("en")));
+        // Rejected after its payload and metadata were taken: the dead
+        // letter still carries them, and the outcome its metadata.
+        let bad = json!({
+            "task_id": "t_2", "priority": 9, "metadata": {"n": 8},
+            "payload": {"messages": [{"role": "user", "content": "hi"}]},
+        });
+        let r = decode_json(bad.clone()).unwrap_err();
+        assert_eq!(r.original, Some(bad));
+        assert_eq!(r.metadata, Some(json!({"n": 8})));
+        let mp = rmp_serde::to_vec_named(&body).unwrap();
+        let inbound = Inbound {
+            content_type: Some("application/msgpack"),
+            ..inbound(&mp)
+        };
+        let task = decode_task(inbound).unwrap();
+        assert_eq!(task.original.to_value(), body, "read back in its encoding");
     }
 
     fn chat(extra: Value) -> Value {

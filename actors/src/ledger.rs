@@ -227,12 +227,14 @@ pub fn day_key(day: &str, tenant: &str) -> String {
 
 /// The UTC day of an instant, `YYYY-MM-DD`.
 pub fn day_of(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%d").to_string()
+    // Written out rather than through `format("%Y-%m-%d")`, which parses
+    // its pattern on every call: this runs twice per provider call.
+    format!("{:04}-{:02}-{:02}", t.year(), t.month(), t.day())
 }
 
 /// The UTC month of an instant, `YYYY-MM` (a prefix of its days).
 pub fn month_of(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m").to_string()
+    format!("{:04}-{:02}", t.year(), t.month())
 }
 
 /// The next UTC midnight after `t`.
@@ -544,6 +546,16 @@ mod tests {
         r.estimate();
         assert_eq!(r.cost_picousd, 100);
         assert_eq!(r.day, "2026-12-01");
+    }
+
+    #[test]
+    fn days_and_months_read_as_chrono_writes_them() {
+        let mut t = Utc.with_ymd_and_hms(1999, 12, 31, 23, 59, 59).unwrap();
+        for _ in 0..400 {
+            assert_eq!(day_of(t), t.format("%Y-%m-%d").to_string());
+            assert_eq!(month_of(t), t.format("%Y-%m").to_string());
+            t += Span::hours(77);
+        }
     }
 
     #[test]

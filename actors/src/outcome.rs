@@ -73,7 +73,7 @@ pub fn failed(
             ..outcome
         },
         dead_letter: Some(DeadLetter {
-            task: task.original.clone(),
+            task: task.original.to_value(),
             error,
             attempts,
             dead_at: timestamp(now),

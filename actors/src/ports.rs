@@ -276,6 +276,12 @@ pub type SheetStream = BoxStream<'static, Result<CallSheet, LedgerError>>;
 pub trait LedgerStore: Send + Sync + 'static {
     /// Stores one sheet of call records under a new key. Its revision.
     async fn write_sheet(&self, records: &[CallRecord]) -> Result<u64, LedgerError>;
+    /// As [`LedgerStore::write_sheet`], handing the records over: a store
+    /// may keep them for its own watch, which then needs not decode the
+    /// sheet it wrote.
+    async fn write_owned_sheet(&self, records: Vec<CallRecord>) -> Result<u64, LedgerError> {
+        self.write_sheet(&records).await
+    }
     /// Stores a sheet under `key` (`sheet.<...>`) unless that key exists
     /// (`Conflict`): for records that may be written again after a restart
     /// (a provider job's lines), so that they are stored once. Its revision.

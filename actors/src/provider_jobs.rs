@@ -437,7 +437,7 @@ fn job_task(a: &Accepted) -> JobTask {
         subject: a.subject.clone(),
         content_type: a.content_type.clone(),
         body_base64: base64::engine::general_purpose::STANDARD.encode(&a.body),
-        original: t.original.clone(),
+        original: t.original.to_value(),
         msgpack: t.encoding == Encoding::MessagePack,
         tier: a.plan.tier.as_ref().map(|c| c.tier),
         tier_reason: a.plan.tier.as_ref().map(|c| c.reason.clone()),

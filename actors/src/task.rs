@@ -164,7 +164,7 @@ pub struct Task {
     /// Echoed back in the outcome.
     pub metadata: Option<Value>,
     /// The body as received, for dead letters.
-    pub original: Value,
+    pub original: Original,
     /// The encoding it arrived in; the outcome uses the same.
     pub encoding: Encoding,
     /// 0 for a first run; N for the N-th replay of a dead letter (the
@@ -198,10 +198,33 @@ impl Task {
             reply_to: None,
             deadline: None,
             metadata: None,
-            original: Value::Null,
+            original: Original::default(),
             encoding,
             generation: 0,
         }
+    }
+}
+
+/// A task's body as received, decoded again only when its dead letter
+/// needs it: the hot path keeps the bytes, not a copy of the tree.
+#[derive(Debug, Clone, Default)]
+pub struct Original {
+    body: bytes::Bytes,
+    encoding: Encoding,
+}
+
+impl Original {
+    /// `body`, in `encoding`.
+    pub fn new(body: bytes::Bytes, encoding: Encoding) -> Original {
+        Original { body, encoding }
+    }
+
+    /// The body as a JSON value (`null` when there is none).
+    pub fn to_value(&self) -> Value {
+        if self.body.is_empty() {
+            return Value::Null;
+        }
+        crate::codec::parse_body(&self.body, self.encoding).unwrap_or(Value::Null)
     }
 }
 
