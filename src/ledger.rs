@@ -5,10 +5,10 @@
 //! kept, every write a revision-checked `create` or `update`). `batchd cost`
 //! and `batchd status` read the totals through the same type.
 //!
-//! A sheet this process wrote is kept in memory (a few at most) until its
-//! own watch reaches that revision: the watch hands back the records as
-//! written instead of decoding them again. The stored value is their
-//! encoding, so what the watch yields is the same either way.
+//! A sheet this process writes is kept in memory (a few at most) from just
+//! before its write until its own watch reaches it: the watch hands back
+//! the records as written instead of decoding them again. The stored value
+//! is their encoding, so what the watch yields is the same either way.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -41,33 +41,27 @@ pub struct KvLedger {
     written: Arc<Mutex<Written>>,
 }
 
-/// Sheets written here that the watch has not reached yet, by revision.
+/// Sheets written here that the watch has not reached yet, by key (a
+/// ULID: the oldest first). Kept from before the write, so the watch finds
+/// them even when it sees the write before the writer hears it is stored.
 #[derive(Default)]
 struct Written {
-    /// The highest revision the watch has passed.
-    through: u64,
-    sheets: BTreeMap<u64, Vec<CallRecord>>,
+    sheets: BTreeMap<String, Vec<CallRecord>>,
 }
 
 impl Written {
-    /// Keeps the records stored at `revision` unless the watch passed it.
-    fn keep(&mut self, revision: u64, records: Vec<CallRecord>) {
-        if revision <= self.through {
-            return;
-        }
-        self.sheets.insert(revision, records);
+    /// Keeps the records about to be stored at `key`; the oldest kept
+    /// go when more than [`WRITTEN_MAX`] are.
+    fn keep(&mut self, key: String, records: Vec<CallRecord>) {
+        self.sheets.insert(key, records);
         while self.sheets.len() > WRITTEN_MAX {
             self.sheets.pop_first();
         }
     }
 
-    /// The watch is at `revision`: the records kept for it, if any; those
-    /// of earlier revisions are dropped (the watch went past them).
-    fn take(&mut self, revision: u64) -> Option<Vec<CallRecord>> {
-        self.through = self.through.max(revision);
-        let later = self.sheets.split_off(&(revision + 1));
-        let mut passed = std::mem::replace(&mut self.sheets, later);
-        passed.remove(&revision)
+    /// The records kept for `key`, once.
+    fn take(&mut self, key: &str) -> Option<Vec<CallRecord>> {
+        self.sheets.remove(key)
     }
 }
 
@@ -128,7 +122,7 @@ fn sheet_of(
     let kept = written
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .take(entry.revision);
+        .take(&entry.key);
     if entry.operation != kv::Operation::Put {
         return None;
     }
@@ -160,9 +154,14 @@ impl LedgerStore for KvLedger {
     }
 
     async fn write_owned_sheet(&self, records: Vec<CallRecord>) -> Result<u64, LedgerError> {
-        let revision = self.write_sheet(&records).await?;
-        self.written().keep(revision, records);
-        Ok(revision)
+        let key = new_sheet_key();
+        let value = Self::encode(&key, &records)?;
+        self.written().keep(key.clone(), records);
+        let stored = self.calls.put(&key, value).await;
+        stored.map_err(|e| {
+            self.written().take(&key);
+            LedgerError::Store(format!("writing {key}: {e}"))
+        })
     }
 
     async fn create_sheet(&self, key: &str, records: &[CallRecord]) -> Result<u64, LedgerError> {
@@ -283,37 +282,28 @@ mod tests {
     }
 
     #[test]
-    fn the_watch_takes_a_kept_sheet_once_and_drops_those_it_passed() {
+    fn the_watch_takes_a_kept_sheet_once() {
         let mut w = Written::default();
-        w.keep(3, sheet("a"));
-        w.keep(5, sheet("b"));
-        w.keep(9, sheet("c"));
-        assert_eq!(w.take(3), Some(sheet("a")));
-        assert_eq!(w.take(3), None, "taken once");
-        // The watch at 7 went past 5 (another writer's sheet, or decoded).
-        assert_eq!(w.take(7), None);
-        assert_eq!(w.sheets.keys().copied().collect::<Vec<_>>(), vec![9]);
-        assert_eq!(w.take(9), Some(sheet("c")));
+        w.keep("sheet.01A".into(), sheet("a"));
+        w.keep("sheet.01B".into(), sheet("b"));
+        assert_eq!(w.take("sheet.01B"), Some(sheet("b")));
+        assert_eq!(w.take("sheet.01B"), None, "taken once");
+        assert_eq!(w.take("sheet.01C"), None, "another writer's sheet");
+        assert_eq!(w.take("sheet.01A"), Some(sheet("a")));
         assert!(w.sheets.is_empty());
-    }
-
-    #[test]
-    fn a_sheet_the_watch_passed_already_is_not_kept() {
-        let mut w = Written::default();
-        assert_eq!(w.take(4), None, "the watch decoded it first");
-        w.keep(4, sheet("a"));
-        assert!(w.sheets.is_empty());
-        w.keep(5, sheet("b"));
-        assert_eq!(w.take(5), Some(sheet("b")));
     }
 
     #[test]
     fn with_no_watch_at_most_a_few_sheets_are_kept() {
         let mut w = Written::default();
-        for r in 1..=(WRITTEN_MAX as u64 + 10) {
-            w.keep(r, sheet("a"));
+        for n in 0..(WRITTEN_MAX + 10) {
+            w.keep(format!("sheet.{n:04}"), sheet("a"));
         }
         assert_eq!(w.sheets.len(), WRITTEN_MAX);
-        assert_eq!(w.sheets.keys().next(), Some(&11), "the oldest dropped");
+        assert_eq!(
+            w.sheets.keys().next().map(String::as_str),
+            Some("sheet.0010"),
+            "the oldest dropped"
+        );
     }
 }
