@@ -67,6 +67,7 @@ use crate::messages::{Accepted, AssemblerMsg, Batch, DispatcherMsg, RetryMsg};
 use crate::metrics;
 use crate::outcome::{self, deliver, deliver_unless_done, elapsed_ms, Final};
 use crate::ports::{CachedPrefix, Completion, Provider, ProviderError, Requeue};
+use crate::pricing::Terms;
 use crate::prompt_warmth::{self, WarmPrefixes, Warmup};
 use crate::retry_scheduler::{classify, RouteFault, Verdict};
 use crate::route::{CallReport, CircuitReason, CircuitState, Report, RouteGate};
@@ -949,12 +950,14 @@ pub(crate) async fn finish_call(
     match result {
         Ok(c) => {
             record.service_tier = c.service_tier.unwrap_or(record.service_tier);
-            let cost = call_cost(ctx, &record.model, &record, &c.usage, price_multiplier);
+            let prices = &ctx.settings.prices;
+            let terms = terms(&record, price_multiplier);
+            let cost = prices
+                .call_cost_picousd(&record.model, &c.usage, terms)
+                .unwrap_or(0);
             record.finish(c.usage, cost, ctx.clock.now());
-            if let Some(reference) = reference.filter(|r| *r != record.model) {
-                let at_reference = call_cost(ctx, reference, &record, &c.usage, price_multiplier);
-                record.tiering_saved_picousd = at_reference.saturating_sub(cost);
-            }
+            record.tiering_saved_picousd =
+                prices.saving_against(reference, &record.model, &c.usage, terms, cost);
         }
         Err(ProviderError::Timeout { .. }) => record.estimate(),
         Err(_) => {
@@ -971,18 +974,13 @@ pub(crate) async fn finish_call(
     }
 }
 
-/// The cost of a call's usage on `model`, sent and served as its record says.
-fn call_cost(
-    ctx: &EngineContext,
-    model: &str,
-    record: &CallRecord,
-    usage: &crate::task::Usage,
-    multiplier: f64,
-) -> crate::pricing::Picousd {
-    ctx.settings
-        .prices
-        .tier_cost_picousd(model, usage, record.route, record.service_tier)
-        .map_or(0, |cost| crate::pricing::scale(cost, multiplier))
+/// The pricing terms of a call, as its record says it was sent and served.
+fn terms(record: &CallRecord, multiplier: f64) -> Terms {
+    Terms {
+        route: record.route,
+        tier: record.service_tier,
+        multiplier,
+    }
 }
 
 /// The model tiering chose against (the complex tier's) when the task's
@@ -1009,7 +1007,11 @@ async fn record_shared(ctx: &EngineContext, a: &Accepted, model: &str, completio
         0,
     );
     record.service_tier = completion.service_tier.unwrap_or(a.plan.service_tier);
-    let saved = call_cost(ctx, model, &record, &completion.usage, a.price_multiplier);
+    let saved = ctx
+        .settings
+        .prices
+        .call_cost_picousd(model, &completion.usage, terms(&record, a.price_multiplier))
+        .unwrap_or(0);
     let record = record.shared(saved, now);
     if let Err(e) = ctx.calls.record(record.clone()).await {
         tracing::debug!(call_id = %record.call_id, error = %e, "shared answer not recorded in the ledger; its saving is not counted");

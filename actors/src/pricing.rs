@@ -71,6 +71,27 @@ fn per_token(usd_per_million: f64) -> Picousd {
     (usd_per_million * 1e6).round().max(0.0) as Picousd
 }
 
+/// How a call is priced: the way it was sent, the service tier that
+/// served it, and the multiplier of its window (off-peak).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Terms {
+    /// Realtime or batch job.
+    pub route: RouteKind,
+    /// The service tier it was served at.
+    pub tier: ServiceTier,
+    /// 1.0, or the off-peak window's price multiplier.
+    pub multiplier: f64,
+}
+
+impl Terms {
+    /// A batch job's line: the batch rate, no multiplier.
+    pub const BATCH_JOB: Terms = Terms {
+        route: RouteKind::BatchApi,
+        tier: ServiceTier::Default,
+        multiplier: 1.0,
+    };
+}
+
 impl PriceTable {
     /// The cost of `usage` on `model` in USD; `None` when the model has no price.
     pub fn cost(&self, model: &str, usage: &Usage, route: RouteKind) -> Option<f64> {
@@ -105,20 +126,27 @@ impl PriceTable {
         Some(scale(cost(p, usage), factor))
     }
 
+    /// The cost of a call's usage on `model`, priced on its `terms`.
+    pub fn call_cost_picousd(&self, model: &str, usage: &Usage, terms: Terms) -> Option<Picousd> {
+        self.tier_cost_picousd(model, usage, terms.route, terms.tier)
+            .map(|cost| scale(cost, terms.multiplier))
+    }
+
     /// What a call that cost `cost` on `model` saved against the same usage
-    /// on `reference` (the model tiering chose against), by `route`; 0 with
-    /// no reference, the same model, or a model without a price.
+    /// on `reference` (the model tiering chose against), on the same
+    /// `terms`; 0 with no reference, the same model, or a model without a
+    /// price.
     pub fn saving_against(
         &self,
         reference: Option<&str>,
         model: &str,
         usage: &Usage,
-        route: RouteKind,
+        terms: Terms,
         cost: Picousd,
     ) -> Picousd {
         reference
             .filter(|r| *r != model)
-            .and_then(|r| self.cost_picousd(r, usage, route))
+            .and_then(|r| self.call_cost_picousd(r, usage, terms))
             .map_or(0, |at_reference| at_reference.saturating_sub(cost))
     }
 
@@ -202,6 +230,54 @@ pub fn cost(price: &ModelPrice, usage: &Usage) -> Picousd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tiering_saving_is_the_reference_on_the_same_terms_less_the_cost() {
+        let price = |input, output| ModelPrice {
+            input,
+            cached_input: input / 4.0,
+            output,
+            cache_write: None,
+        };
+        let table = PriceTable {
+            as_of: "2026-01-01".into(),
+            batch_discount: 0.5,
+            priority_multiplier: 1.75,
+            models: [
+                ("cheap".to_owned(), price(0.1, 0.4)),
+                ("big".to_owned(), price(2.0, 8.0)),
+            ]
+            .into(),
+        };
+        let usage = Usage {
+            input_tokens: 1_000_000,
+            output_tokens: 100_000,
+            ..Usage::default()
+        };
+        let flex_off_peak = Terms {
+            route: RouteKind::Realtime,
+            tier: ServiceTier::Flex,
+            multiplier: 0.8,
+        };
+        for terms in [Terms::BATCH_JOB, flex_off_peak] {
+            let cost = table.call_cost_picousd("cheap", &usage, terms).unwrap();
+            let big = table.call_cost_picousd("big", &usage, terms).unwrap();
+            assert_eq!(
+                table.saving_against(Some("big"), "cheap", &usage, terms, cost),
+                big - cost
+            );
+            assert_eq!(table.saving_against(None, "cheap", &usage, terms, cost), 0);
+            assert_eq!(
+                table.saving_against(Some("cheap"), "cheap", &usage, terms, cost),
+                0
+            );
+        }
+        // Flex at the batch rate, off-peak at 0.8 of it: 2.0 + 0.8 USD, halved, times 0.8.
+        let big = table
+            .call_cost_picousd("big", &usage, flex_off_peak)
+            .unwrap();
+        assert_eq!(usd(big), 1.12);
+    }
 
     #[test]
     fn cached_tokens_save_the_input_price_less_the_cached_price() {

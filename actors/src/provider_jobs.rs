@@ -840,12 +840,12 @@ async fn record_line(
 ) -> crate::pricing::Picousd {
     let now = ctx.clock.now();
     let prices = &ctx.settings.prices;
+    let terms = crate::pricing::Terms::BATCH_JOB;
     let cost = prices
-        .cost_picousd(&job.model, &usage, RouteKind::BatchApi)
+        .call_cost_picousd(&job.model, &usage, terms)
         .unwrap_or(0);
     let reference = t.tier.map(|_| ctx.settings.catalog.tiers.complex.as_str());
-    let tiering_saved =
-        prices.saving_against(reference, &job.model, &usage, RouteKind::BatchApi, cost);
+    let tiering_saved = prices.saving_against(reference, &job.model, &usage, terms, cost);
     let mut record = CallRecord {
         call_id: call_id(job, t),
         state: CallState::Started,
